@@ -1,0 +1,10 @@
+# Per-file ISA flags: each *_avx2.cpp / *_avx512.cpp is compiled for that ISA only, and the
+# variant is chosen at load time (csrc/cpu/dispatch.cpp). Nothing is built with -march=native.
+function(qengine_set_isa_flags)
+  if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
+    set_source_files_properties(csrc/cpu/kernels_avx2.cpp PROPERTIES
+      COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
+    set_source_files_properties(csrc/cpu/kernels_avx512.cpp PROPERTIES
+      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
+  endif()
+endfunction()

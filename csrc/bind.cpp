@@ -1,0 +1,117 @@
+// pybind11 bindings of qengine._C. Buffers cross as integer addresses that
+// python/qengine/_ops.py has checked (device, dtype, contiguity, size); every call releases
+// the GIL and turns a non-zero status into a Python exception.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+#include "qengine/ops.h"
+#include "qengine/status.h"
+
+#if defined(QENGINE_WITH_CUDA)
+#include "cuda/check.h"
+#endif
+
+namespace py = pybind11;
+using qengine::Codebook;
+
+namespace {
+
+using addr = std::uintptr_t;
+
+template <typename T>
+T* ptr(addr a) { return reinterpret_cast<T*>(a); }
+
+Codebook codebook(addr table, addr midpoints, addr order, int bits, bool identity) {
+  return Codebook{ptr<const float>(table), ptr<const float>(midpoints), ptr<const uint8_t>(order), bits,
+                  identity ? 1 : 0};
+}
+
+void raise_on_error(int status) {
+  if (status == qengine::kOk) return;
+#if defined(QENGINE_WITH_CUDA)
+  if (status == qengine::kCudaError) {
+    throw std::runtime_error(std::string("qengine: CUDA error: ") + qengine::cuda::last_error_message());
+  }
+#endif
+  throw py::value_error(std::string("qengine: ") + qengine::status_message(status));
+}
+
+int quantize_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, addr midpoints, addr order, int bits,
+                 bool identity, int rule, addr packed, addr scales, addr offsets) {
+  int s = qengine::quantize_cpu(ptr<const void>(x), dtype, n, blocksize, codebook(table, midpoints, order, bits, identity),
+                                rule, ptr<uint8_t>(packed), ptr<float>(scales), ptr<float>(offsets));
+  raise_on_error(s);
+  return s;
+}
+
+int dequantize_cpu(addr packed, int64_t n, int64_t blocksize, addr table, int bits, int rule, addr scales,
+                   addr offsets, addr out, int out_dtype) {
+  int s = qengine::dequantize_cpu(ptr<const uint8_t>(packed), n, blocksize, codebook(table, 0, 0, bits, true), rule,
+                                  ptr<const float>(scales), ptr<const float>(offsets), ptr<void>(out), out_dtype);
+  raise_on_error(s);
+  return s;
+}
+
+double kmeans_accumulate_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, addr midpoints, int bits,
+                             int rule, addr sums, addr counts) {
+  double sse = 0.0;
+  int s = qengine::kmeans_accumulate_cpu(ptr<const void>(x), dtype, n, blocksize,
+                                         codebook(table, midpoints, 0, bits, true), rule, ptr<double>(sums),
+                                         ptr<int64_t>(counts), &sse);
+  raise_on_error(s);
+  return sse;
+}
+
+void set_isa(const std::string& name) {
+  if (!qengine::cpu::set_isa(name.c_str())) {
+    throw py::value_error("qengine: CPU ISA '" + name + "' is unknown or not supported here (supported: " +
+                          qengine::cpu::supported_isas() + ")");
+  }
+}
+
+#if defined(QENGINE_WITH_CUDA)
+int cuda_device_count() {
+  int count = 0;
+  qengine::cuda_device_count(&count);
+  return count;
+}
+
+int dequantize_cuda(addr packed, int64_t n, int64_t blocksize, addr table, int bits, int rule, addr scales,
+                    addr offsets, addr out, int out_dtype, addr stream) {
+  int s = qengine::dequantize_cuda(ptr<const uint8_t>(packed), n, blocksize, codebook(table, 0, 0, bits, true), rule,
+                                   ptr<const float>(scales), ptr<const float>(offsets), ptr<void>(out), out_dtype,
+                                   ptr<void>(stream));
+  raise_on_error(s);
+  return s;
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.doc() = "qengine native kernels (no libtorch dependency)";
+  m.def("quantize_cpu", &quantize_cpu, release());
+  m.def("dequantize_cpu", &dequantize_cpu, release());
+  m.def("kmeans_accumulate_cpu", &kmeans_accumulate_cpu, release());
+  m.def("cpu_isa", [] { return std::string(qengine::cpu::isa_name()); });
+  m.def("supported_isas", [] { return std::string(qengine::cpu::supported_isas()); });
+  m.def("set_isa", &set_isa);
+  m.def("num_threads", &qengine::cpu::num_threads);
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("qengine: num_threads must be >= 1");
+    qengine::cpu::set_num_threads(n);
+  });
+#if defined(QENGINE_WITH_CUDA)
+  m.attr("cuda_compiled") = true;
+  py::module_ cuda = m.def_submodule("cuda", "CUDA kernels");
+  cuda.def("device_count", &cuda_device_count, release());
+  cuda.def("dequantize", &dequantize_cuda, release());
+#else
+  m.attr("cuda_compiled") = false;
+#endif
+}

@@ -1,0 +1,43 @@
+// CPU blockwise dequantization driver: threads over contiguous element ranges, each split
+// at block boundaries and decoded by the per-ISA kernel.
+#include <algorithm>
+
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+#include "qengine/ops.h"
+#include "qengine/status.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace qengine {
+
+// Outputs larger than this bypass the caches (non-temporal stores): they will not be read
+// back before being evicted, and skipping the read-for-ownership saves a third of the traffic.
+constexpr int64_t kStreamBytes = 8 << 20;
+
+int dequantize_cpu(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
+                   const float* scales, const float* offsets, void* out, int out_dtype) {
+  if (n < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
+  if (n == 0) return kOk;
+  const cpu::Kernels& k = cpu::kernels();
+  const int esz = dtype_size(out_dtype);
+  const bool stream = n * esz >= kStreamBytes;
+  // 64-element alignment keeps every thread's first element on a whole byte and cache line.
+  cpu::parallel_for(0, n, 32768, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi;) {
+      const int64_t b = i / blocksize;
+      const int64_t end = std::min(hi, (b + 1) * blocksize);
+      const float offset = rule == kMinmax ? offsets[b] : 0.0f;
+      k.decode(packed, i, end - i, cb, scales[b], offset, rule, static_cast<char*>(out) + i * esz, out_dtype, stream);
+      i = end;
+    }
+#if defined(__x86_64__) || defined(_M_X64)
+    if (stream) _mm_sfence();  // order the non-temporal stores before the caller reads
+#endif
+  });
+  return kOk;
+}
+
+}  // namespace qengine

@@ -1,0 +1,52 @@
+// The per-ISA building blocks of the CPU kernels. Each ISA file (kernels_scalar.cpp,
+// kernels_avx2.cpp, kernels_avx512.cpp) fills one table; dispatch.cpp picks one at load.
+// The drivers (quantize.cpp, dequantize.cpp, kmeans.cpp) own threading and layout.
+#pragma once
+#include <cstdint>
+
+#include "qengine/quant_math.h"
+
+namespace qengine::cpu {
+
+struct Kernels {
+  const char* name;
+  // Min, max, absmax and a non-finite flag over x[0..len) (any dtype).
+  void (*block_stats)(const void* x, int dtype, int64_t len, BlockStats* out);
+  // Storage codes (one per byte) of x[0..len), normalised by `norm`.
+  void (*encode)(const void* x, int dtype, int64_t len, const BlockNorm& norm, int rule,
+                 const Codebook& cb, uint8_t* codes);
+  // out[0..len) = decoded elements first..first+len of one block of `packed`. `stream`
+  // asks for non-temporal stores (large outputs that will not be read back soon).
+  void (*decode)(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb,
+                 float scale, float offset, int rule, void* out, int out_dtype, bool stream);
+};
+
+extern const Kernels kScalarKernels;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const Kernels kAvx2Kernels;
+extern const Kernels kAvx512Kernels;
+#endif
+
+// The table chosen at load (QENGINE_CPU_ISA may lower it); set_isa changes it at run time.
+const Kernels& kernels();
+const char* isa_name();
+// Returns false when `name` is unknown or the CPU lacks it.
+bool set_isa(const char* name);
+// Comma-separated ISA names this CPU supports, best last.
+const char* supported_isas();
+
+// Scalar building blocks, also used by the SIMD files for heads and tails.
+void scalar_block_stats(const void* x, int dtype, int64_t len, BlockStats* out);
+void scalar_encode(const void* x, int dtype, int64_t len, const BlockNorm& norm, int rule,
+                   const Codebook& cb, uint8_t* codes);
+void scalar_decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb,
+                   float scale, float offset, int rule, void* out, int out_dtype, bool stream);
+
+static inline void merge_stats(BlockStats* into, const BlockStats& s) {
+  into->nonfinite = into->nonfinite || s.nonfinite;
+  into->min = s.min < into->min ? s.min : into->min;
+  into->max = s.max > into->max ? s.max : into->max;
+  into->absmax = s.absmax > into->absmax ? s.absmax : into->absmax;
+}
+
+}  // namespace qengine::cpu

@@ -1,0 +1,207 @@
+// AVX-512 (F, BW, VL, DQ) kernels: 16 lanes; the 16-entry codebook and its midpoints live in
+// one register each, so a 4-bit lookup is one permute. Compiled with -mavx512* only here.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <cstring>
+#include <limits>
+
+#include "cpu/kernels.h"
+
+namespace qengine::cpu {
+namespace {
+
+template <int DT>
+inline __m512 load16(const void* x, int64_t i) {
+  if constexpr (DT == kFloat32) {
+    return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+  } else if constexpr (DT == kBFloat16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
+    return _mm512_cvtph_ps(h);
+  }
+}
+
+template <int DT>
+void stats_impl(const void* x, int64_t len, BlockStats* out) {
+  const float inf = std::numeric_limits<float>::infinity();
+  __m512 mn = _mm512_set1_ps(inf), mx = _mm512_set1_ps(-inf);
+  __m512 poison = _mm512_setzero_ps();  // becomes NaN once x*0 meets a NaN or Inf
+  const __m512 zero = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    __m512 v = load16<DT>(x, i);
+    mn = _mm512_min_ps(mn, v);
+    mx = _mm512_max_ps(mx, v);
+    poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+  }
+  BlockStats s;
+  s.min = _mm512_reduce_min_ps(mn);
+  s.max = _mm512_reduce_max_ps(mx);
+  s.nonfinite = _mm512_cmp_ps_mask(poison, poison, _CMP_UNORD_Q) != 0;
+  s.absmax = s.max > -s.min ? s.max : -s.min;
+  if (i < len) {
+    BlockStats tail;
+    scalar_block_stats(static_cast<const char*>(x) + i * dtype_size(DT), DT, len - i, &tail);
+    merge_stats(&s, tail);
+    s.absmax = s.max > -s.min ? s.max : -s.min;
+  }
+  *out = s;
+}
+
+void block_stats(const void* x, int dtype, int64_t len, BlockStats* out) {
+  if (dtype == kFloat32) stats_impl<kFloat32>(x, len, out);
+  else if (dtype == kBFloat16) stats_impl<kBFloat16>(x, len, out);
+  else stats_impl<kFloat16>(x, len, out);
+}
+
+template <int DT, int RULE, bool DIVIDE, int BITS>
+void encode_impl(const void* x, int64_t len, const BlockNorm& norm, const Codebook& cb, uint8_t* codes) {
+  const __m512 inv = _mm512_set1_ps(norm.inv), div = _mm512_set1_ps(norm.div);
+  const __m512 off = _mm512_set1_ps(norm.offset);
+  __m512 mids16 = BITS == 4 ? _mm512_loadu_ps(cb.midpoints) : _mm512_setzero_ps();
+  __m512i map16 = BITS == 4 ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cb.sorted_to_code)))
+                            : _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    __m512 v = load16<DT>(x, i);
+    if constexpr (RULE == kMinmax) v = _mm512_sub_ps(v, off);
+    v = DIVIDE ? _mm512_div_ps(v, div) : _mm512_mul_ps(v, inv);
+    __m512i pos = _mm512_setzero_si512();
+    for (int step = 1 << (BITS - 1); step > 0; step >>= 1) {
+      __m512i probe = _mm512_add_epi32(pos, _mm512_set1_epi32(step - 1));
+      __m512 t = BITS == 4 ? _mm512_permutexvar_ps(probe, mids16) : _mm512_i32gather_ps(probe, cb.midpoints, 4);
+      __mmask16 gt = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+      pos = _mm512_mask_add_epi32(pos, gt, pos, _mm512_set1_epi32(step));
+    }
+    if (BITS == 4 && !cb.identity_order) pos = _mm512_permutexvar_epi32(pos, map16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(pos));
+    if (BITS == 8 && !cb.identity_order) {
+      for (int k = 0; k < 16; ++k) codes[i + k] = cb.sorted_to_code[codes[i + k]];
+    }
+  }
+  if (i < len) scalar_encode(static_cast<const char*>(x) + i * dtype_size(DT), DT, len - i, norm, RULE, cb, codes + i);
+}
+
+template <int DT, int RULE, bool DIVIDE>
+void encode_bits(const void* x, int64_t len, const BlockNorm& n, const Codebook& cb, uint8_t* codes) {
+  if (cb.bits == 4) encode_impl<DT, RULE, DIVIDE, 4>(x, len, n, cb, codes);
+  else encode_impl<DT, RULE, DIVIDE, 8>(x, len, n, cb, codes);
+}
+
+template <int DT>
+void encode_dt(const void* x, int64_t len, const BlockNorm& n, int rule, const Codebook& cb, uint8_t* codes) {
+  if (rule == kAbsmax) {
+    if (n.divide) encode_bits<DT, kAbsmax, true>(x, len, n, cb, codes);
+    else encode_bits<DT, kAbsmax, false>(x, len, n, cb, codes);
+  } else {
+    if (n.divide) encode_bits<DT, kMinmax, true>(x, len, n, cb, codes);
+    else encode_bits<DT, kMinmax, false>(x, len, n, cb, codes);
+  }
+}
+
+void encode(const void* x, int dtype, int64_t len, const BlockNorm& n, int rule, const Codebook& cb, uint8_t* codes) {
+  if (dtype == kFloat32) encode_dt<kFloat32>(x, len, n, rule, cb, codes);
+  else if (dtype == kBFloat16) encode_dt<kBFloat16>(x, len, n, rule, cb, codes);
+  else encode_dt<kFloat16>(x, len, n, rule, cb, codes);
+}
+
+// Round-to-nearest-even float32 -> bfloat16 bits in the low half of each lane (finite input).
+inline __m512i to_bf16_bits(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  return _mm512_srli_epi32(u, 16);
+}
+
+template <int OUT>
+inline void store16(void* out, int64_t i, __m512 v, bool stream) {
+  if constexpr (OUT == kFloat32) {
+    float* p = static_cast<float*>(out) + i;
+    if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) _mm512_stream_ps(p, v);
+    else _mm512_storeu_ps(p, v);
+  } else {
+    __m256i h = OUT == kBFloat16 ? _mm512_cvtepi32_epi16(to_bf16_bits(v))
+                                 : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    uint16_t* p = static_cast<uint16_t*>(out) + i;
+    if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  }
+}
+
+template <int RULE>
+inline __m512 apply_scale(__m512 q, __m512 scale, __m512 offset) {
+  return RULE == kMinmax ? _mm512_fmadd_ps(q, scale, offset) : _mm512_mul_ps(q, scale);
+}
+
+template <int OUT, int RULE>
+void decode4(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
+             float offset, void* out, bool stream) {
+  int64_t i = 0;
+  if (first & 1) {  // odd start: the low nibble of a shared byte
+    scalar_decode(packed, first, 1, cb, scale, offset, RULE, out, OUT, false);
+    i = 1;
+  }
+  const __m512 tbl = _mm512_loadu_ps(cb.table);
+  const __m512 sc = _mm512_set1_ps(scale), of = _mm512_set1_ps(offset);
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i nib = _mm512_set1_epi32(0x0f);
+  for (; i + 32 <= len; i += 32) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + ((first + i) >> 1))));
+    __m512 vh = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl);
+    __m512 vl = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), tbl);
+    store16<OUT>(out, i, apply_scale<RULE>(_mm512_permutex2var_ps(vh, lo_idx, vl), sc, of), stream);
+    store16<OUT>(out, i + 16, apply_scale<RULE>(_mm512_permutex2var_ps(vh, hi_idx, vl), sc, of), stream);
+  }
+  if (i < len) {
+    scalar_decode(packed, first + i, len - i, cb, scale, offset, RULE,
+                  static_cast<char*>(out) + i * dtype_size(OUT), OUT, false);
+  }
+}
+
+template <int OUT, int RULE>
+void decode8(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
+             float offset, void* out, bool stream) {
+  const __m512 sc = _mm512_set1_ps(scale), of = _mm512_set1_ps(offset);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + first + i)));
+    __m512 v = _mm512_i32gather_ps(q, cb.table, 4);
+    store16<OUT>(out, i, apply_scale<RULE>(v, sc, of), stream);
+  }
+  if (i < len) {
+    scalar_decode(packed, first + i, len - i, cb, scale, offset, RULE,
+                  static_cast<char*>(out) + i * dtype_size(OUT), OUT, false);
+  }
+}
+
+template <int OUT, int RULE>
+void decode_rule(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
+                 float offset, void* out, bool stream) {
+  if (cb.bits == 4) decode4<OUT, RULE>(packed, first, len, cb, scale, offset, out, stream);
+  else decode8<OUT, RULE>(packed, first, len, cb, scale, offset, out, stream);
+}
+
+template <int OUT>
+void decode_out(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
+                float offset, int rule, void* out, bool stream) {
+  if (rule == kAbsmax) decode_rule<OUT, kAbsmax>(packed, first, len, cb, scale, offset, out, stream);
+  else decode_rule<OUT, kMinmax>(packed, first, len, cb, scale, offset, out, stream);
+}
+
+void decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
+            float offset, int rule, void* out, int out_dtype, bool stream) {
+  if (out_dtype == kFloat32) decode_out<kFloat32>(packed, first, len, cb, scale, offset, rule, out, stream);
+  else if (out_dtype == kBFloat16) decode_out<kBFloat16>(packed, first, len, cb, scale, offset, rule, out, stream);
+  else decode_out<kFloat16>(packed, first, len, cb, scale, offset, rule, out, stream);
+}
+
+}  // namespace
+
+const Kernels kAvx512Kernels = {"avx512", block_stats, encode, decode};
+
+}  // namespace qengine::cpu
+#endif

@@ -1,0 +1,85 @@
+// CPU blockwise quantization driver: threads over blocks, per-ISA encode, nibble packing.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+#include "qengine/ops.h"
+#include "qengine/status.h"
+
+namespace qengine {
+namespace {
+
+// Elements encoded per inner step: the codes stay in L1 before they are packed.
+constexpr int64_t kChunk = 1024;
+
+// Writes codes[0..count) as nibbles of elements first..first+count. A byte shared with the
+// previous element (odd first) is read-modify-written; a trailing lone element writes its
+// high nibble and clears the low one (the next element, if any, is written by the same
+// thread later, see the alignment in quantize_cpu).
+void pack_nibbles(const uint8_t* codes, int64_t count, uint8_t* packed, int64_t first) {
+  int64_t j = 0;
+  if ((first & 1) && count > 0) {
+    uint8_t& b = packed[first >> 1];
+    b = static_cast<uint8_t>((b & 0xf0) | codes[0]);
+    j = 1;
+  }
+  uint8_t* dst = packed + ((first + j) >> 1);
+  int64_t pairs = (count - j) / 2;
+  for (int64_t k = 0; k < pairs; ++k) dst[k] = pack_pair(codes[j + 2 * k], codes[j + 2 * k + 1]);
+  j += 2 * pairs;
+  if (j < count) dst[pairs] = static_cast<uint8_t>(codes[j] << 4);
+}
+
+}  // namespace
+
+int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
+                 uint8_t* packed, float* scales, float* offsets) {
+  if (n < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
+  if (n == 0) return kOk;
+  const cpu::Kernels& k = cpu::kernels();
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int esz = dtype_size(dtype);
+  std::atomic<int> status{kOk};
+  // With odd block sizes two blocks can share a byte: ranges start at even blocks so a shared
+  // byte is always written by one thread.
+  const int64_t align = (cb.bits == 4 && (blocksize & 1)) ? 2 : 1;
+  const int64_t min_blocks = (16384 + blocksize - 1) / blocksize;
+  cpu::parallel_for(0, nblocks, min_blocks, align, [&](int64_t b0, int64_t b1) {
+    alignas(64) uint8_t codes[kChunk];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * blocksize;
+      const int64_t len = std::min(blocksize, n - start);
+      const char* src = static_cast<const char*>(x) + start * esz;
+      BlockStats st;
+      k.block_stats(src, dtype, len, &st);
+      if (st.nonfinite) {
+        status.store(kNonFiniteInput);
+        return;
+      }
+      BlockNorm norm = make_block_norm(st, rule, len < blocksize);
+      if (!std::isfinite(norm.scale)) {
+        status.store(kScaleOverflow);
+        return;
+      }
+      scales[b] = norm.scale;
+      if (rule == kMinmax) offsets[b] = norm.offset;
+      for (int64_t c = 0; c < len; c += kChunk) {
+        const int64_t m = std::min(kChunk, len - c);
+        k.encode(src + c * esz, dtype, m, norm, rule, cb, codes);
+        if (cb.bits == 8) std::memcpy(packed + start + c, codes, m);
+        else pack_nibbles(codes, m, packed, start + c);
+      }
+    }
+  });
+  // An odd count leaves a padding nibble: bitsandbytes pads with the code of 0.0.
+  if (status.load() == kOk && cb.bits == 4 && (n & 1)) {
+    uint8_t& last = packed[n >> 1];
+    last = static_cast<uint8_t>((last & 0xf0) | encode_value(0.0f, cb));
+  }
+  return status.load();
+}
+
+}  // namespace qengine

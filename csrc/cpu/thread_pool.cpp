@@ -1,0 +1,132 @@
+// A small fork-join pool: parallel_for hands each worker one contiguous range and waits.
+#include "cpu/thread_pool.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace qengine::cpu {
+namespace {
+
+int default_threads() {
+  if (const char* env = std::getenv("QENGINE_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  unsigned hw = std::thread::hardware_concurrency();
+  return hw == 0 ? 1 : static_cast<int>(hw);
+}
+
+class Pool {
+ public:
+  Pool() : threads_(default_threads()) {}
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
+  int threads() const { return threads_; }
+  void set_threads(int n) {
+    std::lock_guard<std::mutex> run(run_mu_);
+    threads_ = std::max(1, n);
+  }
+
+  // Runs task(i) for i in [0, count); the caller runs task(0) itself.
+  void run(int count, const std::function<void(int)>& task) {
+    std::lock_guard<std::mutex> run(run_mu_);  // one parallel region at a time
+    ensure_workers(count - 1);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      task_ = &task;
+      pending_ = count - 1;
+      next_ = 1;
+      limit_ = count;
+      ++generation_;
+    }
+    cv_.notify_all();
+    task(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return pending_ == 0; });
+    task_ = nullptr;
+  }
+
+ private:
+  void ensure_workers(int n) {
+    while (static_cast<int>(workers_.size()) < n) {
+      workers_.emplace_back([this] { worker_loop(); });
+    }
+  }
+
+  void worker_loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [&] { return stop_ || (generation_ != seen && next_ < limit_); });
+      if (stop_) return;
+      int index = next_++;
+      if (next_ >= limit_) seen = generation_;
+      const std::function<void(int)>* task = task_;
+      lock.unlock();
+      (*task)(index);
+      lock.lock();
+      if (--pending_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  int threads_;
+  std::vector<std::thread> workers_;
+  std::mutex run_mu_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(int)>* task_ = nullptr;
+  int pending_ = 0, next_ = 0, limit_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+Pool& pool() {
+  // Leaked on purpose: joining threads from a static destructor at interpreter exit can
+  // deadlock; the OS reclaims them.
+  static Pool* p = new Pool();
+  return *p;
+}
+
+}  // namespace
+
+int num_threads() { return pool().threads(); }
+void set_num_threads(int n) { pool().set_threads(n); }
+
+void parallel_for(int64_t begin, int64_t end, int64_t min_chunk, int64_t align,
+                  const std::function<void(int64_t, int64_t)>& fn) {
+  int64_t total = end - begin;
+  if (total <= 0) return;
+  align = std::max<int64_t>(align, 1);
+  min_chunk = std::max<int64_t>(min_chunk, 1);
+  int64_t parts = std::min<int64_t>(pool().threads(), (total + min_chunk - 1) / min_chunk);
+  if (parts <= 1) {
+    fn(begin, end);
+    return;
+  }
+  // Even split, each boundary rounded up to the alignment.
+  std::vector<int64_t> bounds(parts + 1);
+  bounds[0] = begin;
+  for (int64_t p = 1; p < parts; ++p) {
+    int64_t b = total * p / parts;
+    b = (b + align - 1) / align * align;
+    bounds[p] = std::min(begin + b, end);
+  }
+  bounds[parts] = end;
+  pool().run(static_cast<int>(parts), [&](int p) {
+    int64_t lo = bounds[p], hi = bounds[p + 1];
+    if (lo < hi) fn(lo, hi);
+  });
+}
+
+}  // namespace qengine::cpu

@@ -1,0 +1,32 @@
+// Entry points of the native module, one declaration per op and backend. They take raw
+// buffers that python/qengine/_ops.py has already checked, and return a Status.
+#pragma once
+#include <cstdint>
+
+#include "qengine/quant_math.h"
+
+namespace qengine {
+
+// Blockwise quantization of x[0..n) (dtype) in blocks of `blocksize` elements (any size >= 1;
+// the last block may be partial). Writes ceil(n * bits / 8) packed bytes, one scale per
+// block and, for the minmax rule, one offset per block (offsets may be null otherwise).
+int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
+                 uint8_t* packed, float* scales, float* offsets);
+
+// out[0..n) (out_dtype) = decoded packed codes; scales/offsets one per block.
+int dequantize_cpu(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
+                   const float* scales, const float* offsets, void* out, int out_dtype);
+
+// One Lloyd step of 1-D k-means on the block-normalised values of x: for each sorted
+// codebook entry k, sums[k] += normalised values nearest to it, counts[k] += their number.
+// Also adds the squared distances to *sse. cb must be sorted (identity order).
+int kmeans_accumulate_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
+                          double* sums, int64_t* counts, double* sse);
+
+#if defined(QENGINE_WITH_CUDA)
+int cuda_device_count(int* count);
+int dequantize_cuda(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
+                    const float* scales, const float* offsets, void* out, int out_dtype, void* stream);
+#endif
+
+}  // namespace qengine

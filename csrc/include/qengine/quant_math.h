@@ -1,0 +1,104 @@
+// The blockwise quantization maths shared by the CPU and CUDA kernels, written once so
+// their bytes agree: the scale rules, the nearest-code search and the nibble layout.
+//
+// A format is a codebook `table` (2^bits float32 values in storage order) plus a scale rule:
+//   absmax:  x ~= table[q] * scale,           scale = max|x| over the block
+//   minmax:  x ~= table[q] * scale + offset,  scale = max - min, offset = min
+// Quantization normalises x, then picks the code whose value is nearest, by counting the
+// float32 midpoints between sorted codebook neighbours that lie strictly below the
+// normalised value (so a tie goes to the lower code, as bitsandbytes' torch.bucketize does).
+#pragma once
+#include <cstdint>
+
+#include "qengine/dtype.h"
+
+namespace qengine {
+
+enum ScaleRule : int { kAbsmax = 0, kMinmax = 1 };
+
+// Smallest divisor used for an all-zero block, as bitsandbytes clamps absmax (1e-38).
+constexpr float kMinScale = 1e-38f;
+
+// The codebook, prepared by python/qengine/formats.py for the search:
+//   midpoints[i], i < 2^bits - 1: sorted midpoints, padded with +inf past the last real one;
+//   sorted_to_code[i]: storage code of the i-th smallest value (identity for sorted tables).
+struct Codebook {
+  const float* table;             // 2^bits values, storage order (decoding)
+  const float* midpoints;         // 2^bits entries (last always +inf)
+  const uint8_t* sorted_to_code;  // 2^bits entries
+  int bits;                       // 4 or 8
+  int identity_order;             // 1 when sorted_to_code is the identity
+};
+
+// Per-block statistics; the kernels reduce them in any order (max/min are exact).
+struct BlockStats {
+  float absmax;
+  float min;
+  float max;
+  bool nonfinite;
+};
+
+// Normalisation of one block: value * inv (absmax) or (value - offset) * inv (minmax).
+// bitsandbytes multiplies full blocks by the float32 reciprocal but divides the last,
+// partial block; `divide` reproduces that so the bytes agree.
+struct BlockNorm {
+  float scale;   // stored per block
+  float offset;  // stored per block (minmax only)
+  float inv;     // 1 / max(scale, kMinScale)
+  float div;     // max(scale, kMinScale), used when divide is set
+  bool divide;
+};
+
+QE_HD BlockNorm make_block_norm(const BlockStats& s, int rule, bool partial_block) {
+  BlockNorm n;
+  if (rule == kAbsmax) {
+    n.scale = s.absmax;
+    n.offset = 0.0f;
+  } else {
+    n.scale = s.max - s.min;
+    n.offset = s.min;
+  }
+  n.div = n.scale > kMinScale ? n.scale : kMinScale;
+  n.inv = 1.0f / n.div;
+  n.divide = partial_block;
+  return n;
+}
+
+QE_HD float normalise(float x, const BlockNorm& n, int rule) {
+  float centred = rule == kMinmax ? x - n.offset : x;
+  return n.divide ? centred / n.div : centred * n.inv;
+}
+
+// Index of the nearest codebook value in sorted order: the number of midpoints < v.
+// Branch-free binary search over the padded midpoints (2^bits entries, last +inf).
+QE_HD int sorted_index(float v, const float* midpoints, int bits) {
+  int pos = 0;
+  for (int step = 1 << (bits - 1); step > 0; step >>= 1) {
+    pos += (v > midpoints[pos + step - 1]) ? step : 0;
+  }
+  return pos;
+}
+
+QE_HD uint8_t encode_value(float v, const Codebook& cb) {
+  int i = sorted_index(v, cb.midpoints, cb.bits);
+  return cb.sorted_to_code[i];
+}
+
+// Decoding: value = table[q] * scale (+ offset for minmax, in one rounding).
+QE_HD float decode_value(float code_value, float scale, float offset, int rule) {
+#if defined(__CUDA_ARCH__)
+  return rule == kMinmax ? __fmaf_rn(code_value, scale, offset) : __fmul_rn(code_value, scale);
+#else
+  return rule == kMinmax ? __builtin_fmaf(code_value, scale, offset) : code_value * scale;
+#endif
+}
+
+// Nibble layout (bitsandbytes'): element 2k in the high nibble of byte k, 2k+1 in the low.
+QE_HD uint8_t nibble_at(const uint8_t* packed, int64_t i) {
+  uint8_t b = packed[i >> 1];
+  return (i & 1) ? static_cast<uint8_t>(b & 0x0f) : static_cast<uint8_t>(b >> 4);
+}
+
+QE_HD uint8_t pack_pair(uint8_t even, uint8_t odd) { return static_cast<uint8_t>((even << 4) | (odd & 0x0f)); }
+
+}  // namespace qengine

@@ -1,0 +1,182 @@
+"""The torch.library ops of qengine: schemas, fake (meta) implementations and the per-device
+kernels that call qengine._C. Device names appear here and nowhere else.
+
+Ops (all take the kernel tables from formats.Format.kernel_tables):
+  qengine::quantize_blockwise(x, table, midpoints, sorted_to_code, bits, blocksize, rule, identity_order)
+      -> (packed uint8 [ceil(n*bits/8)], scales float32 [nblocks], offsets float32 [nblocks or 0])
+  qengine::dequantize_blockwise(packed, table, scales, offsets?, bits, blocksize, numel, dtype) -> flat [numel]
+  qengine::dequantize_blockwise_out(..., out) -> None   (writes into out)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C
+from ._checks import FLOAT_DTYPES, check_contiguous, check_dtype, check_float, check_numel, check_same_device
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_SUPPORTED_DEVICES = ("cpu", "cuda") if _C.cuda_compiled else ("cpu",)
+
+
+def cuda_available() -> bool:
+    """True when the CUDA kernels were compiled and a GPU is visible."""
+    return bool(_C.cuda_compiled) and _C.cuda.device_count() > 0 and torch.cuda.is_available()
+
+
+def _nblocks(numel: int, blocksize: int) -> int:
+    return -(-numel // blocksize)
+
+
+def _packed_bytes(numel: int, bits: int) -> int:
+    return -(-numel * bits // 8)
+
+
+def _check_device(name: str, t: torch.Tensor) -> None:
+    if t.device.type not in _SUPPORTED_DEVICES:
+        raise ValueError(f"{name} is on {t.device}; qengine supports {', '.join(_SUPPORTED_DEVICES)} tensors")
+
+
+def _check_tables(table: torch.Tensor, midpoints: Optional[torch.Tensor], order: Optional[torch.Tensor], bits: int,
+                  device: torch.device) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    size = 2**bits
+    for name, t, dt in (("table", table, torch.float32), ("midpoints", midpoints, torch.float32),
+                        ("sorted_to_code", order, torch.uint8)):
+        if t is None:
+            continue
+        check_dtype(name, t, dt)
+        check_contiguous(name, t)
+        check_numel(name, t, size)
+        check_same_device(device, **{name: t})
+
+
+def _check_quantize_args(x, table, midpoints, order, bits, blocksize, rule):
+    check_float("x", x)
+    _check_device("x", x)
+    check_contiguous("x", x)
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    if rule not in (0, 1):
+        raise ValueError(f"rule must be 0 (absmax) or 1 (minmax), got {rule}")
+    _check_tables(table, midpoints, order, bits, x.device)
+
+
+def _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel):
+    check_dtype("packed", packed, torch.uint8)
+    _check_device("packed", packed)
+    check_contiguous("packed", packed)
+    if blocksize < 1 or numel < 0:
+        raise ValueError(f"blocksize must be >= 1 and numel >= 0, got {blocksize}, {numel}")
+    _check_tables(table, None, None, bits, packed.device)
+    check_numel("packed", packed, _packed_bytes(numel, bits))
+    nb = _nblocks(numel, blocksize)
+    for name, t in (("scales", scales), ("offsets", offsets)):
+        if t is None:
+            continue
+        check_dtype(name, t, torch.float32)
+        check_contiguous(name, t)
+        check_numel(name, t, nb)
+        check_same_device(packed.device, **{name: t})
+
+
+# --------------------------------------------------------------------------- quantize
+@torch.library.custom_op("qengine::quantize_blockwise", mutates_args=())
+def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, midpoints: torch.Tensor, sorted_to_code: torch.Tensor,
+                       bits: int, blocksize: int, rule: int, identity_order: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_quantize_args(x, table, midpoints, sorted_to_code, bits, blocksize, rule)
+    n = x.numel()
+    nb = _nblocks(n, blocksize)
+    packed = torch.empty(_packed_bytes(n, bits), dtype=torch.uint8, device=x.device)
+    scales = torch.empty(nb, dtype=torch.float32, device=x.device)
+    offsets = torch.empty(nb if rule == 1 else 0, dtype=torch.float32, device=x.device)
+    if x.device.type == "cuda":
+        # CUDA quantize kernels come with the matmul work; until then the CPU kernel produces
+        # the (identical) bytes from a host copy.
+        host = quantize_blockwise(x.cpu(), table.cpu(), midpoints.cpu(), sorted_to_code.cpu(), bits, blocksize, rule,
+                                  identity_order)
+        for dst, src in zip((packed, scales, offsets), host):
+            dst.copy_(src)
+        return packed, scales, offsets
+    if n:
+        _C.quantize_cpu(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, table.data_ptr(), midpoints.data_ptr(),
+                        sorted_to_code.data_ptr(), bits, identity_order, rule, packed.data_ptr(), scales.data_ptr(),
+                        offsets.data_ptr() if rule == 1 else 0)
+    return packed, scales, offsets
+
+
+@quantize_blockwise.register_fake
+def _(x, table, midpoints, sorted_to_code, bits, blocksize, rule, identity_order):
+    n = x.numel()
+    nb = _nblocks(n, blocksize)
+    return (x.new_empty(_packed_bytes(n, bits), dtype=torch.uint8), x.new_empty(nb, dtype=torch.float32),
+            x.new_empty(nb if rule == 1 else 0, dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------- dequantize
+def _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out):
+    if numel == 0:
+        return
+    code = _DTYPE_CODES[out.dtype]
+    off = offsets.data_ptr() if offsets is not None else 0
+    if packed.device.type == "cuda":
+        stream = torch.cuda.current_stream(packed.device).cuda_stream
+        _C.cuda.dequantize(packed.data_ptr(), numel, blocksize, table.data_ptr(), bits, 1 if offsets is not None else 0,
+                           scales.data_ptr(), off, out.data_ptr(), code, stream)
+    else:
+        _C.dequantize_cpu(packed.data_ptr(), numel, blocksize, table.data_ptr(), bits,
+                          1 if offsets is not None else 0, scales.data_ptr(), off, out.data_ptr(), code)
+
+
+@torch.library.custom_op("qengine::dequantize_blockwise", mutates_args=())
+def dequantize_blockwise(packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+                         offsets: Optional[torch.Tensor], bits: int, blocksize: int, numel: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out)
+    return out
+
+
+@dequantize_blockwise.register_fake
+def _(packed, table, scales, offsets, bits, blocksize, numel, dtype):
+    return packed.new_empty(numel, dtype=dtype)
+
+
+@torch.library.custom_op("qengine::dequantize_blockwise_out", mutates_args=("out",))
+def dequantize_blockwise_out(packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+                             offsets: Optional[torch.Tensor], bits: int, blocksize: int, numel: int,
+                             out: torch.Tensor) -> None:
+    _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
+    check_float("out", out)
+    check_contiguous("out", out)
+    check_numel("out", out, numel)
+    check_same_device(packed.device, out=out)
+    _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out)
+
+
+@dequantize_blockwise_out.register_fake
+def _(packed, table, scales, offsets, bits, blocksize, numel, out):
+    return None
+
+
+# --------------------------------------------------------------------------- k-means
+def kmeans_accumulate(x: torch.Tensor, blocksize: int, table: torch.Tensor, midpoints: torch.Tensor, bits: int,
+                      rule: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One Lloyd step over the block-normalised values of x (CPU): per-code sums, counts, SSE."""
+    check_float("x", x)
+    check_contiguous("x", x)
+    if x.device.type != "cpu":
+        raise ValueError(f"k-means fitting runs on the CPU; x is on {x.device}")
+    _check_tables(table, midpoints, None, bits, x.device)
+    sums = torch.zeros(2**bits, dtype=torch.float64)
+    counts = torch.zeros(2**bits, dtype=torch.int64)
+    sse = _C.kmeans_accumulate_cpu(x.data_ptr(), _DTYPE_CODES[x.dtype], x.numel(), blocksize, table.data_ptr(),
+                                   midpoints.data_ptr(), bits, rule, sums.data_ptr(), counts.data_ptr())
+    return sums, counts, sse

@@ -1,0 +1,204 @@
+"""The format registry: every codebook table of qengine lives here and only here.
+
+A format is data: a codebook of at most 2**bits float32 values (in storage order: code q
+decodes to values[q]) and a scale rule for its blocks:
+
+- ``absmax``: ``x ~= values[q] * scale`` with ``scale = max|x|`` over the block; values in [-1, 1].
+- ``minmax``: ``x ~= values[q] * scale + offset`` with ``scale = max - min``, ``offset = min``;
+  values in [0, 1].
+
+Quantization picks the nearest value: it counts the float32 midpoints between sorted
+neighbours that lie strictly below the normalised input (ties go to the lower value), which
+is bitsandbytes' rule, so NF4/FP4 produce its exact bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+__all__ = ["Format", "get_format", "codebook", "available_formats", "register_format"]
+
+# QLoRA's NormalFloat4 (bitsandbytes' table, storage order = sorted order).
+_NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+# bitsandbytes' FP4 (e2m1 with its own exponent bias); storage order: bit 3 is the sign.
+_FP4 = (
+    0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5,
+    0.1666666716337204, 0.25, 0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
+    -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
+)
+
+
+def _symmetric_int(bits: int) -> tuple[float, ...]:
+    # 2**(bits-1) - 1 levels each side and an exact zero; the most negative code is unused,
+    # so the table stays symmetric (as int4/int8 symmetric quantization in torchao).
+    qmax = 2 ** (bits - 1) - 1
+    return tuple(float(torch.tensor(k / qmax, dtype=torch.float32)) for k in range(-qmax, qmax + 1))
+
+
+def _unsigned_int(bits: int) -> tuple[float, ...]:
+    qmax = 2**bits - 1
+    return tuple(float(torch.tensor(k / qmax, dtype=torch.float32)) for k in range(qmax + 1))
+
+
+def _dynamic_signed() -> tuple[float, ...]:
+    """bitsandbytes' signed dynamic 8-bit map (create_dynamic_map(signed=True)): a dynamic
+    exponent with a shrinking fraction; used to quantize the scales in double quantization."""
+    data: list[float] = []
+    max_exponent_bits, non_sign_bits = 7, 7
+    for i in range(max_exponent_bits):
+        items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1)
+        boundaries = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data.sort()
+    return tuple(float(v) for v in torch.tensor(data, dtype=torch.float32))
+
+
+@dataclass(frozen=True, eq=False)
+class Format:
+    """A quantization format: codebook values in storage order, bit width and scale rule."""
+
+    name: str
+    bits: int
+    values: tuple[float, ...]
+    rule: str = "absmax"
+    description: str = ""
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def rule_code(self) -> int:
+        return 0 if self.rule == "absmax" else 1
+
+    @property
+    def identity_order(self) -> bool:
+        return list(self.values) == sorted(self.values)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Format)
+            and self.name == other.name
+            and self.bits == other.bits
+            and self.rule == other.rule
+            and self.values == other.values
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.bits, self.rule, self.values))
+
+    def kernel_tables(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(table, midpoints, sorted_to_code) padded to 2**bits entries, as the kernels read them.
+
+        table: float32, values then zeros (unused codes); midpoints: float32 sorted midpoints
+        computed in float32, then +inf; sorted_to_code: uint8 storage code of each sorted value.
+        """
+        device = torch.device(device)
+        key = str(device)
+        if key not in self._cache:
+            size = 2**self.bits
+            vals = torch.tensor(self.values, dtype=torch.float32)
+            table = torch.zeros(size, dtype=torch.float32)
+            table[: len(self.values)] = vals
+            # Stable sort: equal values (FP4's two zeros) keep storage order, like bitsandbytes.
+            order = sorted(range(len(self.values)), key=lambda i: self.values[i])
+            svals = vals[order]
+            mids = torch.full((size,), math.inf, dtype=torch.float32)
+            mids[: len(self.values) - 1] = (svals[:-1] + svals[1:]) / 2
+            sorted_to_code = torch.full((size,), order[-1], dtype=torch.uint8)
+            sorted_to_code[: len(order)] = torch.tensor(order, dtype=torch.uint8)
+            self._cache[key] = tuple(t.to(device) for t in (table, mids, sorted_to_code))
+        return self._cache[key]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "bits": self.bits, "rule": self.rule}
+
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    """Adds a named format to the registry (names are unique)."""
+    if fmt.name in _REGISTRY:
+        raise ValueError(f"format {fmt.name!r} is already registered")
+    _validate_values(fmt.values, fmt.bits, fmt.rule)
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def available_formats() -> list[str]:
+    """Names of the registered formats (user codebooks are passed as Format objects)."""
+    return [n for n in _REGISTRY if not n.startswith("_")]
+
+
+def get_format(fmt: str | Format) -> Format:
+    """Looks up a format by name, or returns a Format unchanged."""
+    if isinstance(fmt, Format):
+        return fmt
+    if not isinstance(fmt, str):
+        raise TypeError(f"format must be a name ({', '.join(available_formats())}) or a Format, got {type(fmt).__name__}")
+    try:
+        return _REGISTRY[fmt.lower()]
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r}; available: {', '.join(available_formats())}") from None
+
+
+def _validate_values(values: Sequence[float], bits: int, rule: str) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if rule not in ("absmax", "minmax"):
+        raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
+    if not 2 <= len(values) <= 2**bits:
+        raise ValueError(f"a {bits}-bit codebook needs 2 to {2**bits} values, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("codebook values must be finite")
+    lo, hi = (-1.0, 1.0) if rule == "absmax" else (0.0, 1.0)
+    if min(values) < lo or max(values) > hi:
+        raise ValueError(f"codebook values for the {rule} rule must lie in [{lo}, {hi}]")
+
+
+def codebook(values: Sequence[float] | torch.Tensor, rule: str = "absmax", bits: int | None = None,
+             name: str = "codebook") -> Format:
+    """A non-uniform format from a user table.
+
+    Args:
+        values: strictly increasing finite values, at most 16 (4 bits) or 256 (8 bits); in
+            [-1, 1] for ``rule="absmax"`` (scaled by the block absmax) or [0, 1] for
+            ``rule="minmax"`` (scaled by max - min, shifted by min).
+        bits: 4 or 8; defaults to the smallest that holds the table.
+    """
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1:
+            raise ValueError(f"codebook must be 1-D, got shape {tuple(values.shape)}")
+        if values.is_complex() or not values.is_floating_point():
+            raise TypeError(f"codebook must be a floating-point tensor, got {values.dtype}")
+        values = values.detach().to("cpu", torch.float32).tolist()
+    vals = tuple(float(torch.tensor(float(v), dtype=torch.float32)) for v in values)
+    if bits is None:
+        bits = 4 if len(vals) <= 16 else 8
+    _validate_values(vals, bits, rule)
+    if any(b <= a for a, b in zip(vals, vals[1:])):
+        raise ValueError("codebook values must be sorted in strictly increasing order")
+    return Format(name=name, bits=bits, values=vals, rule=rule, description="user codebook")
+
+
+for _fmt in (
+    Format("nf4", 4, _NF4, "absmax", "NormalFloat4 (QLoRA), bitsandbytes-compatible bytes"),
+    Format("fp4", 4, _FP4, "absmax", "FP4 e2m1 (bitsandbytes' table), bitsandbytes-compatible bytes"),
+    Format("int4", 4, _symmetric_int(4), "absmax", "symmetric uniform, levels k/7 for k in -7..7"),
+    Format("int8", 8, _symmetric_int(8), "absmax", "symmetric uniform, levels k/127 for k in -127..127"),
+    Format("uint4", 4, _unsigned_int(4), "minmax", "asymmetric uniform (affine), levels k/15, zero point = block min"),
+    Format("uint8", 8, _unsigned_int(8), "minmax", "asymmetric uniform (affine), levels k/255, zero point = block min"),
+    Format("dynamic8", 8, _dynamic_signed(), "absmax", "bitsandbytes' signed dynamic 8-bit map (double-quant scales)"),
+):
+    register_format(_fmt)

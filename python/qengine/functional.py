@@ -1,0 +1,152 @@
+"""Quantize, dequantize and fit codebooks on tensors: the functional API."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _ops
+from ._checks import check_blocksize, check_contiguous, check_float, check_positive_int, check_tensor
+from .formats import Format, codebook, get_format
+from .tensor import NestedScales, QuantizedTensor
+
+__all__ = ["quantize", "dequantize", "fit_codebook"]
+
+
+def _resolve_blocksize(x: torch.Tensor, blocksize: Optional[int]) -> tuple[int, bool]:
+    if blocksize is None:  # per row (per output channel of a weight)
+        return (x.shape[-1] if x.dim() >= 1 else 1), True
+    return check_blocksize(blocksize), False
+
+
+def quantize(x: torch.Tensor, format: str | Format = "nf4", blocksize: Optional[int] = 64,
+             double_quant: bool = False) -> QuantizedTensor:
+    """Blockwise quantization of a float tensor.
+
+    Args:
+        x: float32, float16 or bfloat16, any shape, contiguous, finite (NaN or Inf raises
+            ValueError: a non-finite weight has no faithful 4-bit code); not modified.
+        format: a registered name (``nf4``, ``fp4``, ``int4``, ``int8``, ``uint4``, ``uint8``)
+            or a Format from ``qengine.codebook(...)`` / ``qengine.fit_codebook(...)``.
+        blocksize: elements per block, a power of two from 32 to 4096 over the flattened
+            tensor; ``None`` quantizes per row (one block per row of the last dimension).
+        double_quant: also quantize the per-block float32 scales (and offsets) to 8 bits,
+            blockwise (256), after subtracting their mean, as QLoRA does.
+    """
+    check_tensor("x", x)
+    check_float("x", x)
+    check_contiguous("x", x)
+    if x.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
+    fmt = get_format(format)
+    bs, per_row = _resolve_blocksize(x, blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    q = QuantizedTensor._quantize_flat(x.detach(), fmt, bs)
+    q.per_row = per_row
+    if double_quant:
+        q.scales = NestedScales.from_values(q.scales)
+        if q.offsets is not None:
+            q.offsets = NestedScales.from_values(q.offsets)
+    return q
+
+
+def dequantize(q: QuantizedTensor, dtype: Optional[torch.dtype] = None,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The dense tensor of `q` (see QuantizedTensor.dequantize)."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+    return q.dequantize(dtype=dtype, out=out)
+
+
+def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] = 64, rule: str = "absmax",
+                 iters: int = 25, sample: int = 1 << 20, seed: int = 0, tol: float = 1e-7) -> Format:
+    """A codebook fitted to `weight` by 1-D k-means (weight clustering) on its block-normalised
+    values, so that quantizing `weight` with it (same blocksize and rule) minimises squared
+    error. Initialised at quantiles of a sample, then Lloyd iterations over all values in the
+    native kernel. Returns a Format usable everywhere a format name is.
+
+    Args:
+        weight: float tensor (any shape, contiguous, finite), on the CPU (others are copied).
+        bits: 4 (16 values) or 8 (256 values).
+        blocksize, rule: as in quantize(); ``rule="absmax"`` fits values in [-1, 1],
+            ``"minmax"`` in [0, 1].
+        iters: maximum Lloyd iterations; stops earlier when the error improves by < tol (relative).
+    """
+    check_tensor("weight", weight)
+    check_float("weight", weight)
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if rule not in ("absmax", "minmax"):
+        raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
+    check_positive_int("iters", iters)
+    if weight.numel() == 0:
+        raise ValueError("cannot fit a codebook to an empty tensor")
+    x = weight.detach().to("cpu").contiguous()
+    bs, _ = _resolve_blocksize(x, blocksize)
+    k = 2**bits
+    init = _quantile_init(x, bs, rule, k, sample, seed)
+    centroids = init
+    last_sse = None
+    for _ in range(iters):
+        fmt = codebook(centroids, rule=rule, bits=bits, name="kmeans")
+        table, mids, _order = fmt.kernel_tables("cpu")
+        sums, counts, sse = _ops.kmeans_accumulate(x, bs, table, mids, bits, fmt.rule_code)
+        n = len(fmt.values)
+        counts, sums = counts[:n], sums[:n]
+        old = torch.tensor(fmt.values, dtype=torch.float64)
+        # Empty clusters keep their value; the others move to the mean of their members.
+        new = torch.where(counts > 0, sums / counts.clamp(min=1), old)
+        new = _strictly_increasing(new, rule)
+        centroids = new.tolist()
+        if last_sse is not None and last_sse - sse <= tol * max(last_sse, 1e-30):
+            break
+        last_sse = sse
+    return codebook(centroids, rule=rule, bits=bits, name="codebook")
+
+
+def _quantile_init(x: torch.Tensor, blocksize: int, rule: str, k: int, sample: int, seed: int) -> list[float]:
+    """Quantiles of the block-normalised values of a random sample of blocks."""
+    flat = x.reshape(-1)
+    nblocks = -(-flat.numel() // blocksize)
+    full = flat.numel() // blocksize
+    gen = torch.Generator().manual_seed(seed)
+    take = min(full, max(1, sample // blocksize))
+    if full == 0:
+        blocks = flat.float().reshape(1, -1)
+    else:
+        idx = torch.randperm(full, generator=gen)[:take]
+        blocks = flat[: full * blocksize].reshape(full, blocksize)[idx].float()
+    del nblocks
+    if not torch.isfinite(blocks).all():
+        raise ValueError("weight contains NaN or Inf values")
+    if rule == "absmax":
+        norm = blocks / blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-38)
+    else:
+        lo = blocks.amin(dim=1, keepdim=True)
+        norm = (blocks - lo) / (blocks.amax(dim=1, keepdim=True) - lo).clamp(min=1e-38)
+    norm = norm.reshape(-1).double()
+    qs = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    if norm.numel() > 1 << 24:  # torch.quantile's input limit
+        norm = norm[torch.randperm(norm.numel(), generator=gen)[: 1 << 24]]
+    init = torch.quantile(norm, qs)
+    return _strictly_increasing(init, rule).tolist()
+
+
+def _strictly_increasing(v: torch.Tensor, rule: str) -> torch.Tensor:
+    """Clamps into the rule's range and nudges duplicates apart (float32-distinct), so the
+    result is a valid codebook even when the data has fewer distinct values than codes."""
+    lo, hi = (-1.0, 1.0) if rule == "absmax" else (0.0, 1.0)
+    v = v.to(torch.float32).clamp(lo, hi).sort().values
+    out = v.tolist()
+    for i in range(1, len(out)):
+        if out[i] <= out[i - 1]:
+            out[i] = float(torch.nextafter(torch.tensor(out[i - 1]), torch.tensor(2.0)))
+    # Walk back from the top if nudging pushed past the upper bound.
+    if out[-1] > hi:
+        out[-1] = hi
+        for i in range(len(out) - 2, -1, -1):
+            if out[i] >= out[i + 1]:
+                out[i] = float(torch.nextafter(torch.tensor(out[i + 1]), torch.tensor(-2.0)))
+    return torch.tensor(out, dtype=torch.float64)

@@ -1,0 +1,315 @@
+"""QuantizedTensor: the packed codes of a tensor plus everything needed to decode them, and
+its flat state dict (tensors only, so it round-trips through torch.save and safetensors)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Optional
+
+import torch
+
+from . import _ops
+from ._checks import FLOAT_DTYPES, check_contiguous, check_float, check_same_device
+from .formats import Format, codebook, get_format
+
+__all__ = ["QuantizedTensor", "NestedScales"]
+
+# Double quantization quantizes the per-block scales again, blockwise, as QLoRA does.
+NESTED_FORMAT = "dynamic8"
+NESTED_BLOCKSIZE = 256
+STATE_VERSION = 1
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+class NestedScales:
+    """Per-block float32 scales (or offsets) stored double-quantized:
+    ``values ~= dequantize(quantized) + mean`` with ``quantized`` a dynamic8, block-256
+    QuantizedTensor of ``values - mean``."""
+
+    def __init__(self, quantized: "QuantizedTensor", mean: torch.Tensor):
+        self.quantized = quantized
+        self.mean = mean
+
+    @classmethod
+    def from_values(cls, values: torch.Tensor) -> "NestedScales":
+        mean = values.mean()
+        centred = values - mean
+        return cls(QuantizedTensor._quantize_flat(centred, get_format(NESTED_FORMAT), NESTED_BLOCKSIZE), mean)
+
+    def values(self) -> torch.Tensor:
+        v = self.quantized.dequantize(torch.float32)
+        return v + self.mean
+
+    @property
+    def nbytes(self) -> int:
+        return self.quantized.nbytes + self.mean.numel() * self.mean.element_size()
+
+    def to(self, device) -> "NestedScales":
+        return NestedScales(self.quantized.to(device), self.mean.to(device))
+
+
+class QuantizedTensor:
+    """A blockwise-quantized tensor.
+
+    Attributes:
+        packed: uint8 [ceil(numel * bits / 8)], codes in bitsandbytes' nibble order (element
+            2k in the high nibble of byte k) or one per byte for 8-bit formats.
+        scales: float32 [nblocks], or NestedScales when double-quantized.
+        offsets: float32 [nblocks] (or NestedScales) for minmax formats, else None.
+        format: the Format (codebook + rule); shape, dtype: of the original tensor;
+        blocksize: elements per block (the row length for per-row quantization).
+    """
+
+    def __init__(self, packed: torch.Tensor, scales, offsets, fmt: Format, shape: torch.Size, dtype: torch.dtype,
+                 blocksize: int, per_row: bool = False):
+        self.packed = packed
+        self.scales = scales
+        self.offsets = offsets
+        self.format = fmt
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.blocksize = blocksize
+        self.per_row = per_row
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _quantize_flat(x: torch.Tensor, fmt: Format, blocksize: int) -> "QuantizedTensor":
+        table, mids, order = fmt.kernel_tables(x.device)
+        packed, scales, offsets = torch.ops.qengine.quantize_blockwise(
+            x.reshape(-1), table, mids, order, fmt.bits, blocksize, fmt.rule_code, fmt.identity_order)
+        return QuantizedTensor(packed, scales, offsets if fmt.rule == "minmax" else None, fmt, x.shape, x.dtype,
+                               blocksize)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def double_quant(self) -> bool:
+        return isinstance(self.scales, NestedScales)
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything stored: packed codes, scales (nested or not), offsets, codebooks."""
+        total = self.packed.numel() + 4 * len(self.format.values)
+        for part in (self.scales, self.offsets):
+            if isinstance(part, NestedScales):
+                total += part.nbytes
+            elif part is not None:
+                total += part.numel() * part.element_size()
+        return total
+
+    @property
+    def bits_per_param(self) -> float:
+        """Storage cost in bits per element, counting every stored byte."""
+        return 8.0 * self.nbytes / max(self.numel, 1)
+
+    def _block_values(self, part) -> Optional[torch.Tensor]:
+        if isinstance(part, NestedScales):
+            return part.values()
+        return part
+
+    # ------------------------------------------------------------------ decoding
+    def dequantize(self, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The dense tensor (shape self.shape) in `dtype` (default: the original dtype), or
+        written into `out` (contiguous, same shape, a float dtype, same device) and returned."""
+        fmt = self.format
+        table = fmt.kernel_tables(self.device)[0]
+        scales = self._block_values(self.scales)
+        offsets = self._block_values(self.offsets)
+        if out is not None:
+            if dtype is not None and dtype != out.dtype:
+                raise ValueError(f"dtype={dtype} conflicts with out.dtype={out.dtype}")
+            check_float("out", out)
+            if out.shape != self.shape:
+                raise ValueError(f"out must have shape {tuple(self.shape)}, got {tuple(out.shape)}")
+            check_contiguous("out", out)
+            check_same_device(self.device, out=out)
+            torch.ops.qengine.dequantize_blockwise_out(self.packed, table, scales, offsets, fmt.bits, self.blocksize,
+                                                       self.numel, out)
+            return out
+        dtype = self.dtype if dtype is None else dtype
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        flat = torch.ops.qengine.dequantize_blockwise(self.packed, table, scales, offsets, fmt.bits, self.blocksize,
+                                                      self.numel, dtype)
+        return flat.reshape(self.shape)
+
+    # ------------------------------------------------------------------ movement
+    def to(self, device) -> "QuantizedTensor":
+        """A copy on `device` (the same object when already there); never re-quantizes."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+
+        def move(part):
+            if part is None:
+                return None
+            return part.to(device)
+
+        return QuantizedTensor(self.packed.to(device), move(self.scales), move(self.offsets), self.format, self.shape,
+                               self.dtype, self.blocksize, self.per_row)
+
+    def cpu(self) -> "QuantizedTensor":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "QuantizedTensor":
+        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device)
+                       if isinstance(device, int) else torch.device(device))
+
+    def __repr__(self) -> str:
+        return (f"QuantizedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, format={self.format.name}, "
+                f"blocksize={'row' if self.per_row else self.blocksize}, double_quant={self.double_quant}, "
+                f"bits_per_param={self.bits_per_param:.3f}, device={self.device})")
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Flat dict of tensors: packed, scales/offsets (or their nested parts), codebook and
+        a uint8 tensor holding the JSON metadata (format, shape, dtype, blocksize, version)."""
+        meta = {
+            "version": STATE_VERSION,
+            "format": self.format.to_dict(),
+            "shape": list(self.shape),
+            "dtype": _DTYPE_NAMES[self.dtype],
+            "blocksize": self.blocksize,
+            "per_row": self.per_row,
+            "double_quant": self.double_quant,
+        }
+        sd = {
+            prefix + "packed": self.packed,
+            prefix + "codebook": torch.tensor(self.format.values, dtype=torch.float32, device=self.device),
+            prefix + "quant_meta": _json_tensor(meta, self.device),
+        }
+        for name, part in (("scales", self.scales), ("offsets", self.offsets)):
+            if isinstance(part, NestedScales):
+                sd.update(part.quantized.state_dict(prefix + f"{name}.nested."))
+                sd[prefix + f"{name}.mean"] = part.mean
+            elif part is not None:
+                sd[prefix + name] = part
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "") -> "QuantizedTensor":
+        """Rebuilds a QuantizedTensor from state_dict() output; every size, dtype and code is
+        checked, and a corrupt or mismatched dict raises ValueError naming the key."""
+        meta = _read_meta(sd, prefix)
+        fmt_info = meta["format"]
+        try:
+            shape = torch.Size(int(s) for s in meta["shape"])
+            dtype = _DTYPES_BY_NAME[meta["dtype"]]
+            blocksize = int(meta["blocksize"])
+            bits = int(fmt_info["bits"])
+            rule = fmt_info["rule"]
+            name = fmt_info["name"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{prefix}quant_meta is malformed: {e!r}") from None
+        if any(s < 0 for s in shape) or blocksize < 1:
+            raise ValueError(f"{prefix}quant_meta has an invalid shape {list(shape)} or blocksize {blocksize}")
+        values = _get(sd, prefix + "codebook", torch.float32)
+        fmt = _resolve_format(name, bits, rule, values, prefix)
+        numel = math.prod(shape)
+        nblocks = -(-numel // blocksize)
+        packed = _get(sd, prefix + "packed", torch.uint8, -(-numel * bits // 8))
+        scales = _read_block_part(sd, prefix + "scales", nblocks, required=True)
+        offsets = _read_block_part(sd, prefix + "offsets", nblocks, required=rule == "minmax")
+        q = cls(packed.contiguous(), scales, offsets, fmt, shape, dtype, blocksize, bool(meta.get("per_row", False)))
+        _check_codes(q, prefix)
+        return q
+
+
+def _json_tensor(obj: dict, device) -> torch.Tensor:
+    data = json.dumps(obj, sort_keys=True).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
+def _read_meta(sd: dict, prefix: str) -> dict:
+    t = _get(sd, prefix + "quant_meta", torch.uint8)
+    try:
+        meta = json.loads(bytes(t.cpu().tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{prefix}quant_meta is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION or not isinstance(meta.get("format"), dict):
+        raise ValueError(f"{prefix}quant_meta has an unsupported version or layout: {meta!r}")
+    return meta
+
+
+def _get(sd: dict, key: str, dtype: torch.dtype, numel: Optional[int] = None) -> torch.Tensor:
+    if key not in sd:
+        raise ValueError(f"state dict is missing {key!r}")
+    t = sd[key]
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{key} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise ValueError(f"{key} must be {dtype}, got {t.dtype}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{key} must have {numel} elements, got {t.numel()}")
+    return t.reshape(-1).contiguous() if t.dim() != 0 else t
+
+
+def _resolve_format(name: str, bits: int, rule: str, values: torch.Tensor, prefix: str) -> Format:
+    vals = tuple(float(v) for v in values.cpu())
+    try:
+        fmt = get_format(name)
+    except ValueError:
+        fmt = None
+    if fmt is not None and fmt.bits == bits and fmt.rule == rule and fmt.values == vals:
+        return fmt
+    if fmt is not None and name != "codebook":
+        raise ValueError(f"{prefix}codebook does not match the built-in format {name!r} (corrupt state dict?)")
+    try:
+        return codebook(vals, rule=rule, bits=bits, name=name)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{prefix}codebook is invalid: {e}") from None
+
+
+def _read_block_part(sd: dict, key: str, nblocks: int, required: bool):
+    if key in sd:
+        t = _get(sd, key, torch.float32, nblocks)
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{key} contains NaN or Inf")
+        return t
+    nested_key = key + ".nested."
+    if nested_key + "quant_meta" in sd:
+        inner = QuantizedTensor.from_state_dict(sd, nested_key)
+        if inner.numel != nblocks or inner.format.name != NESTED_FORMAT:
+            raise ValueError(f"{nested_key} holds {inner.numel} {inner.format.name} values, expected {nblocks} "
+                             f"{NESTED_FORMAT} values")
+        mean = _get(sd, key + ".mean", torch.float32, 1).reshape(())
+        if not torch.isfinite(mean):
+            raise ValueError(f"{key}.mean is not finite")
+        return NestedScales(inner, mean)
+    if required:
+        raise ValueError(f"state dict is missing {key!r} (or its double-quantized form {nested_key}*)")
+    return None
+
+
+def _check_codes(q: QuantizedTensor, prefix: str) -> None:
+    """Codes past the end of a short codebook (e.g. int4 has 15 values) mean corrupt data."""
+    ncodes = len(q.format.values)
+    if ncodes == 2**q.format.bits or q.numel == 0:
+        return
+    p = q.packed
+    if q.format.bits == 4:
+        hi, lo = p >> 4, p & 0x0F
+        bad = bool((hi >= ncodes).any()) or bool((lo[: q.numel // 2] >= ncodes).any())
+        if q.numel % 2 == 0:
+            bad = bad or bool((lo >= ncodes).any())
+    else:
+        bad = bool((p >= ncodes).any())
+    if bad:
+        raise ValueError(f"{prefix}packed contains codes past the {ncodes}-entry codebook (corrupt data)")
+    scales = q._block_values(q.scales)
+    if isinstance(q.scales, torch.Tensor) and (scales < 0).any():
+        raise ValueError(f"{prefix}scales contains negative values (corrupt data)")
