@@ -19,6 +19,11 @@ struct Kernels {
   // asks for non-temporal stores (large outputs that will not be read back soon).
   void (*decode)(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb,
                  float scale, float offset, int rule, void* out, int out_dtype, bool stream);
+  // Optional fast path (null where absent): quantizes the full blocks b0..b1 of a 4-bit format
+  // whose blocksize is a multiple of 32, writing scales/offsets and packed bytes directly.
+  // Returns a Status.
+  int (*quantize_blocks4)(const void* x, int dtype, int64_t blocksize, int64_t b0, int64_t b1, const Codebook& cb,
+                          int rule, uint8_t* packed, float* scales, float* offsets);
 };
 
 extern const Kernels kScalarKernels;

@@ -95,13 +95,15 @@ void encode_impl(const void* x, int64_t len, const BlockNorm& norm, const Codebo
   const __m256 off = _mm256_set1_ps(norm.offset);
   __m256 mids_lo = _mm256_setzero_ps(), mids_hi = _mm256_setzero_ps();
   __m256 map_lo = _mm256_setzero_ps(), map_hi = _mm256_setzero_ps();
-  if (BITS == 4) {
+  if (BITS == 4) {  // sorted_to_code may be null for identity-ordered tables (k-means)
     mids_lo = _mm256_loadu_ps(cb.midpoints);
     mids_hi = _mm256_loadu_ps(cb.midpoints + 8);
-    __m256i m0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb.sorted_to_code)));
-    __m256i m1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb.sorted_to_code + 8)));
-    map_lo = _mm256_castsi256_ps(m0);
-    map_hi = _mm256_castsi256_ps(m1);
+    if (!cb.identity_order) {
+      __m256i m0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb.sorted_to_code)));
+      __m256i m1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb.sorted_to_code + 8)));
+      map_lo = _mm256_castsi256_ps(m0);
+      map_hi = _mm256_castsi256_ps(m1);
+    }
   }
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
@@ -239,7 +241,7 @@ void decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& c
 
 }  // namespace
 
-const Kernels kAvx2Kernels = {"avx2", block_stats, encode, decode};
+const Kernels kAvx2Kernels = {"avx2", block_stats, encode, decode, nullptr};
 
 }  // namespace qengine::cpu
 #endif

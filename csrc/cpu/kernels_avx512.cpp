@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "cpu/kernels.h"
+#include "qengine/status.h"
 
 namespace qengine::cpu {
 namespace {
@@ -62,8 +63,10 @@ void encode_impl(const void* x, int64_t len, const BlockNorm& norm, const Codebo
   const __m512 inv = _mm512_set1_ps(norm.inv), div = _mm512_set1_ps(norm.div);
   const __m512 off = _mm512_set1_ps(norm.offset);
   __m512 mids16 = BITS == 4 ? _mm512_loadu_ps(cb.midpoints) : _mm512_setzero_ps();
-  __m512i map16 = BITS == 4 ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cb.sorted_to_code)))
-                            : _mm512_setzero_si512();
+  // sorted_to_code may be null for identity-ordered tables (k-means).
+  __m512i map16 = (BITS == 4 && !cb.identity_order)
+                      ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cb.sorted_to_code)))
+                      : _mm512_setzero_si512();
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
     __m512 v = load16<DT>(x, i);
@@ -199,9 +202,86 @@ void decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& c
   else decode_out<kFloat16>(packed, first, len, cb, scale, offset, rule, out, stream);
 }
 
+// Binary search of 16 normalised values over the 16 padded midpoints held in a register.
+inline __m512i sorted_index16(__m512 v, __m512 mids16) {
+  __m512i pos = _mm512_setzero_si512();
+  for (int step = 8; step > 0; step >>= 1) {
+    __m512 t = _mm512_permutexvar_ps(_mm512_add_epi32(pos, _mm512_set1_epi32(step - 1)), mids16);
+    pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), pos, _mm512_set1_epi32(step));
+  }
+  return pos;
+}
+
+// Fused 4-bit path: per block, one pass for the statistics and one (from L1) that encodes
+// and packs pairs of codes straight into bytes.
+template <int DT, int RULE>
+int quantize_blocks4_impl(const void* x, int64_t blocksize, int64_t b0, int64_t b1, const Codebook& cb,
+                          uint8_t* packed, float* scales, float* offsets) {
+  const __m512 mids16 = _mm512_loadu_ps(cb.midpoints);
+  const bool remap = !cb.identity_order;
+  const __m512i map16 = remap ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cb.sorted_to_code)))
+                              : _mm512_setzero_si512();
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t base = b * blocksize;
+    __m512 acc0 = _mm512_set1_ps(RULE == kAbsmax ? 0.0f : std::numeric_limits<float>::infinity());
+    __m512 acc1 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __m512 poison = zero;
+    for (int64_t j = 0; j < blocksize; j += 16) {
+      __m512 v = load16<DT>(x, base + j);
+      if constexpr (RULE == kAbsmax) {
+        acc0 = _mm512_max_ps(acc0, _mm512_and_ps(v, sign));
+      } else {
+        acc0 = _mm512_min_ps(acc0, v);
+        acc1 = _mm512_max_ps(acc1, v);
+      }
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+    }
+    if (_mm512_cmp_ps_mask(poison, poison, _CMP_UNORD_Q) != 0) return kNonFiniteInput;
+    BlockStats st{};
+    if constexpr (RULE == kAbsmax) {
+      st.absmax = _mm512_reduce_max_ps(acc0);
+    } else {
+      st.min = _mm512_reduce_min_ps(acc0);
+      st.max = _mm512_reduce_max_ps(acc1);
+    }
+    const BlockNorm norm = make_block_norm(st, RULE, false);
+    if (!(norm.scale <= std::numeric_limits<float>::max())) return kScaleOverflow;
+    scales[b] = norm.scale;
+    if (RULE == kMinmax) offsets[b] = norm.offset;
+    const __m512 inv = _mm512_set1_ps(norm.inv), off = _mm512_set1_ps(norm.offset);
+    for (int64_t j = 0; j < blocksize; j += 16) {
+      __m512 v = load16<DT>(x, base + j);
+      if constexpr (RULE == kMinmax) v = _mm512_sub_ps(v, off);
+      __m512i q = sorted_index16(_mm512_mul_ps(v, inv), mids16);
+      if (remap) q = _mm512_permutexvar_epi32(q, map16);
+      // 64-bit lane k holds codes 2k (low half) and 2k+1: byte = code[2k] << 4 | code[2k+1].
+      __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(q, 4), _mm512_srli_epi64(q, 32));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + ((base + j) >> 1)), _mm512_cvtepi64_epi8(pairs));
+    }
+  }
+  return kOk;
+}
+
+template <int DT>
+int quantize_blocks4_dt(const void* x, int64_t bs, int64_t b0, int64_t b1, const Codebook& cb, int rule,
+                        uint8_t* packed, float* scales, float* offsets) {
+  if (rule == kAbsmax) return quantize_blocks4_impl<DT, kAbsmax>(x, bs, b0, b1, cb, packed, scales, offsets);
+  return quantize_blocks4_impl<DT, kMinmax>(x, bs, b0, b1, cb, packed, scales, offsets);
+}
+
+int quantize_blocks4(const void* x, int dtype, int64_t bs, int64_t b0, int64_t b1, const Codebook& cb, int rule,
+                     uint8_t* packed, float* scales, float* offsets) {
+  if (cb.bits != 4 || bs % 32 != 0) return kInvalidArgument;
+  if (dtype == kFloat32) return quantize_blocks4_dt<kFloat32>(x, bs, b0, b1, cb, rule, packed, scales, offsets);
+  if (dtype == kBFloat16) return quantize_blocks4_dt<kBFloat16>(x, bs, b0, b1, cb, rule, packed, scales, offsets);
+  return quantize_blocks4_dt<kFloat16>(x, bs, b0, b1, cb, rule, packed, scales, offsets);
+}
+
 }  // namespace
 
-const Kernels kAvx512Kernels = {"avx512", block_stats, encode, decode};
+const Kernels kAvx512Kernels = {"avx512", block_stats, encode, decode, quantize_blocks4};
 
 }  // namespace qengine::cpu
 #endif

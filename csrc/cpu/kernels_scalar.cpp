@@ -38,6 +38,6 @@ void scalar_decode(const uint8_t* packed, int64_t first, int64_t len, const Code
   }
 }
 
-const Kernels kScalarKernels = {"scalar", scalar_block_stats, scalar_encode, scalar_decode};
+const Kernels kScalarKernels = {"scalar", scalar_block_stats, scalar_encode, scalar_decode, nullptr};
 
 }  // namespace qengine::cpu

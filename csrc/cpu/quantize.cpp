@@ -49,7 +49,19 @@ int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const C
   const int64_t min_blocks = (16384 + blocksize - 1) / blocksize;
   cpu::parallel_for(0, nblocks, min_blocks, align, [&](int64_t b0, int64_t b1) {
     alignas(64) uint8_t codes[kChunk];
-    for (int64_t b = b0; b < b1; ++b) {
+    int64_t b = b0;
+    if (k.quantize_blocks4 != nullptr && cb.bits == 4 && blocksize % 32 == 0) {
+      const int64_t full_end = std::min(b1, n / blocksize);  // the fast path takes full blocks only
+      if (full_end > b) {
+        int s = k.quantize_blocks4(x, dtype, blocksize, b, full_end, cb, rule, packed, scales, offsets);
+        if (s != kOk) {
+          status.store(s);
+          return;
+        }
+        b = full_end;
+      }
+    }
+    for (; b < b1; ++b) {
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
       const char* src = static_cast<const char*>(x) + start * esz;

@@ -21,7 +21,8 @@ constexpr float kMinScale = 1e-38f;
 
 // The codebook, prepared by python/qengine/formats.py for the search:
 //   midpoints[i], i < 2^bits - 1: sorted midpoints, padded with +inf past the last real one;
-//   sorted_to_code[i]: storage code of the i-th smallest value (identity for sorted tables).
+//   sorted_to_code[i]: storage code of the i-th smallest value; not read (may be null) when
+//   identity_order is set.
 struct Codebook {
   const float* table;             // 2^bits values, storage order (decoding)
   const float* midpoints;         // 2^bits entries (last always +inf)
@@ -81,7 +82,7 @@ QE_HD int sorted_index(float v, const float* midpoints, int bits) {
 
 QE_HD uint8_t encode_value(float v, const Codebook& cb) {
   int i = sorted_index(v, cb.midpoints, cb.bits);
-  return cb.sorted_to_code[i];
+  return cb.identity_order ? static_cast<uint8_t>(i) : cb.sorted_to_code[i];
 }
 
 // Decoding: value = table[q] * scale (+ offset for minmax, in one rounding).

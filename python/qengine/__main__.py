@@ -1,0 +1,7 @@
+"""`python -m qengine` runs the qengine command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
