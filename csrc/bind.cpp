@@ -25,9 +25,9 @@ using addr = std::uintptr_t;
 template <typename T>
 T* ptr(addr a) { return reinterpret_cast<T*>(a); }
 
-Codebook codebook(addr table, addr midpoints, addr order, int bits, bool identity) {
+Codebook codebook(addr table, addr midpoints, addr order, int bits, bool identity, addr grid_lut = 0) {
   return Codebook{ptr<const float>(table), ptr<const float>(midpoints), ptr<const uint8_t>(order), bits,
-                  identity ? 1 : 0};
+                  identity ? 1 : 0, ptr<const uint8_t>(grid_lut)};
 }
 
 void raise_on_error(int status) {
@@ -41,8 +41,9 @@ void raise_on_error(int status) {
 }
 
 int quantize_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, addr midpoints, addr order, int bits,
-                 bool identity, int rule, addr packed, addr scales, addr offsets) {
-  int s = qengine::quantize_cpu(ptr<const void>(x), dtype, n, blocksize, codebook(table, midpoints, order, bits, identity),
+                 bool identity, addr grid_lut, int rule, addr packed, addr scales, addr offsets) {
+  int s = qengine::quantize_cpu(ptr<const void>(x), dtype, n, blocksize,
+                                codebook(table, midpoints, order, bits, identity, grid_lut),
                                 rule, ptr<uint8_t>(packed), ptr<float>(scales), ptr<float>(offsets));
   raise_on_error(s);
   return s;

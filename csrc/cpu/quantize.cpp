@@ -33,11 +33,29 @@ void pack_nibbles(const uint8_t* codes, int64_t count, uint8_t* packed, int64_t 
   if (j < count) dst[pairs] = static_cast<uint8_t>(codes[j] << 4);
 }
 
+// The grid rule (bitsandbytes' quantize_blockwise): x * (1 / absmax) for every block, looked
+// up on a 65536-point grid; an all-zero block gets code 0 everywhere.
+int quantize_grid_block(const cpu::Kernels& k, const char* src, int dtype, int64_t len, const Codebook& cb,
+                        uint8_t* codes_out, float* scale_out) {
+  BlockStats st;
+  k.block_stats(src, dtype, len, &st);
+  if (st.nonfinite) return kNonFiniteInput;
+  *scale_out = st.absmax;
+  if (st.absmax == 0.0f) {
+    std::memset(codes_out, 0, static_cast<size_t>(len));
+    return kOk;
+  }
+  const float inv = 1.0f / st.absmax;
+  for (int64_t i = 0; i < len; ++i) codes_out[i] = cb.grid_lut[grid_index(load_as_float(src, dtype, i) * inv)];
+  return kOk;
+}
+
 }  // namespace
 
 int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
                  uint8_t* packed, float* scales, float* offsets) {
   if (n < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
+  if (cb.grid_lut != nullptr && (cb.bits != 8 || rule != kAbsmax)) return kInvalidArgument;
   if (n == 0) return kOk;
   const cpu::Kernels& k = cpu::kernels();
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
@@ -50,7 +68,7 @@ int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const C
   cpu::parallel_for(0, nblocks, min_blocks, align, [&](int64_t b0, int64_t b1) {
     alignas(64) uint8_t codes[kChunk];
     int64_t b = b0;
-    if (k.quantize_blocks4 != nullptr && cb.bits == 4 && blocksize % 32 == 0) {
+    if (k.quantize_blocks4 != nullptr && cb.bits == 4 && cb.grid_lut == nullptr && blocksize % 32 == 0) {
       const int64_t full_end = std::min(b1, n / blocksize);  // the fast path takes full blocks only
       if (full_end > b) {
         int s = k.quantize_blocks4(x, dtype, blocksize, b, full_end, cb, rule, packed, scales, offsets);
@@ -65,6 +83,14 @@ int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const C
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
       const char* src = static_cast<const char*>(x) + start * esz;
+      if (cb.grid_lut != nullptr) {  // 8-bit only (checked by the caller)
+        int s = quantize_grid_block(k, src, dtype, len, cb, packed + start, scales + b);
+        if (s != kOk) {
+          status.store(s);
+          return;
+        }
+        continue;
+      }
       BlockStats st;
       k.block_stats(src, dtype, len, &st);
       if (st.nonfinite) {

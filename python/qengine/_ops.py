@@ -2,7 +2,7 @@
 kernels that call qengine._C. Device names appear here and nowhere else.
 
 Ops (all take the kernel tables from formats.Format.kernel_tables):
-  qengine::quantize_blockwise(x, table, midpoints, sorted_to_code, bits, blocksize, rule, identity_order)
+  qengine::quantize_blockwise(x, table, midpoints, sorted_to_code, grid_lut?, bits, blocksize, rule, identity_order)
       -> (packed uint8 [ceil(n*bits/8)], scales float32 [nblocks], offsets float32 [nblocks or 0])
   qengine::dequantize_blockwise(packed, table, scales, offsets?, bits, blocksize, numel, dtype) -> flat [numel]
   qengine::dequantize_blockwise_out(..., out) -> None   (writes into out)
@@ -86,9 +86,16 @@ def _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, nume
 # --------------------------------------------------------------------------- quantize
 @torch.library.custom_op("qengine::quantize_blockwise", mutates_args=())
 def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, midpoints: torch.Tensor, sorted_to_code: torch.Tensor,
-                       bits: int, blocksize: int, rule: int, identity_order: bool
+                       grid_lut: Optional[torch.Tensor], bits: int, blocksize: int, rule: int, identity_order: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_quantize_args(x, table, midpoints, sorted_to_code, bits, blocksize, rule)
+    if grid_lut is not None:
+        check_dtype("grid_lut", grid_lut, torch.uint8)
+        check_contiguous("grid_lut", grid_lut)
+        check_numel("grid_lut", grid_lut, 65536)
+        check_same_device(x.device, grid_lut=grid_lut)
+        if bits != 8 or rule != 0:
+            raise ValueError("grid_lut is only supported for 8-bit absmax formats")
     n = x.numel()
     nb = _nblocks(n, blocksize)
     packed = torch.empty(_packed_bytes(n, bits), dtype=torch.uint8, device=x.device)
@@ -97,20 +104,21 @@ def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, midpoints: torch.Te
     if x.device.type == "cuda":
         # CUDA quantize kernels come with the matmul work; until then the CPU kernel produces
         # the (identical) bytes from a host copy.
-        host = quantize_blockwise(x.cpu(), table.cpu(), midpoints.cpu(), sorted_to_code.cpu(), bits, blocksize, rule,
-                                  identity_order)
+        host = quantize_blockwise(x.cpu(), table.cpu(), midpoints.cpu(), sorted_to_code.cpu(),
+                                  grid_lut.cpu() if grid_lut is not None else None, bits, blocksize, rule, identity_order)
         for dst, src in zip((packed, scales, offsets), host):
             dst.copy_(src)
         return packed, scales, offsets
     if n:
         _C.quantize_cpu(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, table.data_ptr(), midpoints.data_ptr(),
-                        sorted_to_code.data_ptr(), bits, identity_order, rule, packed.data_ptr(), scales.data_ptr(),
+                        sorted_to_code.data_ptr(), bits, identity_order,
+                        grid_lut.data_ptr() if grid_lut is not None else 0, rule, packed.data_ptr(), scales.data_ptr(),
                         offsets.data_ptr() if rule == 1 else 0)
     return packed, scales, offsets
 
 
 @quantize_blockwise.register_fake
-def _(x, table, midpoints, sorted_to_code, bits, blocksize, rule, identity_order):
+def _(x, table, midpoints, sorted_to_code, grid_lut, bits, blocksize, rule, identity_order):
     n = x.numel()
     nb = _nblocks(n, blocksize)
     return (x.new_empty(_packed_bytes(n, bits), dtype=torch.uint8), x.new_empty(nb, dtype=torch.float32),

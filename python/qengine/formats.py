@@ -75,6 +75,10 @@ class Format:
     values: tuple[float, ...]
     rule: str = "absmax"
     description: str = ""
+    # "nearest": the nearest value (midpoint search). "grid": bitsandbytes' quantize_blockwise
+    # rule, a 65536-point lookup over [-1, 1] that is nearest up to grid resolution; used by
+    # dynamic8 so double-quantized scales have bitsandbytes' exact bytes.
+    search: str = "nearest"
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -92,16 +96,19 @@ class Format:
             and self.bits == other.bits
             and self.rule == other.rule
             and self.values == other.values
+            and self.search == other.search
         )
 
     def __hash__(self) -> int:
-        return hash((self.name, self.bits, self.rule, self.values))
+        return hash((self.name, self.bits, self.rule, self.values, self.search))
 
-    def kernel_tables(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(table, midpoints, sorted_to_code) padded to 2**bits entries, as the kernels read them.
+    def kernel_tables(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        """(table, midpoints, sorted_to_code, grid_lut) as the kernels read them.
 
-        table: float32, values then zeros (unused codes); midpoints: float32 sorted midpoints
-        computed in float32, then +inf; sorted_to_code: uint8 storage code of each sorted value.
+        table: float32 [2**bits], values then zeros (unused codes); midpoints: float32
+        [2**bits], sorted midpoints computed in float32, then +inf; sorted_to_code: uint8
+        [2**bits], storage code of each sorted value; grid_lut: uint8 [65536] storage code of
+        each grid point for search="grid", else None.
         """
         device = torch.device(device)
         key = str(device)
@@ -117,7 +124,15 @@ class Format:
             mids[: len(self.values) - 1] = (svals[:-1] + svals[1:]) / 2
             sorted_to_code = torch.full((size,), order[-1], dtype=torch.uint8)
             sorted_to_code[: len(order)] = torch.tensor(order, dtype=torch.uint8)
-            self._cache[key] = tuple(t.to(device) for t in (table, mids, sorted_to_code))
+            grid = None
+            if self.search == "grid":
+                # The grid points exactly as bitsandbytes computes them in float32: (i + i) / 65535 - 1.
+                i = torch.arange(65536, dtype=torch.float32)
+                points = (i + i) / torch.full_like(i, 65535.0) - 1.0
+                count = torch.searchsorted(mids[: len(self.values) - 1], points, side="left")
+                grid = sorted_to_code[count.clamp(max=len(self.values) - 1)]
+            self._cache[key] = tuple(t.to(device) if t is not None else None
+                                     for t in (table, mids, sorted_to_code, grid))
         return self._cache[key]
 
     def to_dict(self) -> dict:
@@ -132,6 +147,8 @@ def register_format(fmt: Format) -> Format:
     if fmt.name in _REGISTRY:
         raise ValueError(f"format {fmt.name!r} is already registered")
     _validate_values(fmt.values, fmt.bits, fmt.rule)
+    if fmt.search not in ("nearest", "grid") or (fmt.search == "grid" and (fmt.bits != 8 or fmt.rule != "absmax")):
+        raise ValueError("search must be 'nearest', or 'grid' for an 8-bit absmax format")
     _REGISTRY[fmt.name] = fmt
     return fmt
 
@@ -199,6 +216,7 @@ for _fmt in (
     Format("int8", 8, _symmetric_int(8), "absmax", "symmetric uniform, levels k/127 for k in -127..127"),
     Format("uint4", 4, _unsigned_int(4), "minmax", "asymmetric uniform (affine), levels k/15, zero point = block min"),
     Format("uint8", 8, _unsigned_int(8), "minmax", "asymmetric uniform (affine), levels k/255, zero point = block min"),
-    Format("dynamic8", 8, _dynamic_signed(), "absmax", "bitsandbytes' signed dynamic 8-bit map (double-quant scales)"),
+    Format("dynamic8", 8, _dynamic_signed(), "absmax", "bitsandbytes' signed dynamic 8-bit map (double-quant scales)",
+           search="grid"),
 ):
     register_format(_fmt)

@@ -91,7 +91,7 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
     last_sse = None
     for _ in range(iters):
         fmt = codebook(centroids, rule=rule, bits=bits, name="kmeans")
-        table, mids, _order = fmt.kernel_tables("cpu")
+        table, mids, _order, _grid = fmt.kernel_tables("cpu")
         sums, counts, sse = _ops.kmeans_accumulate(x, bs, table, mids, bits, fmt.rule_code)
         n = len(fmt.values)
         counts, sums = counts[:n], sums[:n]

@@ -77,9 +77,9 @@ class QuantizedTensor:
     # ------------------------------------------------------------------ construction
     @staticmethod
     def _quantize_flat(x: torch.Tensor, fmt: Format, blocksize: int) -> "QuantizedTensor":
-        table, mids, order = fmt.kernel_tables(x.device)
+        table, mids, order, grid = fmt.kernel_tables(x.device)
         packed, scales, offsets = torch.ops.qengine.quantize_blockwise(
-            x.reshape(-1), table, mids, order, fmt.bits, blocksize, fmt.rule_code, fmt.identity_order)
+            x.reshape(-1), table, mids, order, grid, fmt.bits, blocksize, fmt.rule_code, fmt.identity_order)
         return QuantizedTensor(packed, scales, offsets if fmt.rule == "minmax" else None, fmt, x.shape, x.dtype,
                                blocksize)
 

@@ -29,7 +29,19 @@ struct Codebook {
   const uint8_t* sorted_to_code;  // 2^bits entries
   int bits;                       // 4 or 8
   int identity_order;             // 1 when sorted_to_code is the identity
+  // Optional (null: nearest-code search): 65536 storage codes over a uniform grid of [-1, 1],
+  // bitsandbytes' quantize_blockwise rule, kept so its double-quant bytes can be reproduced.
+  const uint8_t* grid_lut;
 };
+
+// Grid rule (absmax only): k = trunc(((clamp(v, -1, 1) + 1) * 0.5) * 65535 + 0.5), code = grid_lut[k].
+constexpr int kGridSize = 65536;
+
+QE_HD int grid_index(float v) {
+  v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+  float t = (v + 1.0f) * 0.5f;
+  return static_cast<int>(t * 65535.0f + 0.5f);
+}
 
 // Per-block statistics; the kernels reduce them in any order (max/min are exact).
 struct BlockStats {
@@ -62,6 +74,8 @@ QE_HD BlockNorm make_block_norm(const BlockStats& s, int rule, bool partial_bloc
   n.div = n.scale > kMinScale ? n.scale : kMinScale;
   n.inv = 1.0f / n.div;
   n.divide = partial_block;
+  // bitsandbytes stores the clamped absmax of a partial last block; keep its bytes.
+  if (partial_block && rule == kAbsmax) n.scale = n.div;
   return n;
 }
 
