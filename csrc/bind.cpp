@@ -57,6 +57,33 @@ int dequantize_cpu(addr packed, int64_t n, int64_t blocksize, addr table, int bi
   return s;
 }
 
+int dequantize_range_cpu(addr packed, int64_t first, int64_t count, int64_t blocksize, addr table, int bits, int rule,
+                         addr scales, addr offsets, addr out, int out_dtype) {
+  int s = qengine::dequantize_range_cpu(ptr<const uint8_t>(packed), first, count, blocksize,
+                                        codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
+                                        ptr<const float>(offsets), ptr<void>(out), out_dtype);
+  raise_on_error(s);
+  return s;
+}
+
+int matmul_cpu(addr x, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed, int64_t blocksize, addr table,
+               int bits, int rule, addr scales, addr offsets, addr y) {
+  int s = qengine::matmul_cpu(ptr<const float>(x), M, K, ldx, N, ptr<const uint8_t>(packed), blocksize,
+                              codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
+                              ptr<const float>(offsets), ptr<float>(y));
+  raise_on_error(s);
+  return s;
+}
+
+int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, addr packed, int64_t blocksize, addr table, int bits,
+                 int rule, addr scales, addr offsets, addr gx) {
+  int s = qengine::matmul_t_cpu(ptr<const float>(g), M, N, K, ptr<const uint8_t>(packed), blocksize,
+                                codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
+                                ptr<const float>(offsets), ptr<float>(gx));
+  raise_on_error(s);
+  return s;
+}
+
 double kmeans_accumulate_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, addr midpoints, int bits,
                              int rule, addr sums, addr counts) {
   double sse = 0.0;
@@ -98,6 +125,9 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "qengine native kernels (no libtorch dependency)";
   m.def("quantize_cpu", &quantize_cpu, release());
   m.def("dequantize_cpu", &dequantize_cpu, release());
+  m.def("dequantize_range_cpu", &dequantize_range_cpu, release());
+  m.def("matmul_cpu", &matmul_cpu, release());
+  m.def("matmul_t_cpu", &matmul_t_cpu, release());
   m.def("kmeans_accumulate_cpu", &kmeans_accumulate_cpu, release());
   m.def("cpu_isa", [] { return std::string(qengine::cpu::isa_name()); });
   m.def("supported_isas", [] { return std::string(qengine::cpu::supported_isas()); });

@@ -19,18 +19,24 @@ constexpr int64_t kStreamBytes = 8 << 20;
 
 int dequantize_cpu(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
                    const float* scales, const float* offsets, void* out, int out_dtype) {
-  if (n < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
+  return dequantize_range_cpu(packed, 0, n, blocksize, cb, rule, scales, offsets, out, out_dtype);
+}
+
+int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t n, int64_t blocksize, const Codebook& cb,
+                         int rule, const float* scales, const float* offsets, void* out, int out_dtype) {
+  if (n < 0 || first < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
   if (n == 0) return kOk;
   const cpu::Kernels& k = cpu::kernels();
   const int esz = dtype_size(out_dtype);
   const bool stream = n * esz >= kStreamBytes;
   // 64-element alignment keeps every thread's first element on a whole byte and cache line.
   cpu::parallel_for(0, n, 32768, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi;) {
+    for (int64_t i = first + lo; i < first + hi;) {
       const int64_t b = i / blocksize;
-      const int64_t end = std::min(hi, (b + 1) * blocksize);
+      const int64_t end = std::min(first + hi, (b + 1) * blocksize);
       const float offset = rule == kMinmax ? offsets[b] : 0.0f;
-      k.decode(packed, i, end - i, cb, scales[b], offset, rule, static_cast<char*>(out) + i * esz, out_dtype, stream);
+      k.decode(packed, i, end - i, cb, scales[b], offset, rule, static_cast<char*>(out) + (i - first) * esz, out_dtype,
+               stream);
       i = end;
     }
 #if defined(__x86_64__) || defined(_M_X64)

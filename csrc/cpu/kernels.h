@@ -19,6 +19,15 @@ struct Kernels {
   // asks for non-temporal stores (large outputs that will not be read back soon).
   void (*decode)(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb,
                  float scale, float offset, int rule, void* out, int out_dtype, bool stream);
+  // y[m * ldy] = dot(x[m * ldx .. + K], w[0..K)) for m < M (float32; a tiny GEMV tile).
+  void (*dot_rows)(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, float* y, int64_t ldy);
+  // acc[m * lda + k] += g[m * ldg] * w[k] for m < M, k < K (the transposed product).
+  void (*axpy_rows)(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K, float* acc, int64_t lda);
+  // Optional fast path (null where absent): y[m * ldy + o] = dot(x[m], W[o]) for m < M <= 4 and
+  // rows o in [o0, o1) of a 4-bit weight with K % blocksize == 0 and blocksize % 32 == 0,
+  // decoding in registers (no dense row is written anywhere).
+  void (*gemv4)(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, int64_t blocksize,
+                const float* table, const float* scales, int64_t o0, int64_t o1, float* y, int64_t ldy);
   // Optional fast path (null where absent): quantizes the full blocks b0..b1 of a 4-bit format
   // whose blocksize is a multiple of 32, writing scales/offsets and packed bytes directly.
   // Returns a Status.
@@ -46,6 +55,8 @@ void scalar_encode(const void* x, int dtype, int64_t len, const BlockNorm& norm,
                    const Codebook& cb, uint8_t* codes);
 void scalar_decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb,
                    float scale, float offset, int rule, void* out, int out_dtype, bool stream);
+void scalar_dot_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, float* y, int64_t ldy);
+void scalar_axpy_rows(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K, float* acc, int64_t lda);
 
 static inline void merge_stats(BlockStats* into, const BlockStats& s) {
   into->nonfinite = into->nonfinite || s.nonfinite;

@@ -279,9 +279,111 @@ int quantize_blocks4(const void* x, int dtype, int64_t bs, int64_t b0, int64_t b
   return quantize_blocks4_dt<kFloat16>(x, bs, b0, b1, cb, rule, packed, scales, offsets);
 }
 
+void dot_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, float* y, int64_t ldy) {
+  const int64_t K16 = K & ~int64_t{15};
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1u);
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {  // four rows share each weight load
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    const float* x0 = x + m * ldx;
+    for (int64_t k = 0; k < K16; k += 16) {
+      __m512 wv = _mm512_loadu_ps(w + k);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + k), wv, a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + ldx + k), wv, a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + 2 * ldx + k), wv, a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + 3 * ldx + k), wv, a3);
+    }
+    if (tail) {
+      __m512 wv = _mm512_maskz_loadu_ps(tail, w + K16);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x0 + K16), wv, a0);
+      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x0 + ldx + K16), wv, a1);
+      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x0 + 2 * ldx + K16), wv, a2);
+      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x0 + 3 * ldx + K16), wv, a3);
+    }
+    y[m * ldy] = _mm512_reduce_add_ps(a0);
+    y[(m + 1) * ldy] = _mm512_reduce_add_ps(a1);
+    y[(m + 2) * ldy] = _mm512_reduce_add_ps(a2);
+    y[(m + 3) * ldy] = _mm512_reduce_add_ps(a3);
+  }
+  for (; m < M; ++m) {  // one row: four accumulators to cover the FMA latency
+    const float* xm = x + m * ldx;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K16; k += 64) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k), _mm512_loadu_ps(w + k), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k + 16), _mm512_loadu_ps(w + k + 16), a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k + 32), _mm512_loadu_ps(w + k + 32), a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k + 48), _mm512_loadu_ps(w + k + 48), a3);
+    }
+    for (; k < K16; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k), _mm512_loadu_ps(w + k), a0);
+    if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, xm + K16), _mm512_maskz_loadu_ps(tail, w + K16), a1);
+    y[m * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
+}
+
+void axpy_rows(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K, float* acc, int64_t lda) {
+  const int64_t K16 = K & ~int64_t{15};
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1u);
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512 gv = _mm512_set1_ps(g[m * ldg]);
+    float* am = acc + m * lda;
+    for (int64_t k = 0; k < K16; k += 16) {
+      _mm512_storeu_ps(am + k, _mm512_fmadd_ps(gv, _mm512_loadu_ps(w + k), _mm512_loadu_ps(am + k)));
+    }
+    if (tail) {
+      __m512 r = _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(tail, w + K16), _mm512_maskz_loadu_ps(tail, am + K16));
+      _mm512_mask_storeu_ps(am + K16, tail, r);
+    }
+  }
+}
+
+// Fused 4-bit GEMV: 32 weights (16 bytes) are decoded into two registers, scaled by their
+// block's scale and multiplied into M <= 4 accumulators pairs; each packed byte is read once.
+template <int M>
+void gemv4_impl(const float* x, int64_t K, int64_t ldx, const uint8_t* packed, int64_t blocksize, const float* table,
+                const float* scales, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  const __m512 tbl = _mm512_loadu_ps(table);
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i nib = _mm512_set1_epi32(0x0f);
+  const int64_t blocks_per_row = K / blocksize;
+  for (int64_t o = o0; o < o1; ++o) {
+    __m512 acc_a[M], acc_b[M];
+    for (int m = 0; m < M; ++m) acc_a[m] = acc_b[m] = _mm512_setzero_ps();
+    const uint8_t* row = packed + (o * K >> 1);
+    const float* row_scales = scales + o * blocks_per_row;
+    for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
+      const __m512 sc = _mm512_set1_ps(row_scales[blk]);
+      const int64_t k_begin = blk * blocksize;
+      for (int64_t k = k_begin; k < k_begin + blocksize; k += 32) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
+        __m512 vh = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl);
+        __m512 vl = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), tbl);
+        __m512 w0 = _mm512_mul_ps(_mm512_permutex2var_ps(vh, lo_idx, vl), sc);
+        __m512 w1 = _mm512_mul_ps(_mm512_permutex2var_ps(vh, hi_idx, vl), sc);
+        for (int m = 0; m < M; ++m) {
+          acc_a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + k), w0, acc_a[m]);
+          acc_b[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + k + 16), w1, acc_b[m]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc_a[m], acc_b[m]));
+  }
+}
+
+void gemv4(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, int64_t blocksize,
+           const float* table, const float* scales, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  switch (M) {
+    case 1: gemv4_impl<1>(x, K, ldx, packed, blocksize, table, scales, o0, o1, y, ldy); break;
+    case 2: gemv4_impl<2>(x, K, ldx, packed, blocksize, table, scales, o0, o1, y, ldy); break;
+    case 3: gemv4_impl<3>(x, K, ldx, packed, blocksize, table, scales, o0, o1, y, ldy); break;
+    default: gemv4_impl<4>(x, K, ldx, packed, blocksize, table, scales, o0, o1, y, ldy); break;
+  }
+}
+
 }  // namespace
 
-const Kernels kAvx512Kernels = {"avx512", block_stats, encode, decode, quantize_blocks4};
+const Kernels kAvx512Kernels = {"avx512", block_stats, encode, decode, dot_rows, axpy_rows, gemv4, quantize_blocks4};
 
 }  // namespace qengine::cpu
 #endif

@@ -38,6 +38,28 @@ void scalar_decode(const uint8_t* packed, int64_t first, int64_t len, const Code
   }
 }
 
-const Kernels kScalarKernels = {"scalar", scalar_block_stats, scalar_encode, scalar_decode, nullptr};
+void scalar_dot_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, float* y, int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * ldx;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains, as the SIMD variants reassociate too
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      for (int j = 0; j < 4; ++j) acc[j] += xm[k + j] * w[k + j];
+    }
+    for (; k < K; ++k) acc[0] += xm[k] * w[k];
+    y[m * ldy] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+}
+
+void scalar_axpy_rows(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K, float* acc, int64_t lda) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float gm = g[m * ldg];
+    float* am = acc + m * lda;
+    for (int64_t k = 0; k < K; ++k) am[k] += gm * w[k];
+  }
+}
+
+const Kernels kScalarKernels = {"scalar",        scalar_block_stats, scalar_encode, scalar_decode,
+                                scalar_dot_rows, scalar_axpy_rows,   nullptr, nullptr};
 
 }  // namespace qengine::cpu

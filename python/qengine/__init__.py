@@ -12,7 +12,7 @@ from __future__ import annotations
 from . import _C
 from ._ops import cuda_available
 from .formats import Format, available_formats, codebook, get_format, register_format
-from .functional import dequantize, fit_codebook, quantize
+from .functional import dequantize, fit_codebook, matmul, quantize
 from .tensor import QuantizedTensor
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "dequantize",
     "fit_codebook",
     "get_format",
+    "matmul",
     "quantize",
     "register_format",
     "set_cpu_isa",

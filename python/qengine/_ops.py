@@ -188,3 +188,103 @@ def kmeans_accumulate(x: torch.Tensor, blocksize: int, table: torch.Tensor, midp
     sse = _C.kmeans_accumulate_cpu(x.data_ptr(), _DTYPE_CODES[x.dtype], x.numel(), blocksize, table.data_ptr(),
                                    midpoints.data_ptr(), bits, rule, sums.data_ptr(), counts.data_ptr())
     return sums, counts, sse
+
+
+# --------------------------------------------------------------------------- matmul
+# Up to this many rows of x use the fused small-batch kernel (decode in registers, each packed
+# byte read once); more rows dequantize the layer once into x's dtype and use a dense GEMM.
+SMALL_BATCH_ROWS = 16
+
+
+def _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_features):
+    check_float("x", x)
+    _check_device("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    in_features = x.shape[-1]
+    if out_features < 0:
+        raise ValueError(f"out_features must be >= 0, got {out_features}")
+    _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, out_features * in_features)
+    check_same_device(x.device, packed=packed)
+
+
+def _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, dtype):
+    w = torch.empty(n, k, dtype=dtype, device=packed.device)
+    _dequantize_into(packed, table, scales, offsets, bits, blocksize, n * k, w)
+    return w
+
+
+@torch.library.custom_op("qengine::matmul", mutates_args=())
+def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+           offsets: Optional[torch.Tensor], bits: int, blocksize: int, out_features: int) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ W^T for the quantized W [N, K]; float32 accumulation, x's dtype out."""
+    _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_features)
+    k, n = x.shape[-1], out_features
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if x.device.type == "cpu" and m <= SMALL_BATCH_ROWS:
+        xf = x2.to(torch.float32).contiguous()
+        y = torch.empty(m, n, dtype=torch.float32)
+        if m and n:
+            _C.matmul_cpu(xf.data_ptr(), m, k, k, n, packed.data_ptr(), blocksize, table.data_ptr(), bits,
+                          1 if offsets is not None else 0, scales.data_ptr(),
+                          offsets.data_ptr() if offsets is not None else 0, y.data_ptr())
+        y = y.to(x.dtype)
+    else:
+        w = _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, x.dtype)
+        y = x2 @ w.t()
+        del w  # the dense copy lives only for this product
+    return y.reshape(*x.shape[:-1], n)
+
+
+@matmul.register_fake
+def _(x, packed, table, scales, offsets, bits, blocksize, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("qengine::matmul_t", mutates_args=())
+def matmul_t(g: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+             offsets: Optional[torch.Tensor], bits: int, blocksize: int, in_features: int) -> torch.Tensor:
+    """gx[..., K] = g[..., N] @ W for the quantized W [N, K] (the backward of matmul for x)."""
+    check_float("g", g)
+    _check_device("g", g)
+    n, k = g.shape[-1], in_features
+    _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, n * k)
+    g2 = g.reshape(-1, n)
+    m = g2.shape[0]
+    if g.device.type == "cpu" and m <= SMALL_BATCH_ROWS:
+        gf = g2.to(torch.float32).contiguous()
+        gx = torch.empty(m, k, dtype=torch.float32)
+        if m and k:
+            _C.matmul_t_cpu(gf.data_ptr(), m, n, k, packed.data_ptr(), blocksize, table.data_ptr(), bits,
+                            1 if offsets is not None else 0, scales.data_ptr(),
+                            offsets.data_ptr() if offsets is not None else 0, gx.data_ptr())
+        gx = gx.to(g.dtype)
+    else:
+        w = _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, g.dtype)
+        gx = g2 @ w
+        del w
+    return gx.reshape(*g.shape[:-1], k)
+
+
+@matmul_t.register_fake
+def _(g, packed, table, scales, offsets, bits, blocksize, in_features):
+    return g.new_empty(*g.shape[:-1], in_features)
+
+
+def _matmul_setup_context(ctx, inputs, output):
+    x, packed, table, scales, offsets, bits, blocksize, out_features = inputs
+    ctx.save_for_backward(packed, table, scales, offsets)
+    ctx.meta = (bits, blocksize, x.shape[-1])
+
+
+def _matmul_backward(ctx, grad):
+    packed, table, scales, offsets = ctx.saved_tensors
+    bits, blocksize, in_features = ctx.meta
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.qengine.matmul_t(grad, packed, table, scales, offsets, bits, blocksize, in_features)
+    return gx, None, None, None, None, None, None, None
+
+
+matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)

@@ -11,7 +11,7 @@ from ._checks import check_blocksize, check_contiguous, check_float, check_posit
 from .formats import Format, codebook, get_format
 from .tensor import NestedScales, QuantizedTensor
 
-__all__ = ["quantize", "dequantize", "fit_codebook"]
+__all__ = ["quantize", "dequantize", "fit_codebook", "matmul"]
 
 
 def _resolve_blocksize(x: torch.Tensor, blocksize: Optional[int]) -> tuple[int, bool]:
@@ -58,6 +58,48 @@ def dequantize(q: QuantizedTensor, dtype: Optional[torch.dtype] = None,
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
     return q.dequantize(dtype=dtype, out=out)
+
+
+def matmul(x: torch.Tensor, qweight: QuantizedTensor, bias: Optional[torch.Tensor] = None,
+           lora: Optional[tuple] = None) -> torch.Tensor:
+    """``y = x @ dequantize(qweight)^T + bias + s * (x @ A^T) @ B^T`` without a dense weight.
+
+    Args:
+        x: float32/float16/bfloat16 [..., in_features].
+        qweight: QuantizedTensor of shape [out_features, in_features] (frozen: no gradient).
+        bias: [out_features] or None.
+        lora: (A [r, in_features], B [out_features, r], s: float) or None.
+    Gradients flow to x, bias, A and B. Up to 16 rows of x use the fused kernel that decodes
+    each packed byte once; more rows dequantize the layer once (freed after the call).
+    """
+    check_tensor("x", x)
+    check_float("x", x)
+    if not isinstance(qweight, QuantizedTensor):
+        raise TypeError(f"qweight must be a QuantizedTensor, got {type(qweight).__name__}")
+    if len(qweight.shape) != 2:
+        raise ValueError(f"qweight must be 2-D [out_features, in_features], got shape {tuple(qweight.shape)}")
+    n, k = qweight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must end in in_features={k}, got shape {tuple(x.shape)}")
+    table = qweight.format.kernel_tables(qweight.device)[0]
+    scales = qweight._block_values(qweight.scales)
+    offsets = qweight._block_values(qweight.offsets)
+    y = torch.ops.qengine.matmul(x, qweight.packed, table, scales, offsets, qweight.format.bits, qweight.blocksize, n)
+    if bias is not None:
+        check_tensor("bias", bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        y = y + bias.to(y.dtype)
+    if lora is not None:
+        if not (isinstance(lora, (tuple, list)) and len(lora) == 3):
+            raise TypeError("lora must be a tuple (A, B, scale)")
+        a, b, s = lora
+        check_tensor("lora A", a)
+        check_tensor("lora B", b)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n or a.shape[0] != b.shape[1]:
+            raise ValueError(f"LoRA shapes must be A [r, {k}] and B [{n}, r], got {tuple(a.shape)} and {tuple(b.shape)}")
+        y = y + float(s) * ((x.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype)
+    return y
 
 
 def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] = 64, rule: str = "absmax",

@@ -17,6 +17,19 @@ int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const C
 int dequantize_cpu(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
                    const float* scales, const float* offsets, void* out, int out_dtype);
 
+// out[0..count) = decoded elements first..first+count (a flat range of the quantized tensor).
+int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t count, int64_t blocksize, const Codebook& cb,
+                         int rule, const float* scales, const float* offsets, void* out, int out_dtype);
+
+// y[M, N] (float32) = x[M, K] (float32, row stride ldx) @ W^T, W the quantized [N, K] weight
+// (flat blocks over its row-major elements). Decodes each weight row once for all M rows.
+int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed, int64_t blocksize,
+               const Codebook& cb, int rule, const float* scales, const float* offsets, float* y);
+
+// gx[M, K] (float32) = g[M, N] (float32) @ W, the transposed problem of matmul_cpu (backward).
+int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
+                 const Codebook& cb, int rule, const float* scales, const float* offsets, float* gx);
+
 // One Lloyd step of 1-D k-means on the block-normalised values of x: for each sorted
 // codebook entry k, sums[k] += normalised values nearest to it, counts[k] += their number.
 // Also adds the squared distances to *sse. cb must be sorted (identity order).
