@@ -2,11 +2,14 @@
 """Usage: python bench/bench_quantize.py [--quick] [--json PATH] [--formats nf4,nf4+dq,...] [--threads N]
 
 GB/s counts: quantize = input bytes; dequantize = bytes read (packed codes + scales, i.e.
-q.nbytes) + bytes written (the dense output). '% copy' relates that to dst.copy_(src)
-measured in this run (bytes read + written). 'dq->out' writes into a preallocated, already
-touched output; 'dq alloc' is the allocating call (its output pages are faulted in on every
-call). The bitsandbytes row: quantize = functional.quantize_4bit, dq->out = its native CPU
-kernel called through ctypes into a preallocated output, dq alloc = functional.dequantize_4bit.
+q.nbytes) + bytes written (the dense output). '%copy' relates that to dst.copy_(src) on
+256 MiB float32 buffers (bytes read + written), measured in this run just before each
+shape/dtype group ('copy' column). 'dq->out' writes into a preallocated, already touched
+output; 'dq alloc' is the allocating call (its output pages are faulted in on every call).
+The bitsandbytes row: quant = functional.quantize_4bit, dq->out = its native CPU kernel
+called through ctypes into a preallocated output, dq alloc = functional.dequantize_4bit; its
+dequantize timings are interleaved call by call with qengine's NF4 ones. 'busy' = cores other
+processes kept busy during the row's timings (should be ~0; busy timings are retried a few times).
 """
 from __future__ import annotations
 
@@ -21,15 +24,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import _harness  # noqa: E402
 import qengine  # noqa: E402
-from _harness import (copy_bandwidth, measure, other_load, print_table, quiet_import_bitsandbytes,  # noqa: E402
-                      rotation_count, write_json)
+from _harness import (copy_bandwidth, measure_interleaved, other_load, print_table,  # noqa: E402
+                      quiet_import_bitsandbytes, rotation_count, write_json)
 
 FORMATS = ["nf4", "nf4+dq", "fp4", "int4", "int8", "uint4", "uint8"]
 SHAPES = [(4096, 4096), (11008, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BLOCKSIZE = 64
-OPS = ("q", "dqo", "dqa")  # quantize, dequantize into out=, allocating dequantize
+OPS = (("q", "quant"), ("dqo", "dq->out"), ("dqa", "dq alloc"))
 
 
 def parse_args():
@@ -47,81 +51,111 @@ def parse_args():
     return a
 
 
-class Runner:
-    """Holds the timing settings and the measured copy bandwidth; turns timings into rows."""
+class Group:
+    """One shape/dtype: rotating inputs and preallocated (touched) outputs, the copy bandwidth
+    measured for it, and the timing settings."""
 
-    def __init__(self, quick: bool, device: str, copy_gbps: float):
+    def __init__(self, shape, dtype, device, quick):
+        esz = torch.empty((), dtype=dtype).element_size()
+        self.n = rotation_count(shape[0] * shape[1] * esz)
+        g = torch.Generator().manual_seed(0)
+        self.xs = [torch.randn(shape, generator=g).to(dtype).to(device) for _ in range(self.n)]
+        self.outs = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.n)]
+        self.in_bytes = self.out_bytes = shape[0] * shape[1] * esz
+        self.device, self.quick = device, quick
         self.reps, self.budget = (5, 0.3) if quick else (30, 1.0)
-        self.device, self.copy_gbps = device, copy_gbps
+        self.copy_gbps = copy_bandwidth(device=device, reps=5 if quick else 10)
 
-    def time(self, fn, nsets: int, nbytes: int, warmup: int = 2, min_reps: int = 5, reps: int | None = None) -> dict:
-        st = measure(fn, [(i,) for i in range(nsets)], reps=reps or self.reps, warmup=warmup,
-                     min_reps=min(min_reps, reps or self.reps), budget_s=self.budget, device=self.device)
-        gbps = st.gbps(nbytes)
-        return {"ms": st.median * 1e3, "gbps": gbps, "pct": 100 * gbps / self.copy_gbps, "bytes": nbytes,
-                "stats": st}
+    def time(self, fns, nbytes, warmup=2, min_reps=5, retries=2):
+        """Rows ({ms, gbps, pct, stats}) for fns timed together, rotating over the n sets."""
+        sts = measure_interleaved(fns, [(i,) for i in range(self.n)], reps=self.reps, warmup=warmup,
+                                  min_reps=min(min_reps, self.reps), budget_s=self.budget, device=self.device,
+                                  retries=retries)
+        return [{"ms": st.median * 1e3, "gbps": st.gbps(b), "pct": 100 * st.gbps(b) / self.copy_gbps, "bytes": b,
+                 "stats": st} for st, b in zip(sts, nbytes)]
 
 
-def bench_qengine(r: Runner, xs, outs, fmt: str) -> dict:
+def qengine_sets(g: Group, fmt: str):
+    """Quantize timing of `fmt` and the quantized set (one QuantizedTensor per input)."""
     base, dq = fmt.split("+")[0], fmt.endswith("+dq")
-    n, x0 = len(xs), xs[0]
-    qs = [None] * n
+    qs = [None] * g.n
 
     def quant(i):
-        qs[i] = qengine.quantize(xs[i], base, blocksize=BLOCKSIZE, double_quant=dq)
+        qs[i] = qengine.quantize(g.xs[i], base, blocksize=BLOCKSIZE, double_quant=dq)
 
-    row = {"q": r.time(quant, n, x0.numel() * x0.element_size())}
-    for i in range(n):  # sets the timed loop did not reach
+    (q,) = g.time([quant], [g.in_bytes])
+    for i in range(g.n):  # sets the timed loop did not reach
         if qs[i] is None:
             quant(i)
-    rw = qs[0].nbytes + outs[0].numel() * outs[0].element_size()
-    row["dqo"] = r.time(lambda i: qs[i].dequantize(out=outs[i]), n, rw)
-    row["dqa"] = r.time(lambda i: qs[i].dequantize(), n, rw)
-    row["bits_per_param"] = qs[0].bits_per_param
-    row["out_bytes"] = outs[0].numel() * outs[0].element_size()
-    row["qs0"] = qs[0]
-    return row
+    return q, qs
 
 
-def bench_bnb(r: Runner, bnb, xs, outs, quick: bool, notes: list[str], tag: str) -> dict:
-    F = bnb.functional
-    n, x0 = len(xs), xs[0]
-    bq = [None] * n
+def bnb_sets(g: Group, bnb):
+    """bitsandbytes quantize_4bit timing and the sets it produced (its dequantize rotates over
+    these; the outputs rotate over all n). It is a chain of torch ops, seconds per call here."""
+    bq = [None] * g.n
 
     def quant(i):
-        bq[i] = F.quantize_4bit(xs[i], blocksize=BLOCKSIZE, quant_type="nf4")
+        bq[i] = bnb.functional.quantize_4bit(g.xs[i], blocksize=BLOCKSIZE, quant_type="nf4")
 
-    # quantize_4bit runs as a chain of torch ops (seconds per call here): fewer repetitions.
-    row = {"q": r.time(quant, n, x0.numel() * x0.element_size(), warmup=1, min_reps=3 if quick else 5)}
-    done = [b for b in bq if b is not None]  # dequantize rotates over these (outputs rotate over all n)
-    rw = done[0][0].numel() + done[0][1].absmax.numel() * 4 + outs[0].numel() * outs[0].element_size()
+    (q,) = g.time([quant], [g.in_bytes], warmup=1, min_reps=3 if g.quick else 5, retries=0)
+    return q, [b for b in bq if b is not None]
 
-    # The allocating call: the first one may compile (default backend) -> several warm-up calls.
-    t0 = time.perf_counter()
-    F.dequantize_4bit(*done[0])
-    row["first_dqa_ms"] = (time.perf_counter() - t0) * 1e3
-    row["dqa"] = r.time(lambda i: F.dequantize_4bit(*done[i % len(done)]), n, rw, warmup=3)
 
-    if r.device == "cpu":
-        lib = bnb.cextension.lib
-        fn = getattr(lib, {torch.float32: "cdequantize_blockwise_cpu_nf4_fp32",
-                           torch.bfloat16: "cdequantize_blockwise_cpu_nf4_bf16"}[x0.dtype])
-        m, k = x0.shape
-        ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-        args = [(ptr(p.reshape(m, k // 2)), ptr(s.absmax), ctypes.c_longlong(BLOCKSIZE), ctypes.c_longlong(m),
-                 ctypes.c_longlong(k)) for p, s in done]
+def bnb_native(g: Group, bnb, bq):
+    """bitsandbytes' native CPU NF4 kernel into g.outs[i], called as backends/cpu/ops.py does."""
+    fn = getattr(bnb.cextension.lib, {torch.float32: "cdequantize_blockwise_cpu_nf4_fp32",
+                                      torch.bfloat16: "cdequantize_blockwise_cpu_nf4_bf16"}[g.xs[0].dtype])
+    m, k = g.xs[0].shape
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    args = [(ptr(p.reshape(m, k // 2)), ptr(s.absmax)) for p, s in bq]
+    dims = (ctypes.c_longlong(BLOCKSIZE), ctypes.c_longlong(m), ctypes.c_longlong(k))
 
-        def native(i):
-            a, s, bs, mm, kk = args[i % len(args)]
-            fn(a, s, ptr(outs[i]), bs, mm, kk)
+    def run(i):
+        a, s = args[i % len(args)]
+        fn(a, s, ptr(g.outs[i]), *dims)  # g.outs keeps the output alive
 
-        native(0)
-        if not torch.equal(outs[0], F.dequantize_4bit(*done[0])):
-            notes.append(f"WARNING {tag}: bnb ctypes output differs from dequantize_4bit; its timing is suspect")
-        row["dqo"] = r.time(native, n, rw)
-    row["bq0"] = done[0]
-    row["out_bytes"] = outs[0].numel() * outs[0].element_size()
-    return row
+    return run
+
+
+def bench_group(g: Group, formats, bnb, notes, label) -> list[dict]:
+    rows, tag = [], f"{label['shape']} {label['dtype']}"
+    for fmt in formats:
+        q, qs = qengine_sets(g, fmt)
+        rw = qs[0].nbytes + g.out_bytes
+        qe_dqo = lambda i: qs[i].dequantize(out=g.outs[i])  # noqa: E731
+        qe_dqa = lambda i: qs[i].dequantize()  # noqa: E731
+        row = {**label, "format": fmt, "impl": "qengine", "q": q, "bits_per_param": qs[0].bits_per_param,
+               "out_bytes": g.out_bytes}
+        if fmt != "nf4" or bnb is None:
+            row["dqo"], = g.time([qe_dqo], [rw])
+            row["dqa"], = g.time([qe_dqa], [rw])
+            rows.append(row)
+        else:
+            bq_time, bq = bnb_sets(g, bnb)
+            F = bnb.functional
+            brw = bq[0][0].numel() + bq[0][1].absmax.numel() * 4 + g.out_bytes
+            brow = {**label, "format": fmt, "impl": "bitsandbytes", "q": bq_time, "out_bytes": g.out_bytes}
+            same = torch.equal(bq[0][0].reshape(-1).cpu(), qs[0].packed.cpu()) and torch.equal(
+                bq[0][1].absmax.cpu(), qs[0].scales.cpu())
+            notes.append(f"{tag}: qengine nf4 packed+absmax {'==' if same else 'DIFFER from'} bitsandbytes'")
+            t0 = time.perf_counter()
+            F.dequantize_4bit(*bq[0])  # the first call may compile (default backend): warm-up below is 3
+            first_ms = (time.perf_counter() - t0) * 1e3
+            bnb_dqa = lambda i: F.dequantize_4bit(*bq[i % len(bq)])  # noqa: E731
+            if g.device == "cpu":
+                native = bnb_native(g, bnb, bq)
+                native(0)
+                if not torch.equal(g.outs[0], F.dequantize_4bit(*bq[0])):
+                    notes.append(f"WARNING {tag}: bnb ctypes output differs from dequantize_4bit; timing suspect")
+                row["dqo"], brow["dqo"] = g.time([qe_dqo, native], [rw, brw])
+            else:
+                row["dqo"], = g.time([qe_dqo], [rw])
+            row["dqa"], brow["dqa"] = g.time([qe_dqa, bnb_dqa], [rw, brw], warmup=3)
+            notes.append(f"{tag}: bnb dequantize_4bit first call {first_ms:.1f} ms, steady {brow['dqa']['ms']:.1f} ms")
+            rows += [row, brow]
+        print(f"  done {tag} {fmt}", file=sys.stderr, flush=True)
+    return rows
 
 
 def bnb_dequant_backend() -> str:
@@ -131,100 +165,79 @@ def bnb_dequant_backend() -> str:
 
 def main():
     a = parse_args()
+    sys.stdout.reconfigure(line_buffering=True)
     if a.threads:
         qengine.set_num_threads(a.threads)
         torch.set_num_threads(a.threads)
     if a.device == "cuda" and not qengine.cuda_available():
         print("CUDA requested but qengine has no usable GPU; running on cpu")
         a.device = "cpu"
+    _harness.retry_budget_s = 15.0 if a.quick else 45.0  # for timings retried because the machine was busy
     load0 = other_load()
     bnb, why = quiet_import_bitsandbytes()
-    copy_gbps = copy_bandwidth(device=a.device, reps=5 if a.quick else 10)
-    r = Runner(a.quick, a.device, copy_gbps)
     print(f"qengine {qengine.build_info()}")
-    print(f"copy bandwidth (dst.copy_(src), 256 MiB float32, read+write): {copy_gbps:.2f} GB/s")
     if bnb is None:
         print(f"bitsandbytes not importable ({why}); no reference rows")
     else:
         print(f"bitsandbytes {bnb.__version__}; dequantize_4bit on {a.device} uses: "
               f"{bnb_dequant_backend() if a.device == 'cpu' else 'its cuda backend'}")
 
-    rows, notes = [], []
+    rows, notes, copies = [], [], []
     for shape in SHAPES[:1] if a.quick else SHAPES:
         for dname, dtype in DTYPES.items():
-            esz = torch.tensor([], dtype=dtype).element_size()
-            nsets = rotation_count(shape[0] * shape[1] * esz)
-            g = torch.Generator().manual_seed(0)
-            xs = [torch.randn(shape, generator=g).to(dtype).to(a.device) for _ in range(nsets)]
-            outs = [torch.zeros(shape, dtype=dtype, device=a.device) for _ in range(nsets)]  # touched now
-            tag = f"{shape[0]}x{shape[1]} {dname}"
-            label = {"shape": f"{shape[0]}x{shape[1]}", "dtype": dname, "sets": nsets}
-            for fmt in a.formats:
-                row = bench_qengine(r, xs, outs, fmt)
-                q0 = row.pop("qs0")
-                rows.append({**label, "format": fmt, "impl": "qengine", **row})
-                if fmt == "nf4" and bnb is not None:
-                    brow = bench_bnb(r, bnb, xs, outs, a.quick, notes, tag)
-                    p, s = brow.pop("bq0")
-                    same = torch.equal(p.reshape(-1).cpu(), q0.packed.cpu()) and torch.equal(s.absmax.cpu(),
-                                                                                          q0.scales.cpu())
-                    notes.append(f"{tag}: qengine nf4 packed+absmax {'==' if same else 'DIFFER from'} bitsandbytes'")
-                    notes.append(f"{tag}: bnb dequantize_4bit first call {brow['first_dqa_ms']:.1f} ms "
-                                 f"(steady state {brow['dqa']['ms']:.1f} ms)")
-                    rows.append({**label, "format": "nf4", "impl": "bitsandbytes", **brow})
-                print(f"  done {tag} {fmt}", file=sys.stderr, flush=True)
-            del xs, outs
+            g = Group(shape, dtype, a.device, a.quick)
+            copies.append(g.copy_gbps)
+            label = {"shape": f"{shape[0]}x{shape[1]}", "dtype": dname, "sets": g.n, "copy": g.copy_gbps}
+            rows += bench_group(g, a.formats, bnb, notes, label)
+            del g
             gc.collect()
-
-    flat = [{k: v for k, v in rw.items() if k not in OPS} | {f"{op}_{k}": rw[op][k] for op in OPS if op in rw
-                                                             for k in ("ms", "gbps", "pct")} for rw in rows]
-    cols = [("shape", "shape", ""), ("dtype", "dtype", ""), ("format", "format", ""), ("impl", "impl", "")]
-    for op, name in (("q", "quant"), ("dqo", "dq->out"), ("dqa", "dq alloc")):
-        cols += [(f"{op}_ms", f"{name} ms", ".2f"), (f"{op}_gbps", "GB/s", ".2f"), (f"{op}_pct", "%copy", ".0f")]
-    print_table(flat, cols, title=f"blocksize {BLOCKSIZE}, device {a.device}, copy bandwidth {copy_gbps:.2f} GB/s "
-                                  f"(medians; % of copy bandwidth)")
     load1 = other_load()
-    if max(load0, load1) > 0.2:
-        notes.append(f"WARNING: other processes kept {load0:.1f} / {load1:.1f} cores busy at start / end: "
-                     "the machine is shared and these timings are unreliable")
+
+    for rw in rows:
+        rw["busy"] = max(rw[op]["stats"].other for op, _ in OPS if op in rw)
+    flat = [{**{k: v for k, v in rw.items() if k not in dict(OPS)},
+             **{f"{op}_{k}": rw[op][k] for op, _ in OPS if op in rw for k in ("ms", "gbps", "pct")}} for rw in rows]
+    cols = [("shape", "shape", ""), ("dtype", "dtype", ""), ("format", "format", ""), ("impl", "impl", "")]
+    for op, name in OPS:
+        cols += [(f"{op}_ms", f"{name} ms", ".2f"), (f"{op}_gbps", "GB/s", ".2f"), (f"{op}_pct", "%copy", ".0f")]
+    cols += [("copy", "copy GB/s", ".1f"), ("busy", "busy", ".2f")]
+    print_table(flat, cols, title=f"blocksize {BLOCKSIZE}, device {a.device}; medians; %copy = % of the copy "
+                                  f"bandwidth (read+write) measured for the group")
+    print(f"copy bandwidth per group: {', '.join(f'{c:.2f}' for c in copies)} GB/s")
+    if max(load0, load1, *(rw["busy"] for rw in rows)) > 0.2:
+        notes.append(f"WARNING: other processes kept up to {max(load0, load1, *(rw['busy'] for rw in rows)):.1f} "
+                     "cores busy during the run (see 'busy'): those timings are unreliable")
     summarize(rows, notes)
-    write_json(a.json, rows, copy_gbps=copy_gbps, args=vars(a), notes=notes, other_load=[load0, load1],
+    write_json(a.json, rows, copy_gbps=copies, args=vars(a), notes=notes, other_load=[load0, load1],
                bnb=None if bnb is None else {"version": bnb.__version__, "dequantize_4bit": bnb_dequant_backend()})
 
 
 def summarize(rows: list[dict], notes: list[str]) -> None:
-    """Page-fault cost (allocating vs preallocated dequantize) and the NF4 comparisons; no asserts."""
-    pf = []
-    for rw in rows:
-        if "dqa" in rw and "dqo" in rw:
-            extra = rw["dqa"]["ms"] - rw["dqo"]["ms"]
-            pages = rw["out_bytes"] / 4096
-            pf.append({"case": f"{rw['shape']} {rw['dtype']} {rw['format']} {rw['impl']}", "extra_ms": extra,
-                       "ratio": rw["dqa"]["ms"] / rw["dqo"]["ms"], "us_page": extra * 1e3 / pages})
+    """Page-fault cost (allocating vs preallocated dequantize) and the NF4 targets; no asserts."""
+    pf = [{"case": f"{rw['shape']} {rw['dtype']} {rw['format']} {rw['impl']}",
+           "extra_ms": rw["dqa"]["ms"] - rw["dqo"]["ms"], "ratio": rw["dqa"]["ms"] / rw["dqo"]["ms"],
+           "us_page": (rw["dqa"]["ms"] - rw["dqo"]["ms"]) * 1e3 / (rw["out_bytes"] / 4096)}
+          for rw in rows if "dqa" in rw and "dqo" in rw]
     if pf:
         print_table(pf, [("case", "allocating vs preallocated dequantize", ""), ("extra_ms", "extra ms", ".2f"),
-                         ("ratio", "alloc/out", ".2f"), ("us_page", "us per 4 KiB page (approx.)", ".2f")])
-    checks = []
+                         ("ratio", "alloc/out", ".2f"), ("us_page", "us per 4 KiB output page", ".2f")])
     by = {(rw["shape"], rw["dtype"], rw["format"], rw["impl"]): rw for rw in rows}
+    checks = []
     for (shape, dt, fmt, impl), rw in by.items():
         if fmt != "nf4" or impl != "qengine":
             continue
-        b = by.get((shape, dt, "nf4", "bitsandbytes"))
-        c = f"{shape} {dt}"
-        checks.append({"check": f"(a) {c} quantize >= 25% copy", "value": f"{rw['q']['pct']:.0f}%",
-                       "ok": rw["q"]["pct"] >= 25})
-        checks.append({"check": f"(b) {c} dq->out >= 75% copy", "value": f"{rw['dqo']['pct']:.0f}%",
-                       "ok": rw["dqo"]["pct"] >= 75})
+        b, c = by.get((shape, dt, "nf4", "bitsandbytes")), f"{shape} {dt}"
+        checks.append((f"(a) {c} quantize >= 25% copy", f"{rw['q']['pct']:.0f}%", rw["q"]["pct"] >= 25))
+        checks.append((f"(b) {c} dq->out >= 75% copy", f"{rw['dqo']['pct']:.0f}%", rw["dqo"]["pct"] >= 75))
         if b and "dqo" in b:
-            checks.append({"check": f"(b) {c} dq->out >= bnb ctypes", "ok": rw["dqo"]["ms"] <= b["dqo"]["ms"],
-                           "value": f"{rw['dqo']['ms']:.2f} vs {b['dqo']['ms']:.2f} ms"})
+            checks.append((f"(b) {c} dq->out >= bnb ctypes", f"{rw['dqo']['ms']:.2f} vs {b['dqo']['ms']:.2f} ms",
+                           rw["dqo"]["ms"] <= b["dqo"]["ms"]))
         if b:
-            checks.append({"check": f"(c) {c} dq alloc <= bnb alloc", "ok": rw["dqa"]["ms"] <= b["dqa"]["ms"],
-                           "value": f"{rw['dqa']['ms']:.2f} vs {b['dqa']['ms']:.2f} ms"})
-    for ck in checks:
-        ck["ok"] = "yes" if ck["ok"] else "NO"
+            checks.append((f"(c) {c} dq alloc <= bnb alloc", f"{rw['dqa']['ms']:.2f} vs {b['dqa']['ms']:.2f} ms",
+                           rw["dqa"]["ms"] <= b["dqa"]["ms"]))
     if checks:
-        print_table(checks, [("check", "NF4 target", ""), ("value", "measured", ""), ("ok", "met", "")])
+        print_table([{"check": c, "value": v, "ok": "yes" if ok else "NO"} for c, v, ok in checks],
+                    [("check", "NF4 target", ""), ("value", "measured", ""), ("ok", "met", "")])
     for n in notes:
         print(n)
 

@@ -66,19 +66,31 @@ int dequantize_range_cpu(addr packed, int64_t first, int64_t count, int64_t bloc
   return s;
 }
 
+// scales: float32 values, or (nested_table != 0) uint8 codes of the double-quantized scales.
+qengine::BlockScales block_scales(addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize,
+                                  float mean) {
+  if (nested_table == 0) return qengine::BlockScales{ptr<const float>(scales), nullptr, nullptr, nullptr, 1, 0.0f};
+  return qengine::BlockScales{nullptr, ptr<const uint8_t>(scales), ptr<const float>(nested_table),
+                              ptr<const float>(nested_absmax), nested_blocksize, mean};
+}
+
 int matmul_cpu(addr x, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed, int64_t blocksize, addr table,
-               int bits, int rule, addr scales, addr offsets, addr y) {
+               int bits, int rule, addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize,
+               float mean, addr offsets, addr y) {
   int s = qengine::matmul_cpu(ptr<const float>(x), M, K, ldx, N, ptr<const uint8_t>(packed), blocksize,
-                              codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
+                              codebook(table, 0, 0, bits, true), rule,
+                              block_scales(scales, nested_table, nested_absmax, nested_blocksize, mean),
                               ptr<const float>(offsets), ptr<float>(y));
   raise_on_error(s);
   return s;
 }
 
 int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, addr packed, int64_t blocksize, addr table, int bits,
-                 int rule, addr scales, addr offsets, addr gx) {
+                 int rule, addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize, float mean,
+                 addr offsets, addr gx) {
   int s = qengine::matmul_t_cpu(ptr<const float>(g), M, N, K, ptr<const uint8_t>(packed), blocksize,
-                                codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
+                                codebook(table, 0, 0, bits, true), rule,
+                                block_scales(scales, nested_table, nested_absmax, nested_blocksize, mean),
                                 ptr<const float>(offsets), ptr<float>(gx));
   raise_on_error(s);
   return s;
@@ -89,7 +101,7 @@ double kmeans_accumulate_cpu(addr x, int dtype, int64_t n, int64_t blocksize, ad
   double sse = 0.0;
   int s = qengine::kmeans_accumulate_cpu(ptr<const void>(x), dtype, n, blocksize,
                                          codebook(table, midpoints, 0, bits, true), rule, ptr<double>(sums),
-                                         ptr<int64_t>(counts), &sse);
+                                         ptr<double>(counts), &sse);
   raise_on_error(s);
   return sse;
 }

@@ -16,6 +16,18 @@ Spec, in short:
     rounding (minmax; float64 product is exact, float64 add, then rounded), then cast to the dtype.
   * double quantization: mean = scales.mean(); nested = quantize(scales - mean, dynamic8, 256);
     scales_hat = dequantize(nested) + mean (float32).
+
+Two bitsandbytes-compatibility rules adopted by qengine after the first spec (commit 15052ff,
+"double-quant state equals bitsandbytes'"), modelled here behind flags:
+  * PARTIAL_BLOCK_CLAMP: the absmax scale *stored* for a partial last block is the clamped
+    divisor max(absmax, 1e-38) (bitsandbytes' quantize_4bit stores `absmax.clamp(min=1e-38)`
+    there); full blocks and the minmax rule store the raw value.
+  * GRID_SEARCH: a format whose ``search`` attribute is "grid" (dynamic8, the double-quant
+    map) encodes like bitsandbytes' 8-bit quantize_blockwise on the CPU: every block
+    (partial ones too) is normalised by v = x * float32(1 / absmax), v is clamped to [-1, 1]
+    and mapped to k = trunc(((v + 1) * 0.5) * 65535 + 0.5) (float32 arithmetic); the code is
+    the nearest-value code (midpoint rule) of grid point float32((k + k) / 65535) - 1. An
+    all-zero block stores scale 0 and code 0 everywhere. Its stored scale is never clamped.
 """
 
 from __future__ import annotations
@@ -30,6 +42,11 @@ from qengine.formats import get_format
 MIN_DIV = torch.tensor(1e-38, dtype=torch.float32)
 NESTED_FORMAT = "dynamic8"
 NESTED_BLOCKSIZE = 256
+GRID_POINTS = 65536
+
+# See the module docstring: bitsandbytes-compatibility rules (set False for the plain spec).
+PARTIAL_BLOCK_CLAMP = True
+GRID_SEARCH = True
 
 
 @dataclass
@@ -37,11 +54,13 @@ class RefFormat:
     values: torch.Tensor  # float32, storage order
     bits: int
     rule: str
+    search: str = "nearest"
 
     @classmethod
     def of(cls, fmt) -> "RefFormat":
         f = get_format(fmt)
-        return cls(torch.tensor(list(f.values), dtype=torch.float32), int(f.bits), str(f.rule))
+        search = str(getattr(f, "search", "nearest")) if GRID_SEARCH else "nearest"
+        return cls(torch.tensor(list(f.values), dtype=torch.float32), int(f.bits), str(f.rule), search)
 
 
 @dataclass
@@ -115,7 +134,7 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 
 def _normalise_rows(xb: torch.Tensor, rule: str, partial: bool):
-    """xb: float32 [rows, len]. Returns (v, scale, offset) in float32."""
+    """xb: float32 [rows, len]. Returns (v, stored scale, offset) in float32."""
     if rule == "absmax":
         scale = xb.abs().amax(dim=1)
         offset = None
@@ -129,10 +148,37 @@ def _normalise_rows(xb: torch.Tensor, rule: str, partial: bool):
     div = torch.maximum(scale, MIN_DIV)
     if partial:
         v = centred / div.unsqueeze(1)
+        if rule == "absmax" and PARTIAL_BLOCK_CLAMP:
+            scale = div
     else:
         inv = torch.ones_like(div) / div  # float32 reciprocal
         v = centred * inv.unsqueeze(1)
     return v, scale, offset
+
+
+_GRID_LUTS: dict = {}
+
+
+def _grid_lut(values: tuple) -> torch.Tensor:
+    """Nearest-value code (midpoint rule) of each grid point float32((k + k) / 65535) - 1."""
+    if values not in _GRID_LUTS:
+        i = torch.arange(GRID_POINTS, dtype=torch.float32)
+        points = (i + i) / 65535.0 - 1.0
+        _GRID_LUTS[values] = nearest_codes(points, torch.tensor(values, dtype=torch.float32))
+    return _GRID_LUTS[values]
+
+
+def grid_codes(xb: torch.Tensor, values: torch.Tensor):
+    """The "grid" search (absmax only) of a [rows, len] float32 block matrix: (codes, scales)."""
+    scale = xb.abs().amax(dim=1)
+    inv = torch.ones_like(scale) / scale  # inf for an all-zero block (handled below)
+    v = (xb * inv.unsqueeze(1)).clamp(-1.0, 1.0)
+    t = (v + 1.0) * 0.5
+    k = (t * 65535.0 + 0.5).to(torch.int64)  # float32 ops, then truncation (t >= 0)
+    lut = _grid_lut(tuple(values.tolist()))
+    codes = lut[k.clamp(0, GRID_POINTS - 1)]
+    codes[scale == 0] = 0
+    return codes.reshape(-1), scale
 
 
 def quantize(x: torch.Tensor, fmt, blocksize: Optional[int] = 64, double_quant: bool = False) -> RefQuantized:
@@ -144,15 +190,21 @@ def quantize(x: torch.Tensor, fmt, blocksize: Optional[int] = 64, double_quant: 
     n = flat.numel()
     full = n // blocksize
     rem = n - full * blocksize
-    vs, scales, offsets = [], [], []
+    pieces = []
     if full:
-        v, s, o = _normalise_rows(flat[: full * blocksize].reshape(full, blocksize), f.rule, partial=False)
-        vs.append(v.reshape(-1)), scales.append(s), offsets.append(o)
+        pieces.append((flat[: full * blocksize].reshape(full, blocksize), False))
     if rem:
-        v, s, o = _normalise_rows(flat[full * blocksize :].reshape(1, rem), f.rule, partial=True)
-        vs.append(v.reshape(-1)), scales.append(s), offsets.append(o)
-    v = torch.cat(vs)
-    codes = nearest_codes(v, f.values)
+        pieces.append((flat[full * blocksize :].reshape(1, rem), True))
+    code_parts, scales, offsets = [], [], []
+    for rows, partial in pieces:
+        if f.search == "grid":
+            assert f.rule == "absmax" and f.bits == 8
+            c, s = grid_codes(rows, f.values)
+            code_parts.append(c), scales.append(s), offsets.append(None)
+        else:
+            v, s, o = _normalise_rows(rows, f.rule, partial)
+            code_parts.append(nearest_codes(v, f.values)), scales.append(s), offsets.append(o)
+    codes = torch.cat(code_parts)
     scale_t = torch.cat(scales)
     offset_t = torch.cat(offsets) if f.rule == "minmax" else None
     q = RefQuantized(pack(codes, f.bits, f.values), scale_t, offset_t, codes, blocksize, n, shape, dtype, f)
@@ -195,6 +247,18 @@ def dequantize_parts(codes: torch.Tensor, values: torch.Tensor, scales: torch.Te
     if offsets is not None:
         prod = prod + _per_element(offsets.to(torch.float64), blocksize, n)
     return prod.to(torch.float32).to(dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor, signed_zeros: bool = True) -> bool:
+    """Bit-for-bit equality of two float tensors (NaN payloads and the sign of zero count);
+    with signed_zeros=False, -0.0 and +0.0 are treated as the same value."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not signed_zeros:
+        a, b = a + 0.0, b + 0.0  # -0.0 + 0.0 == +0.0, everything else unchanged
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+            torch.float64: torch.int64}[a.dtype]
+    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
 
 
 def nbytes(q: RefQuantized) -> int:

@@ -27,7 +27,7 @@ struct Kernels {
   // rows o in [o0, o1) of a 4-bit weight with K % blocksize == 0 and blocksize % 32 == 0,
   // decoding in registers (no dense row is written anywhere).
   void (*gemv4)(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, int64_t blocksize,
-                const float* table, const float* scales, int64_t o0, int64_t o1, float* y, int64_t ldy);
+                const float* table, const BlockScales& scales, int64_t o0, int64_t o1, float* y, int64_t ldy);
   // Optional fast path (null where absent): quantizes the full blocks b0..b1 of a 4-bit format
   // whose blocksize is a multiple of 32, writing scales/offsets and packed bytes directly.
   // Returns a Status.

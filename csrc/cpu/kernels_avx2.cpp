@@ -3,6 +3,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -60,7 +61,7 @@ void stats_impl(const void* x, int64_t len, BlockStats* out) {
     scalar_block_stats(static_cast<const char*>(x) + i * dtype_size(DT), DT, len - i, &tail);
     merge_stats(&s, tail);
   }
-  s.absmax = s.max > -s.min ? s.max : -s.min;
+  s.absmax = std::fmax(std::fabs(s.min), std::fabs(s.max));  // +0 for an all-zero block
   *out = s;
 }
 

@@ -3,6 +3,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -42,12 +43,12 @@ void stats_impl(const void* x, int64_t len, BlockStats* out) {
   s.min = _mm512_reduce_min_ps(mn);
   s.max = _mm512_reduce_max_ps(mx);
   s.nonfinite = _mm512_cmp_ps_mask(poison, poison, _CMP_UNORD_Q) != 0;
-  s.absmax = s.max > -s.min ? s.max : -s.min;
+  s.absmax = std::fmax(std::fabs(s.min), std::fabs(s.max));  // +0 for an all-zero block
   if (i < len) {
     BlockStats tail;
     scalar_block_stats(static_cast<const char*>(x) + i * dtype_size(DT), DT, len - i, &tail);
     merge_stats(&s, tail);
-    s.absmax = s.max > -s.min ? s.max : -s.min;
+    s.absmax = std::fmax(std::fabs(s.min), std::fabs(s.max));  // +0 for an all-zero block
   }
   *out = s;
 }
@@ -341,7 +342,7 @@ void axpy_rows(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K
 // block's scale and multiplied into M <= 4 accumulators pairs; each packed byte is read once.
 template <int M>
 void gemv4_impl(const float* x, int64_t K, int64_t ldx, const uint8_t* packed, int64_t blocksize, const float* table,
-                const float* scales, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+                const BlockScales& scales, int64_t o0, int64_t o1, float* y, int64_t ldy) {
   const __m512 tbl = _mm512_loadu_ps(table);
   const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -351,9 +352,9 @@ void gemv4_impl(const float* x, int64_t K, int64_t ldx, const uint8_t* packed, i
     __m512 acc_a[M], acc_b[M];
     for (int m = 0; m < M; ++m) acc_a[m] = acc_b[m] = _mm512_setzero_ps();
     const uint8_t* row = packed + (o * K >> 1);
-    const float* row_scales = scales + o * blocks_per_row;
+    const int64_t first_block = o * blocks_per_row;
     for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
-      const __m512 sc = _mm512_set1_ps(row_scales[blk]);
+      const __m512 sc = _mm512_set1_ps(block_scale(scales, first_block + blk));
       const int64_t k_begin = blk * blocksize;
       for (int64_t k = k_begin; k < k_begin + blocksize; k += 32) {
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
@@ -372,7 +373,7 @@ void gemv4_impl(const float* x, int64_t K, int64_t ldx, const uint8_t* packed, i
 }
 
 void gemv4(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, int64_t blocksize,
-           const float* table, const float* scales, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+           const float* table, const BlockScales& scales, int64_t o0, int64_t o1, float* y, int64_t ldy) {
   switch (M) {
     case 1: gemv4_impl<1>(x, K, ldx, packed, blocksize, table, scales, o0, o1, y, ldy); break;
     case 2: gemv4_impl<2>(x, K, ldx, packed, blocksize, table, scales, o0, o1, y, ldy); break;

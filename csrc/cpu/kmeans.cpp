@@ -13,7 +13,7 @@
 namespace qengine {
 
 int kmeans_accumulate_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
-                          double* sums, int64_t* counts, double* sse) {
+                          double* sums, double* weights, double* sse) {
   if (n < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8) || !cb.identity_order) return kInvalidArgument;
   const cpu::Kernels& k = cpu::kernels();
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
@@ -23,7 +23,7 @@ int kmeans_accumulate_cpu(const void* x, int dtype, int64_t n, int64_t blocksize
   int status = kOk;
   cpu::parallel_for(0, nblocks, (16384 + blocksize - 1) / blocksize, 1, [&](int64_t b0, int64_t b1) {
     std::vector<double> s(ncodes, 0.0);
-    std::vector<int64_t> c(ncodes, 0);
+    std::vector<double> c(ncodes, 0.0);
     double err = 0.0;
     uint8_t codes[1024];
     bool bad = false;
@@ -41,12 +41,14 @@ int kmeans_accumulate_cpu(const void* x, int dtype, int64_t n, int64_t blocksize
       for (int64_t off = 0; off < len; off += 1024) {
         const int64_t m = std::min<int64_t>(1024, len - off);
         k.encode(src + off * esz, dtype, m, norm, rule, cb, codes);
+        // The error of a weight is scale^2 times the error of its normalised value.
+        const double w = static_cast<double>(norm.scale) * norm.scale;
         for (int64_t i = 0; i < m; ++i) {
           float v = normalise(load_as_float(src, dtype, off + i), norm, rule);
           double d = static_cast<double>(v) - cb.table[codes[i]];
-          s[codes[i]] += v;
-          c[codes[i]] += 1;
-          err += d * d;
+          s[codes[i]] += w * v;
+          c[codes[i]] += w;
+          err += w * d * d;
         }
       }
     }
@@ -54,7 +56,7 @@ int kmeans_accumulate_cpu(const void* x, int dtype, int64_t n, int64_t blocksize
     if (bad) status = kNonFiniteInput;
     for (int q = 0; q < ncodes; ++q) {
       sums[q] += s[q];
-      counts[q] += c[q];
+      weights[q] += c[q];
     }
     *sse += err;
   });

@@ -14,12 +14,12 @@ namespace {
 
 // Decodes elements [first, first + count) of the quantized weight into w (float32).
 void decode_span(const cpu::Kernels& k, const uint8_t* packed, int64_t first, int64_t count, int64_t blocksize,
-                 const Codebook& cb, int rule, const float* scales, const float* offsets, float* w) {
+                 const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* w) {
   for (int64_t i = first; i < first + count;) {
     const int64_t b = i / blocksize;
     const int64_t end = std::min(first + count, (b + 1) * blocksize);
     const float offset = rule == kMinmax ? offsets[b] : 0.0f;
-    k.decode(packed, i, end - i, cb, scales[b], offset, rule, w + (i - first), kFloat32, false);
+    k.decode(packed, i, end - i, cb, block_scale(scales, b), offset, rule, w + (i - first), kFloat32, false);
     i = end;
   }
 }
@@ -31,7 +31,7 @@ bool valid(int64_t M, int64_t K, int64_t N, int64_t blocksize, const Codebook& c
 }  // namespace
 
 int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed, int64_t blocksize,
-               const Codebook& cb, int rule, const float* scales, const float* offsets, float* y) {
+               const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* y) {
   if (!valid(M, K, N, blocksize, cb) || ldx < K) return kInvalidArgument;
   if (M == 0 || N == 0) return kOk;
   const cpu::Kernels& k = cpu::kernels();
@@ -59,7 +59,7 @@ int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, con
 }
 
 int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
-                 const Codebook& cb, int rule, const float* scales, const float* offsets, float* gx) {
+                 const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* gx) {
   if (!valid(M, K, N, blocksize, cb)) return kInvalidArgument;
   if (M == 0 || K == 0) return kOk;
   std::fill(gx, gx + M * K, 0.0f);

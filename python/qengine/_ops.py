@@ -177,14 +177,15 @@ def _(packed, table, scales, offsets, bits, blocksize, numel, out):
 # --------------------------------------------------------------------------- k-means
 def kmeans_accumulate(x: torch.Tensor, blocksize: int, table: torch.Tensor, midpoints: torch.Tensor, bits: int,
                       rule: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One Lloyd step over the block-normalised values of x (CPU): per-code sums, counts, SSE."""
+    """One weighted Lloyd step over the block-normalised values of x (CPU): per-code weighted
+    sums, weight totals (weights = block scale^2) and the weighted squared error."""
     check_float("x", x)
     check_contiguous("x", x)
     if x.device.type != "cpu":
         raise ValueError(f"k-means fitting runs on the CPU; x is on {x.device}")
     _check_tables(table, midpoints, None, bits, x.device)
     sums = torch.zeros(2**bits, dtype=torch.float64)
-    counts = torch.zeros(2**bits, dtype=torch.int64)
+    counts = torch.zeros(2**bits, dtype=torch.float64)
     sse = _C.kmeans_accumulate_cpu(x.data_ptr(), _DTYPE_CODES[x.dtype], x.numel(), blocksize, table.data_ptr(),
                                    midpoints.data_ptr(), bits, rule, sums.data_ptr(), counts.data_ptr())
     return sums, counts, sse
@@ -196,7 +197,7 @@ def kmeans_accumulate(x: torch.Tensor, blocksize: int, table: torch.Tensor, midp
 SMALL_BATCH_ROWS = 16
 
 
-def _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_features):
+def _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_features, nested):
     check_float("x", x)
     _check_device("x", x)
     if x.dim() < 1:
@@ -204,8 +205,53 @@ def _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_f
     in_features = x.shape[-1]
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
-    _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, out_features * in_features)
+    numel = out_features * in_features
+    if nested is None:
+        _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
+    else:
+        _check_dequantize_args(packed, table, None, offsets, bits, blocksize, numel)
+        _check_nested(scales, nested, _nblocks(numel, blocksize), packed.device)
     check_same_device(x.device, packed=packed)
+
+
+def _check_nested(codes, nested, nblocks, device):
+    """nested = [table float32 [256], absmax float32 [ceil(nblocks / nbs)], mean float32 [],
+    nested_blocksize int64 []] for scales stored as uint8 codes [nblocks]."""
+    if len(nested) != 4:
+        raise ValueError("scales_nested must be [table, absmax, mean, blocksize]")
+    table, absmax, mean, nbs = nested
+    check_dtype("scales", codes, torch.uint8)
+    check_contiguous("scales", codes)
+    check_numel("scales", codes, nblocks)
+    check_dtype("nested table", table, torch.float32)
+    check_numel("nested table", table, 256)
+    check_dtype("nested absmax", absmax, torch.float32)
+    check_contiguous("nested absmax", absmax)
+    nested_bs = int(nbs)
+    if nested_bs < 1:
+        raise ValueError(f"nested blocksize must be >= 1, got {nested_bs}")
+    check_numel("nested absmax", absmax, _nblocks(nblocks, nested_bs))
+    check_dtype("nested mean", mean, torch.float32)
+    check_numel("nested mean", mean, 1)
+    check_same_device(device, scales=codes, nested_table=table, nested_absmax=absmax)
+
+
+def _dense_scales(scales, nested):
+    """Float32 per-block scales from the (possibly double-quantized) argument pair."""
+    if nested is None:
+        return scales
+    table, absmax, mean, nbs = nested
+    out = torch.empty(scales.numel(), dtype=torch.float32, device=scales.device)
+    _dequantize_into(scales, table, absmax, None, 8, int(nbs), scales.numel(), out)
+    return out + mean.reshape(())
+
+
+def _scale_args(scales, nested):
+    """(scales ptr, nested table ptr, nested absmax ptr, nested blocksize, mean) for _C."""
+    if nested is None:
+        return scales.data_ptr(), 0, 0, 1, 0.0
+    table, absmax, mean, nbs = nested
+    return scales.data_ptr(), table.data_ptr(), absmax.data_ptr(), int(nbs), float(mean)
 
 
 def _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, dtype):
@@ -216,9 +262,15 @@ def _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, dtype):
 
 @torch.library.custom_op("qengine::matmul", mutates_args=())
 def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
-           offsets: Optional[torch.Tensor], bits: int, blocksize: int, out_features: int) -> torch.Tensor:
-    """y[..., N] = x[..., K] @ W^T for the quantized W [N, K]; float32 accumulation, x's dtype out."""
-    _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_features)
+           scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor], bits: int, blocksize: int,
+           out_features: int) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ W^T for the quantized W [N, K]; float32 accumulation, x's dtype out.
+
+    scales: float32 [nblocks] with scales_nested = [], or uint8 codes [nblocks] with
+    scales_nested = [table, absmax, mean, nested_blocksize] when double-quantized (decoded
+    inside the kernel)."""
+    scales_nested = scales_nested or None
+    _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_features, scales_nested)
     k, n = x.shape[-1], out_features
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -227,29 +279,35 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: t
         y = torch.empty(m, n, dtype=torch.float32)
         if m and n:
             _C.matmul_cpu(xf.data_ptr(), m, k, k, n, packed.data_ptr(), blocksize, table.data_ptr(), bits,
-                          1 if offsets is not None else 0, scales.data_ptr(),
+                          1 if offsets is not None else 0, *_scale_args(scales, scales_nested),
                           offsets.data_ptr() if offsets is not None else 0, y.data_ptr())
         y = y.to(x.dtype)
     else:
-        w = _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, x.dtype)
+        w = _dense_weight(packed, table, _dense_scales(scales, scales_nested), offsets, bits, blocksize, n, k, x.dtype)
         y = x2 @ w.t()
         del w  # the dense copy lives only for this product
     return y.reshape(*x.shape[:-1], n)
 
 
 @matmul.register_fake
-def _(x, packed, table, scales, offsets, bits, blocksize, out_features):
+def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("qengine::matmul_t", mutates_args=())
 def matmul_t(g: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
-             offsets: Optional[torch.Tensor], bits: int, blocksize: int, in_features: int) -> torch.Tensor:
+             scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor], bits: int, blocksize: int,
+             in_features: int) -> torch.Tensor:
     """gx[..., K] = g[..., N] @ W for the quantized W [N, K] (the backward of matmul for x)."""
+    scales_nested = scales_nested or None
     check_float("g", g)
     _check_device("g", g)
     n, k = g.shape[-1], in_features
-    _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, n * k)
+    if scales_nested is None:
+        _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, n * k)
+    else:
+        _check_dequantize_args(packed, table, None, offsets, bits, blocksize, n * k)
+        _check_nested(scales, scales_nested, _nblocks(n * k, blocksize), packed.device)
     g2 = g.reshape(-1, n)
     m = g2.shape[0]
     if g.device.type == "cpu" and m <= SMALL_BATCH_ROWS:
@@ -257,34 +315,35 @@ def matmul_t(g: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales:
         gx = torch.empty(m, k, dtype=torch.float32)
         if m and k:
             _C.matmul_t_cpu(gf.data_ptr(), m, n, k, packed.data_ptr(), blocksize, table.data_ptr(), bits,
-                            1 if offsets is not None else 0, scales.data_ptr(),
+                            1 if offsets is not None else 0, *_scale_args(scales, scales_nested),
                             offsets.data_ptr() if offsets is not None else 0, gx.data_ptr())
         gx = gx.to(g.dtype)
     else:
-        w = _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, g.dtype)
+        w = _dense_weight(packed, table, _dense_scales(scales, scales_nested), offsets, bits, blocksize, n, k, g.dtype)
         gx = g2 @ w
         del w
     return gx.reshape(*g.shape[:-1], k)
 
 
 @matmul_t.register_fake
-def _(g, packed, table, scales, offsets, bits, blocksize, in_features):
+def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_features):
     return g.new_empty(*g.shape[:-1], in_features)
 
 
 def _matmul_setup_context(ctx, inputs, output):
-    x, packed, table, scales, offsets, bits, blocksize, out_features = inputs
-    ctx.save_for_backward(packed, table, scales, offsets)
+    x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features = inputs
+    nested = list(scales_nested)
+    ctx.save_for_backward(packed, table, scales, offsets, *nested)
     ctx.meta = (bits, blocksize, x.shape[-1])
 
 
 def _matmul_backward(ctx, grad):
-    packed, table, scales, offsets = ctx.saved_tensors
+    packed, table, scales, offsets, *nested = ctx.saved_tensors
     bits, blocksize, in_features = ctx.meta
     gx = None
     if ctx.needs_input_grad[0]:
-        gx = torch.ops.qengine.matmul_t(grad, packed, table, scales, offsets, bits, blocksize, in_features)
-    return gx, None, None, None, None, None, None, None
+        gx = torch.ops.qengine.matmul_t(grad, packed, table, scales, nested, offsets, bits, blocksize, in_features)
+    return gx, None, None, None, [None] * len(nested), None, None, None, None
 
 
 matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)

@@ -82,9 +82,10 @@ def matmul(x: torch.Tensor, qweight: QuantizedTensor, bias: Optional[torch.Tenso
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must end in in_features={k}, got shape {tuple(x.shape)}")
     table = qweight.format.kernel_tables(qweight.device)[0]
-    scales = qweight._block_values(qweight.scales)
+    scales, nested = qweight._kernel_scales()
     offsets = qweight._block_values(qweight.offsets)
-    y = torch.ops.qengine.matmul(x, qweight.packed, table, scales, offsets, qweight.format.bits, qweight.blocksize, n)
+    y = torch.ops.qengine.matmul(x, qweight.packed, table, scales, nested or [], offsets, qweight.format.bits,
+                                 qweight.blocksize, n)
     if bias is not None:
         check_tensor("bias", bias)
         if bias.shape != (n,):
@@ -103,11 +104,12 @@ def matmul(x: torch.Tensor, qweight: QuantizedTensor, bias: Optional[torch.Tenso
 
 
 def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] = 64, rule: str = "absmax",
-                 iters: int = 25, sample: int = 1 << 20, seed: int = 0, tol: float = 1e-7) -> Format:
+                 iters: int = 60, sample: int = 1 << 20, seed: int = 0, tol: float = 1e-7) -> Format:
     """A codebook fitted to `weight` by 1-D k-means (weight clustering) on its block-normalised
-    values, so that quantizing `weight` with it (same blocksize and rule) minimises squared
-    error. Initialised at quantiles of a sample, then Lloyd iterations over all values in the
-    native kernel. Returns a Format usable everywhere a format name is.
+    values, each weighted by its block's scale^2, so that quantizing `weight` with it (same
+    blocksize and rule) minimises the squared error of the weights. Initialised at quantiles of
+    a sample, then Lloyd iterations over all values in the native kernel. Returns a Format
+    usable everywhere a format name is.
 
     Args:
         weight: float tensor (any shape, contiguous, finite), on the CPU (others are copied).
@@ -134,12 +136,13 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
     for _ in range(iters):
         fmt = codebook(centroids, rule=rule, bits=bits, name="kmeans")
         table, mids, _order, _grid = fmt.kernel_tables("cpu")
-        sums, counts, sse = _ops.kmeans_accumulate(x, bs, table, mids, bits, fmt.rule_code)
+        sums, weights, sse = _ops.kmeans_accumulate(x, bs, table, mids, bits, fmt.rule_code)
         n = len(fmt.values)
-        counts, sums = counts[:n], sums[:n]
+        weights, sums = weights[:n], sums[:n]
         old = torch.tensor(fmt.values, dtype=torch.float64)
-        # Empty clusters keep their value; the others move to the mean of their members.
-        new = torch.where(counts > 0, sums / counts.clamp(min=1), old)
+        # Empty clusters keep their value; the others move to the (scale^2-weighted) mean of
+        # their members, which minimises the squared error of the weights themselves.
+        new = torch.where(weights > 0, sums / weights.clamp(min=1e-300), old)
         new = _strictly_increasing(new, rule)
         centroids = new.tolist()
         if last_sse is not None and last_sse - sse <= tol * max(last_sse, 1e-30):

@@ -116,6 +116,16 @@ class QuantizedTensor:
         """Storage cost in bits per element, counting every stored byte."""
         return 8.0 * self.nbytes / max(self.numel, 1)
 
+    def _kernel_scales(self) -> tuple[torch.Tensor, Optional[list]]:
+        """Scales as the matmul kernels take them: float32 values, or the uint8 codes plus
+        [table, absmax, mean, nested_blocksize] when double-quantized (decoded in the kernel)."""
+        if not isinstance(self.scales, NestedScales):
+            return self.scales, None
+        inner = self.scales.quantized
+        table = inner.format.kernel_tables(self.device)[0]
+        nbs = torch.tensor(inner.blocksize, dtype=torch.int64)
+        return inner.packed, [table, inner.scales, self.scales.mean.reshape(1), nbs]
+
     def _block_values(self, part) -> Optional[torch.Tensor]:
         if isinstance(part, NestedScales):
             return part.values()

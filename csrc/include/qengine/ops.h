@@ -24,17 +24,18 @@ int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t count, in
 // y[M, N] (float32) = x[M, K] (float32, row stride ldx) @ W^T, W the quantized [N, K] weight
 // (flat blocks over its row-major elements). Decodes each weight row once for all M rows.
 int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed, int64_t blocksize,
-               const Codebook& cb, int rule, const float* scales, const float* offsets, float* y);
+               const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* y);
 
 // gx[M, K] (float32) = g[M, N] (float32) @ W, the transposed problem of matmul_cpu (backward).
 int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
-                 const Codebook& cb, int rule, const float* scales, const float* offsets, float* gx);
+                 const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* gx);
 
-// One Lloyd step of 1-D k-means on the block-normalised values of x: for each sorted
-// codebook entry k, sums[k] += normalised values nearest to it, counts[k] += their number.
-// Also adds the squared distances to *sse. cb must be sorted (identity order).
+// One Lloyd step of weighted 1-D k-means on the block-normalised values v of x, each weighted
+// by its block's scale^2 (so the objective is the squared error of the weights themselves):
+// for each sorted codebook entry k, sums[k] += w*v and weights[k] += w over the values nearest
+// to it; *sse += w * (v - code)^2. cb must be sorted (identity order).
 int kmeans_accumulate_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
-                          double* sums, int64_t* counts, double* sse);
+                          double* sums, double* weights, double* sse);
 
 #if defined(QENGINE_WITH_CUDA)
 int cuda_device_count(int* count);

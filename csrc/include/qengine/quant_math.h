@@ -38,6 +38,9 @@ struct Codebook {
 constexpr int kGridSize = 65536;
 
 QE_HD int grid_index(float v) {
+  // NaN (0 * inf when absmax is subnormal, 1 / absmax overflowing) goes to index 0, as the
+  // truncating conversion does in bitsandbytes.
+  if (v != v) return 0;
   v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
   float t = (v + 1.0f) * 0.5f;
   return static_cast<int>(t * 65535.0f + 0.5f);
@@ -106,6 +109,23 @@ QE_HD float decode_value(float code_value, float scale, float offset, int rule) 
 #else
   return rule == kMinmax ? __builtin_fmaf(code_value, scale, offset) : code_value * scale;
 #endif
+}
+
+// Per-block scales, plain (values) or double-quantized: table[codes[b]] * absmax[b / nested_blocksize]
+// + mean, in float32 with two roundings, exactly as the dequantize-then-add of the Python side.
+struct BlockScales {
+  const float* values;     // float32 [nblocks], or null when double-quantized
+  const uint8_t* codes;    // uint8 [nblocks]
+  const float* table;      // float32 [256] (the nested format's codebook)
+  const float* absmax;     // float32 [ceil(nblocks / nested_blocksize)]
+  int64_t nested_blocksize;
+  float mean;
+};
+
+QE_HD float block_scale(const BlockScales& s, int64_t b) {
+  if (s.values != nullptr) return s.values[b];
+  float v = s.table[s.codes[b]] * s.absmax[b / s.nested_blocksize];
+  return v + s.mean;
 }
 
 // Nibble layout (bitsandbytes'): element 2k in the high nibble of byte k, 2k+1 in the low.
