@@ -69,9 +69,13 @@ int dequantize_range_cpu(addr packed, int64_t first, int64_t count, int64_t bloc
 // scales: float32 values, or (nested_table != 0) uint8 codes of the double-quantized scales.
 qengine::BlockScales block_scales(addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize,
                                   float mean) {
-  if (nested_table == 0) return qengine::BlockScales{ptr<const float>(scales), nullptr, nullptr, nullptr, 1, 0.0f};
+  if (nested_table == 0) return qengine::BlockScales{ptr<const float>(scales), nullptr, nullptr, nullptr, 1, 0.0f, 0};
+  int shift = -1;
+  for (int s = 0; s < 62; ++s) {
+    if ((int64_t{1} << s) == nested_blocksize) shift = s;
+  }
   return qengine::BlockScales{nullptr, ptr<const uint8_t>(scales), ptr<const float>(nested_table),
-                              ptr<const float>(nested_absmax), nested_blocksize, mean};
+                              ptr<const float>(nested_absmax), nested_blocksize, mean, shift};
 }
 
 int matmul_cpu(addr x, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed, int64_t blocksize, addr table,

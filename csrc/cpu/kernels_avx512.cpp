@@ -338,47 +338,76 @@ void axpy_rows(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K
   }
 }
 
-// Fused 4-bit GEMV: 32 weights (16 bytes) are decoded into two registers, scaled by their
-// block's scale and multiplied into M <= 4 accumulators pairs; each packed byte is read once.
+// Fused 4-bit GEMV over x in the "nibble order" of qengine/gemv_layout.h: one 64-byte load
+// holds 128 codes; as 16 dwords, vpermps reads the low 4 bits of each lane, so shifting the
+// dwords by 4 bits seven times walks all 8 nibbles of each lane, one table lookup per 16
+// weights and no unpacking. x is permuted once per call to match (see gemv_layout.h).
+// Scales of the 16 lanes of 128-element chunk c (lane i covers elements 8i..8i+7);
+// blocksize is a power of two >= 32, so block indices are shifts, not divisions.
+inline __m512 chunk_scales(const BlockScales& scales, int64_t first_block, int64_t c, int log2_blocksize) {
+  const int64_t b = first_block + ((c * 128) >> log2_blocksize);
+  if (log2_blocksize >= 7) return _mm512_set1_ps(block_scale(scales, b));
+  if (log2_blocksize == 6) {
+    return _mm512_insertf32x8(_mm512_set1_ps(block_scale(scales, b)), _mm256_set1_ps(block_scale(scales, b + 1)), 1);
+  }
+  // blocksize 32: lanes 4j..4j+3 belong to block b + j
+  const __m128 four = _mm_setr_ps(block_scale(scales, b), block_scale(scales, b + 1), block_scale(scales, b + 2),
+                                  block_scale(scales, b + 3));
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
+}
+
+// xr: this group's M rows of x interleaved per chunk, xr[c*128*M + (j*M + m)*16 + i], so every
+// load is a constant offset from one pointer.
 template <int M>
-void gemv4_impl(const float* x, int64_t K, int64_t ldx, const uint8_t* packed, int64_t blocksize, const float* table,
-                const BlockScales& scales, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+void gemv4_impl(const float* xr, int64_t K, const uint8_t* packed, int64_t blocksize, const float* table,
+                const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y, int64_t ldy) {
   const __m512 tbl = _mm512_loadu_ps(table);
-  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512i nib = _mm512_set1_epi32(0x0f);
   const int64_t blocks_per_row = K / blocksize;
+  int log2_bs = 0;
+  while ((int64_t{1} << log2_bs) < blocksize) ++log2_bs;
   for (int64_t o = o0; o < o1; ++o) {
-    __m512 acc_a[M], acc_b[M];
-    for (int m = 0; m < M; ++m) acc_a[m] = acc_b[m] = _mm512_setzero_ps();
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     const uint8_t* row = packed + (o * K >> 1);
     const int64_t first_block = o * blocks_per_row;
-    for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
-      const __m512 sc = _mm512_set1_ps(block_scale(scales, first_block + blk));
-      const int64_t k_begin = blk * blocksize;
-      for (int64_t k = k_begin; k < k_begin + blocksize; k += 32) {
-        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
-        __m512 vh = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl);
-        __m512 vl = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), tbl);
-        __m512 w0 = _mm512_mul_ps(_mm512_permutex2var_ps(vh, lo_idx, vl), sc);
-        __m512 w1 = _mm512_mul_ps(_mm512_permutex2var_ps(vh, hi_idx, vl), sc);
+    for (int64_t c = c0; c < c1; ++c) {
+      __m512i d = _mm512_loadu_si512(row + c * 64);
+      const float* xc = xr + c * 128 * M;
+      __m512 t0[M], t1[M];  // two chains per row of x: unscaled partial sums of this chunk
+      __m512 w = _mm512_permutexvar_ps(d, tbl);
+      for (int m = 0; m < M; ++m) t0[m] = _mm512_mul_ps(w, _mm512_loadu_ps(xc + m * 16));
+      d = _mm512_srli_epi32(d, 4);
+      w = _mm512_permutexvar_ps(d, tbl);
+      for (int m = 0; m < M; ++m) t1[m] = _mm512_mul_ps(w, _mm512_loadu_ps(xc + (M + m) * 16));
+      for (int j = 2; j < 8; j += 2) {
+        d = _mm512_srli_epi32(d, 4);
+        w = _mm512_permutexvar_ps(d, tbl);
+        for (int m = 0; m < M; ++m) t0[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + (j * M + m) * 16), t0[m]);
+        d = _mm512_srli_epi32(d, 4);
+        w = _mm512_permutexvar_ps(d, tbl);
         for (int m = 0; m < M; ++m) {
-          acc_a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + k), w0, acc_a[m]);
-          acc_b[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + k + 16), w1, acc_b[m]);
+          t1[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + ((j + 1) * M + m) * 16), t1[m]);
         }
       }
+      const __m512 sc = chunk_scales(scales, first_block, c, log2_bs);
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t0[m], t1[m]), sc, acc[m]);
     }
-    for (int m = 0; m < M; ++m) y[m * ldy + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc_a[m], acc_b[m]));
+    for (int m = 0; m < M; ++m) y[m * ldy + o] += _mm512_reduce_add_ps(acc[m]);
   }
 }
 
-void gemv4(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, int64_t blocksize,
-           const float* table, const BlockScales& scales, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+void gemv4(const float* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize, const float* table,
+           const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y, int64_t ldy) {
   switch (M) {
-    case 1: gemv4_impl<1>(x, K, ldx, packed, blocksize, table, scales, o0, o1, y, ldy); break;
-    case 2: gemv4_impl<2>(x, K, ldx, packed, blocksize, table, scales, o0, o1, y, ldy); break;
-    case 3: gemv4_impl<3>(x, K, ldx, packed, blocksize, table, scales, o0, o1, y, ldy); break;
-    default: gemv4_impl<4>(x, K, ldx, packed, blocksize, table, scales, o0, o1, y, ldy); break;
+    case 1: gemv4_impl<1>(xr, K, packed, blocksize, table, scales, o0, o1, c0, c1, y, ldy); break;
+    case 2: gemv4_impl<2>(xr, K, packed, blocksize, table, scales, o0, o1, c0, c1, y, ldy); break;
+    case 3: gemv4_impl<3>(xr, K, packed, blocksize, table, scales, o0, o1, c0, c1, y, ldy); break;
+    case 4: gemv4_impl<4>(xr, K, packed, blocksize, table, scales, o0, o1, c0, c1, y, ldy); break;
+    case 5: gemv4_impl<5>(xr, K, packed, blocksize, table, scales, o0, o1, c0, c1, y, ldy); break;
+    case 6: gemv4_impl<6>(xr, K, packed, blocksize, table, scales, o0, o1, c0, c1, y, ldy); break;
+    case 7: gemv4_impl<7>(xr, K, packed, blocksize, table, scales, o0, o1, c0, c1, y, ldy); break;
+    default: gemv4_impl<8>(xr, K, packed, blocksize, table, scales, o0, o1, c0, c1, y, ldy); break;
   }
 }
 

@@ -24,6 +24,36 @@ void decode_span(const cpu::Kernels& k, const uint8_t* packed, int64_t first, in
   }
 }
 
+// The fused GEMV reads 128 codes per 64-byte load in dword-nibble order: lane i of step j
+// holds element 8i + kNibbleOrder[j] of the chunk (low nibble = odd element, see nibble_at).
+constexpr int64_t kGemvChunk = 128;
+constexpr int kNibbleOrder[8] = {1, 0, 3, 2, 5, 4, 7, 6};
+
+// Groups of up to kGemvRows rows of x share each decoded weight.
+constexpr int64_t kGemvRows = 8;
+
+// For each group of mb rows starting at m0, stored at xr + m0 * K:
+//   xr[m0*K + c*mb + (j*mb + m)*16 + i] = x[m0 + m][c + 8i + kNibbleOrder[j]]   (c a chunk start)
+std::vector<float> nibble_order_x(const float* x, int64_t M, int64_t K, int64_t ldx) {
+  std::vector<float> xr(static_cast<size_t>(M * K));
+  for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {
+    const int64_t mb = std::min(kGemvRows, M - m0);
+    float* group = xr.data() + m0 * K;
+    for (int64_t c = 0; c < K; c += kGemvChunk) {
+      for (int j = 0; j < 8; ++j) {
+        for (int64_t m = 0; m < mb; ++m) {
+          const float* src = x + (m0 + m) * ldx + c;
+          float* dst = group + c * mb + (j * mb + m) * 16;
+          for (int i = 0; i < 16; ++i) dst[i] = src[8 * i + kNibbleOrder[j]];
+        }
+      }
+    }
+  }
+  return xr;
+}
+
+bool power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
 bool valid(int64_t M, int64_t K, int64_t N, int64_t blocksize, const Codebook& cb) {
   return M >= 0 && K >= 0 && N >= 0 && blocksize >= 1 && (cb.bits == 4 || cb.bits == 8);
 }
@@ -37,13 +67,21 @@ int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, con
   const cpu::Kernels& k = cpu::kernels();
   // Enough rows per thread that the decode of a row dominates the bookkeeping.
   const int64_t min_rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
-  const bool fused = k.gemv4 != nullptr && cb.bits == 4 && rule == kAbsmax && K % blocksize == 0 &&
-                     blocksize % 32 == 0;
+  const bool fused = k.gemv4 != nullptr && cb.bits == 4 && rule == kAbsmax && K % kGemvChunk == 0 &&
+                     K % blocksize == 0 && blocksize >= 32 && power_of_two(blocksize);
   if (fused) {
+    const std::vector<float> xr = nibble_order_x(x, M, K, ldx);
+    std::fill(y, y + M * N, 0.0f);
+    const int64_t chunks = K / kGemvChunk;
     cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t m = 0; m < M; m += 4) {
-        k.gemv4(x + m * ldx, std::min<int64_t>(4, M - m), K, ldx, packed, blocksize, cb.table, scales, n0, n1,
-                y + m * N, N);
+      for (int64_t m = 0; m < M; m += kGemvRows) {
+        const int64_t mb = std::min(kGemvRows, M - m);
+        // K tiles small enough that the mb rows of x stay in L1 (~24 KiB) while all rows pass.
+        const int64_t tile = std::max<int64_t>(1, 6144 / (mb * kGemvChunk));
+        for (int64_t c = 0; c < chunks; c += tile) {
+          k.gemv4(xr.data() + m * K, mb, K, packed, blocksize, cb.table, scales, n0, n1, c, std::min(chunks, c + tile),
+                  y + m * N, N);
+        }
       }
     });
     return kOk;

@@ -120,11 +120,13 @@ struct BlockScales {
   const float* absmax;     // float32 [ceil(nblocks / nested_blocksize)]
   int64_t nested_blocksize;
   float mean;
+  int nested_shift;        // log2(nested_blocksize) when a power of two, else -1 (divide)
 };
 
 QE_HD float block_scale(const BlockScales& s, int64_t b) {
   if (s.values != nullptr) return s.values[b];
-  float v = s.table[s.codes[b]] * s.absmax[b / s.nested_blocksize];
+  const int64_t nb = s.nested_shift >= 0 ? (b >> s.nested_shift) : b / s.nested_blocksize;
+  float v = s.table[s.codes[b]] * s.absmax[nb];
   return v + s.mean;
 }
 
