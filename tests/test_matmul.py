@@ -1,0 +1,186 @@
+"""qengine.matmul (the dequantize-matmul with bias and LoRA): forward and backward against a
+float64 reference built from the independent reference dequantization, on the fused small-batch
+path (<= 16 rows), the dense large-batch path, odd shapes, every ISA, and torch.compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import qengine
+import reference as R
+from cases import TORCH_JIT_DEPRECATION, fmt_of
+
+BATCHES = [1, 3, 16, 17, 64]
+# (out_features, in_features, blocksize): the fused kernel's shape (K % 128 == 0), a
+# block-aligned K that is not, per-row blocks, and flat blocks that straddle rows.
+LAYERS = [(96, 256, 64), (40, 192, 32), (33, 384, None), (30, 200, 64)]
+
+
+def _reference_weight(w, fmt, bs, dq):
+    return R.dequantize(R.quantize(w, fmt_of(fmt), bs, dq), torch.float32).to(torch.float64)
+
+
+def _bound(x64, w64, dtype, extra=0.0):
+    """|error| bound: float32 accumulation over K (grows like sqrt(K) * eps) plus the rounding
+    of the output to `dtype`."""
+    k = x64.shape[-1]
+    mag = x64.abs() @ w64.abs().t() + extra
+    eps_out = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    return 8 * math.sqrt(k) * 2.0**-24 * mag + eps_out * mag
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda l: f"{l[0]}x{l[1]}-{'row' if l[2] is None else l[2]}")
+@pytest.mark.parametrize("m", BATCHES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dq", [False, True])
+def test_forward_matches_reference(layer, m, dtype, dq):
+    n, k, bs = layer
+    w = torch.randn(n, k)
+    q = qengine.quantize(w, "nf4", bs, double_quant=dq)
+    w64 = _reference_weight(w, "nf4", bs, dq)
+    x = torch.randn(m, k).to(dtype)
+    y = qengine.matmul(x, q)
+    assert y.dtype == dtype and y.shape == (m, n)
+    x64 = x.to(torch.float64)
+    ref = x64 @ w64.t()
+    assert ((y.to(torch.float64) - ref).abs() <= _bound(x64, w64, dtype)).all()
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "int4", "int8", "uint4", "uint8", "cb5", "cb200"])
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_every_format(fmt, m):
+    w = torch.randn(48, 256)
+    q = qengine.quantize(w, fmt_of(fmt), 64, double_quant=True)
+    w64 = _reference_weight(w, fmt, 64, True)
+    x = torch.randn(2, m, 256)
+    y = qengine.matmul(x, q)
+    x64 = x.to(torch.float64)
+    ref = x64 @ w64.t()
+    assert y.shape == (2, m, 48)
+    assert ((y.to(torch.float64) - ref).abs() <= _bound(x64, w64, torch.float32)).all()
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 40])
+@pytest.mark.parametrize("layer", [(64, 256, 64), (30, 200, 64)], ids=["aligned", "straddling"])
+def test_bias_lora_and_gradients(m, layer):
+    n, k, bs = layer
+    r, s = 8, 0.75
+    q = qengine.quantize(torch.randn(n, k), "nf4", bs, double_quant=True)
+    w64 = q.dequantize().to(torch.float64)  # the frozen weight as the layer sees it
+    x = torch.randn(m, k, requires_grad=True)
+    bias = torch.randn(n, requires_grad=True)
+    a = (torch.randn(r, k) * 0.1).requires_grad_()
+    b = (torch.randn(n, r) * 0.1).requires_grad_()
+    y = qengine.matmul(x, q, bias, (a, b, s))
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    x64, bias64, a64, b64 = (t.detach().to(torch.float64).requires_grad_() for t in (x, bias, a, b))
+    ref = x64 @ w64.t() + bias64 + s * (x64 @ a64.t()) @ b64.t()
+    ref.backward(g.to(torch.float64))
+    tol = 1e-4 * math.sqrt(k)
+    assert torch.allclose(y.to(torch.float64), ref, rtol=1e-5, atol=tol)
+    for got, want in ((x.grad, x64.grad), (bias.grad, bias64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        assert torch.allclose(got.to(torch.float64), want, rtol=1e-5, atol=tol * math.sqrt(max(m, n)))
+
+
+def test_lora_zero_b_is_the_base():
+    q = qengine.quantize(torch.randn(32, 128), "nf4", 64)
+    x = torch.randn(3, 128)
+    a = torch.randn(4, 128)
+    b = torch.zeros(32, 4)
+    assert torch.equal(qengine.matmul(x, q, lora=(a, b, 2.0)), qengine.matmul(x, q))
+
+
+def test_isas_agree():
+    q = qengine.quantize(torch.randn(64, 512), "nf4", 64, double_quant=True)
+    x = torch.randn(5, 512)
+    original = qengine.build_info()["cpu_isa"]
+    try:
+        results = {}
+        for isa in qengine.build_info()["supported_cpu_isas"]:
+            qengine.set_cpu_isa(isa)
+            results[isa] = qengine.matmul(x, q).to(torch.float64)
+    finally:
+        qengine.set_cpu_isa(original)
+    ref = results["scalar"]
+    for isa, y in results.items():
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4), isa
+
+
+def test_inputs_not_modified_and_weight_frozen():
+    q = qengine.quantize(torch.randn(16, 128), "nf4", 64)
+    packed = q.packed.clone()
+    x = torch.randn(2, 128, requires_grad=True)
+    x_before = x.detach().clone()
+    qengine.matmul(x, q).sum().backward()
+    assert torch.equal(x.detach(), x_before)
+    assert torch.equal(q.packed, packed)
+    assert not q.packed.requires_grad
+
+
+@pytest.mark.filterwarnings(TORCH_JIT_DEPRECATION)
+def test_opcheck():
+    q = qengine.quantize(torch.randn(32, 256), "nf4", 64, double_quant=True)
+    table = q.format.kernel_tables()[0]
+    scales, nested = q._kernel_scales()
+    for m in (1, 20):
+        x = torch.randn(m, 256, requires_grad=True)
+        torch.library.opcheck(torch.ops.qengine.matmul.default,
+                              (x, q.packed, table, scales, nested, None, 4, 64, 32))
+        g = torch.randn(m, 32)
+        torch.library.opcheck(torch.ops.qengine.matmul_t.default,
+                              (g, q.packed, table, scales, nested, None, 4, 64, 256))
+
+
+@pytest.mark.filterwarnings(TORCH_JIT_DEPRECATION)
+def test_compile_fullgraph_forward_backward():
+    q = qengine.quantize(torch.randn(48, 256), "nf4", 64, double_quant=True)
+    a = (torch.randn(8, 256) * 0.1).requires_grad_()
+    b = (torch.randn(48, 8) * 0.1).requires_grad_()
+
+    def f(x):
+        return qengine.matmul(x, q, None, (a, b, 0.5)).square().sum()
+
+    x = torch.randn(4, 256, requires_grad=True)
+    eager = f(x)
+    eager.backward()
+    gx, ga = x.grad.clone(), a.grad.clone()
+    x.grad = None
+    a.grad = None
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    compiled.backward()
+    assert torch.allclose(compiled, eager, rtol=1e-5)
+    assert torch.allclose(x.grad, gx, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(a.grad, ga, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["in_features", "weight_3d", "int_x", "bias_shape", "lora_shape", "lora_tuple"])
+def test_bad_input(case):
+    q = qengine.quantize(torch.randn(16, 128), "nf4", 64)
+    x = torch.randn(2, 128)
+    with pytest.raises((TypeError, ValueError)):
+        if case == "in_features":
+            qengine.matmul(torch.randn(2, 127), q)
+        elif case == "weight_3d":
+            qengine.matmul(x, qengine.quantize(torch.randn(2, 16, 128), "nf4", 64))
+        elif case == "int_x":
+            qengine.matmul(x.to(torch.int32), q)
+        elif case == "bias_shape":
+            qengine.matmul(x, q, torch.randn(15))
+        elif case == "lora_shape":
+            qengine.matmul(x, q, lora=(torch.randn(4, 127), torch.randn(16, 4), 1.0))
+        else:
+            qengine.matmul(x, q, lora=(torch.randn(4, 128), torch.randn(16, 4)))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    q = qengine.quantize(torch.randn(64, 256), "nf4", 64, double_quant=True)
+    x = torch.randn(3, 256)
+    y_cpu = qengine.matmul(x, q)
+    y_cuda = qengine.matmul(x.cuda(), q.to("cuda"))
+    assert torch.allclose(y_cuda.cpu(), y_cpu, rtol=1e-5, atol=1e-4)
