@@ -357,6 +357,9 @@ inline __m512 chunk_scales(const BlockScales& scales, int64_t first_block, int64
   return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
 }
 
+// How far ahead of the decode the packed weights are prefetched (a few DRAM latencies' worth).
+constexpr int64_t kPrefetchBytes = 1024;
+
 // xr: this group's M rows of x interleaved per chunk, xr[c*128*M + (j*M + m)*16 + i], so every
 // load is a constant offset from one pointer.
 template <int M>
@@ -372,6 +375,7 @@ void gemv4_impl(const float* xr, int64_t K, const uint8_t* packed, int64_t block
     const uint8_t* row = packed + (o * K >> 1);
     const int64_t first_block = o * blocks_per_row;
     for (int64_t c = c0; c < c1; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + c * 64 + kPrefetchBytes), _MM_HINT_T0);
       __m512i d = _mm512_loadu_si512(row + c * 64);
       const float* xc = xr + c * 128 * M;
       __m512 t0[M], t1[M];  // two chains per row of x: unscaled partial sums of this chunk
