@@ -1,0 +1,127 @@
+# Dequantize-matmul of qengine (NF4) against dense F.linear, torch's int4 CPU kernel and bitsandbytes.
+"""Usage: python bench/bench_matmul.py [--quick] [--json PATH] [--threads N]
+
+For each weight shape and batch: qengine.matmul on an NF4 weight (block 64, with and without
+double quant) with bfloat16 activations, against, in the same run: dense F.linear in bfloat16
+and float32, torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu, group 64) and
+bitsandbytes' Linear4bit (nf4, compress_statistics=True) in eval and train mode. 'GB/s' is the
+packed NF4 weight bytes per second (the memory-bound figure of merit at small batch); 'lora'
+is the time with a LoRA r=16 side path. Ratios > 1 mean qengine is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import qengine  # noqa: E402
+from _harness import copy_bandwidth, measure, print_table, quiet_import_bitsandbytes, write_json  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096)]
+BATCHES = [1, 4, 8, 16, 64, 512]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="11008x4096 only, batches 1, 16, 512")
+    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "matmul.json"))
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args()
+
+
+def int4_reference(w: torch.Tensor):
+    """torch's int4 CPU GEMM (group 64, asymmetric), or None where this torch lacks it."""
+    try:
+        n, k = w.shape
+        g = w.reshape(n, k // 64, 64)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8 * scale  # torch's convention: w = (q - 8) * scale + zero
+        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, sz)
+    except Exception:
+        return None
+
+
+def bnb_layer(bnb, w: torch.Tensor):
+    if bnb is None:
+        return None
+    layer = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.bfloat16,
+                              compress_statistics=True, quant_type="nf4")
+    layer.load_state_dict({"weight": w})
+    return layer.to("cpu")
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        qengine.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    bnb, why = quiet_import_bitsandbytes()
+    copy_gbps = copy_bandwidth()
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write); qengine {qengine.build_info()}")
+    if bnb is None:
+        print(f"bitsandbytes not measured: {why}")
+    shapes = SHAPES[1:] if args.quick else SHAPES
+    batches = [1, 16, 512] if args.quick else BATCHES
+    rows = []
+    for n, k in shapes:
+        w = torch.randn(n, k) * 0.02
+        qs = {dq: qengine.quantize(w, "nf4", 64, double_quant=dq) for dq in (False, True)}
+        w_bf16, w_f32 = w.to(torch.bfloat16), w
+        int4 = int4_reference(w)
+        layer = bnb_layer(bnb, w)
+        lora = (torch.randn(16, k, dtype=torch.bfloat16) * 0.01, torch.randn(n, 16, dtype=torch.bfloat16) * 0.01, 2.0)
+        nbytes = qs[False].packed.numel()
+        for m in batches:
+            xs = [(torch.randn(m, k, dtype=torch.bfloat16),) for _ in range(3)]
+            budget = 2.0 if m >= 64 else 1.0
+            r = {"shape": f"{n}x{k}", "batch": m}
+            with torch.no_grad():
+                for dq, q in qs.items():
+                    key = "dq" if dq else "nodq"
+                    r[key] = measure(lambda x, q=q: qengine.matmul(x, q), xs, budget_s=budget).median
+                r["lora"] = measure(lambda x: qengine.matmul(x, qs[True], lora=lora), xs, budget_s=budget).median
+                r["bf16"] = measure(lambda x: F.linear(x, w_bf16), xs, budget_s=budget).median
+                if m == 1:
+                    xf = [(x.float(),) for (x,) in xs]
+                    r["f32_q"] = measure(lambda x: qengine.matmul(x, qs[True]), xf).median
+                    r["f32"] = measure(lambda x: F.linear(x, w_f32), xf).median
+                if int4 is not None:
+                    r["int4"] = measure(int4, xs, budget_s=budget).median
+                if layer is not None and m <= 64:
+                    layer.eval()
+                    r["bnb_eval"] = measure(layer, xs, budget_s=budget).median
+                    if m <= 16:
+                        layer.train()
+                        r["bnb_train"] = measure(layer, xs, reps=5, min_reps=3, budget_s=budget).median
+                        layer.eval()
+            r["gbps"] = nbytes / r["dq"] / 1e9
+            r["x_bf16"] = r["bf16"] / r["dq"]
+            r["x_bnb"] = r["bnb_eval"] / r["dq"] if r.get("bnb_eval") else None
+            r["lora_pct"] = 100 * (r["lora"] / r["dq"] - 1)
+            r["x_f32"] = r["f32"] / r["f32_q"] if r.get("f32") else None
+            rows.append(r)
+            print(f"  {n}x{k} M={m}: nf4+dq {r['dq'] * 1e3:.3f} ms, dense bf16 {r['bf16'] * 1e3:.3f} ms", flush=True)
+    print_table([{kk: (v * 1e3 if isinstance(v, float) and kk in TIME_KEYS else v) for kk, v in r.items()}
+                 for r in rows], COLUMNS, title="NF4 dequantize-matmul, bf16 activations (ms; ratios: >1 = qengine faster)")
+    write_json(args.json, rows, copy_gbps=copy_gbps)
+
+
+TIME_KEYS = ("nodq", "dq", "lora", "bf16", "f32_q", "f32", "int4", "bnb_eval", "bnb_train")
+COLUMNS = [("shape", "shape", ""), ("batch", "M", "d"), ("nodq", "nf4", ".3f"), ("dq", "nf4+dq", ".3f"),
+           ("gbps", "GB/s", ".1f"), ("lora", "+lora16", ".3f"), ("lora_pct", "lora %", ".0f"),
+           ("bf16", "bf16 dense", ".3f"), ("x_bf16", "x bf16", ".2f"), ("int4", "torch int4", ".3f"),
+           ("bnb_eval", "bnb eval", ".3f"), ("x_bnb", "x bnb", ".2f"), ("bnb_train", "bnb train", ".2f"),
+           ("f32_q", "nf4 f32-x", ".3f"), ("f32", "f32 dense", ".3f"), ("x_f32", "x f32", ".1f")]
+
+if __name__ == "__main__":
+    main()
