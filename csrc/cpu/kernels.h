@@ -28,7 +28,7 @@ struct Kernels {
   // blocksize a power of two >= 32, decoding in registers (no dense row is written anywhere).
   // xr holds the M rows of x interleaved in nibble order (nibble_order_x in matmul.cpp).
   // Adds the dot products over the 128-element chunks [c0, c1) of each row to y (K tiles keep
-  // the slice of x in L1).
+  // the slice of x in L1); c1 - c0 <= 64.
   void (*gemv4)(const float* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize, const float* table,
                 const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y, int64_t ldy);
   // Optional fast path (null where absent): quantizes the full blocks b0..b1 of a 4-bit format

@@ -29,7 +29,7 @@ void decode_span(const cpu::Kernels& k, const uint8_t* packed, int64_t first, in
 constexpr int64_t kGemvChunk = 128;
 constexpr int kNibbleOrder[8] = {1, 0, 3, 2, 5, 4, 7, 6};
 
-// Groups of up to kGemvRows rows of x share each decoded weight.
+// Groups of up to kGemvRows rows of x share each decoded weight (the kernel's limit).
 constexpr int64_t kGemvRows = 8;
 
 // For each group of mb rows starting at m0, stored at xr + m0 * K:
@@ -76,8 +76,9 @@ int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, con
     cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t m = 0; m < M; m += kGemvRows) {
         const int64_t mb = std::min(kGemvRows, M - m);
-        // K tiles small enough that the mb rows of x stay in L1 (~24 KiB) while all rows pass.
-        const int64_t tile = std::max<int64_t>(1, 6144 / (mb * kGemvChunk));
+        // K tiles small enough that the mb rows of x stay in L1 (~24 KiB) while all rows pass,
+        // and at most 256 blocks of scales (the kernel's per-tile buffer; 64 chunks at block 32).
+        const int64_t tile = std::min<int64_t>(48, std::max<int64_t>(1, 6144 / (mb * kGemvChunk)));
         for (int64_t c = 0; c < chunks; c += tile) {
           k.gemv4(xr.data() + m * K, mb, K, packed, blocksize, cb.table, scales, n0, n1, c, std::min(chunks, c + tile),
                   y + m * N, N);
