@@ -70,78 +70,70 @@ BUSY_LIMIT = 0.1
 retry_budget_s = 45.0
 
 
-def measure_interleaved(fns: Sequence[Callable[..., Any]], arg_sets: Sequence[tuple], reps: int = 20,
-                        warmup: int = 2, min_reps: int = 5, budget_s: float = 1.0,
-                        device: str | torch.device = "cpu", retries: int = 2) -> list[Stats]:
-    """Times each fn(*arg_sets[i % len(arg_sets)]), the fns taking turns call by call (so that
-    drift in the machine's state affects them alike) and each rotating over the sets so that
-    consecutive calls touch different memory. `warmup` untimed calls of each first; then up to
-    `reps` timed rounds, stopping once `budget_s` seconds per fn are spent and at least
-    `min_reps` rounds were taken. On CUDA calls are timed with events, else with perf_counter.
-    If other processes were busy meanwhile, retries up to `retries` times and keeps the quietest."""
+def measure(fn: Callable[..., Any], arg_sets: Sequence[tuple], reps: int = 20, warmup: int = 2,
+            min_reps: int = 5, budget_s: float = 1.0, device: str | torch.device = "cpu",
+            retries: int = 2) -> Stats:
+    """Times fn(*arg_sets[i % len(arg_sets)]), rotating over the sets so that consecutive calls
+    touch different memory: `warmup` untimed calls, then up to `reps` timed ones, stopping once
+    `budget_s` seconds are spent and at least `min_reps` were taken. On CUDA each call is timed
+    with events, else with perf_counter. If other processes were busy meanwhile, retries up to
+    `retries` times (within the process's retry budget) and keeps the quietest attempt.
+    (Two functions are not interleaved call by call: OpenMP workers of one, e.g. bitsandbytes',
+    keep spinning after a call and would slow the other's threads on a small machine.)"""
     global retry_budget_s
     best = None
     for attempt in range(retries + 1):
         t0 = time.perf_counter()
-        res = _measure_once(fns, arg_sets, reps, warmup, min_reps, budget_s, torch.device(device))
-        if best is None or res[0].other < best[0].other:
-            best = res
-        if not best[0].other > BUSY_LIMIT or attempt == retries or retry_budget_s <= 0:
+        st = _measure_once(fn, arg_sets, reps, warmup, min_reps, budget_s, torch.device(device))
+        if best is None or st.other < best.other:
+            best = st
+        if not best.other > BUSY_LIMIT or attempt == retries or retry_budget_s <= 0:
             break
         time.sleep(1.0)
         retry_budget_s -= time.perf_counter() - t0 + 1.0
     return best
 
 
-def _measure_once(fns, arg_sets, reps, warmup, min_reps, budget_s, device) -> list[Stats]:
+def _measure_once(fn, arg_sets, reps, warmup, min_reps, budget_s, device) -> Stats:
     n = len(arg_sets)
     for i in range(warmup):
-        for fn in fns:
-            fn(*arg_sets[i % n])
+        fn(*arg_sets[i % n])
     _sync(device)
-    times: list[list[float]] = [[] for _ in fns]
+    times: list[float] = []
     j0, start = _cpu_jiffies(), time.perf_counter()
     for r in range(reps):
         args = arg_sets[(warmup + r) % n]
-        for fn, ts in zip(fns, times):
-            if device.type == "cuda":
-                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                ev0.record()
-                fn(*args)
-                ev1.record()
-                ev1.synchronize()
-                ts.append(ev0.elapsed_time(ev1) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn(*args)
-                ts.append(time.perf_counter() - t0)
-        if r + 1 >= min_reps and time.perf_counter() - start > budget_s * len(fns):
+        if device.type == "cuda":
+            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev0.record()
+            fn(*args)
+            ev1.record()
+            ev1.synchronize()
+            times.append(ev0.elapsed_time(ev1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t0)
+        if r + 1 >= min_reps and time.perf_counter() - start > budget_s:
             break
     other = _other_cores(j0, _cpu_jiffies(), time.perf_counter() - start)
-    out = []
-    for ts in times:
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else ts * 3
-        out.append(Stats(statistics.median(ts), min(ts), q[0], q[2], len(ts), other))
-    return out
-
-
-def measure(fn: Callable[..., Any], arg_sets: Sequence[tuple], **kw: Any) -> Stats:
-    """measure_interleaved for one function."""
-    return measure_interleaved([fn], arg_sets, **kw)[0]
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    return Stats(statistics.median(times), min(times), q[0], q[2], len(times), other)
 
 
 def llc_bytes() -> int:
     """Size of the largest CPU cache (sysfs), or 64 MiB when unknown."""
     best = 0
     base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for idx in os.listdir(base):
+    names = os.listdir(base) if os.path.isdir(base) else []
+    for idx in (n for n in names if n.startswith("index")):
+        try:
             with open(os.path.join(base, idx, "size")) as f:
                 s = f.read().strip()
             mult = {"K": 1 << 10, "M": MiB, "G": 1 << 30}.get(s[-1], 1)
             best = max(best, int(s.rstrip("KMG")) * mult)
-    except (OSError, ValueError):
-        pass
+        except (OSError, ValueError, IndexError):
+            continue
     return best or 64 * MiB
 
 
@@ -156,6 +148,19 @@ def copy_bandwidth(nbytes: int = 256 * MiB, reps: int = 10, device: str | torch.
     dst = torch.zeros_like(src)
     st = measure(lambda: dst.copy_(src), [()], reps=reps, warmup=2, min_reps=reps, budget_s=0, device=device)
     return st.gbps(2 * nbytes)
+
+
+def fresh_pages_malloc(nbytes: int = 4 * MiB) -> bool:
+    """Makes glibc serve every allocation >= nbytes with fresh mmap pages, faulted in on first
+    touch (by default it does so only above a threshold that moves with the allocation history,
+    and may also reuse freed heap space), so that the page-fault cost inside allocating calls
+    does not depend on what ran before. False where this is not glibc."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).mallopt(-3, nbytes) == 1  # M_MMAP_THRESHOLD (also stops the adaptation)
+    except (OSError, AttributeError):
+        return False
 
 
 def quiet_import_bitsandbytes():
@@ -181,7 +186,8 @@ def print_table(rows: list[dict], columns: Sequence[tuple[str, str, str]], title
     if title:
         print(f"\n{title}")
     for j, line in enumerate(cells):
-        print("  ".join(c.rjust(w) if j and columns[i][2] else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        right = [bool(j and spec) for _, _, spec in columns]  # numbers right-aligned, labels left
+        print("  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(line, widths, right)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -216,10 +222,23 @@ def machine_info() -> dict:
     return info
 
 
+def source_info() -> dict:
+    """git commit of the checkout holding these benchmarks and whether it had local changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10).stdout.strip()
+        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
 def write_json(path: str, results: list[dict], **extra: Any) -> None:
     """Writes {machine, **extra, results} to path (directories are created)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    doc = {"machine": machine_info(), **extra, "results": results}
+    doc = {"machine": machine_info(), "source": source_info(), **extra, "results": results}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, default=lambda o: asdict(o) if isinstance(o, Stats) else str(o))
     print(f"\nwrote {path}")

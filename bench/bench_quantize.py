@@ -5,11 +5,14 @@ GB/s counts: quantize = input bytes; dequantize = bytes read (packed codes + sca
 q.nbytes) + bytes written (the dense output). '%copy' relates that to dst.copy_(src) on
 256 MiB float32 buffers (bytes read + written), measured in this run just before each
 shape/dtype group ('copy' column). 'dq->out' writes into a preallocated, already touched
-output; 'dq alloc' is the allocating call (its output pages are faulted in on every call).
+output; 'dq alloc' is the allocating call. Every allocation >= 4 MiB gets fresh pages, faulted
+in on first touch (glibc's mmap threshold is pinned), so 'dq alloc' pays the page faults of
+its output and 'quant' those of its packed output (e.g. 22 MiB for 11008x4096 4-bit) on every
+call, as when a model's weights are quantized once and kept.
 The bitsandbytes row: quant = functional.quantize_4bit, dq->out = its native CPU kernel
-called through ctypes into a preallocated output, dq alloc = functional.dequantize_4bit; its
-dequantize timings are interleaved call by call with qengine's NF4 ones. 'busy' = cores other
-processes kept busy during the row's timings (should be ~0; busy timings are retried a few times).
+called through ctypes into a preallocated output, dq alloc = functional.dequantize_4bit.
+'busy' = cores other processes kept busy during the row's timings (should be ~0; timings
+taken while the machine was busy are retried a few times).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import argparse
 import ctypes
 import gc
 import os
+import resource
 import sys
 import time
 
@@ -26,8 +30,8 @@ import torch  # noqa: E402
 
 import _harness  # noqa: E402
 import qengine  # noqa: E402
-from _harness import (copy_bandwidth, measure_interleaved, other_load, print_table,  # noqa: E402
-                      quiet_import_bitsandbytes, rotation_count, write_json)
+from _harness import (copy_bandwidth, fresh_pages_malloc, measure, other_load, print_table,  # noqa: E402
+                      quiet_import_bitsandbytes, rotation_count, source_info, write_json)
 
 FORMATS = ["nf4", "nf4+dq", "fp4", "int4", "int8", "uint4", "uint8"]
 SHAPES = [(4096, 4096), (11008, 4096)]
@@ -66,13 +70,12 @@ class Group:
         self.reps, self.budget = (5, 0.3) if quick else (30, 1.0)
         self.copy_gbps = copy_bandwidth(device=device, reps=5 if quick else 10)
 
-    def time(self, fns, nbytes, warmup=2, min_reps=5, retries=2):
-        """Rows ({ms, gbps, pct, stats}) for fns timed together, rotating over the n sets."""
-        sts = measure_interleaved(fns, [(i,) for i in range(self.n)], reps=self.reps, warmup=warmup,
-                                  min_reps=min(min_reps, self.reps), budget_s=self.budget, device=self.device,
-                                  retries=retries)
-        return [{"ms": st.median * 1e3, "gbps": st.gbps(b), "pct": 100 * st.gbps(b) / self.copy_gbps, "bytes": b,
-                 "stats": st} for st, b in zip(sts, nbytes)]
+    def time(self, fn, nbytes, warmup=2, min_reps=5, retries=2):
+        """{ms, gbps, pct, bytes, stats} of fn(i), rotating i over the n sets."""
+        st = measure(fn, [(i,) for i in range(self.n)], reps=self.reps, warmup=warmup,
+                     min_reps=min(min_reps, self.reps), budget_s=self.budget, device=self.device, retries=retries)
+        gbps = st.gbps(nbytes)
+        return {"ms": st.median * 1e3, "gbps": gbps, "pct": 100 * gbps / self.copy_gbps, "bytes": nbytes, "stats": st}
 
 
 def qengine_sets(g: Group, fmt: str):
@@ -83,7 +86,7 @@ def qengine_sets(g: Group, fmt: str):
     def quant(i):
         qs[i] = qengine.quantize(g.xs[i], base, blocksize=BLOCKSIZE, double_quant=dq)
 
-    (q,) = g.time([quant], [g.in_bytes])
+    q = g.time(quant, g.in_bytes)
     for i in range(g.n):  # sets the timed loop did not reach
         if qs[i] is None:
             quant(i)
@@ -98,7 +101,7 @@ def bnb_sets(g: Group, bnb):
     def quant(i):
         bq[i] = bnb.functional.quantize_4bit(g.xs[i], blocksize=BLOCKSIZE, quant_type="nf4")
 
-    (q,) = g.time([quant], [g.in_bytes], warmup=1, min_reps=3 if g.quick else 5, retries=0)
+    q = g.time(quant, g.in_bytes, warmup=1, min_reps=3 if g.quick else 5, retries=0)
     return q, [b for b in bq if b is not None]
 
 
@@ -118,43 +121,40 @@ def bnb_native(g: Group, bnb, bq):
     return run
 
 
+def bench_bnb(g: Group, bnb, q0, notes, label) -> dict:
+    """The bitsandbytes NF4 row; checks its bytes against qengine's (q0) and its ctypes output."""
+    F, tag = bnb.functional, f"{label['shape']} {label['dtype']}"
+    q, bq = bnb_sets(g, bnb)
+    rw = bq[0][0].numel() + bq[0][1].absmax.numel() * 4 + g.out_bytes
+    row = {**label, "format": "nf4", "impl": "bitsandbytes", "q": q, "out_bytes": g.out_bytes}
+    same = torch.equal(bq[0][0].reshape(-1).cpu(), q0.packed.cpu()) and torch.equal(bq[0][1].absmax.cpu(),
+                                                                                   q0.scales.cpu())
+    notes.append(f"{tag}: qengine nf4 packed+absmax {'==' if same else 'DIFFER from'} bitsandbytes'")
+    if g.device == "cpu":
+        native = bnb_native(g, bnb, bq)
+        native(0)
+        if not torch.equal(g.outs[0], F.dequantize_4bit(*bq[0])):
+            notes.append(f"WARNING {tag}: bnb ctypes output differs from dequantize_4bit; its timing is suspect")
+        row["dqo"] = g.time(native, rw)
+    t0 = time.perf_counter()
+    F.dequantize_4bit(*bq[0])  # the default backend compiles on a first call per shape: 3 warm-up calls below
+    first_ms = (time.perf_counter() - t0) * 1e3
+    row["dqa"] = g.time(lambda i: F.dequantize_4bit(*bq[i % len(bq)]), rw, warmup=3)
+    notes.append(f"{tag}: bnb dequantize_4bit first call {first_ms:.1f} ms, steady {row['dqa']['ms']:.1f} ms")
+    return row
+
+
 def bench_group(g: Group, formats, bnb, notes, label) -> list[dict]:
-    rows, tag = [], f"{label['shape']} {label['dtype']}"
+    rows = []
     for fmt in formats:
         q, qs = qengine_sets(g, fmt)
         rw = qs[0].nbytes + g.out_bytes
-        qe_dqo = lambda i: qs[i].dequantize(out=g.outs[i])  # noqa: E731
-        qe_dqa = lambda i: qs[i].dequantize()  # noqa: E731
-        row = {**label, "format": fmt, "impl": "qengine", "q": q, "bits_per_param": qs[0].bits_per_param,
-               "out_bytes": g.out_bytes}
-        if fmt != "nf4" or bnb is None:
-            row["dqo"], = g.time([qe_dqo], [rw])
-            row["dqa"], = g.time([qe_dqa], [rw])
-            rows.append(row)
-        else:
-            bq_time, bq = bnb_sets(g, bnb)
-            F = bnb.functional
-            brw = bq[0][0].numel() + bq[0][1].absmax.numel() * 4 + g.out_bytes
-            brow = {**label, "format": fmt, "impl": "bitsandbytes", "q": bq_time, "out_bytes": g.out_bytes}
-            same = torch.equal(bq[0][0].reshape(-1).cpu(), qs[0].packed.cpu()) and torch.equal(
-                bq[0][1].absmax.cpu(), qs[0].scales.cpu())
-            notes.append(f"{tag}: qengine nf4 packed+absmax {'==' if same else 'DIFFER from'} bitsandbytes'")
-            t0 = time.perf_counter()
-            F.dequantize_4bit(*bq[0])  # the first call may compile (default backend): warm-up below is 3
-            first_ms = (time.perf_counter() - t0) * 1e3
-            bnb_dqa = lambda i: F.dequantize_4bit(*bq[i % len(bq)])  # noqa: E731
-            if g.device == "cpu":
-                native = bnb_native(g, bnb, bq)
-                native(0)
-                if not torch.equal(g.outs[0], F.dequantize_4bit(*bq[0])):
-                    notes.append(f"WARNING {tag}: bnb ctypes output differs from dequantize_4bit; timing suspect")
-                row["dqo"], brow["dqo"] = g.time([qe_dqo, native], [rw, brw])
-            else:
-                row["dqo"], = g.time([qe_dqo], [rw])
-            row["dqa"], brow["dqa"] = g.time([qe_dqa, bnb_dqa], [rw, brw], warmup=3)
-            notes.append(f"{tag}: bnb dequantize_4bit first call {first_ms:.1f} ms, steady {brow['dqa']['ms']:.1f} ms")
-            rows += [row, brow]
-        print(f"  done {tag} {fmt}", file=sys.stderr, flush=True)
+        rows.append({**label, "format": fmt, "impl": "qengine", "q": q, "bits_per_param": qs[0].bits_per_param,
+                     "out_bytes": g.out_bytes, "dqo": g.time(lambda i: qs[i].dequantize(out=g.outs[i]), rw),
+                     "dqa": g.time(lambda i: qs[i].dequantize(), rw)})
+        if fmt == "nf4" and bnb is not None:
+            rows.append(bench_bnb(g, bnb, qs[0], notes, label))
+        print(f"  done {label['shape']} {label['dtype']} {fmt}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -173,9 +173,10 @@ def main():
         print("CUDA requested but qengine has no usable GPU; running on cpu")
         a.device = "cpu"
     _harness.retry_budget_s = 15.0 if a.quick else 45.0  # for timings retried because the machine was busy
+    fresh_pages = fresh_pages_malloc()  # every allocation >= 4 MiB is faulted in anew, whatever ran before
     load0 = other_load()
     bnb, why = quiet_import_bitsandbytes()
-    print(f"qengine {qengine.build_info()}")
+    print(f"qengine {qengine.build_info()}, source {source_info()}")
     if bnb is None:
         print(f"bitsandbytes not importable ({why}); no reference rows")
     else:
@@ -203,12 +204,14 @@ def main():
     cols += [("copy", "copy GB/s", ".1f"), ("busy", "busy", ".2f")]
     print_table(flat, cols, title=f"blocksize {BLOCKSIZE}, device {a.device}; medians; %copy = % of the copy "
                                   f"bandwidth (read+write) measured for the group")
-    print(f"copy bandwidth per group: {', '.join(f'{c:.2f}' for c in copies)} GB/s")
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+    print(f"copy bandwidth per group: {', '.join(f'{c:.2f}' for c in copies)} GB/s; peak RSS {peak_gib:.2f} GiB")
     if max(load0, load1, *(rw["busy"] for rw in rows)) > 0.2:
         notes.append(f"WARNING: other processes kept up to {max(load0, load1, *(rw['busy'] for rw in rows)):.1f} "
                      "cores busy during the run (see 'busy'): those timings are unreliable")
     summarize(rows, notes)
     write_json(a.json, rows, copy_gbps=copies, args=vars(a), notes=notes, other_load=[load0, load1],
+               fresh_pages_malloc=fresh_pages, peak_rss_gib=peak_gib,
                bnb=None if bnb is None else {"version": bnb.__version__, "dequantize_4bit": bnb_dequant_backend()})
 
 
