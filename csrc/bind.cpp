@@ -50,9 +50,10 @@ int quantize_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, ad
 }
 
 int dequantize_cpu(addr packed, int64_t n, int64_t blocksize, addr table, int bits, int rule, addr scales,
-                   addr offsets, addr out, int out_dtype) {
+                   addr offsets, addr out, int out_dtype, bool stream) {
   int s = qengine::dequantize_cpu(ptr<const uint8_t>(packed), n, blocksize, codebook(table, 0, 0, bits, true), rule,
-                                  ptr<const float>(scales), ptr<const float>(offsets), ptr<void>(out), out_dtype);
+                                  ptr<const float>(scales), ptr<const float>(offsets), ptr<void>(out), out_dtype,
+                                  stream);
   raise_on_error(s);
   return s;
 }

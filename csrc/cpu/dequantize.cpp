@@ -18,20 +18,32 @@ namespace qengine {
 constexpr int64_t kStreamBytes = 8 << 20;
 
 int dequantize_cpu(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
-                   const float* scales, const float* offsets, void* out, int out_dtype) {
-  return dequantize_range_cpu(packed, 0, n, blocksize, cb, rule, scales, offsets, out, out_dtype);
+                   const float* scales, const float* offsets, void* out, int out_dtype, bool stream) {
+  return dequantize_range_cpu(packed, 0, n, blocksize, cb, rule, scales, offsets, out, out_dtype, stream);
 }
 
 int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t n, int64_t blocksize, const Codebook& cb,
-                         int rule, const float* scales, const float* offsets, void* out, int out_dtype) {
+                         int rule, const float* scales, const float* offsets, void* out, int out_dtype,
+                         bool allow_stream) {
   if (n < 0 || first < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
   if (n == 0) return kOk;
   const cpu::Kernels& k = cpu::kernels();
   const int esz = dtype_size(out_dtype);
-  const bool stream = n * esz >= kStreamBytes;
-  // 64-element alignment keeps every thread's first element on a whole byte and cache line.
-  cpu::parallel_for(0, n, 32768, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = first + lo; i < first + hi;) {
+  const bool stream = allow_stream && n * esz >= kStreamBytes;
+  // Thread ranges start on block boundaries where possible (whole blocks take the batched
+  // path), else on 64 elements: a whole byte and cache line.
+  const int64_t align = (first == 0 && blocksize % 64 == 0) ? blocksize : 64;
+  cpu::parallel_for(0, n, 32768, align, [&](int64_t lo, int64_t hi) {
+    int64_t i = first + lo;
+    if (k.decode_blocks4 != nullptr && cb.bits == 4 && blocksize % 32 == 0 && i % blocksize == 0) {
+      const int64_t full = (first + hi) / blocksize - i / blocksize;  // whole blocks in the range
+      if (full > 0) {
+        k.decode_blocks4(packed, i / blocksize, full, blocksize, cb.table, rule, scales, offsets,
+                         static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
+        i += full * blocksize;
+      }
+    }
+    for (; i < first + hi;) {
       const int64_t b = i / blocksize;
       const int64_t end = std::min(first + hi, (b + 1) * blocksize);
       const float offset = rule == kMinmax ? offsets[b] : 0.0f;

@@ -19,6 +19,11 @@ struct Kernels {
   // asks for non-temporal stores (large outputs that will not be read back soon).
   void (*decode)(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb,
                  float scale, float offset, int rule, void* out, int out_dtype, bool stream);
+  // Optional fast path (null where absent): decodes `count` whole blocks of a 4-bit format from
+  // block `first_block` on (blocksize % 32 == 0) into out, with the block loop inside.
+  void (*decode_blocks4)(const uint8_t* packed, int64_t first_block, int64_t count, int64_t blocksize,
+                         const float* table, int rule, const float* scales, const float* offsets, void* out,
+                         int out_dtype, bool stream);
   // y[m * ldy] = dot(x[m * ldx .. + K], w[0..K)) for m < M (float32; a tiny GEMV tile).
   void (*dot_rows)(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, float* y, int64_t ldy);
   // acc[m * lda + k] += g[m * ldg] * w[k] for m < M, k < K (the transposed product).

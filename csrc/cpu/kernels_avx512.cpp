@@ -166,6 +166,46 @@ void decode4(const uint8_t* packed, int64_t first, int64_t len, const Codebook& 
   }
 }
 
+// Whole 4-bit blocks with the block loop inside: the table and permutation constants stay in
+// registers across blocks, and only the scale (and offset) change.
+template <int OUT, int RULE>
+void decode_blocks4_impl(const uint8_t* packed, int64_t first_block, int64_t count, int64_t blocksize,
+                         const float* table, const float* scales, const float* offsets, void* out, bool stream) {
+  const __m512 tbl = _mm512_loadu_ps(table);
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i nib = _mm512_set1_epi32(0x0f);
+  for (int64_t b = 0; b < count; ++b) {
+    const int64_t blk = first_block + b;
+    const __m512 sc = _mm512_set1_ps(scales[blk]);
+    const __m512 of = _mm512_set1_ps(RULE == kMinmax ? offsets[blk] : 0.0f);
+    const uint8_t* src = packed + ((blk * blocksize) >> 1);
+    const int64_t base = b * blocksize;
+    for (int64_t i = 0; i < blocksize; i += 32) {
+      __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (i >> 1))));
+      __m512 vh = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), tbl);
+      __m512 vl = _mm512_permutexvar_ps(_mm512_and_si512(bytes, nib), tbl);
+      store16<OUT>(out, base + i, apply_scale<RULE>(_mm512_permutex2var_ps(vh, lo_idx, vl), sc, of), stream);
+      store16<OUT>(out, base + i + 16, apply_scale<RULE>(_mm512_permutex2var_ps(vh, hi_idx, vl), sc, of), stream);
+    }
+  }
+}
+
+template <int OUT>
+void decode_blocks4_out(const uint8_t* packed, int64_t first_block, int64_t count, int64_t blocksize,
+                        const float* table, int rule, const float* scales, const float* offsets, void* out,
+                        bool stream) {
+  if (rule == kAbsmax) decode_blocks4_impl<OUT, kAbsmax>(packed, first_block, count, blocksize, table, scales, offsets, out, stream);
+  else decode_blocks4_impl<OUT, kMinmax>(packed, first_block, count, blocksize, table, scales, offsets, out, stream);
+}
+
+void decode_blocks4(const uint8_t* packed, int64_t first_block, int64_t count, int64_t blocksize, const float* table,
+                    int rule, const float* scales, const float* offsets, void* out, int out_dtype, bool stream) {
+  if (out_dtype == kFloat32) decode_blocks4_out<kFloat32>(packed, first_block, count, blocksize, table, rule, scales, offsets, out, stream);
+  else if (out_dtype == kBFloat16) decode_blocks4_out<kBFloat16>(packed, first_block, count, blocksize, table, rule, scales, offsets, out, stream);
+  else decode_blocks4_out<kFloat16>(packed, first_block, count, blocksize, table, rule, scales, offsets, out, stream);
+}
+
 template <int OUT, int RULE>
 void decode8(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
              float offset, void* out, bool stream) {
@@ -229,21 +269,26 @@ int quantize_blocks4_impl(const void* x, int64_t blocksize, int64_t b0, int64_t 
     __m512 acc0 = _mm512_set1_ps(RULE == kAbsmax ? 0.0f : std::numeric_limits<float>::infinity());
     __m512 acc1 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     __m512 poison = zero;
+    // absmax rule: the integer max of |x|'s bits is |x|'s max (non-negative floats order like
+    // their bits), and NaN / Inf bit patterns sort above every finite value: one op per vector.
+    __m512i abs_bits = _mm512_setzero_si512();
     for (int64_t j = 0; j < blocksize; j += 16) {
       __m512 v = load16<DT>(x, base + j);
       if constexpr (RULE == kAbsmax) {
-        acc0 = _mm512_max_ps(acc0, _mm512_and_ps(v, sign));
+        abs_bits = _mm512_max_epu32(abs_bits, _mm512_castps_si512(_mm512_and_ps(v, sign)));
       } else {
         acc0 = _mm512_min_ps(acc0, v);
         acc1 = _mm512_max_ps(acc1, v);
+        poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
       }
-      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
     }
-    if (_mm512_cmp_ps_mask(poison, poison, _CMP_UNORD_Q) != 0) return kNonFiniteInput;
     BlockStats st{};
     if constexpr (RULE == kAbsmax) {
-      st.absmax = _mm512_reduce_max_ps(acc0);
+      const uint32_t top = static_cast<uint32_t>(_mm512_reduce_max_epu32(abs_bits));
+      if (top >= 0x7f800000u) return kNonFiniteInput;
+      st.absmax = bits_float(top);
     } else {
+      if (_mm512_cmp_ps_mask(poison, poison, _CMP_UNORD_Q) != 0) return kNonFiniteInput;
       st.min = _mm512_reduce_min_ps(acc0);
       st.max = _mm512_reduce_max_ps(acc1);
     }
@@ -444,7 +489,7 @@ void gemv4(const float* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t
 
 }  // namespace
 
-const Kernels kAvx512Kernels = {"avx512", block_stats, encode, decode, dot_rows, axpy_rows, gemv4, quantize_blocks4};
+const Kernels kAvx512Kernels = {"avx512", block_stats, encode, decode, decode_blocks4, dot_rows, axpy_rows, gemv4, quantize_blocks4};
 
 }  // namespace qengine::cpu
 #endif

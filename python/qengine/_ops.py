@@ -126,7 +126,9 @@ def _(x, table, midpoints, sorted_to_code, grid_lut, bits, blocksize, rule, iden
 
 
 # --------------------------------------------------------------------------- dequantize
-def _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out):
+def _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out, stream=False):
+    """Decodes into out. stream=True (callers' buffers) lets large outputs bypass the cache; a
+    buffer allocated just now is written through the cache, where its zeroed pages still are."""
     if numel == 0:
         return
     code = _DTYPE_CODES[out.dtype]
@@ -137,7 +139,7 @@ def _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out
                            scales.data_ptr(), off, out.data_ptr(), code, stream)
     else:
         _C.dequantize_cpu(packed.data_ptr(), numel, blocksize, table.data_ptr(), bits,
-                          1 if offsets is not None else 0, scales.data_ptr(), off, out.data_ptr(), code)
+                          1 if offsets is not None else 0, scales.data_ptr(), off, out.data_ptr(), code, stream)
 
 
 @torch.library.custom_op("qengine::dequantize_blockwise", mutates_args=())
@@ -166,7 +168,7 @@ def dequantize_blockwise_out(packed: torch.Tensor, table: torch.Tensor, scales: 
     check_contiguous("out", out)
     check_numel("out", out, numel)
     check_same_device(packed.device, out=out)
-    _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out)
+    _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out, stream=True)
 
 
 @dequantize_blockwise_out.register_fake

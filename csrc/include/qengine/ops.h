@@ -13,13 +13,16 @@ namespace qengine {
 int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
                  uint8_t* packed, float* scales, float* offsets);
 
-// out[0..n) (out_dtype) = decoded packed codes; scales/offsets one per block.
+// out[0..n) (out_dtype) = decoded packed codes; scales/offsets one per block. `stream` allows
+// non-temporal stores for large outputs: right for a caller's buffer that is not in cache,
+// wrong for a fresh allocation whose pages the kernel has just zeroed through the cache.
 int dequantize_cpu(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
-                   const float* scales, const float* offsets, void* out, int out_dtype);
+                   const float* scales, const float* offsets, void* out, int out_dtype, bool stream);
 
 // out[0..count) = decoded elements first..first+count (a flat range of the quantized tensor).
 int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t count, int64_t blocksize, const Codebook& cb,
-                         int rule, const float* scales, const float* offsets, void* out, int out_dtype);
+                         int rule, const float* scales, const float* offsets, void* out, int out_dtype,
+                         bool stream = false);
 
 // y[M, N] (float32) = x[M, K] (float32, row stride ldx) @ W^T, W the quantized [N, K] weight
 // (flat blocks over its row-major elements). Decodes each weight row once for all M rows.
