@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "cpu/kernels.h"
+#include "cpu/memory.h"
 #include "cpu/thread_pool.h"
 #include "qengine/ops.h"
 #include "qengine/status.h"
@@ -30,6 +31,7 @@ int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t n, int64_
   const cpu::Kernels& k = cpu::kernels();
   const int esz = dtype_size(out_dtype);
   const bool stream = allow_stream && n * esz >= kStreamBytes;
+  if (!allow_stream) cpu::advise_huge_pages(out, static_cast<size_t>(n * esz));  // a fresh output
   // Thread ranges start on block boundaries where possible (whole blocks take the batched
   // path), else on 64 elements: a whole byte and cache line.
   const int64_t align = (first == 0 && blocksize % 64 == 0) ? blocksize : 64;

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "cpu/kernels.h"
+#include "cpu/memory.h"
 #include "cpu/thread_pool.h"
 #include "qengine/ops.h"
 #include "qengine/status.h"
@@ -61,6 +62,7 @@ int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const C
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   const int esz = dtype_size(dtype);
   std::atomic<int> status{kOk};
+  cpu::advise_huge_pages(packed, static_cast<size_t>((n * cb.bits + 7) / 8));  // a fresh output
   // With odd block sizes two blocks can share a byte: ranges start at even blocks so a shared
   // byte is always written by one thread.
   const int64_t align = (cb.bits == 4 && (blocksize & 1)) ? 2 : 1;
