@@ -440,6 +440,10 @@ void gemv4_impl(const float* xr, int64_t K, const uint8_t* packed, int64_t block
   const int64_t rb_lo = (c0 * 128) >> log2_bs;
   const int64_t rb_count = (((c1 * 128) - 1) >> log2_bs) + 1 - rb_lo;
   alignas(64) float scale_buf[kMaxTileBlocks];
+  // A tile covering whole rows streams through memory: prefetch ahead in the stream. A partial
+  // tile jumps to the next row after c1: prefetch the next row's segment of this tile.
+  const bool whole_rows = c0 == 0 && c1 * 128 == K;
+  const int64_t ahead = whole_rows ? kPrefetchBytes : (K >> 1);
   for (int64_t o = o0; o < o1; ++o) {
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
@@ -447,7 +451,7 @@ void gemv4_impl(const float* xr, int64_t K, const uint8_t* packed, int64_t block
     // rs[b] is the scale of the row's block b (b in the tile's range).
     const float* rs = tile_scales(scales, o * blocks_per_row + rb_lo, rb_count, scale_buf) - rb_lo;
     for (int64_t c = c0; c < c1; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + c * 64 + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + c * 64 + ahead), _MM_HINT_T0);
       __m512i d = _mm512_loadu_si512(row + c * 64);
       const float* xc = xr + c * 128 * M;
       const __m512 sc = chunk_scales(rs, c, log2_bs);
