@@ -4,7 +4,7 @@ function(qengine_set_isa_flags)
   if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
     set_source_files_properties(csrc/cpu/kernels_avx2.cpp PROPERTIES
       COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
-    set_source_files_properties(csrc/cpu/kernels_avx512.cpp PROPERTIES
+    set_source_files_properties(csrc/cpu/kernels_avx512.cpp csrc/cpu/gemv_avx512.cpp PROPERTIES
       COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
   endif()
 endfunction()

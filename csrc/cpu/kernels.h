@@ -47,6 +47,10 @@ extern const Kernels kScalarKernels;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const Kernels kAvx2Kernels;
 extern const Kernels kAvx512Kernels;
+// gemv_avx512.cpp
+void avx512_gemv4(const float* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize,
+                  const float* table, const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
+                  float* y, int64_t ldy);
 #endif
 
 // The table chosen at load (QENGINE_CPU_ISA may lower it); set_isa changes it at run time.
