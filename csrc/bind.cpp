@@ -101,6 +101,14 @@ int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, addr packed, int64_t b
   return s;
 }
 
+int lora_epilogue_cpu(addr x, int64_t M, int64_t K, addr a, addr b, int ab_dtype, int64_t R, int64_t N, float scale,
+                      addr y) {
+  int s = qengine::lora_epilogue_cpu(ptr<const float>(x), M, K, ptr<const void>(a), ptr<const void>(b), ab_dtype, R, N,
+                                     scale, ptr<float>(y));
+  raise_on_error(s);
+  return s;
+}
+
 double kmeans_accumulate_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, addr midpoints, int bits,
                              int rule, addr sums, addr counts) {
   double sse = 0.0;
@@ -145,6 +153,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("dequantize_range_cpu", &dequantize_range_cpu, release());
   m.def("matmul_cpu", &matmul_cpu, release());
   m.def("matmul_t_cpu", &matmul_t_cpu, release());
+  m.def("lora_epilogue_cpu", &lora_epilogue_cpu, release());
   m.def("kmeans_accumulate_cpu", &kmeans_accumulate_cpu, release());
   m.def("cpu_isa", [] { return std::string(qengine::cpu::isa_name()); });
   m.def("supported_isas", [] { return std::string(qengine::cpu::supported_isas()); });

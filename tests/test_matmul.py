@@ -130,7 +130,11 @@ def test_opcheck():
     for m in (1, 20):
         x = torch.randn(m, 256, requires_grad=True)
         torch.library.opcheck(torch.ops.qengine.matmul.default,
-                              (x, q.packed, table, scales, nested, None, 4, 64, 32))
+                              (x, q.packed, table, scales, nested, None, 4, 64, 32, None, None, 0.0))
+        a = torch.randn(4, 256, requires_grad=True)
+        b = torch.randn(32, 4, requires_grad=True)
+        torch.library.opcheck(torch.ops.qengine.matmul.default,
+                              (x, q.packed, table, scales, nested, None, 4, 64, 32, a, b, 0.5))
         g = torch.randn(m, 32)
         torch.library.opcheck(torch.ops.qengine.matmul_t.default,
                               (g, q.packed, table, scales, nested, None, 4, 64, 256))
@@ -184,3 +188,18 @@ def test_cuda_matches_cpu():
     y_cpu = qengine.matmul(x, q)
     y_cuda = qengine.matmul(x.cuda(), q.to("cuda"))
     assert torch.allclose(y_cuda.cpu(), y_cpu, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 20])
+def test_half_precision_lora_adapters(adapter_dtype, m):
+    q = qengine.quantize(torch.randn(40, 256), "nf4", 64)
+    x = torch.randn(m, 256, dtype=torch.bfloat16)
+    a = (torch.randn(8, 256) * 0.1).to(adapter_dtype)
+    b = (torch.randn(40, 8) * 0.1).to(adapter_dtype)
+    y = qengine.matmul(x, q, lora=(a, b, 1.5))
+    x64, a64, b64 = x.to(torch.float64), a.to(torch.float64), b.to(torch.float64)
+    w64 = q.dequantize().to(torch.float64)
+    ref = x64 @ w64.t() + 1.5 * (x64 @ a64.t()) @ b64.t()
+    extra = 1.5 * (x64 @ a64.t()).abs() @ b64.abs().t()
+    assert ((y.to(torch.float64) - ref).abs() <= _bound(x64, w64, torch.bfloat16, extra)).all()

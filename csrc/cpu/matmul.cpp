@@ -115,4 +115,35 @@ int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t*
   return kOk;
 }
 
+int lora_epilogue_cpu(const float* x, int64_t M, int64_t K, const void* a, const void* b, int ab_dtype, int64_t R,
+                      int64_t N, float scale, float* y) {
+  if (M < 0 || K < 0 || R < 0 || N < 0) return kInvalidArgument;
+  if (M == 0 || N == 0 || R == 0) return kOk;
+  const cpu::Kernels& k = cpu::kernels();
+  // t[m, j] = x[m] . a[j]: R tiny dot products per row of x (a widened to float32 here, so
+  // half-precision adapters need no conversion pass in torch).
+  std::vector<float> t(static_cast<size_t>(M * R));
+  std::vector<float> row(static_cast<size_t>(K));
+  for (int64_t j = 0; j < R; ++j) {
+    const float* aj = static_cast<const float*>(a) + j * K;
+    if (ab_dtype != kFloat32) {
+      for (int64_t i = 0; i < K; ++i) row[i] = load_as_float(a, ab_dtype, j * K + i);
+      aj = row.data();
+    }
+    k.dot_rows(x, M, K, K, aj, t.data() + j, R);
+  }
+  // y[m, o] += scale * t[m] . b[o], threads over output columns.
+  cpu::parallel_for(0, N, 1024, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t m = 0; m < M; ++m) {
+        const float* tm = t.data() + m * R;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < R; ++j) acc += tm[j] * load_as_float(b, ab_dtype, o * R + j);
+        y[m * N + o] += scale * acc;
+      }
+    }
+  });
+  return kOk;
+}
+
 }  // namespace qengine

@@ -265,15 +265,18 @@ def _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, dtype):
 @torch.library.custom_op("qengine::matmul", mutates_args=())
 def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
            scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor], bits: int, blocksize: int,
-           out_features: int) -> torch.Tensor:
-    """y[..., N] = x[..., K] @ W^T for the quantized W [N, K]; float32 accumulation, x's dtype out.
+           out_features: int, lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor],
+           lora_scale: float) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ W^T (+ lora_scale * (x @ A^T) @ B^T) for the quantized W [N, K];
+    float32 accumulation, x's dtype out.
 
     scales: float32 [nblocks] with scales_nested = [], or uint8 codes [nblocks] with
     scales_nested = [table, absmax, mean, nested_blocksize] when double-quantized (decoded
-    inside the kernel)."""
+    inside the kernel). lora_a [r, K], lora_b [N, r]: both or neither."""
     scales_nested = scales_nested or None
     _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_features, scales_nested)
     k, n = x.shape[-1], out_features
+    _check_lora(lora_a, lora_b, k, n, x.device)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if x.device.type == "cpu" and m <= SMALL_BATCH_ROWS:
@@ -283,16 +286,36 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: t
             _C.matmul_cpu(xf.data_ptr(), m, k, k, n, packed.data_ptr(), blocksize, table.data_ptr(), bits,
                           1 if offsets is not None else 0, *_scale_args(scales, scales_nested),
                           offsets.data_ptr() if offsets is not None else 0, y.data_ptr())
+            if lora_a is not None:  # the side path in the same float32 output, before rounding
+                af = lora_a.contiguous()
+                bf = lora_b.to(af.dtype).contiguous()
+                _C.lora_epilogue_cpu(xf.data_ptr(), m, k, af.data_ptr(), bf.data_ptr(), _DTYPE_CODES[af.dtype],
+                                     af.shape[0], n, float(lora_scale), y.data_ptr())
         y = y.to(x.dtype)
     else:
         w = _dense_weight(packed, table, _dense_scales(scales, scales_nested), offsets, bits, blocksize, n, k, x.dtype)
         y = x2 @ w.t()
         del w  # the dense copy lives only for this product
+        if lora_a is not None:
+            side = (x2.to(torch.float32) @ lora_a.to(torch.float32).t()) @ lora_b.to(torch.float32).t()
+            y = y + (lora_scale * side).to(y.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
+def _check_lora(a, b, k, n, device):
+    if (a is None) != (b is None):
+        raise ValueError("lora_a and lora_b must be given together")
+    if a is None:
+        return
+    for name, t in (("lora_a", a), ("lora_b", b)):
+        check_float(name, t)
+        check_same_device(device, **{name: t})
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n or a.shape[0] != b.shape[1]:
+        raise ValueError(f"LoRA shapes must be A [r, {k}] and B [{n}, r], got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
 @matmul.register_fake
-def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features):
+def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -333,19 +356,31 @@ def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_feat
 
 
 def _matmul_setup_context(ctx, inputs, output):
-    x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features = inputs
+    x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, s = inputs
     nested = list(scales_nested)
-    ctx.save_for_backward(packed, table, scales, offsets, *nested)
-    ctx.meta = (bits, blocksize, x.shape[-1])
+    lora = lora_a is not None
+    ctx.save_for_backward(x if lora else None, lora_a, lora_b, packed, table, scales, offsets, *nested)
+    ctx.meta = (bits, blocksize, x.shape[-1], s)
 
 
 def _matmul_backward(ctx, grad):
-    packed, table, scales, offsets, *nested = ctx.saved_tensors
-    bits, blocksize, in_features = ctx.meta
-    gx = None
+    x, lora_a, lora_b, packed, table, scales, offsets, *nested = ctx.saved_tensors
+    bits, blocksize, in_features, s = ctx.meta
+    gx = ga = gb = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.qengine.matmul_t(grad, packed, table, scales, nested, offsets, bits, blocksize, in_features)
-    return gx, None, None, None, [None] * len(nested), None, None, None, None
+    if lora_a is not None:
+        g2 = grad.reshape(-1, grad.shape[-1]).to(torch.float32)
+        x2 = x.reshape(-1, in_features).to(torch.float32)
+        a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
+        gb_t = g2 @ b32  # [M, r]
+        if ctx.needs_input_grad[0]:
+            gx = gx + (s * (gb_t @ a32)).reshape(gx.shape).to(gx.dtype)
+        if ctx.needs_input_grad[9]:
+            ga = (s * (gb_t.t() @ x2)).to(lora_a.dtype)
+        if ctx.needs_input_grad[10]:
+            gb = (s * (g2.t() @ (x2 @ a32.t()))).to(lora_b.dtype)
+    return gx, None, None, None, [None] * len(nested), None, None, None, None, ga, gb, None
 
 
 matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)

@@ -84,25 +84,22 @@ def matmul(x: torch.Tensor, qweight: QuantizedTensor, bias: Optional[torch.Tenso
     table = qweight.format.kernel_tables(qweight.device)[0]
     scales, nested = qweight._kernel_scales()
     offsets = qweight._block_values(qweight.offsets)
-    y = torch.ops.qengine.matmul(x, qweight.packed, table, scales, nested or [], offsets, qweight.format.bits,
-                                 qweight.blocksize, n)
-    if bias is not None:
-        check_tensor("bias", bias)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        y = y + bias.to(y.dtype)
+    a = b = None
+    s = 0.0
     if lora is not None:
         if not (isinstance(lora, (tuple, list)) and len(lora) == 3):
             raise TypeError("lora must be a tuple (A, B, scale)")
         a, b, s = lora
         check_tensor("lora A", a)
         check_tensor("lora B", b)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n or a.shape[0] != b.shape[1]:
-            raise ValueError(f"LoRA shapes must be A [r, {k}] and B [{n}, r], got {tuple(a.shape)} and {tuple(b.shape)}")
-        # In float32 for any x dtype: the side path is tiny, and small bf16 GEMMs are slower
-        # on the CPU than the conversions.
-        side = (x.to(torch.float32) @ a.to(torch.float32).t()) @ b.to(torch.float32).t()
-        y = y + (float(s) * side).to(y.dtype)
+        s = float(s)
+    y = torch.ops.qengine.matmul(x, qweight.packed, table, scales, nested or [], offsets, qweight.format.bits,
+                                 qweight.blocksize, n, a, b, s)
+    if bias is not None:
+        check_tensor("bias", bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        y = y + bias.to(y.dtype)
     return y
 
 

@@ -33,6 +33,11 @@ int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, con
 int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
                  const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* gx);
 
+// The LoRA side path, added in place: y[M, N] += scale * (x[M, K] @ a[R, K]^T) @ b[N, R]^T
+// (x and y float32; a and b contiguous, both of dtype ab_dtype).
+int lora_epilogue_cpu(const float* x, int64_t M, int64_t K, const void* a, const void* b, int ab_dtype, int64_t R,
+                      int64_t N, float scale, float* y);
+
 // One Lloyd step of weighted 1-D k-means on the block-normalised values v of x, each weighted
 // by its block's scale^2 (so the objective is the squared error of the weights themselves):
 // for each sorted codebook entry k, sums[k] += w*v and weights[k] += w over the values nearest
