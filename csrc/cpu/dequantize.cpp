@@ -14,6 +14,24 @@
 
 namespace qengine {
 
+namespace cpu {
+
+void decode_span(const Kernels& k, const uint8_t* packed, int64_t first, int64_t count, int64_t blocksize,
+                 const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, void* out,
+                 int out_dtype, bool stream) {
+  const int esz = dtype_size(out_dtype);
+  for (int64_t i = first; i < first + count;) {
+    const int64_t b = i / blocksize;
+    const int64_t end = std::min(first + count, (b + 1) * blocksize);
+    const float offset = rule == kMinmax ? offsets[b] : 0.0f;
+    k.decode(packed, i, end - i, cb, block_scale(scales, b), offset, rule,
+             static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
+    i = end;
+  }
+}
+
+}  // namespace cpu
+
 // Outputs larger than this bypass the caches (non-temporal stores): they will not be read
 // back before being evicted, and skipping the read-for-ownership saves a third of the traffic.
 constexpr int64_t kStreamBytes = 8 << 20;
@@ -45,14 +63,9 @@ int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t n, int64_
         i += full * blocksize;
       }
     }
-    for (; i < first + hi;) {
-      const int64_t b = i / blocksize;
-      const int64_t end = std::min(first + hi, (b + 1) * blocksize);
-      const float offset = rule == kMinmax ? offsets[b] : 0.0f;
-      k.decode(packed, i, end - i, cb, scales[b], offset, rule, static_cast<char*>(out) + (i - first) * esz, out_dtype,
-               stream);
-      i = end;
-    }
+    const BlockScales plain{scales, nullptr, nullptr, nullptr, 1, 0.0f, 0};
+    cpu::decode_span(k, packed, i, first + hi - i, blocksize, cb, rule, plain, offsets,
+                     static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
 #if defined(__x86_64__) || defined(_M_X64)
     if (stream) _mm_sfence();  // order the non-temporal stores before the caller reads
 #endif

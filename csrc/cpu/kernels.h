@@ -70,6 +70,12 @@ void scalar_decode(const uint8_t* packed, int64_t first, int64_t len, const Code
 void scalar_dot_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, float* y, int64_t ldy);
 void scalar_axpy_rows(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K, float* acc, int64_t lda);
 
+// Decodes elements [first, first + count) of a quantized tensor into out (out_dtype), block
+// by block through k.decode (dequantize.cpp); used by dequantize and the matmul fallbacks.
+void decode_span(const Kernels& k, const uint8_t* packed, int64_t first, int64_t count, int64_t blocksize,
+                 const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, void* out,
+                 int out_dtype, bool stream);
+
 static inline void merge_stats(BlockStats* into, const BlockStats& s) {
   into->nonfinite = into->nonfinite || s.nonfinite;
   into->min = s.min < into->min ? s.min : into->min;

@@ -12,18 +12,6 @@
 namespace qengine {
 namespace {
 
-// Decodes elements [first, first + count) of the quantized weight into w (float32).
-void decode_span(const cpu::Kernels& k, const uint8_t* packed, int64_t first, int64_t count, int64_t blocksize,
-                 const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* w) {
-  for (int64_t i = first; i < first + count;) {
-    const int64_t b = i / blocksize;
-    const int64_t end = std::min(first + count, (b + 1) * blocksize);
-    const float offset = rule == kMinmax ? offsets[b] : 0.0f;
-    k.decode(packed, i, end - i, cb, block_scale(scales, b), offset, rule, w + (i - first), kFloat32, false);
-    i = end;
-  }
-}
-
 // The fused GEMV reads 128 codes per 64-byte load in dword-nibble order: lane i of step j
 // holds element 8i + kNibbleOrder[j] of the chunk (low nibble = odd element, see nibble_at).
 constexpr int64_t kGemvChunk = 128;
@@ -90,7 +78,7 @@ int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, con
   cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> w(static_cast<size_t>(std::max<int64_t>(K, 1)));
     for (int64_t o = n0; o < n1; ++o) {
-      decode_span(k, packed, o * K, K, blocksize, cb, rule, scales, offsets, w.data());
+      cpu::decode_span(k, packed, o * K, K, blocksize, cb, rule, scales, offsets, w.data(), kFloat32, false);
       k.dot_rows(x, M, K, ldx, w.data(), y + o, N);
     }
   });
@@ -108,7 +96,8 @@ int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t*
   cpu::parallel_for(0, K, 256, 64, [&](int64_t k0, int64_t k1) {
     std::vector<float> w(static_cast<size_t>(k1 - k0));
     for (int64_t o = 0; o < N; ++o) {
-      decode_span(k, packed, o * K + k0, k1 - k0, blocksize, cb, rule, scales, offsets, w.data());
+      cpu::decode_span(k, packed, o * K + k0, k1 - k0, blocksize, cb, rule, scales, offsets, w.data(), kFloat32,
+                       false);
       k.axpy_rows(g + o, M, N, w.data(), k1 - k0, gx + k0, K);
     }
   });

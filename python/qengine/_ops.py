@@ -207,13 +207,17 @@ def _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_f
     in_features = x.shape[-1]
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
-    numel = out_features * in_features
+    _check_weight(packed, table, scales, nested, offsets, bits, blocksize, out_features * in_features)
+    check_same_device(x.device, packed=packed)
+
+
+def _check_weight(packed, table, scales, nested, offsets, bits, blocksize, numel):
+    """The quantized weight of matmul / matmul_t, with plain or double-quantized scales."""
     if nested is None:
         _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
     else:
         _check_dequantize_args(packed, table, None, offsets, bits, blocksize, numel)
         _check_nested(scales, nested, _nblocks(numel, blocksize), packed.device)
-    check_same_device(x.device, packed=packed)
 
 
 def _check_nested(codes, nested, nblocks, device):
@@ -248,12 +252,18 @@ def _dense_scales(scales, nested):
     return out + mean.reshape(())
 
 
-def _scale_args(scales, nested):
-    """(scales ptr, nested table ptr, nested absmax ptr, nested blocksize, mean) for _C."""
+def _weight_args(packed, blocksize, table, bits, scales, nested, offsets):
+    """The quantized weight as _C.matmul_cpu / matmul_t_cpu take it: packed ptr, blocksize,
+    table ptr, bits, rule, scales ptr, nested table ptr, nested absmax ptr, nested blocksize,
+    mean, offsets ptr."""
+    rule = 1 if offsets is not None else 0
+    offsets_ptr = offsets.data_ptr() if offsets is not None else 0
     if nested is None:
-        return scales.data_ptr(), 0, 0, 1, 0.0
-    table, absmax, mean, nbs = nested
-    return scales.data_ptr(), table.data_ptr(), absmax.data_ptr(), int(nbs), float(mean)
+        scale_args = (scales.data_ptr(), 0, 0, 1, 0.0)
+    else:
+        ntable, absmax, mean, nbs = nested
+        scale_args = (scales.data_ptr(), ntable.data_ptr(), absmax.data_ptr(), int(nbs), float(mean))
+    return (packed.data_ptr(), blocksize, table.data_ptr(), bits, rule, *scale_args, offsets_ptr)
 
 
 def _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, dtype):
@@ -283,9 +293,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: t
         xf = x2.to(torch.float32).contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
         if m and n:
-            _C.matmul_cpu(xf.data_ptr(), m, k, k, n, packed.data_ptr(), blocksize, table.data_ptr(), bits,
-                          1 if offsets is not None else 0, *_scale_args(scales, scales_nested),
-                          offsets.data_ptr() if offsets is not None else 0, y.data_ptr())
+            _C.matmul_cpu(xf.data_ptr(), m, k, k, n,
+                          *_weight_args(packed, blocksize, table, bits, scales, scales_nested, offsets), y.data_ptr())
             if lora_a is not None:  # the side path in the same float32 output, before rounding
                 af = lora_a.contiguous()
                 bf = lora_b.to(af.dtype).contiguous()
@@ -328,20 +337,16 @@ def matmul_t(g: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales:
     check_float("g", g)
     _check_device("g", g)
     n, k = g.shape[-1], in_features
-    if scales_nested is None:
-        _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, n * k)
-    else:
-        _check_dequantize_args(packed, table, None, offsets, bits, blocksize, n * k)
-        _check_nested(scales, scales_nested, _nblocks(n * k, blocksize), packed.device)
+    _check_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n * k)
     g2 = g.reshape(-1, n)
     m = g2.shape[0]
     if g.device.type == "cpu" and m <= SMALL_BATCH_ROWS:
         gf = g2.to(torch.float32).contiguous()
         gx = torch.empty(m, k, dtype=torch.float32)
         if m and k:
-            _C.matmul_t_cpu(gf.data_ptr(), m, n, k, packed.data_ptr(), blocksize, table.data_ptr(), bits,
-                            1 if offsets is not None else 0, *_scale_args(scales, scales_nested),
-                            offsets.data_ptr() if offsets is not None else 0, gx.data_ptr())
+            _C.matmul_t_cpu(gf.data_ptr(), m, n, k,
+                            *_weight_args(packed, blocksize, table, bits, scales, scales_nested, offsets),
+                            gx.data_ptr())
         gx = gx.to(g.dtype)
     else:
         w = _dense_weight(packed, table, _dense_scales(scales, scales_nested), offsets, bits, blocksize, n, k, g.dtype)

@@ -154,7 +154,6 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
 def _quantile_init(x: torch.Tensor, blocksize: int, rule: str, k: int, sample: int, seed: int) -> list[float]:
     """Quantiles of the block-normalised values of a random sample of blocks."""
     flat = x.reshape(-1)
-    nblocks = -(-flat.numel() // blocksize)
     full = flat.numel() // blocksize
     gen = torch.Generator().manual_seed(seed)
     take = min(full, max(1, sample // blocksize))
@@ -163,7 +162,6 @@ def _quantile_init(x: torch.Tensor, blocksize: int, rule: str, k: int, sample: i
     else:
         idx = torch.randperm(full, generator=gen)[:take]
         blocks = flat[: full * blocksize].reshape(full, blocksize)[idx].float()
-    del nblocks
     if not torch.isfinite(blocks).all():
         raise ValueError("weight contains NaN or Inf values")
     if rule == "absmax":
