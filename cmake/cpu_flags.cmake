@@ -6,5 +6,7 @@ function(qengine_set_isa_flags)
       COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
     set_source_files_properties(csrc/cpu/kernels_avx512.cpp csrc/cpu/gemv_avx512.cpp PROPERTIES
       COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
+    set_source_files_properties(csrc/cpu/gemv_avx512bf16.cpp PROPERTIES
+      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx512bf16;-mavx2;-mfma;-mf16c")
   endif()
 endfunction()

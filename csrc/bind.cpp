@@ -79,10 +79,10 @@ qengine::BlockScales block_scales(addr scales, addr nested_table, addr nested_ab
                               ptr<const float>(nested_absmax), nested_blocksize, mean, shift};
 }
 
-int matmul_cpu(addr x, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed, int64_t blocksize, addr table,
-               int bits, int rule, addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize,
-               float mean, addr offsets, addr y) {
-  int s = qengine::matmul_cpu(ptr<const float>(x), M, K, ldx, N, ptr<const uint8_t>(packed), blocksize,
+int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed, int64_t blocksize,
+               addr table, int bits, int rule, addr scales, addr nested_table, addr nested_absmax,
+               int64_t nested_blocksize, float mean, addr offsets, addr y) {
+  int s = qengine::matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, ptr<const uint8_t>(packed), blocksize,
                               codebook(table, 0, 0, bits, true), rule,
                               block_scales(scales, nested_table, nested_absmax, nested_blocksize, mean),
                               ptr<const float>(offsets), ptr<float>(y));

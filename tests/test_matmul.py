@@ -111,6 +111,49 @@ def test_isas_agree():
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4), isa
 
 
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_bfloat16_activations_every_isa(m):
+    """bfloat16 x on every ISA (AVX512-BF16 CPUs use a vdpbf16ps kernel) within the bound."""
+    q = qengine.quantize(torch.randn(72, 384), "nf4", 64, double_quant=True)
+    w64 = q.dequantize().to(torch.float64)
+    x = torch.randn(m, 384).to(torch.bfloat16)
+    x64 = x.to(torch.float64)
+    ref = x64 @ w64.t()
+    original = qengine.build_info()["cpu_isa"]
+    try:
+        for isa in qengine.build_info()["supported_cpu_isas"]:
+            qengine.set_cpu_isa(isa)
+            y = qengine.matmul(x, q).to(torch.float64)
+            assert ((y - ref).abs() <= _bound(x64, w64, torch.bfloat16)).all(), isa
+    finally:
+        qengine.set_cpu_isa(original)
+
+
+@pytest.mark.skipif("avx512_bf16" not in qengine.build_info()["supported_cpu_isas"],
+                    reason="this CPU has no AVX512-BF16")
+def test_bfloat16_kernel_precision_model():
+    """The vdpbf16ps kernel multiplies bfloat16(table value) by x, accumulates in float32 and
+    scales per block in float32: against that model its only error is accumulation and the
+    output rounding."""
+    q = qengine.quantize(torch.randn(64, 512), "nf4", 64)
+    table = torch.tensor(q.format.values, dtype=torch.float64)
+    codes = torch.stack([q.packed >> 4, q.packed & 15], -1).reshape(64, 512).long()
+    w64 = q.dequantize().to(torch.float64)
+    value = table[codes]
+    w_model = torch.where(value == 0, 0.0, w64 / value * table.to(torch.bfloat16).to(torch.float64)[codes])
+    x = torch.randn(7, 512).to(torch.bfloat16)
+    original = qengine.build_info()["cpu_isa"]
+    try:
+        qengine.set_cpu_isa("avx512_bf16")
+        y = qengine.matmul(x, q).to(torch.float64)
+    finally:
+        qengine.set_cpu_isa(original)
+    x64 = x.to(torch.float64)
+    ref = x64 @ w_model.t()
+    mag = x64.abs() @ w_model.abs().t()
+    assert ((y - ref).abs() <= 8 * math.sqrt(512) * 2.0**-24 * mag + 2.0**-8 * ref.abs()).all()
+
+
 def test_inputs_not_modified_and_weight_frozen():
     q = qengine.quantize(torch.randn(16, 128), "nf4", 64)
     packed = q.packed.clone()

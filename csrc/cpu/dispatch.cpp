@@ -1,5 +1,5 @@
 // Picks the CPU kernel table once, when the module loads: the best ISA this CPU and OS
-// support, or a lower one named by QENGINE_CPU_ISA (scalar|avx2|avx512) for testing.
+// support, or a lower one named by QENGINE_CPU_ISA (scalar|avx2|avx512|avx512_bf16) for testing.
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -28,17 +28,27 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 const Kernels* table_for(const char* name) {
   if (std::strcmp(name, "scalar") == 0) return &kScalarKernels;
 #if defined(__x86_64__) || defined(_M_X64)
   if (std::strcmp(name, "avx2") == 0 && cpu_has_avx2()) return &kAvx2Kernels;
   if (std::strcmp(name, "avx512") == 0 && cpu_has_avx512()) return &kAvx512Kernels;
+  if (std::strcmp(name, "avx512_bf16") == 0 && cpu_has_avx512_bf16()) return &kAvx512Bf16Kernels;
 #endif
   return nullptr;
 }
 
 const Kernels* best_table() {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_has_avx512_bf16()) return &kAvx512Bf16Kernels;
   if (cpu_has_avx512()) return &kAvx512Kernels;
   if (cpu_has_avx2()) return &kAvx2Kernels;
 #endif
@@ -69,6 +79,7 @@ bool set_isa(const char* name) {
 }
 
 const char* supported_isas() {
+  if (cpu_has_avx512_bf16()) return "scalar,avx2,avx512,avx512_bf16";
   if (cpu_has_avx512()) return "scalar,avx2,avx512";
   if (cpu_has_avx2()) return "scalar,avx2";
   return "scalar";

@@ -41,12 +41,24 @@ struct Kernels {
   // Returns a Status.
   int (*quantize_blocks4)(const void* x, int dtype, int64_t blocksize, int64_t b0, int64_t b1, const Codebook& cb,
                           int rule, uint8_t* packed, float* scales, float* offsets);
+  // Optional fast path (null where absent): gemv4 for bfloat16 x, with the table values rounded
+  // to bfloat16 (the precision dense bfloat16 F.linear gives the weights) and float32
+  // accumulation; xr holds the rows in bfloat16 pair order (bf16_pair_order_x in matmul.cpp).
+  void (*gemv4_bf16)(const uint16_t* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize,
+                     const float* table, const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
+                     float* y, int64_t ldy);
 };
 
 extern const Kernels kScalarKernels;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const Kernels kAvx2Kernels;
 extern const Kernels kAvx512Kernels;
+// The avx512 table plus the AVX512-BF16 GEMV (CPUs with vdpbf16ps).
+extern const Kernels kAvx512Bf16Kernels;
+// gemv_avx512bf16.cpp
+void avx512_gemv4_bf16(const uint16_t* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize,
+                       const float* table, const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
+                       float* y, int64_t ldy);
 // gemv_avx512.cpp
 void avx512_gemv4(const float* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize,
                   const float* table, const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1,

@@ -60,6 +60,6 @@ void scalar_axpy_rows(const float* g, int64_t M, int64_t ldg, const float* w, in
 }
 
 const Kernels kScalarKernels = {"scalar",        scalar_block_stats, scalar_encode, scalar_decode, nullptr,
-                                scalar_dot_rows, scalar_axpy_rows,   nullptr, nullptr};
+                                scalar_dot_rows, scalar_axpy_rows,   nullptr, nullptr, nullptr};
 
 }  // namespace qengine::cpu

@@ -6,6 +6,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
+#include "qengine/dtype.h"
 #include "qengine/ops.h"
 #include "qengine/status.h"
 
@@ -20,9 +21,14 @@ constexpr int kNibbleOrder[8] = {1, 0, 3, 2, 5, 4, 7, 6};
 // Groups of up to kGemvRows rows of x share each decoded weight (the kernel's limit).
 constexpr int64_t kGemvRows = 8;
 
+// The bfloat16 GEMV reads the same 64 bytes as 32 words of 4 nibbles: word i of step j holds
+// element 4i + kPairOrder[j] of the chunk.
+constexpr int kPairOrder[4] = {1, 0, 3, 2};
+
 // For each group of mb rows starting at m0, stored at xr + m0 * K:
 //   xr[m0*K + c*mb + (j*mb + m)*16 + i] = x[m0 + m][c + 8i + kNibbleOrder[j]]   (c a chunk start)
-std::vector<float> nibble_order_x(const float* x, int64_t M, int64_t K, int64_t ldx) {
+// x is float32, float16 or bfloat16 (row stride ldx); xr is float32.
+std::vector<float> nibble_order_x(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx) {
   std::vector<float> xr(static_cast<size_t>(M * K));
   for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {
     const int64_t mb = std::min(kGemvRows, M - m0);
@@ -30,15 +36,47 @@ std::vector<float> nibble_order_x(const float* x, int64_t M, int64_t K, int64_t 
     for (int64_t c = 0; c < K; c += kGemvChunk) {
       for (int j = 0; j < 8; ++j) {
         for (int64_t m = 0; m < mb; ++m) {
-          const float* src = x + (m0 + m) * ldx + c;
+          const int64_t src = (m0 + m) * ldx + c + kNibbleOrder[j];
           float* dst = group + c * mb + (j * mb + m) * 16;
-          for (int i = 0; i < 16; ++i) dst[i] = src[8 * i + kNibbleOrder[j]];
+          for (int i = 0; i < 16; ++i) dst[i] = load_as_float(x, dtype, src + 8 * i);
         }
       }
     }
   }
   return xr;
 }
+
+// The same grouping for the bfloat16 kernel (x bfloat16, copied bit for bit):
+//   xr[m0*K + c*mb + (j*mb + m)*32 + i] = x[m0 + m][c + 4i + kPairOrder[j]]
+std::vector<uint16_t> bf16_pair_order_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx) {
+  std::vector<uint16_t> xr(static_cast<size_t>(M * K));
+  for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {
+    const int64_t mb = std::min(kGemvRows, M - m0);
+    uint16_t* group = xr.data() + m0 * K;
+    for (int64_t c = 0; c < K; c += kGemvChunk) {
+      for (int j = 0; j < 4; ++j) {
+        for (int64_t m = 0; m < mb; ++m) {
+          const uint16_t* src = x + (m0 + m) * ldx + c + kPairOrder[j];
+          uint16_t* dst = group + c * mb + (j * mb + m) * 32;
+          for (int i = 0; i < 32; ++i) dst[i] = src[4 * i];
+        }
+      }
+    }
+  }
+  return xr;
+}
+
+// x as contiguous float32 rows (the fallback kernels' input): a view when it already is.
+const float* float_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx, std::vector<float>& buf) {
+  if (dtype == kFloat32) return static_cast<const float*>(x);
+  buf.resize(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t i = 0; i < K; ++i) buf[m * K + i] = load_as_float(x, dtype, m * ldx + i);
+  }
+  return buf.data();
+}
+
+bool valid_dtype(int dtype) { return dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16; }
 
 bool power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
@@ -48,17 +86,35 @@ bool valid(int64_t M, int64_t K, int64_t N, int64_t blocksize, const Codebook& c
 
 }  // namespace
 
-int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed, int64_t blocksize,
-               const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* y) {
-  if (!valid(M, K, N, blocksize, cb) || ldx < K) return kInvalidArgument;
+int matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
+               int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
+               float* y) {
+  if (!valid(M, K, N, blocksize, cb) || ldx < K || !valid_dtype(x_dtype)) return kInvalidArgument;
   if (M == 0 || N == 0) return kOk;
   const cpu::Kernels& k = cpu::kernels();
   // Enough rows per thread that the decode of a row dominates the bookkeeping.
   const int64_t min_rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
   const bool fused = k.gemv4 != nullptr && cb.bits == 4 && rule == kAbsmax && K % kGemvChunk == 0 &&
                      K % blocksize == 0 && blocksize >= 32 && power_of_two(blocksize);
+  if (fused && x_dtype == kBFloat16 && k.gemv4_bf16 != nullptr) {
+    const std::vector<uint16_t> xr = bf16_pair_order_x(static_cast<const uint16_t*>(x), M, K, ldx);
+    std::fill(y, y + M * N, 0.0f);
+    const int64_t chunks = K / kGemvChunk;
+    cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t m = 0; m < M; m += kGemvRows) {
+        const int64_t mb = std::min(kGemvRows, M - m);
+        // As below, with half the bytes of x per chunk.
+        const int64_t tile = std::min<int64_t>(48, std::max<int64_t>(1, 12288 / (mb * kGemvChunk)));
+        for (int64_t c = 0; c < chunks; c += tile) {
+          k.gemv4_bf16(xr.data() + m * K, mb, K, packed, blocksize, cb.table, scales, n0, n1, c,
+                       std::min(chunks, c + tile), y + m * N, N);
+        }
+      }
+    });
+    return kOk;
+  }
   if (fused) {
-    const std::vector<float> xr = nibble_order_x(x, M, K, ldx);
+    const std::vector<float> xr = nibble_order_x(x, x_dtype, M, K, ldx);
     std::fill(y, y + M * N, 0.0f);
     const int64_t chunks = K / kGemvChunk;
     cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
@@ -75,11 +131,14 @@ int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, con
     });
     return kOk;
   }
+  std::vector<float> buf;
+  const float* xf = float_rows(x, x_dtype, M, K, ldx, buf);
+  const int64_t ldxf = x_dtype == kFloat32 ? ldx : K;
   cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> w(static_cast<size_t>(std::max<int64_t>(K, 1)));
     for (int64_t o = n0; o < n1; ++o) {
       cpu::decode_span(k, packed, o * K, K, blocksize, cb, rule, scales, offsets, w.data(), kFloat32, false);
-      k.dot_rows(x, M, K, ldx, w.data(), y + o, N);
+      k.dot_rows(xf, M, K, ldxf, w.data(), y + o, N);
     }
   });
   return kOk;

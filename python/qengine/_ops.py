@@ -290,12 +290,13 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: t
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if x.device.type == "cpu" and m <= SMALL_BATCH_ROWS:
-        xf = x2.to(torch.float32).contiguous()
+        xc = x2.contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
         if m and n:
-            _C.matmul_cpu(xf.data_ptr(), m, k, k, n,
+            _C.matmul_cpu(xc.data_ptr(), _DTYPE_CODES[xc.dtype], m, k, k, n,
                           *_weight_args(packed, blocksize, table, bits, scales, scales_nested, offsets), y.data_ptr())
             if lora_a is not None:  # the side path in the same float32 output, before rounding
+                xf = xc.to(torch.float32)
                 af = lora_a.contiguous()
                 bf = lora_b.to(af.dtype).contiguous()
                 _C.lora_epilogue_cpu(xf.data_ptr(), m, k, af.data_ptr(), bf.data_ptr(), _DTYPE_CODES[af.dtype],

@@ -24,10 +24,13 @@ int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t count, in
                          int rule, const float* scales, const float* offsets, void* out, int out_dtype,
                          bool stream = false);
 
-// y[M, N] (float32) = x[M, K] (float32, row stride ldx) @ W^T, W the quantized [N, K] weight
-// (flat blocks over its row-major elements). Decodes each weight row once for all M rows.
-int matmul_cpu(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed, int64_t blocksize,
-               const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* y);
+// y[M, N] (float32) = x[M, K] (x_dtype, row stride ldx) @ W^T, W the quantized [N, K] weight
+// (flat blocks over its row-major elements). Decodes each weight row once for all M rows;
+// float32 accumulation. bfloat16 x may use the bfloat16 dot-product kernel, whose weights
+// have bfloat16 precision (as in dense bfloat16 F.linear).
+int matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
+               int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
+               float* y);
 
 // gx[M, K] (float32) = g[M, N] (float32) @ W, the transposed problem of matmul_cpu (backward).
 int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
