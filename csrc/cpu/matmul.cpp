@@ -78,6 +78,19 @@ const float* float_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t 
 
 bool valid_dtype(int dtype) { return dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16; }
 
+// src[first .. first + n) as float32: src itself when it is float32, else widened into buf.
+// One loop per dtype so the compiler vectorises the bfloat16 case (a shift).
+const float* float_row(const void* src, int dtype, int64_t first, int64_t n, float* buf) {
+  if (dtype == kFloat32) return static_cast<const float*>(src) + first;
+  const uint16_t* h = static_cast<const uint16_t*>(src) + first;
+  if (dtype == kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(h[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = half_to_float(h[i]);
+  }
+  return buf;
+}
+
 bool power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
 bool valid(int64_t M, int64_t K, int64_t N, int64_t blocksize, const Codebook& cb) {
@@ -165,29 +178,29 @@ int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t*
 
 int lora_epilogue_cpu(const float* x, int64_t M, int64_t K, const void* a, const void* b, int ab_dtype, int64_t R,
                       int64_t N, float scale, float* y) {
-  if (M < 0 || K < 0 || R < 0 || N < 0) return kInvalidArgument;
+  if (M < 0 || K < 0 || R < 0 || N < 0 || !valid_dtype(ab_dtype)) return kInvalidArgument;
   if (M == 0 || N == 0 || R == 0) return kOk;
   const cpu::Kernels& k = cpu::kernels();
-  // t[m, j] = x[m] . a[j]: R tiny dot products per row of x (a widened to float32 here, so
-  // half-precision adapters need no conversion pass in torch).
+  // t[m, j] = x[m] . a[j]: R dot products per row of x (a widened to float32 a row at a time,
+  // so half-precision adapters need no conversion pass in torch).
   std::vector<float> t(static_cast<size_t>(M * R));
   std::vector<float> row(static_cast<size_t>(K));
   for (int64_t j = 0; j < R; ++j) {
-    const float* aj = static_cast<const float*>(a) + j * K;
-    if (ab_dtype != kFloat32) {
-      for (int64_t i = 0; i < K; ++i) row[i] = load_as_float(a, ab_dtype, j * K + i);
-      aj = row.data();
-    }
-    k.dot_rows(x, M, K, K, aj, t.data() + j, R);
+    k.dot_rows(x, M, K, K, float_row(a, ab_dtype, j * K, K, row.data()), t.data() + j, R);
   }
-  // y[m, o] += scale * t[m] . b[o], threads over output columns.
+  // y[m, o] += scale * t[m] . b[o], threads over output columns: a tile of b widened once,
+  // then one short dot product per (row of x, output column).
+  constexpr int64_t kTile = 256;
   cpu::parallel_for(0, N, 1024, 1, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
+    std::vector<float> bt(static_cast<size_t>(kTile * R));
+    float z[kTile];
+    for (int64_t c = o0; c < o1; c += kTile) {
+      const int64_t rows = std::min(kTile, o1 - c);
+      const float* bf = float_row(b, ab_dtype, c * R, rows * R, bt.data());
       for (int64_t m = 0; m < M; ++m) {
-        const float* tm = t.data() + m * R;
-        float acc = 0.0f;
-        for (int64_t j = 0; j < R; ++j) acc += tm[j] * load_as_float(b, ab_dtype, o * R + j);
-        y[m * N + o] += scale * acc;
+        k.dot_rows(bf, rows, R, R, t.data() + m * R, z, 1);
+        float* ym = y + m * N + c;
+        for (int64_t i = 0; i < rows; ++i) ym[i] += scale * z[i];
       }
     }
   });
