@@ -1,5 +1,5 @@
-"""The `qengine` command: `qengine info` (build and formats) and `qengine demo` (quantize a
-weight in every format and print error and storage cost)."""
+"""`qengine info` (version, build, formats with bits per parameter) and `qengine formats`
+(quantize a random weight in every format: error, storage cost and time)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import time
 
 import torch
 
-from . import build_info, codebook, fit_codebook, get_format, quantize
-from .formats import available_formats
+from .. import build_info, codebook, fit_codebook, get_format, quantize
+from ..formats import available_formats
 
 
-def _cmd_info(_args: argparse.Namespace) -> int:
+def cmd_info(_args: argparse.Namespace) -> int:
     info = build_info()
     print(f"qengine {info['version']}")
     print(f"  CPU kernels:  {info['cpu_isa']} (supported: {', '.join(info['supported_cpu_isas'])}), "
@@ -21,18 +21,20 @@ def _cmd_info(_args: argparse.Namespace) -> int:
     print(f"  CUDA kernels: {'compiled' if info['cuda_compiled'] else 'not compiled'}, "
           f"{'GPU available' if info['cuda_available'] else 'no GPU in use'}")
     print(f"  torch {torch.__version__}")
-    print("  formats:")
+    print("  formats (bits per parameter at block 64, without / with double quantization):")
+    sample = torch.randn(64, 4096)
     for name in available_formats():
         fmt = get_format(name)
-        print(f"    {name:9s} {fmt.bits}-bit {fmt.rule:6s}  {fmt.description}")
+        plain, dq = (quantize(sample, fmt, 64, double_quant=d).bits_per_param for d in (False, True))
+        print(f"    {name:9s} {fmt.bits}-bit {fmt.rule:6s} {plain:6.3f} / {dq:6.3f}  {fmt.description}")
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def cmd_formats(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     rows, cols = args.shape
     w = torch.randn(rows, cols, dtype=torch.float32)
-    print(f"qengine demo: a {rows}x{cols} standard-normal float32 weight, blocksize {args.blocksize}\n")
+    print(f"qengine formats: a {rows}x{cols} standard-normal float32 weight, blocksize {args.blocksize}\n")
     quantize(w[:1], "nf4", blocksize=None).dequantize()  # first call registers the ops
     start = time.perf_counter()
     fitted = fit_codebook(w, bits=4, blocksize=args.blocksize)
@@ -58,29 +60,3 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"{label:18s} {dq:>6s} {bpp:10.3f} {mae:11.5f} {rel:10.4f} {tq:9.1f} {td:10.1f}")
     print(f"\n(k-means codebook fitted in {fit_s:.2f} s; float32 costs 32 bits per parameter)")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qengine", description="qengine: quantization engine for PyTorch")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_info = sub.add_parser("info", help="version, CPU/CUDA build, formats")
-    p_info.set_defaults(func=_cmd_info)
-    p_demo = sub.add_parser("demo", help="quantize a random weight in every format; print error and bits/param")
-    p_demo.add_argument("--shape", type=int, nargs=2, default=(4096, 4096), metavar=("ROWS", "COLS"))
-    p_demo.add_argument("--blocksize", type=int, default=64)
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.set_defaults(func=_cmd_demo)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError) as e:
-        print(f"qengine: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

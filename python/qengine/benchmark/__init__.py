@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks (`qengine bench`) and the timing harness the bench/ scripts share."""

@@ -1,0 +1,53 @@
+"""The `qengine` command (also `python -m qengine`): info, formats, quantize, finetune, generate,
+bench and demo. Bad input ends with one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .demo import add_demo_args
+from .info import cmd_formats, cmd_info
+from .model_cmds import add_finetune_args, add_generate_args, add_quantize_args
+
+__all__ = ["build_parser", "main"]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ..benchmark.suite import run
+
+    run(quick=args.quick, json_path=args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qengine", description="qengine: quantization engine for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("info", help="version, CPU/CUDA build, formats with bits per parameter")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("formats", help="quantize a random weight in every format: error, bits/param, time")
+    p.add_argument("--shape", type=int, nargs=2, default=(4096, 4096), metavar=("ROWS", "COLS"))
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_formats)
+    add_quantize_args(sub.add_parser("quantize", help="quantize a Hugging Face checkpoint, tensor by tensor"))
+    add_finetune_args(sub.add_parser("finetune", help="QLoRA fine-tuning of a model directory on a text file"))
+    add_generate_args(sub.add_parser("generate", help="continue a prompt (optionally with a LoRA adapter)"))
+    p = sub.add_parser("bench", help="kernel microbenchmarks against copy bandwidth and dense torch")
+    p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repetitions")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=_cmd_bench)
+    add_demo_args(sub.add_parser("demo", help="QLoRA end to end on a shipped model config and text (no download)"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, ImportError) as e:
+        print(f"qengine: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qengine: interrupted", file=sys.stderr)
+        return 130
