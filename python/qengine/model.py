@@ -165,7 +165,8 @@ def memory_report(model: nn.Module) -> dict:
     (QuantLinear weights: codes, scales, nested state, tables), "lora" (A and B), "linear"
     (float nn.Linear weights), "embedding", "bias" (of quantized layers) and "other"
     (norms, anything else), plus "total". params counts logical weights (in*out for a
-    quantized layer); every tensor is counted once even when shared."""
+    quantized layer); every tensor is counted once even when shared (layers of one format
+    share its codebook table until they are moved to another device)."""
     kinds = {k: {"modules": 0, "params": 0, "bytes": 0} for k in
              ("quantized", "lora", "linear", "embedding", "bias", "other")}
     seen: set = set()
@@ -184,9 +185,11 @@ def memory_report(model: nn.Module) -> dict:
         if isinstance(mod, QuantLinear):
             kinds["quantized"]["modules"] += 1
             kinds["quantized"]["params"] += mod.in_features * mod.out_features
-            kinds["quantized"]["bytes"] += mod.weight_nbytes
-            if mod.bias is not None:
-                add("bias", mod.bias)
+            for name, t in own.items():
+                if name == "bias":
+                    add("bias", t)
+                elif name[-3:] != "_bs":  # the nested block size (an int) is not stored data
+                    add("quantized", t, params=0)
             continue
         kind = ("lora" if isinstance(mod, LoRALinear) else "linear" if isinstance(mod, nn.Linear)
                 else "embedding" if isinstance(mod, nn.Embedding) else "other")
@@ -194,10 +197,7 @@ def memory_report(model: nn.Module) -> dict:
             kinds[kind]["modules"] += 1
         for t in own.values():
             add(kind, t)
-    total = {"modules": sum(v["modules"] for v in kinds.values()),
-             "params": sum(v["params"] for k, v in kinds.items() if k != "bias"),
-             "bytes": sum(v["bytes"] for v in kinds.values())}
-    total["params"] += kinds["bias"]["params"]
+    total = {key: sum(v[key] for v in kinds.values()) for key in ("modules", "params", "bytes")}
     kinds["total"] = total
     for v in kinds.values():
         v["bits_per_param"] = 8.0 * v["bytes"] / v["params"] if v["params"] else 0.0
