@@ -14,6 +14,9 @@ from ._ops import cuda_available
 from .formats import Format, available_formats, codebook, get_format, register_format
 from .functional import dequantize, fit_codebook, matmul, quantize
 from .tensor import QuantizedTensor
+from . import nn
+from .model import (add_lora, adapter_state_dict, load_adapter, load_adapter_state_dict, lora_parameters,
+                    mark_only_lora_trainable, memory_report, quantize_model, save_adapter)
 
 __version__ = "0.1.0"
 
@@ -32,6 +35,17 @@ __all__ = [
     "register_format",
     "set_cpu_isa",
     "set_num_threads",
+    # modules and whole-model helpers
+    "nn",
+    "add_lora",
+    "adapter_state_dict",
+    "load_adapter",
+    "load_adapter_state_dict",
+    "lora_parameters",
+    "mark_only_lora_trainable",
+    "memory_report",
+    "quantize_model",
+    "save_adapter",
 ]
 
 

@@ -1,0 +1,272 @@
+"""Whole-model helpers: quantize every nn.Linear in place one layer at a time, add LoRA
+adapters, select their parameters, report memory, save and load adapters alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .formats import Format
+from .nn import LoRALinear, QuantLinear
+
+__all__ = ["quantize_model", "add_lora", "lora_parameters", "mark_only_lora_trainable", "memory_report",
+           "adapter_state_dict", "load_adapter_state_dict", "save_adapter", "load_adapter"]
+
+log = logging.getLogger("qengine")
+ADAPTER_FORMAT = "qengine-lora"
+ADAPTER_VERSION = "1"
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    """A module name matches a pattern equal to it, to its last component, or to a prefix of
+    whole components ("model.layers.0" matches everything under that block)."""
+    last = name.rsplit(".", 1)[-1]
+    return any(name == p or last == p or name.startswith(p + ".") for p in patterns)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar without it
+        return items
+    return tqdm(items, desc=desc, unit="layer", disable=None)
+
+
+def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Optional[int] = 64,
+                   double_quant: bool = True, skip: Sequence[str] = ("lm_head",),
+                   compute_dtype: Optional[torch.dtype] = None, quant_storage: torch.dtype = torch.uint8,
+                   dtype: Optional[torch.dtype] = None, progress: bool = True) -> nn.Module:
+    """Replaces every nn.Linear of `model` in place by a QuantLinear and returns `model`.
+
+    Layers are converted one at a time and each float weight is dropped as soon as its
+    replacement is in place, so the peak memory is the model plus one layer's quantized copy
+    (provided nothing else, e.g. an optimizer, holds the old weights).
+
+    Args:
+        skip: module names (full, last component, or a parent's name) left in float;
+            ``lm_head`` by default, as QLoRA does.
+        dtype: if given, the parameters left in float (embeddings, norms, skipped layers,
+            biases) are cast to it afterwards (QLoRA recipes keep them in bfloat16); the
+            quantized state is never cast.
+        progress: a tqdm progress bar when tqdm is installed (none otherwise).
+    Layers not converted, and why, are logged on the "qengine" logger: linears whose weight is
+    shared with another module (tied embeddings), linears inside nn.MultiheadAttention (which
+    reads their weight directly), and 3-D weight parameters (Mixture-of-Experts), which are not
+    nn.Linear and stay in float.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        skip = [skip]
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            skip = [*skip, name] if name else skip
+            log.info("qengine: %s is nn.MultiheadAttention (reads its projections' weights directly): kept in "
+                     "float", name)
+        if not isinstance(mod, nn.Linear) or _matches(name, skip) or not name:
+            if not name and isinstance(mod, nn.Linear):
+                raise TypeError("model is itself an nn.Linear: use QuantLinear.from_linear")
+            continue
+        if len({o.rsplit(".", 1)[0] for o in owners[id(mod.weight)]}) > 1:
+            log.warning("qengine: %s.weight is shared with %s (tied weights): kept in float", name,
+                        ", ".join(o for o in owners[id(mod.weight)] if not o.startswith(name + ".")))
+            continue
+        names.append(name)
+    for pname, p in model.named_parameters():
+        if p.dim() >= 3:
+            log.warning("qengine: %s is a %d-D parameter (e.g. Mixture-of-Experts weights), not an nn.Linear: "
+                        "kept in float", pname, p.dim())
+    del owners
+    for name in _progress(names, progress, "quantizing"):
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), format, blocksize, double_quant,
+                                                      compute_dtype=compute_dtype, quant_storage=quant_storage))
+        # The old nn.Linear (and its float weight) has no reference left here and is freed now.
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+             target_modules: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None,
+             freeze_base: bool = True) -> nn.Module:
+    """Wraps the target layers of `model` in LoRALinear, in place, and returns `model`.
+
+    target_modules: names (full, last component such as "q_proj", or a parent's name);
+    default: every QuantLinear. Targets must be QuantLinear or nn.Linear. With freeze_base,
+    only LoRA parameters stay trainable afterwards (mark_only_lora_trainable)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    names = []
+    for name, mod in model.named_modules():
+        if not name or isinstance(mod, LoRALinear) or _inside_lora(model, name):
+            continue
+        if target_modules is None:
+            if isinstance(mod, QuantLinear):
+                names.append(name)
+        elif _matches(name, target_modules) and isinstance(mod, (QuantLinear, nn.Linear)):
+            names.append(name)
+    if not names:
+        raise ValueError(f"no layer of the model matches target_modules={target_modules!r} "
+                         "(QuantLinear or nn.Linear layers, by full or last name)")
+    for name in names:
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), r=r, alpha=alpha, dropout=dropout, dtype=dtype))
+    if freeze_base:
+        mark_only_lora_trainable(model)
+    return model
+
+
+def _inside_lora(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), LoRALinear) for i in range(1, len(parts)))
+
+
+def _lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The A and B parameters of every LoRALinear in `model` (what an optimizer should train)."""
+    return [p for _, m in _lora_modules(model) for p in (m.lora_A, m.lora_B)]
+
+
+def mark_only_lora_trainable(model: nn.Module) -> int:
+    """Sets requires_grad on LoRA parameters only; returns the number of trainable elements."""
+    keep = {id(p) for p in lora_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def memory_report(model: nn.Module) -> dict:
+    """Bytes and bits per parameter by kind of layer.
+
+    Returns {kind: {"modules", "params", "bytes", "bits_per_param"}} for kinds "quantized"
+    (QuantLinear weights: codes, scales, nested state, tables), "lora" (A and B), "linear"
+    (float nn.Linear weights), "embedding", "bias" (of quantized layers) and "other"
+    (norms, anything else), plus "total". params counts logical weights (in*out for a
+    quantized layer); every tensor is counted once even when shared (layers of one format
+    share its codebook table until they are moved to another device)."""
+    kinds = {k: {"modules": 0, "params": 0, "bytes": 0} for k in
+             ("quantized", "lora", "linear", "embedding", "bias", "other")}
+    seen: set = set()
+
+    def add(kind, t, params=None):
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key in seen:
+            return
+        seen.add(key)
+        kinds[kind]["params"] += t.numel() if params is None else params
+        kinds[kind]["bytes"] += t.numel() * t.element_size()
+
+    for _, mod in model.named_modules():
+        own = dict(mod.named_parameters(recurse=False))
+        own.update({k: v for k, v in mod.named_buffers(recurse=False) if v is not None})
+        if isinstance(mod, QuantLinear):
+            kinds["quantized"]["modules"] += 1
+            kinds["quantized"]["params"] += mod.in_features * mod.out_features
+            for name, t in own.items():
+                if name == "bias":
+                    add("bias", t)
+                elif name[-3:] != "_bs":  # the nested block size (an int) is not stored data
+                    add("quantized", t, params=0)
+            continue
+        kind = ("lora" if isinstance(mod, LoRALinear) else "linear" if isinstance(mod, nn.Linear)
+                else "embedding" if isinstance(mod, nn.Embedding) else "other")
+        if own:
+            kinds[kind]["modules"] += 1
+        for t in own.values():
+            add(kind, t)
+    total = {key: sum(v[key] for v in kinds.values()) for key in ("modules", "params", "bytes")}
+    kinds["total"] = total
+    for v in kinds.values():
+        v["bits_per_param"] = 8.0 * v["bytes"] / v["params"] if v["params"] else 0.0
+    return kinds
+
+
+# ---------------------------------------------------------------------- adapters
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{"<module>.lora_A": [r, in], "<module>.lora_B": [out, r]} for every LoRALinear."""
+    sd = {}
+    for name, mod in _lora_modules(model):
+        sd.update(mod.adapter_state_dict(name + "."))
+    if not sd:
+        raise ValueError("model has no LoRALinear layers (call qengine.add_lora first)")
+    return sd
+
+
+def _adapter_config(model: nn.Module) -> dict:
+    return {name: {"r": m.r, "alpha": m.alpha, "in_features": m.in_features, "out_features": m.out_features}
+            for name, m in _lora_modules(model)}
+
+
+def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], config: Optional[dict] = None) -> None:
+    """Loads A and B of every LoRALinear from `sd`; the adapter must cover exactly this model's
+    LoRA layers with the same shapes (else ValueError naming the first difference). `config`
+    (as save_adapter stores it) restores each layer's alpha."""
+    mods = dict(_lora_modules(model))
+    if not mods:
+        raise ValueError("model has no LoRALinear layers (call qengine.add_lora with the adapter's settings first)")
+    names = {k.rsplit(".", 1)[0] for k in sd}
+    extra = sorted(n for n in names if n not in mods)
+    missing = sorted(n for n in mods if n not in names)
+    if extra or missing:
+        raise ValueError(f"adapter does not match this model: layers only in the adapter {extra[:5]}, layers only "
+                         f"in the model {missing[:5]} (an adapter for a different model or target_modules?)")
+    for name, mod in mods.items():
+        if config is not None and name in config and int(config[name].get("r", mod.r)) != mod.r:
+            raise ValueError(f"adapter layer {name} has rank {config[name]['r']}, the model's has {mod.r}")
+        mod.load_adapter_state_dict(sd, name + ".")
+        if config is not None and name in config:
+            mod.alpha = float(config[name]["alpha"])
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Writes the adapter alone (A, B of every LoRALinear, plus ranks and alphas) as safetensors."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    meta = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": json.dumps(_adapter_config(model))}
+    save_file(sd, os.fspath(path), metadata=meta)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Loads an adapter written by save_adapter into the model's LoRALinear layers."""
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read adapter file {os.fspath(path)!r}: {e}") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not a qengine LoRA adapter (metadata format "
+                         f"{meta.get('format')!r})")
+    try:
+        config = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"adapter metadata is corrupt: {e}") from None
+    device = next(iter(lora_parameters(model)), torch.empty(0)).device
+    load_adapter_state_dict(model, {k: v.to(device) for k, v in sd.items()}, config)

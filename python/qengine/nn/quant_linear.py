@@ -1,0 +1,320 @@
+"""QuantLinear: a drop-in nn.Linear whose weight is stored blockwise-quantized (packed codes,
+scales, nested scales) and multiplied through the qengine::matmul op without a dense copy."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._checks import FLOAT_DTYPES, check_blocksize
+from ..formats import Format, get_format
+from ..functional import quantize
+from ..tensor import NESTED_FORMAT, NestedScales, QuantizedTensor
+
+__all__ = ["QuantLinear", "QUANT_STORAGE_DTYPES"]
+
+# Packed codes may be stored viewed as a wider *integer* dtype (so FSDP can shard them with
+# parameters of that dtype), never as a float dtype: casts and collectives canonicalise NaN bit
+# patterns in floats and would silently corrupt the codes.
+QUANT_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+# Buffers holding the quantization state: a `.to(dtype)` of the model must move them but
+# never cast them (the kernels read float32 scales and tables).
+_STATE = ("weight_packed", "weight_table", "weight_scales", "weight_scales_table", "weight_scales_absmax",
+          "weight_scales_mean", "weight_scales_bs", "weight_offsets", "weight_offsets_table",
+          "weight_offsets_absmax", "weight_offsets_mean", "weight_offsets_bs")
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W^T + bias`` with W stored quantized (``qengine.quantize`` layout).
+
+    State: ``weight_packed`` is a frozen nn.Parameter (uint8 [nbytes], or the same bytes viewed
+    as ``quant_storage``, zero-padded to whole elements) so FSDP can shard it; the per-block
+    scales (float32 [nblocks], or uint8 codes + nested absmax/mean with double quant), offsets
+    and codebook tables are buffers. ``bias`` (float, [out_features]) stays a float parameter.
+    Forward is pure (sets no state), so ``torch.compile(fullgraph=True)`` traces it whole.
+
+    The state dict is qengine's flat QuantizedTensor layout under ``weight.`` (packed, scales,
+    nested parts, codebook, quant_meta) plus ``bias``; ``load_state_dict`` also accepts the
+    transformers + bitsandbytes ``Linear4bit`` keys (``weight``, ``weight.absmax``, ...,
+    ``weight.quant_state.bitsandbytes__nf4``) without re-quantizing.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, format: str | Format = "nf4",
+                 blocksize: Optional[int] = 64, double_quant: bool = True,
+                 compute_dtype: Optional[torch.dtype] = None, quant_storage: torch.dtype = torch.uint8,
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}")
+        if quant_storage not in QUANT_STORAGE_DTYPES:
+            raise TypeError(f"quant_storage must be an integer dtype {QUANT_STORAGE_DTYPES}, got {quant_storage} "
+                            "(float views of packed codes get NaN-canonicalised by casts and collectives)")
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.quant_storage = quant_storage
+        if blocksize is not None:
+            check_blocksize(blocksize)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        # A zero weight of the right layout: a skeleton for load_state_dict (no dense allocation).
+        q = quantize(torch.zeros(1, 64), format, 64, double_quant)  # the format's parts, resized below
+        fmt = q.format
+        per_row = blocksize is None
+        bs = in_features if per_row else int(blocksize)
+        numel = in_features * out_features
+        nblocks = -(-numel // bs)
+        packed = torch.zeros(-(-numel * fmt.bits // 8), dtype=torch.uint8, device=device)
+
+        def part(p):
+            if p is None:
+                return None
+            if isinstance(p, NestedScales):
+                inner = p.quantized
+                nb2 = -(-nblocks // inner.blocksize)
+                codes = QuantizedTensor(torch.zeros(nblocks, dtype=torch.uint8, device=device),
+                                        torch.zeros(nb2, device=device), None, inner.format, torch.Size([nblocks]),
+                                        torch.float32, inner.blocksize)
+                return NestedScales(codes, torch.zeros((), device=device))
+            return torch.zeros(nblocks, device=device)
+
+        skeleton = QuantizedTensor(packed, part(q.scales), part(q.offsets), fmt, torch.Size([out_features, in_features]),
+                                   dtype, bs, per_row)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+                                if bias else None)
+        self._set_quantized(skeleton)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str | Format = "nf4", blocksize: Optional[int] = 64,
+                    double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
+                    quant_storage: torch.dtype = torch.uint8) -> "QuantLinear":
+        """Quantizes `linear.weight` (float [out, in], finite) once; the bias is kept as is (a
+        new Parameter sharing its data). `linear` is not modified."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        q = quantize(w if w.is_contiguous() else w.contiguous(), format, blocksize, double_quant)
+        return cls.from_quantized(q, linear.bias, compute_dtype=compute_dtype, quant_storage=quant_storage)
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor, bias: Optional[torch.Tensor] = None,
+                       compute_dtype: Optional[torch.dtype] = None,
+                       quant_storage: torch.dtype = torch.uint8) -> "QuantLinear":
+        """A layer around an existing QuantizedTensor of shape [out, in] (not copied)."""
+        if not isinstance(q, QuantizedTensor):
+            raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+        if len(q.shape) != 2:
+            raise ValueError(f"q must be 2-D [out_features, in_features], got shape {tuple(q.shape)}")
+        out_f, in_f = q.shape
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = int(in_f), int(out_f)
+        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}")
+        if quant_storage not in QUANT_STORAGE_DTYPES:
+            raise TypeError(f"quant_storage must be an integer dtype {QUANT_STORAGE_DTYPES}, got {quant_storage}")
+        self.compute_dtype, self.quant_storage = compute_dtype, quant_storage
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or bias.shape != (out_f,) or bias.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"bias must be a float tensor of shape ({out_f},)")
+            bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+        self.register_parameter("bias", bias)
+        self._set_quantized(q)
+        return self
+
+    def _set_quantized(self, q: QuantizedTensor) -> None:
+        """Stores q's parts as this module's parameter and buffers (no copy of the codes unless
+        quant_storage needs padding)."""
+        self.format, self.blocksize, self.per_row, self.weight_dtype = q.format, q.blocksize, q.per_row, q.dtype
+        self._packed_bytes = q.packed.numel()
+        packed = q.packed
+        width = torch.empty((), dtype=self.quant_storage).element_size()
+        if self.quant_storage != torch.uint8:
+            pad = (-packed.numel()) % width
+            if pad:
+                packed = torch.cat([packed, packed.new_zeros(pad)])
+            packed = packed.view(self.quant_storage)
+        self.weight_packed = nn.Parameter(packed, requires_grad=False)
+        self.register_buffer("weight_table", q.format.kernel_tables(q.device)[0])
+        for name, part in (("weight_scales", q.scales), ("weight_offsets", q.offsets)):
+            nested = isinstance(part, NestedScales)
+            inner = part.quantized if nested else None
+            self.register_buffer(name, inner.packed if nested else part)
+            self.register_buffer(name + "_table", inner.format.kernel_tables(q.device)[0] if nested else None)
+            self.register_buffer(name + "_absmax", inner.scales if nested else None)
+            self.register_buffer(name + "_mean", part.mean.reshape(1) if nested else None)
+            # The nested block size, as a Python int and as the tensor the matmul op takes.
+            setattr(self, name[7:] + "_nested_blocksize", inner.blocksize if nested else 0)
+            self.register_buffer(name + "_bs", torch.tensor(inner.blocksize, dtype=torch.int64) if nested else None,
+                                 persistent=False)
+
+    # ------------------------------------------------------------------ views of the state
+    @property
+    def double_quant(self) -> bool:
+        return self.weight_scales_absmax is not None
+
+    def quantized(self) -> QuantizedTensor:
+        """The weight as a QuantizedTensor sharing this module's storage (no copy)."""
+        def part(name):
+            codes = getattr(self, name)
+            if codes is None:
+                return None
+            absmax = getattr(self, name + "_absmax")
+            if absmax is None:
+                return codes
+            inner = QuantizedTensor(codes, absmax, None, get_format(NESTED_FORMAT), torch.Size([codes.numel()]),
+                                    torch.float32, getattr(self, name[7:] + "_nested_blocksize"))
+            return NestedScales(inner, getattr(self, name + "_mean").reshape(()))
+
+        return QuantizedTensor(self._packed_uint8(), part("weight_scales"), part("weight_offsets"), self.format,
+                               torch.Size([self.out_features, self.in_features]), self.weight_dtype,
+                               self.blocksize, self.per_row)
+
+    def _packed_uint8(self) -> torch.Tensor:
+        p = self.weight_packed
+        if p.dtype != torch.uint8:
+            p = p.view(torch.uint8)[: self._packed_bytes]
+        return p
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight [out_features, in_features] (default dtype: the original weight's)."""
+        return self.quantized().dequantize(dtype)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes held by the quantized weight: codes (with padding), scales, nested state, tables."""
+        return sum(t.numel() * t.element_size() for name in _STATE
+                   if (t := getattr(self, name)) is not None and name[-3:] != "_bs")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, lora: Optional[tuple] = None) -> torch.Tensor:
+        """x: float [..., in_features] -> [..., out_features] in x's dtype (computed in
+        compute_dtype when set). lora: optional (A [r, in], B [out, r], scale) side path fused
+        into the same kernel, as qengine.matmul takes it."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be a tensor [..., in_features={self.in_features}], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        in_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        a = b = None
+        s = 0.0
+        if lora is not None:
+            a, b, s = lora
+        scales, nested = self.weight_scales, []
+        if self.weight_scales_absmax is not None:
+            nested = [self.weight_scales_table, self.weight_scales_absmax, self.weight_scales_mean,
+                      self.weight_scales_bs]
+        offsets = self.weight_offsets
+        if offsets is not None and self.weight_offsets_absmax is not None:
+            offsets = torch.ops.qengine.dequantize_blockwise(
+                offsets, self.weight_offsets_table, self.weight_offsets_absmax, None, 8,
+                self.offsets_nested_blocksize, offsets.numel(), torch.float32) + self.weight_offsets_mean
+        y = torch.ops.qengine.matmul(x, self._packed_uint8(), self.weight_table, scales, nested, offsets,
+                                     self.format.bits, self.blocksize, self.out_features, a, b, float(s))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(in_dtype)
+
+    # ------------------------------------------------------------------ movement
+    def _apply(self, fn, recurse=True):
+        # Float casts (model.half(), .to(torch.bfloat16)) reach only the bias; the quantization
+        # state moves between devices but keeps its dtypes, and is never re-quantized.
+        state = {id(getattr(self, n)) for n in _STATE if getattr(self, n) is not None}
+
+        def guarded(t):
+            out = fn(t)
+            if id(t) in state and out.dtype != t.dtype:
+                out = t.to(out.device)
+            return out
+
+        return super()._apply(guarded, recurse)
+
+    # ------------------------------------------------------------------ state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, t in self.quantized().state_dict(prefix + "weight.").items():
+            destination[key] = t if keep_vars else t.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        from ..compat.bnb import from_bnb_state_dict  # the bitsandbytes layout, when saved by it
+
+        own = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] == "weight"]
+        if any(".quant_state.bitsandbytes__" in k for k in own):
+            q = from_bnb_state_dict(state_dict, prefix + "weight")
+        elif prefix + "weight.quant_meta" in state_dict:
+            q = QuantizedTensor.from_state_dict(state_dict, prefix + "weight.")
+        elif own:
+            raise ValueError(f"{prefix}weight is not a quantized state (no {prefix}weight.quant_meta or bitsandbytes "
+                             f"quant_state): use QuantLinear.from_linear to quantize a float nn.Linear weight")
+        else:
+            missing_keys.append(prefix + "weight.quant_meta")
+            q = None
+        if q is not None:
+            if tuple(q.shape) != (self.out_features, self.in_features):
+                raise ValueError(f"{prefix}weight has shape {tuple(q.shape)}, this layer expects "
+                                 f"({self.out_features}, {self.in_features})")
+            device = self.weight_packed.device
+            self._set_quantized(q.to(device) if q.device != device else _own(q))
+        bias_key = prefix + "bias"
+        if self.bias is not None:
+            if bias_key not in state_dict:
+                missing_keys.append(bias_key)
+            else:
+                b = state_dict[bias_key]
+                if not isinstance(b, torch.Tensor) or b.shape != self.bias.shape:
+                    raise ValueError(f"{bias_key} must have shape {tuple(self.bias.shape)}, got "
+                                     f"{tuple(getattr(b, 'shape', ()))}")
+                with torch.no_grad():
+                    self.bias.copy_(b)
+        if strict and q is not None:
+            from_bnb = any(".quant_state.bitsandbytes__" in k for k in own)
+            known = set(self.quantized().state_dict(prefix + "weight."))
+            for k in state_dict:
+                if not k.startswith(prefix) or k == bias_key and self.bias is not None:
+                    continue
+                if k not in known and not (from_bnb and _is_bnb_key(k, prefix)):
+                    unexpected_keys.append(k)
+
+    def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The transformers + bitsandbytes ``Linear4bit`` state dict of this layer (nf4/fp4)."""
+        from ..compat.bnb import to_bnb_state_dict
+
+        sd = to_bnb_state_dict(self.quantized(), prefix + "weight")
+        if self.bias is not None:
+            sd[prefix + "bias"] = self.bias.detach()
+        return sd
+
+    def extra_repr(self) -> str:
+        bs = "row" if self.per_row else self.blocksize
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format.name}, blocksize={bs}, double_quant={self.double_quant}, "
+                f"bytes={self.weight_nbytes}, bits_per_param="
+                f"{8 * self.weight_nbytes / (self.in_features * self.out_features):.3f}")
+
+
+def _is_bnb_key(key: str, prefix: str) -> bool:
+    rest = key[len(prefix):]
+    return rest == "weight" or rest.split(".")[1:2] in (["absmax"], ["quant_map"], ["nested_absmax"],
+                                                       ["nested_quant_map"], ["quant_state"])
+
+
+def _own(q: QuantizedTensor) -> QuantizedTensor:
+    """q with its tensors cloned, so the module never aliases the caller's state dict."""
+    def c(p):
+        if p is None:
+            return None
+        if isinstance(p, NestedScales):
+            return NestedScales(_own(p.quantized), p.mean.clone())
+        return p.clone()
+
+    return QuantizedTensor(q.packed.clone(), c(q.scales), c(q.offsets), q.format, q.shape, q.dtype, q.blocksize,
+                           q.per_row)
