@@ -80,6 +80,15 @@ def load_tokenizer(model_dir: Optional[str], vocab_size: int):
     return ByteTokenizer()
 
 
+def _enable_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing (non-reentrant: only LoRA parameters need grads),
+    under its current name or the older one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _run_signature(cfg: FinetuneConfig, model_dir: str, data: str) -> dict:
     sig = dataclasses.asdict(cfg)
     sig["targets"] = list(cfg.targets)
@@ -126,8 +135,8 @@ def finetune(model: nn.Module, tokenizer, data_path: str, out_dir: str, cfg: Fin
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     add_lora(model, r=cfg.rank, alpha=cfg.alpha, target_modules=list(cfg.targets))
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
     if hasattr(model, "config"):
         model.config.use_cache = False
     model.train()
@@ -149,7 +158,7 @@ def finetune(model: nn.Module, tokenizer, data_path: str, out_dir: str, cfg: Fin
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         tokens += ids.numel()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:

@@ -259,6 +259,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     fmt = get_format(format)
     if bnb and fmt.name not in ("nf4", "fp4"):
         raise ValueError(f"the bitsandbytes layout holds nf4 or fp4 weights, not {fmt.name}")
+    _checkpoint_files(model_dir)  # fail on a directory without weights before any work
     targets = set(quantizable_linears(build_model(config, empty=True), skip))
     keys = {f"{n}.weight": n for n in targets}
     out, bytes_in = {}, 0
