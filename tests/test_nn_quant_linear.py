@@ -270,3 +270,17 @@ def test_bnb_model_state_dict_round_trip(bnb):
     with pytest.raises(ValueError, match="lacks"):
         load_bnb_model_state_dict(nn.Sequential(nn.Linear(64, 128)), {f"5.{k}": v for k, v in bnb_sd.items()
                                                                      if k.startswith("0.")})
+
+
+@pytest.mark.cuda
+def test_cuda_moves_packed_state_and_matches_cpu():
+    lin = nn.Linear(256, 64)
+    ql = QuantLinear.from_linear(lin, quant_storage=torch.int32)
+    lora = qengine.nn.LoRALinear(copy.deepcopy(ql), r=4)
+    x = torch.randn(3, 256)
+    y = ql(x)
+    moved = copy.deepcopy(ql).cuda()
+    assert moved.weight_packed.is_cuda and moved.weight_scales_absmax.is_cuda and moved.weight_table.is_cuda
+    assert torch.allclose(moved(x.cuda()).cpu(), y, rtol=1e-5, atol=1e-4)
+    assert _state_equal({k: v.cpu() for k, v in moved.cpu().state_dict().items()}, ql.state_dict())
+    assert torch.allclose(lora.cuda()(x.cuda()).cpu(), y, rtol=1e-5, atol=1e-4)
