@@ -50,33 +50,48 @@ def _train(model, ids, params):
     return losses
 
 
-def _worker(rank, mode, store_path, out_path):
+def _run(mode, rank):
+    """Trains on this rank's half of the batch; returns (losses, full LoRA tensors, info)."""
+    model = _model(torch.int32 if mode == "fsdp" else torch.uint8)
+    ids = _batch().chunk(WORLD)[rank]
+    info = {}
+    if mode == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        losses = _train(wrapped, ids, qengine.lora_parameters(model))
+        lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        packed = model.layers[0].up_proj.base_layer.weight_packed
+        info["packed_local"] = packed.to_local().numel()
+        info["packed_global"] = packed.numel()
+        losses = _train(model, ids, qengine.lora_parameters(model))
+        lora = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return {"losses": losses, "lora": lora, **info}
+
+
+def _worker(rank, store_path, out_path):
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         qengine.set_num_threads(1)
-        model = _model(torch.int32 if mode == "fsdp" else torch.uint8)
-        ids = _batch().chunk(WORLD)[rank]
-        info = {}
-        if mode == "ddp":
-            wrapped = nn.parallel.DistributedDataParallel(model)
-            losses = _train(wrapped, ids, qengine.lora_parameters(model))
-            lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.layers:
-                fully_shard(block)
-            fully_shard(model)
-            packed = model.layers[0].up_proj.base_layer.weight_packed
-            info["packed_local"] = packed.to_local().numel()
-            info["packed_global"] = packed.numel()
-            losses = _train(model, ids, qengine.lora_parameters(model))
-            lora = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters() if "lora_" in n}
+        results = {mode: _run(mode, rank) for mode in ("ddp", "fsdp")}  # one spawn serves both
         if rank == 0:
-            torch.save({"losses": losses, "lora": lora, **info}, out_path)
+            torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_worker, args=(str(tmp / "store"), str(tmp / "rank0.pt")), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    return torch.load(tmp / "rank0.pt")
 
 
 def _single_process():
@@ -88,12 +103,8 @@ def _single_process():
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_qlora_two_processes_match_single_process(mode, tmp_path):
-    out = tmp_path / "rank0.pt"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_worker, args=(mode, str(tmp_path / "store"), str(out)), nprocs=WORLD, join=True,
-                       start_method="spawn")
-    result = torch.load(out)
+def test_qlora_two_processes_match_single_process(mode, distributed_results):
+    result = distributed_results[mode]
     assert result["losses"][-1] < result["losses"][0]
     reference = _single_process()
     assert result["lora"].keys() == reference.keys()
