@@ -22,7 +22,7 @@ except ImportError:  # peft is optional; register() says so
     _PeftLoraLinear = None
 
 
-def _build():
+if _PeftLoraLinear is not None:
     from ..nn import QuantLinear
 
     class LoraQuantLinear(_PeftLoraLinear):
@@ -39,11 +39,8 @@ def _build():
 
         def unmerge(self) -> None:
             raise TypeError("a LoRA adapter over a QuantLinear is never merged")
-
-    return LoraQuantLinear
-
-
-LoraQuantLinear = _build() if _PeftLoraLinear is not None else None
+else:
+    LoraQuantLinear = None
 
 
 def register(config) -> None:
