@@ -70,30 +70,7 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = [skip]
-    owners: dict[int, list[str]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
-    names = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.MultiheadAttention):
-            skip = [*skip, name] if name else skip
-            log.info("qengine: %s is nn.MultiheadAttention (reads its projections' weights directly): kept in "
-                     "float", name)
-        if not isinstance(mod, nn.Linear) or _matches(name, skip) or not name:
-            if not name and isinstance(mod, nn.Linear):
-                raise TypeError("model is itself an nn.Linear: use QuantLinear.from_linear")
-            continue
-        if len({o.rsplit(".", 1)[0] for o in owners[id(mod.weight)]}) > 1:
-            log.warning("qengine: %s.weight is shared with %s (tied weights): kept in float", name,
-                        ", ".join(o for o in owners[id(mod.weight)] if not o.startswith(name + ".")))
-            continue
-        names.append(name)
-    for pname, p in model.named_parameters():
-        if p.dim() >= 3:
-            log.warning("qengine: %s is a %d-D parameter (e.g. Mixture-of-Experts weights), not an nn.Linear: "
-                        "kept in float", pname, p.dim())
-    del owners
+    names = _linear_targets(model, list(skip))
     for name in _progress(names, progress, "quantizing"):
         parent, attr = _parent(model, name)
         setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), format, blocksize, double_quant,
@@ -102,6 +79,38 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def _linear_targets(model: nn.Module, skip: list[str]) -> list[str]:
+    """Names of the nn.Linear layers quantize_model converts (names only: holding the modules
+    here would keep their float weights alive during the conversion)."""
+    owners: dict[int, set[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(mname)
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            if not name:
+                return []
+            skip.append(name)
+            log.info("qengine: %s is nn.MultiheadAttention (reads its projections' weights directly): kept in "
+                     "float", name)
+        if not isinstance(mod, nn.Linear) or _matches(name, skip):
+            continue
+        if not name:
+            raise TypeError("model is itself an nn.Linear: use QuantLinear.from_linear")
+        sharers = owners[id(mod.weight)] - {name}
+        if sharers:
+            log.warning("qengine: %s.weight is shared with %s (tied weights): kept in float", name,
+                        ", ".join(sorted(sharers)))
+            continue
+        names.append(name)
+    for pname, p in model.named_parameters():
+        if p.dim() >= 3:
+            log.warning("qengine: %s is a %d-D parameter (e.g. Mixture-of-Experts weights), not an nn.Linear: "
+                        "kept in float", pname, p.dim())
+    return names
 
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,

@@ -1,5 +1,5 @@
-"""Import/export of other libraries' layouts (bitsandbytes)."""
+"""Import/export of other libraries' layouts (bitsandbytes) and PEFT glue (compat.peft, imported on use)."""
 
-from .bnb import from_bnb_state_dict, to_bnb_state_dict
+from .bnb import bnb_model_state_dict, from_bnb_state_dict, load_bnb_model_state_dict, to_bnb_state_dict
 
-__all__ = ["from_bnb_state_dict", "to_bnb_state_dict"]
+__all__ = ["bnb_model_state_dict", "from_bnb_state_dict", "load_bnb_model_state_dict", "to_bnb_state_dict"]

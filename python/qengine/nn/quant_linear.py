@@ -50,11 +50,7 @@ class QuantLinear(nn.Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
-            raise TypeError(f"compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}")
-        if quant_storage not in QUANT_STORAGE_DTYPES:
-            raise TypeError(f"quant_storage must be an integer dtype {QUANT_STORAGE_DTYPES}, got {quant_storage} "
-                            "(float views of packed codes get NaN-canonicalised by casts and collectives)")
+        _check_options(compute_dtype, quant_storage)
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         self.quant_storage = quant_storage
@@ -94,13 +90,14 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, format: str | Format = "nf4", blocksize: Optional[int] = 64,
                     double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
                     quant_storage: torch.dtype = torch.uint8) -> "QuantLinear":
-        """Quantizes `linear.weight` (float [out, in], finite) once; the bias is kept as is (a
-        new Parameter sharing its data). `linear` is not modified."""
+        """Quantizes `linear.weight` (float [out, in], finite) once; the bias is copied in its
+        dtype. `linear` is not modified."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         q = quantize(w if w.is_contiguous() else w.contiguous(), format, blocksize, double_quant)
-        return cls.from_quantized(q, linear.bias, compute_dtype=compute_dtype, quant_storage=quant_storage)
+        bias = None if linear.bias is None else linear.bias.detach().clone().requires_grad_(linear.bias.requires_grad)
+        return cls.from_quantized(q, bias, compute_dtype=compute_dtype, quant_storage=quant_storage)
 
     @classmethod
     def from_quantized(cls, q: QuantizedTensor, bias: Optional[torch.Tensor] = None,
@@ -115,10 +112,7 @@ class QuantLinear(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = int(in_f), int(out_f)
-        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
-            raise TypeError(f"compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}")
-        if quant_storage not in QUANT_STORAGE_DTYPES:
-            raise TypeError(f"quant_storage must be an integer dtype {QUANT_STORAGE_DTYPES}, got {quant_storage}")
+        _check_options(compute_dtype, quant_storage)
         self.compute_dtype, self.quant_storage = compute_dtype, quant_storage
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.shape != (out_f,) or bias.dtype not in FLOAT_DTYPES:
@@ -299,6 +293,14 @@ class QuantLinear(nn.Module):
                 f"format={self.format.name}, blocksize={bs}, double_quant={self.double_quant}, "
                 f"bytes={self.weight_nbytes}, bits_per_param="
                 f"{8 * self.weight_nbytes / (self.in_features * self.out_features):.3f}")
+
+
+def _check_options(compute_dtype, quant_storage) -> None:
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}")
+    if quant_storage not in QUANT_STORAGE_DTYPES:
+        raise TypeError(f"quant_storage must be an integer dtype {QUANT_STORAGE_DTYPES}, got {quant_storage} "
+                        "(float views of packed codes get NaN-canonicalised by casts and collectives)")
 
 
 def _is_bnb_key(key: str, prefix: str) -> bool:
