@@ -9,13 +9,15 @@
 
 from __future__ import annotations
 
-from . import _C
+from ._version import __version__, check_torch
+
+check_torch()  # a clear ImportError for a missing or unsupported torch, before anything uses it
+
+from . import _C  # noqa: E402
 from ._ops import cuda_available
 from .formats import Format, available_formats, codebook, get_format, register_format
 from .functional import dequantize, fit_codebook, matmul, quantize
 from .tensor import QuantizedTensor
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Format",
