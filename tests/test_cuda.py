@@ -183,7 +183,7 @@ def test_matmul_misaligned_codes_take_the_element_path():
     args = (table, q.scales, [], None, 4, 64, 64, None, None, 0.0)
     aligned = torch.ops.qengine.matmul(x, q.packed, *args)
     shifted = torch.ops.qengine.matmul(x, buf[1:], *args)
-    assert torch.allclose(shifted, aligned, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(shifted, aligned, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("m", [1, 3, 16])
