@@ -37,6 +37,9 @@ endif()
 set(QENGINE_CUDA_SOURCES
   csrc/cuda/runtime.cu
   csrc/cuda/dequantize.cu
+  csrc/cuda/quantize.cu
+  csrc/cuda/matmul.cu
+  csrc/cuda/matmul_t.cu
 )
 
 function(qengine_add_cuda_sources target)
