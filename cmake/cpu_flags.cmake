@@ -6,5 +6,9 @@ function(qengine_set_isa_flags)
       COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
     set_source_files_properties(csrc/cpu/kernels_avx512.cpp csrc/cpu/gemv_avx512.cpp PROPERTIES
       COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
+    # The fused optimizer step (optim.cpp dispatches on the same ISA choice).
+    set_source_files_properties(csrc/cpu/optim_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
+    set_source_files_properties(csrc/cpu/optim_avx512.cpp PROPERTIES
+      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
   endif()
 endfunction()

@@ -1,0 +1,172 @@
+"""The fused AdamW step as native calls and a torch op: the 8-bit state codes' search tables,
+the per-device kernels over a table of spans, and ``qengine::adamw_update`` (one tensor).
+Device names of the optimizer package appear here and nowhere else.
+
+Task rows (int64 [ntasks, 10], csrc/include/qengine/optim_math.h OptimTask): addresses of
+param, grad, state1, state2, absmax1, absmax2, then n, dtype code, hyper row, 0.
+Hyper rows (float32 [k, 9], AdamHyper): decay, w1, lerp_small, beta2, w2, bc2_sqrt, eps,
+neg_step, maximize.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import _C
+from .._checks import check_contiguous, check_dtype, check_numel
+from .._ops import _DTYPE_CODES
+from ..formats import get_format
+
+BLOCK = 256  # elements per 8-bit state block (one absmax each)
+TASK_FIELDS = 10
+HYPER_FIELDS = 9
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DEVICES = ("cpu", "cuda") if _C.cuda_compiled else ("cpu",)
+
+# The nearest-code lookup: buckets of |x| by (float bits >> 16) = sign-less exponent and top 7
+# mantissa bits, from 2**-30 (below: one bucket) to 1.0 and above (one bucket). Normalised
+# states lie in [-1, 1]; the widest bucket near 1.0 (1/128 of the value) is narrower than the
+# dynamic maps' finest spacing there, so one comparison finishes the search (checked below).
+_LUT_BASE = (127 - 30) << 7
+_LUT_KMAX = (127 << 7) - _LUT_BASE
+
+
+class StateCode:
+    """One 8-bit state code on one device: table float32 [256] (sorted), midpoints float32
+    [256] (+inf last), lut uint8 [2 * (kmax + 1) + 4] and the number of refining comparisons."""
+
+    def __init__(self, format_name: str, device: torch.device):
+        fmt = get_format(format_name)
+        table, mids, order, _ = fmt.kernel_tables("cpu")
+        if fmt.bits != 8 or not fmt.identity_order:
+            raise ValueError(f"an optimizer state code must be a sorted 8-bit table, {format_name!r} is not")
+        nkeys = 2 * (_LUT_KMAX + 1)
+        k = torch.arange(_LUT_KMAX + 1, dtype=torch.int64)
+        lo_bits = torch.where(k == 0, torch.zeros_like(k), (_LUT_BASE + k) << 16)
+        hi_bits = torch.where(k == _LUT_KMAX, torch.full_like(k, 0x7F800000), ((_LUT_BASE + k + 1) << 16) - 1)
+        lo_pos = lo_bits.to(torch.int32).view(torch.float32)
+        hi_pos = hi_bits.to(torch.int32).view(torch.float32)
+        # Keys 0..kmax: negatives, largest magnitude first; kmax+1..: positives.
+        lo = torch.cat([-hi_pos.flip(0), lo_pos])
+        hi = torch.cat([-lo_pos.flip(0), hi_pos])
+        real = mids[:255]
+        first = torch.searchsorted(real, lo, side="left")  # midpoints < lo: every x of the bucket passes them
+        inside = torch.searchsorted(real, hi, side="right") - first  # midpoints within [lo, hi]
+        self.refine = int(inside.max())
+        lut = torch.zeros(nkeys + 4, dtype=torch.uint8)  # +3 bytes: the SIMD kernels gather 4 at a time
+        lut[:nkeys] = first.to(torch.uint8)
+        self.base, self.kmax = _LUT_BASE, _LUT_KMAX
+        self.table, self.midpoints, self.lut = (t.to(device) for t in (table, mids, lut))
+        self.zero_code = int((table == 0).nonzero()[0])
+
+    def args(self) -> tuple:
+        return (self.table.data_ptr(), self.midpoints.data_ptr(), self.lut.data_ptr(), self.base, self.kmax,
+                self.refine)
+
+
+_CODES: dict = {}
+
+
+def state_codes(device: torch.device) -> tuple[StateCode, StateCode]:
+    """(signed code for m, unsigned code for v) on device, built once."""
+    key = str(device)
+    if key not in _CODES:
+        _CODES[key] = (StateCode("dynamic8", device), StateCode("_dynamic8_unsigned", device))
+    return _CODES[key]
+
+
+def hyper_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+              maximize: bool) -> list[float]:
+    """The AdamHyper values of one parameter for its step number `step` (>= 1), computed in
+    double as torch computes its Python scalars (rounded to float32 when stored)."""
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    w1 = 1 - beta1
+    return [1 - lr * weight_decay, w1, 1.0 if abs(w1) < 0.5 else 0.0, beta2, 1 - beta2, math.sqrt(bc2), eps,
+            -(lr / bc1), 1.0 if maximize else 0.0]
+
+
+def run_tasks(tasks: torch.Tensor, hyper: torch.Tensor, state_bits: int, device: torch.device) -> None:
+    """One fused AdamW step over the spans in tasks (int64 [ntasks, 10], host) with the
+    constants hyper (float32 [k, 9], host); the spans' buffers are on `device` (CUDA: on the
+    current stream). The caller has checked every address and size."""
+    if tasks.shape[0] == 0:
+        return
+    codes = state_codes(device) if state_bits == 8 else None
+    code_args = (*codes[0].args(), *codes[1].args()) if codes else (0, 0, 0, 0, 0, 0) * 2
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device).cuda_stream
+        _C.cuda.adamw(tasks.data_ptr(), tasks.shape[0], hyper.data_ptr(), hyper.shape[0], state_bits, *code_args,
+                      stream)
+    else:
+        _C.adamw_cpu(tasks.data_ptr(), tasks.shape[0], hyper.data_ptr(), hyper.shape[0], state_bits, *code_args)
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    if t.device.type not in SUPPORTED_DEVICES:
+        raise ValueError(f"{name} is on {t.device}; qengine's optimizers support {', '.join(SUPPORTED_DEVICES)} tensors")
+
+
+def cuda_side_stream(device: torch.device):
+    """A stream for page copies beside the compute stream (CUDA only)."""
+    return torch.cuda.Stream(device)
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def pinned_zeros(nbytes: int) -> torch.Tensor:
+    return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+# --------------------------------------------------------------------------- the torch op
+@torch.library.custom_op("qengine::adamw_update", mutates_args=("param", "state1", "state2", "absmax1", "absmax2"))
+def adamw_update(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+                 absmax1: Optional[torch.Tensor], absmax2: Optional[torch.Tensor], lr: float, beta1: float,
+                 beta2: float, eps: float, weight_decay: float, step: int, maximize: bool) -> None:
+    """One fused AdamW step of one tensor, in place.
+
+    param: float32/float16/bfloat16, contiguous; grad: same dtype and numel. 32-bit states:
+    state1 (m), state2 (v) float32 [numel], absmax1/absmax2 None. 8-bit states: state1/state2
+    uint8 codes [numel] (signed dynamic map for m, unsigned for v), absmax1/absmax2 float32
+    [ceil(numel / 256)]. step: the step number being taken (>= 1)."""
+    n = param.numel()
+    eight = absmax1 is not None
+    if param.dtype not in PARAM_DTYPES:
+        raise TypeError(f"param must be float32, float16 or bfloat16, got {param.dtype}")
+    check_device("param", param)
+    check_dtype("grad", grad, param.dtype)
+    for name, t in (("param", param), ("grad", grad), ("state1", state1), ("state2", state2), ("absmax1", absmax1),
+                    ("absmax2", absmax2)):
+        if t is not None:
+            check_contiguous(name, t)
+            if t.device != param.device:
+                raise ValueError(f"{name} is on {t.device} but param is on {param.device}")
+    check_numel("grad", grad, n)
+    if (absmax2 is None) == eight:
+        raise ValueError("absmax1 and absmax2 must be given together (8-bit states) or both be None (32-bit)")
+    for name, t in (("state1", state1), ("state2", state2)):
+        check_dtype(name, t, torch.uint8 if eight else torch.float32)
+        check_numel(name, t, n)
+    if eight:
+        for name, t in (("absmax1", absmax1), ("absmax2", absmax2)):
+            check_dtype(name, t, torch.float32)
+            check_numel(name, t, -(-n // BLOCK))
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if n == 0:
+        return
+    tasks = torch.tensor([[param.data_ptr(), grad.data_ptr(), state1.data_ptr(), state2.data_ptr(),
+                           absmax1.data_ptr() if eight else 0, absmax2.data_ptr() if eight else 0, n,
+                           _DTYPE_CODES[param.dtype], 0, 0]], dtype=torch.int64)
+    hyper = torch.tensor([hyper_row(lr, beta1, beta2, eps, weight_decay, step, maximize)], dtype=torch.float32)
+    run_tasks(tasks, hyper, 8 if eight else 32, param.device)
+
+
+@adamw_update.register_fake
+def _(param, grad, state1, state2, absmax1, absmax2, lr, beta1, beta2, eps, weight_decay, step, maximize):
+    return None

@@ -1,0 +1,287 @@
+"""Paged optimizer states: every parameter's states live in one flat element space cut into
+fixed-size pages; a byte budget bounds the pages held resident (CPU RAM, or the CUDA device
+cache), and the others live in a home store (CPU: a memory-mapped file on disk; CUDA: pinned
+host memory) until they are needed again.
+
+A page of E elements holds, one after the other: state1 [E] and state2 [E] (float32 for
+32-bit states, uint8 codes for 8-bit ones), then for 8-bit states absmax1 [E/256] and
+absmax2 [E/256] (float32). A parameter's region starts on a 256-element boundary, so a
+region split over pages is split on block boundaries. Pages are created zero-filled when
+first touched; zero bytes are zero states for both layouts (an all-zero absmax decodes every
+code to 0).
+
+Eviction picks the resident page released most recently: a step walks the pages in order,
+so that page is the one needed last in the next step (Belady's choice for cyclic access).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from . import _ops
+
+BLOCK = _ops.BLOCK
+
+
+class PagesBusy(Exception):
+    """Raised by PageManager.acquire when every resident page is in use: the caller runs the
+    kernel on what it holds, releases it, and asks again."""
+
+
+@dataclass
+class Span:
+    """Part of one parameter's region inside one page."""
+
+    page: int
+    first: int  # element index inside the page
+    offset: int  # element index inside the parameter
+    count: int
+
+
+class PageManager:
+    """Pages of optimizer states for one device.
+
+    Args:
+        state_bits: 32 (float32 m, v) or 8 (uint8 codes + float32 absmax per 256 elements).
+        device: where the kernels run (cpu or cuda).
+        page_elements: elements per page, a multiple of 256.
+        budget_bytes: the most bytes of pages held resident (None: no limit); at least one page.
+        spill_dir: directory of the CPU spill file (default: the system temp dir).
+    """
+
+    def __init__(self, state_bits: int, device: torch.device, page_elements: int, budget_bytes: int | None,
+                 spill_dir: str | None = None):
+        self.state_bits = state_bits
+        self.device = device
+        self.page_elements = page_elements
+        self.budget_bytes = budget_bytes
+        self.spill_dir = spill_dir
+        sb = 4 if state_bits == 32 else 1
+        self._state_bytes = page_elements * sb
+        self.page_bytes = 2 * self._state_bytes + (0 if state_bits == 32 else 2 * 4 * (page_elements // BLOCK))
+        if budget_bytes is not None and budget_bytes < self.page_bytes:
+            raise ValueError(f"budget_bytes ({budget_bytes}) must hold at least one page ({self.page_bytes} bytes); "
+                             "lower page_elements or raise the budget")
+        self.elements = 0  # end of the last region (element space)
+        self.resident: dict[int, torch.Tensor] = {}  # page -> buffer (uint8 [page_bytes], on device)
+        self._home: _Home | None = None  # created at the first eviction
+        self._homed: set[int] = set()  # pages whose current bytes are in the home store
+        self._busy: set[int] = set()
+        self._released: list[int] = []  # resident, not busy, most recently released last
+        self.resident_bytes = 0
+        self.peak_resident_bytes = 0
+        self.loads = 0
+        self.evictions = 0
+
+    # ------------------------------------------------------------------ layout
+    def add_region(self, numel: int) -> int:
+        """Reserves a region of numel elements; returns its first element."""
+        start = -(-self.elements // BLOCK) * BLOCK
+        self.elements = start + numel
+        return start
+
+    @property
+    def num_pages(self) -> int:
+        return -(-self.elements // self.page_elements)
+
+    def spans(self, start: int, numel: int):
+        """The Spans of the region [start, start + numel)."""
+        e = start
+        end = start + numel
+        while e < end:
+            page, first = divmod(e, self.page_elements)
+            count = min(end - e, self.page_elements - first)
+            yield Span(page, first, e - start, count)
+            e += count
+
+    def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(state1, state2, absmax1, absmax2) views of one page buffer (absmax None for 32-bit)."""
+        sb, e = self._state_bytes, self.page_elements
+        dt = torch.float32 if self.state_bits == 32 else torch.uint8
+        s1, s2 = buf[:sb].view(dt), buf[sb:2 * sb].view(dt)
+        if self.state_bits == 32:
+            return s1, s2, None, None
+        nb = e // BLOCK
+        return s1, s2, buf[2 * sb:2 * sb + 4 * nb].view(torch.float32), buf[2 * sb + 4 * nb:].view(torch.float32)
+
+    def addresses(self, buf: torch.Tensor, first: int) -> tuple[int, int, int, int]:
+        """Addresses of state1, state2, absmax1, absmax2 at element `first` of a page buffer."""
+        base = buf.data_ptr()
+        sb = self._state_bytes
+        if self.state_bits == 32:
+            return base + 4 * first, base + sb + 4 * first, 0, 0
+        nb = self.page_elements // BLOCK
+        b = first // BLOCK
+        return base + first, base + sb + first, base + 2 * sb + 4 * b, base + 2 * sb + 4 * nb + 4 * b
+
+    # ------------------------------------------------------------------ residency
+    def acquire(self, page: int) -> torch.Tensor:
+        """The resident buffer of `page`, loaded or created if needed, marked busy until
+        release_all(). Raises PagesBusy when room is needed and every resident page is busy."""
+        buf = self.resident.get(page)
+        if buf is None:
+            while self.budget_bytes is not None and self.resident_bytes + self.page_bytes > self.budget_bytes:
+                if not self._released:
+                    raise PagesBusy
+                self._evict(self._released.pop())
+            if page in self._homed:
+                buf = self._home.load(page)
+                self.loads += 1
+            else:
+                buf = self._new_buffer()
+            self.resident[page] = buf
+            self.resident_bytes += self.page_bytes
+            self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        elif page in self._released:
+            self._released.remove(page)
+        self._busy.add(page)
+        return buf
+
+    def release_all(self) -> None:
+        """Marks the busy pages free to evict, in page order (the last one evicted first)."""
+        for page in sorted(self._busy):
+            self._released.append(page)
+        self._busy.clear()
+
+    def _new_buffer(self) -> torch.Tensor:
+        return torch.zeros(self.page_bytes, dtype=torch.uint8, device=self.device)
+
+    def _evict(self, page: int) -> None:
+        if self._home is None:
+            self._home = (_PinnedHome(self) if self.device.type == "cuda" else _FileHome(self))
+        buf = self.resident.pop(page)
+        self._home.write(page, buf)
+        self._homed.add(page)
+        self.resident_bytes -= self.page_bytes
+        self.evictions += 1
+
+    def page_for_reading(self, page: int) -> torch.Tensor | None:
+        """A copy of a page's bytes on the page device, wherever it lives (None: never touched)."""
+        if page in self.resident:
+            return self.resident[page].clone()
+        if page in self._homed:
+            return self._home.load(page)
+        return None
+
+    def write_page(self, page: int, buf: torch.Tensor) -> None:
+        """Replaces a page's bytes (loading a checkpoint); keeps the budget."""
+        dst = self.acquire(page)
+        dst.copy_(buf)
+        self.release_all()
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every page that exists (resident or in the home store)."""
+        return self.page_bytes * len(set(self.resident) | self._homed)
+
+    def close(self) -> None:
+        if self._home is not None:
+            self._home.close()
+            self._home = None
+
+
+class _Home:
+    def write(self, page: int, buf: torch.Tensor) -> None: ...
+    def load(self, page: int) -> torch.Tensor: ...
+    def close(self) -> None: ...
+
+
+class _FileHome(_Home):
+    """CPU home: a memory-mapped, already-unlinked temporary file, one 4 KiB-aligned slot per
+    page. After each copy the mapping's pages are dropped from this process (MADV_DONTNEED), so
+    spilled states count against the page cache, which the OS may write out, not against the
+    process."""
+
+    def __init__(self, mgr: PageManager):
+        self.mgr = mgr
+        self.stride = -(-mgr.page_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.file = tempfile.TemporaryFile(dir=mgr.spill_dir, prefix="qengine-optim-")
+        self.map: mmap.mmap | None = None
+        self.size = 0
+
+    def _ensure(self, page: int) -> None:
+        need = (page + 1) * self.stride
+        if need > self.size:
+            size = max(need, 2 * self.size)
+            if self.map is not None:
+                self.map.close()
+            self.file.truncate(size)  # sparse: only written slots take disk space
+            self.map = mmap.mmap(self.file.fileno(), size)
+            self.size = size
+
+    def _view(self, page: int) -> torch.Tensor:
+        return torch.frombuffer(self.map, dtype=torch.uint8, count=self.mgr.page_bytes, offset=page * self.stride)
+
+    def _drop(self, page: int) -> None:
+        if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED, page * self.stride, self.stride)
+
+    def write(self, page: int, buf: torch.Tensor) -> None:
+        self._ensure(page)
+        view = self._view(page)
+        view.copy_(buf)
+        del view  # release the buffer export before any remap
+        self._drop(page)
+
+    def load(self, page: int) -> torch.Tensor:
+        buf = torch.empty(self.mgr.page_bytes, dtype=torch.uint8)
+        view = self._view(page)
+        buf.copy_(view)
+        del view
+        self._drop(page)
+        return buf
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        self.file.close()
+
+
+class _PinnedHome(_Home):
+    """CUDA home: one pinned host buffer per evicted page, and two side streams beside the
+    compute stream. A write-back waits for the kernels already queued (the last ones to use the
+    page) and runs on the write stream; a load runs on the load stream into a buffer allocated
+    there, waits only for that page's own last write-back, and the compute stream waits for the
+    load alone, so loads overlap the kernels of other pages. Device buffers are recorded on
+    every stream that uses them, so the caching allocator does not reuse one under a copy.
+    (Written to CUDA's stream semantics; not exercised by the CPU test suite.)"""
+
+    def __init__(self, mgr: PageManager):
+        self.mgr = mgr
+        self.write_stream = _ops.cuda_side_stream(mgr.device)
+        self.load_stream = _ops.cuda_side_stream(mgr.device)
+        self.host: dict[int, torch.Tensor] = {}
+        self.written: dict[int, torch.cuda.Event] = {}
+
+    def write(self, page: int, buf: torch.Tensor) -> None:
+        host = self.host.get(page)
+        if host is None:
+            host = self.host[page] = _ops.pinned_zeros(buf.numel())
+        self.write_stream.wait_stream(torch.cuda.current_stream(self.mgr.device))
+        with torch.cuda.stream(self.write_stream):
+            host.copy_(buf, non_blocking=True)
+            self.written[page] = torch.cuda.Event()
+            self.written[page].record(self.write_stream)
+        buf.record_stream(self.write_stream)
+
+    def load(self, page: int) -> torch.Tensor:
+        compute = torch.cuda.current_stream(self.mgr.device)
+        with torch.cuda.stream(self.load_stream):
+            buf = torch.empty(self.mgr.page_bytes, dtype=torch.uint8, device=self.mgr.device)
+            self.load_stream.wait_event(self.written[page])
+            buf.copy_(self.host[page], non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.load_stream)
+        compute.wait_event(ready)
+        buf.record_stream(compute)
+        return buf
+
+    def close(self) -> None:
+        self.write_stream.synchronize()
+        self.load_stream.synchronize()
+        self.host.clear()
