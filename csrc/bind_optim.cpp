@@ -29,17 +29,16 @@ void raise_on_error(int status) {
   throw py::value_error(std::string("qengine: ") + qengine::status_message(status));
 }
 
-qengine::StateCode state_code(addr table, addr midpoints, addr lut, int base, int kmax, int refine) {
-  return qengine::StateCode{reinterpret_cast<const float*>(table), reinterpret_cast<const float*>(midpoints),
-                            reinterpret_cast<const uint8_t*>(lut), base, kmax, refine};
+qengine::StateCode state_code(addr table, addr lut, int base, int kmax) {
+  return qengine::StateCode{reinterpret_cast<const float*>(table), reinterpret_cast<const uint32_t*>(lut), base, kmax};
 }
 
 // tasks: int64 [ntasks, 10] (OptimTask rows); hyper: float32 [nhyper, 9] (AdamHyper rows);
-// for 8-bit states, the two codes' (table, midpoints, lut, base, kmax, refine).
-int adamw_cpu(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state_bits, addr t1, addr m1, addr l1,
-              int base1, int kmax1, int refine1, addr t2, addr m2, addr l2, int base2, int kmax2, int refine2) {
-  const qengine::StateCode codes[2] = {state_code(t1, m1, l1, base1, kmax1, refine1),
-                                       state_code(t2, m2, l2, base2, kmax2, refine2)};
+// for 8-bit states, the two codes' (table, lut, base, kmax).
+int adamw_cpu(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state_bits, addr t1, addr l1,
+              int base1, int kmax1, addr t2, addr l2, int base2, int kmax2) {
+  const qengine::StateCode codes[2] = {state_code(t1, l1, base1, kmax1),
+                                       state_code(t2, l2, base2, kmax2)};
   int s = qengine::adamw_cpu(reinterpret_cast<const qengine::OptimTask*>(tasks), ntasks,
                              reinterpret_cast<const qengine::AdamHyper*>(hyper), nhyper, state_bits,
                              state_bits == 8 ? codes : nullptr);
@@ -48,11 +47,10 @@ int adamw_cpu(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state_
 }
 
 #if defined(QENGINE_WITH_CUDA)
-int adamw_cuda(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state_bits, addr t1, addr m1, addr l1,
-               int base1, int kmax1, int refine1, addr t2, addr m2, addr l2, int base2, int kmax2, int refine2,
-               addr stream) {
-  const qengine::StateCode codes[2] = {state_code(t1, m1, l1, base1, kmax1, refine1),
-                                       state_code(t2, m2, l2, base2, kmax2, refine2)};
+int adamw_cuda(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state_bits, addr t1, addr l1,
+               int base1, int kmax1, addr t2, addr l2, int base2, int kmax2, addr stream) {
+  const qengine::StateCode codes[2] = {state_code(t1, l1, base1, kmax1),
+                                       state_code(t2, l2, base2, kmax2)};
   int s = qengine::adamw_cuda(reinterpret_cast<const qengine::OptimTask*>(tasks), ntasks,
                               reinterpret_cast<const qengine::AdamHyper*>(hyper), nhyper, state_bits,
                               state_bits == 8 ? codes : nullptr, reinterpret_cast<void*>(stream));

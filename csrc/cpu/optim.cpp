@@ -2,6 +2,7 @@
 // the ISA choice (following the quantize kernels' choice, so QENGINE_CPU_ISA / set_isa apply),
 // and the portable scalar spans every SIMD variant must match byte for byte.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -71,10 +72,13 @@ namespace {
 // Elements per unit of the thread split: a multiple of the 8-bit block, large enough that a
 // unit's work dwarfs the bookkeeping.
 constexpr int64_t kUnit = 16 * kOptimBlock;
+// Units a thread takes at a time (256K elements: 1 MiB of float32 parameters), and the step
+// size below which threads are not worth waking.
+constexpr int64_t kChunkUnits = 64;
+constexpr int64_t kMinParallelUnits = 16;
 
 bool valid_code(const StateCode& c) {
-  return c.table != nullptr && c.midpoints != nullptr && c.lut != nullptr && c.lut_kmax >= 0 && c.lut_base >= 0 &&
-         c.refine >= 0 && c.refine <= 255;
+  return c.table != nullptr && c.lut != nullptr && c.lut_kmax >= 0 && c.lut_base >= 0;
 }
 
 }  // namespace
@@ -113,9 +117,14 @@ int adamw_cpu(const OptimTask* tasks, int64_t ntasks, const AdamHyper* hyper, in
   (void)isa;
 #endif
 
-  // A thread takes a contiguous range of units, at least 8 (512 KiB of float32 parameters),
-  // so small steps stay on one thread.
-  cpu::parallel_for(0, units, 8, 1, [&](int64_t u0, int64_t u1) {
+  // Threads take chunks of units from a shared counter rather than one fixed share each: on a
+  // machine where other processes hold some cores, a slowed thread then does less of the work
+  // instead of making every step wait for it. Steps of fewer than kMinParallelUnits stay on
+  // the calling thread.
+  const int64_t chunk = kChunkUnits;
+  const int64_t workers = units < kMinParallelUnits ? 1 : std::min<int64_t>(cpu::num_threads(), (units + chunk - 1) / chunk);
+  std::atomic<int64_t> next{0};
+  auto run = [&](int64_t u0, int64_t u1) {
     int64_t k = std::upper_bound(first_unit.begin(), first_unit.end(), u0) - first_unit.begin() - 1;
     for (int64_t u = u0; u < u1; ++k) {
       const OptimTask& t = tasks[k];
@@ -126,7 +135,14 @@ int adamw_cpu(const OptimTask* tasks, int64_t ntasks, const AdamHyper* hyper, in
       else span8(t, lo, hi, hyper[t.hyper], codes[0], codes[1]);
       u = u_end;
     }
-  });
+  };
+  if (workers <= 1) {
+    run(0, units);
+  } else {
+    cpu::parallel_for(0, workers, 1, 1, [&](int64_t, int64_t) {
+      for (int64_t u0 = next.fetch_add(chunk); u0 < units; u0 = next.fetch_add(chunk)) run(u0, std::min(units, u0 + chunk));
+    });
+  }
   return kOk;
 }
 

@@ -79,7 +79,7 @@ void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs) {
   if (i < hi) scalar_adamw32(t, i, hi, hs);
 }
 
-// 8 codes of the nearest-code search (encode_state on 8 lanes), as int32 lanes.
+// 8 codes of the nearest-code search (encode_state on 8 lanes), as int32 lanes: one gather.
 inline __m256i encode8(__m256 x, const StateCode& c) {
   const __m256i u = _mm256_castps_si256(x);
   __m256i k = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), 16),
@@ -88,14 +88,11 @@ inline __m256i encode8(__m256 x, const StateCode& c) {
   const __m256i neg = _mm256_srai_epi32(u, 31);
   const __m256i key = _mm256_blendv_epi8(_mm256_add_epi32(k, _mm256_set1_epi32(c.lut_kmax + 1)),
                                          _mm256_sub_epi32(_mm256_set1_epi32(c.lut_kmax), k), neg);
-  // Byte lookups as 32-bit gathers (the table carries 3 bytes of padding), low byte kept.
-  __m256i idx = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(c.lut), key, 1),
-                                 _mm256_set1_epi32(0xff));
-  for (int r = 0; r < c.refine; ++r) {
-    const __m256 mid = _mm256_i32gather_ps(c.midpoints, idx, 4);
-    idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(x, mid, _CMP_GT_OQ)));  // true lanes are -1
-  }
-  return idx;
+  const __m256i e = _mm256_i32gather_epi32(reinterpret_cast<const int*>(c.lut), key, 4);
+  const __m256i lo16 = _mm256_set1_epi32(0xffff);
+  const __m256i low = _mm256_and_si256(u, lo16), t = _mm256_and_si256(e, lo16);
+  const __m256i up = _mm256_blendv_epi8(_mm256_cmpgt_epi32(low, t), _mm256_cmpgt_epi32(t, low), neg);
+  return _mm256_sub_epi32(_mm256_srli_epi32(e, 16), up);  // true lanes are -1
 }
 
 // Two 8-lane code vectors -> 16 bytes, in order.
@@ -124,6 +121,29 @@ inline float reduce_absmax(__m256 acc, __m256 nan) {
   return _mm_cvtss_f32(m);
 }
 
+// The block loop alternates a decode/update pass and an encode pass over L1-resident
+// temporaries; its gathers keep the hardware prefetchers from running far enough ahead on
+// large steps, so the inputs of the block kPrefetchBlocks ahead are requested explicitly.
+constexpr int64_t kPrefetchBlocks = 4;
+
+inline void prefetch_block(const OptimTask& t, int64_t e, int64_t hi) {
+  if (e >= hi) return;
+  const int64_t len = std::min(kOptimBlock, hi - e);
+  const int esize = dtype_size(static_cast<int>(t.dtype));
+  const char* p = reinterpret_cast<const char*>(t.param) + e * esize;
+  const char* g = reinterpret_cast<const char*>(t.grad) + e * esize;
+  for (int64_t off = 0; off < len * esize; off += 64) {
+    _mm_prefetch(p + off, _MM_HINT_T0);
+    _mm_prefetch(g + off, _MM_HINT_T0);
+  }
+  const char* q1 = reinterpret_cast<const char*>(t.state1) + e;
+  const char* q2 = reinterpret_cast<const char*>(t.state2) + e;
+  for (int64_t off = 0; off < len; off += 64) {
+    _mm_prefetch(q1 + off, _MM_HINT_T0);
+    _mm_prefetch(q2 + off, _MM_HINT_T0);
+  }
+}
+
 template <int DT>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
             const StateCode& c2) {
@@ -138,6 +158,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
   int64_t b0 = lo;
   for (; b0 + kOptimBlock <= hi; b0 += kOptimBlock) {
     const int64_t b = b0 / kOptimBlock;
+    prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
     const __m256 s1 = _mm256_set1_ps(a1[b]), s2 = _mm256_set1_ps(a2[b]);
     __m256 n1 = _mm256_setzero_ps(), n2 = _mm256_setzero_ps(), nan1 = n1, nan2 = n1;
     for (int64_t i = 0; i < kOptimBlock; i += 8) {

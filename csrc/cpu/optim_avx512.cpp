@@ -81,7 +81,7 @@ void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs) {
   if (i < hi) scalar_adamw32(t, i, hi, hs);
 }
 
-// 16 codes of the nearest-code search (encode_state on 16 lanes).
+// 16 codes of the nearest-code search (encode_state on 16 lanes): one gather.
 inline __m128i encode16(__m512 x, const StateCode& c) {
   const __m512i u = _mm512_castps_si512(x);
   __m512i k = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), 16),
@@ -90,12 +90,13 @@ inline __m128i encode16(__m512 x, const StateCode& c) {
   const __mmask16 neg = _mm512_movepi32_mask(u);
   const __m512i key = _mm512_mask_sub_epi32(_mm512_add_epi32(k, _mm512_set1_epi32(c.lut_kmax + 1)), neg,
                                             _mm512_set1_epi32(c.lut_kmax), k);
-  // Byte lookups as 32-bit gathers (the table carries 3 bytes of padding), low byte kept.
-  __m512i idx = _mm512_and_si512(_mm512_i32gather_epi32(key, c.lut, 1), _mm512_set1_epi32(0xff));
-  for (int r = 0; r < c.refine; ++r) {
-    const __m512 mid = _mm512_i32gather_ps(idx, c.midpoints, 4);
-    idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(x, mid, _CMP_GT_OQ), idx, _mm512_set1_epi32(1));
-  }
+  const __m512i e = _mm512_i32gather_epi32(key, c.lut, 4);
+  const __m512i lo16 = _mm512_set1_epi32(0xffff);
+  const __m512i low = _mm512_and_si512(u, lo16), t = _mm512_and_si512(e, lo16);
+  const __mmask16 up = static_cast<__mmask16>((_mm512_cmpgt_epi32_mask(low, t) & ~neg) |
+                                              (_mm512_cmpgt_epi32_mask(t, low) & neg));
+  const __m512i idx = _mm512_mask_add_epi32(_mm512_srli_epi32(e, 16), up, _mm512_srli_epi32(e, 16),
+                                            _mm512_set1_epi32(1));
   return _mm512_cvtepi32_epi8(idx);
 }
 
@@ -114,6 +115,29 @@ inline float reduce_absmax(__m512 acc, __mmask16 nan) {
   return nan ? bits_float(0x7fc00000u) : _mm512_reduce_max_ps(acc);
 }
 
+// The block loop alternates a decode/update pass and an encode pass over L1-resident
+// temporaries; its gathers keep the hardware prefetchers from running far enough ahead on
+// large steps, so the inputs of the block kPrefetchBlocks ahead are requested explicitly.
+constexpr int64_t kPrefetchBlocks = 4;
+
+inline void prefetch_block(const OptimTask& t, int64_t e, int64_t hi) {
+  if (e >= hi) return;
+  const int64_t len = std::min(kOptimBlock, hi - e);
+  const int esize = dtype_size(static_cast<int>(t.dtype));
+  const char* p = reinterpret_cast<const char*>(t.param) + e * esize;
+  const char* g = reinterpret_cast<const char*>(t.grad) + e * esize;
+  for (int64_t off = 0; off < len * esize; off += 64) {
+    _mm_prefetch(p + off, _MM_HINT_T0);
+    _mm_prefetch(g + off, _MM_HINT_T0);
+  }
+  const char* q1 = reinterpret_cast<const char*>(t.state1) + e;
+  const char* q2 = reinterpret_cast<const char*>(t.state2) + e;
+  for (int64_t off = 0; off < len; off += 64) {
+    _mm_prefetch(q1 + off, _MM_HINT_T0);
+    _mm_prefetch(q2 + off, _MM_HINT_T0);
+  }
+}
+
 template <int DT>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
             const StateCode& c2) {
@@ -128,6 +152,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
   int64_t b0 = lo;
   for (; b0 + kOptimBlock <= hi; b0 += kOptimBlock) {
     const int64_t b = b0 / kOptimBlock;
+    prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
     const __m512 s1 = _mm512_set1_ps(a1[b]), s2 = _mm512_set1_ps(a2[b]);
     __m512 n1 = _mm512_setzero_ps(), n2 = _mm512_setzero_ps();
     __mmask16 nan1 = 0, nan2 = 0;

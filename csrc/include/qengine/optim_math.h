@@ -12,9 +12,8 @@
 // 8-bit states (blockwise, 256 elements per block): m is stored as codes of a signed dynamic
 // map scaled by the block's max |m|, v as codes of an unsigned dynamic map scaled by max v.
 // The nearest code is found without a search: a byte table indexed by the float's sign,
-// exponent and top 7 mantissa bits gives the first candidate, and `refine` comparisons with
-// the sorted midpoints finish it (python/qengine/optim/_ops.py builds the table and proves
-// `refine` is enough for every bucket).
+// exponent and top 7 mantissa bits gives the candidate and the one midpoint that can
+// separate it from the next code (python/qengine/optim/_ops.py builds it and checks that).
 #pragma once
 #include <cstdint>
 
@@ -57,14 +56,21 @@ struct OptimTask {
   int64_t reserved;
 };
 
-// One 8-bit state code: decode table and the tables of the nearest-code search.
+// One 8-bit state code: decode table and the table of the nearest-code search.
+//
+// Search: floats whose bits share the top 16 (sign, exponent, 7 mantissa bits) form a bucket;
+// lut[bucket] = (first << 16) | t, where `first` is the number of midpoints below the bucket
+// and t the low 16 bits of the one midpoint inside it (python/qengine/optim/_ops.py checks
+// that no bucket holds two). Inside a bucket the low 16 bits order the magnitudes, so
+// x > midpoint is (low16(x) > t) for positive x and (low16(x) < t) for negative x; a bucket
+// without a midpoint stores t = 0xffff (positive) or 0 (negative), which never passes.
+// Magnitudes below 2^(lut_base / 128 - 127) and from 1.0 up are clamped into the end buckets,
+// which the builder also checks hold no midpoint.
 struct StateCode {
-  const float* table;      // 256 values, sorted ascending (code = sorted index)
-  const float* midpoints;  // 256: midpoints of sorted neighbours, then +inf
-  const uint8_t* lut;      // first candidate per bucket; 2 * (lut_kmax + 1) entries + 3 bytes padding
-  int lut_base;            // (|x| bits >> 16) of the lowest bucket
-  int lut_kmax;            // buckets per sign - 1
-  int refine;              // comparisons after the lookup (>= the midpoints in any bucket)
+  const float* table;   // 256 values, sorted ascending (code = sorted index)
+  const uint32_t* lut;  // 2 * (lut_kmax + 1) entries: negatives (largest magnitude first), then positives
+  int lut_base;         // (|x| bits >> 16) of the lowest bucket
+  int lut_kmax;         // buckets per sign - 1
 };
 
 QE_HD float qe_fma(float a, float b, float c) {
@@ -94,20 +100,15 @@ QE_HD void adamw_element(float g, float& p, float& m, float& v, const AdamHyper&
   p = p + (h.neg_step * m) / denom;
 }
 
-// Bucket of x in the code's lookup table: negative floats first (descending magnitude), then
-// positive ones; magnitudes below the lowest / above the highest bucket are clamped into it.
-QE_HD int state_bucket(float x, const StateCode& c) {
+// Nearest code (ties to the lower one): the number of midpoints strictly below x.
+QE_HD uint8_t encode_state(float x, const StateCode& c) {
   const uint32_t u = float_bits(x);
   int k = static_cast<int>((u & 0x7fffffffu) >> 16) - c.lut_base;
   k = k < 0 ? 0 : (k > c.lut_kmax ? c.lut_kmax : k);
-  return (u >> 31) ? c.lut_kmax - k : c.lut_kmax + 1 + k;
-}
-
-// Nearest code (ties to the lower one): the number of midpoints strictly below x.
-QE_HD uint8_t encode_state(float x, const StateCode& c) {
-  int i = c.lut[state_bucket(x, c)];
-  for (int r = 0; r < c.refine; ++r) i += x > c.midpoints[i] ? 1 : 0;
-  return static_cast<uint8_t>(i);
+  const bool neg = (u >> 31) != 0;
+  const uint32_t e = c.lut[neg ? c.lut_kmax - k : c.lut_kmax + 1 + k];
+  const uint32_t low = u & 0xffffu, t = e & 0xffffu;
+  return static_cast<uint8_t>((e >> 16) + ((neg ? low < t : low > t) ? 1u : 0u));
 }
 
 // Reciprocal used to normalise a block by its absmax (an all-zero block keeps zeros).

@@ -26,45 +26,49 @@ HYPER_FIELDS = 9
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_DEVICES = ("cpu", "cuda") if _C.cuda_compiled else ("cpu",)
 
-# The nearest-code lookup: buckets of |x| by (float bits >> 16) = sign-less exponent and top 7
-# mantissa bits, from 2**-30 (below: one bucket) to 1.0 and above (one bucket). Normalised
-# states lie in [-1, 1]; the widest bucket near 1.0 (1/128 of the value) is narrower than the
-# dynamic maps' finest spacing there, so one comparison finishes the search (checked below).
+# The nearest-code lookup (optim_math.h StateCode): buckets of floats sharing their top 16 bits
+# (sign, exponent, 7 mantissa bits), |x| from 2**-30 (below: one bucket) to 1.0 (and above: one
+# bucket). Normalised states lie in [-1, 1]; a bucket is at most 1/128 of its values wide,
+# narrower than the dynamic maps' code spacing, so it holds at most one midpoint (checked).
 _LUT_BASE = (127 - 30) << 7
 _LUT_KMAX = (127 << 7) - _LUT_BASE
 
 
 class StateCode:
-    """One 8-bit state code on one device: table float32 [256] (sorted), midpoints float32
-    [256] (+inf last), lut uint8 [2 * (kmax + 1) + 4] and the number of refining comparisons."""
+    """One 8-bit state code on one device: table float32 [256] (sorted) and lut int32
+    [2 * (kmax + 1)], entry (midpoints below the bucket) << 16 | low 16 bits of the midpoint
+    inside it (0xffff / 0 when none, for positive / negative buckets)."""
 
     def __init__(self, format_name: str, device: torch.device):
         fmt = get_format(format_name)
-        table, mids, order, _ = fmt.kernel_tables("cpu")
-        if fmt.bits != 8 or not fmt.identity_order:
-            raise ValueError(f"an optimizer state code must be a sorted 8-bit table, {format_name!r} is not")
-        nkeys = 2 * (_LUT_KMAX + 1)
+        table, mids, _, _ = fmt.kernel_tables("cpu")
+        if fmt.bits != 8 or not fmt.identity_order or len(fmt.values) != 256:
+            raise ValueError(f"an optimizer state code must be a sorted 256-value table, {format_name!r} is not")
         k = torch.arange(_LUT_KMAX + 1, dtype=torch.int64)
-        lo_bits = torch.where(k == 0, torch.zeros_like(k), (_LUT_BASE + k) << 16)
-        hi_bits = torch.where(k == _LUT_KMAX, torch.full_like(k, 0x7F800000), ((_LUT_BASE + k + 1) << 16) - 1)
-        lo_pos = lo_bits.to(torch.int32).view(torch.float32)
-        hi_pos = hi_bits.to(torch.int32).view(torch.float32)
-        # Keys 0..kmax: negatives, largest magnitude first; kmax+1..: positives.
-        lo = torch.cat([-hi_pos.flip(0), lo_pos])
-        hi = torch.cat([-lo_pos.flip(0), hi_pos])
+        top = _LUT_BASE + k  # the shared top 16 bits of |x| in bucket k (end buckets: clamped)
+        lo_mag = torch.where(k == 0, torch.zeros_like(k), top << 16).to(torch.int32).view(torch.float32)
+        hi_mag = torch.where(k == _LUT_KMAX, torch.full_like(k, 0x7F800000), ((top + 1) << 16) - 1)
+        hi_mag = hi_mag.to(torch.int32).view(torch.float32)
+        # Buckets in key order: negatives (largest magnitude first), then positives.
+        lo = torch.cat([-hi_mag.flip(0), lo_mag])
+        hi = torch.cat([-lo_mag.flip(0), hi_mag])
         real = mids[:255]
-        first = torch.searchsorted(real, lo, side="left")  # midpoints < lo: every x of the bucket passes them
+        first = torch.searchsorted(real, lo, side="left")  # midpoints below the bucket
         inside = torch.searchsorted(real, hi, side="right") - first  # midpoints within [lo, hi]
-        self.refine = int(inside.max())
-        lut = torch.zeros(nkeys + 4, dtype=torch.uint8)  # +3 bytes: the SIMD kernels gather 4 at a time
-        lut[:nkeys] = first.to(torch.uint8)
+        ends = torch.tensor([0, _LUT_KMAX, _LUT_KMAX + 1, 2 * _LUT_KMAX + 1])
+        if int(inside.max()) > 1 or int(inside[ends].max()) > 0:
+            raise ValueError(f"{format_name!r} is too dense for the optimizer state search (two midpoints share a "
+                             "bucket, or one lies below 2**-30 or at 1.0 and above)")
+        negative = torch.arange(lo.numel()) <= _LUT_KMAX
+        mid_bits = real[first.clamp(max=254)].abs().view(torch.int32).to(torch.int64) & 0xFFFF
+        none = torch.where(negative, torch.zeros_like(mid_bits), torch.full_like(mid_bits, 0xFFFF))
+        lut = (first << 16) | torch.where(inside > 0, mid_bits, none)
         self.base, self.kmax = _LUT_BASE, _LUT_KMAX
-        self.table, self.midpoints, self.lut = (t.to(device) for t in (table, mids, lut))
-        self.zero_code = int((table == 0).nonzero()[0])
+        self.table = table.to(device)
+        self.lut = lut.to(torch.int32).to(device)
 
     def args(self) -> tuple:
-        return (self.table.data_ptr(), self.midpoints.data_ptr(), self.lut.data_ptr(), self.base, self.kmax,
-                self.refine)
+        return (self.table.data_ptr(), self.lut.data_ptr(), self.base, self.kmax)
 
 
 _CODES: dict = {}
@@ -96,7 +100,7 @@ def run_tasks(tasks: torch.Tensor, hyper: torch.Tensor, state_bits: int, device:
     if tasks.shape[0] == 0:
         return
     codes = state_codes(device) if state_bits == 8 else None
-    code_args = (*codes[0].args(), *codes[1].args()) if codes else (0, 0, 0, 0, 0, 0) * 2
+    code_args = (*codes[0].args(), *codes[1].args()) if codes else (0, 0, 0, 0) * 2
     if device.type == "cuda":
         stream = torch.cuda.current_stream(device).cuda_stream
         _C.cuda.adamw(tasks.data_ptr(), tasks.shape[0], hyper.data_ptr(), hyper.shape[0], state_bits, *code_args,
