@@ -37,9 +37,14 @@ _LUT_KMAX = (127 << 7) - _LUT_BASE
 class StateCode:
     """One 8-bit state code on one device: table float32 [256] (sorted) and lut int32
     [2 * (kmax + 1)], entry (midpoints below the bucket) << 16 | low 16 bits of the midpoint
-    inside it (0xffff / 0 when none, for positive / negative buckets)."""
+    inside it (0xffff / 0 when none, for positive / negative buckets).
 
-    def __init__(self, format_name: str, device: torch.device):
+    positive_floor: non-negative values (+0.0 too) whose nearest code is 0.0 take the smallest
+    positive code instead. Used for the second moment v: a v rounded to zero while m is not (a block whose
+    values span more than the map's 7 decades) would turn the next update into m / eps, a
+    step of millions; rounding it up to the smallest code only shortens that step."""
+
+    def __init__(self, format_name: str, device: torch.device, positive_floor: bool = False):
         fmt = get_format(format_name)
         table, mids, _, _ = fmt.kernel_tables("cpu")
         if fmt.bits != 8 or not fmt.identity_order or len(fmt.values) != 256:
@@ -63,6 +68,10 @@ class StateCode:
         mid_bits = real[first.clamp(max=254)].abs().view(torch.int32).to(torch.int64) & 0xFFFF
         none = torch.where(negative, torch.zeros_like(mid_bits), torch.full_like(mid_bits, 0xFFFF))
         lut = (first << 16) | torch.where(inside > 0, mid_bits, none)
+        if positive_floor:
+            zero = int((table == 0).nonzero()[0])
+            low = ~negative & (first == zero)  # +0.0 and the positive buckets up to the first midpoint above 0.0
+            lut = torch.where(low, torch.full_like(lut, ((zero + 1) << 16) | 0xFFFF), lut)
         self.base, self.kmax = _LUT_BASE, _LUT_KMAX
         self.table = table.to(device)
         self.lut = lut.to(torch.int32).to(device)
@@ -78,7 +87,7 @@ def state_codes(device: torch.device) -> tuple[StateCode, StateCode]:
     """(signed code for m, unsigned code for v) on device, built once."""
     key = str(device)
     if key not in _CODES:
-        _CODES[key] = (StateCode("dynamic8", device), StateCode("_dynamic8_unsigned", device))
+        _CODES[key] = (StateCode("dynamic8", device), StateCode("_dynamic8_unsigned", device, positive_floor=True))
     return _CODES[key]
 
 

@@ -5,7 +5,8 @@ host memory) until they are needed again.
 
 A page of E elements holds, one after the other: state1 [E] and state2 [E] (float32 for
 32-bit states, uint8 codes for 8-bit ones), then for 8-bit states absmax1 [E/256] and
-absmax2 [E/256] (float32). A parameter's region starts on a 256-element boundary, so a
+absmax2 [E/256] (float32). E is page_elements, except that the last page holds only what the
+regions use (rounded up to 256), and grows when a parameter group is added. A parameter's region starts on a 256-element boundary, so a
 region split over pages is split on block boundaries. Pages are created zero-filled when
 first touched; zero bytes are zero states for both layouts (an all-zero absmax decodes every
 code to 0).
@@ -61,16 +62,14 @@ class PageManager:
         self.page_elements = page_elements
         self.budget_bytes = budget_bytes
         self.spill_dir = spill_dir
-        sb = 4 if state_bits == 32 else 1
-        self._state_bytes = page_elements * sb
-        self.page_bytes = 2 * self._state_bytes + (0 if state_bits == 32 else 2 * 4 * (page_elements // BLOCK))
+        self.page_bytes = self._bytes_for(page_elements)
         if budget_bytes is not None and budget_bytes < self.page_bytes:
             raise ValueError(f"budget_bytes ({budget_bytes}) must hold at least one page ({self.page_bytes} bytes); "
                              "lower page_elements or raise the budget")
         self.elements = 0  # end of the last region (element space)
         self.resident: dict[int, torch.Tensor] = {}  # page -> buffer (uint8 [page_bytes], on device)
         self._home: _Home | None = None  # created at the first eviction
-        self._homed: set[int] = set()  # pages whose current bytes are in the home store
+        self._homed: dict[int, int] = {}  # page -> bytes, for pages whose current bytes are in the home store
         self._busy: set[int] = set()
         self._released: list[int] = []  # resident, not busy, most recently released last
         self.resident_bytes = 0
@@ -99,43 +98,67 @@ class PageManager:
             yield Span(page, first, e - start, count)
             e += count
 
+    def _bytes_for(self, elements: int) -> int:
+        """Bytes of a page buffer holding `elements` (a multiple of 256) elements."""
+        return elements * (8 if self.state_bits == 32 else 2) + (0 if self.state_bits == 32 else 8 * (elements // BLOCK))
+
+    def _capacity(self, buf: torch.Tensor) -> int:
+        return buf.numel() // 8 if self.state_bits == 32 else buf.numel() // (2 * BLOCK + 8) * BLOCK
+
+    def _needed(self, page: int) -> int:
+        used = -(-self.elements // BLOCK) * BLOCK - page * self.page_elements
+        return min(self.page_elements, used)
+
     def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(state1, state2, absmax1, absmax2) views of one page buffer (absmax None for 32-bit)."""
-        sb, e = self._state_bytes, self.page_elements
-        dt = torch.float32 if self.state_bits == 32 else torch.uint8
-        s1, s2 = buf[:sb].view(dt), buf[sb:2 * sb].view(dt)
+        e = self._capacity(buf)
         if self.state_bits == 32:
-            return s1, s2, None, None
+            return buf[:4 * e].view(torch.float32), buf[4 * e:8 * e].view(torch.float32), None, None
         nb = e // BLOCK
-        return s1, s2, buf[2 * sb:2 * sb + 4 * nb].view(torch.float32), buf[2 * sb + 4 * nb:].view(torch.float32)
+        return (buf[:e], buf[e:2 * e], buf[2 * e:2 * e + 4 * nb].view(torch.float32),
+                buf[2 * e + 4 * nb:2 * e + 8 * nb].view(torch.float32))
 
     def addresses(self, buf: torch.Tensor, first: int) -> tuple[int, int, int, int]:
         """Addresses of state1, state2, absmax1, absmax2 at element `first` of a page buffer."""
         base = buf.data_ptr()
-        sb = self._state_bytes
+        e = self._capacity(buf)
         if self.state_bits == 32:
-            return base + 4 * first, base + sb + 4 * first, 0, 0
-        nb = self.page_elements // BLOCK
+            return base + 4 * first, base + 4 * e + 4 * first, 0, 0
+        nb = e // BLOCK
         b = first // BLOCK
-        return base + first, base + sb + first, base + 2 * sb + 4 * b, base + 2 * sb + 4 * nb + 4 * b
+        return base + first, base + e + first, base + 2 * e + 4 * b, base + 2 * e + 4 * nb + 4 * b
+
+    def _grown(self, buf: torch.Tensor, elements: int) -> torch.Tensor:
+        """A bigger buffer for the last page (a group was added), with the same states."""
+        new = torch.zeros(self._bytes_for(elements), dtype=torch.uint8, device=self.device)
+        for dst, src in zip(self.views(new), self.views(buf)):
+            if src is not None:
+                dst[:src.numel()] = src
+        return new
 
     # ------------------------------------------------------------------ residency
     def acquire(self, page: int) -> torch.Tensor:
         """The resident buffer of `page`, loaded or created if needed, marked busy until
         release_all(). Raises PagesBusy when room is needed and every resident page is busy."""
         buf = self.resident.get(page)
-        if buf is None:
-            while self.budget_bytes is not None and self.resident_bytes + self.page_bytes > self.budget_bytes:
+        need = self._bytes_for(self._needed(page))
+        if buf is None or buf.numel() < need:
+            if page in self._released:
+                self._released.remove(page)
+            held = buf.numel() if buf is not None else 0
+            while self.budget_bytes is not None and self.resident_bytes - held + need > self.budget_bytes:
                 if not self._released:
                     raise PagesBusy
                 self._evict(self._released.pop())
-            if page in self._homed:
-                buf = self._home.load(page)
+            if buf is None and page in self._homed:
+                buf = self._home.load(page, self._homed[page])
                 self.loads += 1
-            else:
-                buf = self._new_buffer()
+            if buf is None:
+                buf = torch.zeros(need, dtype=torch.uint8, device=self.device)
+            elif buf.numel() < need:
+                buf = self._grown(buf, self._needed(page))
             self.resident[page] = buf
-            self.resident_bytes += self.page_bytes
+            self.resident_bytes += buf.numel() - held
             self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         elif page in self._released:
             self._released.remove(page)
@@ -148,16 +171,13 @@ class PageManager:
             self._released.append(page)
         self._busy.clear()
 
-    def _new_buffer(self) -> torch.Tensor:
-        return torch.zeros(self.page_bytes, dtype=torch.uint8, device=self.device)
-
     def _evict(self, page: int) -> None:
         if self._home is None:
             self._home = (_PinnedHome(self) if self.device.type == "cuda" else _FileHome(self))
         buf = self.resident.pop(page)
         self._home.write(page, buf)
-        self._homed.add(page)
-        self.resident_bytes -= self.page_bytes
+        self._homed[page] = buf.numel()
+        self.resident_bytes -= buf.numel()
         self.evictions += 1
 
     def page_for_reading(self, page: int) -> torch.Tensor | None:
@@ -165,7 +185,7 @@ class PageManager:
         if page in self.resident:
             return self.resident[page].clone()
         if page in self._homed:
-            return self._home.load(page)
+            return self._home.load(page, self._homed[page])
         return None
 
     def write_page(self, page: int, buf: torch.Tensor) -> None:
@@ -177,7 +197,9 @@ class PageManager:
     @property
     def total_bytes(self) -> int:
         """Bytes of every page that exists (resident or in the home store)."""
-        return self.page_bytes * len(set(self.resident) | self._homed)
+        sizes = dict(self._homed)
+        sizes.update((p, b.numel()) for p, b in self.resident.items())
+        return sum(sizes.values())
 
     def close(self) -> None:
         if self._home is not None:
@@ -187,7 +209,7 @@ class PageManager:
 
 class _Home:
     def write(self, page: int, buf: torch.Tensor) -> None: ...
-    def load(self, page: int) -> torch.Tensor: ...
+    def load(self, page: int, nbytes: int) -> torch.Tensor: ...
     def close(self) -> None: ...
 
 
@@ -214,8 +236,8 @@ class _FileHome(_Home):
             self.map = mmap.mmap(self.file.fileno(), size)
             self.size = size
 
-    def _view(self, page: int) -> torch.Tensor:
-        return torch.frombuffer(self.map, dtype=torch.uint8, count=self.mgr.page_bytes, offset=page * self.stride)
+    def _view(self, page: int, nbytes: int) -> torch.Tensor:
+        return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=page * self.stride)
 
     def _drop(self, page: int) -> None:
         if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
@@ -223,14 +245,14 @@ class _FileHome(_Home):
 
     def write(self, page: int, buf: torch.Tensor) -> None:
         self._ensure(page)
-        view = self._view(page)
+        view = self._view(page, buf.numel())
         view.copy_(buf)
         del view  # release the buffer export before any remap
         self._drop(page)
 
-    def load(self, page: int) -> torch.Tensor:
-        buf = torch.empty(self.mgr.page_bytes, dtype=torch.uint8)
-        view = self._view(page)
+    def load(self, page: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = self._view(page, nbytes)
         buf.copy_(view)
         del view
         self._drop(page)
@@ -269,10 +291,10 @@ class _PinnedHome(_Home):
             self.written[page].record(self.write_stream)
         buf.record_stream(self.write_stream)
 
-    def load(self, page: int) -> torch.Tensor:
+    def load(self, page: int, nbytes: int) -> torch.Tensor:
         compute = torch.cuda.current_stream(self.mgr.device)
         with torch.cuda.stream(self.load_stream):
-            buf = torch.empty(self.mgr.page_bytes, dtype=torch.uint8, device=self.mgr.device)
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.mgr.device)
             self.load_stream.wait_event(self.written[page])
             buf.copy_(self.host[page], non_blocking=True)
             ready = torch.cuda.Event()
