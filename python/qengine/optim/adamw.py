@@ -5,6 +5,7 @@ resident byte budget (paging.py)."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Iterable
 
 import torch
@@ -83,6 +84,13 @@ class _PagedAdamBase(torch.optim.Optimizer):
             raise ValueError(f"page_elements must be a positive multiple of {_ops.BLOCK}, got {page_elements!r}")
         if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)):
             raise TypeError(f"budget_bytes must be an int or None, got {type(budget_bytes).__name__}")
+        page_bytes = page_elements * (8 if self.STATE_BITS == 32 else 2) + (0 if self.STATE_BITS == 32 else
+                                                                            8 * (page_elements // _ops.BLOCK))
+        if budget_bytes is not None and budget_bytes < page_bytes:
+            raise ValueError(f"budget_bytes ({budget_bytes}) must hold at least one page ({page_bytes} bytes); "
+                             "lower page_elements or raise the budget")
+        if spill_dir is not None and not os.path.isdir(spill_dir):
+            raise ValueError(f"spill_dir {spill_dir!r} is not an existing directory")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         check_group({**defaults, "foreach": foreach, "capturable": capturable, "differentiable": differentiable,
                      "fused": fused})
