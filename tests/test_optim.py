@@ -163,3 +163,29 @@ def test_closure_and_zero_grad():
 
     losses = [float(opt.step(closure)) for _ in range(20)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def _run_on(device, cls, dtype, budget=None, steps=4):
+    torch.manual_seed(5)
+    shapes = [(333, 170), (1000,), (5, 7, 300), (1,)]
+    init = [torch.randn(s).to(dtype) for s in shapes]
+    grads = [[torch.randn(s).to(dtype) for s in shapes] for _ in range(steps)]
+    ps = [torch.nn.Parameter(t.to(device)) for t in init]
+    opt = cls(ps, lr=1e-2, weight_decay=0.1, page_elements=4096, budget_bytes=budget)
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.to(device)
+        opt.step()
+    sd = opt.state_dict()
+    return [p.detach().cpu() for p in ps] + [t.cpu() for st in sd["state"].values() for k, t in sorted(st.items())]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit], ids=["32bit", "8bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_bytes_equal_cpu_with_and_without_device_budget(cls, dtype):
+    ref = _run_on("cpu", cls, dtype)
+    for budget in (None, 2 * 8 * 4096):  # a device cache of two 32-bit pages: pages go to pinned host memory
+        got = _run_on("cuda", cls, dtype, budget)
+        for a, b in zip(ref, got):
+            assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
