@@ -237,7 +237,7 @@ class PagedAdamW(_PagedAdamBase):
     parameters are rounded once per step). Extra arguments:
 
     page_elements: elements per state page (a multiple of 256).
-    budget_bytes: the most state bytes held resident; cold pages go to a memory-mapped file in
+    budget_bytes: the most state bytes held resident; cold pages go to a temporary file in
         spill_dir (CPU) or to pinned host memory (CUDA). None: no limit on the CPU, half the
         free device memory on CUDA.
     """

@@ -1,6 +1,6 @@
 """Paged optimizer states: every parameter's states live in one flat element space cut into
 fixed-size pages; a byte budget bounds the pages held resident (CPU RAM, or the CUDA device
-cache), and the others live in a home store (CPU: a memory-mapped file on disk; CUDA: pinned
+cache), and the others live in a home store (CPU: a temporary file on disk; CUDA: pinned
 host memory) until they are needed again.
 
 A page of E elements holds, one after the other: state1 [E] and state2 [E] (float32 for
@@ -214,53 +214,35 @@ class _Home:
 
 
 class _FileHome(_Home):
-    """CPU home: a memory-mapped, already-unlinked temporary file, one 4 KiB-aligned slot per
-    page. After each copy the mapping's pages are dropped from this process (MADV_DONTNEED), so
-    spilled states count against the page cache, which the OS may write out, not against the
-    process."""
+    """CPU home: an already-unlinked temporary file in spill_dir, one 4 KiB-aligned slot per
+    page, written and read with pwrite/preadv. Spilled states then live in the OS page cache,
+    which the kernel writes out and reclaims under memory pressure, never in this process.
+    (A memory-mapped file was measured 3x slower here: every 4 KiB of a page costs a fault
+    on the mapping, and dropping the mapping's pages after each copy costs more.)"""
 
     def __init__(self, mgr: PageManager):
-        self.mgr = mgr
         self.stride = -(-mgr.page_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
         self.file = tempfile.TemporaryFile(dir=mgr.spill_dir, prefix="qengine-optim-")
-        self.map: mmap.mmap | None = None
-        self.size = 0
-
-    def _ensure(self, page: int) -> None:
-        need = (page + 1) * self.stride
-        if need > self.size:
-            size = max(need, 2 * self.size)
-            if self.map is not None:
-                self.map.close()
-            self.file.truncate(size)  # sparse: only written slots take disk space
-            self.map = mmap.mmap(self.file.fileno(), size)
-            self.size = size
-
-    def _view(self, page: int, nbytes: int) -> torch.Tensor:
-        return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=page * self.stride)
-
-    def _drop(self, page: int) -> None:
-        if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            self.map.madvise(mmap.MADV_DONTNEED, page * self.stride, self.stride)
+        self.fd = self.file.fileno()
 
     def write(self, page: int, buf: torch.Tensor) -> None:
-        self._ensure(page)
-        view = self._view(page, buf.numel())
-        view.copy_(buf)
-        del view  # release the buffer export before any remap
-        self._drop(page)
+        view = memoryview(buf.numpy()).cast("B")
+        done, off = 0, page * self.stride
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], off + done)
 
     def load(self, page: int, nbytes: int) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        view = self._view(page, nbytes)
-        buf.copy_(view)
-        del view
-        self._drop(page)
+        view = memoryview(buf.numpy()).cast("B")
+        done, off = 0, page * self.stride
+        while done < nbytes:
+            got = os.preadv(self.fd, [view[done:]], off + done)
+            if got <= 0:
+                raise OSError(f"qengine: the optimizer spill file ended early at page {page}")
+            done += got
         return buf
 
     def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
         self.file.close()
 
 
