@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from . import _C
+from . import optim  # noqa: F401  (qengine.optim.PagedAdamW, PagedAdamW8bit)
 from ._ops import cuda_available
 from .formats import Format, available_formats, codebook, get_format, register_format
 from .functional import dequantize, fit_codebook, matmul, quantize
