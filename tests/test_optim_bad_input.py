@@ -136,7 +136,15 @@ def test_corrupt_state_dict_changes_nothing(cls):
             assert torch.equal(good["state"][i][k], after["state"][i][k])
 
 
-def test_params_on_two_devices_are_refused():
+def test_pickling_is_refused_clearly():
+    import copy
+
+    opt, _ = _stepped(PagedAdamW)
+    with pytest.raises(TypeError, match="state_dict"):
+        copy.deepcopy(opt)
+
+
+def test_unsupported_device_is_refused():
     meta = torch.nn.Parameter(torch.randn(4, device="meta"))
     with pytest.raises(ValueError, match="meta"):
         PagedAdamW([meta])

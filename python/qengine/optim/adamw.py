@@ -220,6 +220,10 @@ class _PagedAdamBase(torch.optim.Optimizer):
         anything else raises ValueError naming what does not fit. Nothing changes on error."""
         checkpoint.load_state_dict(self, state_dict)
 
+    def __getstate__(self):
+        # The states live in pages (and maybe a spill file) that pickling would silently drop.
+        raise TypeError(f"{type(self).__name__} cannot be pickled or deep-copied; save and load its state_dict()")
+
     def __del__(self):
         if getattr(self, "_mgr", None) is not None:
             self._mgr.close()
