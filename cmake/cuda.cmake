@@ -40,6 +40,7 @@ set(QENGINE_CUDA_SOURCES
   csrc/cuda/quantize.cu
   csrc/cuda/matmul.cu
   csrc/cuda/matmul_t.cu
+  csrc/cuda/optim.cu
 )
 
 function(qengine_add_cuda_sources target)

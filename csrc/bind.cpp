@@ -16,6 +16,8 @@
 #endif
 
 namespace py = pybind11;
+
+void bind_optim(py::module_& m);  // bind_optim.cpp
 using qengine::Codebook;
 
 namespace {
@@ -210,4 +212,5 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_compiled") = false;
 #endif
+  bind_optim(m);
 }

@@ -14,6 +14,7 @@ from ._version import __version__, check_torch
 check_torch()  # a clear ImportError for a missing or unsupported torch, before anything uses it
 
 from . import _C  # noqa: E402
+from . import optim  # noqa: F401,E402  (qengine.optim.PagedAdamW, PagedAdamW8bit)
 from ._ops import cuda_available
 from .formats import Format, available_formats, codebook, get_format, register_format
 from .functional import dequantize, fit_codebook, matmul, quantize
