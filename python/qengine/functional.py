@@ -94,6 +94,8 @@ def _quantize_24(x: torch.Tensor, fmt: Format, blocksize: Optional[int], mask: O
     if x.dim() < 1 or x.shape[-1] % 4:
         raise ValueError(f"sparsity='2:4' needs the last dimension (in_features) divisible by 4, got shape "
                          f"{tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):  # a NaN in a pruned slot must not vanish silently
+        raise ValueError("x contains NaN or Inf values; a non-finite weight has no faithful code")
     per_row = blocksize is None
     bs = x.shape[-1] // 2 if per_row else check_blocksize(blocksize)
     vals, pos = _layouts.select_24(x, mask)
