@@ -18,41 +18,71 @@ namespace {
 
 using cpu::kChunk24;
 
-// Decodes chunk c of the S stored values into dense float32 weights w[0 .. 2 * len) (len the
-// chunk's stored count, returned), exact zeros at the pruned positions.
-int64_t decode_chunk(const cpu::Kernels& k, const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t c,
-                     int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
-                     const float* offsets, float* w) {
-  const int64_t s0 = c * kChunk24;
-  const int64_t len = std::min(kChunk24, S - s0);
-  float vals[kChunk24];
-  cpu::decode_span(k, packed, s0, len, blocksize, cb, rule, scales, offsets, vals, kFloat32, false);
-  std::fill(w, w + 2 * len, 0.0f);
-  const uint8_t* pos = positions + s0 / 4;
-  if (len == kChunk24) {
-    for (int e = 0; e < kChunk24; ++e) {
-      const int v = cpu::natural_of_storage24(e);
-      const int p = (pos[v & 31] >> (2 * (v >> 5))) & 3;
-      w[4 * (v >> 1) + p] = vals[e];
-    }
-  } else {
-    for (int64_t v = 0; v < len; ++v) {
-      const int p = (pos[v >> 2] >> (2 * (v & 3))) & 3;
-      w[4 * (v >> 1) + p] = vals[v];
+// Scatters the decoded stored values of chunks [c0, c1) (vals[e] = storage element
+// c0 * 128 + e) into dense weights out[0 .. 2 * (stored count)) of dtype out_dtype, writing
+// each group of 4 at once: its two kept values at their positions, exact zeros elsewhere.
+template <typename T, typename Convert>
+void scatter_chunks(const float* vals, const uint8_t* positions, int64_t S, int64_t c0, int64_t c1, T* out,
+                    Convert convert) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t s0 = c * kChunk24;
+    const int64_t len = std::min(kChunk24, S - s0);
+    const uint8_t* pos = positions + s0 / 4;
+    const float* cv = vals + (c - c0) * kChunk24;
+    T* dst = out + (c - c0) * 2 * kChunk24;
+    const bool full = len == kChunk24;
+    for (int64_t g = 0; g < len / 2; ++g) {
+      int p[2];
+      T kept[2];
+      for (int64_t k = 0; k < 2; ++k) {
+        const int64_t v = 2 * g + k;
+        // Full chunks: v = 32j + i sits at storage 4i + (j ^ 1), its position in byte i, bits 2j.
+        const int64_t e = full ? 4 * (v & 31) + ((v >> 5) ^ 1) : v;
+        p[k] = full ? (pos[v & 31] >> (2 * (v >> 5))) & 3 : (pos[v >> 2] >> (2 * (v & 3))) & 3;
+        kept[k] = convert(cv[e]);
+      }
+      // The group assembled in registers (a store of parts then a wide reload would stall).
+      if constexpr (sizeof(T) == 2) {
+        const uint64_t word = (static_cast<uint64_t>(kept[0]) << (16 * p[0])) |
+                              (static_cast<uint64_t>(kept[1]) << (16 * p[1]));
+        std::memcpy(dst + 4 * g, &word, sizeof(word));
+      } else {
+        for (int q = 0; q < 4; ++q) dst[4 * g + q] = p[0] == q ? kept[0] : (p[1] == q ? kept[1] : T(0));
+      }
     }
   }
-  return len;
+}
+
+// Dense weights of chunks [c0, c1) (c1 - c0 <= kBatchChunks) into out (out_dtype); vals is
+// scratch for kBatchChunks * 128 floats.
+constexpr int64_t kBatchChunks = 32;
+
+void decode_chunks(const cpu::Kernels& k, const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t c0,
+                   int64_t c1, int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
+                   const float* offsets, void* out, int out_dtype, float* vals) {
+  const int64_t s0 = c0 * kChunk24;
+  const int64_t s1 = std::min(S, c1 * kChunk24);
+  cpu::decode_span(k, packed, s0, s1 - s0, blocksize, cb, rule, scales, offsets, vals, kFloat32, false);
+  if (out_dtype == kFloat32) {
+    scatter_chunks(vals, positions, S, c0, c1, static_cast<float*>(out), [](float v) { return v; });
+  } else if (out_dtype == kBFloat16) {
+    scatter_chunks(vals, positions, S, c0, c1, static_cast<uint16_t*>(out), [](float v) { return float_to_bf16(v); });
+  } else {
+    scatter_chunks(vals, positions, S, c0, c1, static_cast<uint16_t*>(out), [](float v) { return float_to_half(v); });
+  }
 }
 
 // Dense float32 weights [first, first + count) (both multiples of 4) into out.
 void decode_weights(const cpu::Kernels& k, const uint8_t* packed, const uint8_t* positions, int64_t S,
                     int64_t first, int64_t count, int64_t blocksize, const Codebook& cb, int rule,
                     const BlockScales& scales, const float* offsets, float* out) {
+  float vals[kChunk24];
   float w[2 * kChunk24];
   for (int64_t i = first; i < first + count;) {
     const int64_t c = i / (2 * kChunk24);
     const int64_t base = c * 2 * kChunk24;
-    const int64_t len = 2 * decode_chunk(k, packed, positions, S, c, blocksize, cb, rule, scales, offsets, w);
+    decode_chunks(k, packed, positions, S, c, c + 1, blocksize, cb, rule, scales, offsets, w, kFloat32, vals);
+    const int64_t len = 2 * std::min(kChunk24, S - c * kChunk24);
     const int64_t end = std::min(first + count, base + len);
     std::memcpy(out + (i - first), w + (i - base), static_cast<size_t>(end - i) * sizeof(float));
     i = end;
@@ -77,16 +107,12 @@ int sparse24_dequantize_cpu(const uint8_t* packed, const uint8_t* positions, int
   const int64_t chunks = (S + kChunk24 - 1) / kChunk24;
   const int esz = dtype_size(out_dtype);
   // 64 chunks (16384 weights) per thread at least: enough work to pay for the wake-up.
-  cpu::parallel_for(0, chunks, 64, 1, [&](int64_t c0, int64_t c1) {
-    float w[2 * kChunk24];
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n = 2 * decode_chunk(k, packed, positions, S, c, blocksize, cb, rule, plain, offsets, w);
-      char* dst = static_cast<char*>(out) + c * 2 * kChunk24 * esz;
-      if (out_dtype == kFloat32) {
-        std::memcpy(dst, w, static_cast<size_t>(n) * sizeof(float));
-      } else {
-        for (int64_t i = 0; i < n; ++i) store_from_float(dst, out_dtype, i, w[i]);
-      }
+  cpu::parallel_for(0, chunks, 64, kBatchChunks, [&](int64_t c0, int64_t c1) {
+    std::vector<float> vals(static_cast<size_t>(kBatchChunks * kChunk24));
+    for (int64_t c = c0; c < c1; c += kBatchChunks) {
+      const int64_t ce = std::min(c1, c + kBatchChunks);
+      decode_chunks(k, packed, positions, S, c, ce, blocksize, cb, rule, plain, offsets,
+                    static_cast<char*>(out) + c * 2 * kChunk24 * esz, out_dtype, vals.data());
     }
   });
   return kOk;
