@@ -13,6 +13,7 @@ from . import _C
 from ._ops import cuda_available
 from .formats import Format, available_formats, codebook, get_format, register_format
 from .functional import dequantize, fit_codebook, matmul, quantize
+from .prune import collect_input_norms, prune
 from .tensor import QuantizedTensor
 
 __version__ = "0.1.0"
@@ -23,11 +24,13 @@ __all__ = [
     "available_formats",
     "build_info",
     "codebook",
+    "collect_input_norms",
     "cuda_available",
     "dequantize",
     "fit_codebook",
     "get_format",
     "matmul",
+    "prune",
     "quantize",
     "register_format",
     "set_cpu_isa",
