@@ -197,7 +197,7 @@ def test_opcheck_sparse_ops():
 
 def test_compile_fullgraph():
     q = qengine.quantize(make_input((16, 256), torch.float32), "nf4", 64, sparsity="2:4")
-    f = torch.compile(lambda x: qengine.matmul(x, q), fullgraph=True, backend="eager")
+    f = torch.compile(lambda x: qengine.matmul(x, q), fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 256)
     assert torch.equal(f(x), qengine.matmul(x, q))
 

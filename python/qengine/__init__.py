@@ -14,6 +14,7 @@ from ._ops import cuda_available
 from .formats import Format, available_formats, codebook, get_format, register_format
 from .functional import dequantize, fit_codebook, matmul, quantize
 from .prune import collect_input_norms, prune
+from . import qat  # noqa: E402  (qengine.qat.prepare / FakeQuantLinear / fake_quantize)
 from .tensor import QuantizedTensor
 
 __version__ = "0.1.0"
