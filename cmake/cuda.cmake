@@ -36,6 +36,7 @@ endif()
 set(QENGINE_CUDA_SOURCES
   csrc/cuda/runtime.cu
   csrc/cuda/dequantize.cu
+  csrc/cuda/sparse24.cu
 )
 
 function(qengine_add_cuda_sources target)

@@ -162,6 +162,15 @@ int dequantize_cuda(addr packed, int64_t n, int64_t blocksize, addr table, int b
   raise_on_error(s);
   return s;
 }
+
+int sparse24_dequantize_cuda(addr packed, addr positions, int64_t S, int64_t blocksize, addr table, int bits,
+                             int rule, addr scales, addr offsets, addr out, int out_dtype, addr stream) {
+  int s = qengine::sparse24_dequantize_cuda(ptr<const uint8_t>(packed), ptr<const uint8_t>(positions), S, blocksize,
+                                            codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
+                                            ptr<const float>(offsets), ptr<void>(out), out_dtype, ptr<void>(stream));
+  raise_on_error(s);
+  return s;
+}
 #endif
 
 }  // namespace
@@ -191,6 +200,7 @@ PYBIND11_MODULE(_C, m) {
   py::module_ cuda = m.def_submodule("cuda", "CUDA kernels");
   cuda.def("device_count", &cuda_device_count, release());
   cuda.def("dequantize", &dequantize_cuda, release());
+  cuda.def("sparse24_dequantize", &sparse24_dequantize_cuda, release());
 #else
   m.attr("cuda_compiled") = false;
 #endif

@@ -245,3 +245,17 @@ def test_bad_input():
     q = qengine.quantize(torch.randn(4, 8), "nf4", 32, sparsity="2:4")
     with pytest.raises(ValueError, match="in_features"):
         qengine.matmul(torch.randn(2, 6), q)
+
+
+# ---------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["nf4", "uint8", "cb5"])
+def test_cuda_dequantize_matches_cpu(fmt):
+    x = make_input((33, 260), torch.float32)
+    q = qengine.quantize(x, fmt_of(fmt), 32, double_quant=True, sparsity="2:4")
+    qc = q.to("cuda")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(qc.dequantize(dtype).cpu(), q.dequantize(dtype))
+    xs = torch.randn(3, 260)
+    y_ref = xs.double() @ q.dequantize().double().t()
+    assert torch.allclose(qengine.matmul(xs.cuda(), qc).cpu().double(), y_ref, rtol=1e-4, atol=1e-4)

@@ -45,19 +45,16 @@ def _check_sparse_weight(packed, positions, table, scales, nested, offsets, bits
     check_same_device(packed.device, positions=positions)
 
 
-def _cpu_only(t: torch.Tensor, what: str) -> None:
-    _check_device(what, t)
-    if t.device.type != "cpu":
-        raise ValueError(f"the 2:4 sparse layout has CPU kernels only; {what} is on {t.device}")
-
-
 def _dequantize_into(packed, positions, table, scales, offsets, bits, blocksize, numel, out):
     if numel == 0:
         return
-    _C.sparse24_dequantize_cpu(packed.data_ptr(), positions.data_ptr(), numel // 2, blocksize, table.data_ptr(),
-                               bits, 1 if offsets is not None else 0, scales.data_ptr(),
-                               offsets.data_ptr() if offsets is not None else 0, out.data_ptr(),
-                               _DTYPE_CODES[out.dtype])
+    args = (packed.data_ptr(), positions.data_ptr(), numel // 2, blocksize, table.data_ptr(), bits,
+            1 if offsets is not None else 0, scales.data_ptr(), offsets.data_ptr() if offsets is not None else 0,
+            out.data_ptr(), _DTYPE_CODES[out.dtype])
+    if packed.device.type == "cuda":
+        _C.cuda.sparse24_dequantize(*args, torch.cuda.current_stream(packed.device).cuda_stream)
+    else:
+        _C.sparse24_dequantize_cpu(*args)
 
 
 @torch.library.custom_op("qengine::sparse24_dequantize", mutates_args=())
@@ -65,8 +62,8 @@ def sparse24_dequantize(packed: torch.Tensor, positions: torch.Tensor, table: to
                         offsets: Optional[torch.Tensor], bits: int, blocksize: int, numel: int,
                         dtype: torch.dtype) -> torch.Tensor:
     """The dense flat weight [numel] (dtype) of a 2:4 sparse tensor; pruned positions are 0."""
+    _check_device("packed", packed)
     _check_sparse_weight(packed, positions, table, scales, None, offsets, bits, blocksize, numel)
-    _cpu_only(packed, "packed")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     out = torch.empty(numel, dtype=dtype, device=packed.device)
@@ -103,10 +100,11 @@ def sparse24_matmul(x: torch.Tensor, packed: torch.Tensor, positions: torch.Tens
                     lora_b: Optional[torch.Tensor], lora_scale: float) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W^T (+ lora_scale * (x @ A^T) @ B^T) for the 2:4 sparse W [N, K];
     arguments as qengine::matmul plus positions uint8 [N*K/8]. Up to SMALL_BATCH_ROWS rows
-    read only the compressed bytes; more rows dequantize W once and use a dense GEMM."""
+    read only the compressed bytes (CPU); more rows, or CUDA tensors, dequantize W once and use a
+    dense GEMM."""
     scales_nested = scales_nested or None
     check_float("x", x)
-    _cpu_only(x, "x")
+    _check_device("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features)")
     k, n = x.shape[-1], out_features
@@ -119,7 +117,7 @@ def sparse24_matmul(x: torch.Tensor, packed: torch.Tensor, positions: torch.Tens
     _check_lora(lora_a, lora_b, k, n, x.device)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m <= SMALL_BATCH_ROWS:
+    if x.device.type == "cpu" and m <= SMALL_BATCH_ROWS:
         xc = x2.contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
         if m and n:

@@ -65,6 +65,9 @@ int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_
 int cuda_device_count(int* count);
 int dequantize_cuda(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
                     const float* scales, const float* offsets, void* out, int out_dtype, void* stream);
+int sparse24_dequantize_cuda(const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t blocksize,
+                             const Codebook& cb, int rule, const float* scales, const float* offsets, void* out,
+                             int out_dtype, void* stream);
 #endif
 
 }  // namespace qengine
