@@ -8,7 +8,9 @@ function(qengine_set_isa_flags)
       COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
     set_source_files_properties(csrc/cpu/gemv_avx512bf16.cpp PROPERTIES
       COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx512bf16;-mavx2;-mfma;-mf16c")
-    # The 2:4 sparse layout's bfloat16 GEMV (sparse24.cpp picks it with the avx512_bf16 table).
+    # The 2:4 sparse layout's GEMVs (sparse24.cpp picks them by the active table's name).
+    set_source_files_properties(csrc/cpu/sparse24_avx512.cpp PROPERTIES
+      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
     set_source_files_properties(csrc/cpu/sparse24_avx512bf16.cpp PROPERTIES
       COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx512bf16;-mavx2;-mfma;-mf16c")
   endif()

@@ -1,7 +1,8 @@
 // CPU kernels of the 2:4 sparse layout (byte order in sparse24.h): dequantize (decode the
 // stored span with the dense per-ISA decoder, scatter by position, zeros elsewhere) and the
 // small-batch matmul: the AVX512-BF16 GEMV for 4-bit absmax codes with bfloat16 activations,
-// and a portable path (decode a row, dot it with every row of x) for everything else.
+// the AVX-512 float32 GEMV for other activations, and a portable path (decode a row, dot it
+// with every row of x) for everything else.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -46,8 +47,11 @@ void scatter_chunks(const float* vals, const uint8_t* positions, int64_t S, int6
         const uint64_t word = (static_cast<uint64_t>(kept[0]) << (16 * p[0])) |
                               (static_cast<uint64_t>(kept[1]) << (16 * p[1]));
         std::memcpy(dst + 4 * g, &word, sizeof(word));
-      } else {
-        for (int q = 0; q < 4; ++q) dst[4 * g + q] = p[0] == q ? kept[0] : (p[1] == q ? kept[1] : T(0));
+      } else {  // zeros, then the two kept values over them: stores only, no data-dependent branch
+        const T zeros[4] = {T(0), T(0), T(0), T(0)};
+        std::memcpy(dst + 4 * g, zeros, sizeof(zeros));
+        dst[4 * g + p[0]] = kept[0];
+        dst[4 * g + p[1]] = kept[1];
       }
     }
   }
@@ -62,7 +66,14 @@ void decode_chunks(const cpu::Kernels& k, const uint8_t* packed, const uint8_t* 
                    const float* offsets, void* out, int out_dtype, float* vals) {
   const int64_t s0 = c0 * kChunk24;
   const int64_t s1 = std::min(S, c1 * kChunk24);
-  cpu::decode_span(k, packed, s0, s1 - s0, blocksize, cb, rule, scales, offsets, vals, kFloat32, false);
+  if (k.decode_blocks4 != nullptr && cb.bits == 4 && scales.values != nullptr && blocksize % 32 == 0 &&
+      s0 % blocksize == 0 && (s1 - s0) % blocksize == 0) {
+    // Whole blocks: the dense layout's batched 4-bit decoder.
+    k.decode_blocks4(packed, s0 / blocksize, (s1 - s0) / blocksize, blocksize, cb.table, rule, scales.values,
+                     offsets, vals, kFloat32, false);
+  } else {
+    cpu::decode_span(k, packed, s0, s1 - s0, blocksize, cb, rule, scales, offsets, vals, kFloat32, false);
+  }
   if (out_dtype == kFloat32) {
     scatter_chunks(vals, positions, S, c0, c1, static_cast<float*>(out), [](float v) { return v; });
   } else if (out_dtype == kBFloat16) {
@@ -130,9 +141,37 @@ int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_
   const int64_t S = N * K / 2;
   const int64_t min_rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
 #if defined(__x86_64__) || defined(_M_X64)
-  const bool fused = std::strcmp(k.name, "avx512_bf16") == 0 && x_dtype == kBFloat16 && cb.bits == 4 &&
-                     rule == kAbsmax && K % (2 * kChunk24) == 0 && (K / 2) % blocksize == 0 && blocksize >= 32 &&
-                     power_of_two(blocksize);
+  const bool avx512 = std::strcmp(k.name, "avx512") == 0 || std::strcmp(k.name, "avx512_bf16") == 0;
+  const bool fused = avx512 && cb.bits == 4 && rule == kAbsmax && K % (2 * kChunk24) == 0 &&
+                     (K / 2) % blocksize == 0 && blocksize >= 32 && power_of_two(blocksize);
+  if (fused && !(x_dtype == kBFloat16 && std::strcmp(k.name, "avx512_bf16") == 0)) {
+    // float32 kernel: x widened to float32 rows once (exact), weights exact in float32.
+    std::vector<float> xbuf;
+    const float* xf = static_cast<const float*>(x);
+    int64_t ldxf = ldx;
+    if (x_dtype != kFloat32) {
+      xbuf.resize(static_cast<size_t>(M * K));
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t i = 0; i < K; ++i) xbuf[m * K + i] = load_as_float(x, x_dtype, m * ldx + i);
+      }
+      xf = xbuf.data();
+      ldxf = K;
+    }
+    std::fill(y, y + M * N, 0.0f);
+    const int64_t chunks = K / (2 * kChunk24);
+    cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t m = 0; m < M; m += 8) {
+        const int64_t mb = std::min<int64_t>(8, M - m);
+        // K tiles whose mb rows of x (1 KiB per chunk and row) stay in L1 (~24 KiB).
+        const int64_t tile = std::max<int64_t>(1, 24 / mb);
+        for (int64_t c = 0; c < chunks; c += tile) {
+          cpu::avx512_sparse24_gemv(xf + m * ldxf, mb, ldxf, K, packed, positions, blocksize, cb.table, scales, n0,
+                                    n1, c, std::min(chunks, c + tile), y + m * N, N);
+        }
+      }
+    });
+    return kOk;
+  }
   if (fused) {
     std::fill(y, y + M * N, 0.0f);
     const int64_t chunks = K / (2 * kChunk24);

@@ -38,6 +38,11 @@ void avx512bf16_sparse24_gemv(const uint16_t* x, int64_t M, int64_t ldx, int64_t
                               const uint8_t* positions, int64_t blocksize, const float* table,
                               const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y,
                               int64_t ldy);
+// sparse24_avx512.cpp: the same contract for float32 x (exact float32 weights, as the
+// dense float32 GEMV).
+void avx512_sparse24_gemv(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* packed,
+                          const uint8_t* positions, int64_t blocksize, const float* table, const BlockScales& scales,
+                          int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y, int64_t ldy);
 #endif
 
 }  // namespace qengine::cpu
