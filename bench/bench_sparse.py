@@ -107,7 +107,8 @@ def main():
 
 
 COLUMNS = [("batch", "M", "d"), ("sparse", "2:4 nf4", ".3f"), ("dense", "dense nf4", ".3f"),
-           ("x_dense", "x dense nf4", ".2f"), ("pairs", "pairs", "d"), ("bf16", "bf16 F.linear", ".3f"), ("x_bf16", "x bf16", ".2f"),
+           ("x_dense", "x dense nf4", ".2f"), ("pairs", "pairs", "d"), ("bf16", "bf16 F.linear", ".3f"),
+           ("x_bf16", "x bf16", ".2f"),
            ("mb_sparse", "MB/call 2:4", ".1f"), ("mb_dense", "MB/call nf4", ".1f"), ("mb_bf16", "MB/call bf16", ".1f"),
            ("gbps_sparse", "GB/s 2:4", ".1f"), ("gbps_dense", "GB/s nf4", ".1f"), ("other_load", "other cores", ".2f")]
 
