@@ -82,6 +82,16 @@ def test_dequantize_shapes_and_blocks(shape, blocksize, double_quant):
     assert torch.equal(q.dequantize(out=out), ref_sparse_dequantize(x, fmt, blocksize, double_quant, torch.float32))
 
 
+@pytest.mark.parametrize("isa", SUPPORTED)
+def test_dequantize_every_isa(isa, isa_restore):
+    qengine.set_cpu_isa(isa)
+    x = make_input((9, 1032), torch.float32)  # 36 full chunks (more than one batch of 32) + a tail
+    for fmt, bs in (("nf4", 64), ("uint4", 4096), ("int8", 32)):
+        q = qengine.quantize(x, fmt, bs, sparsity="2:4")
+        for dtype in (torch.float32, torch.float16):
+            assert torch.equal(q.dequantize(dtype), ref_sparse_dequantize(x, fmt, bs, False, dtype)), (fmt, dtype)
+
+
 @pytest.mark.parametrize("fmt", ["nf4", "uint8"])
 def test_pruned_positions_are_exact_zeros_and_kept_largest(fmt):
     x = make_input((7, 516), torch.float32)
