@@ -57,15 +57,9 @@ void scatter_chunks(const float* vals, const uint8_t* positions, int64_t S, int6
   }
 }
 
-// Dense weights of chunks [c0, c1) (c1 - c0 <= kBatchChunks) into out (out_dtype); vals is
-// scratch for kBatchChunks * 128 floats.
-constexpr int64_t kBatchChunks = 32;
-
-void decode_chunks(const cpu::Kernels& k, const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t c0,
-                   int64_t c1, int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
-                   const float* offsets, void* out, int out_dtype, float* vals) {
-  const int64_t s0 = c0 * kChunk24;
-  const int64_t s1 = std::min(S, c1 * kChunk24);
+// Stored values [s0, s1) (storage order) as float32 into vals.
+void decode_stored(const cpu::Kernels& k, const uint8_t* packed, int64_t s0, int64_t s1, int64_t blocksize,
+                   const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* vals) {
   if (k.decode_blocks4 != nullptr && cb.bits == 4 && scales.values != nullptr && blocksize % 32 == 0 &&
       s0 % blocksize == 0 && (s1 - s0) % blocksize == 0) {
     // Whole blocks: the dense layout's batched 4-bit decoder.
@@ -74,6 +68,16 @@ void decode_chunks(const cpu::Kernels& k, const uint8_t* packed, const uint8_t* 
   } else {
     cpu::decode_span(k, packed, s0, s1 - s0, blocksize, cb, rule, scales, offsets, vals, kFloat32, false);
   }
+}
+
+// Dense weights of chunks [c0, c1) (c1 - c0 <= kBatchChunks) into out (out_dtype); vals is
+// scratch for kBatchChunks * 128 floats.
+constexpr int64_t kBatchChunks = 32;
+
+void decode_chunks(const cpu::Kernels& k, const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t c0,
+                   int64_t c1, int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
+                   const float* offsets, void* out, int out_dtype, float* vals) {
+  decode_stored(k, packed, c0 * kChunk24, std::min(S, c1 * kChunk24), blocksize, cb, rule, scales, offsets, vals);
   if (out_dtype == kFloat32) {
     scatter_chunks(vals, positions, S, c0, c1, static_cast<float*>(out), [](float v) { return v; });
   } else if (out_dtype == kBFloat16) {
@@ -86,13 +90,25 @@ void decode_chunks(const cpu::Kernels& k, const uint8_t* packed, const uint8_t* 
 // Dense float32 weights [first, first + count) (both multiples of 4) into out.
 void decode_weights(const cpu::Kernels& k, const uint8_t* packed, const uint8_t* positions, int64_t S,
                     int64_t first, int64_t count, int64_t blocksize, const Codebook& cb, int rule,
-                    const BlockScales& scales, const float* offsets, float* out) {
-  float vals[kChunk24];
+                    const BlockScales& scales, const float* offsets, float* out, std::vector<float>& vals) {
+  const int64_t end_w = first + count;
+  if (first % (2 * kChunk24) == 0 && (end_w % (2 * kChunk24) == 0 || end_w == 2 * S)) {
+    // Whole chunks (rows of a K % 256 == 0 weight): decoded straight into out, in batches.
+    vals.resize(static_cast<size_t>(kBatchChunks * kChunk24));
+    const int64_t c_end = (end_w / 2 + kChunk24 - 1) / kChunk24;
+    for (int64_t c = first / (2 * kChunk24); c < c_end; c += kBatchChunks) {
+      const int64_t ce = std::min(c_end, c + kBatchChunks);
+      decode_chunks(k, packed, positions, S, c, ce, blocksize, cb, rule, scales, offsets,
+                    out + (c * 2 * kChunk24 - first), kFloat32, vals.data());
+    }
+    return;
+  }
   float w[2 * kChunk24];
+  vals.resize(static_cast<size_t>(kChunk24));
   for (int64_t i = first; i < first + count;) {
     const int64_t c = i / (2 * kChunk24);
     const int64_t base = c * 2 * kChunk24;
-    decode_chunks(k, packed, positions, S, c, c + 1, blocksize, cb, rule, scales, offsets, w, kFloat32, vals);
+    decode_chunks(k, packed, positions, S, c, c + 1, blocksize, cb, rule, scales, offsets, w, kFloat32, vals.data());
     const int64_t len = 2 * std::min(kChunk24, S - c * kChunk24);
     const int64_t end = std::min(first + count, base + len);
     std::memcpy(out + (i - first), w + (i - base), static_cast<size_t>(end - i) * sizeof(float));
@@ -205,8 +221,9 @@ int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_
   }
   cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> w(static_cast<size_t>(std::max<int64_t>(K, 1)));
+    std::vector<float> vals;
     for (int64_t o = n0; o < n1; ++o) {
-      decode_weights(k, packed, positions, S, o * K, K, blocksize, cb, rule, scales, offsets, w.data());
+      decode_weights(k, packed, positions, S, o * K, K, blocksize, cb, rule, scales, offsets, w.data(), vals);
       k.dot_rows(xf, M, K, ldxf, w.data(), y + o, N);
     }
   });
