@@ -233,6 +233,16 @@ def test_state_dict_round_trip_and_validation():
     assert torch.equal(q.dequantize(), qengine.QuantizedTensor.from_state_dict(sd, "w.").dequantize())  # unchanged
 
 
+def test_pickle_deepcopy_and_to_keep_the_layout():
+    import copy
+    import pickle
+
+    q = qengine.quantize(make_input((8, 256), torch.float32), "nf4", 64, double_quant=True, sparsity="2:4")
+    for other in (pickle.loads(pickle.dumps(q)), copy.deepcopy(q), q.to("cpu")):
+        assert other.layout == "2:4" and torch.equal(other.positions, q.positions)
+        assert torch.equal(other.dequantize(), q.dequantize())
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_bad_input():
     x = torch.randn(4, 10)

@@ -72,6 +72,11 @@ class QuantizedTensor:
             so pruned weights decode to exactly 0.0 (see quantize(mask=...)).
     """
 
+    # Class-level defaults: objects pickled before these attributes existed load as dense.
+    layout = "dense"
+    positions = None
+    mask = None
+
     def __init__(self, packed: torch.Tensor, scales, offsets, fmt: Format, shape: torch.Size, dtype: torch.dtype,
                  blocksize: int, per_row: bool = False, layout: str = "dense",
                  positions: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
