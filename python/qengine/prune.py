@@ -151,7 +151,7 @@ def collect_input_norms(model: nn.Module, batches: Iterable, skip: Sequence[str]
     def hook(name):
         def fn(module, args):
             x = args[0].detach()
-            sums[name] += x.reshape(-1, x.shape[-1]).to(torch.float64).pow(2).sum(0).cpu()
+            sums[name] += x.reshape(-1, x.shape[-1]).to(torch.float64).pow(2).sum(0).to(sums[name].device)
         return fn
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers]
