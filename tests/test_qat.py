@@ -120,3 +120,31 @@ def test_bad_input():
         qat.fake_quantize(torch.ones(4, 4, dtype=torch.int64))
     with pytest.raises(TypeError, match="skip"):
         qat.prepare(nn.Sequential(nn.Linear(4, 4)), skip="0")
+
+
+@pytest.mark.parametrize("fmt,bs,dq,clip", [("int4", None, False, 1.0), ("nf4", 64, True, 1.0),
+                                            ("uint4", 64, False, 1.0), ("int4", 64, False, 0.9)])
+def test_convert_keeps_the_fake_quant_bytes(fmt, bs, dq, clip):
+    """convert() gives QuantLinear layers whose dequantized weights equal the fake-quant
+    weights exactly, so eval outputs are equal."""
+    model = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    qengine.qat.prepare(model, format=fmt, blocksize=bs, double_quant=dq, clip=clip)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 96)
+    model(x).square().mean().backward()  # one step, so convert sees trained weights
+    opt.step()
+    fakes = [m.fake_weight().detach() for m in model if isinstance(m, qengine.qat.FakeQuantLinear)]
+    with torch.no_grad():
+        want = model.eval()(x)
+    qengine.qat.convert(model)
+    layers = [m for m in model if isinstance(m, qengine.nn.QuantLinear)]
+    assert len(layers) == 2
+    for layer, fake in zip(layers, fakes):
+        assert torch.equal(layer.dequantize(torch.float32), fake)
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_needs_fake_quant_layers():
+    with pytest.raises(ValueError, match="no FakeQuantLinear"):
+        qengine.qat.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)))

@@ -24,7 +24,7 @@ from ._checks import check_blocksize, check_contiguous, check_float
 from .formats import Format, get_format
 from .prune import _skipped
 
-__all__ = ["fake_quantize", "FakeQuantLinear", "prepare"]
+__all__ = ["fake_quantize", "FakeQuantLinear", "prepare", "convert"]
 
 _NESTED = "dynamic8"
 _NESTED_BLOCKSIZE = 256
@@ -189,4 +189,36 @@ def prepare(model: nn.Module, format: str | Format = "int4", blocksize: Optional
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, FakeQuantLinear.from_linear(linear, format, blocksize, double_quant, clip))
+    return model
+
+
+def _quantized_weight(m: FakeQuantLinear):
+    """The QuantizedTensor whose dequantization is exactly m.fake_weight(): the same native
+    quantize of the same (clamped, when clip < 1) weight."""
+    from .functional import quantize
+
+    w = m.weight.detach()
+    if m.clip < 1.0:
+        bound = _clip_bound(w, m.blocksize, m.clip)
+        w = torch.maximum(torch.minimum(w.reshape(-1).to(torch.float32), bound), -bound).to(w.dtype).reshape(w.shape)
+    return quantize(w.contiguous(), m.format, m.blocksize_arg, m.double_quant)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replaces every FakeQuantLinear of `model` (in place; the model is returned) by a
+    QuantLinear holding exactly the bytes its fake-quant forward uses at the current weights,
+    so the converted model computes what the QAT model computes in eval mode."""
+    from .nn import QuantLinear
+
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    if isinstance(model, FakeQuantLinear):
+        raise TypeError("convert() swaps the FakeQuantLinear children of a model; use "
+                        "QuantLinear.from_quantized(qengine.qat._quantized_weight(layer), layer.bias) for a bare one")
+    if not targets:
+        raise ValueError("model has no FakeQuantLinear layers (call qengine.qat.prepare first)")
+    for name, m in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        bias = None if m.bias is None else m.bias.detach().clone()
+        setattr(parent, child, QuantLinear.from_quantized(_quantized_weight(m), bias))
     return model
