@@ -9,9 +9,9 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-# Examples per property test; the property modules hold 7 tests.
+# Examples per property test (6 tests today: 360 in CI, 12,000 thorough).
 CI_EXAMPLES = 60
-THOROUGH_EXAMPLES = 1500
+THOROUGH_EXAMPLES = 2000
 
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])

@@ -96,7 +96,8 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
         raise ValueError(f"{prefix}.quant_map is not bitsandbytes' {quant_type} table")
 
     absmax = _tensor(sd, prefix + ".absmax")
-    if "nested_absmax" in (k.rsplit(".", 1)[-1] for k in sd if k.startswith(prefix + ".")):
+    # Nested when any sign of it is there, so a missing nested part is named as missing.
+    if prefix + ".nested_absmax" in sd or "nested_offset" in meta or absmax.dtype == torch.uint8:
         nested_fmt = get_format(NESTED_FORMAT)
         nested_map = _tensor(sd, prefix + ".nested_quant_map", torch.float32)
         if tuple(nested_map.cpu().tolist()) != nested_fmt.values:
