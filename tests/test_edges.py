@@ -17,7 +17,7 @@ import torch
 
 import qengine
 import reference as R
-from cases import CB5, CB200, DTYPES, fmt_of
+from cases import DTYPES, fmt_of
 
 SUPPORTED = qengine.build_info()["supported_cpu_isas"]
 _ENV_ISA = os.environ.get("QENGINE_CPU_ISA")

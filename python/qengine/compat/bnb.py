@@ -97,7 +97,7 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
 
     absmax = _tensor(sd, prefix + ".absmax")
     # Nested when any sign of it is there, so a missing nested part is named as missing.
-    if prefix + ".nested_absmax" in sd or "nested_offset" in meta or absmax.dtype == torch.uint8:
+    if prefix + ".nested_absmax" in sd or "nested_offset" in meta:
         nested_fmt = get_format(NESTED_FORMAT)
         nested_map = _tensor(sd, prefix + ".nested_quant_map", torch.float32)
         if tuple(nested_map.cpu().tolist()) != nested_fmt.values:
