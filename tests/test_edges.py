@@ -123,3 +123,23 @@ def test_fit_codebook_edges(isa, n):
     x = torch.randn(n)
     fmt = qengine.fit_codebook(x, bits=4, blocksize=32, iters=3)
     _check_exact(x, fmt, 32)
+
+
+def test_subnormal_offset_at_a_rounding_tie(isa):
+    """minmax decode is one rounding of code * scale + offset: with a subnormal block minimum
+    and a product exactly halfway between two float32 values the offset decides the tie (the
+    kernels' fused multiply-add; the reference got this wrong before fma_to_float32)."""
+    x = torch.tensor([-2.9387e-39, 0.5, 1.5, 0.6, 1.2, 1.4], dtype=torch.bfloat16)
+    q = qengine.quantize(x, "uint4", 32)
+    scale, offset = q.scales[0].item(), q.offsets[0].item()
+    assert scale == 1.5 and 0 > offset > -1.2e-38  # a subnormal float32 offset
+    values = torch.tensor(qengine.get_format("uint4").values, dtype=torch.float64)
+    prod = values * scale
+    assert (prod.to(torch.float32).to(torch.float64) != prod).any()  # some products are not float32 values
+    out = torch.empty(16, dtype=torch.float32)
+    q16 = qengine.QuantizedTensor(torch.tensor([0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF], dtype=torch.uint8),
+                                  q.scales, q.offsets, q.format, torch.Size([16]), torch.float32, 32)
+    q16.dequantize(out=out)  # every code once
+    want = R.fma_to_float32(prod, torch.full_like(prod, offset))
+    assert torch.equal(out, want)
+    assert not torch.equal(want, (prod + offset).to(torch.float32))  # the tie the plain sum misrounds
