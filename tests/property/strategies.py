@@ -2,7 +2,10 @@
 (incl. user codebooks), values with special numbers, and views of the data.
 
 Every tensor is built from drawn parameters plus a drawn seed for torch.Generator, so a
-failing example replays exactly. New property modules (layers, optimizers) import from here.
+failing example replays exactly. A new area (layers, optimizers) is one more module
+tests/property/test_prop_<area>.py: `@PROFILE @given(shape=shapes(), dtype=float_dtypes(), ...)`,
+predicting its documented errors with checks.check_raises and comparing with a float64
+reference; the thorough profile then covers it too (profiles.py counts examples per test).
 """
 
 from __future__ import annotations
