@@ -29,6 +29,7 @@ _KILLER = textwrap.dedent(r"""
     from qengine._io import load_tensors, save_tensors
 
     source, kills, seed, paths = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    min_mid_write, max_kills = kills // 3, 4 * kills
     rng = random.Random(seed)
     base = load_tensors(source)  # a QuantizedTensor state dict
 
@@ -52,7 +53,10 @@ _KILLER = textwrap.dedent(r"""
         t0 = time.perf_counter(); save_tensors(checkpoint(0), path); write_s = time.perf_counter() - t0
         results = []
         version = 0
-        for k in range(kills):
+        # At least `kills` kill points, and more (up to max_kills) until min_mid_write of them
+        # fell inside a file write (on a loaded machine more land while the data is built).
+        while len(results) < kills or (sum(r["mid_write"] for r in results) < min_mid_write
+                                       and len(results) < max_kills):
             start = version + 1
             r, w = os.pipe()
             pid = os.fork()
@@ -97,10 +101,10 @@ def test_killed_while_saving_leaves_previous_checkpoint(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for path in paths:
         results = report[path]["results"]
-        assert len(results) == kills
+        assert len(results) >= kills
         # The kills really interrupted saves: some left the temporary file of a write behind
         # (the others fell while the checkpoint or its checksums were being built).
-        assert sum(r["mid_write"] for r in results) >= kills // 4, results
+        assert sum(r["mid_write"] for r in results) >= kills // 3, results
         back = QuantizedTensor.from_state_dict(load_tensors(path), "layer.")
         assert torch.equal(back.dequantize(), q.dequantize())
 
