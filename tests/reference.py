@@ -13,7 +13,7 @@ Spec, in short:
   * sorted index = number of midpoints strictly below v (ties go down); code = storage index.
   * 4-bit packing: byte k = code[2k] << 4 | code[2k+1]; an odd count is padded with the code of 0.0.
   * dequantize: float32(values[q] * scale) (absmax) or float32(values[q] * scale + offset) in one
-    rounding (minmax; float64 product is exact, float64 add, then rounded), then cast to the dtype.
+    rounding (minmax; float64 product is exact, then fma_to_float32), then cast to the dtype.
   * double quantization: mean = scales.mean(); nested = quantize(scales - mean, dynamic8, 256);
     scales_hat = dequantize(nested) + mean (float32).
 
@@ -32,6 +32,7 @@ Two bitsandbytes-compatibility rules adopted by qengine after the first spec (co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -234,8 +235,31 @@ def dequantize(q: RefQuantized, dtype: Optional[torch.dtype] = None) -> torch.Te
     scale = _per_element(q.scales.to(torch.float64), q.blocksize, q.numel)
     prod = vals * scale  # exact: 24-bit x 24-bit significands fit in float64
     if q.fmt.rule == "minmax":
-        prod = prod + _per_element(q.offsets.to(torch.float64), q.blocksize, q.numel)
+        return fma_to_float32(prod, _per_element(q.offsets.to(torch.float64), q.blocksize, q.numel)).to(dtype).reshape(
+            q.shape)
     return prod.to(torch.float32).to(dtype).reshape(q.shape)
+
+
+def fma_to_float32(prod: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """float32(prod + offset) rounded once, for an exact float64 product and a float32 offset.
+
+    The float64 sum alone is not enough: when the offset is tiny next to the product (e.g. a
+    subnormal block minimum) the float64 add rounds it away, and a product that lies exactly
+    halfway between two float32 values then rounds to even instead of towards the offset's
+    side (found by the property tests). The exact error of the float64 add (TwoSum) decides
+    those ties."""
+    s = prod + offset
+    bb = s - prod
+    err = (prod - (s - bb)) + (offset - bb)  # prod + offset == s + err exactly
+    r32 = s.to(torch.float32)
+    r = r32.to(torch.float64)
+    toward = torch.where(s > r, torch.full_like(r32, math.inf), torch.full_like(r32, -math.inf))
+    neighbour = torch.nextafter(r32, toward)
+    tie = (s != r) & ((s - r).abs() * 2 == (neighbour.to(torch.float64) - r).abs())
+    # At a tie the true value lies past the midpoint (towards the neighbour) when err points
+    # the same way as s - r; before it when err points back; err == 0 keeps ties-to-even.
+    past = tie & (err != 0) & ((err > 0) == (s > r))
+    return torch.where(past, neighbour, r32)
 
 
 def dequantize_parts(codes: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
@@ -245,7 +269,7 @@ def dequantize_parts(codes: torch.Tensor, values: torch.Tensor, scales: torch.Te
     vals = values[codes.to(torch.int64)].to(torch.float64)
     prod = vals * _per_element(scales.to(torch.float64), blocksize, n)
     if offsets is not None:
-        prod = prod + _per_element(offsets.to(torch.float64), blocksize, n)
+        return fma_to_float32(prod, _per_element(offsets.to(torch.float64), blocksize, n)).to(dtype)
     return prod.to(torch.float32).to(dtype)
 
 

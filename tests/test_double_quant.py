@@ -176,3 +176,18 @@ def test_nbytes_counts_every_stored_byte(fmt, shape, double_quant):
     tensor_bytes = sum(t.numel() * t.element_size() for k, t in sd.items() if not k.endswith("quant_meta"))
     assert tensor_bytes == q.nbytes
     assert math.isfinite(q.bits_per_param)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "uint8"])
+def test_scale_mean_overflow_is_named(fmt):
+    """Finite weights whose block scales sum past float32 (found by the property tests): a
+    ValueError that names double quantization, not a "NaN or Inf input" from the nested kernel;
+    without double quantization they quantize."""
+    x = torch.randn(128)
+    x[0] = x[64] = torch.finfo(torch.float32).max
+    x[1] = x[65] = -torch.finfo(torch.float32).max if fmt == "nf4" else 0.0
+    if fmt == "uint8":
+        x = x.abs()
+    with pytest.raises(ValueError, match="double quantization"):
+        qengine.quantize(x, fmt, 64, double_quant=True)
+    assert torch.equal(qengine.quantize(x, fmt, 64).packed, ref.quantize(x, fmt, 64).packed)

@@ -40,6 +40,11 @@ class NestedScales:
         # device-specific order, and CUDA quantization must store the CPU's bytes.
         mean = values.mean() if values.device.type == "cpu" else values.cpu().mean().to(values.device)
         centred = values - mean
+        # Finite weights near the float32 limit can overflow the float32 mean (or the centred
+        # values); say so rather than let the nested kernel report a "NaN or Inf" input.
+        if not torch.isfinite(centred).all():
+            raise ValueError("double quantization: the mean of the block scales (or offsets) overflows float32 "
+                             "(weights too close to the float32 limit); quantize with double_quant=False")
         return cls(QuantizedTensor._quantize_flat(centred, get_format(NESTED_FORMAT), NESTED_BLOCKSIZE), mean)
 
     def values(self) -> torch.Tensor:

@@ -78,19 +78,22 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
         blocksize = int(meta["blocksize"])
         dtype = _DTYPES[meta["dtype"]]
         shape = torch.Size(int(s) for s in meta["shape"])
+        nested_bs = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{qs_keys[0]} is malformed: {e!r}") from None
     if quant_type not in ("nf4", "fp4") or not qs_keys[0].endswith(quant_type):
         raise ValueError(f"{qs_keys[0]}: unsupported or inconsistent quant_type {quant_type!r}")
     if blocksize not in _BNB_BLOCKSIZES:
         raise ValueError(f"{qs_keys[0]}: unsupported blocksize {blocksize}")
+    if any(s < 0 for s in shape) or nested_bs < 1:
+        raise ValueError(f"{qs_keys[0]}: invalid shape {list(shape)} or nested_blocksize {nested_bs}")
     fmt = get_format(quant_type)
     numel = math.prod(shape)
     nblocks = -(-numel // blocksize)
 
     packed = _tensor(sd, prefix)
     if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: same bytes, another dtype
-        packed = packed.contiguous().view(torch.uint8)
+        packed = packed.reshape(-1).contiguous().view(torch.uint8)  # (reshape first: a 0-d tensor has no view)
     packed = packed.reshape(-1).contiguous()
     if packed.numel() != (numel + 1) // 2:
         raise ValueError(f"{prefix} holds {packed.numel()} bytes, expected {(numel + 1) // 2} for shape {list(shape)}")
@@ -99,8 +102,8 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
         raise ValueError(f"{prefix}.quant_map is not bitsandbytes' {quant_type} table")
 
     absmax = _tensor(sd, prefix + ".absmax")
-    if "nested_absmax" in (k.rsplit(".", 1)[-1] for k in sd if k.startswith(prefix + ".")):
-        nested_bs = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
+    # Nested when any sign of it is there, so a missing nested part is named as missing.
+    if prefix + ".nested_absmax" in sd or "nested_offset" in meta:
         nested_fmt = get_format(NESTED_FORMAT)
         nested_map = _tensor(sd, prefix + ".nested_quant_map", torch.float32)
         if tuple(nested_map.cpu().tolist()) != nested_fmt.values:
@@ -112,17 +115,22 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
         if nested_absmax.numel() != -(-nblocks // nested_bs):
             raise ValueError(f"{prefix}.nested_absmax has {nested_absmax.numel()} values, expected "
                              f"{-(-nblocks // nested_bs)}")
-        if "nested_offset" not in meta:
-            raise ValueError(f"{qs_keys[0]} lacks nested_offset")
+        if not torch.isfinite(nested_absmax).all() or (nested_absmax < 0).any():
+            raise ValueError(f"{prefix}.nested_absmax contains NaN, Inf or negative values")
+        offset = meta.get("nested_offset")
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            raise ValueError(f"{qs_keys[0]}: nested_offset must be a finite number, got {offset!r}")
         inner = QuantizedTensor(absmax.reshape(-1).contiguous(), nested_absmax.reshape(-1).contiguous(), None,
                                 nested_fmt, torch.Size([nblocks]), torch.float32, nested_bs)
-        mean = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device)
+        mean = torch.tensor(float(offset), dtype=torch.float32, device=absmax.device)
+        if not torch.isfinite(mean):
+            raise ValueError(f"{qs_keys[0]}: nested_offset {offset!r} is outside the float32 range")
         scales = NestedScales(inner, mean)
     else:
         if absmax.dtype != torch.float32 or absmax.numel() != nblocks:
             raise ValueError(f"{prefix}.absmax must be float32 [{nblocks}], got {absmax.dtype} [{absmax.numel()}]")
-        if not torch.isfinite(absmax).all():
-            raise ValueError(f"{prefix}.absmax contains NaN or Inf")
+        if not torch.isfinite(absmax).all() or (absmax < 0).any():
+            raise ValueError(f"{prefix}.absmax contains NaN, Inf or negative values")
         scales = absmax.reshape(-1).contiguous()
     return QuantizedTensor(packed, scales, None, fmt, shape, dtype, blocksize)
 
