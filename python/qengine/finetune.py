@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ._atomic import atomic_path
+from ._io import atomic_path
 from .model import add_lora, load_adapter_state_dict, lora_parameters, save_adapter, adapter_state_dict
 from .plot import save_line_plot
 from .text_data import ByteTokenizer, batch_for_step, read_texts, tokenize_corpus

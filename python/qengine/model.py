@@ -261,7 +261,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
     sd = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     meta = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": json.dumps(_adapter_config(model))}
-    save_file(sd, os.fspath(path), metadata=meta)
+    from ._io import atomic_path
+
+    with atomic_path(path) as tmp:  # a save killed midway leaves the previous adapter intact
+        save_file(sd, tmp, metadata=meta)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:

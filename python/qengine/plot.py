@@ -7,6 +7,8 @@ import os
 import struct
 import zlib
 
+from ._io import atomic_write
+
 __all__ = ["save_line_plot"]
 
 
@@ -18,12 +20,8 @@ def _write_png(path: str, pixels: list[bytearray], width: int, height: int) -> N
     raw = b"".join(b"\x00" + bytes(row) for row in pixels)  # filter type 0 per scanline
     png = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
            + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b""))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         f.write(png)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_line_plot(path: str | os.PathLike, ys: list[float], width: int = 640, height: int = 360) -> None:

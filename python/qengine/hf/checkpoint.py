@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .._atomic import atomic_path
+from .._io import atomic_path
 from ..formats import get_format
 from ..functional import quantize
 from ..nn import QuantLinear
