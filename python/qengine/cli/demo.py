@@ -13,6 +13,7 @@ from importlib import resources
 
 import torch
 
+from .. import set_num_threads
 from ..finetune import DEFAULT_TARGETS, FinetuneConfig, finetune
 from ..text_data import ByteTokenizer
 
@@ -42,6 +43,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .model_cmds import generate_text
 
     transformers = require_transformers()
+    if args.threads < 1:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
+    # A 2M-parameter model's ops take microseconds: threads would spend more time meeting at
+    # barriers than computing (and stall whenever the machine is shared).
+    torch.set_num_threads(args.threads)
+    set_num_threads(args.threads)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     config = transformers.AutoConfig.from_pretrained(_asset("tiny_llama.json"))
@@ -80,4 +87,5 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--optim", default="paged_adamw_8bit", choices=("paged_adamw_8bit", "paged_adamw", "adamw"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and qengine (default 1)")
     p.set_defaults(func=cmd_demo)
