@@ -1,5 +1,18 @@
-"""Hugging Face integration: qengine checkpoints of transformers models (hf.checkpoint)."""
+"""Hugging Face integration: qengine checkpoints of transformers models (hf.checkpoint) and,
+when transformers is installed, QEngineConfig registered as transformers' "qengine"
+quantization method (hf.quantizer; importing this package registers it)."""
+
+from importlib.util import find_spec
 
 from .checkpoint import build_model, load_model, quantize_checkpoint, save_quantized
 
-__all__ = ["build_model", "load_model", "quantize_checkpoint", "save_quantized"]
+__all__ = ["build_model", "load_model", "quantize_checkpoint", "save_quantized", "QEngineConfig",
+           "QEngineHfQuantizer", "mark_quantized"]
+
+if find_spec("transformers") is not None:
+    from .quantizer import QEngineConfig, QEngineHfQuantizer, mark_quantized
+else:
+    def __getattr__(name):
+        if name in ("QEngineConfig", "QEngineHfQuantizer", "mark_quantized"):
+            raise ImportError(f"qengine.hf.{name} needs Hugging Face transformers: pip install 'qengine[hf]'")
+        raise AttributeError(f"module 'qengine.hf' has no attribute {name!r}")
