@@ -11,7 +11,11 @@ tensors without re-quantizing. Importing qengine.hf registers all this.
 
 from __future__ import annotations
 
+import ctypes
+import json
+import mmap
 import re
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -104,6 +108,7 @@ class _Quantize(ConversionOps):
         linear = getattr(parent, attr)
         bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
         q = quantize(value.contiguous(), cfg.format, cfg.blocksize, cfg.double_quant)
+        _page_out(value)
         layer = QuantLinear.from_quantized(q, bias, compute_dtype=cfg.torch_compute_dtype)
         if linear.bias is not None and bias is None:  # bias not read yet: transformers fills it later
             layer.bias = linear.bias
@@ -191,39 +196,103 @@ class QEngineHfQuantizer(HfQuantizer):
         return True
 
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; their contents are kept (re-read or swapped)
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Asks the kernel to drop the pages of a CPU float weight just quantized. transformers reads
+    checkpoints through mmap, so every weight read stays resident as page cache mapped into this
+    process (counted in its RSS) until loading ends; paging it out keeps the resident size near
+    the quantized model. Contents are preserved (a file page is re-read on access, an anonymous
+    one swapped), so this is only a hint, skipped where unsupported."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < (1 << 20) or not sys.platform.startswith("linux"):
+        return
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _libc = False
+    if not _libc:
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo:
+        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_PAGEOUT))  # errors ignored
+
+
+_libc = None
+
+
 def _parent(model: nn.Module, name: str):
     path, _, attr = name.rpartition(".")
     return (model.get_submodule(path) if path else model), attr
 
 
-def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
-    """Replaces every _Slot by the QuantLinear stored in the checkpoint files (read one layer's
-    tensors at a time; the quantize kernel is never called)."""
-    from safetensors import SafetensorError, safe_open
+_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+              "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
+
+def _safetensors_index(path: str) -> tuple[int, dict]:
+    """(offset of the data section, {name: header entry}) of a safetensors file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} has a corrupt safetensors header: {e}") from None
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _read_tensor(f, path: str, base: int, key: str, entry: dict) -> torch.Tensor:
+    """One tensor read with plain file reads into its own memory (no mmap, so the file's pages
+    never count in this process's resident size)."""
+    try:
+        dtype = _ST_DTYPES[entry["dtype"]]
+        shape = [int(s) for s in entry["shape"]]
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: tensor {key} has an unreadable header entry {entry!r}") from None
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if end - begin != nbytes:
+        raise ValueError(f"{path}: tensor {key} spans {end - begin} bytes, its shape and dtype need {nbytes}")
+    f.seek(base + begin)
+    if nbytes and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != nbytes:
+        raise ValueError(f"{path}: tensor {key} is truncated")
+    return t
+
+
+def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
+    """Replaces every _Slot by the QuantLinear stored in the checkpoint files, one layer's
+    tensors read at a time; the quantize kernel is never called."""
     slots = {n: m for n, m in model.named_modules() if isinstance(m, _Slot)}
     if not slots:
         return
     if not files:
         raise ValueError("a qengine checkpoint is read from safetensors files; none were found")
-    keys: dict[str, list] = {n: [] for n in slots}
     pattern = re.compile(_QUANT_KEYS)
+    where: dict[str, list] = {n: [] for n in slots}  # module -> [(file, key, entry)]
+    indexes = {}
     for path in files:
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    m = pattern.search(key)
-                    if m and key[: m.start()] in keys:
-                        keys[key[: m.start()]].append((path, key))
-        except SafetensorError as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
+        indexes[path] = base, header = _safetensors_index(path)
+        for key, entry in header.items():
+            m = pattern.search(key)
+            if m and key[: m.start()] in where:
+                where[key[: m.start()]].append((path, key, entry))
     for name, slot in slots.items():
-        if not keys[name]:
+        if not where[name]:
             raise ValueError(f"checkpoint lacks the quantized weight of {name} (no {name}.weight.* tensors)")
         sd = {}
-        for path, key in keys[name]:
-            with safe_open(path, framework="pt") as f:
-                sd[key[len(name) + 1:]] = f.get_tensor(key)
+        for path, key, entry in where[name]:
+            with open(path, "rb") as f:
+                sd[key[len(name) + 1:]] = _read_tensor(f, path, indexes[path][0], key, entry)
         q = QuantizedTensor.from_state_dict(sd, "weight.")
         if tuple(q.shape) != (slot.out_features, slot.in_features):
             raise ValueError(f"{name}.weight has shape {tuple(q.shape)}, the model expects "
