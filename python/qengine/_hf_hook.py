@@ -21,7 +21,13 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self.inner.exec_module(module)
+        module.__loader__ = self.inner  # hand the module back to its own loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.inner
         _register()
+
+    def __getattr__(self, name):  # get_source, get_filename, is_package, ...: the real loader's
+        return getattr(self.inner, name)
 
 
 class _Finder(importlib.abc.MetaPathFinder):

@@ -207,6 +207,8 @@ def _page_out(t: torch.Tensor) -> None:
     one swapped), so this is only a hint, skipped where unsupported."""
     if t.device.type != "cpu" or t.numel() * t.element_size() < (1 << 20) or not sys.platform.startswith("linux"):
         return
+    if t.untyped_storage().resizable():  # torch's own allocation (not a view of a file): freed anyway
+        return
     global _libc
     if _libc is None:
         try:
