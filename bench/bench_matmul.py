@@ -1,5 +1,5 @@
 # Dequantize-matmul of qengine (NF4) against dense F.linear, torch's int4 CPU kernel and bitsandbytes.
-"""Usage: python bench/bench_matmul.py [--quick] [--json PATH] [--threads N]
+"""Usage: python bench/bench_matmul.py [--quick] [--json PATH] [--threads N] [--device cuda]
 
 For each weight shape and batch: qengine.matmul on an NF4 weight (block 64, with and without
 double quant) with bfloat16 activations, against, in the same run: dense F.linear in bfloat16
@@ -7,6 +7,11 @@ and float32, torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu, group 64) and
 bitsandbytes' Linear4bit (nf4, compress_statistics=True) in eval and train mode. 'GB/s' is the
 packed NF4 weight bytes per second (the memory-bound figure of merit at small batch); 'lora'
 is the time with a LoRA r=16 side path. Ratios > 1 mean qengine is faster.
+
+With --device cuda: the same shapes and batches on the GPU, timed with CUDA events, rotating
+over 4 copies of each weight (more than the L2 cache) against dense F.linear in bfloat16 and
+float32 and bitsandbytes' CUDA Linear4bit (when installed), with the measured device copy
+bandwidth ('% copy': weight bytes per second over copy bytes per second).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="11008x4096 only, batches 1, 16, 512")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "matmul.json"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return p.parse_args()
 
 
@@ -59,8 +65,74 @@ def bnb_layer(bnb, w: torch.Tensor):
     return layer.to("cpu")
 
 
+def cuda_main(args):
+    """The GPU run: qengine's fused kernel (<= 16 rows) or dequantize + cuBLAS, against dense
+    cuBLAS and bitsandbytes, all timed with CUDA events in this run."""
+    if not qengine.cuda_available():
+        raise SystemExit("--device cuda: no CUDA GPU (or qengine built without CUDA kernels)")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    bnb, why = quiet_import_bitsandbytes()
+    copy_gbps = copy_bandwidth(device=dev)
+    print(f"device copy bandwidth: {copy_gbps:.0f} GB/s (read + write); {torch.cuda.get_device_name()}")
+    if bnb is None:
+        print(f"bitsandbytes not measured: {why}")
+    copies = 4  # weights rotated per measurement, together larger than the L2 cache
+    rows = []
+    for n, k in (SHAPES[1:] if args.quick else SHAPES):
+        ws = [torch.randn(n, k, device=dev) * 0.02 for _ in range(copies)]
+        qs = {dq: [qengine.quantize(w, "nf4", 64, double_quant=dq) for w in ws] for dq in (False, True)}
+        dense = {dt: [w.to(dt) for w in ws] for dt in (torch.bfloat16, torch.float32)}
+        layers = []
+        if bnb is not None:
+            for w in ws:
+                layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                                          quant_type="nf4")
+                layer.load_state_dict({"weight": w.cpu()})
+                layers.append(layer.to(dev).eval())
+        lora = (torch.randn(16, k, dtype=torch.bfloat16, device=dev) * 0.01,
+                torch.randn(n, 16, dtype=torch.bfloat16, device=dev) * 0.01, 2.0)
+        nbytes = qs[False][0].packed.numel()
+        for m in (BATCHES if not args.quick else [1, 16, 512]):
+            xs = [torch.randn(m, k, dtype=torch.bfloat16, device=dev) for _ in range(copies)]
+            r = {"shape": f"{n}x{k}", "batch": m}
+            with torch.no_grad():
+                for dq in (False, True):
+                    sets = list(zip(xs, qs[dq]))
+                    r["dq" if dq else "nodq"] = measure(qengine.matmul, sets, reps=50, device=dev).median
+                r["lora"] = measure(lambda x, q: qengine.matmul(x, q, lora=lora), list(zip(xs, qs[True])), reps=50,
+                                    device=dev).median
+                r["bf16"] = measure(F.linear, list(zip(xs, dense[torch.bfloat16])), reps=50, device=dev).median
+                xf = [x.float() for x in xs]
+                r["f32"] = measure(F.linear, list(zip(xf, dense[torch.float32])), reps=50, device=dev).median
+                r["f32_q"] = measure(qengine.matmul, list(zip(xf, qs[True])), reps=50, device=dev).median
+                if layers:
+                    r["bnb_eval"] = measure(lambda x, layer: layer(x), list(zip(xs, layers)), reps=50,
+                                            device=dev).median
+            r["gbps"] = nbytes / r["dq"] / 1e9
+            r["pct_copy"] = 100 * r["gbps"] / copy_gbps
+            r["x_bf16"] = r["bf16"] / r["dq"]
+            r["x_f32"] = r["f32"] / r["f32_q"]
+            r["x_bnb"] = r["bnb_eval"] / r["dq"] if r.get("bnb_eval") else None
+            r["lora_pct"] = 100 * (r["lora"] / r["dq"] - 1)
+            rows.append(r)
+            print(f"  {n}x{k} M={m}: nf4+dq {r['dq'] * 1e6:.1f} us, dense bf16 {r['bf16'] * 1e6:.1f} us", flush=True)
+    cols = [("shape", "shape", ""), ("batch", "M", "d"), ("nodq", "nf4 us", ".1f"), ("dq", "nf4+dq us", ".1f"),
+            ("gbps", "GB/s", ".0f"), ("pct_copy", "% copy", ".0f"), ("lora_pct", "lora %", ".0f"),
+            ("bf16", "bf16 dense us", ".1f"), ("x_bf16", "x bf16", ".2f"), ("bnb_eval", "bnb us", ".1f"),
+            ("x_bnb", "x bnb", ".2f"), ("f32_q", "nf4 f32-x us", ".1f"), ("f32", "f32 dense us", ".1f"),
+            ("x_f32", "x f32", ".2f")]
+    us_keys = ("nodq", "dq", "lora", "bf16", "f32", "f32_q", "bnb_eval")
+    print_table([{kk: (v * 1e6 if isinstance(v, float) and kk in us_keys else v) for kk, v in r.items()} for r in rows],
+                cols, title=f"NF4 dequantize-matmul on {torch.cuda.get_device_name()}, bf16 activations "
+                            "(us; ratios: >1 = qengine faster)")
+    write_json(args.json.replace("matmul.json", "matmul_cuda.json"), rows, copy_gbps=copy_gbps)
+
+
 def main():
     args = parse_args()
+    if args.device == "cuda":
+        return cuda_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
         qengine.set_num_threads(args.threads)

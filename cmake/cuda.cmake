@@ -14,8 +14,9 @@ if(NOT QENGINE_CUDA STREQUAL "OFF")
 endif()
 
 if(QENGINE_WITH_CUDA)
-  # Default targets: Ampere, Ada, Hopper, plus PTX of the newest for forward compatibility.
-  set(QENGINE_CUDA_ARCHITECTURES "80;86;89;90" CACHE STRING "CUDA architectures (PTX is added for the last)")
+  # Default targets: Turing, Ampere, Ada, Hopper, plus PTX of the newest for forward
+  # compatibility (Blackwell and later JIT-compile it). Keep in step with pyproject.toml.
+  set(QENGINE_CUDA_ARCHITECTURES "75;80;86;89;90" CACHE STRING "CUDA architectures (PTX is added for the last)")
   list(GET QENGINE_CUDA_ARCHITECTURES -1 _qengine_last_arch)
   set(_archs "")
   foreach(a IN LISTS QENGINE_CUDA_ARCHITECTURES)
@@ -36,6 +37,10 @@ endif()
 set(QENGINE_CUDA_SOURCES
   csrc/cuda/runtime.cu
   csrc/cuda/dequantize.cu
+  csrc/cuda/quantize.cu
+  csrc/cuda/matmul.cu
+  csrc/cuda/matmul_t.cu
+  csrc/cuda/optim.cu
 )
 
 function(qengine_add_cuda_sources target)

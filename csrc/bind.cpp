@@ -16,6 +16,8 @@
 #endif
 
 namespace py = pybind11;
+
+void bind_optim(py::module_& m);  // bind_optim.cpp
 using qengine::Codebook;
 
 namespace {
@@ -141,6 +143,41 @@ int dequantize_cuda(addr packed, int64_t n, int64_t blocksize, addr table, int b
   raise_on_error(s);
   return s;
 }
+
+int quantize_cuda(addr x, int dtype, int64_t n, int64_t blocksize, addr table, addr midpoints, addr order, int bits,
+                  bool identity, addr grid_lut, int rule, addr packed, addr scales, addr offsets, addr flags,
+                  addr stream) {
+  int s = qengine::quantize_cuda(ptr<const void>(x), dtype, n, blocksize,
+                                 codebook(table, midpoints, order, bits, identity, grid_lut), rule,
+                                 ptr<uint8_t>(packed), ptr<float>(scales), ptr<float>(offsets), ptr<int>(flags),
+                                 ptr<void>(stream));
+  raise_on_error(s);
+  return s;
+}
+
+// As matmul_cpu, with the nested mean as a device address (mean) instead of a value.
+int matmul_cuda(addr x, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed, int64_t blocksize, addr table,
+                int bits, int rule, addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize,
+                addr mean, addr offsets, addr y, addr stream) {
+  int s = qengine::matmul_cuda(ptr<const float>(x), M, K, ldx, N, ptr<const uint8_t>(packed), blocksize,
+                               codebook(table, 0, 0, bits, true), rule,
+                               block_scales(scales, nested_table, nested_absmax, nested_blocksize, 0.0f),
+                               ptr<const float>(mean), ptr<const float>(offsets), ptr<float>(y), ptr<void>(stream));
+  raise_on_error(s);
+  return s;
+}
+
+int matmul_t_cuda(addr g, int64_t M, int64_t N, int64_t K, addr packed, int64_t blocksize, addr table, int bits,
+                  int rule, addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize, addr mean,
+                  addr offsets, addr workspace, int64_t workspace_floats, addr gx, addr stream) {
+  int s = qengine::matmul_t_cuda(ptr<const float>(g), M, N, K, ptr<const uint8_t>(packed), blocksize,
+                                 codebook(table, 0, 0, bits, true), rule,
+                                 block_scales(scales, nested_table, nested_absmax, nested_blocksize, 0.0f),
+                                 ptr<const float>(mean), ptr<const float>(offsets), ptr<float>(workspace),
+                                 workspace_floats, ptr<float>(gx), ptr<void>(stream));
+  raise_on_error(s);
+  return s;
+}
 #endif
 
 }  // namespace
@@ -168,7 +205,12 @@ PYBIND11_MODULE(_C, m) {
   py::module_ cuda = m.def_submodule("cuda", "CUDA kernels");
   cuda.def("device_count", &cuda_device_count, release());
   cuda.def("dequantize", &dequantize_cuda, release());
+  cuda.def("quantize", &quantize_cuda, release());
+  cuda.def("matmul", &matmul_cuda, release());
+  cuda.def("matmul_t", &matmul_t_cuda, release());
+  cuda.def("matmul_t_workspace", &qengine::matmul_t_cuda_workspace);
 #else
   m.attr("cuda_compiled") = false;
 #endif
+  bind_optim(m);
 }

@@ -214,3 +214,15 @@ def test_bad_input_is_one_clear_line(case, tiny_model_dir, text_file, tmp_path, 
     code, out, err = run(args, capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("qengine: error:") and want in last, err
+
+
+@pytest.mark.slow
+def test_demo_runs_and_the_loss_falls(tmp_path, capsys):
+    """The README's main command, end to end (optimizer as in the default run)."""
+    out = str(tmp_path / "demo")
+    code, text, _ = run(["demo", "--out", out], capsys)
+    assert code == 0
+    first, last = (float(v) for v in text.split("\nloss ", 1)[1].split(" (")[0].split(" -> "))
+    assert last <= 0.7 * first, text
+    assert os.path.isfile(os.path.join(out, "adapter.safetensors")) and os.path.isfile(os.path.join(out, "loss.png"))
+    assert "generated: The weights" in text and "NF4 + double quant" in text

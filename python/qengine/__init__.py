@@ -9,7 +9,12 @@
 
 from __future__ import annotations
 
-from . import _C
+from ._version import __version__, check_torch
+
+check_torch()  # a clear ImportError for a missing or unsupported torch, before anything uses it
+
+from . import _C  # noqa: E402
+from . import optim  # noqa: F401,E402  (qengine.optim.PagedAdamW, PagedAdamW8bit)
 from ._ops import cuda_available
 from .formats import Format, available_formats, codebook, get_format, register_format
 from .functional import dequantize, fit_codebook, matmul, quantize
@@ -18,10 +23,8 @@ from . import nn
 from .model import (add_lora, adapter_state_dict, load_adapter, load_adapter_state_dict, lora_parameters,
                     mark_only_lora_trainable, memory_report, quantize_model, save_adapter)
 
-__version__ = "0.1.0"
-
 # transformers integration: registered once transformers loads (transformers is not imported here).
-from . import _hf_hook
+from . import _hf_hook  # noqa: E402
 _hf_hook.install()
 
 __all__ = [

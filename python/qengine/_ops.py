@@ -26,6 +26,11 @@ def cuda_available() -> bool:
     return bool(_C.cuda_compiled) and _C.cuda.device_count() > 0 and torch.cuda.is_available()
 
 
+def _cuda_stream(device: torch.device) -> int:
+    """The handle of torch's current stream on `device`: every CUDA launch goes there."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def _nblocks(numel: int, blocksize: int) -> int:
     return -(-numel // blocksize)
 
@@ -102,12 +107,16 @@ def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, midpoints: torch.Te
     scales = torch.empty(nb, dtype=torch.float32, device=x.device)
     offsets = torch.empty(nb if rule == 1 else 0, dtype=torch.float32, device=x.device)
     if x.device.type == "cuda":
-        # CUDA quantize kernels come with the matmul work; until then the CPU kernel produces
-        # the (identical) bytes from a host copy.
-        host = quantize_blockwise(x.cpu(), table.cpu(), midpoints.cpu(), sorted_to_code.cpu(),
-                                  grid_lut.cpu() if grid_lut is not None else None, bits, blocksize, rule, identity_order)
-        for dst, src in zip((packed, scales, offsets), host):
-            dst.copy_(src)
+        # The CUDA kernels produce the CPU's bytes; `flags` is their error word (NaN, overflow),
+        # read back once the stream has run them (quantization waits for its status).
+        if n:
+            flags = torch.empty(1, dtype=torch.int32, device=x.device)
+            with torch.cuda.device(x.device):
+                _C.cuda.quantize(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, table.data_ptr(),
+                                 midpoints.data_ptr(), sorted_to_code.data_ptr(), bits, identity_order,
+                                 grid_lut.data_ptr() if grid_lut is not None else 0, rule, packed.data_ptr(),
+                                 scales.data_ptr(), offsets.data_ptr() if rule == 1 else 0, flags.data_ptr(),
+                                 _cuda_stream(x.device))
         return packed, scales, offsets
     if n:
         _C.quantize_cpu(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, table.data_ptr(), midpoints.data_ptr(),
@@ -135,8 +144,9 @@ def _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out
     off = offsets.data_ptr() if offsets is not None else 0
     if packed.device.type == "cuda":
         stream = torch.cuda.current_stream(packed.device).cuda_stream
-        _C.cuda.dequantize(packed.data_ptr(), numel, blocksize, table.data_ptr(), bits, 1 if offsets is not None else 0,
-                           scales.data_ptr(), off, out.data_ptr(), code, stream)
+        with torch.cuda.device(packed.device):  # launches go to the current device
+            _C.cuda.dequantize(packed.data_ptr(), numel, blocksize, table.data_ptr(), bits,
+                               1 if offsets is not None else 0, scales.data_ptr(), off, out.data_ptr(), code, stream)
     else:
         _C.dequantize_cpu(packed.data_ptr(), numel, blocksize, table.data_ptr(), bits,
                           1 if offsets is not None else 0, scales.data_ptr(), off, out.data_ptr(), code, stream)
@@ -239,7 +249,8 @@ def _check_nested(codes, nested, nblocks, device):
     check_numel("nested absmax", absmax, _nblocks(nblocks, nested_bs))
     check_dtype("nested mean", mean, torch.float32)
     check_numel("nested mean", mean, 1)
-    check_same_device(device, scales=codes, nested_table=table, nested_absmax=absmax)
+    check_contiguous("nested table", table)  # the CUDA kernels read it (and the mean) by address
+    check_same_device(device, scales=codes, nested_table=table, nested_absmax=absmax, nested_mean=mean)
 
 
 def _dense_scales(scales, nested):
@@ -264,6 +275,52 @@ def _weight_args(packed, blocksize, table, bits, scales, nested, offsets):
         ntable, absmax, mean, nbs = nested
         scale_args = (scales.data_ptr(), ntable.data_ptr(), absmax.data_ptr(), int(nbs), float(mean))
     return (packed.data_ptr(), blocksize, table.data_ptr(), bits, rule, *scale_args, offsets_ptr)
+
+
+def _cuda_weight_args(packed, blocksize, table, bits, scales, nested, offsets):
+    """As _weight_args for _C.cuda.matmul / matmul_t, with the nested mean passed by device
+    address (read in the kernel: no host synchronisation)."""
+    rule = 1 if offsets is not None else 0
+    offsets_ptr = offsets.data_ptr() if offsets is not None else 0
+    if nested is None:
+        scale_args = (scales.data_ptr(), 0, 0, 1, 0)
+    else:
+        ntable, absmax, mean, nbs = nested
+        scale_args = (scales.data_ptr(), ntable.data_ptr(), absmax.data_ptr(), int(nbs), mean.data_ptr())
+    return (packed.data_ptr(), blocksize, table.data_ptr(), bits, rule, *scale_args, offsets_ptr)
+
+
+def _matmul_cuda_small(x2, packed, table, scales, nested, offsets, bits, blocksize, n, lora_a, lora_b, lora_scale):
+    """The fused CUDA GEMV for x2 [m <= SMALL_BATCH_ROWS, K]: float32 [m, n]. The LoRA side path
+    is added by torch in float32 (an epilogue on the float32 output, before the caller rounds
+    to x's dtype, as on the CPU); its two thin products are not worth a kernel of their own."""
+    m, k = x2.shape
+    xf = x2.to(torch.float32).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32, device=x2.device)
+    if m and n:
+        with torch.cuda.device(x2.device):
+            _C.cuda.matmul(xf.data_ptr(), m, k, k, n, *_cuda_weight_args(packed, blocksize, table, bits, scales, nested,
+                                                                         offsets),
+                           y.data_ptr(), _cuda_stream(x2.device))
+        if lora_a is not None:
+            side = (xf @ lora_a.to(torch.float32).t()) @ lora_b.to(torch.float32).t()
+            y.add_(side, alpha=float(lora_scale))
+    return y
+
+
+def _matmul_t_cuda_small(g2, packed, table, scales, nested, offsets, bits, blocksize, k):
+    """The fused CUDA transposed product for g2 [m <= SMALL_BATCH_ROWS, N]: float32 [m, k]. The
+    kernel sums row splits of W in a fixed order through a scratch buffer allocated here."""
+    m, n = g2.shape
+    gf = g2.to(torch.float32).contiguous()
+    gx = torch.empty(m, k, dtype=torch.float32, device=g2.device)
+    if m and k:
+        ws = torch.empty(_C.cuda.matmul_t_workspace(m, n, k), dtype=torch.float32, device=g2.device)
+        with torch.cuda.device(g2.device):
+            _C.cuda.matmul_t(gf.data_ptr(), m, n, k,
+                             *_cuda_weight_args(packed, blocksize, table, bits, scales, nested, offsets),
+                             ws.data_ptr(), ws.numel(), gx.data_ptr(), _cuda_stream(g2.device))
+    return gx
 
 
 def _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, dtype):
@@ -302,6 +359,9 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: t
                 _C.lora_epilogue_cpu(xf.data_ptr(), m, k, af.data_ptr(), bf.data_ptr(), _DTYPE_CODES[af.dtype],
                                      af.shape[0], n, float(lora_scale), y.data_ptr())
         y = y.to(x.dtype)
+    elif x.device.type == "cuda" and m <= SMALL_BATCH_ROWS:
+        y = _matmul_cuda_small(x2, packed, table, scales, scales_nested, offsets, bits, blocksize, n, lora_a, lora_b,
+                               lora_scale).to(x.dtype)
     else:
         w = _dense_weight(packed, table, _dense_scales(scales, scales_nested), offsets, bits, blocksize, n, k, x.dtype)
         y = x2 @ w.t()
@@ -339,6 +399,7 @@ def matmul_t(g: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales:
     _check_device("g", g)
     n, k = g.shape[-1], in_features
     _check_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n * k)
+    check_same_device(g.device, packed=packed)
     g2 = g.reshape(-1, n)
     m = g2.shape[0]
     if g.device.type == "cpu" and m <= SMALL_BATCH_ROWS:
@@ -349,6 +410,8 @@ def matmul_t(g: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales:
                             *_weight_args(packed, blocksize, table, bits, scales, scales_nested, offsets),
                             gx.data_ptr())
         gx = gx.to(g.dtype)
+    elif g.device.type == "cuda" and m <= SMALL_BATCH_ROWS:
+        gx = _matmul_t_cuda_small(g2, packed, table, scales, scales_nested, offsets, bits, blocksize, k).to(g.dtype)
     else:
         w = _dense_weight(packed, table, _dense_scales(scales, scales_nested), offsets, bits, blocksize, n, k, g.dtype)
         gx = g2 @ w

@@ -66,6 +66,21 @@ def _dynamic_signed() -> tuple[float, ...]:
     return tuple(float(v) for v in torch.tensor(data, dtype=torch.float32))
 
 
+def _dynamic_unsigned() -> tuple[float, ...]:
+    """bitsandbytes' unsigned dynamic 8-bit map (create_dynamic_map(signed=False)): twice the
+    fraction steps of the signed map per decade, no negatives; the code of 8-bit optimizers'
+    second moment (which is never negative)."""
+    data: list[float] = []
+    max_exponent_bits = 7
+    for i in range(max_exponent_bits):
+        boundaries = torch.linspace(0.1, 1, 2 ** (i + 1) + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data.sort()
+    return tuple(float(v) for v in torch.tensor(data, dtype=torch.float32))
+
+
 @dataclass(frozen=True, eq=False)
 class Format:
     """A quantization format: codebook values in storage order, bit width and scale rule."""
@@ -218,5 +233,8 @@ for _fmt in (
     Format("uint8", 8, _unsigned_int(8), "minmax", "asymmetric uniform (affine), levels k/255, zero point = block min"),
     Format("dynamic8", 8, _dynamic_signed(), "absmax", "bitsandbytes' signed dynamic 8-bit map (double-quant scales)",
            search="grid"),
+    # Private (not listed by available_formats): only meaningful for non-negative values.
+    Format("_dynamic8_unsigned", 8, _dynamic_unsigned(), "absmax",
+           "bitsandbytes' unsigned dynamic 8-bit map (8-bit optimizers' second moment)"),
 ):
     register_format(_fmt)

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from . import _ops
-from ._checks import check_blocksize, check_contiguous, check_float, check_positive_int, check_tensor
+from ._checks import (check_blocksize, check_contiguous, check_float, check_positive_int, check_same_device,
+                      check_tensor)
 from .formats import Format, codebook, get_format
 from .tensor import NestedScales, QuantizedTensor
 
@@ -99,6 +100,7 @@ def matmul(x: torch.Tensor, qweight: QuantizedTensor, bias: Optional[torch.Tenso
         check_tensor("bias", bias)
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        check_same_device(x.device, bias=bias)
         y = y + bias.to(y.dtype)
     return y
 

@@ -35,7 +35,9 @@ class NestedScales:
 
     @classmethod
     def from_values(cls, values: torch.Tensor) -> "NestedScales":
-        mean = values.mean()
+        # The mean is taken on the CPU whatever the device: torch's float32 reductions sum in a
+        # device-specific order, and CUDA quantization must store the CPU's bytes.
+        mean = values.mean() if values.device.type == "cpu" else values.cpu().mean().to(values.device)
         centred = values - mean
         return cls(QuantizedTensor._quantize_flat(centred, get_format(NESTED_FORMAT), NESTED_BLOCKSIZE), mean)
 

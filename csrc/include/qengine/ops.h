@@ -52,6 +52,24 @@ int kmeans_accumulate_cpu(const void* x, int dtype, int64_t n, int64_t blocksize
 int cuda_device_count(int* count);
 int dequantize_cuda(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
                     const float* scales, const float* offsets, void* out, int out_dtype, void* stream);
+
+// The CUDA counterparts of quantize_cpu, matmul_cpu and matmul_t_cpu: device buffers, the same
+// arguments plus the stream every launch goes to. Double-quantized scales take their mean from
+// the device (`mean`, float32 [1]; scales.mean is not read) so no launch waits for the host.
+// quantize_cuda needs one int of device scratch (`flags`) and waits for the stream to return
+// its status; the others only enqueue work.
+int quantize_cuda(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
+                  uint8_t* packed, float* scales, float* offsets, int* flags, void* stream);
+int matmul_cuda(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
+                int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* mean,
+                const float* offsets, float* y, void* stream);
+// matmul_t_cuda splits the rows of W over several CTAs per column and adds the partial sums
+// in a fixed order (deterministic): it needs matmul_t_cuda_workspace(M, N, K) floats of device
+// scratch (0: none, workspace may be null).
+int64_t matmul_t_cuda_workspace(int64_t M, int64_t N, int64_t K);
+int matmul_t_cuda(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
+                  const Codebook& cb, int rule, const BlockScales& scales, const float* mean, const float* offsets,
+                  float* workspace, int64_t workspace_floats, float* gx, void* stream);
 #endif
 
 }  // namespace qengine

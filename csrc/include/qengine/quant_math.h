@@ -46,6 +46,14 @@ QE_HD int grid_index(float v) {
   return static_cast<int>(t * 65535.0f + 0.5f);
 }
 
+// The grid rule's code of x in a block of the given absmax: x * (1 / absmax) on the grid; an
+// all-zero block (absmax 0) gets code 0, and the stored scale is the raw absmax.
+QE_HD uint8_t grid_code(float x, float absmax, const uint8_t* grid_lut) {
+  if (absmax == 0.0f) return 0;
+  const float inv = 1.0f / absmax;
+  return grid_lut[grid_index(x * inv)];
+}
+
 // Per-block statistics; the kernels reduce them in any order (max/min are exact).
 struct BlockStats {
   float absmax;
@@ -82,6 +90,19 @@ QE_HD BlockNorm make_block_norm(const BlockStats& s, int rule, bool partial_bloc
   return n;
 }
 
+// The same normalisation rebuilt from a block's stored parameters, for kernels that compute the
+// statistics and the codes in separate passes (CUDA). Equal to make_block_norm's result: the
+// divisor is max(scale, kMinScale) either way (a partial absmax block stores that divisor).
+QE_HD BlockNorm block_norm_from_stored(float scale, float offset, int rule, bool partial_block) {
+  BlockNorm n;
+  n.scale = scale;
+  n.offset = rule == kMinmax ? offset : 0.0f;
+  n.div = scale > kMinScale ? scale : kMinScale;
+  n.inv = 1.0f / n.div;
+  n.divide = partial_block;
+  return n;
+}
+
 QE_HD float normalise(float x, const BlockNorm& n, int rule) {
   float centred = rule == kMinmax ? x - n.offset : x;
   return n.divide ? centred / n.div : centred * n.inv;
@@ -110,6 +131,11 @@ QE_HD float decode_value(float code_value, float scale, float offset, int rule) 
   return rule == kMinmax ? __builtin_fmaf(code_value, scale, offset) : code_value * scale;
 #endif
 }
+
+// decode_value's addend for a branch-free fma(table[q], scale, addend): the offset (minmax), or
+// -0.0f (absmax), since x + (-0) == x for every x including both zeros, so the single rounding
+// of the fma gives table[q] * scale bit for bit.
+QE_HD float decode_addend(float offset, int rule) { return rule == kMinmax ? offset : -0.0f; }
 
 // Per-block scales, plain (values) or double-quantized: table[codes[b]] * absmax[b / nested_blocksize]
 // + mean, in float32 with two roundings, exactly as the dequantize-then-add of the Python side.

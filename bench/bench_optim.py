@@ -1,0 +1,119 @@
+# Optimizer step time and state bytes per parameter: qengine's paged AdamW (32/8-bit, with and without a budget) against torch and bitsandbytes.
+"""Usage: python bench/bench_optim.py [--numel N] [--tensors K] [--json PATH] [--threads N] [--no-bnb]
+
+One optimizer step over N parameters (default 50M, in K equal float32 tensors, gradients
+set), median over repeated steps, each optimizer measured alone (created, warmed up by two
+steps, timed, freed). Rows: torch.optim.AdamW with foreach=True and fused=True (and the
+default single-tensor loop), qengine PagedAdamW / PagedAdamW8bit with all states resident
+and with a budget of a quarter of their state bytes (cold pages spilled to a memory-mapped
+file in --spill-dir), bitsandbytes AdamW8bit and PagedAdamW where they run on this machine.
+'bytes/param' counts the optimizer's state tensors (qengine: every page, resident or spilled).
+'x fused' = torch fused step time / this step time (> 1: faster than torch fused AdamW);
+'GB/s' = bytes the step must move (parameter, gradient and states, read and written) per
+second; 'busy' = cores other processes kept busy meanwhile (> ~0.1: the timing is suspect).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import qengine  # noqa: E402
+from _harness import measure, print_table, quiet_import_bitsandbytes, write_json  # noqa: E402
+from qengine.optim import PagedAdamW, PagedAdamW8bit  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--numel", type=int, default=50_000_000)
+    p.add_argument("--tensors", type=int, default=8)
+    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "optim.json"))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--spill-dir", default=tempfile.gettempdir())
+    p.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes (its CPU steps take seconds)")
+    return p.parse_args()
+
+
+def torch_state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
+def make_rows(spill_dir: str, bnb) -> list[tuple]:
+    """(name, factory, state-bytes function, state bytes moved per parameter per step)."""
+    rows = [
+        ("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True), torch_state_bytes, 8),
+        ("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True), torch_state_bytes, 8),
+        ("torch AdamW (single)", lambda ps: torch.optim.AdamW(ps, foreach=False), torch_state_bytes, 8),
+        ("qengine PagedAdamW", lambda ps: PagedAdamW(ps), lambda o: o.state_bytes(), 8),
+        ("qengine PagedAdamW 1/4 budget", lambda ps: PagedAdamW(ps, budget_bytes=quarter(ps, 32), spill_dir=spill_dir),
+         lambda o: o.state_bytes(), 8),
+        ("qengine PagedAdamW8bit", lambda ps: PagedAdamW8bit(ps), lambda o: o.state_bytes(), 2.03),
+        ("qengine PagedAdamW8bit 1/4 budget",
+         lambda ps: PagedAdamW8bit(ps, budget_bytes=quarter(ps, 8), spill_dir=spill_dir), lambda o: o.state_bytes(), 2.03),
+    ]
+    if bnb is not None:
+        rows += [("bnb AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps), torch_state_bytes, 2.03),
+                 ("bnb PagedAdamW", lambda ps: bnb.optim.PagedAdamW(ps), torch_state_bytes, 8)]
+    return rows
+
+
+def quarter(ps, bits) -> int:
+    n = sum(p.numel() for p in ps)
+    return int(n * (8 if bits == 32 else 2.04) / 4)
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        qengine.set_num_threads(args.threads)
+    bnb, why = (None, "skipped (--no-bnb)") if args.no_bnb else quiet_import_bitsandbytes()
+    print(f"qengine {qengine.build_info()}; torch threads {torch.get_num_threads()}")
+    if bnb is None:
+        print(f"bitsandbytes not measured: {why}")
+    torch.manual_seed(0)
+    per = args.numel // args.tensors
+    params = [torch.nn.Parameter(torch.randn(per) * 0.02) for _ in range(args.tensors)]
+    for p in params:
+        p.grad = torch.randn(per) * 1e-3
+    n = per * args.tensors
+    results = []
+    for name, make, state_bytes, moved in make_rows(args.spill_dir, bnb):
+        try:
+            opt = make(params)
+            slow = name.startswith("bnb") or name.endswith("(single)")
+            st = measure(opt.step, [()], reps=5 if slow else 15, warmup=1 if slow else 2, min_reps=3,
+                         budget_s=20.0 if slow else 4.0)
+        except Exception as e:  # a reference that does not run here is reported, not fatal
+            print(f"  {name}: not measured ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        r = {"optimizer": name, "ms": st.median * 1e3, "p25": st.p25 * 1e3, "p75": st.p75 * 1e3, "reps": st.reps,
+             "busy": st.other, "bytes_per_param": state_bytes(opt) / n,
+             "gbps": n * (3 * 4 + 2 * moved) / st.median / 1e9}  # p read+write, g read, states read+write
+        if hasattr(opt, "memory_stats"):
+            r["memory"] = opt.memory_stats()
+        results.append(r)
+        print(f"  {name}: {r['ms']:.1f} ms, {r['bytes_per_param']:.3f} B/param, busy {st.other:.2f}", flush=True)
+        del opt
+        gc.collect()
+    fused = next((r["ms"] for r in results if r["optimizer"] == "torch AdamW fused"), None)
+    for r in results:
+        r["x_fused"] = fused / r["ms"] if fused else None
+    print_table(results, COLUMNS, title=f"AdamW step, {n / 1e6:.0f}M float32 parameters in {args.tensors} tensors "
+                                        "(ms, median; x fused > 1: faster than torch fused)")
+    write_json(args.json, results, numel=n, tensors=args.tensors)
+
+
+COLUMNS = [("optimizer", "optimizer", ""), ("ms", "step ms", ".1f"), ("p25", "p25", ".1f"), ("p75", "p75", ".1f"),
+           ("reps", "reps", "d"), ("bytes_per_param", "bytes/param", ".3f"), ("gbps", "GB/s", ".1f"),
+           ("x_fused", "x fused", ".2f"), ("busy", "busy", ".2f")]
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+// pybind11 bindings of the fused optimizer step (qengine._C.adamw_cpu, qengine._C.cuda.adamw).
+// python/qengine/optim/_ops.py builds and checks the task and constant tables; every call
+// releases the GIL and turns a non-zero status into a Python exception.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "qengine/optim.h"
+#include "qengine/status.h"
+
+#if defined(QENGINE_WITH_CUDA)
+#include "cuda/check.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+using addr = std::uintptr_t;
+
+void raise_on_error(int status) {
+  if (status == qengine::kOk) return;
+#if defined(QENGINE_WITH_CUDA)
+  if (status == qengine::kCudaError) {
+    throw std::runtime_error(std::string("qengine: CUDA error: ") + qengine::cuda::last_error_message());
+  }
+#endif
+  throw py::value_error(std::string("qengine: ") + qengine::status_message(status));
+}
+
+qengine::StateCode state_code(addr table, addr lut, int base, int kmax) {
+  return qengine::StateCode{reinterpret_cast<const float*>(table), reinterpret_cast<const uint32_t*>(lut), base, kmax};
+}
+
+// tasks: int64 [ntasks, 10] (OptimTask rows); hyper: float32 [nhyper, 9] (AdamHyper rows);
+// for 8-bit states, the two codes' (table, lut, base, kmax).
+int adamw_cpu(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state_bits, addr t1, addr l1,
+              int base1, int kmax1, addr t2, addr l2, int base2, int kmax2) {
+  const qengine::StateCode codes[2] = {state_code(t1, l1, base1, kmax1),
+                                       state_code(t2, l2, base2, kmax2)};
+  int s = qengine::adamw_cpu(reinterpret_cast<const qengine::OptimTask*>(tasks), ntasks,
+                             reinterpret_cast<const qengine::AdamHyper*>(hyper), nhyper, state_bits,
+                             state_bits == 8 ? codes : nullptr);
+  raise_on_error(s);
+  return s;
+}
+
+#if defined(QENGINE_WITH_CUDA)
+int adamw_cuda(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state_bits, addr t1, addr l1,
+               int base1, int kmax1, addr t2, addr l2, int base2, int kmax2, addr stream) {
+  const qengine::StateCode codes[2] = {state_code(t1, l1, base1, kmax1),
+                                       state_code(t2, l2, base2, kmax2)};
+  int s = qengine::adamw_cuda(reinterpret_cast<const qengine::OptimTask*>(tasks), ntasks,
+                              reinterpret_cast<const qengine::AdamHyper*>(hyper), nhyper, state_bits,
+                              state_bits == 8 ? codes : nullptr, reinterpret_cast<void*>(stream));
+  raise_on_error(s);
+  return s;
+}
+#endif
+
+}  // namespace
+
+void bind_optim(py::module_& m) {
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("adamw_cpu", &adamw_cpu, release());
+#if defined(QENGINE_WITH_CUDA)
+  py::module_ cuda = m.attr("cuda").cast<py::module_>();
+  cuda.def("adamw", &adamw_cuda, release());
+#endif
+}

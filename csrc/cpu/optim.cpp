@@ -1,0 +1,149 @@
+// The fused AdamW step on the CPU: argument checks, the thread split over all spans at once,
+// the ISA choice (following the quantize kernels' choice, so QENGINE_CPU_ISA / set_isa apply),
+// and the portable scalar spans every SIMD variant must match byte for byte.
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/optim_kernels.h"
+#include "cpu/thread_pool.h"
+#include "qengine/optim.h"
+#include "qengine/status.h"
+
+namespace qengine::cpu {
+
+void scalar_adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h) {
+  void* p = reinterpret_cast<void*>(t.param);
+  const void* g = reinterpret_cast<const void*>(t.grad);
+  float* m = reinterpret_cast<float*>(t.state1);
+  float* v = reinterpret_cast<float*>(t.state2);
+  const int dt = static_cast<int>(t.dtype);
+  for (int64_t i = lo; i < hi; ++i) {
+    float pi = load_as_float(p, dt, i), mi = m[i], vi = v[i];
+    adamw_element(load_as_float(g, dt, i), pi, mi, vi, h);
+    store_from_float(p, dt, i, pi);
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+void scalar_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
+                   const StateCode& c2) {
+  void* p = reinterpret_cast<void*>(t.param);
+  const void* g = reinterpret_cast<const void*>(t.grad);
+  uint8_t* q1 = reinterpret_cast<uint8_t*>(t.state1);
+  uint8_t* q2 = reinterpret_cast<uint8_t*>(t.state2);
+  float* a1 = reinterpret_cast<float*>(t.absmax1);
+  float* a2 = reinterpret_cast<float*>(t.absmax2);
+  const int dt = static_cast<int>(t.dtype);
+  float mt[kOptimBlock], vt[kOptimBlock];  // the block's updated states, before requantizing
+  for (int64_t b0 = lo; b0 < hi; b0 += kOptimBlock) {
+    const int64_t len = std::min(kOptimBlock, hi - b0);
+    const int64_t b = b0 / kOptimBlock;
+    const float s1 = a1[b], s2 = a2[b];
+    float n1 = 0.0f, n2 = 0.0f;
+    for (int64_t i = 0; i < len; ++i) {
+      float pi = load_as_float(p, dt, b0 + i);
+      float mi = c1.table[q1[b0 + i]] * s1, vi = c2.table[q2[b0 + i]] * s2;
+      adamw_element(load_as_float(g, dt, b0 + i), pi, mi, vi, h);
+      store_from_float(p, dt, b0 + i, pi);
+      mt[i] = mi;
+      vt[i] = vi;
+      n1 = absmax_step(n1, mi);
+      n2 = absmax_step(n2, vi);
+    }
+    a1[b] = n1;
+    a2[b] = n2;
+    const float i1 = state_inv_scale(n1), i2 = state_inv_scale(n2);
+    for (int64_t i = 0; i < len; ++i) {
+      q1[b0 + i] = encode_state(mt[i] * i1, c1);
+      q2[b0 + i] = encode_state(vt[i] * i2, c2);
+    }
+  }
+}
+
+}  // namespace qengine::cpu
+
+namespace qengine {
+namespace {
+
+// Elements per unit of the thread split: a multiple of the 8-bit block, large enough that a
+// unit's work dwarfs the bookkeeping.
+constexpr int64_t kUnit = 16 * kOptimBlock;
+// Units a thread takes at a time (256K elements: 1 MiB of float32 parameters), and the step
+// size below which threads are not worth waking.
+constexpr int64_t kChunkUnits = 64;
+constexpr int64_t kMinParallelUnits = 16;
+
+bool valid_code(const StateCode& c) {
+  return c.table != nullptr && c.lut != nullptr && c.lut_kmax >= 0 && c.lut_base >= 0;
+}
+
+}  // namespace
+
+int adamw_cpu(const OptimTask* tasks, int64_t ntasks, const AdamHyper* hyper, int64_t nhyper, int state_bits,
+              const StateCode* codes) {
+  if (ntasks < 0 || (ntasks > 0 && (tasks == nullptr || hyper == nullptr))) return kInvalidArgument;
+  if (state_bits != 32 && state_bits != 8) return kInvalidArgument;
+  if (state_bits == 8 && (codes == nullptr || !valid_code(codes[0]) || !valid_code(codes[1]))) return kInvalidArgument;
+  // Prefix sums of units per task, so any thread's range maps to (task, element) spans.
+  std::vector<int64_t> first_unit(static_cast<size_t>(ntasks) + 1, 0);
+  for (int64_t k = 0; k < ntasks; ++k) {
+    const OptimTask& t = tasks[k];
+    if (t.n < 0 || t.dtype < kFloat32 || t.dtype > kBFloat16 || t.hyper < 0 || t.hyper >= nhyper) {
+      return kInvalidArgument;
+    }
+    if (t.n > 0 && (t.param == 0 || t.grad == 0 || t.state1 == 0 || t.state2 == 0)) return kInvalidArgument;
+    if (t.n > 0 && state_bits == 8 && (t.absmax1 == 0 || t.absmax2 == 0)) return kInvalidArgument;
+    first_unit[k + 1] = first_unit[k] + (t.n + kUnit - 1) / kUnit;
+  }
+  const int64_t units = first_unit[ntasks];
+  if (units == 0) return kOk;
+
+  const char* isa = cpu::isa_name();
+  cpu::AdamSpan32 span32 = cpu::scalar_adamw32;
+  cpu::AdamSpan8 span8 = cpu::scalar_adamw8;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (std::strcmp(isa, "avx512") == 0) {
+    span32 = cpu::avx512_adamw32;
+    span8 = cpu::avx512_adamw8;
+  } else if (std::strcmp(isa, "avx2") == 0) {
+    span32 = cpu::avx2_adamw32;
+    span8 = cpu::avx2_adamw8;
+  }
+#else
+  (void)isa;
+#endif
+
+  // Threads take chunks of units from a shared counter rather than one fixed share each: on a
+  // machine where other processes hold some cores, a slowed thread then does less of the work
+  // instead of making every step wait for it. Steps of fewer than kMinParallelUnits stay on
+  // the calling thread.
+  const int64_t chunk = kChunkUnits;
+  const int64_t workers = units < kMinParallelUnits ? 1 : std::min<int64_t>(cpu::num_threads(), (units + chunk - 1) / chunk);
+  std::atomic<int64_t> next{0};
+  auto run = [&](int64_t u0, int64_t u1) {
+    int64_t k = std::upper_bound(first_unit.begin(), first_unit.end(), u0) - first_unit.begin() - 1;
+    for (int64_t u = u0; u < u1; ++k) {
+      const OptimTask& t = tasks[k];
+      const int64_t lo = (u - first_unit[k]) * kUnit;
+      const int64_t u_end = std::min(u1, first_unit[k + 1]);
+      const int64_t hi = std::min(t.n, (u_end - first_unit[k]) * kUnit);
+      if (state_bits == 32) span32(t, lo, hi, hyper[t.hyper]);
+      else span8(t, lo, hi, hyper[t.hyper], codes[0], codes[1]);
+      u = u_end;
+    }
+  };
+  if (workers <= 1) {
+    run(0, units);
+  } else {
+    cpu::parallel_for(0, workers, 1, 1, [&](int64_t, int64_t) {
+      for (int64_t u0 = next.fetch_add(chunk); u0 < units; u0 = next.fetch_add(chunk)) run(u0, std::min(units, u0 + chunk));
+    });
+  }
+  return kOk;
+}
+
+}  // namespace qengine

@@ -1,0 +1,206 @@
+// AVX2 spans of the fused AdamW step: 8 lanes, the same operations as adamw_element in the
+// same order, so the bytes equal the scalar spans'. Compiled with -mavx2 -mfma -mf16c only here.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "cpu/optim_kernels.h"
+
+namespace qengine::cpu {
+namespace {
+
+template <int DT>
+inline __m256 load8(const void* x, int64_t i) {
+  if constexpr (DT == kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+  } else {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
+    if constexpr (DT == kBFloat16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else return _mm256_cvtph_ps(h);
+  }
+}
+
+// Round to nearest even, NaN -> quiet NaN, as float_to_bf16; 8 results in the low 16 bytes.
+inline __m128i to_bf16(__m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+template <int DT>
+inline void store8(void* x, int64_t i, __m256 v) {
+  if constexpr (DT == kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(x) + i, v);
+  } else {
+    __m128i h = DT == kBFloat16 ? to_bf16(v) : _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(x) + i), h);
+  }
+}
+
+struct Hyper8 {
+  __m256 decay, w1, w1m1, beta2, w2, bc2, eps, step;
+  bool small, maximize;
+  explicit Hyper8(const AdamHyper& h)
+      : decay(_mm256_set1_ps(h.decay)), w1(_mm256_set1_ps(h.w1)), w1m1(_mm256_set1_ps(h.w1 - 1.0f)),
+        beta2(_mm256_set1_ps(h.beta2)), w2(_mm256_set1_ps(h.w2)), bc2(_mm256_set1_ps(h.bc2_sqrt)),
+        eps(_mm256_set1_ps(h.eps)), step(_mm256_set1_ps(h.neg_step)), small(h.lerp_small != 0.0f),
+        maximize(h.maximize != 0.0f) {}
+};
+
+inline void update8(__m256 g, __m256& p, __m256& m, __m256& v, const Hyper8& h) {
+  if (h.maximize) g = _mm256_xor_ps(g, _mm256_set1_ps(-0.0f));
+  p = _mm256_mul_ps(p, h.decay);
+  const __m256 d = _mm256_sub_ps(g, m);
+  m = h.small ? _mm256_fmadd_ps(h.w1, d, m) : _mm256_fmadd_ps(h.w1m1, d, g);
+  v = _mm256_fmadd_ps(_mm256_mul_ps(h.w2, g), g, _mm256_mul_ps(v, h.beta2));
+  const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), h.bc2), h.eps);
+  p = _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(h.step, m), denom));
+}
+
+template <int DT>
+void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs) {
+  void* p = reinterpret_cast<void*>(t.param);
+  const void* g = reinterpret_cast<const void*>(t.grad);
+  float* m = reinterpret_cast<float*>(t.state1);
+  float* v = reinterpret_cast<float*>(t.state2);
+  const Hyper8 h(hs);
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) {
+    __m256 pv = load8<DT>(p, i), mv = _mm256_loadu_ps(m + i), vv = _mm256_loadu_ps(v + i);
+    update8(load8<DT>(g, i), pv, mv, vv, h);
+    store8<DT>(p, i, pv);
+    _mm256_storeu_ps(m + i, mv);
+    _mm256_storeu_ps(v + i, vv);
+  }
+  if (i < hi) scalar_adamw32(t, i, hi, hs);
+}
+
+// 8 codes of the nearest-code search (encode_state on 8 lanes), as int32 lanes: one gather.
+inline __m256i encode8(__m256 x, const StateCode& c) {
+  const __m256i u = _mm256_castps_si256(x);
+  __m256i k = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), 16),
+                               _mm256_set1_epi32(c.lut_base));
+  k = _mm256_min_epi32(_mm256_max_epi32(k, _mm256_setzero_si256()), _mm256_set1_epi32(c.lut_kmax));
+  const __m256i neg = _mm256_srai_epi32(u, 31);
+  const __m256i key = _mm256_blendv_epi8(_mm256_add_epi32(k, _mm256_set1_epi32(c.lut_kmax + 1)),
+                                         _mm256_sub_epi32(_mm256_set1_epi32(c.lut_kmax), k), neg);
+  const __m256i e = _mm256_i32gather_epi32(reinterpret_cast<const int*>(c.lut), key, 4);
+  const __m256i lo16 = _mm256_set1_epi32(0xffff);
+  const __m256i low = _mm256_and_si256(u, lo16), t = _mm256_and_si256(e, lo16);
+  const __m256i up = _mm256_blendv_epi8(_mm256_cmpgt_epi32(low, t), _mm256_cmpgt_epi32(t, low), neg);
+  return _mm256_sub_epi32(_mm256_srli_epi32(e, 16), up);  // true lanes are -1
+}
+
+// Two 8-lane code vectors -> 16 bytes, in order.
+inline __m128i pack16(__m256i a, __m256i b) {
+  __m256i w = _mm256_packus_epi32(a, b);                  // lanes: a0-3 b0-3 | a4-7 b4-7
+  w = _mm256_permute4x64_epi64(w, 0xd8);                  // a0-3 a4-7 | b0-3 b4-7
+  __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+  return _mm_packus_epi16(lo, hi);
+}
+
+inline __m256 decode8(const uint8_t* q, const float* table, __m256 scale) {
+  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  return _mm256_mul_ps(_mm256_i32gather_ps(table, idx, 4), scale);
+}
+
+inline void absmax8(__m256& acc, __m256& nan, __m256 x) {
+  acc = _mm256_max_ps(acc, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x));
+  nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+inline float reduce_absmax(__m256 acc, __m256 nan) {
+  if (_mm256_movemask_ps(nan)) return bits_float(0x7fc00000u);
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+// The block loop alternates a decode/update pass and an encode pass over L1-resident
+// temporaries; its gathers keep the hardware prefetchers from running far enough ahead on
+// large steps, so the inputs of the block kPrefetchBlocks ahead are requested explicitly.
+constexpr int64_t kPrefetchBlocks = 4;
+
+inline void prefetch_block(const OptimTask& t, int64_t e, int64_t hi) {
+  if (e >= hi) return;
+  const int64_t len = std::min(kOptimBlock, hi - e);
+  const int esize = dtype_size(static_cast<int>(t.dtype));
+  const char* p = reinterpret_cast<const char*>(t.param) + e * esize;
+  const char* g = reinterpret_cast<const char*>(t.grad) + e * esize;
+  for (int64_t off = 0; off < len * esize; off += 64) {
+    _mm_prefetch(p + off, _MM_HINT_T0);
+    _mm_prefetch(g + off, _MM_HINT_T0);
+  }
+  const char* q1 = reinterpret_cast<const char*>(t.state1) + e;
+  const char* q2 = reinterpret_cast<const char*>(t.state2) + e;
+  for (int64_t off = 0; off < len; off += 64) {
+    _mm_prefetch(q1 + off, _MM_HINT_T0);
+    _mm_prefetch(q2 + off, _MM_HINT_T0);
+  }
+}
+
+template <int DT>
+void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
+            const StateCode& c2) {
+  void* p = reinterpret_cast<void*>(t.param);
+  const void* g = reinterpret_cast<const void*>(t.grad);
+  uint8_t* q1 = reinterpret_cast<uint8_t*>(t.state1);
+  uint8_t* q2 = reinterpret_cast<uint8_t*>(t.state2);
+  float* a1 = reinterpret_cast<float*>(t.absmax1);
+  float* a2 = reinterpret_cast<float*>(t.absmax2);
+  const Hyper8 h(hs);
+  alignas(32) float mt[kOptimBlock], vt[kOptimBlock];
+  int64_t b0 = lo;
+  for (; b0 + kOptimBlock <= hi; b0 += kOptimBlock) {
+    const int64_t b = b0 / kOptimBlock;
+    prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
+    const __m256 s1 = _mm256_set1_ps(a1[b]), s2 = _mm256_set1_ps(a2[b]);
+    __m256 n1 = _mm256_setzero_ps(), n2 = _mm256_setzero_ps(), nan1 = n1, nan2 = n1;
+    for (int64_t i = 0; i < kOptimBlock; i += 8) {
+      __m256 pv = load8<DT>(p, b0 + i);
+      __m256 mv = decode8(q1 + b0 + i, c1.table, s1), vv = decode8(q2 + b0 + i, c2.table, s2);
+      update8(load8<DT>(g, b0 + i), pv, mv, vv, h);
+      store8<DT>(p, b0 + i, pv);
+      _mm256_store_ps(mt + i, mv);
+      _mm256_store_ps(vt + i, vv);
+      absmax8(n1, nan1, mv);
+      absmax8(n2, nan2, vv);
+    }
+    const float m1 = reduce_absmax(n1, nan1), m2 = reduce_absmax(n2, nan2);
+    a1[b] = m1;
+    a2[b] = m2;
+    const __m256 i1 = _mm256_set1_ps(state_inv_scale(m1)), i2 = _mm256_set1_ps(state_inv_scale(m2));
+    for (int64_t i = 0; i < kOptimBlock; i += 16) {
+      __m128i c = pack16(encode8(_mm256_mul_ps(_mm256_load_ps(mt + i), i1), c1),
+                         encode8(_mm256_mul_ps(_mm256_load_ps(mt + i + 8), i1), c1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + b0 + i), c);
+      c = pack16(encode8(_mm256_mul_ps(_mm256_load_ps(vt + i), i2), c2),
+                 encode8(_mm256_mul_ps(_mm256_load_ps(vt + i + 8), i2), c2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + b0 + i), c);
+    }
+  }
+  if (b0 < hi) scalar_adamw8(t, b0, hi, hs, c1, c2);  // the partial last block
+}
+
+}  // namespace
+
+void avx2_adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h) {
+  if (t.dtype == kFloat32) adamw32<kFloat32>(t, lo, hi, h);
+  else if (t.dtype == kBFloat16) adamw32<kBFloat16>(t, lo, hi, h);
+  else adamw32<kFloat16>(t, lo, hi, h);
+}
+
+void avx2_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
+                 const StateCode& c2) {
+  if (t.dtype == kFloat32) adamw8<kFloat32>(t, lo, hi, h, c1, c2);
+  else if (t.dtype == kBFloat16) adamw8<kBFloat16>(t, lo, hi, h, c1, c2);
+  else adamw8<kFloat16>(t, lo, hi, h, c1, c2);
+}
+
+}  // namespace qengine::cpu
+#endif

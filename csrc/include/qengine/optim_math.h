@@ -1,0 +1,124 @@
+// The AdamW update and the 8-bit optimizer-state code, written once for the CPU and CUDA
+// kernels so that every backend and ISA produces the same bytes.
+//
+// The element update follows torch.optim.AdamW (foreach=False) operation by operation, in
+// float32, with the fused multiply-adds where torch's vectorised CPU kernels have them (lerp,
+// addcmul), so the 32-bit optimizer matches torch to float32 rounding:
+//   p = p * (1 - lr * wd)
+//   m = lerp(m, g, 1 - beta1)              (fma(w, g - m, m), or fma(w - 1, g - m, g) for w >= 0.5)
+//   v = fma((1 - beta2) * g, g, v * beta2)
+//   p = p + (-lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//
+// 8-bit states (blockwise, 256 elements per block): m is stored as codes of a signed dynamic
+// map scaled by the block's max |m|, v as codes of an unsigned dynamic map scaled by max v.
+// The nearest code is found without a search: a byte table indexed by the float's sign,
+// exponent and top 7 mantissa bits gives the candidate and the one midpoint that can
+// separate it from the next code (python/qengine/optim/_ops.py builds it and checks that).
+#pragma once
+#include <cstdint>
+
+#include "qengine/dtype.h"
+
+namespace qengine {
+
+// Elements per 8-bit state block (one absmax per state and block).
+constexpr int64_t kOptimBlock = 256;
+
+// Per-parameter constants of one step, float32 values rounded from Python's double
+// arithmetic exactly where torch rounds its Python scalars. All floats, so a float32 tensor
+// [k, 9] built in Python has this layout.
+struct AdamHyper {
+  float decay;       // 1 - lr * weight_decay
+  float w1;          // lerp weight 1 - beta1
+  float lerp_small;  // 1 when |w1| < 0.5 (torch's lerp switches form there), else 0
+  float beta2;
+  float w2;          // 1 - beta2
+  float bc2_sqrt;    // sqrt(1 - beta2^step)
+  float eps;
+  float neg_step;    // -lr / (1 - beta1^step)
+  float maximize;    // 1: ascend (the gradient is negated)
+};
+
+// One contiguous span of one parameter and its states; a parameter split over several
+// state pages gives several tasks. All int64, so an int64 tensor [ntasks, 10] built in Python
+// has this layout. Addresses are of the span's first element (8-bit: the first element of a
+// 256-block, so absmax1/absmax2 point at that block's scale).
+struct OptimTask {
+  int64_t param;    // float32/float16/bfloat16 [n], updated in place
+  int64_t grad;     // same dtype as param [n]
+  int64_t state1;   // float32 m [n], or uint8 codes [n]
+  int64_t state2;   // float32 v [n], or uint8 codes [n]
+  int64_t absmax1;  // 8-bit: float32 [ceil(n / 256)]; else 0
+  int64_t absmax2;
+  int64_t n;
+  int64_t dtype;    // DType of param and grad
+  int64_t hyper;    // row of the AdamHyper table
+  int64_t reserved;
+};
+
+// One 8-bit state code: decode table and the table of the nearest-code search.
+//
+// Search: floats whose bits share the top 16 (sign, exponent, 7 mantissa bits) form a bucket;
+// lut[bucket] = (first << 16) | t, where `first` is the number of midpoints below the bucket
+// and t the low 16 bits of the one midpoint inside it (python/qengine/optim/_ops.py checks
+// that no bucket holds two). Inside a bucket the low 16 bits order the magnitudes, so
+// x > midpoint is (low16(x) > t) for positive x and (low16(x) < t) for negative x; a bucket
+// without a midpoint stores t = 0xffff (positive) or 0 (negative), which never passes.
+// Magnitudes below 2^(lut_base / 128 - 127) and from 1.0 up are clamped into the end buckets,
+// which the builder also checks hold no midpoint.
+struct StateCode {
+  const float* table;   // 256 values, sorted ascending (code = sorted index)
+  const uint32_t* lut;  // 2 * (lut_kmax + 1) entries: negatives (largest magnitude first), then positives
+  int lut_base;         // (|x| bits >> 16) of the lowest bucket
+  int lut_kmax;         // buckets per sign - 1
+};
+
+QE_HD float qe_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+
+QE_HD float qe_sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+
+// One element of the AdamW step; m and v are the float32 states before and after.
+QE_HD void adamw_element(float g, float& p, float& m, float& v, const AdamHyper& h) {
+  if (h.maximize != 0.0f) g = -g;
+  p = p * h.decay;
+  const float d = g - m;
+  m = h.lerp_small != 0.0f ? qe_fma(h.w1, d, m) : qe_fma(h.w1 - 1.0f, d, g);
+  v = qe_fma(h.w2 * g, g, v * h.beta2);
+  const float denom = qe_sqrt(v) / h.bc2_sqrt + h.eps;
+  p = p + (h.neg_step * m) / denom;
+}
+
+// Nearest code (ties to the lower one): the number of midpoints strictly below x.
+QE_HD uint8_t encode_state(float x, const StateCode& c) {
+  const uint32_t u = float_bits(x);
+  int k = static_cast<int>((u & 0x7fffffffu) >> 16) - c.lut_base;
+  k = k < 0 ? 0 : (k > c.lut_kmax ? c.lut_kmax : k);
+  const bool neg = (u >> 31) != 0;
+  const uint32_t e = c.lut[neg ? c.lut_kmax - k : c.lut_kmax + 1 + k];
+  const uint32_t low = u & 0xffffu, t = e & 0xffffu;
+  return static_cast<uint8_t>((e >> 16) + ((neg ? low < t : low > t) ? 1u : 0u));
+}
+
+// Reciprocal used to normalise a block by its absmax (an all-zero block keeps zeros).
+QE_HD float state_inv_scale(float absmax) { return 1.0f / (absmax > 1e-38f ? absmax : 1e-38f); }
+
+// NaN-propagating running max of |x| (a NaN state poisons its block, as torch's state would).
+QE_HD float absmax_step(float acc, float x) {
+  if (x != x || acc != acc) return bits_float(0x7fc00000u);  // one canonical NaN on every ISA
+  const float a = x < 0.0f ? -x : x;
+  return a > acc ? a : acc;
+}
+
+}  // namespace qengine

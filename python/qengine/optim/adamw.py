@@ -1,0 +1,258 @@
+"""PagedAdamW (float32 states) and PagedAdamW8bit (blockwise 8-bit states): torch.optim.AdamW's
+constructor and semantics, one fused native update per parameter span, states in pages with a
+resident byte budget (paging.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Iterable
+
+import torch
+
+from .._ops import _DTYPE_CODES
+from . import _ops, checkpoint
+from .paging import PageManager, PagesBusy
+
+__all__ = ["PagedAdamW", "PagedAdamW8bit"]
+
+# Keys of a torch.optim.AdamW param group that select an implementation, not the maths: only
+# their default values are accepted (an accepted-and-ignored option would be a silent bug).
+_IMPL_KEYS = {"foreach": (None, False), "fused": (None, False), "capturable": (False,), "differentiable": (False,)}
+DEFAULT_PAGE_ELEMENTS = 1 << 20
+# CUDA without an explicit budget: this fraction of the device memory free at the first step.
+CUDA_DEFAULT_BUDGET_FRACTION = 0.5
+
+
+def _number(name: str, v) -> float:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def check_group(group: dict) -> tuple[float, float, float, float, float, bool]:
+    """(lr, beta1, beta2, eps, weight_decay, maximize) of a param group, validated."""
+    for key in ("lr", "betas", "eps", "weight_decay"):
+        if key not in group:
+            raise ValueError(f"param group lacks {key!r} (is this an AdamW param group?)")
+    lr = _number("lr", group["lr"])
+    if lr < 0:
+        raise ValueError(f"Invalid learning rate: lr must be >= 0, got {lr}")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    b1, b2 = _number("betas[0]", betas[0]), _number("betas[1]", betas[1])
+    for i, b in enumerate((b1, b2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: must be in [0, 1), got {b}")
+    eps = _number("eps", group["eps"])
+    if eps < 0:
+        raise ValueError(f"Invalid epsilon value: eps must be >= 0, got {eps}")
+    wd = _number("weight_decay", group["weight_decay"])
+    if wd < 0:
+        raise ValueError(f"Invalid weight_decay value: must be >= 0, got {wd}")
+    if group.get("amsgrad", False):
+        raise ValueError("amsgrad=True is not supported by qengine's paged AdamW (it needs a third state)")
+    if group.get("decoupled_weight_decay", True) is False:
+        raise ValueError("decoupled_weight_decay=False is Adam, not AdamW; qengine implements AdamW only")
+    for key, allowed in _IMPL_KEYS.items():
+        if key in group and group[key] not in allowed:
+            raise ValueError(f"{key}={group[key]!r} is not supported (qengine always runs its own fused kernel)")
+    maximize = group.get("maximize", False)
+    if not isinstance(maximize, bool):
+        raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
+    return lr, b1, b2, eps, wd, maximize
+
+
+class _PagedAdamBase(torch.optim.Optimizer):
+    STATE_BITS = 32
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, page_elements: int = DEFAULT_PAGE_ELEMENTS,
+                 budget_bytes: int | None = None, spill_dir: str | None = None):
+        if isinstance(page_elements, bool) or not isinstance(page_elements, int) or page_elements < _ops.BLOCK \
+                or page_elements % _ops.BLOCK:
+            raise ValueError(f"page_elements must be a positive multiple of {_ops.BLOCK}, got {page_elements!r}")
+        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)):
+            raise TypeError(f"budget_bytes must be an int or None, got {type(budget_bytes).__name__}")
+        page_bytes = page_elements * (8 if self.STATE_BITS == 32 else 2) + (0 if self.STATE_BITS == 32 else
+                                                                            8 * (page_elements // _ops.BLOCK))
+        if budget_bytes is not None and budget_bytes < page_bytes:
+            raise ValueError(f"budget_bytes ({budget_bytes}) must hold at least one page ({page_bytes} bytes); "
+                             "lower page_elements or raise the budget")
+        if spill_dir is not None and not os.path.isdir(spill_dir):
+            raise ValueError(f"spill_dir {spill_dir!r} is not an existing directory")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        check_group({**defaults, "foreach": foreach, "capturable": capturable, "differentiable": differentiable,
+                     "fused": fused})
+        self._page_elements = page_elements
+        self._budget_bytes = budget_bytes
+        self._spill_dir = spill_dir
+        self._mgr: PageManager | None = None
+        self._region: dict[torch.Tensor, int] = {}
+        self._steps: dict[torch.Tensor, int] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ params
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            check_group(group)
+            for p in group["params"]:
+                self._check_param(p)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        for p in group["params"]:
+            if self._mgr is None:
+                self._mgr = self._new_manager(p.device)
+            self._region[p] = self._mgr.add_region(p.numel())
+
+    def _check_param(self, p: torch.Tensor) -> None:
+        if p.dtype not in _ops.PARAM_DTYPES:
+            raise TypeError(f"parameters must be float32, float16 or bfloat16, got {p.dtype}")
+        _ops.check_device("parameter", p)
+        if self._mgr is not None and p.device != self._mgr.device:
+            raise ValueError(f"all parameters of one optimizer must be on one device: {p.device} and {self._mgr.device}")
+        if not p.is_contiguous():
+            raise ValueError("parameters must be contiguous (the update is written in place)")
+
+    def _new_manager(self, device: torch.device) -> PageManager:
+        budget = self._budget_bytes
+        if budget is None and device.type == "cuda":
+            budget = int(CUDA_DEFAULT_BUDGET_FRACTION * _ops.cuda_free_bytes(device))
+        return PageManager(self.STATE_BITS, device, self._page_elements, budget, self._spill_dir)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work, hyper_rows = [], []
+        for group in self.param_groups:
+            lr, b1, b2, eps, wd, maximize = check_group(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = self._checked_grad(p)
+                step = self._steps.get(p, 0) + 1
+                hyper_rows.append(_ops.hyper_row(lr, b1, b2, eps, wd, step, maximize))
+                work.append((p, g, len(hyper_rows) - 1, step))
+        for p, _, _, step in work:  # counted only once every argument is known good
+            self._steps[p] = step
+        if work:
+            hyper = torch.tensor(hyper_rows, dtype=torch.float32)
+            self._run(sorted(work, key=lambda w: self._region[w[0]]), hyper)
+        return loss
+
+    def _checked_grad(self, p: torch.Tensor) -> torch.Tensor:
+        g = p.grad
+        if g.is_sparse or g.layout != torch.strided:
+            raise ValueError("qengine's paged AdamW does not support sparse gradients")
+        if g.dtype != p.dtype:
+            raise TypeError(f"gradient dtype {g.dtype} differs from its parameter's {p.dtype}")
+        if g.device != p.device or g.shape != p.shape:
+            raise ValueError(f"gradient ({tuple(g.shape)} on {g.device}) does not match its parameter "
+                             f"({tuple(p.shape)} on {p.device})")
+        self._check_param(p)
+        return g.contiguous()
+
+    def _run(self, work: list, hyper: torch.Tensor) -> None:
+        mgr = self._mgr
+        tasks: list[list[int]] = []
+
+        def flush():
+            _ops.run_tasks(torch.tensor(tasks, dtype=torch.int64).reshape(-1, _ops.TASK_FIELDS), hyper,
+                           self.STATE_BITS, mgr.device)
+            tasks.clear()
+            mgr.release_all()
+
+        for p, g, h, _ in work:
+            esize = p.element_size()
+            code = _DTYPE_CODES[p.dtype]
+            for span in mgr.spans(self._region[p], p.numel()):
+                try:
+                    buf = mgr.acquire(span.page)
+                except PagesBusy:  # the budget is full of this batch's pages: update them, then go on
+                    flush()
+                    buf = mgr.acquire(span.page)
+                s1, s2, a1, a2 = mgr.addresses(buf, span.first)
+                off = span.offset * esize
+                tasks.append([p.data_ptr() + off, g.data_ptr() + off, s1, s2, a1, a2, span.count, code, h, 0])
+        flush()
+
+    # ------------------------------------------------------------------ memory
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held (every page that exists, resident or spilled)."""
+        return self._mgr.total_bytes if self._mgr is not None else 0
+
+    def memory_stats(self) -> dict:
+        """Resident and peak resident state bytes, the budget, pages loaded back and evicted."""
+        m = self._mgr
+        if m is None:
+            return {"state_bytes": 0, "resident_bytes": 0, "peak_resident_bytes": 0, "budget_bytes": self._budget_bytes,
+                    "page_bytes": 0, "loads": 0, "evictions": 0}
+        return {"state_bytes": m.total_bytes, "resident_bytes": m.resident_bytes,
+                "peak_resident_bytes": m.peak_resident_bytes, "budget_bytes": m.budget_bytes,
+                "page_bytes": m.page_bytes, "loads": m.loads, "evictions": m.evictions}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """torch's optimizer layout: {"state": {index: {...}}, "param_groups": [...]}. 32-bit:
+        step, exp_avg, exp_avg_sq (as torch.optim.AdamW's); 8-bit: step, state1, state2 (uint8
+        codes), absmax1, absmax2 (float32 per 256 elements)."""
+        return checkpoint.state_dict(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a state_dict of this optimizer kind (32-bit also accepts torch.optim.AdamW's);
+        anything else raises ValueError naming what does not fit. Nothing changes on error."""
+        checkpoint.load_state_dict(self, state_dict)
+
+    def __getstate__(self):
+        # The states live in pages (and maybe a spill file) that pickling would silently drop.
+        raise TypeError(f"{type(self).__name__} cannot be pickled or deep-copied; save and load its state_dict()")
+
+    def __del__(self):
+        if getattr(self, "_mgr", None) is not None:
+            self._mgr.close()
+
+
+class PagedAdamW(_PagedAdamBase):
+    """torch.optim.AdamW with float32 states in pages (8 bytes per parameter), updated by one
+    fused native kernel per step.
+
+    Same arguments and semantics as torch.optim.AdamW (param groups, lr read from each group
+    at every step so schedulers work, betas, eps, weight_decay, maximize); amsgrad and the
+    implementation switches (foreach, fused, capturable, differentiable) accept only their
+    defaults. Parameters: float32, float16 or bfloat16, contiguous, all on one device (CPU, or
+    CUDA when built with it); the maths is float32 whatever their dtype (half-precision
+    parameters are rounded once per step). Extra arguments:
+
+    page_elements: elements per state page (a multiple of 256).
+    budget_bytes: the most state bytes held resident; cold pages go to a temporary file in
+        spill_dir (CPU) or to pinned host memory (CUDA). None: no limit on the CPU, half the
+        free device memory on CUDA.
+    """
+
+    STATE_BITS = 32
+
+
+class PagedAdamW8bit(_PagedAdamBase):
+    """PagedAdamW with 8-bit states (about 2.03 bytes per parameter): m as codes of a signed
+    dynamic map and v of an unsigned one (bitsandbytes' 8-bit optimizer maps), each scaled by
+    its block's absmax over 256 elements, dequantized, updated in float32 and requantized
+    (nearest code) inside the same kernel pass."""
+
+    STATE_BITS = 8

@@ -1,0 +1,165 @@
+"""state_dict / load_state_dict of the paged AdamW optimizers, in torch's optimizer layout:
+{"state": {param index: {...}}, "param_groups": [{..., "params": [indices]}]}.
+
+32-bit states are saved as torch.optim.AdamW saves them (step, exp_avg, exp_avg_sq shaped like
+the parameter), so either optimizer loads the other's checkpoint; 8-bit states as their codes
+and block scales (step, state1, state2 uint8 [numel], absmax1, absmax2 float32
+[ceil(numel / 256)]), so a resumed run continues from the exact bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from . import _ops
+
+KEYS = {32: ("step", "exp_avg", "exp_avg_sq"), 8: ("step", "state1", "state2", "absmax1", "absmax2")}
+
+
+def _params(opt) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _page_views(mgr, cache: dict, page: int):
+    if page not in cache:
+        buf = mgr.page_for_reading(page)
+        cache[page] = mgr.views(buf) if buf is not None else None
+    return cache[page]
+
+
+def _export(opt, p: torch.Tensor, cache: dict) -> dict:
+    mgr = opt._mgr
+    n = p.numel()
+    eight = mgr.state_bits == 8
+    dt = torch.uint8 if eight else torch.float32
+    s1 = torch.zeros(n, dtype=dt, device=mgr.device)
+    s2 = torch.zeros(n, dtype=dt, device=mgr.device)
+    a1 = torch.zeros(-(-n // _ops.BLOCK), dtype=torch.float32, device=mgr.device) if eight else None
+    a2 = torch.zeros_like(a1) if eight else None
+    for span in mgr.spans(opt._region[p], n):
+        views = _page_views(mgr, cache, span.page)
+        if views is None:
+            continue
+        v1, v2, v3, v4 = views
+        sl = slice(span.first, span.first + span.count)
+        s1[span.offset:span.offset + span.count] = v1[sl]
+        s2[span.offset:span.offset + span.count] = v2[sl]
+        if eight:
+            nb = -(-span.count // _ops.BLOCK)
+            b0, o0 = span.first // _ops.BLOCK, span.offset // _ops.BLOCK
+            a1[o0:o0 + nb] = v3[b0:b0 + nb]
+            a2[o0:o0 + nb] = v4[b0:b0 + nb]
+    step = torch.tensor(float(opt._steps[p]), dtype=torch.float32)
+    if eight:
+        return {"step": step, "state1": s1, "state2": s2, "absmax1": a1, "absmax2": a2}
+    return {"step": step, "exp_avg": s1.reshape(p.shape), "exp_avg_sq": s2.reshape(p.shape)}
+
+
+def state_dict(opt) -> dict:
+    index = {}
+    groups = []
+    for g in opt.param_groups:
+        packed = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+        packed["params"] = [index.setdefault(id(p), len(index)) for p in g["params"]]
+        groups.append(packed)
+    cache: dict = {}
+    state = {index[id(p)]: _export(opt, p, cache) for p in _params(opt) if p in opt._steps}
+    return {"state": state, "param_groups": groups}
+
+
+def _check_state(i: int, p: torch.Tensor, st: object, bits: int) -> dict:
+    """The entry for parameter i as (step, tensors) in this optimizer's layout, or ValueError."""
+    if not isinstance(st, dict):
+        raise ValueError(f"state of parameter {i} must be a dict, got {type(st).__name__}")
+    expected = set(KEYS[bits])
+    if set(st) != expected:
+        other = KEYS[8 if bits == 32 else 32]
+        hint = (" (a state dict of the other paged AdamW: 8-bit and 32-bit states do not convert)"
+                if set(st) == set(other) else " (a state dict from another optimizer?)")
+        raise ValueError(f"state of parameter {i} has keys {sorted(st)}, expected {sorted(expected)}{hint}")
+    step = st["step"]
+    step = float(step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step) \
+        if isinstance(step, (int, float, torch.Tensor)) else float("nan")
+    if not math.isfinite(step) or step < 1 or step != int(step):
+        raise ValueError(f"state of parameter {i}: step must be a positive integer, got {st['step']!r}")
+    n = p.numel()
+    out = {"step": int(step)}
+    for key in KEYS[bits][1:]:
+        t = st[key]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"state of parameter {i}: {key} must be a tensor, got {type(t).__name__}")
+        size = -(-n // _ops.BLOCK) if key.startswith("absmax") else n
+        if t.numel() != size:
+            raise ValueError(f"state of parameter {i}: {key} has {t.numel()} elements, expected {size}")
+        if key.startswith("state") and t.dtype != torch.uint8:
+            raise ValueError(f"state of parameter {i}: {key} must be uint8 codes, got {t.dtype}")
+        if not key.startswith("state"):
+            if not t.is_floating_point():
+                raise ValueError(f"state of parameter {i}: {key} must be floating point, got {t.dtype}")
+            t = t.detach().to(torch.float32)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"state of parameter {i}: {key} holds NaN or Inf (corrupt checkpoint)")
+            if key != "exp_avg" and bool((t < 0).any()):
+                raise ValueError(f"state of parameter {i}: {key} must be >= 0 (corrupt checkpoint)")
+        out[key] = t.detach().reshape(-1)
+    return out
+
+
+def load_state_dict(opt, sd: dict) -> None:
+    from .adamw import check_group  # (adamw imports this module)
+
+    if not isinstance(sd, dict) or set(sd) != {"state", "param_groups"}:
+        keys = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
+        raise ValueError(f"an optimizer state_dict has exactly the keys 'state' and 'param_groups', got {keys}")
+    saved_groups, state = sd["param_groups"], sd["state"]
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"loaded state dict has {len(saved_groups) if isinstance(saved_groups, list) else '?'} "
+                         f"parameter groups, this optimizer has {len(opt.param_groups)}")
+    index = {}
+    for gi, (g, s) in enumerate(zip(opt.param_groups, saved_groups)):
+        if not isinstance(s, dict) or not isinstance(s.get("params"), list) or len(s["params"]) != len(g["params"]):
+            raise ValueError(f"loaded param group {gi} does not hold the same number of parameters as group {gi}")
+        check_group(s)
+        for i, p in zip(s["params"], g["params"]):
+            index[i] = p
+    if not isinstance(state, dict):
+        raise ValueError(f"state must be a dict, got {type(state).__name__}")
+    entries = {}
+    for i, st in state.items():
+        if i not in index:
+            raise ValueError(f"state for parameter index {i!r}, which no loaded param group holds")
+        entries[index[i]] = _check_state(i, index[i], st, opt.STATE_BITS)
+    # Everything checked: replace groups' settings and every state (absent entries start fresh).
+    for g, s in zip(opt.param_groups, saved_groups):
+        g.update({k: copy.deepcopy(v) for k, v in s.items() if k != "params"})
+    old = opt._mgr
+    opt._mgr = opt._new_manager(old.device)
+    for p in _params(opt):
+        opt._region[p] = opt._mgr.add_region(p.numel())
+    old.close()
+    opt._steps = {}
+    for p, st in entries.items():
+        _import(opt, p, st)
+        opt._steps[p] = st["step"]
+
+
+def _import(opt, p: torch.Tensor, st: dict) -> None:
+    mgr = opt._mgr
+    eight = mgr.state_bits == 8
+    names = KEYS[mgr.state_bits][1:]
+    src = [st[k].to(mgr.device) for k in names]
+    for span in mgr.spans(opt._region[p], p.numel()):
+        buf = mgr.acquire(span.page)
+        v = mgr.views(buf)
+        sl = slice(span.first, span.first + span.count)
+        v[0][sl] = src[0][span.offset:span.offset + span.count]
+        v[1][sl] = src[1][span.offset:span.offset + span.count]
+        if eight:
+            nb = -(-span.count // _ops.BLOCK)
+            b0, o0 = span.first // _ops.BLOCK, span.offset // _ops.BLOCK
+            v[2][b0:b0 + nb] = src[2][o0:o0 + nb]
+            v[3][b0:b0 + nb] = src[3][o0:o0 + nb]
+        mgr.release_all()
