@@ -128,7 +128,8 @@ def test_trainer_with_paged_adamw8bit(setup):
     model, tok, lora, out = setup
     model = peft.get_peft_model(model, lora)
     g = torch.Generator().manual_seed(3)
-    enc = tok([_sentence(g, 12) for _ in range(16)], padding="max_length", max_length=12, truncation=True)
+    text = "the cat sat on the mat " + _sentence(g, 6)  # every batch the same: the loss must fall
+    enc = tok([text] * 16, padding="max_length", max_length=12, truncation=True)
     data = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "labels": enc["input_ids"]})
     opt = optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.999),
                                eps=1e-8, weight_decay=0.0)
@@ -137,3 +138,4 @@ def test_trainer_with_paged_adamw8bit(setup):
     trainer.train()
     losses = _check_trained(trainer)
     assert losses[-1] < losses[0]
+    assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is opt  # ours, not a default AdamW
