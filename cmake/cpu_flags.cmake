@@ -12,5 +12,10 @@ function(qengine_set_isa_flags)
     set_source_files_properties(csrc/cpu/optim_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
     set_source_files_properties(csrc/cpu/optim_avx512.cpp PROPERTIES
       COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
+    # The 2:4 sparse layout's GEMVs (sparse24.cpp picks them by the active table's name).
+    set_source_files_properties(csrc/cpu/sparse24_avx512.cpp PROPERTIES
+      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
+    set_source_files_properties(csrc/cpu/sparse24_avx512bf16.cpp PROPERTIES
+      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx512bf16;-mavx2;-mfma;-mf16c")
   endif()
 endfunction()

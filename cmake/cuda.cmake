@@ -41,6 +41,7 @@ set(QENGINE_CUDA_SOURCES
   csrc/cuda/matmul.cu
   csrc/cuda/matmul_t.cu
   csrc/cuda/optim.cu
+  csrc/cuda/sparse24.cu
 )
 
 function(qengine_add_cuda_sources target)

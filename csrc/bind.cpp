@@ -121,6 +121,27 @@ double kmeans_accumulate_cpu(addr x, int dtype, int64_t n, int64_t blocksize, ad
   return sse;
 }
 
+int sparse24_dequantize_cpu(addr packed, addr positions, int64_t S, int64_t blocksize, addr table, int bits, int rule,
+                            addr scales, addr offsets, addr out, int out_dtype) {
+  int s = qengine::sparse24_dequantize_cpu(ptr<const uint8_t>(packed), ptr<const uint8_t>(positions), S, blocksize,
+                                           codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
+                                           ptr<const float>(offsets), ptr<void>(out), out_dtype);
+  raise_on_error(s);
+  return s;
+}
+
+int sparse24_matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed,
+                        addr positions, int64_t blocksize, addr table, int bits, int rule, addr scales,
+                        addr nested_table, addr nested_absmax, int64_t nested_blocksize, float mean, addr offsets,
+                        addr y) {
+  int s = qengine::sparse24_matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, ptr<const uint8_t>(packed),
+                                       ptr<const uint8_t>(positions), blocksize, codebook(table, 0, 0, bits, true),
+                                       rule, block_scales(scales, nested_table, nested_absmax, nested_blocksize, mean),
+                                       ptr<const float>(offsets), ptr<float>(y));
+  raise_on_error(s);
+  return s;
+}
+
 void set_isa(const std::string& name) {
   if (!qengine::cpu::set_isa(name.c_str())) {
     throw py::value_error("qengine: CPU ISA '" + name + "' is unknown or not supported here (supported: " +
@@ -178,6 +199,15 @@ int matmul_t_cuda(addr g, int64_t M, int64_t N, int64_t K, addr packed, int64_t 
   raise_on_error(s);
   return s;
 }
+
+int sparse24_dequantize_cuda(addr packed, addr positions, int64_t S, int64_t blocksize, addr table, int bits,
+                             int rule, addr scales, addr offsets, addr out, int out_dtype, addr stream) {
+  int s = qengine::sparse24_dequantize_cuda(ptr<const uint8_t>(packed), ptr<const uint8_t>(positions), S, blocksize,
+                                            codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
+                                            ptr<const float>(offsets), ptr<void>(out), out_dtype, ptr<void>(stream));
+  raise_on_error(s);
+  return s;
+}
 #endif
 
 }  // namespace
@@ -192,6 +222,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul_t_cpu", &matmul_t_cpu, release());
   m.def("lora_epilogue_cpu", &lora_epilogue_cpu, release());
   m.def("kmeans_accumulate_cpu", &kmeans_accumulate_cpu, release());
+  m.def("sparse24_dequantize_cpu", &sparse24_dequantize_cpu, release());
+  m.def("sparse24_matmul_cpu", &sparse24_matmul_cpu, release());
   m.def("cpu_isa", [] { return std::string(qengine::cpu::isa_name()); });
   m.def("supported_isas", [] { return std::string(qengine::cpu::supported_isas()); });
   m.def("set_isa", &set_isa);
@@ -209,6 +241,7 @@ PYBIND11_MODULE(_C, m) {
   cuda.def("matmul", &matmul_cuda, release());
   cuda.def("matmul_t", &matmul_t_cuda, release());
   cuda.def("matmul_t_workspace", &qengine::matmul_t_cuda_workspace);
+  cuda.def("sparse24_dequantize", &sparse24_dequantize_cuda, release());
 #else
   m.attr("cuda_compiled") = false;
 #endif

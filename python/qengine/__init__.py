@@ -18,6 +18,8 @@ from . import optim  # noqa: F401,E402  (qengine.optim.PagedAdamW, PagedAdamW8bi
 from ._ops import cuda_available
 from .formats import Format, available_formats, codebook, get_format, register_format
 from .functional import dequantize, fit_codebook, matmul, quantize
+from .prune import collect_input_norms, prune
+from . import qat  # noqa: E402  (qengine.qat.prepare / FakeQuantLinear / fake_quantize)
 from .tensor import QuantizedTensor
 from . import nn
 from .model import (add_lora, adapter_state_dict, load_adapter, load_adapter_state_dict, lora_parameters,
@@ -33,11 +35,13 @@ __all__ = [
     "available_formats",
     "build_info",
     "codebook",
+    "collect_input_norms",
     "cuda_available",
     "dequantize",
     "fit_codebook",
     "get_format",
     "matmul",
+    "prune",
     "quantize",
     "register_format",
     "set_cpu_isa",

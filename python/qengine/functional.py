@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import _ops
+from . import _layouts, _ops, _sparse_ops
 from ._checks import (check_blocksize, check_contiguous, check_float, check_positive_int, check_same_device,
                       check_tensor)
 from .formats import Format, codebook, get_format
@@ -22,7 +22,8 @@ def _resolve_blocksize(x: torch.Tensor, blocksize: Optional[int]) -> tuple[int, 
 
 
 def quantize(x: torch.Tensor, format: str | Format = "nf4", blocksize: Optional[int] = 64,
-             double_quant: bool = False) -> QuantizedTensor:
+             double_quant: bool = False, sparsity: Optional[str] = None,
+             mask: Optional[torch.Tensor] = None) -> QuantizedTensor:
     """Blockwise quantization of a float tensor.
 
     Args:
@@ -34,6 +35,19 @@ def quantize(x: torch.Tensor, format: str | Format = "nf4", blocksize: Optional[
             tensor; ``None`` quantizes per row (one block per row of the last dimension).
         double_quant: also quantize the per-block float32 scales (and offsets) to 8 bits,
             blockwise (256), after subtracting their mean, as QLoRA does.
+        sparsity: None (dense layout) or ``"2:4"``: of every group of 4 consecutive elements
+            along the last dimension (which must be divisible by 4) only 2 are stored, the 2
+            largest in magnitude (or the mask's); the kept values (numel / 2) are quantized in
+            `format` and `blocksize` counts *stored* values (``None``: per row = last dim / 2),
+            plus 2 bits of position each: NF4, block 64, double quant costs ~3.07 bits/param.
+            Pruned elements decode to exactly 0.0.
+        mask: None or a bool tensor of x's shape (True = kept, e.g. from ``qengine.prune``):
+            elements where it is False are pruned and decode to exactly 0.0 in every format.
+            Formats with an exact zero (absmax scaling with 0.0 in the table: nf4, fp4, int4,
+            int8, codebooks containing 0) need nothing more; for the others (uint4, uint8,
+            codebooks without 0) the mask is stored packed (1 bit per element) and applied
+            on dequantization, and qengine.matmul then runs on the dequantized weight. With
+            ``sparsity="2:4"`` the mask keeps at most 2 of each group of 4.
     """
     check_tensor("x", x)
     check_float("x", x)
@@ -44,12 +58,55 @@ def quantize(x: torch.Tensor, format: str | Format = "nf4", blocksize: Optional[
     bs, per_row = _resolve_blocksize(x, blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
-    q = QuantizedTensor._quantize_flat(x.detach(), fmt, bs)
-    q.per_row = per_row
+    if sparsity not in (None, "2:4"):
+        raise ValueError(f"sparsity must be None (dense) or '2:4', got {sparsity!r}")
+    if mask is not None:
+        mask = _check_mask(mask, x)
+    if sparsity == "2:4":
+        q = _quantize_24(x.detach(), fmt, blocksize, mask)
+    else:
+        xm = x.detach() if mask is None else torch.where(mask, x.detach(), torch.zeros((), dtype=x.dtype,
+                                                                                           device=x.device))
+        q = QuantizedTensor._quantize_flat(xm, fmt, bs)
+        q.per_row = per_row
+        if mask is not None and not _layouts.has_exact_zero(fmt) and not bool(mask.all()):
+            q.mask = _layouts.pack_mask(mask)
     if double_quant:
         q.scales = NestedScales.from_values(q.scales)
         if q.offsets is not None:
             q.offsets = NestedScales.from_values(q.offsets)
+    return q
+
+
+def _check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if mask.shape != x.shape:
+        raise ValueError(f"mask must have x's shape {tuple(x.shape)}, got {tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+    return mask.contiguous()
+
+
+def _quantize_24(x: torch.Tensor, fmt: Format, blocksize: Optional[int], mask: Optional[torch.Tensor]
+                 ) -> QuantizedTensor:
+    """The 2:4 layout: kept values in storage order quantized as a flat dense tensor."""
+    if x.dim() < 1 or x.shape[-1] % 4:
+        raise ValueError(f"sparsity='2:4' needs the last dimension (in_features) divisible by 4, got shape "
+                         f"{tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):  # a NaN in a pruned slot must not vanish silently
+        raise ValueError("x contains NaN or Inf values; a non-finite weight has no faithful code")
+    per_row = blocksize is None
+    bs = x.shape[-1] // 2 if per_row else check_blocksize(blocksize)
+    vals, pos = _layouts.select_24(x, mask)
+    inner = QuantizedTensor._quantize_flat(_layouts.to_storage(vals), fmt, bs)
+    q = QuantizedTensor(inner.packed, inner.scales, inner.offsets, fmt, x.shape, x.dtype, bs, per_row, layout="2:4",
+                        positions=_layouts.pack_positions(pos))
+    if mask is not None and not _layouts.has_exact_zero(fmt):
+        kept_count = mask.reshape(-1, 4).sum(1)
+        if bool((kept_count < 2).any()):  # a stored zero would not decode to exactly 0.0
+            q.mask = _layouts.pack_mask(mask)
     return q
 
 
@@ -94,8 +151,18 @@ def matmul(x: torch.Tensor, qweight: QuantizedTensor, bias: Optional[torch.Tenso
         check_tensor("lora A", a)
         check_tensor("lora B", b)
         s = float(s)
-    y = torch.ops.qengine.matmul(x, qweight.packed, table, scales, nested or [], offsets, qweight.format.bits,
-                                 qweight.blocksize, n, a, b, s)
+    if qweight.mask is not None:
+        # A stored pruning mask (formats without an exact zero): the kernels do not read it,
+        # so the product runs on the dequantized (masked) weight.
+        y = x @ qweight.dequantize(x.dtype).t()
+        if a is not None:
+            y = y + (s * ((x.to(torch.float32) @ a.to(torch.float32).t()) @ b.to(torch.float32).t())).to(y.dtype)
+    elif qweight.layout == "2:4":
+        y = torch.ops.qengine.sparse24_matmul(x, qweight.packed, qweight.positions, table, scales, nested or [],
+                                              offsets, qweight.format.bits, qweight.blocksize, n, a, b, s)
+    else:
+        y = torch.ops.qengine.matmul(x, qweight.packed, table, scales, nested or [], offsets, qweight.format.bits,
+                                     qweight.blocksize, n, a, b, s)
     if bias is not None:
         check_tensor("bias", bias)
         if bias.shape != (n,):

@@ -48,7 +48,8 @@ def _progress(items: list, enabled: bool, desc: str):
 def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Optional[int] = 64,
                    double_quant: bool = True, skip: Sequence[str] = ("lm_head",),
                    compute_dtype: Optional[torch.dtype] = None, quant_storage: torch.dtype = torch.uint8,
-                   dtype: Optional[torch.dtype] = None, progress: bool = True) -> nn.Module:
+                   dtype: Optional[torch.dtype] = None, progress: bool = True, sparsity: Optional[str] = None,
+                   masks: Optional[dict] = None) -> nn.Module:
     """Replaces every nn.Linear of `model` in place by a QuantLinear and returns `model`.
 
     Layers are converted one at a time and each float weight is dropped as soon as its
@@ -62,6 +63,9 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
             biases) are cast to it afterwards (QLoRA recipes keep them in bfloat16); the
             quantized state is never cast.
         progress: a tqdm progress bar when tqdm is installed (none otherwise).
+        sparsity: None, or "2:4" for the 2:4 sparse layout (see qengine.quantize).
+        masks: {module name: bool mask [out, in]} as qengine.prune(model, ...) returns; each
+            layer's pruned weights stay exactly zero (see qengine.quantize's mask).
     Layers not converted, and why, are logged on the "qengine" logger: linears whose weight is
     shared with another module (tied embeddings), linears inside nn.MultiheadAttention (which
     reads their weight directly), and 3-D weight parameters (Mixture-of-Experts), which are not
@@ -75,7 +79,8 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
     for name in _progress(names, progress, "quantizing"):
         parent, attr = _parent(model, name)
         setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), format, blocksize, double_quant,
-                                                      compute_dtype=compute_dtype, quant_storage=quant_storage))
+                                                      compute_dtype=compute_dtype, quant_storage=quant_storage,
+                                                      sparsity=sparsity, mask=(masks or {}).get(name)))
         # The old nn.Linear (and its float weight) has no reference left here and is freed now.
     if dtype is not None:
         model.to(dtype)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from . import _ops
+from . import _layouts, _ops, _sparse_ops
 from ._checks import FLOAT_DTYPES, check_contiguous, check_float, check_same_device
 from .formats import Format, codebook, get_format
 
@@ -22,6 +22,7 @@ STATE_VERSION = 1
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
+LAYOUTS = ("dense", "2:4")
 
 
 class NestedScales:
@@ -62,11 +63,25 @@ class QuantizedTensor:
         scales: float32 [nblocks], or NestedScales when double-quantized.
         offsets: float32 [nblocks] (or NestedScales) for minmax formats, else None.
         format: the Format (codebook + rule); shape, dtype: of the original tensor;
-        blocksize: elements per block (the row length for per-row quantization).
+        blocksize: elements per block (the row length for per-row quantization); in the 2:4
+            layout, stored values per block.
+        layout: "dense", or "2:4": every group of 4 consecutive weights along the last dimension
+            keeps 2; packed/scales/offsets then describe the numel / 2 kept values (in the
+            layout's storage order, see _layouts.py) and positions holds their 2-bit positions,
+            uint8 [ceil(numel / 8)].
+        mask: None, or uint8 [ceil(numel / 8)]: a pruning mask (bit i % 8 of byte i // 8, 1 =
+            kept) stored for formats whose table has no exact zero, applied on dequantization
+            so pruned weights decode to exactly 0.0 (see quantize(mask=...)).
     """
 
+    # Class-level defaults: objects pickled before these attributes existed load as dense.
+    layout = "dense"
+    positions = None
+    mask = None
+
     def __init__(self, packed: torch.Tensor, scales, offsets, fmt: Format, shape: torch.Size, dtype: torch.dtype,
-                 blocksize: int, per_row: bool = False):
+                 blocksize: int, per_row: bool = False, layout: str = "dense",
+                 positions: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
         self.packed = packed
         self.scales = scales
         self.offsets = offsets
@@ -75,6 +90,9 @@ class QuantizedTensor:
         self.dtype = dtype
         self.blocksize = blocksize
         self.per_row = per_row
+        self.layout = layout
+        self.positions = positions
+        self.mask = mask
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -99,13 +117,20 @@ class QuantizedTensor:
         return isinstance(self.scales, NestedScales)
 
     @property
+    def stored_numel(self) -> int:
+        """Quantized values stored: numel, or numel / 2 in the 2:4 layout."""
+        return self.numel // 2 if self.layout == "2:4" else self.numel
+
+    @property
     def nblocks(self) -> int:
-        return -(-self.numel // self.blocksize)
+        return -(-self.stored_numel // self.blocksize)
 
     @property
     def nbytes(self) -> int:
         """Bytes of everything stored: packed codes, scales (nested or not), offsets, codebooks."""
         total = self.packed.numel() + 4 * len(self.format.values)
+        for extra in (self.positions, self.mask):
+            total += extra.numel() if extra is not None else 0
         for part in (self.scales, self.offsets):
             if isinstance(part, NestedScales):
                 total += part.nbytes
@@ -149,14 +174,27 @@ class QuantizedTensor:
                 raise ValueError(f"out must have shape {tuple(self.shape)}, got {tuple(out.shape)}")
             check_contiguous("out", out)
             check_same_device(self.device, out=out)
-            torch.ops.qengine.dequantize_blockwise_out(self.packed, table, scales, offsets, fmt.bits, self.blocksize,
-                                                       self.numel, out)
+            if self.layout == "dense" and self.mask is None:
+                torch.ops.qengine.dequantize_blockwise_out(self.packed, table, scales, offsets, fmt.bits,
+                                                           self.blocksize, self.numel, out)
+            else:
+                out.copy_(self._decode(table, scales, offsets, out.dtype))
             return out
         dtype = self.dtype if dtype is None else dtype
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        flat = torch.ops.qengine.dequantize_blockwise(self.packed, table, scales, offsets, fmt.bits, self.blocksize,
-                                                      self.numel, dtype)
+        return self._decode(table, scales, offsets, dtype)
+
+    def _decode(self, table, scales, offsets, dtype) -> torch.Tensor:
+        bits = self.format.bits
+        if self.layout == "2:4":
+            flat = torch.ops.qengine.sparse24_dequantize(self.packed, self.positions, table, scales, offsets, bits,
+                                                         self.blocksize, self.numel, dtype)
+        else:
+            flat = torch.ops.qengine.dequantize_blockwise(self.packed, table, scales, offsets, bits, self.blocksize,
+                                                          self.numel, dtype)
+        if self.mask is not None:  # pruned weights of a format without an exact zero
+            flat = flat.masked_fill(~_layouts.unpack_mask(self.mask, self.numel), 0.0)
         return flat.reshape(self.shape)
 
     # ------------------------------------------------------------------ movement
@@ -172,7 +210,8 @@ class QuantizedTensor:
             return part.to(device)
 
         return QuantizedTensor(self.packed.to(device), move(self.scales), move(self.offsets), self.format, self.shape,
-                               self.dtype, self.blocksize, self.per_row)
+                               self.dtype, self.blocksize, self.per_row, self.layout, move(self.positions),
+                               move(self.mask))
 
     def cpu(self) -> "QuantizedTensor":
         return self.to("cpu")
@@ -184,6 +223,7 @@ class QuantizedTensor:
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, format={self.format.name}, "
                 f"blocksize={'row' if self.per_row else self.blocksize}, double_quant={self.double_quant}, "
+                f"{'layout=2:4, ' if self.layout == '2:4' else ''}{'masked, ' if self.mask is not None else ''}"
                 f"bits_per_param={self.bits_per_param:.3f}, device={self.device})")
 
     # ------------------------------------------------------------------ state dict
@@ -199,11 +239,17 @@ class QuantizedTensor:
             "per_row": self.per_row,
             "double_quant": self.double_quant,
         }
+        if self.layout != "dense":  # dense state dicts stay byte-identical to earlier versions
+            meta["layout"] = self.layout
         sd = {
             prefix + "packed": self.packed,
             prefix + "codebook": torch.tensor(self.format.values, dtype=torch.float32, device=self.device),
             prefix + "quant_meta": _json_tensor(meta, self.device),
         }
+        if self.positions is not None:
+            sd[prefix + "positions"] = self.positions
+        if self.mask is not None:
+            sd[prefix + "mask"] = self.mask
         for name, part in (("scales", self.scales), ("offsets", self.offsets)):
             if isinstance(part, NestedScales):
                 sd.update(part.quantized.state_dict(prefix + f"{name}.nested."))
@@ -232,11 +278,29 @@ class QuantizedTensor:
         values = _get(sd, prefix + "codebook", torch.float32)
         fmt = _resolve_format(name, bits, rule, values, prefix)
         numel = math.prod(shape)
-        nblocks = -(-numel // blocksize)
-        packed = _get(sd, prefix + "packed", torch.uint8, -(-numel * bits // 8))
+        layout = meta.get("layout", "dense")
+        if layout not in LAYOUTS:
+            raise ValueError(f"{prefix}quant_meta has an unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+        positions = mask = None
+        stored = numel
+        if layout == "2:4":
+            if len(shape) == 0 or shape[-1] % 4:
+                raise ValueError(f"{prefix}quant_meta: a 2:4 tensor needs a last dimension divisible by 4, "
+                                 f"got shape {list(shape)}")
+            stored = numel // 2
+            positions = _get(sd, prefix + "positions", torch.uint8, _sparse_ops.positions_bytes(numel))
+            pos = _layouts.unpack_positions(positions, stored).reshape(-1, 2)
+            if stored and not bool((pos[:, 0] < pos[:, 1]).all()):
+                raise ValueError(f"{prefix}positions are corrupt: the 2 kept positions of a group must be "
+                                 "distinct and increasing")
+        if prefix + "mask" in sd:
+            mask = _get(sd, prefix + "mask", torch.uint8, -(-numel // 8))
+        nblocks = -(-stored // blocksize)
+        packed = _get(sd, prefix + "packed", torch.uint8, -(-stored * bits // 8))
         scales = _read_block_part(sd, prefix + "scales", nblocks, required=True)
         offsets = _read_block_part(sd, prefix + "offsets", nblocks, required=rule == "minmax")
-        q = cls(packed.contiguous(), scales, offsets, fmt, shape, dtype, blocksize, bool(meta.get("per_row", False)))
+        q = cls(packed.contiguous(), scales, offsets, fmt, shape, dtype, blocksize, bool(meta.get("per_row", False)),
+                layout, positions, mask)
         _check_codes(q, prefix)
         return q
 
@@ -310,13 +374,13 @@ def _read_block_part(sd: dict, key: str, nblocks: int, required: bool):
 def _check_codes(q: QuantizedTensor, prefix: str) -> None:
     """Codes past the end of a short codebook (e.g. int4 has 15 values) mean corrupt data."""
     ncodes = len(q.format.values)
-    if ncodes == 2**q.format.bits or q.numel == 0:
+    if ncodes == 2**q.format.bits or q.stored_numel == 0:
         return
     p = q.packed
     if q.format.bits == 4:
         hi, lo = p >> 4, p & 0x0F
-        bad = bool((hi >= ncodes).any()) or bool((lo[: q.numel // 2] >= ncodes).any())
-        if q.numel % 2 == 0:
+        bad = bool((hi >= ncodes).any()) or bool((lo[: q.stored_numel // 2] >= ncodes).any())
+        if q.stored_numel % 2 == 0:
             bad = bad or bool((lo >= ncodes).any())
     else:
         bad = bool((p >= ncodes).any())

@@ -48,6 +48,19 @@ int lora_epilogue_cpu(const float* x, int64_t M, int64_t K, const void* a, const
 int kmeans_accumulate_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
                           double* sums, double* weights, double* sse);
 
+// The 2:4 sparse layout (byte order in csrc/cpu/sparse24.h): S stored values (S even) of a
+// weight with 2 * S elements, quantized blockwise over their storage order (blocksize counts
+// stored values), plus ceil(S / 4) bytes of 2-bit positions. out[0 .. 2S) (out_dtype) =
+// the dense weights, exact zeros at the pruned positions.
+int sparse24_dequantize_cpu(const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t blocksize,
+                            const Codebook& cb, int rule, const float* scales, const float* offsets, void* out,
+                            int out_dtype);
+
+// y[M, N] (float32) = x[M, K] @ W^T for the 2:4 sparse W [N, K] (K % 4 == 0), as matmul_cpu.
+int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N,
+                        const uint8_t* packed, const uint8_t* positions, int64_t blocksize, const Codebook& cb,
+                        int rule, const BlockScales& scales, const float* offsets, float* y);
+
 #if defined(QENGINE_WITH_CUDA)
 int cuda_device_count(int* count);
 int dequantize_cuda(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
@@ -70,6 +83,9 @@ int64_t matmul_t_cuda_workspace(int64_t M, int64_t N, int64_t K);
 int matmul_t_cuda(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
                   const Codebook& cb, int rule, const BlockScales& scales, const float* mean, const float* offsets,
                   float* workspace, int64_t workspace_floats, float* gx, void* stream);
+int sparse24_dequantize_cuda(const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t blocksize,
+                             const Codebook& cb, int rule, const float* scales, const float* offsets, void* out,
+                             int out_dtype, void* stream);
 #endif
 
 }  // namespace qengine

@@ -39,6 +39,9 @@ def to_bnb_state_dict(q: QuantizedTensor, prefix: str = "weight") -> dict[str, t
         raise ValueError(f"only nf4 and fp4 have a bitsandbytes 4-bit layout, not {name!r}")
     if q.blocksize not in _BNB_BLOCKSIZES:
         raise ValueError(f"bitsandbytes supports block sizes {_BNB_BLOCKSIZES}, not {q.blocksize} (per-row?)")
+    if q.layout != "dense" or q.mask is not None:
+        raise ValueError("bitsandbytes has no 2:4 sparse layout or stored pruning mask; export the dense layout "
+                         "(pruned nf4/fp4 weights are exact zeros there without a mask)")
     meta = {
         "quant_type": name,
         "blocksize": q.blocksize,

@@ -24,7 +24,7 @@ QUANT_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch
 # never cast them (the kernels read float32 scales and tables).
 _STATE = ("weight_packed", "weight_table", "weight_scales", "weight_scales_table", "weight_scales_absmax",
           "weight_scales_mean", "weight_scales_bs", "weight_offsets", "weight_offsets_table",
-          "weight_offsets_absmax", "weight_offsets_mean", "weight_offsets_bs")
+          "weight_offsets_absmax", "weight_offsets_mean", "weight_offsets_bs", "weight_positions", "weight_mask")
 
 
 class QuantLinear(nn.Module):
@@ -89,13 +89,16 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str | Format = "nf4", blocksize: Optional[int] = 64,
                     double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
-                    quant_storage: torch.dtype = torch.uint8) -> "QuantLinear":
+                    quant_storage: torch.dtype = torch.uint8, sparsity: Optional[str] = None,
+                    mask: Optional[torch.Tensor] = None) -> "QuantLinear":
         """Quantizes `linear.weight` (float [out, in], finite) once; the bias is copied in its
-        dtype. `linear` is not modified."""
+        dtype. `linear` is not modified. sparsity ("2:4") and mask (bool [out, in], from
+        qengine.prune) as in qengine.quantize."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        q = quantize(w if w.is_contiguous() else w.contiguous(), format, blocksize, double_quant)
+        q = quantize(w if w.is_contiguous() else w.contiguous(), format, blocksize, double_quant, sparsity=sparsity,
+                     mask=mask)
         bias = None if linear.bias is None else linear.bias.detach().clone().requires_grad_(linear.bias.requires_grad)
         return cls.from_quantized(q, bias, compute_dtype=compute_dtype, quant_storage=quant_storage)
 
@@ -126,6 +129,10 @@ class QuantLinear(nn.Module):
         """Stores q's parts as this module's parameter and buffers (no copy of the codes unless
         quant_storage needs padding)."""
         self.format, self.blocksize, self.per_row, self.weight_dtype = q.format, q.blocksize, q.per_row, q.dtype
+        # The 2:4 sparse layout's positions and a stored pruning mask (see qengine.quantize).
+        self.layout = q.layout
+        self.register_buffer("weight_positions", q.positions)
+        self.register_buffer("weight_mask", q.mask)
         self._packed_bytes = q.packed.numel()
         packed = q.packed
         width = torch.empty((), dtype=self.quant_storage).element_size()
@@ -168,7 +175,7 @@ class QuantLinear(nn.Module):
 
         return QuantizedTensor(self._packed_uint8(), part("weight_scales"), part("weight_offsets"), self.format,
                                torch.Size([self.out_features, self.in_features]), self.weight_dtype,
-                               self.blocksize, self.per_row)
+                               self.blocksize, self.per_row, self.layout, self.weight_positions, self.weight_mask)
 
     def _packed_uint8(self) -> torch.Tensor:
         p = self.weight_packed
@@ -201,6 +208,10 @@ class QuantLinear(nn.Module):
         s = 0.0
         if lora is not None:
             a, b, s = lora
+        if self.layout != "dense" or self.weight_mask is not None:  # 2:4 or masked: the layout-aware path
+            from ..functional import matmul
+
+            return matmul(x, self.quantized(), self.bias, lora).to(in_dtype)
         scales, nested = self.weight_scales, []
         if self.weight_scales_absmax is not None:
             nested = [self.weight_scales_table, self.weight_scales_absmax, self.weight_scales_mean,
@@ -319,4 +330,4 @@ def _own(q: QuantizedTensor) -> QuantizedTensor:
         return p.clone()
 
     return QuantizedTensor(q.packed.clone(), c(q.scales), c(q.offsets), q.format, q.shape, q.dtype, q.blocksize,
-                           q.per_row)
+                           q.per_row, q.layout, c(q.positions), c(q.mask))
