@@ -110,6 +110,16 @@ def test_quantize_model_output_saves_through_save_pretrained(tmp_path, monkeypat
     assert torch.equal(_logits(reloaded, ids), _logits(model, ids))
 
 
+def test_sparse_24_model_saves_and_reloads(tmp_path):
+    model = qengine.quantize_model(_llama(), "nf4", 64, True, sparsity="2:4", progress=False).eval()
+    ids = torch.randint(0, 128, (1, 7))
+    qengine.hf.mark_quantized(model)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModel.from_pretrained(tmp_path / "q")
+    assert reloaded.model.layers[0].self_attn.q_proj.layout == "2:4"
+    assert torch.equal(_logits(reloaded, ids), _logits(model, ids))
+
+
 def test_quantized_model_trains_with_lora(saved):
     _, path = saved
     qm = AutoModel.from_pretrained(path, quantization_config=QEngineConfig())

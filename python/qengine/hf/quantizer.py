@@ -39,7 +39,7 @@ __all__ = ["QEngineConfig", "QEngineHfQuantizer", "mark_quantized"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Checkpoint keys of a QuantLinear weight (QuantizedTensor.state_dict under "<module>.weight."):
 # transformers' loader does not know them; the quantizer reads them itself after loading.
-_QUANT_KEYS = r"\.weight\.(packed|codebook|quant_meta|scales|offsets)(\.|$)"
+_QUANT_KEYS = r"\.weight\.(packed|codebook|quant_meta|scales|offsets|positions|mask)(\.|$)"
 
 
 class QEngineConfig(QuantizationConfigMixin):
