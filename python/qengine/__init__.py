@@ -25,6 +25,10 @@ from . import nn
 from .model import (add_lora, adapter_state_dict, load_adapter, load_adapter_state_dict, lora_parameters,
                     mark_only_lora_trainable, memory_report, quantize_model, save_adapter)
 
+# transformers integration: registered once transformers loads (transformers is not imported here).
+from . import _hf_hook  # noqa: E402
+_hf_hook.install()
+
 __all__ = [
     "Format",
     "QuantizedTensor",
@@ -76,3 +80,11 @@ def set_cpu_isa(name: str) -> None:
 def set_num_threads(n: int) -> None:
     """Threads used by the native CPU kernels (default: all cores, or QENGINE_NUM_THREADS)."""
     _C.set_num_threads(n)
+
+
+def __getattr__(name):
+    # qengine.hf and qengine.peft import lazily (they reach into transformers / peft when present).
+    if name in ("hf", "peft"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'qengine' has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -120,14 +121,29 @@ def _linear_targets(model: nn.Module, skip: list[str]) -> list[str]:
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
              target_modules: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None,
-             freeze_base: bool = True) -> nn.Module:
+             freeze_base: bool = True, init: str = "default", iters: int = 5, format: str | Format = "nf4",
+             blocksize: Optional[int] = 64, double_quant: bool = True) -> nn.Module:
     """Wraps the target layers of `model` in LoRALinear, in place, and returns `model`.
 
     target_modules: names (full, last component such as "q_proj", or a parent's name);
     default: every QuantLinear. Targets must be QuantLinear or nn.Linear. With freeze_base,
-    only LoRA parameters stay trainable afterwards (mark_only_lora_trainable)."""
+    only LoRA parameters stay trainable afterwards (mark_only_lora_trainable).
+
+    init: "default" (A Kaiming-uniform, B = 0: the layer starts equal to its base) or "loftq"
+    (LoftQ): each target must be a float nn.Linear (default targets: every nn.Linear except
+    ``lm_head``), which is quantized here (`format`, `blocksize`, `double_quant`) while
+    alternating, `iters` times, Q = quantize(W - s*B@A) and s*B@A = rank-r SVD of W - Q, so the
+    quantized base plus the adapter starts closer to W than the quantized weight alone."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if init not in ("default", "loftq"):
+        raise ValueError(f"init must be 'default' or 'loftq', got {init!r}")
+    if init == "loftq":
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"iters must be a positive int, got {iters!r}")
+        _loftq_targets(model, target_modules, r, alpha, format, blocksize, double_quant, iters, dtype)
+        if target_modules is None:
+            target_modules = [n for n, m in model.named_modules() if isinstance(m, _LoftQ)]
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     names = []
@@ -137,22 +153,85 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
         if target_modules is None:
             if isinstance(mod, QuantLinear):
                 names.append(name)
-        elif _matches(name, target_modules) and isinstance(mod, (QuantLinear, nn.Linear)):
+        elif _matches(name, target_modules) and isinstance(mod, (QuantLinear, nn.Linear, _LoftQ)):
             names.append(name)
     if not names:
         raise ValueError(f"no layer of the model matches target_modules={target_modules!r} "
                          "(QuantLinear or nn.Linear layers, by full or last name)")
     for name in names:
         parent, attr = _parent(model, name)
-        setattr(parent, attr, LoRALinear(getattr(parent, attr), r=r, alpha=alpha, dropout=dropout, dtype=dtype))
+        target = getattr(parent, attr)
+        if isinstance(target, _LoftQ):
+            layer = LoRALinear(target.base, r=r, alpha=alpha, dropout=dropout, dtype=dtype)
+            with torch.no_grad():
+                layer.lora_A.copy_(target.lora_A)
+                layer.lora_B.copy_(target.lora_B)
+        else:
+            layer = LoRALinear(target, r=r, alpha=alpha, dropout=dropout, dtype=dtype)
+        setattr(parent, attr, layer)
     if freeze_base:
         mark_only_lora_trainable(model)
     return model
 
 
+class _LoftQ(nn.Module):
+    """Transient holder while add_lora(init="loftq") runs: the quantized base and its A, B."""
+
+    def __init__(self, base: QuantLinear, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.base, self.lora_A, self.lora_B = base, a, b
+
+
+def loftq(weight: torch.Tensor, r: int, scaling: float, format: str | Format = "nf4", blocksize: Optional[int] = 64,
+          double_quant: bool = True, iters: int = 5):
+    """LoftQ for one weight W (float [out, in]): returns (q, A [r, in], B [out, r]) with
+    dequantize(q) + scaling * B @ A close to W, by alternating q = quantize(W - s*B@A) and
+    s*B@A = the rank-r truncated SVD of W - dequantize(q) (computed in float32), `iters` times."""
+    from .functional import quantize
+
+    w = weight.detach().to(torch.float32)
+    lowrank = torch.zeros_like(w)
+    for _ in range(iters):
+        q = quantize((w - lowrank).contiguous(), format, blocksize, double_quant)
+        u, s, vh = torch.linalg.svd(w - q.dequantize(torch.float32), full_matrices=False)
+        root = s[:r].sqrt() / math.sqrt(scaling)
+        b, a = u[:, :r] * root, root[:, None] * vh[:r]
+        lowrank = scaling * (b @ a)
+    return q, a, b
+
+
+def _loftq_targets(model, target_modules, r, alpha, format, blocksize, double_quant, iters, dtype) -> None:
+    """Replaces each float nn.Linear target by a _LoftQ holder (add_lora then wraps it)."""
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    names = []
+    for name, mod in model.named_modules():
+        if not name or _inside_lora(model, name):
+            continue
+        hit = _matches(name, target_modules) if target_modules is not None else not _matches(name, ["lm_head"])
+        if not hit:
+            continue
+        if isinstance(mod, (QuantLinear, LoRALinear)):
+            raise ValueError(f"LoftQ needs the float weight, but {name} is already a {type(mod).__name__}: call "
+                             "add_lora(init='loftq') on the unquantized model (it quantizes the targets itself)")
+        if isinstance(mod, nn.Linear):
+            names.append(name)
+    if not names:
+        raise ValueError(f"no float nn.Linear layer matches target_modules={target_modules!r} for LoftQ")
+    for name in names:
+        parent, attr = _parent(model, name)
+        lin = getattr(parent, attr)
+        if r > min(lin.in_features, lin.out_features):
+            raise ValueError(f"LoRA rank r={r} exceeds min(in_features, out_features) of {name}")
+        q, a, b = loftq(lin.weight, r, alpha / r, format, blocksize, double_quant, iters)
+        bias = None if lin.bias is None else lin.bias.detach().clone()
+        base = QuantLinear.from_quantized(q, bias)
+        setattr(parent, attr, _LoftQ(base, a, b))
+
+
 def _inside_lora(model: nn.Module, name: str) -> bool:
     parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), LoRALinear) for i in range(1, len(parts)))
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), (LoRALinear, _LoftQ)) for i in range(1, len(parts)))
 
 
 def _lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:

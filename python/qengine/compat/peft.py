@@ -43,10 +43,33 @@ else:
     LoraQuantLinear = None
 
 
+def _patch_dora() -> None:
+    """DoRA (LoraConfig(use_dora=True)) reads the base weight through peft's
+    dequantize_module_weight, which knows bitsandbytes, HQQ and torchao layers but not
+    QuantLinear (no `.weight`): teach it QuantLinear.dequantize (float32, [out, in])."""
+    import peft.tuners.lora.dora as dora
+
+    original = dora.dequantize_module_weight
+    if getattr(original, "_qengine", False):
+        return
+    from ..nn import QuantLinear
+
+    def dequantize_module_weight(module):
+        if isinstance(module, QuantLinear):
+            return module.dequantize()
+        return original(module)
+
+    dequantize_module_weight._qengine = True
+    dora.dequantize_module_weight = dequantize_module_weight
+
+
 def register(config) -> None:
-    """Registers LoraQuantLinear for QuantLinear targets in a peft LoraConfig (in place)."""
+    """Registers LoraQuantLinear for QuantLinear targets in a peft LoraConfig (in place); with
+    use_dora, DoRA's magnitude reads the dequantized QuantLinear weight."""
     if LoraQuantLinear is None:
         raise ImportError("qengine.compat.peft needs the 'peft' package (pip install qengine[hf])")
     from ..nn import QuantLinear
 
     config._register_custom_module({QuantLinear: LoraQuantLinear})
+    if getattr(config, "use_dora", False):
+        _patch_dora()

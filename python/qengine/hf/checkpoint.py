@@ -23,7 +23,7 @@ from ..formats import get_format
 from ..functional import quantize
 from ..nn import QuantLinear
 
-__all__ = ["QUANT_METHOD", "require_transformers", "load_config", "build_model", "quantizable_linears",
+__all__ = ["QUANT_METHOD", "check_quantization_config", "require_transformers", "load_config", "build_model", "quantizable_linears",
            "load_model", "save_quantized", "quantize_checkpoint", "iter_checkpoint_tensors"]
 
 QUANT_METHOD = "qengine"
@@ -141,6 +141,34 @@ def _qconfig(model_config) -> Optional[dict]:
     return qc
 
 
+def _series(version: str) -> tuple:
+    """The release series whose checkpoints share one layout: (major, minor) for 0.x, (major,) after."""
+    parts = tuple(int(p) for p in version.split(".")[:2])
+    return parts if parts[0] == 0 else parts[:1]
+
+
+def check_quantization_config(qc: dict, where: str) -> None:
+    """Checks a saved qengine `quantization_config`: the keys the loader needs, a format this
+    qengine knows, and a qengine_version of this release series (a checkpoint from another
+    series may use a layout this version cannot read). ValueError naming the problem."""
+    for key in ("format", "blocksize", "double_quant", "modules", "qengine_version"):
+        if key not in qc or (key in ("modules", "qengine_version") and qc[key] is None):
+            raise ValueError(f"{where}: quantization_config lacks {key!r} (not a qengine checkpoint config)")
+    try:
+        get_format(qc["format"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: quantization_config names an unknown format ({e}); register it with "
+                         "qengine.register_format before loading") from None
+    version = qc["qengine_version"]
+    try:
+        theirs = _series(str(version))
+    except ValueError:
+        raise ValueError(f"{where}: quantization_config has an unreadable qengine_version {version!r}") from None
+    if theirs != _series(__version__):
+        raise ValueError(f"{where}: written by qengine {version}, whose checkpoint layout this qengine {__version__} "
+                         f"does not read (it reads {'.'.join(map(str, _series(__version__)))}.x checkpoints)")
+
+
 def _skeleton(model: nn.Module, qc: dict) -> None:
     """Replaces the named linears of a meta-device model by empty QuantLinear layers of the
     recorded layout, then gives every remaining meta parameter real (uninitialised) storage
@@ -177,9 +205,7 @@ def load_model(model_dir: str | os.PathLike, format: Optional[str] = None, block
         raise ValueError(f"{model_dir!r} is quantized with {qc.get('quant_method')!r}; qengine loads its own "
                          "checkpoints and float ones")
     if qc is not None:
-        for key in ("format", "blocksize", "double_quant", "modules"):
-            if key not in qc:
-                raise ValueError(f"{model_dir}/config.json: quantization_config lacks {key!r}")
+        check_quantization_config(qc, f"{model_dir}/config.json")
         model = build_model(config, empty=True)
         _skeleton(model, qc)
         state = dict(iter_checkpoint_tensors(model_dir))

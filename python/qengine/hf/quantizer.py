@@ -1,0 +1,345 @@
+"""transformers integration: QEngineConfig and its HfQuantizer, registered in transformers'
+quantizer registry under quant_method "qengine", so that
+
+    AutoModelForCausalLM.from_pretrained(path, quantization_config=QEngineConfig(format="nf4"))
+
+quantizes each nn.Linear as its weight is read (one float weight resident at a time),
+save_pretrained writes the qengine checkpoint layout (the same files `qengine quantize` and
+hf.checkpoint.save_quantized write), and from_pretrained of such a folder loads the quantized
+tensors without re-quantizing. Importing qengine.hf registers all this.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import re
+import sys
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .._checks import check_blocksize
+from ..formats import get_format
+from ..functional import quantize
+from ..nn import QuantLinear
+from ..tensor import QuantizedTensor
+from .checkpoint import QUANT_METHOD, check_quantization_config, quantizable_linears
+
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+__all__ = ["QEngineConfig", "QEngineHfQuantizer", "mark_quantized"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Checkpoint keys of a QuantLinear weight (QuantizedTensor.state_dict under "<module>.weight."):
+# transformers' loader does not know them; the quantizer reads them itself after loading.
+_QUANT_KEYS = r"\.weight\.(packed|codebook|quant_meta|scales|offsets|positions|mask)(\.|$)"
+
+
+class QEngineConfig(QuantizationConfigMixin):
+    """qengine quantization settings for ``from_pretrained(quantization_config=...)``.
+
+    Args:
+        format: a qengine format name ("nf4", "fp4", "int4", "int8", ... or a registered one).
+        blocksize: a power of two in [32, 4096], or None for one block per row.
+        double_quant: quantize the per-block scales again (8-bit, blocks of 256), as QLoRA.
+        compute_dtype: dtype the quantized matmuls run in (None: the activations' dtype).
+        skip: module names left in float (full, last component, or a parent's name).
+    ``modules`` and ``qengine_version`` are filled in when a model is quantized and are what a
+    saved checkpoint records (config.json's ``quantization_config``, the layout of
+    qengine.hf.checkpoint)."""
+
+    def __init__(self, format: str = "nf4", blocksize: Optional[int] = 64, double_quant: bool = True,
+                 compute_dtype: Optional[torch.dtype | str] = None, skip: Sequence[str] = ("lm_head",),
+                 modules: Optional[Sequence[str]] = None, qengine_version: Optional[str] = None, **kwargs):
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise ValueError(f"QEngineConfig got unknown settings {sorted(kwargs)}")
+        self.quant_method = QUANT_METHOD
+        self.format = get_format(format).name  # ValueError naming the available formats
+        if blocksize is not None:
+            check_blocksize(blocksize)
+        self.blocksize = blocksize
+        if not isinstance(double_quant, bool):
+            raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+        self.double_quant = double_quant
+        if isinstance(compute_dtype, torch.dtype):
+            names = {v: k for k, v in _DTYPES.items()}
+            if compute_dtype not in names:
+                raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+            compute_dtype = names[compute_dtype]
+        if compute_dtype is not None and compute_dtype not in _DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)} or None, got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
+        self.skip = [skip] if isinstance(skip, str) else list(skip)
+        self.modules = None if modules is None else list(modules)
+        self.qengine_version = qengine_version
+        if modules is not None:  # a saved checkpoint's config: its version must be one this qengine reads
+            check_quantization_config(self.to_dict(), "quantization_config")
+
+    @property
+    def torch_compute_dtype(self) -> Optional[torch.dtype]:
+        return None if self.compute_dtype is None else _DTYPES[self.compute_dtype]
+
+    def to_dict(self) -> dict:
+        return {"quant_method": QUANT_METHOD, "format": self.format, "blocksize": self.blocksize,
+                "double_quant": self.double_quant, "modules": self.modules, "qengine_version": self.qengine_version,
+                "compute_dtype": self.compute_dtype, "skip": list(self.skip)}
+
+
+class _Quantize(ConversionOps):
+    """Quantizes one float nn.Linear weight as transformers reads it and swaps in the QuantLinear."""
+
+    def __init__(self, hf_quantizer: "QEngineHfQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
+                missing_keys=None, **kwargs):
+        (value,) = [v[0] if isinstance(v, list) else v for v in input_dict.values()]
+        name = full_layer_name.rsplit(".", 1)[0]
+        cfg = self.hf_quantizer.quantization_config
+        parent, attr = _parent(model, name)
+        linear = getattr(parent, attr)
+        bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
+        q = quantize(value.contiguous(), cfg.format, cfg.blocksize, cfg.double_quant)
+        _page_out(value)
+        layer = QuantLinear.from_quantized(q, bias, compute_dtype=cfg.torch_compute_dtype)
+        if linear.bias is not None and bias is None:  # bias not read yet: transformers fills it later
+            layer.bias = linear.bias
+        layer._is_hf_initialized = True
+        setattr(parent, attr, layer)
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)
+        return {}
+
+
+class _Slot(nn.Module):
+    """Stands for a quantized layer while transformers loads the rest of a qengine checkpoint:
+    holds only the bias, so the float weight is never allocated."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
+
+
+class QEngineHfQuantizer(HfQuantizer):
+    """transformers' quantizer for QEngineConfig (see the module docstring)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: QEngineConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._targets: set = set()
+        self._files: list = []
+
+    def validate_environment(self, *args, device_map=None, **kwargs):
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("qengine-quantized models cannot be offloaded to disk (device_map has 'disk')")
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return (not self.pre_quantized and param_name.endswith(".weight")
+                and param_name[: -len(".weight")] in self._targets)
+
+    def get_quantize_ops(self):
+        return _Quantize(self)
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        cfg = self.quantization_config
+        if not self.pre_quantized:
+            skip = list(cfg.skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+            self._targets = set(quantizable_linears(model, skip))
+            return model
+        check_quantization_config(cfg.to_dict(), "quantization_config")
+        self._files = list(checkpoint_files or [])
+        for name in cfg.modules:
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"quantization_config names module {name!r}, which this model does not have") from None
+            if not isinstance(mod, nn.Linear):
+                raise ValueError(f"quantization_config names {name!r}, a {type(mod).__name__}, not an nn.Linear")
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, _Slot(mod))
+        ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+        model._keys_to_ignore_on_load_unexpected = ignore | {_QUANT_KEYS}
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        cfg = self.quantization_config
+        if self.pre_quantized:
+            _load_quantized(model, cfg, self._files)
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear):
+                # transformers re-creates non-persistent buffers empty after loading (for models
+                # to re-initialise); the nested block size is one: rebuild it from the state.
+                mod._set_quantized(mod.quantized())
+        cfg.modules = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
+        cfg.qengine_version = __version__
+        return model
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # adapters (LoRA, ...) train over the frozen quantized layers
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; their contents are kept (re-read or swapped)
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Asks the kernel to drop the pages of a CPU float weight just quantized. transformers reads
+    checkpoints through mmap, so every weight read stays resident as page cache mapped into this
+    process (counted in its RSS) until loading ends; paging it out keeps the resident size near
+    the quantized model. Contents are preserved (a file page is re-read on access, an anonymous
+    one swapped), so this is only a hint, skipped where unsupported."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < (1 << 20) or not sys.platform.startswith("linux"):
+        return
+    if t.untyped_storage().resizable():  # torch's own allocation (not a view of a file): freed anyway
+        return
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _libc = False
+    if not _libc:
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo:
+        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_PAGEOUT))  # errors ignored
+
+
+_libc = None
+
+
+def _parent(model: nn.Module, name: str):
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+              "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _safetensors_index(path: str) -> tuple[int, dict]:
+    """(offset of the data section, {name: header entry}) of a safetensors file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} has a corrupt safetensors header: {e}") from None
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _read_tensor(f, path: str, base: int, key: str, entry: dict) -> torch.Tensor:
+    """One tensor read with plain file reads into its own memory (no mmap, so the file's pages
+    never count in this process's resident size)."""
+    try:
+        dtype = _ST_DTYPES[entry["dtype"]]
+        shape = [int(s) for s in entry["shape"]]
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: tensor {key} has an unreadable header entry {entry!r}") from None
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if end - begin != nbytes:
+        raise ValueError(f"{path}: tensor {key} spans {end - begin} bytes, its shape and dtype need {nbytes}")
+    f.seek(base + begin)
+    if nbytes and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != nbytes:
+        raise ValueError(f"{path}: tensor {key} is truncated")
+    return t
+
+
+def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
+    """Replaces every _Slot by the QuantLinear stored in the checkpoint files, one layer's
+    tensors read at a time; the quantize kernel is never called."""
+    slots = {n: m for n, m in model.named_modules() if isinstance(m, _Slot)}
+    if not slots:
+        return
+    if not files:
+        raise ValueError("a qengine checkpoint is read from safetensors files; none were found")
+    pattern = re.compile(_QUANT_KEYS)
+    where: dict[str, list] = {n: [] for n in slots}  # module -> [(file, key, entry)]
+    indexes = {}
+    for path in files:
+        indexes[path] = base, header = _safetensors_index(path)
+        for key, entry in header.items():
+            m = pattern.search(key)
+            if m and key[: m.start()] in where:
+                where[key[: m.start()]].append((path, key, entry))
+    for name, slot in slots.items():
+        if not where[name]:
+            raise ValueError(f"checkpoint lacks the quantized weight of {name} (no {name}.weight.* tensors)")
+        sd = {}
+        for path, key, entry in where[name]:
+            with open(path, "rb") as f:
+                sd[key[len(name) + 1:]] = _read_tensor(f, path, indexes[path][0], key, entry)
+        q = QuantizedTensor.from_state_dict(sd, "weight.")
+        if tuple(q.shape) != (slot.out_features, slot.in_features):
+            raise ValueError(f"{name}.weight has shape {tuple(q.shape)}, the model expects "
+                             f"({slot.out_features}, {slot.in_features})")
+        bias = slot.bias
+        if bias is not None and bias.device.type == "meta":
+            raise ValueError(f"checkpoint lacks {name}.bias")
+        layer = QuantLinear.from_quantized(q, None, compute_dtype=cfg.torch_compute_dtype)
+        layer.bias = bias
+        if bias is not None and bias.device != q.device:
+            layer.to(bias.device)
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, layer)
+
+
+def mark_quantized(model: nn.Module) -> QEngineConfig:
+    """Records the settings of a model converted by qengine.quantize_model in its config (and
+    attaches the quantizer), so ``model.save_pretrained`` writes a qengine checkpoint that
+    ``from_pretrained`` loads. Returns the config. All QuantLinear layers must share one
+    format, block size and double-quant setting."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        raise ValueError("model has no QuantLinear layers (quantize it with qengine.quantize_model first)")
+    kinds = {(m.format.name, None if m.per_row else m.blocksize, m.double_quant) for _, m in layers}
+    if len(kinds) != 1:
+        raise ValueError(f"layers use several quantization settings {sorted(map(str, kinds))}; a checkpoint records one")
+    fmt, bs, dq = kinds.pop()
+    cdt = {m.compute_dtype for _, m in layers}
+    cfg = QEngineConfig(fmt, bs, dq, compute_dtype=cdt.pop() if len(cdt) == 1 else None)
+    cfg.modules, cfg.qengine_version = sorted(n for n, _ in layers), __version__
+    model.config.quantization_config = cfg
+    model.hf_quantizer = QEngineHfQuantizer(cfg, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    return cfg
+
+
+def register() -> None:
+    """Registers QEngineConfig and QEngineHfQuantizer with transformers (idempotent)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not QEngineConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(QEngineConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not QEngineHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(QEngineHfQuantizer)
+
+
+register()
