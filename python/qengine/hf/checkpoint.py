@@ -275,6 +275,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     or with `bnb` the transformers + bitsandbytes 4-bit layout). Peak memory: one float tensor
     plus the quantized output. Returns {"bytes_in", "bytes_out", "layers"}."""
     from ..compat.bnb import to_bnb_state_dict
+    from .quantizer import _page_out
 
     model_dir, out_dir = os.fspath(model_dir), os.fspath(out_dir)
     if os.path.abspath(model_dir) == os.path.abspath(out_dir):
@@ -303,6 +304,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
             q = quantize(t.float().contiguous(), fmt, blocksize, double_quant)
             out.update(to_bnb_state_dict(q, key) if bnb else q.state_dict(key + "."))
             found.add(keys[key])
+            _page_out(t)  # the float weight was read through mmap: drop its pages from our RSS now
         else:
             out[key] = t
         del t
