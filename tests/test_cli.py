@@ -226,3 +226,29 @@ def test_demo_runs_and_the_loss_falls(tmp_path, capsys):
     assert last <= 0.7 * first, text
     assert os.path.isfile(os.path.join(out, "adapter.safetensors")) and os.path.isfile(os.path.join(out, "loss.png"))
     assert "generated: The weights" in text and "NF4 + double quant" in text
+
+
+@pytest.mark.slow
+def test_finetune_killed_by_sigkill_resumes_to_the_same_adapter(tiny_model_dir, text_file, tmp_path, capsys):
+    """A real kill: SIGKILL as soon as the first checkpoint is on disk, then the same command
+    again; the adapter equals an uninterrupted run's bit for bit."""
+    import signal
+    import time
+
+    args = _finetune_args(tiny_model_dir, text_file, str(tmp_path / "killed"), 30)
+    proc = subprocess.Popen([sys.executable, "-m", "qengine", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "checkpoint" / "state.pt"
+    deadline = time.monotonic() + 300
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "adapter.safetensors").exists()
+    code, out, _ = run(args, capsys)
+    assert code == 0 and "resuming from step" in out
+    straight = str(tmp_path / "straight")
+    assert run(_finetune_args(tiny_model_dir, text_file, straight, 30), capsys)[0] == 0
+    a, b = _adapter(straight), _adapter(str(tmp_path / "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
