@@ -29,8 +29,16 @@ inline const float* tile_scales(const BlockScales& s, int64_t b_lo, int64_t coun
                                            : static_cast<__mmask16>((1u << (count - i)) - 1u);
     __m512i codes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, s.codes + b_lo + i));
     __m512 tv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, codes, s.table, 4);
-    __m512i nested = _mm512_srl_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(b_lo + i)), iota), shift);
-    __m512 av = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, nested, s.absmax, 4);
+    // The 16 blocks almost always share one nested block (of 256 or more): broadcast its absmax
+    // then, and gather only across a boundary.
+    const int64_t first = b_lo + i, last = b_lo + i + (count - i >= 16 ? 15 : count - i - 1);
+    __m512 av;
+    if ((first >> s.nested_shift) == (last >> s.nested_shift)) {
+      av = _mm512_set1_ps(s.absmax[first >> s.nested_shift]);
+    } else {
+      __m512i nested = _mm512_srl_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), iota), shift);
+      av = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, nested, s.absmax, 4);
+    }
     _mm512_mask_storeu_ps(out + i, live, _mm512_add_ps(_mm512_mul_ps(tv, av), mean));
   }
   return out;
