@@ -103,10 +103,16 @@ int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, addr packed, int64_t b
   return s;
 }
 
-int lora_epilogue_cpu(addr x, int64_t M, int64_t K, addr a, addr b, int ab_dtype, int64_t R, int64_t N, float scale,
-                      addr y) {
-  int s = qengine::lora_epilogue_cpu(ptr<const float>(x), M, K, ptr<const void>(a), ptr<const void>(b), ab_dtype, R, N,
-                                     scale, ptr<float>(y));
+int lora_epilogue_cpu(addr x, int x_dtype, int64_t M, int64_t K, addr a, addr b, int ab_dtype, int64_t R, int64_t N,
+                      float scale, addr y) {
+  int s = qengine::lora_epilogue_cpu(ptr<const void>(x), x_dtype, M, K, ptr<const void>(a), ptr<const void>(b),
+                                     ab_dtype, R, N, scale, ptr<float>(y));
+  raise_on_error(s);
+  return s;
+}
+
+int cast_float_cpu(addr src, int64_t n, addr dst, int dst_dtype) {
+  int s = qengine::cast_float_cpu(ptr<const float>(src), n, ptr<void>(dst), dst_dtype);
   raise_on_error(s);
   return s;
 }
@@ -221,6 +227,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul_cpu", &matmul_cpu, release());
   m.def("matmul_t_cpu", &matmul_t_cpu, release());
   m.def("lora_epilogue_cpu", &lora_epilogue_cpu, release());
+  m.def("cast_float_cpu", &cast_float_cpu, release());
   m.def("kmeans_accumulate_cpu", &kmeans_accumulate_cpu, release());
   m.def("sparse24_dequantize_cpu", &sparse24_dequantize_cpu, release());
   m.def("sparse24_matmul_cpu", &sparse24_matmul_cpu, release());

@@ -176,11 +176,28 @@ int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t*
   return kOk;
 }
 
-int lora_epilogue_cpu(const float* x, int64_t M, int64_t K, const void* a, const void* b, int ab_dtype, int64_t R,
-                      int64_t N, float scale, float* y) {
-  if (M < 0 || K < 0 || R < 0 || N < 0 || !valid_dtype(ab_dtype)) return kInvalidArgument;
+int cast_float_cpu(const float* src, int64_t n, void* dst, int dst_dtype) {
+  if (n < 0 || !valid_dtype(dst_dtype)) return kInvalidArgument;
+  cpu::parallel_for(0, n, 1 << 16, 64, [&](int64_t lo, int64_t hi) {
+    if (dst_dtype == kFloat32) {
+      std::copy(src + lo, src + hi, static_cast<float*>(dst) + lo);
+    } else if (dst_dtype == kBFloat16) {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = lo; i < hi; ++i) d[i] = float_to_bf16(src[i]);
+    } else {
+      for (int64_t i = lo; i < hi; ++i) store_from_float(dst, dst_dtype, i, src[i]);
+    }
+  });
+  return kOk;
+}
+
+int lora_epilogue_cpu(const void* x_in, int x_dtype, int64_t M, int64_t K, const void* a, const void* b, int ab_dtype,
+                      int64_t R, int64_t N, float scale, float* y) {
+  if (M < 0 || K < 0 || R < 0 || N < 0 || !valid_dtype(ab_dtype) || !valid_dtype(x_dtype)) return kInvalidArgument;
   if (M == 0 || N == 0 || R == 0) return kOk;
   const cpu::Kernels& k = cpu::kernels();
+  std::vector<float> xbuf;
+  const float* x = float_rows(x_in, x_dtype, M, K, K, xbuf);
   // t[m, j] = x[m] . a[j]: R dot products per row of x (a widened to float32 a row at a time,
   // so half-precision adapters need no conversion pass in torch).
   std::vector<float> t(static_cast<size_t>(M * R));

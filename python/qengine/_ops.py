@@ -352,13 +352,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: t
         if m and n:
             _C.matmul_cpu(xc.data_ptr(), _DTYPE_CODES[xc.dtype], m, k, k, n,
                           *_weight_args(packed, blocksize, table, bits, scales, scales_nested, offsets), y.data_ptr())
-            if lora_a is not None:  # the side path in the same float32 output, before rounding
-                xf = xc.to(torch.float32)
-                af = lora_a.contiguous()
-                bf = lora_b.to(af.dtype).contiguous()
-                _C.lora_epilogue_cpu(xf.data_ptr(), m, k, af.data_ptr(), bf.data_ptr(), _DTYPE_CODES[af.dtype],
-                                     af.shape[0], n, float(lora_scale), y.data_ptr())
-        y = y.to(x.dtype)
+        y = cpu_small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale)
     elif x.device.type == "cuda" and m <= SMALL_BATCH_ROWS:
         y = _matmul_cuda_small(x2, packed, table, scales, scales_nested, offsets, bits, blocksize, n, lora_a, lora_b,
                                lora_scale).to(x.dtype)
@@ -370,6 +364,26 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: t
             side = (x2.to(torch.float32) @ lora_a.to(torch.float32).t()) @ lora_b.to(torch.float32).t()
             y = y + (lora_scale * side).to(y.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def cpu_small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale):
+    """After a small-batch CPU kernel wrote y (float32 [M, N]) for x (xc, contiguous [M, K]):
+    adds the LoRA side path into the same float32 output, then rounds once to x's dtype. Both
+    natively: torch ops of this size would start OpenMP workers that keep spinning beside the
+    next kernel call on a small machine (measured: batch-8 GEMV 13.8 -> 7.1 ms on 2 vCPUs)."""
+    m, k = xc.shape
+    n = y.shape[1]
+    if lora_a is not None and m and n:
+        af = lora_a.contiguous()
+        bf = lora_b.to(af.dtype).contiguous()
+        _C.lora_epilogue_cpu(xc.data_ptr(), _DTYPE_CODES[xc.dtype], m, k, af.data_ptr(), bf.data_ptr(),
+                             _DTYPE_CODES[af.dtype], af.shape[0], n, float(lora_scale), y.data_ptr())
+    if xc.dtype == torch.float32:
+        return y
+    out = torch.empty(m, n, dtype=xc.dtype)
+    if m and n:
+        _C.cast_float_cpu(y.data_ptr(), m * n, out.data_ptr(), _DTYPE_CODES[xc.dtype])
+    return out
 
 
 def _check_lora(a, b, k, n, device):

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import _C
+from . import _C, _ops
 from ._checks import FLOAT_DTYPES, check_contiguous, check_dtype, check_float, check_numel, check_same_device
 from ._ops import (_DTYPE_CODES, SMALL_BATCH_ROWS, _check_dequantize_args, _check_device, _check_lora, _check_nested,
                    _dense_scales, _nblocks)
@@ -124,13 +124,7 @@ def sparse24_matmul(x: torch.Tensor, packed: torch.Tensor, positions: torch.Tens
             _C.sparse24_matmul_cpu(xc.data_ptr(), _DTYPE_CODES[xc.dtype], m, k, k, n,
                                    *_weight_args(packed, positions, blocksize, table, bits, scales, scales_nested,
                                                  offsets), y.data_ptr())
-            if lora_a is not None:
-                xf = xc.to(torch.float32)
-                af = lora_a.contiguous()
-                bf = lora_b.to(af.dtype).contiguous()
-                _C.lora_epilogue_cpu(xf.data_ptr(), m, k, af.data_ptr(), bf.data_ptr(), _DTYPE_CODES[af.dtype],
-                                     af.shape[0], n, float(lora_scale), y.data_ptr())
-        y = y.to(x.dtype)
+        y = _ops.cpu_small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale)
     else:
         w = _dense(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n, k, x.dtype)
         y = x2 @ w.t()

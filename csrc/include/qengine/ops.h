@@ -38,7 +38,12 @@ int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t*
 
 // The LoRA side path, added in place: y[M, N] += scale * (x[M, K] @ a[R, K]^T) @ b[N, R]^T
 // (x and y float32; a and b contiguous, both of dtype ab_dtype).
-int lora_epilogue_cpu(const float* x, int64_t M, int64_t K, const void* a, const void* b, int ab_dtype, int64_t R,
+// dst[0..n) = src[0..n) rounded to dst_dtype (threads over ranges; the matmul output in x's
+// dtype without a torch op, whose OpenMP workers would then spin beside the next kernel).
+int cast_float_cpu(const float* src, int64_t n, void* dst, int dst_dtype);
+
+int lora_epilogue_cpu(const void* x, int x_dtype, int64_t M, int64_t K, const void* a, const void* b, int ab_dtype,
+                      int64_t R,
                       int64_t N, float scale, float* y);
 
 // One Lloyd step of weighted 1-D k-means on the block-normalised values v of x, each weighted
