@@ -76,6 +76,29 @@ const float* float_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t 
   return buf.data();
 }
 
+// Runs a fused GEMV kernel (gemv4 or gemv4_bf16) over groups of up to kGemvRows rows of x,
+// held in the kernel's order in xr, and threads over output rows. K tiles are small enough
+// that a group's slice of x stays in L1 (~24 KiB) while all rows pass, and span at most 256
+// blocks of scales (the kernels' per-tile buffer; 64 chunks at block 32).
+template <typename X, typename Gemv>
+void run_fused(const std::vector<X>& xr, Gemv gemv, int64_t M, int64_t K, int64_t N, const uint8_t* packed,
+               int64_t blocksize, const Codebook& cb, const BlockScales& scales, int64_t min_rows, float* y) {
+  constexpr int64_t kL1Bytes = 24576;
+  std::fill(y, y + M * N, 0.0f);
+  const int64_t chunks = K / kGemvChunk;
+  cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m += kGemvRows) {
+      const int64_t mb = std::min(kGemvRows, M - m);
+      const int64_t tile = std::min<int64_t>(
+          48, std::max<int64_t>(1, kL1Bytes / (mb * kGemvChunk * static_cast<int64_t>(sizeof(X)))));
+      for (int64_t c = 0; c < chunks; c += tile) {
+        gemv(xr.data() + m * K, mb, K, packed, blocksize, cb.table, scales, n0, n1, c, std::min(chunks, c + tile),
+             y + m * N, N);
+      }
+    }
+  });
+}
+
 bool valid_dtype(int dtype) { return dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16; }
 
 // src[first .. first + n) as float32: src itself when it is float32, else widened into buf.
@@ -110,38 +133,12 @@ int matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, in
   const bool fused = k.gemv4 != nullptr && cb.bits == 4 && rule == kAbsmax && K % kGemvChunk == 0 &&
                      K % blocksize == 0 && blocksize >= 32 && power_of_two(blocksize);
   if (fused && x_dtype == kBFloat16 && k.gemv4_bf16 != nullptr) {
-    const std::vector<uint16_t> xr = bf16_pair_order_x(static_cast<const uint16_t*>(x), M, K, ldx);
-    std::fill(y, y + M * N, 0.0f);
-    const int64_t chunks = K / kGemvChunk;
-    cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t m = 0; m < M; m += kGemvRows) {
-        const int64_t mb = std::min(kGemvRows, M - m);
-        // As below, with half the bytes of x per chunk.
-        const int64_t tile = std::min<int64_t>(48, std::max<int64_t>(1, 12288 / (mb * kGemvChunk)));
-        for (int64_t c = 0; c < chunks; c += tile) {
-          k.gemv4_bf16(xr.data() + m * K, mb, K, packed, blocksize, cb.table, scales, n0, n1, c,
-                       std::min(chunks, c + tile), y + m * N, N);
-        }
-      }
-    });
+    run_fused(bf16_pair_order_x(static_cast<const uint16_t*>(x), M, K, ldx), k.gemv4_bf16, M, K, N, packed, blocksize,
+              cb, scales, min_rows, y);
     return kOk;
   }
   if (fused) {
-    const std::vector<float> xr = nibble_order_x(x, x_dtype, M, K, ldx);
-    std::fill(y, y + M * N, 0.0f);
-    const int64_t chunks = K / kGemvChunk;
-    cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t m = 0; m < M; m += kGemvRows) {
-        const int64_t mb = std::min(kGemvRows, M - m);
-        // K tiles small enough that the mb rows of x stay in L1 (~24 KiB) while all rows pass,
-        // and at most 256 blocks of scales (the kernel's per-tile buffer; 64 chunks at block 32).
-        const int64_t tile = std::min<int64_t>(48, std::max<int64_t>(1, 6144 / (mb * kGemvChunk)));
-        for (int64_t c = 0; c < chunks; c += tile) {
-          k.gemv4(xr.data() + m * K, mb, K, packed, blocksize, cb.table, scales, n0, n1, c, std::min(chunks, c + tile),
-                  y + m * N, N);
-        }
-      }
-    });
+    run_fused(nibble_order_x(x, x_dtype, M, K, ldx), k.gemv4, M, K, N, packed, blocksize, cb, scales, min_rows, y);
     return kOk;
   }
   std::vector<float> buf;
