@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -83,20 +83,12 @@ def build_model(config, empty: bool = False) -> nn.Module:
         return transformers.AutoModelForCausalLM.from_config(config)
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    return any(name == p or last == p or name.startswith(p + ".") for p in patterns)
-
-
 def quantizable_linears(model: nn.Module, skip: Sequence[str]) -> list[str]:
-    """Names of the nn.Linear modules quantize_model converts: not skipped and not sharing
-    their weight with another module (tied embeddings)."""
-    owners: dict[int, set] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for p in mod.parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(mname)
-    return [name for name, mod in model.named_modules()
-            if name and isinstance(mod, nn.Linear) and not _matches(name, skip) and len(owners[id(mod.weight)]) == 1]
+    """Names of the nn.Linear modules quantize_model converts (the same rule: not skipped, not
+    sharing their weight with another module, not inside nn.MultiheadAttention)."""
+    from ..model import _linear_targets
+
+    return _linear_targets(model, list(skip))
 
 
 def _checkpoint_files(model_dir: str) -> list[str]:
