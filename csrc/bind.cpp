@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "bind_args.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 #include "qengine/ops.h"
@@ -18,29 +19,16 @@
 namespace py = pybind11;
 
 void bind_optim(py::module_& m);  // bind_optim.cpp
+void bind_moe(py::module_& m);    // bind_moe.cpp
 using qengine::Codebook;
 
 namespace {
 
-using addr = std::uintptr_t;
-
-template <typename T>
-T* ptr(addr a) { return reinterpret_cast<T*>(a); }
-
-Codebook codebook(addr table, addr midpoints, addr order, int bits, bool identity, addr grid_lut = 0) {
-  return Codebook{ptr<const float>(table), ptr<const float>(midpoints), ptr<const uint8_t>(order), bits,
-                  identity ? 1 : 0, ptr<const uint8_t>(grid_lut)};
-}
-
-void raise_on_error(int status) {
-  if (status == qengine::kOk) return;
-#if defined(QENGINE_WITH_CUDA)
-  if (status == qengine::kCudaError) {
-    throw std::runtime_error(std::string("qengine: CUDA error: ") + qengine::cuda::last_error_message());
-  }
-#endif
-  throw py::value_error(std::string("qengine: ") + qengine::status_message(status));
-}
+using qengine::bind::addr;
+using qengine::bind::block_scales;
+using qengine::bind::codebook;
+using qengine::bind::ptr;
+using qengine::bind::raise_on_error;
 
 int quantize_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, addr midpoints, addr order, int bits,
                  bool identity, addr grid_lut, int rule, addr packed, addr scales, addr offsets) {
@@ -67,18 +55,6 @@ int dequantize_range_cpu(addr packed, int64_t first, int64_t count, int64_t bloc
                                         ptr<const float>(offsets), ptr<void>(out), out_dtype);
   raise_on_error(s);
   return s;
-}
-
-// scales: float32 values, or (nested_table != 0) uint8 codes of the double-quantized scales.
-qengine::BlockScales block_scales(addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize,
-                                  float mean) {
-  if (nested_table == 0) return qengine::BlockScales{ptr<const float>(scales), nullptr, nullptr, nullptr, 1, 0.0f, 0};
-  int shift = -1;
-  for (int s = 0; s < 62; ++s) {
-    if ((int64_t{1} << s) == nested_blocksize) shift = s;
-  }
-  return qengine::BlockScales{nullptr, ptr<const uint8_t>(scales), ptr<const float>(nested_table),
-                              ptr<const float>(nested_absmax), nested_blocksize, mean, shift};
 }
 
 int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed, int64_t blocksize,
@@ -253,4 +229,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_compiled") = false;
 #endif
   bind_optim(m);
+  bind_moe(m);
 }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "bind_args.h"
 #include "qengine/optim.h"
 #include "qengine/status.h"
 
@@ -17,17 +18,8 @@ namespace py = pybind11;
 
 namespace {
 
-using addr = std::uintptr_t;
-
-void raise_on_error(int status) {
-  if (status == qengine::kOk) return;
-#if defined(QENGINE_WITH_CUDA)
-  if (status == qengine::kCudaError) {
-    throw std::runtime_error(std::string("qengine: CUDA error: ") + qengine::cuda::last_error_message());
-  }
-#endif
-  throw py::value_error(std::string("qengine: ") + qengine::status_message(status));
-}
+using qengine::bind::addr;
+using qengine::bind::raise_on_error;
 
 qengine::StateCode state_code(addr table, addr lut, int base, int kmax) {
   return qengine::StateCode{reinterpret_cast<const float*>(table), reinterpret_cast<const uint32_t*>(lut), base, kmax};

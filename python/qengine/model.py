@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .formats import Format
-from .nn import LoRALinear, QuantLinear
+from .moe import is_experts_module, quantize_experts
+from .nn import LoRAExperts, LoRALinear, QuantExpertsWeight, QuantLinear
 
 __all__ = ["quantize_model", "add_lora", "lora_parameters", "mark_only_lora_trainable", "memory_report",
            "adapter_state_dict", "load_adapter_state_dict", "save_adapter", "load_adapter"]
@@ -66,17 +67,25 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
         sparsity: None, or "2:4" for the 2:4 sparse layout (see qengine.quantize).
         masks: {module name: bool mask [out, in]} as qengine.prune(model, ...) returns; each
             layer's pruned weights stay exactly zero (see qengine.quantize's mask).
-    Layers not converted, and why, are logged on the "qengine" logger: linears whose weight is
-    shared with another module (tied embeddings), linears inside nn.MultiheadAttention (which
-    reads their weight directly), and 3-D weight parameters (Mixture-of-Experts), which are not
-    nn.Linear and stay in float.
+    Mixture-of-Experts layers of transformers models (their 3-D expert weights) are quantized
+    too, with the same settings (qengine.moe.quantize_experts), and run through the grouped
+    kernel; an experts layout it does not support raises ValueError naming the flag (skip the
+    module to keep it in float). Layers not converted, and why, are logged on the "qengine"
+    logger: linears whose weight is shared with another module (tied embeddings), linears
+    inside nn.MultiheadAttention (which reads their weight directly), other 3-D parameters; and
+    a warning names the largest float modules when more than a tenth of the parameters stay
+    unquantized.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = [skip]
     names = _linear_targets(model, list(skip))
-    for name in _progress(names, progress, "quantizing"):
+    experts = _experts_targets(model, list(skip))
+    for name in _progress(names + experts, progress, "quantizing"):
+        if name in experts:
+            quantize_experts(model.get_submodule(name), format, blocksize, double_quant)
+            continue
         parent, attr = _parent(model, name)
         setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), format, blocksize, double_quant,
                                                       compute_dtype=compute_dtype, quant_storage=quant_storage,
@@ -84,7 +93,35 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
         # The old nn.Linear (and its float weight) has no reference left here and is freed now.
     if dtype is not None:
         model.to(dtype)
+    _warn_unquantized(model)
     return model
+
+
+def _experts_targets(model: nn.Module, skip: list[str]) -> list[str]:
+    """Names of the transformers experts modules (3-D expert weights) quantize_model converts."""
+    return [name for name, mod in model.named_modules()
+            if name and is_experts_module(mod) and not _matches(name, skip)
+            and getattr(mod, "_qengine_moe", None) is None]
+
+
+def _warn_unquantized(model: nn.Module, threshold: float = 0.1) -> None:
+    """Logs a warning naming the largest float modules when more than `threshold` of the
+    model's parameters stay unquantized (on a MoE model: usually experts left in float)."""
+    quantized = floats = 0
+    per_module: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            quantized += mod.in_features * mod.out_features
+            continue
+        n = sum(p.numel() for p in mod.parameters(recurse=False))
+        if n:
+            floats += n
+            per_module[name or type(mod).__name__] = n
+    total = quantized + floats
+    if total and floats > threshold * total:
+        top = sorted(per_module.items(), key=lambda kv: -kv[1])[:5]
+        log.warning("qengine: %.1f%% of the model's parameters stay unquantized; the largest float modules: %s",
+                    100.0 * floats / total, ", ".join(f"{n} ({c:,})" for n, c in top))
 
 
 def _linear_targets(model: nn.Module, skip: list[str]) -> list[str]:
@@ -112,17 +149,18 @@ def _linear_targets(model: nn.Module, skip: list[str]) -> list[str]:
                         ", ".join(sorted(sharers)))
             continue
         names.append(name)
+    experts = {n for n, m in model.named_modules() if n and is_experts_module(m)}
     for pname, p in model.named_parameters():
-        if p.dim() >= 3:
-            log.warning("qengine: %s is a %d-D parameter (e.g. Mixture-of-Experts weights), not an nn.Linear: "
-                        "kept in float", pname, p.dim())
+        if p.dim() >= 3 and pname.rsplit(".", 1)[0] not in experts:
+            log.warning("qengine: %s is a %d-D parameter outside a transformers experts module: kept in float",
+                        pname, p.dim())
     return names
 
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
              target_modules: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None,
              freeze_base: bool = True, init: str = "default", iters: int = 5, format: str | Format = "nf4",
-             blocksize: Optional[int] = 64, double_quant: bool = True) -> nn.Module:
+             blocksize: Optional[int] = 64, double_quant: bool = True, experts: bool = False) -> nn.Module:
     """Wraps the target layers of `model` in LoRALinear, in place, and returns `model`.
 
     target_modules: names (full, last component such as "q_proj", or a parent's name);
@@ -133,7 +171,12 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     (LoftQ): each target must be a float nn.Linear (default targets: every nn.Linear except
     ``lm_head``), which is quantized here (`format`, `blocksize`, `double_quant`) while
     alternating, `iters` times, Q = quantize(W - s*B@A) and s*B@A = rank-r SVD of W - Q, so the
-    quantized base plus the adapter starts closer to W than the quantized weight alone."""
+    quantized base plus the adapter starts closer to W than the quantized weight alone.
+
+    experts: also give the quantized Mixture-of-Experts weights (QuantExpertsWeight, see
+    quantize_model) a per-expert adapter (LoRAExperts): all of them when target_modules is None,
+    else those whose name (e.g. "gate_up_proj", "down_proj", "experts") matches. Their side path
+    runs inside the grouped kernel. Expert weights are never targeted without experts=True."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if init not in ("default", "loftq"):
@@ -146,15 +189,25 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
             target_modules = [n for n, m in model.named_modules() if isinstance(m, _LoftQ)]
     if isinstance(target_modules, str):
         target_modules = [target_modules]
-    names = []
+    names, expert_names = [], []
     for name, mod in model.named_modules():
-        if not name or isinstance(mod, LoRALinear) or _inside_lora(model, name):
+        if not name or isinstance(mod, (LoRALinear, LoRAExperts)) or _inside_lora(model, name):
             continue
-        if target_modules is None:
+        if isinstance(mod, QuantExpertsWeight):
+            if experts and (target_modules is None or _matches(name, target_modules)):
+                expert_names.append(name)
+        elif target_modules is None:
             if isinstance(mod, QuantLinear):
                 names.append(name)
         elif _matches(name, target_modules) and isinstance(mod, (QuantLinear, nn.Linear, _LoftQ)):
             names.append(name)
+    for name in expert_names:
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, LoRAExperts(getattr(parent, attr), r=r, alpha=alpha, dtype=dtype))
+    if not names and expert_names:
+        if freeze_base:
+            mark_only_lora_trainable(model)
+        return model
     if not names:
         raise ValueError(f"no layer of the model matches target_modules={target_modules!r} "
                          "(QuantLinear or nn.Linear layers, by full or last name)")
@@ -231,11 +284,13 @@ def _loftq_targets(model, target_modules, r, alpha, format, blocksize, double_qu
 
 def _inside_lora(model: nn.Module, name: str) -> bool:
     parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), (LoRALinear, _LoftQ)) for i in range(1, len(parts)))
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), (LoRALinear, LoRAExperts, _LoftQ))
+               for i in range(1, len(parts)))
 
 
-def _lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+def _lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every adapter: LoRALinear layers and LoRAExperts (per-expert adapters)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))]
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -284,7 +339,7 @@ def memory_report(model: nn.Module) -> dict:
                 elif name[-3:] != "_bs":  # the nested block size (an int) is not stored data
                     add("quantized", t, params=0)
             continue
-        kind = ("lora" if isinstance(mod, LoRALinear) else "linear" if isinstance(mod, nn.Linear)
+        kind = ("lora" if isinstance(mod, (LoRALinear, LoRAExperts)) else "linear" if isinstance(mod, nn.Linear)
                 else "embedding" if isinstance(mod, nn.Embedding) else "other")
         if own:
             kinds[kind]["modules"] += 1
