@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/row_product.h"
 #include "cpu/thread_pool.h"
 #include "qengine/dtype.h"
 #include "qengine/ops.h"
@@ -76,29 +77,6 @@ const float* float_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t 
   return buf.data();
 }
 
-// Runs a fused GEMV kernel (gemv4 or gemv4_bf16) over groups of up to kGemvRows rows of x,
-// held in the kernel's order in xr, and threads over output rows. K tiles are small enough
-// that a group's slice of x stays in L1 (~24 KiB) while all rows pass, and span at most 256
-// blocks of scales (the kernels' per-tile buffer; 64 chunks at block 32).
-template <typename X, typename Gemv>
-void run_fused(const std::vector<X>& xr, Gemv gemv, int64_t M, int64_t K, int64_t N, const uint8_t* packed,
-               int64_t blocksize, const Codebook& cb, const BlockScales& scales, int64_t min_rows, float* y) {
-  constexpr int64_t kL1Bytes = 24576;
-  std::fill(y, y + M * N, 0.0f);
-  const int64_t chunks = K / kGemvChunk;
-  cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; m += kGemvRows) {
-      const int64_t mb = std::min(kGemvRows, M - m);
-      const int64_t tile = std::min<int64_t>(
-          48, std::max<int64_t>(1, kL1Bytes / (mb * kGemvChunk * static_cast<int64_t>(sizeof(X)))));
-      for (int64_t c = 0; c < chunks; c += tile) {
-        gemv(xr.data() + m * K, mb, K, packed, blocksize, cb.table, scales, n0, n1, c, std::min(chunks, c + tile),
-             y + m * N, N);
-      }
-    }
-  });
-}
-
 bool valid_dtype(int dtype) { return dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16; }
 
 // src[first .. first + n) as float32: src itself when it is float32, else widened into buf.
@@ -122,35 +100,80 @@ bool valid(int64_t M, int64_t K, int64_t N, int64_t blocksize, const Codebook& c
 
 }  // namespace
 
-int matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
-               int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
-               float* y) {
-  if (!valid(M, K, N, blocksize, cb) || ldx < K || !valid_dtype(x_dtype)) return kInvalidArgument;
-  if (M == 0 || N == 0) return kOk;
-  const cpu::Kernels& k = cpu::kernels();
+namespace cpu {
+
+bool valid_product(int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t blocksize, const Codebook& cb) {
+  return valid(M, K, N, blocksize, cb) && ldx >= K && valid_dtype(x_dtype);
+}
+
+RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N,
+                       const uint8_t* packed, int64_t blocksize, const Codebook& cb, int rule,
+                       const BlockScales& scales, const float* offsets, float* y)
+    : x_(x), x_dtype_(x_dtype), M_(M), K_(K), ldx_(ldx), N_(N), packed_(packed), blocksize_(blocksize), cb_(cb),
+      rule_(rule), scales_(scales), offsets_(offsets), y_(y) {
+  const Kernels& k = kernels();
   // Enough rows per thread that the decode of a row dominates the bookkeeping.
-  const int64_t min_rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
+  min_rows_ = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
   const bool fused = k.gemv4 != nullptr && cb.bits == 4 && rule == kAbsmax && K % kGemvChunk == 0 &&
                      K % blocksize == 0 && blocksize >= 32 && power_of_two(blocksize);
   if (fused && x_dtype == kBFloat16 && k.gemv4_bf16 != nullptr) {
-    run_fused(bf16_pair_order_x(static_cast<const uint16_t*>(x), M, K, ldx), k.gemv4_bf16, M, K, N, packed, blocksize,
-              cb, scales, min_rows, y);
-    return kOk;
-  }
-  if (fused) {
-    run_fused(nibble_order_x(x, x_dtype, M, K, ldx), k.gemv4, M, K, N, packed, blocksize, cb, scales, min_rows, y);
-    return kOk;
-  }
-  std::vector<float> buf;
-  const float* xf = float_rows(x, x_dtype, M, K, ldx, buf);
-  const int64_t ldxf = x_dtype == kFloat32 ? ldx : K;
-  cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<float> w(static_cast<size_t>(std::max<int64_t>(K, 1)));
-    for (int64_t o = n0; o < n1; ++o) {
-      cpu::decode_span(k, packed, o * K, K, blocksize, cb, rule, scales, offsets, w.data(), kFloat32, false);
-      k.dot_rows(xf, M, K, ldxf, w.data(), y + o, N);
+    path_ = Path::kFusedBf16;
+    xb_ = bf16_pair_order_x(static_cast<const uint16_t*>(x), M, K, ldx);
+  } else if (fused) {
+    path_ = Path::kFusedFloat;
+    xf_ = nibble_order_x(x, x_dtype, M, K, ldx);
+  } else {
+    path_ = Path::kDecodeRows;
+    if (x_dtype != kFloat32) {
+      float_rows(x, x_dtype, M, K, ldx, xf_);
+      ldx_ = K;
     }
-  });
+  }
+}
+
+void RowProduct::run(int64_t n0, int64_t n1) const {
+  for (int64_t m = 0; m < M_; ++m) std::fill(y_ + m * N_ + n0, y_ + m * N_ + n1, 0.0f);
+  const Kernels& k = kernels();
+  if (path_ == Path::kDecodeRows) {
+    const float* xf = xf_.empty() ? static_cast<const float*>(x_) : xf_.data();
+    std::vector<float> w(static_cast<size_t>(std::max<int64_t>(K_, 1)));
+    for (int64_t o = n0; o < n1; ++o) {
+      decode_span(k, packed_, o * K_, K_, blocksize_, cb_, rule_, scales_, offsets_, w.data(), kFloat32, false);
+      k.dot_rows(xf, M_, K_, ldx_, w.data(), y_ + o, N_);
+    }
+    return;
+  }
+  // Groups of up to kGemvRows rows of x share each decoded weight; K tiles are small enough that
+  // a group's slice of x stays in L1 (~24 KiB) while all rows pass, and span at most 256 blocks
+  // of scales (the kernels' per-tile buffer; 64 chunks at block 32).
+  constexpr int64_t kL1Bytes = 24576;
+  const int64_t chunks = K_ / kGemvChunk;
+  const int64_t elem = path_ == Path::kFusedBf16 ? 2 : 4;
+  for (int64_t m = 0; m < M_; m += kGemvRows) {
+    const int64_t mb = std::min(kGemvRows, M_ - m);
+    const int64_t tile = std::min<int64_t>(48, std::max<int64_t>(1, kL1Bytes / (mb * kGemvChunk * elem)));
+    for (int64_t c = 0; c < chunks; c += tile) {
+      const int64_t c1 = std::min(chunks, c + tile);
+      if (path_ == Path::kFusedBf16) {
+        k.gemv4_bf16(xb_.data() + m * K_, mb, K_, packed_, blocksize_, cb_.table, scales_, n0, n1, c, c1,
+                     y_ + m * N_, N_);
+      } else {
+        k.gemv4(xf_.data() + m * K_, mb, K_, packed_, blocksize_, cb_.table, scales_, n0, n1, c, c1, y_ + m * N_,
+                N_);
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+
+int matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
+               int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
+               float* y) {
+  if (!cpu::valid_product(x_dtype, M, K, ldx, N, blocksize, cb)) return kInvalidArgument;
+  if (M == 0 || N == 0) return kOk;
+  const cpu::RowProduct product(x, x_dtype, M, K, ldx, N, packed, blocksize, cb, rule, scales, offsets, y);
+  cpu::parallel_for(0, N, product.min_rows(), 1, [&](int64_t n0, int64_t n1) { product.run(n0, n1); });
   return kOk;
 }
 

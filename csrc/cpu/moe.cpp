@@ -1,13 +1,18 @@
-// CPU grouped Mixture-of-Experts forward: tokens are bucketed by expert (a counting sort),
-// then each expert that received tokens runs its two dequantize-matmuls on its own rows
-// through matmul_cpu (the fused small-batch kernel, 8 rows per decoded weight), the LoRA
-// epilogue, the gate activation, and a weighted sum into the output. No dense weight copy.
+// CPU grouped Mixture-of-Experts forward: the (token, slot) pairs are bucketed by expert (a
+// counting sort); the up projections of all experts that received tokens then run as one
+// parallel region of fused small-batch GEMVs (each decoded weight serves up to 8 of the
+// expert's rows), then the LoRA epilogues, the gate activation, the down projections (one
+// more region) and the weighted sum into the output. No dense weight copy, no per-expert
+// thread barrier.
 #include "qengine/moe.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "cpu/row_product.h"
+#include "cpu/thread_pool.h"
 #include "qengine/dtype.h"
 #include "qengine/ops.h"
 #include "qengine/status.h"
@@ -60,24 +65,54 @@ bool valid_matrices(const ExpertMatrices& m) {
   return (m.lora_a == nullptr) == (m.lora_b == nullptr) && (m.lora_a == nullptr || m.lora_rank > 0);
 }
 
-// y[m, n] (float32 [rows, N]) = expert e's product for `rows` rows of x (x_dtype, contiguous
-// [rows, K]), with its LoRA side path and bias.
-int expert_product(const ExpertMatrices& m, int64_t e, const void* x, int x_dtype, int64_t rows, float* y,
-                   std::vector<float>& scale_buf) {
-  const ExpertSlice s = slice(m, e, scale_buf);
-  int status = matmul_cpu(x, x_dtype, rows, m.K, m.K, m.N, s.packed, m.blocksize, m.cb, m.rule, s.scales, s.offsets, y);
-  if (status != kOk) return status;
+// Adds expert e's LoRA side path and bias to its rows of y (float32 [rows, N]).
+int expert_epilogue(const ExpertMatrices& m, int64_t e, const void* x, int x_dtype, int64_t rows, float* y) {
   if (m.lora_a != nullptr) {
     const int64_t es = dtype_size(m.lora_dtype);
     const char* a = static_cast<const char*>(m.lora_a) + e * m.lora_rank * m.K * es;
     const char* b = static_cast<const char*>(m.lora_b) + e * m.N * m.lora_rank * es;
-    status = lora_epilogue_cpu(x, x_dtype, rows, m.K, a, b, m.lora_dtype, m.lora_rank, m.N, m.lora_scale, y);
+    const int status = lora_epilogue_cpu(x, x_dtype, rows, m.K, a, b, m.lora_dtype, m.lora_rank, m.N, m.lora_scale, y);
     if (status != kOk) return status;
   }
   if (m.bias != nullptr) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t n = 0; n < m.N; ++n) y[r * m.N + n] += load_as_float(m.bias, m.bias_dtype, e * m.N + n);
     }
+  }
+  return kOk;
+}
+
+// The products of every active expert with one matrix, in one parallel region: expert j's
+// rows are j*N .. j*N + N of a virtual stacked output, split across threads like one GEMV.
+// x holds the tokens' rows grouped by expert (expert e's from row start[e]); y likewise.
+int grouped_products(const ExpertMatrices& m, const std::vector<int64_t>& active, const std::vector<int64_t>& start,
+                     const char* x, int x_dtype, float* y) {
+  const int64_t es = dtype_size(x_dtype);
+  if (!cpu::valid_product(x_dtype, 1, m.K, m.K, m.N, m.blocksize, m.cb)) return kInvalidArgument;
+  std::vector<std::vector<float>> scale_bufs(active.size());
+  std::vector<cpu::RowProduct> products;
+  products.reserve(active.size());
+  for (size_t j = 0; j < active.size(); ++j) {
+    const int64_t e = active[j], rows = start[e + 1] - start[e];
+    const ExpertSlice s = slice(m, e, scale_bufs[j]);
+    products.emplace_back(x + start[e] * m.K * es, x_dtype, rows, m.K, m.K, m.N, s.packed, m.blocksize, m.cb, m.rule,
+                          s.scales, s.offsets, y + start[e] * m.N);
+  }
+  const int64_t total = static_cast<int64_t>(active.size()) * m.N;
+  if (total > 0) {
+    cpu::parallel_for(0, total, products.front().min_rows(), 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1;) {
+        const int64_t j = g / m.N, r0 = g - j * m.N, r1 = std::min(m.N, r0 + (g1 - g));
+        products[j].run(r0, r1);
+        g += r1 - r0;
+      }
+    });
+  }
+  for (size_t j = 0; j < active.size(); ++j) {
+    const int64_t e = active[j];
+    const int status = expert_epilogue(m, e, x + start[e] * m.K * es, x_dtype, start[e + 1] - start[e],
+                                       y + start[e] * m.N);
+    if (status != kOk) return status;
   }
   return kOk;
 }
@@ -105,45 +140,48 @@ int moe_experts_cpu(const void* x, int x_dtype, int64_t T, int64_t H, const int6
   std::vector<int64_t> order(static_cast<size_t>(pairs));
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t p = 0; p < pairs; ++p) order[fill[index[p]]++] = p;
-
-  std::fill(y, y + T * H, 0.0f);
-  const int64_t es = dtype_size(x_dtype);
-  std::vector<char> xe, he;                 // this expert's rows of x, and its intermediate (x's dtype)
-  std::vector<float> a, out, scale_buf;     // up projection [rows, up.N], down projection [rows, H]
+  std::vector<int64_t> active;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t rows = start[e + 1] - start[e];
-    if (rows == 0) continue;
-    const int64_t* mine = order.data() + start[e];
-    xe.resize(static_cast<size_t>(rows * H * es));
-    for (int64_t r = 0; r < rows; ++r) {
-      std::memcpy(xe.data() + r * H * es, static_cast<const char*>(x) + (mine[r] / topk) * H * es,
-                  static_cast<size_t>(H * es));
-    }
-    a.resize(static_cast<size_t>(rows * up.N));
-    int status = expert_product(up, e, xe.data(), x_dtype, rows, a.data(), scale_buf);
-    if (status != kOk) return status;
-    he.resize(static_cast<size_t>(rows * inter * es));
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* ar = a.data() + r * up.N;
+    if (start[e + 1] > start[e]) active.push_back(e);
+  }
+
+  // The pairs' rows of x, grouped by expert.
+  const int64_t es = dtype_size(x_dtype);
+  std::vector<char> xs(static_cast<size_t>(pairs * H * es));
+  for (int64_t i = 0; i < pairs; ++i) {
+    std::memcpy(xs.data() + i * H * es, static_cast<const char*>(x) + (order[i] / topk) * H * es,
+                static_cast<size_t>(H * es));
+  }
+  std::vector<float> a(static_cast<size_t>(pairs * up.N));
+  int status = grouped_products(up, active, start, xs.data(), x_dtype, a.data());
+  if (status != kOk) return status;
+  // The gate, rounded to x's dtype (what the down projection of a dense model of that dtype reads).
+  std::vector<char> h(static_cast<size_t>(pairs * inter * es));
+  cpu::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / inter), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* ar = a.data() + i * up.N;
       for (int64_t j = 0; j < inter; ++j) {
-        float h;
-        if (gate_layout == kGateConcatenated) h = activate(ar[j], activation) * ar[inter + j];
-        else if (gate_layout == kGateInterleaved) h = activate(ar[2 * j], activation) * ar[2 * j + 1];
-        else h = activate(ar[j], activation);
-        store_from_float(he.data(), x_dtype, r * inter + j, h);
+        float v;
+        if (gate_layout == kGateConcatenated) v = activate(ar[j], activation) * ar[inter + j];
+        else if (gate_layout == kGateInterleaved) v = activate(ar[2 * j], activation) * ar[2 * j + 1];
+        else v = activate(ar[j], activation);
+        store_from_float(h.data(), x_dtype, i * inter + j, v);
       }
     }
-    out.resize(static_cast<size_t>(rows * H));
-    status = expert_product(down, e, he.data(), x_dtype, rows, out.data(), scale_buf);
-    if (status != kOk) return status;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t p = mine[r];
-      const float w = weights[p];
-      float* yt = y + (p / topk) * H;
-      const float* o = out.data() + r * H;
-      for (int64_t i = 0; i < H; ++i) yt[i] += w * o[i];
+  });
+  std::vector<float> out(static_cast<size_t>(pairs * H));
+  status = grouped_products(down, active, start, h.data(), x_dtype, out.data());
+  if (status != kOk) return status;
+  // y[t] = sum of its pairs' weighted outputs, threads over columns (each pair in sorted order).
+  cpu::parallel_for(0, H, 1024, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t t = 0; t < T; ++t) std::fill(y + t * H + c0, y + t * H + c1, 0.0f);
+    for (int64_t i = 0; i < pairs; ++i) {
+      const float w = weights[order[i]];
+      float* yt = y + (order[i] / topk) * H;
+      const float* o = out.data() + i * H;
+      for (int64_t c = c0; c < c1; ++c) yt[c] += w * o[c];
     }
-  }
+  });
   return kOk;
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from typing import Iterator, Optional, Sequence
 
@@ -21,12 +22,14 @@ from .. import __version__
 from .._io import atomic_path
 from ..formats import get_format
 from ..functional import quantize
-from ..nn import QuantLinear
+from ..moe import is_experts_module, quantize_experts
+from ..nn import QuantExpertsWeight, QuantLinear
 
 __all__ = ["QUANT_METHOD", "check_quantization_config", "require_transformers", "load_config", "build_model", "quantizable_linears",
            "load_model", "save_quantized", "quantize_checkpoint", "iter_checkpoint_tensors"]
 
 QUANT_METHOD = "qengine"
+log = logging.getLogger("qengine")
 SAFETENSORS_NAME = "model.safetensors"
 
 
@@ -167,7 +170,20 @@ def _skeleton(model: nn.Module, qc: dict) -> None:
     for load_state_dict to fill."""
     fmt = get_format(qc["format"])
     bs = qc["blocksize"]
+    experts_modules = set()
     for name in qc["modules"]:
+        path, _, attr = name.rpartition(".")
+        parent = model.get_submodule(path) if path else model
+        w = getattr(parent, attr, None)
+        if isinstance(w, torch.Tensor) and w.dim() == 3 and hasattr(parent, "is_transposed"):
+            # A Mixture-of-Experts weight [E, N, K] (or [E, K, N] transposed): an empty quantized one.
+            E, a, b = w.shape
+            N, K = (b, a) if parent.is_transposed else (a, b)
+            delattr(parent, attr)
+            setattr(parent, attr, QuantExpertsWeight(E, N, K, format=fmt, blocksize=bs,
+                                                     double_quant=bool(qc["double_quant"])))
+            experts_modules.add(parent)
+            continue
         try:
             lin = model.get_submodule(name)
         except AttributeError:
@@ -182,6 +198,8 @@ def _skeleton(model: nn.Module, qc: dict) -> None:
         for pname, p in list(mod._parameters.items()):
             if p is not None and p.device.type == "meta":
                 mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+    for experts in experts_modules:
+        quantize_experts(experts)  # both weights are quantized already: records the layout and the implementation
 
 
 def load_model(model_dir: str | os.PathLike, format: Optional[str] = None, blocksize: Optional[int] = 64,
@@ -279,7 +297,13 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     if bnb and fmt.name not in ("nf4", "fp4"):
         raise ValueError(f"the bitsandbytes layout holds nf4 or fp4 weights, not {fmt.name}")
     _checkpoint_files(model_dir)  # fail on a directory without weights before any work
-    targets = set(quantizable_linears(build_model(config, empty=True), skip))
+    skeleton = build_model(config, empty=True)
+    targets = set(quantizable_linears(skeleton, skip))
+    if any(is_experts_module(m) for m in skeleton.modules()):
+        log.warning("qengine: %s is a Mixture-of-Experts model; the streaming quantizer keeps its per-expert "
+                    "checkpoint matrices in float. Load it with from_pretrained(quantization_config=QEngineConfig()) "
+                    "or qengine.hf.load_model(format=...), then save_pretrained / save_quantized, to quantize the "
+                    "experts too", model_dir)
     keys = {f"{n}.weight": n for n in targets}
     out, bytes_in = {}, 0
     items = iter_checkpoint_tensors(model_dir)

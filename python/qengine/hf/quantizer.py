@@ -25,7 +25,10 @@ from .. import __version__
 from .._checks import check_blocksize
 from ..formats import get_format
 from ..functional import quantize
-from ..nn import QuantLinear
+from ..model import _experts_targets
+from ..moe import IMPLEMENTATION, experts_layout, register_experts_implementation
+from ..nn import QuantExpertsWeight, QuantLinear
+from ..nn.experts import check_expert_blocks
 from ..tensor import QuantizedTensor
 from .checkpoint import QUANT_METHOD, check_quantization_config, quantizable_linears
 
@@ -102,8 +105,22 @@ class _Quantize(ConversionOps):
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
                 missing_keys=None, **kwargs):
         (value,) = [v[0] if isinstance(v, list) else v for v in input_dict.values()]
-        name = full_layer_name.rsplit(".", 1)[0]
         cfg = self.hf_quantizer.quantization_config
+        if full_layer_name in self.hf_quantizer._expert_params:
+            # A Mixture-of-Experts weight, after transformers merged the checkpoint's per-expert
+            # matrices into its 3-D parameter.
+            experts, attr = _parent(model, full_layer_name)
+            q = QuantExpertsWeight.from_weight(value, cfg.format, cfg.blocksize, cfg.double_quant,
+                                               transposed=bool(experts.is_transposed))
+            _page_out(value)
+            q._is_hf_initialized = True
+            delattr(experts, attr)
+            setattr(experts, attr, q)
+            _finish_experts(experts)
+            if missing_keys is not None:
+                missing_keys.discard(full_layer_name)
+            return {}
+        name = full_layer_name.rsplit(".", 1)[0]
         parent, attr = _parent(model, name)
         linear = getattr(parent, attr)
         bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
@@ -129,6 +146,29 @@ class _Slot(nn.Module):
         self.bias = linear.bias
 
 
+class _ExpertSlot(nn.Module):
+    """Stands for a quantized Mixture-of-Experts weight [E, N, K] while a qengine checkpoint
+    loads (the float 3-D parameter is never allocated)."""
+
+    def __init__(self, weight: torch.Tensor, transposed: bool):
+        super().__init__()
+        E, a, b = weight.shape
+        self.num_experts, self.expert_out_features, self.in_features = (E, b, a) if transposed else (E, a, b)
+
+
+def _expert_weight_names(mod: nn.Module) -> tuple[str, str]:
+    return ("gate_up_proj" if mod.has_gate else "up_proj"), "down_proj"
+
+
+def _finish_experts(experts: nn.Module) -> None:
+    """Once both weights of an experts module are quantized: its layout and the "qengine"
+    experts implementation (the grouped kernel)."""
+    if all(isinstance(getattr(experts, a), QuantExpertsWeight) for a in _expert_weight_names(experts)):
+        experts._qengine_moe = experts_layout(experts)
+        register_experts_implementation()
+        experts.config._experts_implementation = IMPLEMENTATION
+
+
 class QEngineHfQuantizer(HfQuantizer):
     """transformers' quantizer for QEngineConfig (see the module docstring)."""
 
@@ -137,6 +177,7 @@ class QEngineHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QEngineConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self._targets: set = set()
+        self._expert_params: set = set()
         self._files: list = []
 
     def validate_environment(self, *args, device_map=None, **kwargs):
@@ -144,8 +185,10 @@ class QEngineHfQuantizer(HfQuantizer):
             raise ValueError("qengine-quantized models cannot be offloaded to disk (device_map has 'disk')")
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return (not self.pre_quantized and param_name.endswith(".weight")
-                and param_name[: -len(".weight")] in self._targets)
+        if self.pre_quantized:
+            return False
+        return param_name in self._expert_params or (param_name.endswith(".weight")
+                                                     and param_name[: -len(".weight")] in self._targets)
 
     def get_quantize_ops(self):
         return _Quantize(self)
@@ -155,10 +198,22 @@ class QEngineHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             skip = list(cfg.skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
             self._targets = set(quantizable_linears(model, skip))
+            for name in _experts_targets(model, skip):
+                experts = model.get_submodule(name)
+                experts_layout(experts)  # an unsupported layout fails now, naming it, not midway through loading
+                self._expert_params.update(f"{name}.{a}" for a in _expert_weight_names(experts))
             return model
         check_quantization_config(cfg.to_dict(), "quantization_config")
         self._files = list(checkpoint_files or [])
         for name in cfg.modules:
+            parent, attr = _parent(model, name)
+            # (flags, not is_experts_module: the module's other weight may be a slot already)
+            if all(hasattr(parent, f) for f in ("has_gate", "is_transposed")) and \
+                    attr in _expert_weight_names(parent) and isinstance(getattr(parent, attr, None), torch.Tensor):
+                weight = getattr(parent, attr)
+                delattr(parent, attr)
+                setattr(parent, attr, _ExpertSlot(weight, bool(parent.is_transposed)))
+                continue
             try:
                 mod = model.get_submodule(name)
             except AttributeError:
@@ -182,6 +237,7 @@ class QEngineHfQuantizer(HfQuantizer):
                 mod._set_quantized(mod.quantized())
         cfg.modules = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
         cfg.qengine_version = __version__
+        keep_quantized_expert_keys(model)
         return model
 
     def is_serializable(self, safe_serialization=None):
@@ -274,7 +330,7 @@ def _read_tensor(f, path: str, base: int, key: str, entry: dict) -> torch.Tensor
 def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
     """Replaces every _Slot by the QuantLinear stored in the checkpoint files, one layer's
     tensors read at a time; the quantize kernel is never called."""
-    slots = {n: m for n, m in model.named_modules() if isinstance(m, _Slot)}
+    slots = {n: m for n, m in model.named_modules() if isinstance(m, (_Slot, _ExpertSlot))}
     if not slots:
         return
     if not files:
@@ -296,6 +352,18 @@ def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
             with open(path, "rb") as f:
                 sd[key[len(name) + 1:]] = _read_tensor(f, path, indexes[path][0], key, entry)
         q = QuantizedTensor.from_state_dict(sd, "weight.")
+        if isinstance(slot, _ExpertSlot):
+            expected = (slot.num_experts * slot.expert_out_features, slot.in_features)
+            if tuple(q.shape) != expected:
+                raise ValueError(f"{name}.weight has shape {tuple(q.shape)}, the model's {slot.num_experts} experts of "
+                                 f"[{slot.expert_out_features}, {slot.in_features}] need {expected}")
+            layer = QuantExpertsWeight.from_quantized(q)
+            layer.num_experts, layer.expert_out_features = slot.num_experts, slot.expert_out_features
+            check_expert_blocks(slot.expert_out_features, slot.in_features, None if q.per_row else q.blocksize)
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, layer)
+            _finish_experts(parent)
+            continue
         if tuple(q.shape) != (slot.out_features, slot.in_features):
             raise ValueError(f"{name}.weight has shape {tuple(q.shape)}, the model expects "
                              f"({slot.out_features}, {slot.in_features})")
@@ -308,6 +376,31 @@ def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
             layer.to(bias.device)
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer)
+
+
+def keep_quantized_expert_keys(model: nn.Module) -> None:
+    """Stops save_pretrained from splitting quantized expert weights back into transformers'
+    per-expert checkpoint matrices (its reverse weight conversion would cut packed codes as if
+    they were a float [E, N, K] tensor): the conversions that target a quantized experts weight
+    are dropped from the model's list, so their qengine tensors are saved under their own names
+    (from_pretrained of the folder reads them back through quantization_config.modules)."""
+    from transformers.core_model_loading import PrefixChange, WeightConverter
+
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantExpertsWeight)]
+    if not names:
+        return
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                       if not isinstance(c, PrefixChange)]
+
+    def targets_quantized(c) -> bool:
+        return isinstance(c, WeightConverter) and any(
+            re.search(re.escape(t).replace(r"\*", r"[^.]+"), n) for t in c.target_patterns for n in names)
+
+    model._weight_conversions = [c for c in conversions if not targets_quantized(c)]
 
 
 def mark_quantized(model: nn.Module) -> QEngineConfig:
@@ -326,6 +419,7 @@ def mark_quantized(model: nn.Module) -> QEngineConfig:
     cfg = QEngineConfig(fmt, bs, dq, compute_dtype=cdt.pop() if len(cdt) == 1 else None)
     cfg.modules, cfg.qengine_version = sorted(n for n, _ in layers), __version__
     model.config.quantization_config = cfg
+    keep_quantized_expert_keys(model)
     model.hf_quantizer = QEngineHfQuantizer(cfg, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD

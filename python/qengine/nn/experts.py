@@ -33,7 +33,7 @@ class QuantExpertsWeight(QuantLinear):
                  dtype: torch.dtype = torch.float32):
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        _check_expert_blocks(out_features, in_features, blocksize)
+        check_expert_blocks(out_features, in_features, blocksize)
         super().__init__(in_features, num_experts * out_features, bias=False, format=format, blocksize=blocksize,
                          double_quant=double_quant, device=device, dtype=dtype)
         self.num_experts, self.expert_out_features = num_experts, out_features
@@ -52,7 +52,7 @@ class QuantExpertsWeight(QuantLinear):
         E, N, K = w.shape
         if E == 0 or N == 0 or K == 0:
             raise ValueError(f"expert weight must be non-empty, got shape {tuple(weight.shape)}")
-        _check_expert_blocks(N, K, blocksize)
+        check_expert_blocks(N, K, blocksize)
         q = quantize(w.reshape(E * N, K).contiguous(), format, blocksize, double_quant)
         self = cls.from_quantized(q)
         self.__class__ = cls
@@ -81,7 +81,7 @@ class QuantExpertsWeight(QuantLinear):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        _check_expert_blocks(self.expert_out_features, self.in_features, None if self.per_row else self.blocksize)
+        check_expert_blocks(self.expert_out_features, self.in_features, None if self.per_row else self.blocksize)
 
     def extra_repr(self) -> str:
         bs = "row" if self.per_row else self.blocksize
@@ -90,7 +90,7 @@ class QuantExpertsWeight(QuantLinear):
                 f"double_quant={self.double_quant}, bytes={self.weight_nbytes}")
 
 
-def _check_expert_blocks(N: int, K: int, blocksize: Optional[int]) -> None:
+def check_expert_blocks(N: int, K: int, blocksize: Optional[int]) -> None:
     for name, v in (("out_features", N), ("in_features", K)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"expert {name} must be a positive int, got {v!r}")
