@@ -35,8 +35,9 @@ CONFIGS = {
 }
 MODELS = list(CONFIGS)
 # Relative Frobenius error of the logits, NF4 / block 64 / double quant against the float32
-# model (everything but lm_head quantized; seeded): measured 0.03-0.06 on these random models.
-FLOAT_REL_ERROR_BOUND = 0.15
+# model (everything but lm_head quantized): measured 0.097-0.140 over seeds 0-2 for the three
+# models (NF4 itself has ~0.1 relative weight error; cf. 0.112 for the small Llama).
+FLOAT_REL_ERROR_BOUND = 0.25
 
 
 def _experts(model):
@@ -78,8 +79,9 @@ def test_quantized_logits(name):
     ids = _ids()
     with torch.no_grad():
         lq, lref, lf = model(ids).logits, ref(ids).logits, float_model(ids).logits
-    # Same weights, two paths (grouped kernel vs eager loop), float32: accumulation order only.
-    torch.testing.assert_close(lq, lref, rtol=1e-4, atol=1e-4)
+    # Same weights, two paths (grouped kernel vs eager loop), float32: accumulation order only
+    # (measured max abs difference <= 1.8e-7 on logits of magnitude ~1).
+    torch.testing.assert_close(lq, lref, rtol=1e-5, atol=1e-5)
     rel = float((lq - lf).norm() / lf.norm())
     assert 0 < rel < FLOAT_REL_ERROR_BOUND, rel
     out = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
@@ -192,7 +194,9 @@ def test_memory_report_counts_experts():
     assert rep["total"]["params"] == total
     assert rep["quantized"]["params"] >= expert_params
     assert rep["quantized"]["modules"] == 2 * 2 + 2 * 4  # 2 layers: gate_up + down, q/k/v/o
-    assert rep["total"]["bytes"] < 0.5 * float_bytes  # embeddings and lm_head stay float in this tiny model
+    # measured 0.241 of the float32 bytes (NF4 + double quant; embeddings and lm_head, 12% of this
+    # tiny model's parameters, stay float32)
+    assert rep["total"]["bytes"] < 0.3 * float_bytes
 
 
 def test_warning_when_experts_are_skipped(caplog):

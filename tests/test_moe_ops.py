@@ -14,11 +14,12 @@ from moe_reference import moe_reference
 from qengine.nn import LoRAExperts, QuantExperts
 
 GATES = {"concatenated": dict(gate=True), "interleaved": dict(gate=True, interleaved=True), "none": dict(gate=False)}
-# Tolerances (relative Frobenius error against float64). float32: float32 accumulation over
-# K <= 256 terms, ~1e-6 measured. bfloat16/float16: the intermediate act(gate) * up is rounded to
-# x's dtype (the reference rounds it too, but a float32-vs-float64 difference can flip a rounding:
-# one ulp on a few elements) and the output is rounded once (half an ulp: 2^-9 for bf16, 2^-12 fp16).
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
+# Tolerances (relative Frobenius error against float64; measured worst over shapes, gate layouts
+# and T = 33 in brackets). float32 [1.6e-7]: float32 accumulation over K <= 256 terms.
+# bfloat16 [4.4e-3] / float16 [2.1e-4]: the intermediate act(gate) * up is rounded to x's dtype
+# (the reference rounds it too, but a float32-vs-float64 difference flips the rounding of a few
+# elements by one ulp: 2^-8 for bf16, 2^-11 for fp16) and the output is rounded once (half an ulp).
+TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 def _layer(E, H, I, gate="concatenated", act="silu", bias=False, format="nf4", blocksize=64, dq=True,
