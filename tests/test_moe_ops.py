@@ -118,10 +118,12 @@ def test_lora(which, lora_dtype, dtype, gate):
 
 
 @pytest.mark.parametrize("format,bs,dq", [
-    ("nf4", 64, True),    # 128x64 experts: 128 blocks of 64 each, expert boundaries NOT on 256-block nested groups
-    ("nf4", 32, True),    # 256 blocks per expert: expert boundaries aligned to the nested groups
-    ("nf4", 64, False), ("fp4", 64, True), ("fp4", 128, False), ("int8", 64, False), ("int8", 64, True),
-    ("uint4", 64, False), ("uint8", 64, False), ("int4", None, False), ("uint8", None, False)])
+    # gate_up experts are 64x128 = 8192 elements, down experts 128x32 = 4096. Double quant groups
+    # 256 scales: at block 64, gate_up experts hold 128 blocks (experts 1, 3 start inside a nested
+    # group: NOT aligned); at block 32 they hold 256 blocks (aligned; down: 128, not aligned).
+    ("nf4", 64, True), ("nf4", 32, True), ("nf4", 64, False), ("fp4", 64, True), ("fp4", 128, False),
+    ("int8", 64, False), ("int8", 64, True),
+    ("uint4", 64, False), ("uint4", 64, True), ("uint8", 64, False), ("int4", None, False), ("uint8", None, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_formats(format, bs, dq, dtype):
     m = _layer(5, 128, 32, format=format, blocksize=bs, dq=dq)  # up: 64x128 = 8192 elems, down: 128x32
