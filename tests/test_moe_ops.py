@@ -299,3 +299,15 @@ def test_odd_expert_size_needs_whole_bytes():
     m = QuantExperts.from_weights(gu, dn, format="int8", blocksize=None, double_quant=False)  # primes at 8 bits
     idx, w = _routing(7, 3, 2)
     _check(m, torch.randn(7, 97), idx, w)
+
+
+@pytest.mark.cuda
+def test_cuda_equals_reference():
+    m = _add_lora(_layer(4, 96, 32, bias=True, blocksize=32), "both")
+    x = torch.randn(7, 96)
+    idx, w = _routing(7, 4, 2)
+    with torch.no_grad():
+        ref = _ref(m, x, idx, w, "concatenated", "silu")
+        y = m.to("cuda")(x.cuda(), idx.cuda(), w.cuda())
+    assert y.device.type == "cuda"
+    assert float((y.cpu().double() - ref).norm() / ref.norm()) < 1e-5
