@@ -14,7 +14,7 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES
 from .._moe_ops import ACTIVATIONS, GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE
-from ..formats import Format
+from ..formats import Format, get_format
 from ..functional import quantize
 from .quant_linear import QuantLinear
 
@@ -53,6 +53,10 @@ class QuantExpertsWeight(QuantLinear):
         if E == 0 or N == 0 or K == 0:
             raise ValueError(f"expert weight must be non-empty, got shape {tuple(weight.shape)}")
         check_expert_blocks(N, K, blocksize)
+        bits = get_format(format).bits
+        if (N * K * bits) % 8:  # the grouped kernel addresses each expert from a whole byte
+            raise ValueError(f"one expert's {N}x{K} weight does not fill whole bytes at {bits} bits (use an 8-bit "
+                             "format, or experts with an even number of elements)")
         q = quantize(w.reshape(E * N, K).contiguous(), format, blocksize, double_quant)
         self = cls.from_quantized(q)
         self.__class__ = cls
@@ -174,6 +178,9 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
     if ua is not None and da is not None and s_up != s_down:
         raise ValueError(f"the adapters of one experts layer must share alpha / r, got {s_up} and {s_down}")
     scale = s_up if s_up is not None else (s_down if s_down is not None else 0.0)
+    if hidden_states.dim() >= 1 and hidden_states.shape[-1] != up.in_features:
+        raise ValueError(f"hidden_states has {hidden_states.shape[-1]} features, this experts layer takes "
+                         f"{up.in_features} (shape {tuple(hidden_states.shape)})")
     up_state, up_off = up.kernel_state()
     down_state, down_off = down.kernel_state()
     up_bias = getattr(module, "gate_up_proj_bias" if gate_layout != NO_GATE else "up_proj_bias", None) \
