@@ -117,6 +117,46 @@ int grouped_products(const ExpertMatrices& m, const std::vector<int64_t>& active
   return kOk;
 }
 
+// h[i] (x's dtype, [inter]) = the gate of a[i] (float32 [up.N]) for pairs i in [i0, i1).
+void gate_rows(const float* a, int64_t up_n, int64_t inter, int gate_layout, int activation, int x_dtype, int64_t i0,
+               int64_t i1, char* h) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* ar = a + i * up_n;
+    for (int64_t j = 0; j < inter; ++j) {
+      float v;
+      if (gate_layout == kGateConcatenated) v = activate(ar[j], activation) * ar[inter + j];
+      else if (gate_layout == kGateInterleaved) v = activate(ar[2 * j], activation) * ar[2 * j + 1];
+      else v = activate(ar[j], activation);
+      store_from_float(h, x_dtype, i * inter + j, v);
+    }
+  }
+}
+
+// Decoding: few rows per expert and at least as many active experts as threads. Each thread
+// then runs whole experts (up projection, gate, down projection) on its own, with no barrier
+// between the phases; every expert's weights are one contiguous stream for one core. (Only
+// without LoRA: its epilogue is a parallel region of its own, which a worker must not open.)
+void experts_per_thread(const ExpertMatrices& up, const ExpertMatrices& down, const std::vector<int64_t>& active,
+                        const std::vector<int64_t>& start, const char* xs, int x_dtype, int gate_layout,
+                        int activation, float* a, char* h, float* out) {
+  const int64_t es = dtype_size(x_dtype), inter = down.K;
+  cpu::parallel_for(0, static_cast<int64_t>(active.size()), 1, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> scale_buf;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t e = active[j], rows = start[e + 1] - start[e], r0 = start[e];
+      ExpertSlice s = slice(up, e, scale_buf);
+      cpu::RowProduct(xs + r0 * up.K * es, x_dtype, rows, up.K, up.K, up.N, s.packed, up.blocksize, up.cb, up.rule,
+                      s.scales, s.offsets, a + r0 * up.N).run(0, up.N);
+      expert_epilogue(up, e, nullptr, x_dtype, rows, a + r0 * up.N);  // bias only (no LoRA here)
+      gate_rows(a, up.N, inter, gate_layout, activation, x_dtype, r0, r0 + rows, h);
+      s = slice(down, e, scale_buf);
+      cpu::RowProduct(h + r0 * inter * es, x_dtype, rows, inter, inter, down.N, s.packed, down.blocksize, down.cb,
+                      down.rule, s.scales, s.offsets, out + r0 * down.N).run(0, down.N);
+      expert_epilogue(down, e, nullptr, x_dtype, rows, out + r0 * down.N);
+    }
+  });
+}
+
 }  // namespace
 
 int moe_experts_cpu(const void* x, int x_dtype, int64_t T, int64_t H, const int64_t* index, const float* weights,
@@ -153,27 +193,29 @@ int moe_experts_cpu(const void* x, int x_dtype, int64_t T, int64_t H, const int6
                 static_cast<size_t>(H * es));
   }
   std::vector<float> a(static_cast<size_t>(pairs * up.N));
-  int status = grouped_products(up, active, start, xs.data(), x_dtype, a.data());
-  if (status != kOk) return status;
-  // The gate, rounded to x's dtype (what the down projection of a dense model of that dtype reads).
-  std::vector<char> h(static_cast<size_t>(pairs * inter * es));
-  cpu::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / inter), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float* ar = a.data() + i * up.N;
-      for (int64_t j = 0; j < inter; ++j) {
-        float v;
-        if (gate_layout == kGateConcatenated) v = activate(ar[j], activation) * ar[inter + j];
-        else if (gate_layout == kGateInterleaved) v = activate(ar[2 * j], activation) * ar[2 * j + 1];
-        else v = activate(ar[j], activation);
-        store_from_float(h.data(), x_dtype, i * inter + j, v);
-      }
-    }
-  });
+  std::vector<char> h(static_cast<size_t>(pairs * inter * es));  // the gate, in x's dtype (as a dense model's)
   std::vector<float> out(static_cast<size_t>(pairs * H));
-  status = grouped_products(down, active, start, h.data(), x_dtype, out.data());
-  if (status != kOk) return status;
+  const int64_t threads = cpu::num_threads(), n_active = static_cast<int64_t>(active.size());
+  if (!cpu::valid_product(x_dtype, 1, up.K, up.K, up.N, up.blocksize, up.cb) ||
+      !cpu::valid_product(x_dtype, 1, down.K, down.K, down.N, down.blocksize, down.cb)) {
+    return kInvalidArgument;
+  }
+  if (threads > 1 && n_active >= threads && pairs <= 8 * n_active && up.lora_a == nullptr &&
+      down.lora_a == nullptr) {
+    experts_per_thread(up, down, active, start, xs.data(), x_dtype, gate_layout, activation, a.data(), h.data(),
+                       out.data());
+  } else {
+    int status = grouped_products(up, active, start, xs.data(), x_dtype, a.data());
+    if (status != kOk) return status;
+    // (Small problems run on this thread: a parallel region costs more.)
+    cpu::parallel_for(0, pairs, std::max<int64_t>(1, 65536 / inter), 1, [&](int64_t i0, int64_t i1) {
+      gate_rows(a.data(), up.N, inter, gate_layout, activation, x_dtype, i0, i1, h.data());
+    });
+    status = grouped_products(down, active, start, h.data(), x_dtype, out.data());
+    if (status != kOk) return status;
+  }
   // y[t] = sum of its pairs' weighted outputs, threads over columns (each pair in sorted order).
-  cpu::parallel_for(0, H, 1024, 16, [&](int64_t c0, int64_t c1) {
+  cpu::parallel_for(0, H, std::max<int64_t>(16, 65536 / std::max<int64_t>(pairs, 1)), 16, [&](int64_t c0, int64_t c1) {
     for (int64_t t = 0; t < T; ++t) std::fill(y + t * H + c0, y + t * H + c1, 0.0f);
     for (int64_t i = 0; i < pairs; ++i) {
       const float w = weights[order[i]];

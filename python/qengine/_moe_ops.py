@@ -97,10 +97,16 @@ def _check_args(x, top_k_index, top_k_weights, up, down, up_offsets, down_offset
     _check_matrix("up", up, up_offsets, up_bias, up_lora_a, up_lora_b, E, n_up, H, up_bits, up_bs, x.device)
     _check_matrix("down", down, down_offsets, down_bias, down_lora_a, down_lora_b, E, H, inter, down_bits, down_bs,
                   x.device)
-    if T and top_k_index.device.type == "cpu" and bool(((top_k_index < 0) | (top_k_index >= E)).any()):
-        bad = top_k_index[(top_k_index < 0) | (top_k_index >= E)][0].item()
-        raise ValueError(f"top_k_index holds expert index {bad}, outside [0, {E}) for this layer's {E} experts")
     return E, inter, up_bits, up_bs, down_bits, down_bs, gate_layout, act, n_up
+
+
+def _check_index_range(top_k_index: torch.Tensor, E: int) -> None:
+    """ValueError naming the first expert index outside [0, E). (The CPU kernel checks every
+    index itself before any work; this builds the message, off the hot path there.)"""
+    bad = (top_k_index < 0) | (top_k_index >= E)
+    if top_k_index.numel() and bool(bad.any()):
+        raise ValueError(f"top_k_index holds expert index {top_k_index[bad][0].item()}, outside [0, {E}) for this "
+                         f"layer's {E} experts")
 
 
 def _matrix_args(state, offsets, bits, blocksize, N, K, bias, lora_a, lora_b, lora_scale, lora_dtype):
@@ -128,6 +134,7 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
         down_lora_a, down_lora_b, meta)
     T, H = x.shape
     if x.device.type != "cpu":
+        _check_index_range(top_k_index, E)
         # CUDA: the dense path (dequantize each matrix once, one product per active expert).
         return _dense_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias,
                               up_lora_a, up_lora_b, down_lora_a, down_lora_b, lora_scale, meta).to(x.dtype)
@@ -141,18 +148,30 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
     dbias = None if down_bias is None else down_bias.contiguous()
     y = torch.empty(T, H, dtype=torch.float32)
     if T:
-        _C.moe_experts_cpu(xc.data_ptr(), _DTYPE_CODES[xc.dtype], T, H, idx.data_ptr(), w.data_ptr(), idx.shape[1], E,
-                           _matrix_args(up, up_offsets, up_bits, up_bs, n_up, H, ubias, ua, ub, lora_scale,
-                                        None if ua is None else ua.dtype),
-                           _matrix_args(down, down_offsets, down_bits, down_bs, H, inter, dbias, da, db, lora_scale,
-                                        None if da is None else da.dtype),
-                           gate_layout, act, y.data_ptr())
+        try:
+            _moe_experts_cpu(xc, idx, w, E, H, inter, up, down, up_offsets, down_offsets, ubias, dbias, ua, ub, da, db,
+                             lora_scale, up_bits, up_bs, down_bits, down_bs, n_up, gate_layout, act, y)
+        except ValueError:
+            _check_index_range(idx, E)  # the usual cause, named; anything else re-raised as is
+            raise
     if xc.dtype == torch.float32:
         return y
     out = torch.empty(T, H, dtype=xc.dtype)
     if T:
         _C.cast_float_cpu(y.data_ptr(), T * H, out.data_ptr(), _DTYPE_CODES[xc.dtype])
     return out
+
+
+def _moe_experts_cpu(xc, idx, w, E, H, inter, up, down, up_offsets, down_offsets, ubias, dbias, ua, ub, da, db,
+                     lora_scale, up_bits, up_bs, down_bits, down_bs, n_up, gate_layout, act, y):
+    """One native call; the kernel fills y (float32 [T, H])."""
+    _C.moe_experts_cpu(xc.data_ptr(), _DTYPE_CODES[xc.dtype], xc.shape[0], H, idx.data_ptr(), w.data_ptr(),
+                       idx.shape[1], E,
+                       _matrix_args(up, up_offsets, up_bits, up_bs, n_up, H, ubias, ua, ub, lora_scale,
+                                    None if ua is None else ua.dtype),
+                       _matrix_args(down, down_offsets, down_bits, down_bs, H, inter, dbias, da, db, lora_scale,
+                                    None if da is None else da.dtype),
+                       gate_layout, act, y.data_ptr())
 
 
 def _same_dtype(a, b):
