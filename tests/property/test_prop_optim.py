@@ -137,11 +137,13 @@ def test_steps_match_float64_adamw(shapes, dtype, eight, h, pspec, gspecs, pagin
                 assert (((m_got - m).abs() <= m_tol) | ~fin).all(), "exp_avg differs from the float64 reference"
                 assert (((v_got - v).abs() <= 4 * 2.0**-24 * v + TINY) | ~fin).all(), "exp_avg_sq differs"
                 continue
-            _check_8bit_states(m_got, now[i][3][0], m, "dynamic8")
-            _check_8bit_states(v_got, now[i][3][1], v, "_dynamic8_unsigned")
+            m_mag = (h["b1"] * m0).abs() + ((1 - h["b1"]) * g64).abs()  # m's float32 error scales with these
+            _check_8bit_states(m_got, now[i][3][0], m, m_mag, "dynamic8")
+            _check_8bit_states(v_got, now[i][3][1], v, v, "_dynamic8_unsigned")
 
 
-def _check_8bit_states(got: torch.Tensor, scales: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+def _check_8bit_states(got: torch.Tensor, scales: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor,
+                       name: str) -> None:
     """Blocks of 256 with a finite reference: scale = max |state| (to float32 rounding) and
     every decoded value (normalised by its scale) within the code spacing of the reference's
     (normalised by its max)."""
@@ -150,11 +152,14 @@ def _check_8bit_states(got: torch.Tensor, scales: torch.Tensor, ref: torch.Tenso
     r = torch.nn.functional.pad(ref, (0, pad)).view(-1, 256)
     gv = torch.nn.functional.pad(got, (0, pad)).view(-1, 256)
     absmax = r.abs().amax(1)
-    ok_blocks = torch.isfinite(r).all(1) & (absmax > 1e-30) & (absmax < 1e30)
+    # float32 error of the state (cancellation in m = b1 m0 + (1 - b1) g): up to ~4 ulp of the
+    # magnitudes summed, which may be much larger than the result
+    err = 8 * 2.0**-24 * torch.nn.functional.pad(mag, (0, pad)).view(-1, 256).amax(1)
+    ok_blocks = torch.isfinite(r).all(1) & (absmax > 1e-30) & (absmax < 1e30) & (err <= 1e-3 * absmax)
     if not ok_blocks.any():
         return
-    r, gv, absmax, scales = r[ok_blocks], gv[ok_blocks], absmax[ok_blocks], scales[ok_blocks]
-    assert ((scales - absmax).abs() <= 8 * 2.0**-24 * absmax).all(), f"{name}: block scale is not max |state|"
+    r, gv, absmax, scales, err = r[ok_blocks], gv[ok_blocks], absmax[ok_blocks], scales[ok_blocks], err[ok_blocks]
+    assert ((scales - absmax).abs() <= err + 8 * 2.0**-24 * absmax).all(), f"{name}: block scale is not max |state|"
     within = _within_code_spacing(gv / scales[:, None], r / absmax[:, None], name)
     assert within.all(), f"{name}: a decoded state lies beyond its code spacing"
 

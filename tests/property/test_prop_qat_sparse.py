@@ -54,8 +54,10 @@ def test_fake_quantize_matches_reference_or_raises(shape, dtype, bs, fmt, dq, sp
         expected = (ValueError, r"cannot fake-quantize an empty tensor")
     elif not torch.isfinite(w).all():
         expected = (ValueError, r"w contains NaN or Inf")
-    else:
-        expected = quantize_error(w.contiguous(), fmt, bs, dq)
+    else:  # (of the clamped weights when clip < 1)
+        rbs = (w.shape[-1] if w.dim() else 1) if bs is None else bs
+        expected = quantize_error(_clip_reference(w.contiguous(), rbs, clip)[0] if clip < 1 else w.contiguous(),
+                                  fmt, bs, dq)
     if expected is not None:
         check_raises(expected, fake_quantize, w, fmt, bs, dq, clip)
     else:
