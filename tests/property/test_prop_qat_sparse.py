@@ -144,7 +144,8 @@ def test_sparse24_matches_reference_or_raises(rows, k, dtype, bs, fmt, dq, spec,
     assert q.layout == "2:4" and q.shape == x.shape
     assert torch.equal(q.dequantize(), want), "2:4 dequantize differs from the reference"
     assert unchanged(x, before, stride), "quantize modified its input"
-    if len(shape) == 2 and x.dtype == torch.float32 and float(x.abs().max()) < 2.0**60:
+    # weights inside every x dtype's range (more than 16 half rows hold the weight in x's dtype)
+    if len(shape) == 2 and x.dtype == torch.float32 and float(x.abs().max()) < 2.0**12:
         g = torch.Generator().manual_seed(xseed)
         xin = torch.randn(xrows, k, generator=g).to(xdtype)
         y = qengine.matmul(xin, q)
