@@ -156,7 +156,8 @@ def test_double_quant_overflow_is_named():
     Inf input instead)."""
     w = torch.randn(64)
     w[0] = w[32] = torch.finfo(torch.float32).max
-    for fn in (lambda: qengine.quantize(w, "nf4", 32, double_quant=True), lambda: qat.fake_quantize(w, "nf4", 32, True)):
+    for fn in (lambda: qengine.quantize(w, "nf4", 32, double_quant=True),
+               lambda: qat.fake_quantize(w, "nf4", 32, True)):
         with pytest.raises(ValueError, match="double quantization: the mean of the block scales"):
             fn()
     assert torch.equal(qat.fake_quantize(w, "nf4", 32, False), qengine.quantize(w, "nf4", 32).dequantize())

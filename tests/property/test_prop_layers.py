@@ -183,7 +183,8 @@ def test_lora_forward_and_gradients(n, k, fmt, bs, dq, bias, quant, wspec, batch
     eps = 3 * max(HALF[xdtype], HALF[layer.lora_A.dtype])
     ga_mag = scale * (g64.abs() @ b64.abs()).t() @ x64.abs()  # [r, k]
     gb_mag = scale * g64.abs().t() @ (x64.abs() @ a64.abs().t())  # [n, r]
-    for got, want, mag, what in ((layer.lora_A.grad, a_ref.grad, ga_mag, "A"), (layer.lora_B.grad, b_ref.grad, gb_mag, "B")):
+    for got, want, mag, what in ((layer.lora_A.grad, a_ref.grad, ga_mag, "A"),
+                                 (layer.lora_B.grad, b_ref.grad, gb_mag, "B")):
         assert got is not None and got.dtype == layer.lora_A.dtype, f"no gradient for lora_{what}"
         tol = (8 * max(m, n, k, 1) ** 0.5 * 2.0**-24 + eps) * mag + (m + 1) * torch.finfo(xdtype).smallest_normal
         gerr = (got.double() - want).abs()
