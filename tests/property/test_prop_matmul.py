@@ -104,8 +104,11 @@ def test_matmul_matches_reference_or_raises(n, k, fmt, bs, dq, wspec, batch, xdt
             if lora is not None:  # the side path's gradient is rounded to x's dtype before the sum too
                 eps *= 1.5
             tol = 8 * max(n, 1) ** 0.5 * 2.0**-24 * gmag + eps * gmag + underflow(g64, xdtype)
-            gerr = (xg.grad.to(torch.float64).reshape(-1, k) - gref).abs()
-            assert (gerr <= tol).all(), f"max gradient error {gerr.max().item():.3g}"
+            got_g = xg.grad.to(torch.float64).reshape(-1, k)
+            gerr = (got_g - gref).abs()
+            # a gradient past x's dtype's range is +-inf (the sum over out_features overflows)
+            gover = torch.isinf(got_g) & (gref.abs() + tol >= torch.finfo(xdtype).max)
+            assert ((gerr <= tol) | gover).all(), f"max gradient error {gerr[~gover].max().item():.3g}"
     for t, (before, stride) in zip(inputs, saved):
         assert unchanged(t, before, stride), "matmul modified an input"
     assert torch.equal(q.packed, packed_before)

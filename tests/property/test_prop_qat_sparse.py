@@ -132,9 +132,9 @@ def test_sparse24_matches_reference_or_raises(rows, k, dtype, bs, fmt, dq, spec,
         check_raises(expected, qengine.quantize, x, fmt, bs, dq, sparsity="2:4")
         assert unchanged(x, before, stride)
         return
-    try:
+    try:  # (decoded float16 values may round past 65504 to inf, in the library as here)
         want = ref_sparse_dequantize(x, fmt, bs, dq, dtype)
-        ref_ok = bool(torch.isfinite(want).all())
+        ref_ok = bool(torch.isfinite(ref_sparse_dequantize(x, fmt, bs, dq, torch.float32)).all())
     except (ValueError, RuntimeError):
         ref_ok = False
     if not ref_ok:  # scales past float32 in the reference: quantize must refuse, not return garbage
