@@ -148,3 +148,16 @@ def test_convert_keeps_the_fake_quant_bytes(fmt, bs, dq, clip):
 def test_convert_needs_fake_quant_layers():
     with pytest.raises(ValueError, match="no FakeQuantLinear"):
         qengine.qat.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_double_quant_overflow_is_named():
+    """Finite weights near the float32 limit: the block scales' float32 mean overflows, and
+    fake_quantize says so as quantize does (found by the property tests: it reported a NaN or
+    Inf input instead)."""
+    w = torch.randn(64)
+    w[0] = w[32] = torch.finfo(torch.float32).max
+    for fn in (lambda: qengine.quantize(w, "nf4", 32, double_quant=True),
+               lambda: qat.fake_quantize(w, "nf4", 32, True)):
+        with pytest.raises(ValueError, match="double quantization: the mean of the block scales"):
+            fn()
+    assert torch.equal(qat.fake_quantize(w, "nf4", 32, False), qengine.quantize(w, "nf4", 32).dequantize())

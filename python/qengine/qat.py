@@ -45,6 +45,9 @@ def _nested_roundtrip(values: torch.Tensor) -> torch.Tensor:
     table, mids, order, grid = fmt.kernel_tables(values.device)
     mean = values.mean()
     centred = values - mean
+    if not bool(torch.isfinite(centred).all()):  # as NestedScales.from_values (quantize) reports it
+        raise ValueError("double quantization: the mean of the block scales (or offsets) overflows float32 "
+                         "(weights too close to the float32 limit); fake-quantize with double_quant=False")
     packed, scales, _ = torch.ops.qengine.quantize_blockwise(centred, table, mids, order, grid, 8, _NESTED_BLOCKSIZE,
                                                              0, fmt.identity_order)
     decoded = torch.ops.qengine.dequantize_blockwise(packed, table, scales, None, 8, _NESTED_BLOCKSIZE,

@@ -5,5 +5,6 @@
 """
 
 from .adamw import PagedAdamW, PagedAdamW8bit
+from .paging import SpillError
 
-__all__ = ["PagedAdamW", "PagedAdamW8bit"]
+__all__ = ["PagedAdamW", "PagedAdamW8bit", "SpillError"]

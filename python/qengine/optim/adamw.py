@@ -12,7 +12,7 @@ import torch
 
 from .._ops import _DTYPE_CODES
 from . import _ops, checkpoint
-from .paging import PageManager, PagesBusy
+from .paging import PageManager, PagesBusy, SpillError
 
 __all__ = ["PagedAdamW", "PagedAdamW8bit"]
 
@@ -22,6 +22,7 @@ _IMPL_KEYS = {"foreach": (None, False), "fused": (None, False), "capturable": (F
 DEFAULT_PAGE_ELEMENTS = 1 << 20
 # CUDA without an explicit budget: this fraction of the device memory free at the first step.
 CUDA_DEFAULT_BUDGET_FRACTION = 0.5
+_NOT_APPLIED = "The step was not applied: parameters, optimizer states and step counts are unchanged"
 
 
 def _number(name: str, v) -> float:
@@ -100,6 +101,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         self._mgr: PageManager | None = None
         self._region: dict[torch.Tensor, int] = {}
         self._steps: dict[torch.Tensor, int] = {}
+        self._broken: str | None = None  # why the state is inconsistent (a step failed half-way)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ params
@@ -150,12 +152,38 @@ class _PagedAdamBase(torch.optim.Optimizer):
                 step = self._steps.get(p, 0) + 1
                 hyper_rows.append(_ops.hyper_row(lr, b1, b2, eps, wd, step, maximize))
                 work.append((p, g, len(hyper_rows) - 1, step))
+        if not work:
+            return loss
+        self._check_usable()
+        try:
+            self._mgr.prepare_spill()  # disk trouble shows here, before anything changes
+        except SpillError as e:
+            raise SpillError(e.errno, f"{e.strerror}. {_NOT_APPLIED}", e.filename) from e
+        before = dict(self._steps)
         for p, _, _, step in work:  # counted only once every argument is known good
             self._steps[p] = step
-        if work:
-            hyper = torch.tensor(hyper_rows, dtype=torch.float32)
+        hyper = torch.tensor(hyper_rows, dtype=torch.float32)
+        self._updated = False
+        try:
             self._run(sorted(work, key=lambda w: self._region[w[0]]), hyper)
+        except BaseException as e:
+            self._mgr.release_all()
+            if not self._updated:  # failed before the first kernel ran: nothing changed
+                self._steps = before
+                if isinstance(e, SpillError):
+                    raise SpillError(e.errno, f"{e.strerror}. {_NOT_APPLIED}", e.filename) from e
+                raise
+            self._broken = (f"a step failed after updating part of the parameters ({type(e).__name__}: {e}); "
+                            "parameters and optimizer states are inconsistent: restore both from a checkpoint "
+                            "(load_state_dict makes this optimizer usable again)")
+            if isinstance(e, SpillError):
+                raise SpillError(e.errno, f"{e.strerror}. {self._broken}", e.filename) from e
+            raise
         return loss
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(f"{type(self).__name__} cannot be used: {self._broken}")
 
     def _checked_grad(self, p: torch.Tensor) -> torch.Tensor:
         g = p.grad
@@ -174,6 +202,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         tasks: list[list[int]] = []
 
         def flush():
+            self._updated = True
             _ops.run_tasks(torch.tensor(tasks, dtype=torch.int64).reshape(-1, _ops.TASK_FIELDS), hyper,
                            self.STATE_BITS, mgr.device)
             tasks.clear()
@@ -213,6 +242,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         """torch's optimizer layout: {"state": {index: {...}}, "param_groups": [...]}. 32-bit:
         step, exp_avg, exp_avg_sq (as torch.optim.AdamW's); 8-bit: step, state1, state2 (uint8
         codes), absmax1, absmax2 (float32 per 256 elements)."""
+        self._check_usable()
         return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: dict) -> None:

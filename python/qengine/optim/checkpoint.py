@@ -132,26 +132,32 @@ def load_state_dict(opt, sd: dict) -> None:
         if i not in index:
             raise ValueError(f"state for parameter index {i!r}, which no loaded param group holds")
         entries[index[i]] = _check_state(i, index[i], st, opt.STATE_BITS)
-    # Everything checked: replace groups' settings and every state (absent entries start fresh).
+    # Everything checked: the states go into a new page manager (its spill file, when the
+    # budget needs one, is created and reserved first); only once all are in does it replace
+    # the old one, with the groups' settings (absent entries start fresh). A failure on the
+    # way (e.g. SpillError) leaves the optimizer as it was.
+    mgr = opt._new_manager(opt._mgr.device)
+    region = {p: mgr.add_region(p.numel()) for p in _params(opt)}
+    try:
+        mgr.prepare_spill()
+        for p, st in entries.items():
+            _import(mgr, region[p], p, st)
+    except BaseException:
+        mgr.close()
+        raise
     for g, s in zip(opt.param_groups, saved_groups):
         g.update({k: copy.deepcopy(v) for k, v in s.items() if k != "params"})
-    old = opt._mgr
-    opt._mgr = opt._new_manager(old.device)
-    for p in _params(opt):
-        opt._region[p] = opt._mgr.add_region(p.numel())
+    old, opt._mgr, opt._region = opt._mgr, mgr, region
     old.close()
-    opt._steps = {}
-    for p, st in entries.items():
-        _import(opt, p, st)
-        opt._steps[p] = st["step"]
+    opt._steps = {p: st["step"] for p, st in entries.items()}
+    opt._broken = None
 
 
-def _import(opt, p: torch.Tensor, st: dict) -> None:
-    mgr = opt._mgr
+def _import(mgr, start: int, p: torch.Tensor, st: dict) -> None:
     eight = mgr.state_bits == 8
     names = KEYS[mgr.state_bits][1:]
     src = [st[k].to(mgr.device) for k in names]
-    for span in mgr.spans(opt._region[p], p.numel()):
+    for span in mgr.spans(start, p.numel()):
         buf = mgr.acquire(span.page)
         v = mgr.views(buf)
         sl = slice(span.first, span.first + span.count)

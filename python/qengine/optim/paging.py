@@ -13,6 +13,13 @@ code to 0).
 
 Eviction picks the resident page released most recently: a step walks the pages in order,
 so that page is the one needed last in the next step (Belady's choice for cyclic access).
+
+Spill failures (CPU home): before a step changes anything, prepare_spill() creates the spill
+file and reserves disk space for every page (posix_fallocate), so an unwritable or missing
+spill directory and a full disk (or quota, or file-size limit) raise SpillError while the
+parameters and states are still those of the previous step. A write into reserved space can
+then fail only on a genuine I/O error; a page whose write fails stays resident (its bytes are
+never dropped).
 """
 
 from __future__ import annotations
@@ -27,6 +34,18 @@ import torch
 from . import _ops
 
 BLOCK = _ops.BLOCK
+
+
+class SpillError(OSError):
+    """The paged optimizer could not create, grow, write or read its spill file. errno is the
+    operating system's (ENOSPC, EACCES, EFBIG, ...), filename the spill directory."""
+
+
+def _spill_error(e: OSError, what: str, directory: str) -> SpillError:
+    reason = e.strerror or str(e)
+    return SpillError(e.errno, f"qengine: the paged optimizer could not {what} its spill file in {directory!r} "
+                               f"({reason}); give it a writable directory with room (spill_dir=...) or a larger "
+                               f"budget_bytes", directory)
 
 
 class PagesBusy(Exception):
@@ -149,7 +168,8 @@ class PageManager:
             while self.budget_bytes is not None and self.resident_bytes - held + need > self.budget_bytes:
                 if not self._released:
                     raise PagesBusy
-                self._evict(self._released.pop())
+                self._evict(self._released[-1])  # on a failed write the page stays resident
+                self._released.pop()
             if buf is None and page in self._homed:
                 buf = self._home.load(page, self._homed[page])
                 self.loads += 1
@@ -172,13 +192,31 @@ class PageManager:
         self._busy.clear()
 
     def _evict(self, page: int) -> None:
-        if self._home is None:
-            self._home = (_PinnedHome(self) if self.device.type == "cuda" else _FileHome(self))
-        buf = self.resident.pop(page)
-        self._home.write(page, buf)
+        home = self._ensure_home()
+        buf = self.resident[page]
+        home.write(page, buf)  # before the page leaves `resident`: a failed write loses nothing
+        del self.resident[page]
         self._homed[page] = buf.numel()
         self.resident_bytes -= buf.numel()
         self.evictions += 1
+
+    def _ensure_home(self) -> "_Home":
+        if self._home is None:
+            self._home = (_PinnedHome(self) if self.device.type == "cuda" else _FileHome(self))
+        return self._home
+
+    def _total_needed(self) -> int:
+        """Bytes of every page of the current layout at its full (needed) size."""
+        n = self.num_pages
+        return 0 if n == 0 else (n - 1) * self.page_bytes + self._bytes_for(self._needed(n - 1))
+
+    def prepare_spill(self) -> None:
+        """Creates the CPU spill file and reserves disk space for every page when this layout
+        does not fit the budget, so that the evictions of the coming step write into space
+        already held. Raises SpillError (nothing else changes) when that is not possible."""
+        if self.device.type != "cpu" or self.budget_bytes is None or self._total_needed() <= self.budget_bytes:
+            return
+        self._ensure_home().reserve(self.num_pages)
 
     def page_for_reading(self, page: int) -> torch.Tensor | None:
         """A copy of a page's bytes on the page device, wherever it lives (None: never touched)."""
@@ -208,6 +246,7 @@ class PageManager:
 
 
 class _Home:
+    def reserve(self, pages: int) -> None: ...
     def write(self, page: int, buf: torch.Tensor) -> None: ...
     def load(self, page: int, nbytes: int) -> torch.Tensor: ...
     def close(self) -> None: ...
@@ -222,24 +261,53 @@ class _FileHome(_Home):
 
     def __init__(self, mgr: PageManager):
         self.stride = -(-mgr.page_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-        self.file = tempfile.TemporaryFile(dir=mgr.spill_dir, prefix="qengine-optim-")
+        self.dir = mgr.spill_dir if mgr.spill_dir is not None else tempfile.gettempdir()
+        self.reserved = 0  # pages whose slots hold allocated disk space
+        try:
+            self.file = tempfile.TemporaryFile(dir=self.dir, prefix="qengine-optim-")
+        except OSError as e:
+            raise _spill_error(e, "create", self.dir) from e
         self.fd = self.file.fileno()
 
-    def write(self, page: int, buf: torch.Tensor) -> None:
-        view = memoryview(buf.numpy()).cast("B")
-        done, off = 0, page * self.stride
+    def reserve(self, pages: int) -> None:
+        """Allocates disk space for the slots of pages [0, pages) (a no-op for those held)."""
+        if pages <= self.reserved:
+            return
+        start, end = self.reserved * self.stride, pages * self.stride
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(self.fd, start, end - start)
+            else:  # no fallocate: writing the zeros allocates the blocks as well
+                zeros = bytes(self.stride)
+                for off in range(start, end, self.stride):
+                    self._pwrite_all(memoryview(zeros), off)
+        except OSError as e:
+            raise _spill_error(e, f"reserve {end - start} bytes for", self.dir) from e
+        self.reserved = pages
+
+    def _pwrite_all(self, view: memoryview, off: int) -> None:
+        done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], off + done)
+
+    def write(self, page: int, buf: torch.Tensor) -> None:
+        try:
+            self._pwrite_all(memoryview(buf.numpy()).cast("B"), page * self.stride)
+        except OSError as e:
+            raise _spill_error(e, f"write page {page} to", self.dir) from e
 
     def load(self, page: int, nbytes: int) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy()).cast("B")
         done, off = 0, page * self.stride
-        while done < nbytes:
-            got = os.preadv(self.fd, [view[done:]], off + done)
-            if got <= 0:
-                raise OSError(f"qengine: the optimizer spill file ended early at page {page}")
-            done += got
+        try:
+            while done < nbytes:
+                got = os.preadv(self.fd, [view[done:]], off + done)
+                if got <= 0:
+                    raise OSError(0, f"the file ended early at page {page}")
+                done += got
+        except OSError as e:
+            raise _spill_error(e, f"read page {page} from", self.dir) from e
         return buf
 
     def close(self) -> None:
