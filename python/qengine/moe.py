@@ -15,7 +15,7 @@ from ._moe_ops import ACTIVATIONS, GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE
 from .formats import Format
 from .nn.experts import LoRAExperts, QuantExpertsWeight, experts_forward
 
-__all__ = ["IMPLEMENTATION", "is_experts_module", "experts_layout", "quantize_experts", "register_experts_implementation"]
+__all__ = ["IMPLEMENTATION", "expert_weight_names", "is_float_expert_weight", "is_experts_module", "experts_layout", "quantize_experts", "register_experts_implementation"]
 
 log = logging.getLogger("qengine")
 IMPLEMENTATION = "qengine"  # the name under which transformers dispatches to qengine::moe_experts
@@ -23,18 +23,25 @@ IMPLEMENTATION = "qengine"  # the name under which transformers dispatches to qe
 _FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
 
 
+def expert_weight_names(mod: nn.Module) -> tuple[str, str]:
+    """The attributes holding a transformers experts module's two expert matrices."""
+    return ("gate_up_proj" if mod.has_gate else "up_proj"), "down_proj"
+
+
+def is_float_expert_weight(mod: nn.Module, attr: str) -> bool:
+    """True when `attr` of `mod` is one of its expert matrices, still a float 3-D tensor (a
+    checkpoint loader swaps these one at a time, so the other may already be replaced)."""
+    return (all(hasattr(mod, f) for f in _FLAGS) and attr in expert_weight_names(mod)
+            and isinstance(getattr(mod, attr, None), torch.Tensor) and getattr(mod, attr).dim() == 3)
+
+
 def is_experts_module(mod: nn.Module) -> bool:
     """True for a transformers experts module: the decorator's layout flags plus 3-D weights
     (still float, or already quantized by qengine)."""
     if not all(hasattr(mod, f) for f in _FLAGS):
         return False
-    up = getattr(mod, "gate_up_proj" if mod.has_gate else "up_proj", None)
-    down = getattr(mod, "down_proj", None)
-
-    def expert_weight(t):
-        return (isinstance(t, torch.Tensor) and t.dim() == 3) or isinstance(t, (QuantExpertsWeight, LoRAExperts))
-
-    return expert_weight(up) and expert_weight(down)
+    return all(is_float_expert_weight(mod, a) or isinstance(getattr(mod, a, None), (QuantExpertsWeight, LoRAExperts))
+               for a in expert_weight_names(mod))
 
 
 def _activation(mod: nn.Module) -> str:
@@ -80,7 +87,7 @@ def quantize_experts(mod: nn.Module, format: str | Format = "nf4", blocksize: Op
                         "down_proj parameters with the experts-implementation layout flags)")
     layout = experts_layout(mod)
     register_experts_implementation()
-    for attr in ("gate_up_proj" if mod.has_gate else "up_proj", "down_proj"):
+    for attr in expert_weight_names(mod):
         w = getattr(mod, attr)
         if isinstance(w, (QuantExpertsWeight, LoRAExperts)):
             continue

@@ -22,7 +22,7 @@ from .. import __version__
 from .._io import atomic_path
 from ..formats import get_format
 from ..functional import quantize
-from ..moe import is_experts_module, quantize_experts
+from ..moe import is_experts_module, is_float_expert_weight, quantize_experts
 from ..nn import QuantExpertsWeight, QuantLinear
 
 __all__ = ["QUANT_METHOD", "check_quantization_config", "require_transformers", "load_config", "build_model", "quantizable_linears",
@@ -174,10 +174,9 @@ def _skeleton(model: nn.Module, qc: dict) -> None:
     for name in qc["modules"]:
         path, _, attr = name.rpartition(".")
         parent = model.get_submodule(path) if path else model
-        w = getattr(parent, attr, None)
-        if isinstance(w, torch.Tensor) and w.dim() == 3 and hasattr(parent, "is_transposed"):
+        if is_float_expert_weight(parent, attr):
             # A Mixture-of-Experts weight [E, N, K] (or [E, K, N] transposed): an empty quantized one.
-            E, a, b = w.shape
+            E, a, b = getattr(parent, attr).shape
             N, K = (b, a) if parent.is_transposed else (a, b)
             delattr(parent, attr)
             setattr(parent, attr, QuantExpertsWeight(E, N, K, format=fmt, blocksize=bs,

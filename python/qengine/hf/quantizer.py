@@ -26,7 +26,7 @@ from .._checks import check_blocksize
 from ..formats import get_format
 from ..functional import quantize
 from ..model import _experts_targets
-from ..moe import IMPLEMENTATION, experts_layout, register_experts_implementation
+from ..moe import expert_weight_names, experts_layout, is_float_expert_weight, quantize_experts
 from ..nn import QuantExpertsWeight, QuantLinear
 from ..nn.experts import check_expert_blocks
 from ..tensor import QuantizedTensor
@@ -156,17 +156,11 @@ class _ExpertSlot(nn.Module):
         self.num_experts, self.expert_out_features, self.in_features = (E, b, a) if transposed else (E, a, b)
 
 
-def _expert_weight_names(mod: nn.Module) -> tuple[str, str]:
-    return ("gate_up_proj" if mod.has_gate else "up_proj"), "down_proj"
-
-
 def _finish_experts(experts: nn.Module) -> None:
     """Once both weights of an experts module are quantized: its layout and the "qengine"
-    experts implementation (the grouped kernel)."""
-    if all(isinstance(getattr(experts, a), QuantExpertsWeight) for a in _expert_weight_names(experts)):
-        experts._qengine_moe = experts_layout(experts)
-        register_experts_implementation()
-        experts.config._experts_implementation = IMPLEMENTATION
+    experts implementation (quantize_experts quantizes nothing more then)."""
+    if all(isinstance(getattr(experts, a), QuantExpertsWeight) for a in expert_weight_names(experts)):
+        quantize_experts(experts)
 
 
 class QEngineHfQuantizer(HfQuantizer):
@@ -201,15 +195,13 @@ class QEngineHfQuantizer(HfQuantizer):
             for name in _experts_targets(model, skip):
                 experts = model.get_submodule(name)
                 experts_layout(experts)  # an unsupported layout fails now, naming it, not midway through loading
-                self._expert_params.update(f"{name}.{a}" for a in _expert_weight_names(experts))
+                self._expert_params.update(f"{name}.{a}" for a in expert_weight_names(experts))
             return model
         check_quantization_config(cfg.to_dict(), "quantization_config")
         self._files = list(checkpoint_files or [])
         for name in cfg.modules:
             parent, attr = _parent(model, name)
-            # (flags, not is_experts_module: the module's other weight may be a slot already)
-            if all(hasattr(parent, f) for f in ("has_gate", "is_transposed")) and \
-                    attr in _expert_weight_names(parent) and isinstance(getattr(parent, attr, None), torch.Tensor):
+            if is_float_expert_weight(parent, attr):
                 weight = getattr(parent, attr)
                 delattr(parent, attr)
                 setattr(parent, attr, _ExpertSlot(weight, bool(parent.is_transposed)))

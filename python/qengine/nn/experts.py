@@ -16,6 +16,7 @@ from .._checks import FLOAT_DTYPES
 from .._moe_ops import ACTIVATIONS, GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE
 from ..formats import Format, get_format
 from ..functional import quantize
+from .lora import AdapterState
 from .quant_linear import QuantLinear
 
 __all__ = ["QuantExpertsWeight", "LoRAExperts", "QuantExperts", "experts_forward"]
@@ -59,7 +60,6 @@ class QuantExpertsWeight(QuantLinear):
                              "format, or experts with an even number of elements)")
         q = quantize(w.reshape(E * N, K).contiguous(), format, blocksize, double_quant)
         self = cls.from_quantized(q)
-        self.__class__ = cls
         self.num_experts, self.expert_out_features = E, N
         return self
 
@@ -68,16 +68,8 @@ class QuantExpertsWeight(QuantLinear):
 
     def kernel_state(self) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
         """The [packed, table, scales (+ nested parts)] list and float32 offsets the op takes."""
-        state = [self._packed_uint8(), self.weight_table, self.weight_scales]
-        if self.weight_scales_absmax is not None:
-            state += [self.weight_scales_table, self.weight_scales_absmax, self.weight_scales_mean,
-                      self.weight_scales_bs]
-        offsets = self.weight_offsets
-        if offsets is not None and self.weight_offsets_absmax is not None:
-            offsets = torch.ops.qengine.dequantize_blockwise(
-                offsets, self.weight_offsets_table, self.weight_offsets_absmax, None, 8,
-                self.offsets_nested_blocksize, offsets.numel(), torch.float32) + self.weight_offsets_mean
-        return state, offsets
+        scales, nested = self._kernel_scales()
+        return [self._packed_uint8(), self.weight_table, scales, *nested], self._kernel_offsets()
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weights [E, N, K]."""
@@ -103,7 +95,7 @@ def check_expert_blocks(N: int, K: int, blocksize: Optional[int]) -> None:
                          "start on a block (use a smaller blocksize or None for per-row blocks)")
 
 
-class LoRAExperts(nn.Module):
+class LoRAExperts(AdapterState, nn.Module):
     """A per-expert low-rank adapter over a QuantExpertsWeight: expert e's weight acts as
     ``W_e + (alpha / r) * B_e @ A_e`` with A [E, r, K] (Kaiming-uniform per expert) and B
     [E, N, r] (zeros, so the layer starts equal to its base). The side path runs inside
@@ -136,23 +128,6 @@ class LoRAExperts(nn.Module):
 
     def forward(self, *args, **kwargs):
         raise TypeError("LoRAExperts holds adapted expert weights; call the experts layer that owns it")
-
-    def adapter_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        return {prefix + "lora_A": self.lora_A.detach(), prefix + "lora_B": self.lora_B.detach()}
-
-    def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], prefix: str = "") -> None:
-        for name, p in (("lora_A", self.lora_A), ("lora_B", self.lora_B)):
-            key = prefix + name
-            if key not in sd:
-                raise ValueError(f"adapter state dict is missing {key!r}")
-            t = sd[key]
-            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
-                raise ValueError(f"{key} has shape {tuple(getattr(t, 'shape', ()))}, this layer's {name} is "
-                                 f"{tuple(p.shape)} (an adapter for a different model or rank?)")
-            if not t.dtype.is_floating_point or not torch.isfinite(t).all():
-                raise ValueError(f"{key} must be a finite float tensor")
-            with torch.no_grad():
-                p.copy_(t)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, r={self.r}, alpha={self.alpha:g}"

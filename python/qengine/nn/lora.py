@@ -18,7 +18,31 @@ from .quant_linear import QuantLinear
 __all__ = ["LoRALinear"]
 
 
-class LoRALinear(nn.Module):
+class AdapterState:
+    """The adapter-only state of a module holding ``lora_A`` and ``lora_B`` parameters
+    (LoRALinear, LoRAExperts)."""
+
+    def adapter_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Only the adapter: {prefix + "lora_A": A, prefix + "lora_B": B} (detached)."""
+        return {prefix + "lora_A": self.lora_A.detach(), prefix + "lora_B": self.lora_B.detach()}
+
+    def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Copies A and B from `sd` (shapes must match this layer exactly)."""
+        for name, p in (("lora_A", self.lora_A), ("lora_B", self.lora_B)):
+            key = prefix + name
+            if key not in sd:
+                raise ValueError(f"adapter state dict is missing {key!r}")
+            t = sd[key]
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                raise ValueError(f"{key} has shape {tuple(getattr(t, 'shape', ()))}, this layer's {name} is "
+                                 f"{tuple(p.shape)} (an adapter for a different model or rank?)")
+            if not t.dtype.is_floating_point or not torch.isfinite(t).all():
+                raise ValueError(f"{key} must be a finite float tensor")
+            with torch.no_grad():
+                p.copy_(t)
+
+
+class LoRALinear(AdapterState, nn.Module):
     """``y = base(x) + (alpha / r) * dropout(x) @ A^T @ B^T``.
 
     Args:
@@ -155,26 +179,6 @@ class LoRALinear(nn.Module):
         report = {"relative_error": float(err.norm() / w.norm().clamp(min=1e-300)),
                   "max_abs_error": float(err.abs().max())}
         return layer, report
-
-    # ------------------------------------------------------------------ adapter state
-    def adapter_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Only the adapter: {prefix + "lora_A": [r, in], prefix + "lora_B": [out, r]} (detached)."""
-        return {prefix + "lora_A": self.lora_A.detach(), prefix + "lora_B": self.lora_B.detach()}
-
-    def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], prefix: str = "") -> None:
-        """Copies A and B from `sd` (shapes must match this layer exactly)."""
-        for name, p in (("lora_A", self.lora_A), ("lora_B", self.lora_B)):
-            key = prefix + name
-            if key not in sd:
-                raise ValueError(f"adapter state dict is missing {key!r}")
-            t = sd[key]
-            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
-                raise ValueError(f"{key} has shape {tuple(getattr(t, 'shape', ()))}, this layer's {name} is "
-                                 f"{tuple(p.shape)} (an adapter for a different model or rank?)")
-            if not t.dtype.is_floating_point or not torch.isfinite(t).all():
-                raise ValueError(f"{key} must be a finite float tensor")
-            with torch.no_grad():
-                p.copy_(t)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, merged={self.merged}"

@@ -212,20 +212,30 @@ class QuantLinear(nn.Module):
             from ..functional import matmul
 
             return matmul(x, self.quantized(), self.bias, lora).to(in_dtype)
-        scales, nested = self.weight_scales, []
-        if self.weight_scales_absmax is not None:
-            nested = [self.weight_scales_table, self.weight_scales_absmax, self.weight_scales_mean,
-                      self.weight_scales_bs]
-        offsets = self.weight_offsets
-        if offsets is not None and self.weight_offsets_absmax is not None:
-            offsets = torch.ops.qengine.dequantize_blockwise(
-                offsets, self.weight_offsets_table, self.weight_offsets_absmax, None, 8,
-                self.offsets_nested_blocksize, offsets.numel(), torch.float32) + self.weight_offsets_mean
+        scales, nested = self._kernel_scales()
+        offsets = self._kernel_offsets()
         y = torch.ops.qengine.matmul(x, self._packed_uint8(), self.weight_table, scales, nested, offsets,
                                      self.format.bits, self.blocksize, self.out_features, a, b, float(s))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(in_dtype)
+
+    def _kernel_scales(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The scales as the kernels take them: float32 values and [], or uint8 codes and the
+        nested [table, absmax, mean, blocksize] when double-quantized (decoded in the kernel)."""
+        if self.weight_scales_absmax is None:
+            return self.weight_scales, []
+        return self.weight_scales, [self.weight_scales_table, self.weight_scales_absmax, self.weight_scales_mean,
+                                    self.weight_scales_bs]
+
+    def _kernel_offsets(self) -> Optional[torch.Tensor]:
+        """Float32 per-block offsets (minmax formats; double-quantized ones decoded), or None."""
+        offsets = self.weight_offsets
+        if offsets is not None and self.weight_offsets_absmax is not None:
+            offsets = torch.ops.qengine.dequantize_blockwise(
+                offsets, self.weight_offsets_table, self.weight_offsets_absmax, None, 8,
+                self.offsets_nested_blocksize, offsets.numel(), torch.float32) + self.weight_offsets_mean
+        return offsets
 
     # ------------------------------------------------------------------ movement
     def _apply(self, fn, recurse=True):
