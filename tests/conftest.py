@@ -80,3 +80,13 @@ def threads_restore():
     original = qengine.build_info()["num_threads"]
     yield original
     qengine.set_num_threads(original)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch on one thread for the test (restored after): references made of many tiny ops,
+    whose OpenMP team costs more than the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,14 +15,8 @@ SUPPORTED = qengine.build_info()["supported_cpu_isas"]
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True)
-def _torch_one_thread():
-    """torch's reference optimizer runs many tiny ops; on a small shared machine its thread
-    team's barriers cost more than the work, so the references run single-threaded here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The torch references are many tiny ops; their thread team costs more than the work.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _pair(shapes, dtype=torch.float32):

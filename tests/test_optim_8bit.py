@@ -14,13 +14,8 @@ from qengine.optim import PagedAdamW8bit
 SUPPORTED = qengine.build_info()["supported_cpu_isas"]
 
 
-@pytest.fixture(autouse=True)
-def _torch_one_thread():
-    """The torch references are many tiny ops; their thread team costs more than the work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The torch references are many tiny ops; their thread team costs more than the work.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _nearest(x: torch.Tensor, name: str, positive_floor: bool = False) -> torch.Tensor:

@@ -18,12 +18,8 @@ SHAPES = [(64, 100), (3000,), (7,), (40, 40, 3), (1000,)]
 PAGE = 1024  # small pages: every parameter spans or shares several
 
 
-@pytest.fixture(autouse=True)
-def _torch_one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The torch references are many tiny ops; their thread team costs more than the work.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _params(seed=0):

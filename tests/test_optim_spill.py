@@ -25,12 +25,8 @@ SHAPES = [(3000,), (40, 50), (1000,)]  # 3072 + 2048 + 1024 elements: 6 pages of
 PAGE = 1024
 
 
-@pytest.fixture(autouse=True)
-def _torch_one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The torch references are many tiny ops; their thread team costs more than the work.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _params(shapes=SHAPES, seed=0):
