@@ -131,17 +131,23 @@ def test_bfloat16_activations_every_isa(m):
 
 @pytest.mark.skipif("avx512_bf16" not in qengine.build_info()["supported_cpu_isas"],
                     reason="this CPU has no AVX512-BF16")
-def test_bfloat16_kernel_precision_model():
-    """The vdpbf16ps kernel multiplies bfloat16(table value) by x, accumulates in float32 and
-    scales per block in float32: against that model its only error is accumulation and the
-    output rounding."""
-    q = qengine.quantize(torch.randn(64, 512), "nf4", 64)
+@pytest.mark.parametrize("m,blocksize", [(1, 64), (2, 128), (7, 32), (3, 64), (7, 64), (16, 64), (8, 256)])
+def test_bfloat16_kernel_precision_model(m, blocksize):
+    """The vdpbf16ps kernels round each weight to bfloat16 once and accumulate in float32: for
+    one or two rows of x (or blocksize 32) they multiply bfloat16(table value) by x and scale
+    per block in float32; from three rows on (in each group of up to 8 rows), with blocksize
+    >= 64, they multiply bfloat16(dequantized weight), the weight dense bfloat16 F.linear uses. Against that
+    model the only error left is accumulation and the output rounding."""
+    q = qengine.quantize(torch.randn(64, 512), "nf4", blocksize)
     table = torch.tensor(q.format.values, dtype=torch.float64)
     codes = torch.stack([q.packed >> 4, q.packed & 15], -1).reshape(64, 512).long()
     w64 = q.dequantize().to(torch.float64)
-    value = table[codes]
-    w_model = torch.where(value == 0, 0.0, w64 / value * table.to(torch.bfloat16).to(torch.float64)[codes])
-    x = torch.randn(7, 512).to(torch.bfloat16)
+    if m >= 3 and blocksize >= 64:
+        w_model = q.dequantize(torch.float32).to(torch.bfloat16).to(torch.float64)
+    else:
+        value = table[codes]
+        w_model = torch.where(value == 0, 0.0, w64 / value * table.to(torch.bfloat16).to(torch.float64)[codes])
+    x = torch.randn(m, 512).to(torch.bfloat16)
     original = qengine.build_info()["cpu_isa"]
     try:
         qengine.set_cpu_isa("avx512_bf16")
@@ -246,3 +252,43 @@ def test_half_precision_lora_adapters(adapter_dtype, m):
     ref = x64 @ w64.t() + 1.5 * (x64 @ a64.t()) @ b64.t()
     extra = 1.5 * (x64 @ a64.t()).abs() @ b64.abs().t()
     assert ((y.to(torch.float64) - ref).abs() <= _bound(x64, w64, torch.bfloat16, extra)).all()
+
+
+def test_direct_call_matches_the_op_and_keeps_dispatch_visible():
+    """Without autograd, tracing or a dispatch mode, matmul calls the op's implementation
+    directly (no dispatcher layers): same result as the op; with any of them present the op
+    runs through the dispatcher, where a dispatch mode sees it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    q = qengine.quantize(torch.randn(40, 256), "nf4", 64, double_quant=True)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    table = q.format.kernel_tables(q.device)[0]
+    scales, nested = q._kernel_scales()
+    with torch.no_grad():
+        direct = qengine.matmul(x, q)
+        via_op = torch.ops.qengine.matmul(x, q.packed, table, scales, nested, None, 4, 64, 40, None, None, 0.0)
+    assert torch.equal(direct, via_op)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen() as seen:
+        qengine.matmul(x, q)
+    assert any("qengine.matmul" in op for op in seen.ops)
+
+
+def test_inference_mode_then_training_with_double_quant():
+    """Tensors the fast path shares between calls (the nested blocksize) are made outside
+    inference mode, so a layer used under inference_mode still trains afterwards."""
+    layer = qengine.nn.QuantLinear.from_linear(torch.nn.Linear(128, 24), "nf4", 64, double_quant=True)
+    with torch.inference_mode():
+        layer(torch.randn(2, 128))
+    x = torch.randn(2, 128, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -76,12 +76,87 @@ void gemv4_bf16_impl(const uint16_t* xr, int64_t K, const uint8_t* packed, int64
   }
 }
 
+// For blocksize >= 64 the block scale is folded into the table instead: each chunk's table
+// holds bfloat16(value * scale) of its two blocks (one per 256-bit half: lanes 0-7 cover
+// elements 0..63, lanes 8-15 elements 64..127), so the partial sums need no per-chunk scale
+// multiply and every row of x accumulates straight into its register. Each weight is then
+// rounded once, from its float32 dequantized value: exactly the weight dense bfloat16 F.linear
+// multiplies. vpermw reads index bits 0-4; bit 4 is set to the word's block (for blocksize 64;
+// for larger blocks both halves are equal and bit 4 may stay the next nibble's bit). R weight
+// rows share every load of x (R = 2 halves the loads, which bound the kernel for M >= 4).
+template <int M, int R, bool kTwoBlocks>
+void gemv4_bf16_scaled_impl(const uint16_t* xr, int64_t K, const uint8_t* packed, const float* table,
+                            const BlockScales& scales, const TileGeometry& g, int64_t o, int64_t c0, int64_t c1,
+                            float* y, int64_t ldy) {
+  const __m512 tf = _mm512_loadu_ps(table);
+  const __m512i bit4 = _mm512_set1_epi16(0x10);
+  const __m512i upper_half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(0x10), 1);
+  alignas(64) float scale_buf[R][kMaxTileBlocks];
+  const uint8_t* row[R];
+  const float* rs[R];
+  // The same chunk of the next R rows: these R rows are read in step, so prefetching ahead within
+  // a row would reach only into rows already being read.
+  const int64_t prefetch_ahead = R * (K >> 1);
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r) {
+    row[r] = packed + ((o + r) * K >> 1);
+    rs[r] = tile_scales(scales, (o + r) * g.blocks_per_row + g.rb_lo, g.rb_count, scale_buf[r]) - g.rb_lo;
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    const uint16_t* xc = xr + c * 128 * M;
+    const int64_t b = (c * 128) >> g.log2_blocksize;
+    __m512i tbl[R], d[R];
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(row[r] + c * 64 + prefetch_ahead), _MM_HINT_T0);
+      const __m512 lo = _mm512_mul_ps(tf, _mm512_set1_ps(rs[r][b]));
+      const __m512 hi = kTwoBlocks ? _mm512_mul_ps(tf, _mm512_set1_ps(rs[r][b + 1])) : lo;
+      tbl[r] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      d[r] = _mm512_loadu_si512(row[r] + c * 64);
+    }
+    for (int j = 0; j < 4; ++j) {
+      __m512bh w[R];
+      for (int r = 0; r < R; ++r) {
+        if (j > 0) d[r] = _mm512_srli_epi16(d[r], 4);
+        // bit 4 of each index word := its block (ternary 0xB8: bit4 ? upper_half : d)
+        const __m512i idx = kTwoBlocks ? _mm512_ternarylogic_epi32(d[r], bit4, upper_half, 0xB8) : d[r];
+        w[r] = (__m512bh)_mm512_permutexvar_epi16(idx, tbl[r]);
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xc + (j * M + m) * 32);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w[r], xv);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < M; ++m) y[m * ldy + o + r] += _mm512_reduce_add_ps(acc[r][m]);
+  }
+}
+
+template <int M>
+void gemv4_bf16_scaled(const uint16_t* xr, int64_t K, const uint8_t* packed, int64_t blocksize, const float* table,
+                       const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y,
+                       int64_t ldy) {
+  const TileGeometry g = tile_geometry(K, blocksize, c0, c1);
+  int64_t o = o0;
+  if (g.log2_blocksize == 6) {
+    for (; o + 2 <= o1; o += 2) gemv4_bf16_scaled_impl<M, 2, true>(xr, K, packed, table, scales, g, o, c0, c1, y, ldy);
+    if (o < o1) gemv4_bf16_scaled_impl<M, 1, true>(xr, K, packed, table, scales, g, o, c0, c1, y, ldy);
+  } else {
+    for (; o + 2 <= o1; o += 2) gemv4_bf16_scaled_impl<M, 2, false>(xr, K, packed, table, scales, g, o, c0, c1, y, ldy);
+    if (o < o1) gemv4_bf16_scaled_impl<M, 1, false>(xr, K, packed, table, scales, g, o, c0, c1, y, ldy);
+  }
+}
+
 template <int M>
 void dispatch(int64_t m, const uint16_t* xr, int64_t K, const uint8_t* packed, int64_t bs, const float* table,
               const BlockScales& sc, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y, int64_t ldy) {
   if constexpr (M > 1) {
     if (m < M) return dispatch<M - 1>(m, xr, K, packed, bs, table, sc, o0, o1, c0, c1, y, ldy);
   }
+  // One or two rows of x are bound by the weight stream, not the core: the kernel with the
+  // fewest instructions per chunk serves them; from three rows on the folded scales win.
+  if (M >= 3 && bs >= 64) return gemv4_bf16_scaled<M>(xr, K, packed, bs, table, sc, o0, o1, c0, c1, y, ldy);
   gemv4_bf16_impl<M>(xr, K, packed, bs, table, sc, o0, o1, c0, c1, y, ldy);
 }
 

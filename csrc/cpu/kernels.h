@@ -41,9 +41,10 @@ struct Kernels {
   // Returns a Status.
   int (*quantize_blocks4)(const void* x, int dtype, int64_t blocksize, int64_t b0, int64_t b1, const Codebook& cb,
                           int rule, uint8_t* packed, float* scales, float* offsets);
-  // Optional fast path (null where absent): gemv4 for bfloat16 x, with the table values rounded
-  // to bfloat16 (the precision dense bfloat16 F.linear gives the weights) and float32
-  // accumulation; xr holds the rows in bfloat16 pair order (bf16_pair_order_x in matmul.cpp).
+  // Optional fast path (null where absent): gemv4 for bfloat16 x, with the weights rounded to
+  // bfloat16 once (the table values, or from three rows of x and blocksize >= 64 the dequantized
+  // weights: the precision dense bfloat16 F.linear gives them) and float32 accumulation; xr
+  // holds the rows in bfloat16 pair order (bf16_pair_order_x in matmul.cpp).
   void (*gemv4_bf16)(const uint16_t* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize,
                      const float* table, const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
                      float* y, int64_t ldy);

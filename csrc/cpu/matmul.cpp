@@ -143,15 +143,19 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
     }
     return;
   }
-  // Groups of up to kGemvRows rows of x share each decoded weight; K tiles are small enough that
-  // a group's slice of x stays in L1 (~24 KiB) while all rows pass, and span at most 256 blocks
-  // of scales (the kernels' per-tile buffer; 64 chunks at block 32).
+  // Groups of up to kGemvRows rows of x share each decoded weight. K tiles span at most 256
+  // blocks of scales (the kernels' per-tile buffer; 64 chunks at block 32). The float32 kernel's
+  // tiles keep a group's slice of x in L1 (~24 KiB) while all rows pass; the bfloat16 kernel
+  // reads x from L2 at no measurable cost, so it takes the longest tiles (each tile ends in a
+  // horizontal sum per row of x and of W, which short tiles would repeat).
   constexpr int64_t kL1Bytes = 24576;
+  constexpr int64_t kMaxTileChunks = 64;
   const int64_t chunks = K_ / kGemvChunk;
-  const int64_t elem = path_ == Path::kFusedBf16 ? 2 : 4;
   for (int64_t m = 0; m < M_; m += kGemvRows) {
     const int64_t mb = std::min(kGemvRows, M_ - m);
-    const int64_t tile = std::min<int64_t>(48, std::max<int64_t>(1, kL1Bytes / (mb * kGemvChunk * elem)));
+    const int64_t tile = path_ == Path::kFusedBf16
+                             ? kMaxTileChunks
+                             : std::min<int64_t>(48, std::max<int64_t>(1, kL1Bytes / (mb * kGemvChunk * 4)));
     for (int64_t c = 0; c < chunks; c += tile) {
       const int64_t c1 = std::min(chunks, c + tile);
       if (path_ == Path::kFusedBf16) {
@@ -173,7 +177,10 @@ int matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, in
   if (!cpu::valid_product(x_dtype, M, K, ldx, N, blocksize, cb)) return kInvalidArgument;
   if (M == 0 || N == 0) return kOk;
   const cpu::RowProduct product(x, x_dtype, M, K, ldx, N, packed, blocksize, cb, rule, scales, offsets, y);
-  cpu::parallel_for(0, N, product.min_rows(), 1, [&](int64_t n0, int64_t n1) { product.run(n0, n1); });
+  // Row chunks claimed by the threads as they go (a thread held up elsewhere takes fewer), of
+  // up to 64 rows: a chunk's packed weights stay in L2 while a second group of x rows passes.
+  const int64_t chunk = std::max(product.min_rows(), std::min<int64_t>(64, N / (4 * cpu::num_threads())));
+  cpu::parallel_chunks(0, N, chunk, [&](int64_t n0, int64_t n1) { product.run(n0, n1); });
   return kOk;
 }
 

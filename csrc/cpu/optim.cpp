@@ -2,7 +2,6 @@
 // the ISA choice (following the quantize kernels' choice, so QENGINE_CPU_ISA / set_isa apply),
 // and the portable scalar spans every SIMD variant must match byte for byte.
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -117,13 +116,8 @@ int adamw_cpu(const OptimTask* tasks, int64_t ntasks, const AdamHyper* hyper, in
   (void)isa;
 #endif
 
-  // Threads take chunks of units from a shared counter rather than one fixed share each: on a
-  // machine where other processes hold some cores, a slowed thread then does less of the work
-  // instead of making every step wait for it. Steps of fewer than kMinParallelUnits stay on
-  // the calling thread.
-  const int64_t chunk = kChunkUnits;
-  const int64_t workers = units < kMinParallelUnits ? 1 : std::min<int64_t>(cpu::num_threads(), (units + chunk - 1) / chunk);
-  std::atomic<int64_t> next{0};
+  // Threads claim chunks of units (parallel_chunks): a thread slowed by other processes then
+  // does less of the step. Steps of fewer than kMinParallelUnits stay on the calling thread.
   auto run = [&](int64_t u0, int64_t u1) {
     int64_t k = std::upper_bound(first_unit.begin(), first_unit.end(), u0) - first_unit.begin() - 1;
     for (int64_t u = u0; u < u1; ++k) {
@@ -136,12 +130,10 @@ int adamw_cpu(const OptimTask* tasks, int64_t ntasks, const AdamHyper* hyper, in
       u = u_end;
     }
   };
-  if (workers <= 1) {
+  if (units < kMinParallelUnits) {
     run(0, units);
   } else {
-    cpu::parallel_for(0, workers, 1, 1, [&](int64_t, int64_t) {
-      for (int64_t u0 = next.fetch_add(chunk); u0 < units; u0 = next.fetch_add(chunk)) run(u0, std::min(units, u0 + chunk));
-    });
+    cpu::parallel_chunks(0, units, kChunkUnits, run);
   }
   return kOk;
 }

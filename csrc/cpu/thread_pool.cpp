@@ -2,6 +2,7 @@
 #include "cpu/thread_pool.h"
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -126,6 +127,19 @@ void parallel_for(int64_t begin, int64_t end, int64_t min_chunk, int64_t align,
   pool().run(static_cast<int>(parts), [&](int p) {
     int64_t lo = bounds[p], hi = bounds[p + 1];
     if (lo < hi) fn(lo, hi);
+  });
+}
+
+void parallel_chunks(int64_t begin, int64_t end, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
+  const int64_t total = end - begin;
+  if (total <= 0) return;
+  chunk = std::max<int64_t>(chunk, 1);
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  parallel_for(0, std::min<int64_t>(pool().threads(), chunks), 1, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < chunks; i = next.fetch_add(1)) {
+      fn(begin + i * chunk, std::min(end, begin + (i + 1) * chunk));
+    }
   });
 }
 

@@ -17,4 +17,10 @@ void set_num_threads(int n);
 void parallel_for(int64_t begin, int64_t end, int64_t min_chunk, int64_t align,
                   const std::function<void(int64_t, int64_t)>& fn);
 
+// Calls fn(lo, hi) on the ranges [begin + i * chunk, ...) of at most `chunk` elements, which the
+// threads claim from a shared counter rather than one fixed share each: on a machine where other
+// work holds a core for a moment, the slowed thread then does less of the work instead of making
+// the whole call wait for it. A range runs on one thread; one thread runs many ranges.
+void parallel_chunks(int64_t begin, int64_t end, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn);
+
 }  // namespace qengine::cpu

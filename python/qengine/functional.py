@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import _layouts, _ops, _sparse_ops
+from ._ops import call_matmul
 from ._checks import (check_blocksize, check_contiguous, check_float, check_positive_int, check_same_device,
                       check_tensor)
 from .formats import Format, codebook, get_format
@@ -161,8 +162,8 @@ def matmul(x: torch.Tensor, qweight: QuantizedTensor, bias: Optional[torch.Tenso
         y = torch.ops.qengine.sparse24_matmul(x, qweight.packed, qweight.positions, table, scales, nested or [],
                                               offsets, qweight.format.bits, qweight.blocksize, n, a, b, s)
     else:
-        y = torch.ops.qengine.matmul(x, qweight.packed, table, scales, nested or [], offsets, qweight.format.bits,
-                                     qweight.blocksize, n, a, b, s)
+        y = call_matmul(x, qweight.packed, table, scales, nested or [], offsets, qweight.format.bits,
+                        qweight.blocksize, n, a, b, s)
     if bias is not None:
         check_tensor("bias", bias)
         if bias.shape != (n,):

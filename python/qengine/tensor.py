@@ -25,6 +25,21 @@ _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
 LAYOUTS = ("dense", "2:4")
 
 
+_INT64_SCALARS: dict[int, torch.Tensor] = {}
+
+
+def _int64_scalar(value: int) -> torch.Tensor:
+    """A shared int64 scalar tensor (the nested blocksize argument of the matmul ops), built once
+    per value, outside inference mode so that autograd may save it (a new one when traced)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(value, dtype=torch.int64)
+    t = _INT64_SCALARS.get(value)
+    if t is None:
+        with torch.inference_mode(False):
+            t = _INT64_SCALARS[value] = torch.tensor(value, dtype=torch.int64)
+    return t
+
+
 class NestedScales:
     """Per-block float32 scales (or offsets) stored double-quantized:
     ``values ~= dequantize(quantized) + mean`` with ``quantized`` a dynamic8, block-256
@@ -155,8 +170,7 @@ class QuantizedTensor:
             return self.scales, None
         inner = self.scales.quantized
         table = inner.format.kernel_tables(self.device)[0]
-        nbs = torch.tensor(inner.blocksize, dtype=torch.int64)
-        return inner.packed, [table, inner.scales, self.scales.mean.reshape(1), nbs]
+        return inner.packed, [table, inner.scales, self.scales.mean.reshape(1), _int64_scalar(inner.blocksize)]
 
     def _block_values(self, part) -> Optional[torch.Tensor]:
         if isinstance(part, NestedScales):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._checks import FLOAT_DTYPES, check_blocksize
+from .._ops import call_matmul
 from ..formats import Format, get_format
 from ..functional import quantize
 from ..tensor import NESTED_FORMAT, NestedScales, QuantizedTensor
@@ -214,8 +215,8 @@ class QuantLinear(nn.Module):
             return matmul(x, self.quantized(), self.bias, lora).to(in_dtype)
         scales, nested = self._kernel_scales()
         offsets = self._kernel_offsets()
-        y = torch.ops.qengine.matmul(x, self._packed_uint8(), self.weight_table, scales, nested, offsets,
-                                     self.format.bits, self.blocksize, self.out_features, a, b, float(s))
+        y = call_matmul(x, self._packed_uint8(), self.weight_table, scales, nested, offsets, self.format.bits,
+                        self.blocksize, self.out_features, a, b, float(s))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(in_dtype)
