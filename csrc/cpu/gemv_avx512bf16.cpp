@@ -94,9 +94,10 @@ void gemv4_bf16_scaled_impl(const uint16_t* xr, int64_t K, const uint8_t* packed
   alignas(64) float scale_buf[R][kMaxTileBlocks];
   const uint8_t* row[R];
   const float* rs[R];
-  // The same chunk of the next R rows: these R rows are read in step, so prefetching ahead within
-  // a row would reach only into rows already being read.
-  const int64_t prefetch_ahead = R * (K >> 1);
+  // The same chunk two groups of R rows ahead, into L2: these R rows are read in step, so
+  // prefetching ahead within a row would reach only into rows already being read, and lines
+  // fetched that far ahead into L1 would be evicted by the stream of x before their turn.
+  const int64_t prefetch_ahead = 2 * R * (K >> 1);
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r) {
     row[r] = packed + ((o + r) * K >> 1);
@@ -108,7 +109,7 @@ void gemv4_bf16_scaled_impl(const uint16_t* xr, int64_t K, const uint8_t* packed
     const int64_t b = (c * 128) >> g.log2_blocksize;
     __m512i tbl[R], d[R];
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(row[r] + c * 64 + prefetch_ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row[r] + c * 64 + prefetch_ahead), _MM_HINT_T1);
       const __m512 lo = _mm512_mul_ps(tf, _mm512_set1_ps(rs[r][b]));
       const __m512 hi = kTwoBlocks ? _mm512_mul_ps(tf, _mm512_set1_ps(rs[r][b + 1])) : lo;
       tbl[r] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
