@@ -183,3 +183,12 @@ def test_cuda_bytes_equal_cpu_with_and_without_device_budget(cls, dtype):
         got = _run_on("cuda", cls, dtype, budget)
         for a, b in zip(ref, got):
             assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("isa", SUPPORTED)
+def test_every_isa_runs_its_own_simd_step(isa, isa_restore):
+    """The AdamW step takes the SIMD spans of the ISA's family: every AVX-512 table (with or
+    without BF16) the AVX-512 spans, not the scalar fallback."""
+    qengine.set_cpu_isa(isa)
+    expected = "avx512" if isa.startswith("avx512") else isa
+    assert qengine._C.adamw_cpu_spans() == expected

@@ -82,6 +82,19 @@ bool valid_code(const StateCode& c) {
 
 }  // namespace
 
+namespace cpu {
+
+AdamSpans adam_spans() {
+#if defined(__x86_64__) || defined(_M_X64)
+  const char* isa = isa_name();
+  if (std::strncmp(isa, "avx512", 6) == 0) return {"avx512", avx512_adamw32, avx512_adamw8};
+  if (std::strcmp(isa, "avx2") == 0) return {"avx2", avx2_adamw32, avx2_adamw8};
+#endif
+  return {"scalar", scalar_adamw32, scalar_adamw8};
+}
+
+}  // namespace cpu
+
 int adamw_cpu(const OptimTask* tasks, int64_t ntasks, const AdamHyper* hyper, int64_t nhyper, int state_bits,
               const StateCode* codes) {
   if (ntasks < 0 || (ntasks > 0 && (tasks == nullptr || hyper == nullptr))) return kInvalidArgument;
@@ -101,20 +114,9 @@ int adamw_cpu(const OptimTask* tasks, int64_t ntasks, const AdamHyper* hyper, in
   const int64_t units = first_unit[ntasks];
   if (units == 0) return kOk;
 
-  const char* isa = cpu::isa_name();
-  cpu::AdamSpan32 span32 = cpu::scalar_adamw32;
-  cpu::AdamSpan8 span8 = cpu::scalar_adamw8;
-#if defined(__x86_64__) || defined(_M_X64)
-  if (std::strcmp(isa, "avx512") == 0) {
-    span32 = cpu::avx512_adamw32;
-    span8 = cpu::avx512_adamw8;
-  } else if (std::strcmp(isa, "avx2") == 0) {
-    span32 = cpu::avx2_adamw32;
-    span8 = cpu::avx2_adamw8;
-  }
-#else
-  (void)isa;
-#endif
+  const cpu::AdamSpans spans = cpu::adam_spans();
+  const cpu::AdamSpan32 span32 = spans.span32;
+  const cpu::AdamSpan8 span8 = spans.span8;
 
   // Threads claim chunks of units (parallel_chunks): a thread slowed by other processes then
   // does less of the step. Steps of fewer than kMinParallelUnits stay on the calling thread.
