@@ -8,6 +8,7 @@
 
 #include "bind_args.h"
 #include "cpu/kernels.h"
+#include "cpu/nested_scales.h"
 #include "cpu/thread_pool.h"
 #include "qengine/ops.h"
 #include "qengine/status.h"
@@ -209,6 +210,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("sparse24_matmul_cpu", &sparse24_matmul_cpu, release());
   m.def("cpu_isa", [] { return std::string(qengine::cpu::isa_name()); });
   m.def("supported_isas", [] { return std::string(qengine::cpu::supported_isas()); });
+  m.def("vbmi_scales", &qengine::cpu::vbmi_scales_available,
+        "Whether the matmul decodes double-quantized scales with AVX-512 VBMI (off: QENGINE_NO_VBMI=1).");
   m.def("set_isa", &set_isa);
   m.def("num_threads", &qengine::cpu::num_threads);
   m.def("set_num_threads", [](int n) {

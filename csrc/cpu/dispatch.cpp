@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "cpu/nested_scales.h"
 
 namespace qengine::cpu {
 namespace {
@@ -83,6 +84,24 @@ const char* supported_isas() {
   if (cpu_has_avx512()) return "scalar,avx2,avx512";
   if (cpu_has_avx2()) return "scalar,avx2";
   return "scalar";
+}
+
+bool vbmi_scales_available() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool available = cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi") &&
+                                std::getenv("QENGINE_NO_VBMI") == nullptr;
+  return available;
+#else
+  return false;
+#endif
+}
+
+ScalePlanes::ScalePlanes(const float* table) {
+  for (int e = 0; e < 256; ++e) {
+    uint32_t bits;
+    std::memcpy(&bits, table + e, 4);
+    for (int p = 0; p < 4; ++p) bytes[p * 256 + e] = static_cast<uint8_t>(bits >> (8 * p));
+  }
 }
 
 }  // namespace qengine::cpu

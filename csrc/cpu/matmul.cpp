@@ -129,6 +129,10 @@ RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t
       ldx_ = K;
     }
   }
+  const bool nested = scales.values == nullptr && scales.nested_shift >= 0;
+  if (path_ != Path::kDecodeRows && nested && N * (K / blocksize) < (int64_t{1} << 30) && vbmi_scales_available()) {
+    planes_ = std::make_unique<ScalePlanes>(scales.table);
+  }
 }
 
 void RowProduct::run(int64_t n0, int64_t n1) const {
@@ -151,6 +155,22 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
   constexpr int64_t kL1Bytes = 24576;
   constexpr int64_t kMaxTileChunks = 64;
   const int64_t chunks = K_ / kGemvChunk;
+  // With the scales decoded here, the kernels see rows [n0, n1) as rows [0, n1 - n0).
+  const uint8_t* packed = packed_;
+  BlockScales scales = scales_;
+  float* y = y_;
+  int64_t o0 = n0, o1 = n1;
+  std::vector<float> plain;
+  if (planes_) {
+    const int64_t per_row = K_ / blocksize_;
+    plain.resize(static_cast<size_t>((n1 - n0) * per_row));
+    decode_nested_scales_vbmi(scales_, *planes_, n0 * per_row, (n1 - n0) * per_row, plain.data());
+    scales = BlockScales{plain.data(), nullptr, nullptr, nullptr, 1, 0.0f, 0};
+    packed += n0 * K_ / 2;
+    y += n0;
+    o0 = 0;
+    o1 = n1 - n0;
+  }
   for (int64_t m = 0; m < M_; m += kGemvRows) {
     const int64_t mb = std::min(kGemvRows, M_ - m);
     const int64_t tile = path_ == Path::kFusedBf16
@@ -159,11 +179,10 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
     for (int64_t c = 0; c < chunks; c += tile) {
       const int64_t c1 = std::min(chunks, c + tile);
       if (path_ == Path::kFusedBf16) {
-        k.gemv4_bf16(xb_.data() + m * K_, mb, K_, packed_, blocksize_, cb_.table, scales_, n0, n1, c, c1,
-                     y_ + m * N_, N_);
+        k.gemv4_bf16(xb_.data() + m * K_, mb, K_, packed, blocksize_, cb_.table, scales, o0, o1, c, c1, y + m * N_,
+                     N_);
       } else {
-        k.gemv4(xf_.data() + m * K_, mb, K_, packed_, blocksize_, cb_.table, scales_, n0, n1, c, c1, y_ + m * N_,
-                N_);
+        k.gemv4(xf_.data() + m * K_, mb, K_, packed, blocksize_, cb_.table, scales, o0, o1, c, c1, y + m * N_, N_);
       }
     }
   }

@@ -3,8 +3,10 @@
 // parallel region. matmul_cpu is one RowProduct run over all its rows.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
+#include "cpu/nested_scales.h"
 #include "qengine/quant_math.h"
 
 namespace qengine::cpu {
@@ -38,6 +40,9 @@ class RowProduct {
   int64_t min_rows_;
   std::vector<float> xf_;       // fused float32 kernel: x in nibble order; decode path: x as float32 rows
   std::vector<uint16_t> xb_;    // fused bfloat16 kernel: x in pair order
+  // Fused kernels with double-quantized scales on a VBMI CPU: run() decodes a row range's scales
+  // in bulk (no gathers) and hands the kernels plain ones.
+  std::unique_ptr<ScalePlanes> planes_;
 };
 
 // The checks matmul_cpu applies to its arguments.
