@@ -166,3 +166,37 @@ def _update_error(opt, model, before, prev):
 def _decode(codes, absmax, name):
     table = torch.tensor(get_format(name).values, dtype=torch.float64)
     return table[codes.long()].view(-1) * absmax.double().repeat_interleave(256)[:codes.numel()]
+
+
+@pytest.mark.skipif(not qengine._C.vbmi_scales(), reason="the CPU has no AVX-512 VBMI (or QENGINE_NO_VBMI is set)")
+def test_vbmi_state_decode_equals_the_gather_path():
+    """The AVX-512 step decodes 8-bit states with VBMI byte permutes where the CPU has them:
+    parameters and states after three steps equal, byte for byte, a process run with
+    QENGINE_NO_VBMI=1 (the gather path)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    script = r'''
+import sys, torch, qengine
+torch.manual_seed(0)
+ps = [torch.nn.Parameter(torch.randn(n) * s) for n, s in [(4096, 1.0), (1000, 1e-3), (77, 10.0)]]
+opt = qengine.optim.PagedAdamW8bit(ps, lr=1e-2, weight_decay=0.1)
+for step in range(3):
+    for p in ps:
+        p.grad = torch.randn_like(p) * (10.0 ** -step)
+    opt.step()
+torch.save({"params": [p.detach() for p in ps], "state": opt.state_dict()}, sys.argv[1])
+'''
+    with tempfile.TemporaryDirectory() as d:
+        paths = [os.path.join(d, "vbmi.pt"), os.path.join(d, "gather.pt")]
+        for path, env in zip(paths, [{}, {"QENGINE_NO_VBMI": "1"}]):
+            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=300)
+        a, b = (torch.load(p, weights_only=False) for p in paths)
+    for pa, pb in zip(a["params"], b["params"]):
+        assert torch.equal(pa, pb)
+    for key, sa in a["state"]["state"].items():
+        for name, va in sa.items():
+            vb = b["state"]["state"][key][name]
+            assert torch.equal(torch.as_tensor(va), torch.as_tensor(vb)), name

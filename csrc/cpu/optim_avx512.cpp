@@ -5,7 +5,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <memory>
 
+#include "cpu/nested_scales.h"
 #include "cpu/optim_kernels.h"
 
 namespace qengine::cpu {
@@ -149,16 +151,27 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
   float* a2 = reinterpret_cast<float*>(t.absmax2);
   const Hyper16 h(hs);
   alignas(64) float mt[kOptimBlock], vt[kOptimBlock];
+  // On VBMI CPUs the codes are decoded a block at a time by byte permutes (no gathers).
+  std::unique_ptr<ScalePlanes> planes1, planes2;
+  if (vbmi_scales_available()) {
+    planes1 = std::make_unique<ScalePlanes>(c1.table);
+    planes2 = std::make_unique<ScalePlanes>(c2.table);
+  }
   int64_t b0 = lo;
   for (; b0 + kOptimBlock <= hi; b0 += kOptimBlock) {
     const int64_t b = b0 / kOptimBlock;
     prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
     const __m512 s1 = _mm512_set1_ps(a1[b]), s2 = _mm512_set1_ps(a2[b]);
+    if (planes1) {
+      decode_scaled_vbmi(q1 + b0, kOptimBlock, *planes1, a1[b], mt);
+      decode_scaled_vbmi(q2 + b0, kOptimBlock, *planes2, a2[b], vt);
+    }
     __m512 n1 = _mm512_setzero_ps(), n2 = _mm512_setzero_ps();
     __mmask16 nan1 = 0, nan2 = 0;
     for (int64_t i = 0; i < kOptimBlock; i += 16) {
       __m512 pv = load16<DT>(p, b0 + i);
-      __m512 mv = decode16(q1 + b0 + i, c1.table, s1), vv = decode16(q2 + b0 + i, c2.table, s2);
+      __m512 mv = planes1 ? _mm512_load_ps(mt + i) : decode16(q1 + b0 + i, c1.table, s1);
+      __m512 vv = planes1 ? _mm512_load_ps(vt + i) : decode16(q2 + b0 + i, c2.table, s2);
       update16(load16<DT>(g, b0 + i), pv, mv, vv, h);
       store16<DT>(p, b0 + i, pv);
       _mm512_store_ps(mt + i, mv);
