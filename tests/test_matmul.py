@@ -327,3 +327,21 @@ torch.save(out, sys.argv[1])
     assert len(a) == len(b) == 40
     for ya, yb in zip(a, b):
         assert torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_batch_tiles_match_the_whole_layer_product(monkeypatch, dtype):
+    """More than 16 rows: W is dequantized a tile of rows at a time (tiles of 7 rows here, the
+    last one short), each tile's columns one GEMM over all of K: within the GEMM's own rounding
+    of the whole-layer product x @ dequantize(W)^T, and within the float64 bound."""
+    from qengine import _ops
+
+    q = qengine.quantize(torch.randn(45, 200), "nf4", 64, double_quant=True)
+    x = torch.randn(2, 17, 200).to(dtype)
+    whole = x @ q.dequantize(dtype).t()
+    monkeypatch.setattr(_ops, "DENSE_TILE_BYTES", 7 * 200 * x.element_size())
+    y = qengine.matmul(x, q)
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-7
+    assert torch.allclose(y.float(), whole.float(), rtol=tol, atol=tol * 10)
+    x64, w64 = x.to(torch.float64), q.dequantize().to(torch.float64)
+    assert ((y.to(torch.float64) - x64 @ w64.t()).abs() <= _bound(x64, w64, dtype)).all()

@@ -325,6 +325,30 @@ def _matmul_t_cuda_small(g2, packed, table, scales, nested, offsets, bits, block
     return gx
 
 
+# The large-batch CPU product dequantizes this many bytes of W at a time into one buffer, which
+# stays in the last-level cache between its decode and its GEMM (measured on 11008x4096, batch
+# 512: 124 ms against 130 ms for the whole layer at once, and 16 MiB of scratch instead of 86).
+DENSE_TILE_BYTES = 16 << 20
+
+
+def _tiled_product_cpu(x2, packed, table, scales, offsets, bits, blocksize, n):
+    """x2 [M, K] @ W^T for the quantized W [N, K], W dequantized into x2's dtype a tile of rows
+    at a time; each tile's output columns come from one GEMM over all of K."""
+    m, k = x2.shape
+    y = torch.empty(m, n, dtype=x2.dtype)
+    rows = max(1, min(n, DENSE_TILE_BYTES // max(1, k * x2.element_size())))
+    tile = torch.empty(rows, k, dtype=x2.dtype)
+    rule = 1 if offsets is not None else 0
+    off = offsets.data_ptr() if offsets is not None else 0
+    for first in range(0, n, rows):
+        w = tile[: min(rows, n - first)]
+        if k:
+            _C.dequantize_range_cpu(packed.data_ptr(), first * k, w.numel(), blocksize, table.data_ptr(), bits, rule,
+                                    scales.data_ptr(), off, w.data_ptr(), _DTYPE_CODES[x2.dtype])
+        y[:, first:first + w.shape[0]] = x2 @ w.t()
+    return y
+
+
 def _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, dtype):
     w = torch.empty(n, k, dtype=dtype, device=packed.device)
     _dequantize_into(packed, table, scales, offsets, bits, blocksize, n * k, w)
@@ -384,9 +408,13 @@ def _matmul_impl(x, packed, table, scales, scales_nested, offsets, bits, blocksi
         y = _matmul_cuda_small(x2, packed, table, scales, scales_nested, offsets, bits, blocksize, n, lora_a, lora_b,
                                lora_scale).to(x.dtype)
     else:
-        w = _dense_weight(packed, table, _dense_scales(scales, scales_nested), offsets, bits, blocksize, n, k, x.dtype)
-        y = x2 @ w.t()
-        del w  # the dense copy lives only for this product
+        dense_scales = _dense_scales(scales, scales_nested)
+        if x.device.type == "cpu":
+            y = _tiled_product_cpu(x2, packed, table, dense_scales, offsets, bits, blocksize, n)
+        else:
+            w = _dense_weight(packed, table, dense_scales, offsets, bits, blocksize, n, k, x.dtype)
+            y = x2 @ w.t()
+            del w  # the dense copy lives only for this product
         if lora_a is not None:
             side = (x2.to(torch.float32) @ lora_a.to(torch.float32).t()) @ lora_b.to(torch.float32).t()
             y = y + (lora_scale * side).to(y.dtype)
