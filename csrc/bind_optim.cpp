@@ -57,7 +57,7 @@ int adamw_cuda(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state
 void bind_optim(py::module_& m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("adamw_cpu", &adamw_cpu, release());
-  m.def("adamw_cpu_spans", [] { return std::string(qengine::cpu::adam_spans().name); },
+  m.def("adamw_cpu_spans", [] { return std::string(qengine::cpu::adamw_spans_name()); },
         "The SIMD family of the CPU AdamW step under the current ISA: scalar, avx2 or avx512.");
 #if defined(QENGINE_WITH_CUDA)
   py::module_ cuda = m.attr("cuda").cast<py::module_>();

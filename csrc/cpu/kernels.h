@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/optim_kernels.h"
 #include "qengine/quant_math.h"
 
 namespace qengine::cpu {
@@ -48,6 +49,9 @@ struct Kernels {
   void (*gemv4_bf16)(const uint16_t* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize,
                      const float* table, const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
                      float* y, int64_t ldy);
+  // The fused AdamW step's spans for 32-bit and 8-bit states (optim_kernels.h).
+  AdamSpan32 adamw32;
+  AdamSpan8 adamw8;
 };
 
 extern const Kernels kScalarKernels;

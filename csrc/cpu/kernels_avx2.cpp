@@ -296,8 +296,8 @@ void axpy_rows(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K
 
 }  // namespace
 
-const Kernels kAvx2Kernels = {"avx2", block_stats, encode, decode, nullptr, dot_rows, axpy_rows, nullptr, nullptr,
-                                 nullptr};
+const Kernels kAvx2Kernels = {"avx2",  block_stats, encode,  decode,  nullptr,      dot_rows,
+                                 axpy_rows, nullptr,  nullptr, nullptr, avx2_adamw32, avx2_adamw8};
 
 }  // namespace qengine::cpu
 #endif

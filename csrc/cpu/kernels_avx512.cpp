@@ -386,9 +386,10 @@ void axpy_rows(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K
 }  // namespace
 
 const Kernels kAvx512Kernels = {"avx512", block_stats, encode, decode, decode_blocks4, dot_rows, axpy_rows, avx512_gemv4,
-                                  quantize_blocks4, nullptr};
-const Kernels kAvx512Bf16Kernels = {"avx512_bf16", block_stats, encode,       decode,           decode_blocks4,
-                                    dot_rows,      axpy_rows,   avx512_gemv4, quantize_blocks4, avx512_gemv4_bf16};
+                                  quantize_blocks4, nullptr, avx512_adamw32, avx512_adamw8};
+const Kernels kAvx512Bf16Kernels = {"avx512_bf16", block_stats,      encode,            decode,
+                                    decode_blocks4, dot_rows,        axpy_rows,         avx512_gemv4,
+                                    quantize_blocks4, avx512_gemv4_bf16, avx512_adamw32, avx512_adamw8};
 
 }  // namespace qengine::cpu
 #endif

@@ -59,7 +59,8 @@ void scalar_axpy_rows(const float* g, int64_t M, int64_t ldg, const float* w, in
   }
 }
 
-const Kernels kScalarKernels = {"scalar",        scalar_block_stats, scalar_encode, scalar_decode, nullptr,
-                                scalar_dot_rows, scalar_axpy_rows,   nullptr, nullptr, nullptr};
+const Kernels kScalarKernels = {"scalar",        scalar_block_stats, scalar_encode,  scalar_decode,
+                                nullptr,         scalar_dot_rows,    scalar_axpy_rows, nullptr,
+                                nullptr,         nullptr,            scalar_adamw32,   scalar_adamw8};
 
 }  // namespace qengine::cpu

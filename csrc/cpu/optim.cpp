@@ -2,7 +2,6 @@
 // the ISA choice (following the quantize kernels' choice, so QENGINE_CPU_ISA / set_isa apply),
 // and the portable scalar spans every SIMD variant must match byte for byte.
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -84,13 +83,13 @@ bool valid_code(const StateCode& c) {
 
 namespace cpu {
 
-AdamSpans adam_spans() {
+const char* adamw_spans_name() {
+  const Kernels& k = kernels();
 #if defined(__x86_64__) || defined(_M_X64)
-  const char* isa = isa_name();
-  if (std::strncmp(isa, "avx512", 6) == 0) return {"avx512", avx512_adamw32, avx512_adamw8};
-  if (std::strcmp(isa, "avx2") == 0) return {"avx2", avx2_adamw32, avx2_adamw8};
+  if (k.adamw32 == avx512_adamw32) return "avx512";
+  if (k.adamw32 == avx2_adamw32) return "avx2";
 #endif
-  return {"scalar", scalar_adamw32, scalar_adamw8};
+  return k.adamw32 == scalar_adamw32 ? "scalar" : "unknown";
 }
 
 }  // namespace cpu
@@ -114,9 +113,9 @@ int adamw_cpu(const OptimTask* tasks, int64_t ntasks, const AdamHyper* hyper, in
   const int64_t units = first_unit[ntasks];
   if (units == 0) return kOk;
 
-  const cpu::AdamSpans spans = cpu::adam_spans();
-  const cpu::AdamSpan32 span32 = spans.span32;
-  const cpu::AdamSpan8 span8 = spans.span8;
+  // The spans of the ISA table the other kernels use (QENGINE_CPU_ISA / set_isa apply).
+  const cpu::AdamSpan32 span32 = cpu::kernels().adamw32;
+  const cpu::AdamSpan8 span8 = cpu::kernels().adamw8;
 
   // Threads claim chunks of units (parallel_chunks): a thread slowed by other processes then
   // does less of the step. Steps of fewer than kMinParallelUnits stay on the calling thread.

@@ -24,13 +24,8 @@ void avx2_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h,
                  const StateCode& c2);
 #endif
 
-// The spans for the CPU's kernel table (cpu::kernels(): every AVX-512 table, with or without
-// BF16, runs the AVX-512 spans), and the name of the span family.
-struct AdamSpans {
-  const char* name;
-  AdamSpan32 span32;
-  AdamSpan8 span8;
-};
-AdamSpans adam_spans();
+// The SIMD family of the spans in the current kernel table (cpu::kernels(), which holds them):
+// "scalar", "avx2" or "avx512". Diagnostics only.
+const char* adamw_spans_name();
 
 }  // namespace qengine::cpu
