@@ -8,8 +8,9 @@ function(qengine_set_isa_flags)
       COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
     set_source_files_properties(csrc/cpu/gemv_avx512bf16.cpp PROPERTIES
       COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx512bf16;-mavx2;-mfma;-mf16c")
-    # Bulk decode of double-quantized scales (called only on CPUs with VBMI).
-    set_source_files_properties(csrc/cpu/nested_scales_vbmi.cpp PROPERTIES
+    # Bulk decode of double-quantized scales and the 8-bit optimizer step without gathers
+    # (called only on CPUs with VBMI).
+    set_source_files_properties(csrc/cpu/nested_scales_vbmi.cpp csrc/cpu/optim_avx512vbmi.cpp PROPERTIES
       COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx512vbmi;-mavx2;-mfma;-mf16c")
     # The fused optimizer step (optim.cpp dispatches on the same ISA choice).
     set_source_files_properties(csrc/cpu/optim_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")

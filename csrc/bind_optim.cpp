@@ -4,10 +4,12 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "bind_args.h"
 #include "cpu/optim_kernels.h"
+#include "cpu/state_encoder.h"
 #include "qengine/optim.h"
 #include "qengine/status.h"
 
@@ -22,16 +24,23 @@ namespace {
 using qengine::bind::addr;
 using qengine::bind::raise_on_error;
 
-qengine::StateCode state_code(addr table, addr lut, int base, int kmax) {
-  return qengine::StateCode{reinterpret_cast<const float*>(table), reinterpret_cast<const uint32_t*>(lut), base, kmax};
+qengine::StateCode state_code(addr table, addr lut, int base, int kmax, addr encoder = 0) {
+  return qengine::StateCode{reinterpret_cast<const float*>(table), reinterpret_cast<const uint32_t*>(lut), base, kmax,
+                            reinterpret_cast<const void*>(encoder)};
 }
 
+// The gather-free search tables of one code (cpu/state_encoder.h), owned by the Python object.
+struct StateEncoderHandle {
+  std::unique_ptr<qengine::cpu::StateEncoder> encoder = std::make_unique<qengine::cpu::StateEncoder>();
+  bool usable = false;
+};
+
 // tasks: int64 [ntasks, 10] (OptimTask rows); hyper: float32 [nhyper, 9] (AdamHyper rows);
-// for 8-bit states, the two codes' (table, lut, base, kmax).
+// for 8-bit states, the two codes' (table, lut, base, kmax) and their encoders' addresses (0: none).
 int adamw_cpu(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state_bits, addr t1, addr l1,
-              int base1, int kmax1, addr t2, addr l2, int base2, int kmax2) {
-  const qengine::StateCode codes[2] = {state_code(t1, l1, base1, kmax1),
-                                       state_code(t2, l2, base2, kmax2)};
+              int base1, int kmax1, addr t2, addr l2, int base2, int kmax2, addr e1, addr e2) {
+  const qengine::StateCode codes[2] = {state_code(t1, l1, base1, kmax1, e1),
+                                       state_code(t2, l2, base2, kmax2, e2)};
   int s = qengine::adamw_cpu(reinterpret_cast<const qengine::OptimTask*>(tasks), ntasks,
                              reinterpret_cast<const qengine::AdamHyper*>(hyper), nhyper, state_bits,
                              state_bits == 8 ? codes : nullptr);
@@ -57,6 +66,18 @@ int adamw_cuda(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state
 void bind_optim(py::module_& m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("adamw_cpu", &adamw_cpu, release());
+  py::class_<StateEncoderHandle>(m, "StateEncoder",
+                                 "The CPU's gather-free nearest-code tables of one 8-bit state code, built from its "
+                                 "(table, lut, base, kmax); address is 0 where the code is too dense for them.")
+      .def(py::init([](addr table, addr lut, int base, int kmax) {
+             auto h = std::make_unique<StateEncoderHandle>();
+             h->usable = qengine::cpu::build_state_encoder(state_code(table, lut, base, kmax), h->encoder.get());
+             return h;
+           }),
+           py::arg("table"), py::arg("lut"), py::arg("base"), py::arg("kmax"))
+      .def_property_readonly("address", [](const StateEncoderHandle& h) {
+        return h.usable ? reinterpret_cast<addr>(h.encoder.get()) : addr{0};
+      });
   m.def("adamw_cpu_spans", [] { return std::string(qengine::cpu::adamw_spans_name()); },
         "The SIMD family of the CPU AdamW step under the current ISA: scalar, avx2 or avx512.");
 #if defined(QENGINE_WITH_CUDA)

@@ -16,6 +16,7 @@ bool vbmi_scales_available();
 // The nested table as four byte planes: planes[p * 256 + e] = byte p of table[e].
 struct ScalePlanes {
   alignas(64) uint8_t bytes[4 * 256];
+  ScalePlanes() = default;
   explicit ScalePlanes(const float* table);
 };
 

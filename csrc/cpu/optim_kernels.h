@@ -19,6 +19,9 @@ void scalar_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& 
 void avx512_adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h);
 void avx512_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
                    const StateCode& c2);
+// The 8-bit span without gathers (optim_avx512vbmi.cpp); call only where vbmi_scales_available().
+void avx512vbmi_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
+                       const StateCode& c2);
 void avx2_adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h);
 void avx2_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
                  const StateCode& c2);

@@ -71,6 +71,9 @@ struct StateCode {
   const uint32_t* lut;  // 2 * (lut_kmax + 1) entries: negatives (largest magnitude first), then positives
   int lut_base;         // (|x| bits >> 16) of the lowest bucket
   int lut_kmax;         // buckets per sign - 1
+  // CPU only, may be null: a cpu::StateEncoder (csrc/cpu/state_encoder.h) built from this code,
+  // the gather-free form of the same search for AVX-512 VBMI CPUs.
+  const void* cpu_encoder = nullptr;
 };
 
 QE_HD float qe_fma(float a, float b, float c) {

@@ -75,6 +75,9 @@ class StateCode:
         self.base, self.kmax = _LUT_BASE, _LUT_KMAX
         self.table = table.to(device)
         self.lut = lut.to(torch.int32).to(device)
+        # The CPU's gather-free form of the same search, built from it (used on VBMI CPUs).
+        self.encoder = _C.StateEncoder(*self.args()) if self.table.device.type == "cpu" else None
+        self.encoder_address = self.encoder.address if self.encoder is not None else 0
 
     def args(self) -> tuple:
         return (self.table.data_ptr(), self.lut.data_ptr(), self.base, self.kmax)
@@ -115,7 +118,9 @@ def run_tasks(tasks: torch.Tensor, hyper: torch.Tensor, state_bits: int, device:
         _C.cuda.adamw(tasks.data_ptr(), tasks.shape[0], hyper.data_ptr(), hyper.shape[0], state_bits, *code_args,
                       stream)
     else:
-        _C.adamw_cpu(tasks.data_ptr(), tasks.shape[0], hyper.data_ptr(), hyper.shape[0], state_bits, *code_args)
+        encoders = (codes[0].encoder_address, codes[1].encoder_address) if codes else (0, 0)
+        _C.adamw_cpu(tasks.data_ptr(), tasks.shape[0], hyper.data_ptr(), hyper.shape[0], state_bits, *code_args,
+                     *encoders)
 
 
 def check_device(name: str, t: torch.Tensor) -> None:

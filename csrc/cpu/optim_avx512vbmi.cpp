@@ -1,0 +1,174 @@
+// The 8-bit AdamW span on CPUs with AVX-512 VBMI: state codes decoded and encoded with byte
+// permutes (byte_planes_vbmi.h, state_encoder.h) instead of gathers, bytes equal to the
+// scalar span's. Compiled with -mavx512vbmi only here; optim_avx512.cpp calls it only where
+// vbmi_scales_available().
+//
+// A block's codes can only be written once its absmax is known, after its update pass, and
+// that encode is all byte shuffles while the update waits on the divider (sqrt and two
+// divisions per element). So the encode of block b-1 is interleaved with the update of block
+// b, and the out-of-order core runs both at once.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "cpu/byte_planes_vbmi.h"
+#include "cpu/nested_scales.h"
+#include "cpu/optim_avx512_inl.h"
+#include "cpu/optim_kernels.h"
+#include "cpu/state_encoder.h"
+
+namespace qengine::cpu {
+namespace {
+
+// Word i of the result: the high half of float i of (a, b) (32 floats).
+inline __m512i high_words(__m512 a, __m512 b) {
+  alignas(64) static const uint16_t kOdd[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                                33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(a), _mm512_load_si512(kOdd), _mm512_castps_si512(b));
+}
+
+// The bucket keys (state_encoder.h) of 32 floats given their high words.
+inline __m512i bucket_keys(__m512i top, const StateEncoder& e) {
+  top = _mm512_min_epu16(_mm512_and_si512(top, _mm512_set1_epi16(0x7fff)), _mm512_set1_epi16(0x3f80));
+  const __m512i octave = _mm512_subs_epu16(_mm512_srli_epi16(top, 7), _mm512_set1_epi16(kEncoderOctaveBias));
+  const __m512i shift = _mm512_permutexvar_epi16(octave, _mm512_load_si512(e.shift));
+  const __m512i offset = _mm512_permutexvar_epi16(octave, _mm512_load_si512(e.offset));
+  return _mm512_add_epi16(_mm512_srlv_epi16(top, shift), offset);
+}
+
+// 256-entry byte table lookup of 64 byte indices (high: their bit 7).
+inline __m512i lookup_bytes(__m512i idx, __mmask64 high, const uint8_t* table) {
+  const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(table), idx, _mm512_load_si512(table + 64));
+  const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(table + 128), idx, _mm512_load_si512(table + 192));
+  return _mm512_mask_blend_epi8(high, lo, hi);
+}
+
+// encode_state of the 64 floats x[i] * inv (finite, |.| < 2) into out[0..63].
+template <bool kWide>
+inline void encode64(const float* x, __m512 inv, const StateEncoder& e, __m512i order, uint8_t* out) {
+  alignas(64) static const uint8_t kEven[64] = {
+      0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+      44, 46, 48, 50, 52, 54, 56, 58, 60, 62, 64, 66, 68, 70, 72, 74, 76, 78, 80, 82, 84, 86,
+      88, 90, 92, 94, 96, 98, 100, 102, 104, 106, 108, 110, 112, 114, 116, 118, 120, 122, 124, 126};
+  __m512 y[4];
+  for (int k = 0; k < 4; ++k) y[k] = _mm512_mul_ps(_mm512_load_ps(x + 16 * k), inv);
+  const __m512i top01 = high_words(y[0], y[1]), top23 = high_words(y[2], y[3]);
+  const __mmask64 negative = _mm512_kunpackd(static_cast<__mmask64>(_mm512_movepi16_mask(top23)),
+                                             static_cast<__mmask64>(_mm512_movepi16_mask(top01)));
+  const __m512i k01 = bucket_keys(top01, e), k23 = bucket_keys(top23, e);
+  const __m512i keys = _mm512_permutex2var_epi8(k01, _mm512_load_si512(kEven), k23);  // low bytes
+  const __mmask64 high = _mm512_movepi8_mask(keys);
+  __m512i first;
+  if constexpr (kWide) {
+    const __m512i bit8 = _mm512_set1_epi16(0x100);
+    const __mmask64 upper = _mm512_kunpackd(static_cast<__mmask64>(_mm512_test_epi16_mask(k23, bit8)),
+                                            static_cast<__mmask64>(_mm512_test_epi16_mask(k01, bit8)));
+    first = _mm512_mask_blend_epi8(upper, lookup_bytes(keys, high, e.first_pos),
+                                   lookup_bytes(keys, high, e.first_pos + 256));
+    first = _mm512_mask_mov_epi8(first, negative, _mm512_set1_epi8(static_cast<char>(e.negative_code)));
+  } else {
+    first = _mm512_mask_blend_epi8(negative, lookup_bytes(keys, high, e.first_pos),
+                                   lookup_bytes(keys, high, e.first_neg));
+  }
+  __m512i threshold[4];
+  lookup64(first, e.thresholds, order, threshold);
+  __mmask16 above[4];
+  for (int k = 0; k < 4; ++k) above[k] = _mm512_cmp_ps_mask(y[k], _mm512_castsi512_ps(threshold[k]), _CMP_GT_OQ);
+  const __mmask64 up = _mm512_kunpackd(static_cast<__mmask64>(_mm512_kunpackw(above[3], above[2])),
+                                       static_cast<__mmask64>(_mm512_kunpackw(above[1], above[0])));
+  _mm512_storeu_si512(out, _mm512_mask_add_epi8(first, up, first, _mm512_set1_epi8(1)));
+}
+
+inline void encode64(const float* x, __m512 inv, const StateEncoder& e, __m512i order, uint8_t* out) {
+  if (e.wide) encode64<true>(x, inv, e, order, out);
+  else encode64<false>(x, inv, e, order, out);
+}
+
+// One block's updated states, waiting for their codes.
+struct PendingBlock {
+  const float* m;
+  const float* v;
+  uint8_t* q1;
+  uint8_t* q2;
+  __m512 inv1, inv2;
+};
+
+// Part `part` (0..7) of a pending block's encode: 64 codes of m (even parts) or v (odd).
+inline void encode_part(const PendingBlock& b, int part, const StateEncoder& e1, const StateEncoder& e2,
+                        __m512i order) {
+  const int at = 64 * (part >> 1);
+  if ((part & 1) == 0) encode64(b.m + at, b.inv1, e1, order, b.q1 + at);
+  else encode64(b.v + at, b.inv2, e2, order, b.q2 + at);
+}
+
+template <int DT>
+void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
+            const StateCode& c2) {
+  void* p = reinterpret_cast<void*>(t.param);
+  const void* g = reinterpret_cast<const void*>(t.grad);
+  uint8_t* q1 = reinterpret_cast<uint8_t*>(t.state1);
+  uint8_t* q2 = reinterpret_cast<uint8_t*>(t.state2);
+  float* a1 = reinterpret_cast<float*>(t.absmax1);
+  float* a2 = reinterpret_cast<float*>(t.absmax2);
+  const Hyper16 h(hs);
+  const ScalePlanes planes1(c1.table), planes2(c2.table);
+  const auto* e1 = static_cast<const StateEncoder*>(c1.cpu_encoder);
+  const auto* e2 = static_cast<const StateEncoder*>(c2.cpu_encoder);
+  const __m512i order = unpack_order();
+  alignas(64) float states[2][2][kOptimBlock];  // [block parity][m, v]: this block's and the pending one's
+  PendingBlock pending{};
+  bool has_pending = false;
+  int64_t b0 = lo;
+  for (int parity = 0; b0 + kOptimBlock <= hi; b0 += kOptimBlock, parity ^= 1) {
+    const int64_t b = b0 / kOptimBlock;
+    float* mt = states[parity][0];
+    float* vt = states[parity][1];
+    prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
+    decode_scaled_vbmi(q1 + b0, kOptimBlock, planes1, a1[b], mt);
+    decode_scaled_vbmi(q2 + b0, kOptimBlock, planes2, a2[b], vt);
+    __m512 n1 = _mm512_setzero_ps(), n2 = _mm512_setzero_ps();
+    __mmask16 nan1 = 0, nan2 = 0;
+    for (int64_t i = 0; i < kOptimBlock; i += 16) {
+      __m512 pv = load16<DT>(p, b0 + i);
+      __m512 mv = _mm512_load_ps(mt + i), vv = _mm512_load_ps(vt + i);
+      update16(load16<DT>(g, b0 + i), pv, mv, vv, h);
+      store16<DT>(p, b0 + i, pv);
+      _mm512_store_ps(mt + i, mv);
+      _mm512_store_ps(vt + i, vv);
+      absmax16(n1, nan1, mv);
+      absmax16(n2, nan2, vv);
+      if (has_pending && (i & 16) != 0) encode_part(pending, static_cast<int>(i >> 5), *e1, *e2, order);
+    }
+    const float m1 = reduce_absmax(n1, nan1), m2 = reduce_absmax(n2, nan2);
+    a1[b] = m1;
+    a2[b] = m2;
+    const __m512 i1 = _mm512_set1_ps(state_inv_scale(m1)), i2 = _mm512_set1_ps(state_inv_scale(m2));
+    // The byte-table search holds for finite |x| < 2: a finite absmax bounds the block by 1.
+    has_pending = e1 != nullptr && e2 != nullptr && std::isfinite(m1) && std::isfinite(m2);
+    if (has_pending) {
+      pending = PendingBlock{mt, vt, q1 + b0, q2 + b0, i1, i2};
+    } else {
+      for (int64_t i = 0; i < kOptimBlock; i += 16) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(mt + i), i1), c1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(vt + i), i2), c2));
+      }
+    }
+  }
+  if (has_pending) {
+    for (int part = 0; part < 8; ++part) encode_part(pending, part, *e1, *e2, order);
+  }
+  if (b0 < hi) scalar_adamw8(t, b0, hi, hs, c1, c2);  // the partial last block
+}
+
+}  // namespace
+
+void avx512vbmi_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
+                       const StateCode& c2) {
+  if (t.dtype == kFloat32) adamw8<kFloat32>(t, lo, hi, h, c1, c2);
+  else if (t.dtype == kBFloat16) adamw8<kBFloat16>(t, lo, hi, h, c1, c2);
+  else adamw8<kFloat16>(t, lo, hi, h, c1, c2);
+}
+
+}  // namespace qengine::cpu
+#endif

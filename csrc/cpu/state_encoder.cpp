@@ -1,0 +1,87 @@
+// Builds a StateEncoder (state_encoder.h) from the scalar search it replaces, so the two
+// cannot disagree: every table entry is a value of encode_state.
+#include "cpu/state_encoder.h"
+
+namespace qengine::cpu {
+namespace {
+
+constexpr uint32_t kSign = 0x80000000u;
+constexpr uint32_t kMaxFinite = 0x7f7fffffu;
+constexpr uint32_t kOneBits = 0x3f800000u;
+
+// Float bits <-> an unsigned key in float order (-0.0 just below +0.0).
+uint32_t to_order(uint32_t u) { return (u & kSign) ? ~u : (u | kSign); }
+uint32_t from_order(uint32_t o) { return (o & kSign) ? (o & ~kSign) : ~o; }
+
+}  // namespace
+
+bool build_state_encoder(const StateCode& c, StateEncoder* e) {
+  auto code = [&](uint32_t bits) { return static_cast<int>(encode_state(bits_float(bits), c)); };
+  // A bucket of magnitudes [lo, hi] (bits) may hold one code boundary per sign at most
+  // (encode_state is monotone in float order, so its ends tell).
+  auto fits = [&](uint32_t lo, uint32_t hi) {
+    return code(hi) - code(lo) <= 1 && code(kSign | lo) - code(kSign | hi) <= 1;
+  };
+  *e = StateEncoder{};
+  int key = 0;
+  auto add_bucket = [&](uint32_t lo, uint32_t hi) {
+    e->first_pos[key] = static_cast<uint8_t>(code(lo));
+    if (key < 256) e->first_neg[key] = static_cast<uint8_t>(code(kSign | hi));
+    ++key;
+  };
+  // Octave 0: |y| < 2^-30; top16 >> 15 is 0 for every magnitude, so the key is offset[0] = 0.
+  const uint32_t first_octave_bits = static_cast<uint32_t>(kEncoderOctaveBias + 1) << 23;
+  if (!fits(0, first_octave_bits - 1)) return false;
+  e->shift[0] = 15;
+  add_bucket(0, first_octave_bits - 1);
+  for (int o = 1; o < 32; ++o) {
+    const uint32_t exponent = static_cast<uint32_t>(kEncoderOctaveBias + o);
+    const uint32_t lo = exponent << 23;
+    int m = 0;
+    if (lo == kOneBits) {
+      if (!fits(kOneBits, kMaxFinite)) return false;  // [1, inf): top16 is clamped to 1.0's
+    } else {
+      for (; m <= 7; ++m) {
+        bool ok = true;
+        for (uint32_t j = 0; ok && j < (1u << m); ++j) {
+          const uint32_t b = lo | (j << (23 - m));
+          ok = fits(b, b + (1u << (23 - m)) - 1);
+        }
+        if (ok) break;
+      }
+      if (m > 7) return false;
+    }
+    if (key + (1 << m) > 512) return false;
+    e->shift[o] = static_cast<uint16_t>(7 - m);
+    e->offset[o] = static_cast<uint16_t>(key - static_cast<int>(exponent << m));  // wraps mod 2^16
+    for (uint32_t j = 0; j < (1u << m); ++j) {
+      const uint32_t b = lo | (j << (23 - m));
+      add_bucket(b, lo == kOneBits ? kMaxFinite : b + (1u << (23 - m)) - 1);
+    }
+  }
+  e->wide = key > 256;
+  e->negative_code = static_cast<uint8_t>(code(kSign));
+  if (e->wide && code(kSign | kMaxFinite) != e->negative_code) return false;  // negatives differ
+  // threshold[k]: the largest finite float (in float order) whose code is <= k, by bisection.
+  float threshold[256];
+  const uint32_t lowest = to_order(kSign | kMaxFinite), highest = to_order(kMaxFinite);
+  for (int k = 0; k < 256; ++k) {
+    if (code(kMaxFinite) <= k) {
+      threshold[k] = bits_float(kMaxFinite);  // nothing finite is above it
+    } else if (code(kSign | kMaxFinite) > k) {
+      threshold[k] = bits_float(0xff800000u);  // -inf: no float has a code <= k (never used)
+    } else {
+      uint32_t good = lowest, bad = highest;  // code(good) <= k < code(bad)
+      while (bad - good > 1) {
+        const uint32_t mid = good + (bad - good) / 2;
+        if (code(from_order(mid)) <= k) good = mid;
+        else bad = mid;
+      }
+      threshold[k] = bits_float(from_order(good));
+    }
+  }
+  e->thresholds = ScalePlanes(threshold);
+  return true;
+}
+
+}  // namespace qengine::cpu

@@ -1,0 +1,45 @@
+// The nearest-code search of an 8-bit optimizer-state code (encode_state in optim_math.h) in a
+// form AVX-512 VBMI byte permutes can evaluate 64 lanes at a time, without gathers (Zen 4
+// spends ~21 cycles on each 16-lane gather of the bucket table, most of the 8-bit step).
+//
+// A magnitude |y| falls in one of at most 256 buckets (512: see `wide`): everything below
+// 2^-30 in bucket 0, then each binade [2^e, 2^(e+1)) for e = -30..-1 split into 2^m equal
+// buckets (m <= 7, the fewest that leave at most one code boundary per bucket on either sign),
+// then [1, inf) in one. With top16 = min(bits(|y|) >> 16, bits(1.0) >> 16) and
+// o = max(top16 >> 7, 96) - 96:
+//   key = (top16 >> shift[o]) + offset[o]                 (16-bit arithmetic, wrapping)
+//   first = (y negative ? first_neg : first_pos)[key]     (the code of the bucket's low end)
+//   code = first + (y > threshold[first])                 (threshold[k]: the largest float
+//                                                          whose code is <= k)
+// which equals encode_state(y) for every finite y with |y| < 2 (build_state_encoder checks
+// the bucket condition against encode_state itself; the thresholds are found by bisection on
+// encode_state). Callers route other values to encode_state's own path.
+//
+// The unsigned map (second moment) is twice as dense and needs up to 512 buckets; its
+// negative values, which v never takes, all share one code. `wide` codes are those: keys up
+// to 511 for positive values and negative_code for every negative one.
+#pragma once
+#include <cstdint>
+
+#include "cpu/nested_scales.h"
+#include "qengine/optim_math.h"
+
+namespace qengine::cpu {
+
+constexpr int kEncoderOctaveBias = 96;  // biased exponents <= 96 (|y| < 2^-30) share bucket 0
+
+struct StateEncoder {
+  alignas(64) uint16_t shift[32];  // by octave o
+  alignas(64) uint16_t offset[32];
+  alignas(64) uint8_t first_pos[512];  // by bucket key
+  alignas(64) uint8_t first_neg[256];  // by bucket key, unless wide
+  ScalePlanes thresholds;              // by code
+  bool wide;
+  uint8_t negative_code;  // wide: the code of every negative value
+};
+
+// Fills *e from the code c; false when c does not fit these tables (then *e is unusable and
+// callers keep the gather path).
+bool build_state_encoder(const StateCode& c, StateEncoder* e);
+
+}  // namespace qengine::cpu
