@@ -4,9 +4,9 @@
 // vbmi_scales_available().
 //
 // A block's codes can only be written once its absmax is known, after its update pass, and
-// that encode is all byte shuffles while the update waits on the divider (sqrt and two
-// divisions per element). So the encode of block b-1 is interleaved with the update of block
-// b, and the out-of-order core runs both at once.
+// the decode and encode are all byte shuffles while the update waits on the divider (sqrt and
+// two divisions per element). So the update of block b is interleaved with the decode of
+// block b+1 and the encode of block b-1, and the out-of-order core runs them at once.
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -85,22 +85,30 @@ inline void encode64(const float* x, __m512 inv, const StateEncoder& e, __m512i 
   else encode64<false>(x, inv, e, order, out);
 }
 
-// One block's updated states, waiting for their codes.
-struct PendingBlock {
-  const float* m;
-  const float* v;
-  uint8_t* q1;
-  uint8_t* q2;
-  __m512 inv1, inv2;
-};
-
-// Part `part` (0..7) of a pending block's encode: 64 codes of m (even parts) or v (odd).
-inline void encode_part(const PendingBlock& b, int part, const StateEncoder& e1, const StateEncoder& e2,
-                        __m512i order) {
-  const int at = 64 * (part >> 1);
-  if ((part & 1) == 0) encode64(b.m + at, b.inv1, e1, order, b.q1 + at);
-  else encode64(b.v + at, b.inv2, e2, order, b.q2 + at);
+// 64 codes of a state decoded: out[i] = table[codes[i]] * scale.
+inline void decode64(const uint8_t* codes, const ScalePlanes& planes, __m512 scale, __m512i order, float* out) {
+  __m512i values[4];
+  lookup64(_mm512_loadu_si512(codes), planes, order, values);
+  for (int k = 0; k < 4; ++k) _mm512_store_ps(out + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(values[k]), scale));
 }
+
+// absmax_step over 16 lanes on the float bits: |x| orders as an unsigned integer, and a NaN's
+// |bits| exceed infinity's, so one integer max tracks both.
+inline __m512i absmax_bits16(__m512i acc, __m512 x) {
+  return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+}
+
+inline float reduce_absmax_bits(__m512i acc) {
+  const uint32_t m = _mm512_reduce_max_epu32(acc);
+  return bits_float(m > 0x7f800000u ? 0x7fc00000u : m);  // absmax_step's one canonical NaN
+}
+
+// The states of three consecutive blocks in flight: the one being updated, the next one
+// being decoded and the previous one being encoded (state_buffers[k % 3] holds block k's).
+struct BlockStates {
+  alignas(64) float m[kOptimBlock];
+  alignas(64) float v[kOptimBlock];
+};
 
 template <int DT>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
@@ -115,50 +123,69 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
   const ScalePlanes planes1(c1.table), planes2(c2.table);
   const auto* e1 = static_cast<const StateEncoder*>(c1.cpu_encoder);
   const auto* e2 = static_cast<const StateEncoder*>(c2.cpu_encoder);
+  const bool encoders = e1 != nullptr && e2 != nullptr;
   const __m512i order = unpack_order();
-  alignas(64) float states[2][2][kOptimBlock];  // [block parity][m, v]: this block's and the pending one's
-  PendingBlock pending{};
-  bool has_pending = false;
-  int64_t b0 = lo;
-  for (int parity = 0; b0 + kOptimBlock <= hi; b0 += kOptimBlock, parity ^= 1) {
-    const int64_t b = b0 / kOptimBlock;
-    float* mt = states[parity][0];
-    float* vt = states[parity][1];
+  BlockStates buffers[3];
+  const int64_t blocks = (hi - lo) / kOptimBlock;  // full blocks; lo is a block start
+  const int64_t first_block = lo / kOptimBlock;
+  // Pieces of 64 codes: piece j of a block is state j & 1 (m, v), elements 64 * (j >> 1) on.
+  auto decode_piece = [&](int64_t k, int j) {
+    const int64_t b = first_block + k, at = 64 * (j >> 1);
+    BlockStates& s = buffers[k % 3];
+    if ((j & 1) == 0) decode64(q1 + b * kOptimBlock + at, planes1, _mm512_set1_ps(a1[b]), order, s.m + at);
+    else decode64(q2 + b * kOptimBlock + at, planes2, _mm512_set1_ps(a2[b]), order, s.v + at);
+  };
+  __m512 pending_inv1 = _mm512_setzero_ps(), pending_inv2 = _mm512_setzero_ps();
+  bool pending = false;  // block k - 1 awaits its encode
+  auto encode_piece = [&](int64_t k, int j) {
+    const int64_t b = first_block + k, at = 64 * (j >> 1);
+    const BlockStates& s = buffers[k % 3];
+    if ((j & 1) == 0) encode64(s.m + at, pending_inv1, *e1, order, q1 + b * kOptimBlock + at);
+    else encode64(s.v + at, pending_inv2, *e2, order, q2 + b * kOptimBlock + at);
+  };
+  for (int j = 0; blocks > 0 && j < 8; ++j) decode_piece(0, j);
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t b = first_block + k, b0 = b * kOptimBlock;
+    BlockStates& s = buffers[k % 3];
     prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
-    decode_scaled_vbmi(q1 + b0, kOptimBlock, planes1, a1[b], mt);
-    decode_scaled_vbmi(q2 + b0, kOptimBlock, planes2, a2[b], vt);
-    __m512 n1 = _mm512_setzero_ps(), n2 = _mm512_setzero_ps();
-    __mmask16 nan1 = 0, nan2 = 0;
+    const bool decode_next = k + 1 < blocks;
+    __m512i n1 = _mm512_setzero_si512(), n2 = _mm512_setzero_si512();
     for (int64_t i = 0; i < kOptimBlock; i += 16) {
       __m512 pv = load16<DT>(p, b0 + i);
-      __m512 mv = _mm512_load_ps(mt + i), vv = _mm512_load_ps(vt + i);
+      __m512 mv = _mm512_load_ps(s.m + i), vv = _mm512_load_ps(s.v + i);
       update16(load16<DT>(g, b0 + i), pv, mv, vv, h);
       store16<DT>(p, b0 + i, pv);
-      _mm512_store_ps(mt + i, mv);
-      _mm512_store_ps(vt + i, vv);
-      absmax16(n1, nan1, mv);
-      absmax16(n2, nan2, vv);
-      if (has_pending && (i & 16) != 0) encode_part(pending, static_cast<int>(i >> 5), *e1, *e2, order);
+      _mm512_store_ps(s.m + i, mv);
+      _mm512_store_ps(s.v + i, vv);
+      n1 = absmax_bits16(n1, mv);
+      n2 = absmax_bits16(n2, vv);
+      // The byte-shuffle work of the neighbouring blocks, between the divider-bound updates.
+      const int j = static_cast<int>(i >> 5);
+      if ((i & 16) == 0) {
+        if (decode_next) decode_piece(k + 1, j);
+      } else if (pending) {
+        encode_piece(k - 1, j);
+      }
     }
-    const float m1 = reduce_absmax(n1, nan1), m2 = reduce_absmax(n2, nan2);
+    const float m1 = reduce_absmax_bits(n1), m2 = reduce_absmax_bits(n2);
     a1[b] = m1;
     a2[b] = m2;
     const __m512 i1 = _mm512_set1_ps(state_inv_scale(m1)), i2 = _mm512_set1_ps(state_inv_scale(m2));
     // The byte-table search holds for finite |x| < 2: a finite absmax bounds the block by 1.
-    has_pending = e1 != nullptr && e2 != nullptr && std::isfinite(m1) && std::isfinite(m2);
-    if (has_pending) {
-      pending = PendingBlock{mt, vt, q1 + b0, q2 + b0, i1, i2};
+    pending = encoders && std::isfinite(m1) && std::isfinite(m2);
+    if (pending) {
+      pending_inv1 = i1;
+      pending_inv2 = i2;
     } else {
       for (int64_t i = 0; i < kOptimBlock; i += 16) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(mt + i), i1), c1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(vt + i), i2), c2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(s.m + i), i1), c1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(s.v + i), i2), c2));
       }
     }
   }
-  if (has_pending) {
-    for (int part = 0; part < 8; ++part) encode_part(pending, part, *e1, *e2, order);
-  }
-  if (b0 < hi) scalar_adamw8(t, b0, hi, hs, c1, c2);  // the partial last block
+  for (int j = 0; pending && j < 8; ++j) encode_piece(blocks - 1, j);
+  const int64_t tail = lo + blocks * kOptimBlock;
+  if (tail < hi) scalar_adamw8(t, tail, hi, hs, c1, c2);  // the partial last block
 }
 
 }  // namespace
