@@ -1,5 +1,5 @@
 # Optimizer step time and state bytes per parameter: qengine's paged AdamW (32/8-bit, with and without a budget) against torch and bitsandbytes.
-"""Usage: python bench/bench_optim.py [--numel N] [--tensors K] [--json PATH] [--threads N] [--no-bnb]
+"""Usage: python bench/bench_optim.py [--numel N] [--tensors K] [--json PATH] [--threads N] [--no-bnb] [--rounds R]
 
 One optimizer step over N parameters (default 50M, in K equal float32 tensors, gradients
 set), median over repeated steps, each optimizer measured alone (created, warmed up by two
@@ -11,14 +11,21 @@ file in --spill-dir), bitsandbytes AdamW8bit and PagedAdamW where they run on th
 'x fused' = torch fused step time / this step time (> 1: faster than torch fused AdamW);
 'GB/s' = bytes the step must move (parameter, gradient and states, read and written) per
 second; 'busy' = cores other processes kept busy meanwhile (> ~0.1: the timing is suspect).
+
+Then R interleaved rounds (default 15): torch fused AdamW, PagedAdamW and PagedAdamW8bit
+(resident) each take one step per round, in rotating order, so a machine whose memory speed
+drifts from second to second (shared hosts) slows all three alike; 'x fused' there is the
+median over rounds of the per-round ratio.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import os
+import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +44,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--spill-dir", default=tempfile.gettempdir())
     p.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes (its CPU steps take seconds)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (0: none)")
     return p.parse_args()
 
 
@@ -108,8 +116,42 @@ def main():
         r["x_fused"] = fused / r["ms"] if fused else None
     print_table(results, COLUMNS, title=f"AdamW step, {n / 1e6:.0f}M float32 parameters in {args.tensors} tensors "
                                         "(ms, median; x fused > 1: faster than torch fused)")
-    write_json(args.json, results, numel=n, tensors=args.tensors)
+    interleaved = interleaved_rounds(params, args.rounds) if args.rounds > 0 else []
+    if interleaved:
+        print_table(interleaved, INTERLEAVED_COLUMNS,
+                    title=f"Interleaved rounds ({args.rounds}): one step of each per round, rotating order")
+    write_json(args.json, results, numel=n, tensors=args.tensors, interleaved=interleaved)
 
+
+def interleaved_rounds(params, rounds: int) -> list[dict]:
+    """Per-round step times of torch fused AdamW and qengine's resident optimizers, the
+    steps of one round back to back (see the module docstring)."""
+    names = ["torch AdamW fused", "qengine PagedAdamW", "qengine PagedAdamW8bit"]
+    opts = [torch.optim.AdamW(params, fused=True), PagedAdamW(params), PagedAdamW8bit(params)]
+    for opt in opts:  # states allocated, caches warm
+        opt.step()
+        opt.step()
+    times = [[] for _ in opts]
+    for r in range(rounds):
+        for k in range(len(opts)):
+            i = (r + k) % len(opts)
+            t0 = time.perf_counter()
+            opts[i].step()
+            times[i].append(time.perf_counter() - t0)
+    rows = []
+    for name, ts in zip(names, times):
+        ratios = sorted(f / t for f, t in zip(times[0], ts))
+        rows.append({"optimizer": name, "ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
+                     "max_ms": max(ts) * 1e3, "x_fused": statistics.median(ratios),
+                     "x_fused_p25": ratios[len(ratios) // 4], "x_fused_p75": ratios[(3 * len(ratios)) // 4]})
+    del opts
+    gc.collect()
+    return rows
+
+
+INTERLEAVED_COLUMNS = [("optimizer", "optimizer", ""), ("ms", "step ms", ".1f"), ("min_ms", "min", ".1f"),
+                       ("max_ms", "max", ".1f"), ("x_fused", "x fused", ".2f"), ("x_fused_p25", "p25", ".2f"),
+                       ("x_fused_p75", "p75", ".2f")]
 
 COLUMNS = [("optimizer", "optimizer", ""), ("ms", "step ms", ".1f"), ("p25", "p25", ".1f"), ("p75", "p75", ".1f"),
            ("reps", "reps", "d"), ("bytes_per_param", "bytes/param", ".3f"), ("gbps", "GB/s", ".1f"),
