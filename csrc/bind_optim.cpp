@@ -77,7 +77,19 @@ void bind_optim(py::module_& m) {
            py::arg("table"), py::arg("lut"), py::arg("base"), py::arg("kmax"))
       .def_property_readonly("address", [](const StateEncoderHandle& h) {
         return h.usable ? reinterpret_cast<addr>(h.encoder.get()) : addr{0};
-      });
+      })
+      .def(
+          "encode",
+          [](const StateEncoderHandle& h, addr x, int64_t n, addr out) {
+            // For tests: x float32 [n] with |x| < 2, n a multiple of 64; out uint8 [n].
+            if (!h.usable) throw py::value_error("this code has no gather-free encoder");
+            if (n < 0 || n % 64 != 0) throw py::value_error("n must be a non-negative multiple of 64");
+            if (!qengine::cpu::encode_codes_vbmi(reinterpret_cast<const float*>(x), n, *h.encoder,
+                                                 reinterpret_cast<uint8_t*>(out))) {
+              throw py::value_error("the gather-free encoder needs an AVX-512 VBMI CPU");
+            }
+          },
+          py::arg("x"), py::arg("n"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("adamw_cpu_spans", [] { return std::string(qengine::cpu::adamw_spans_name()); },
         "The SIMD family of the CPU AdamW step under the current ISA: scalar, avx2 or avx512.");
 #if defined(QENGINE_WITH_CUDA)

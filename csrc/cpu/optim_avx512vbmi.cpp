@@ -7,6 +7,8 @@
 // the decode and encode are all byte shuffles while the update waits on the divider (sqrt and
 // two divisions per element). So the update of block b is interleaved with the decode of
 // block b+1 and the encode of block b-1, and the out-of-order core runs them at once.
+#include "cpu/state_encoder.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -16,7 +18,6 @@
 #include "cpu/nested_scales.h"
 #include "cpu/optim_avx512_inl.h"
 #include "cpu/optim_kernels.h"
-#include "cpu/state_encoder.h"
 
 namespace qengine::cpu {
 namespace {
@@ -28,13 +29,14 @@ inline __m512i high_words(__m512 a, __m512 b) {
   return _mm512_permutex2var_epi16(_mm512_castps_si512(a), _mm512_load_si512(kOdd), _mm512_castps_si512(b));
 }
 
-// The bucket keys (state_encoder.h) of 32 floats given their high words.
+// The bucket keys (state_encoder.h) of 32 floats (|x| < 2) given their high words.
 inline __m512i bucket_keys(__m512i top, const StateEncoder& e) {
-  top = _mm512_min_epu16(_mm512_and_si512(top, _mm512_set1_epi16(0x7fff)), _mm512_set1_epi16(0x3f80));
+  top = _mm512_and_si512(top, _mm512_set1_epi16(0x7fff));
   const __m512i octave = _mm512_subs_epu16(_mm512_srli_epi16(top, 7), _mm512_set1_epi16(kEncoderOctaveBias));
-  const __m512i shift = _mm512_permutexvar_epi16(octave, _mm512_load_si512(e.shift));
-  const __m512i offset = _mm512_permutexvar_epi16(octave, _mm512_load_si512(e.offset));
-  return _mm512_add_epi16(_mm512_srlv_epi16(top, shift), offset);
+  const __m512i w = _mm512_permutexvar_epi16(octave, _mm512_load_si512(e.octave));
+  const __m512i mantissa = _mm512_and_si512(top, _mm512_set1_epi16(127));
+  return _mm512_add_epi16(_mm512_srlv_epi16(mantissa, _mm512_and_si512(w, _mm512_set1_epi16(7))),
+                          _mm512_srli_epi16(w, 3));
 }
 
 // 256-entry byte table lookup of 64 byte indices (high: their bit 7).
@@ -190,6 +192,17 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
 
 }  // namespace
 
+bool encode_codes_vbmi(const float* x, int64_t n, const StateEncoder& e, uint8_t* out) {
+  if (!vbmi_scales_available() || n % 64 != 0) return false;
+  const __m512i order = unpack_order();
+  alignas(64) float chunk[64];
+  for (int64_t i = 0; i < n; i += 64) {
+    for (int k = 0; k < 64; k += 16) _mm512_store_ps(chunk + k, _mm512_loadu_ps(x + i + k));
+    encode64(chunk, _mm512_set1_ps(1.0f), e, order, out + i);
+  }
+  return true;
+}
+
 void avx512vbmi_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
                        const StateCode& c2) {
   if (t.dtype == kFloat32) adamw8<kFloat32>(t, lo, hi, h, c1, c2);
@@ -197,5 +210,9 @@ void avx512vbmi_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyp
   else adamw8<kFloat16>(t, lo, hi, h, c1, c2);
 }
 
+}  // namespace qengine::cpu
+#else
+namespace qengine::cpu {
+bool encode_codes_vbmi(const float*, int64_t, const StateEncoder&, uint8_t*) { return false; }
 }  // namespace qengine::cpu
 #endif

@@ -29,17 +29,17 @@ bool build_state_encoder(const StateCode& c, StateEncoder* e) {
     if (key < 256) e->first_neg[key] = static_cast<uint8_t>(code(kSign | hi));
     ++key;
   };
-  // Octave 0: |y| < 2^-30; top16 >> 15 is 0 for every magnitude, so the key is offset[0] = 0.
+  // Octave 0: |y| < 2^-30, one bucket (key 0, shift 7).
   const uint32_t first_octave_bits = static_cast<uint32_t>(kEncoderOctaveBias + 1) << 23;
   if (!fits(0, first_octave_bits - 1)) return false;
-  e->shift[0] = 15;
+  e->octave[0] = 7;
   add_bucket(0, first_octave_bits - 1);
   for (int o = 1; o < 32; ++o) {
     const uint32_t exponent = static_cast<uint32_t>(kEncoderOctaveBias + o);
     const uint32_t lo = exponent << 23;
     int m = 0;
     if (lo == kOneBits) {
-      if (!fits(kOneBits, kMaxFinite)) return false;  // [1, inf): top16 is clamped to 1.0's
+      if (!fits(kOneBits, kMaxFinite)) return false;  // [1, 2) and beyond: one bucket
     } else {
       for (; m <= 7; ++m) {
         bool ok = true;
@@ -52,8 +52,7 @@ bool build_state_encoder(const StateCode& c, StateEncoder* e) {
       if (m > 7) return false;
     }
     if (key + (1 << m) > 512) return false;
-    e->shift[o] = static_cast<uint16_t>(7 - m);
-    e->offset[o] = static_cast<uint16_t>(key - static_cast<int>(exponent << m));  // wraps mod 2^16
+    e->octave[o] = static_cast<uint16_t>(key << 3 | (7 - m));
     for (uint32_t j = 0; j < (1u << m); ++j) {
       const uint32_t b = lo | (j << (23 - m));
       add_bucket(b, lo == kOneBits ? kMaxFinite : b + (1u << (23 - m)) - 1);

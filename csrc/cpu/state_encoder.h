@@ -5,13 +5,13 @@
 // A magnitude |y| falls in one of at most 256 buckets (512: see `wide`): everything below
 // 2^-30 in bucket 0, then each binade [2^e, 2^(e+1)) for e = -30..-1 split into 2^m equal
 // buckets (m <= 7, the fewest that leave at most one code boundary per bucket on either sign),
-// then [1, inf) in one. With top16 = min(bits(|y|) >> 16, bits(1.0) >> 16) and
-// o = max(top16 >> 7, 96) - 96:
-//   key = (top16 >> shift[o]) + offset[o]                 (16-bit arithmetic, wrapping)
+// then [1, 2) in one. With top16 = bits(|y|) >> 16 (exponent and 7 mantissa bits) and
+// o = max(top16 >> 7, 96) - 96, the octave's entry w = octave[o] gives
+//   key = ((top16 & 127) >> (w & 7)) + (w >> 3)           (w >> 3: the octave's first key)
 //   first = (y negative ? first_neg : first_pos)[key]     (the code of the bucket's low end)
 //   code = first + (y > threshold[first])                 (threshold[k]: the largest float
 //                                                          whose code is <= k)
-// which equals encode_state(y) for every finite y with |y| < 2 (build_state_encoder checks
+// which equals encode_state(y) for every y with |y| < 2 (build_state_encoder checks
 // the bucket condition against encode_state itself; the thresholds are found by bisection on
 // encode_state). Callers route other values to encode_state's own path.
 //
@@ -29,8 +29,7 @@ namespace qengine::cpu {
 constexpr int kEncoderOctaveBias = 96;  // biased exponents <= 96 (|y| < 2^-30) share bucket 0
 
 struct StateEncoder {
-  alignas(64) uint16_t shift[32];  // by octave o
-  alignas(64) uint16_t offset[32];
+  alignas(64) uint16_t octave[32];  // by octave o: first key << 3 | shift
   alignas(64) uint8_t first_pos[512];  // by bucket key
   alignas(64) uint8_t first_neg[256];  // by bucket key, unless wide
   ScalePlanes thresholds;              // by code
@@ -41,5 +40,9 @@ struct StateEncoder {
 // Fills *e from the code c; false when c does not fit these tables (then *e is unusable and
 // callers keep the gather path).
 bool build_state_encoder(const StateCode& c, StateEncoder* e);
+
+// out[i] = encode_state(x[i]) through the tables, for n a multiple of 64 and every |x[i]| < 2
+// (tests compare it with the reference search); false where the CPU lacks VBMI.
+bool encode_codes_vbmi(const float* x, int64_t n, const StateEncoder& e, uint8_t* out);
 
 }  // namespace qengine::cpu
