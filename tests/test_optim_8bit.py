@@ -169,9 +169,9 @@ def _decode(codes, absmax, name):
 
 
 @pytest.mark.skipif(not qengine._C.vbmi_scales(), reason="the CPU has no AVX-512 VBMI (or QENGINE_NO_VBMI is set)")
-def test_vbmi_state_decode_equals_the_gather_path():
-    """The AVX-512 step decodes 8-bit states with VBMI byte permutes where the CPU has them:
-    parameters and states after three steps equal, byte for byte, a process run with
+def test_vbmi_state_step_equals_the_gather_path():
+    """The AVX-512 step decodes and encodes 8-bit states with VBMI byte permutes where the CPU
+    has them: parameters and states after three steps equal, byte for byte, a process run with
     QENGINE_NO_VBMI=1 (the gather path)."""
     import os
     import subprocess

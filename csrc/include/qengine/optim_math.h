@@ -14,6 +14,8 @@
 // The nearest code is found without a search: a byte table indexed by the float's sign,
 // exponent and top 7 mantissa bits gives the candidate and the one midpoint that can
 // separate it from the next code (python/qengine/optim/_ops.py builds it and checks that).
+// CPUs with AVX-512 VBMI run an equivalent gather-free form built from encode_state itself
+// (csrc/cpu/state_encoder.h).
 #pragma once
 #include <cstdint>
 
