@@ -32,8 +32,10 @@ inline __m512i high_words(__m512 a, __m512 b) {
 // The bucket keys (state_encoder.h) of 32 floats (|x| < 2) given their high words.
 inline __m512i bucket_keys(__m512i top, const StateEncoder& e) {
   top = _mm512_and_si512(top, _mm512_set1_epi16(0x7fff));
-  const __m512i octave = _mm512_subs_epu16(_mm512_srli_epi16(top, 7), _mm512_set1_epi16(kEncoderOctaveBias));
-  const __m512i w = _mm512_permutexvar_epi16(octave, _mm512_load_si512(e.octave));
+  // max(exponent, 96) - 96 is its low 5 bits (exponent <= 127), all vpermw reads of an index.
+  static_assert(kEncoderOctaveBias % 32 == 0, "the octave index is the exponent's low 5 bits");
+  const __m512i exponent = _mm512_max_epu16(_mm512_srli_epi16(top, 7), _mm512_set1_epi16(kEncoderOctaveBias));
+  const __m512i w = _mm512_permutexvar_epi16(exponent, _mm512_load_si512(e.octave));
   const __m512i mantissa = _mm512_and_si512(top, _mm512_set1_epi16(127));
   return _mm512_add_epi16(_mm512_srlv_epi16(mantissa, _mm512_and_si512(w, _mm512_set1_epi16(7))),
                           _mm512_srli_epi16(w, 3));
