@@ -130,3 +130,35 @@ def _train_subset(opt, params, steps):
         for p, g in zip(params, _grads(step)):
             p.grad = g
         opt.step()
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_reused_task_table_gives_the_bytes_of_a_rebuilt_one(cls):
+    """Without a budget a step reuses the last step's task table when the same parameters
+    step (only the parameter and gradient addresses are refreshed): new gradient tensors every
+    step, a parameter skipped now and then, a parameter group added mid-run and a parameter
+    moved to new storage all give the bytes of an optimizer that rebuilds its table every step
+    (a budget larger than the states keeps it from reusing)."""
+    ref_params, params = _params(), _params()
+    big = 1 << 30
+    opts = [cls(ref_params, lr=1e-2, weight_decay=0.1, page_elements=PAGE, budget_bytes=big),
+            cls(params, lr=1e-2, weight_decay=0.1, page_elements=PAGE)]
+    reused = 0
+    for step in range(12):
+        for ps, opt in zip((ref_params, params), opts):
+            if step == 4:  # a new group
+                extra = torch.nn.Parameter(torch.ones(300))
+                ps.append(extra)
+                opt.add_param_group({"params": [extra], "lr": 3e-3})
+            if step == 9:  # same parameter, new storage
+                ps[0].data = ps[0].data.clone()
+            for p, g in zip(ps, _grads(step) + [torch.full((300,), 0.5)]):
+                p.grad = None if (step % 5 == 2 and p.numel() == 7) else g.clone()
+            before = opt._task_cache
+            opt.step()
+            if opt is opts[1] and before is not None and opt._task_cache is before:
+                reused += 1
+    assert reused == 6  # steps 1, 5, 6, 9, 10, 11 reused the table
+    assert opts[0]._task_cache is None
+    for a, b in zip(ref_params + _state_bytes(opts[0]), params + _state_bytes(opts[1])):
+        assert torch.equal(a.detach().view(-1).view(torch.uint8), b.detach().view(-1).view(torch.uint8))

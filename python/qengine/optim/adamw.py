@@ -102,6 +102,9 @@ class _PagedAdamBase(torch.optim.Optimizer):
         self._region: dict[torch.Tensor, int] = {}
         self._steps: dict[torch.Tensor, int] = {}
         self._broken: str | None = None  # why the state is inconsistent (a step failed half-way)
+        # The last step's task table without its parameter/gradient addresses, reused while the
+        # same parameters step over the same (unbudgeted, so unmoving) pages: see _run.
+        self._task_cache: tuple | None = None
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ params
@@ -142,7 +145,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work, hyper_rows = [], []
+        work, hyper_rows, hyper_index = [], [], {}
         for group in self.param_groups:
             lr, b1, b2, eps, wd, maximize = check_group(group)
             for p in group["params"]:
@@ -150,8 +153,12 @@ class _PagedAdamBase(torch.optim.Optimizer):
                     continue
                 g = self._checked_grad(p)
                 step = self._steps.get(p, 0) + 1
-                hyper_rows.append(_ops.hyper_row(lr, b1, b2, eps, wd, step, maximize))
-                work.append((p, g, len(hyper_rows) - 1, step))
+                key = (lr, b1, b2, eps, wd, step, maximize)  # one row per distinct set of constants
+                h = hyper_index.get(key)
+                if h is None:
+                    h = hyper_index[key] = len(hyper_rows)
+                    hyper_rows.append(_ops.hyper_row(lr, b1, b2, eps, wd, step, maximize))
+                work.append((p, g, h, step))
         if not work:
             return loss
         self._check_usable()
@@ -199,16 +206,35 @@ class _PagedAdamBase(torch.optim.Optimizer):
 
     def _run(self, work: list, hyper: torch.Tensor) -> None:
         mgr = self._mgr
+        # Without a budget no page moves once created, so a step over the same parameters has
+        # the same spans and state addresses as the last one: only the parameter and gradient
+        # addresses (gradients are new tensors every backward) and constants rows change.
+        # Building the table span by span costs ~8 us per tensor, the kernel of a LoRA adapter
+        # matrix a few.
+        key = tuple((id(p), p.dtype, p.numel()) for p, _, _, _ in work) if mgr.budget_bytes is None else None
+        cache = self._task_cache
+        if key is not None and cache is not None and cache[0] is mgr and cache[1] == mgr.layout_version \
+                and cache[2] == key:
+            self._updated = True
+            _ops.run_tasks(self._with_addresses(cache[3], cache[4], work), hyper, self.STATE_BITS, mgr.device)
+            return
         tasks: list[list[int]] = []
+        items: list[int] = []  # the work item of each task row
+        flushed = 0
 
         def flush():
+            nonlocal flushed
+            static = torch.tensor(tasks, dtype=torch.int64).reshape(-1, _ops.TASK_FIELDS)
+            item_index = torch.tensor(items, dtype=torch.int64)
             self._updated = True
-            _ops.run_tasks(torch.tensor(tasks, dtype=torch.int64).reshape(-1, _ops.TASK_FIELDS), hyper,
-                           self.STATE_BITS, mgr.device)
-            tasks.clear()
+            _ops.run_tasks(self._with_addresses(static, item_index, work), hyper, self.STATE_BITS, mgr.device)
+            flushed += 1
             mgr.release_all()
+            tasks.clear()
+            items.clear()
+            return static, item_index
 
-        for p, g, h, _ in work:
+        for item, (p, g, h, _) in enumerate(work):
             esize = p.element_size()
             code = _DTYPE_CODES[p.dtype]
             for span in mgr.spans(self._region[p], p.numel()):
@@ -219,8 +245,22 @@ class _PagedAdamBase(torch.optim.Optimizer):
                     buf = mgr.acquire(span.page)
                 s1, s2, a1, a2 = mgr.addresses(buf, span.first)
                 off = span.offset * esize
-                tasks.append([p.data_ptr() + off, g.data_ptr() + off, s1, s2, a1, a2, span.count, code, h, 0])
-        flush()
+                tasks.append([off, off, s1, s2, a1, a2, span.count, code, 0, 0])
+                items.append(item)
+        static, item_index = flush()
+        self._task_cache = (mgr, mgr.layout_version, key, static, item_index) if key is not None and flushed == 1 \
+            else None
+
+    @staticmethod
+    def _with_addresses(static: torch.Tensor, item: torch.Tensor, work: list) -> torch.Tensor:
+        """Task rows from rows holding byte offsets in columns 0 and 1 (and anything in column
+        8): the offsets plus each row's work item's parameter and gradient addresses, and its
+        constants row."""
+        rows = static.clone()
+        rows[:, 0] += torch.tensor([p.data_ptr() for p, _, _, _ in work], dtype=torch.int64)[item]
+        rows[:, 1] += torch.tensor([g.data_ptr() for _, g, _, _ in work], dtype=torch.int64)[item]
+        rows[:, 8] = torch.tensor([h for _, _, h, _ in work], dtype=torch.int64)[item]
+        return rows
 
     # ------------------------------------------------------------------ memory
     def state_bytes(self) -> int:

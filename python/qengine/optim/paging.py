@@ -87,6 +87,7 @@ class PageManager:
                              "lower page_elements or raise the budget")
         self.elements = 0  # end of the last region (element space)
         self.resident: dict[int, torch.Tensor] = {}  # page -> buffer (uint8 [page_bytes], on device)
+        self.layout_version = 0  # bumped whenever a page's buffer (so its address) changes
         self._home: _Home | None = None  # created at the first eviction
         self._homed: dict[int, int] = {}  # page -> bytes, for pages whose current bytes are in the home store
         self._busy: set[int] = set()
@@ -178,6 +179,7 @@ class PageManager:
             elif buf.numel() < need:
                 buf = self._grown(buf, self._needed(page))
             self.resident[page] = buf
+            self.layout_version += 1
             self.resident_bytes += buf.numel() - held
             self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         elif page in self._released:
@@ -196,6 +198,7 @@ class PageManager:
         buf = self.resident[page]
         home.write(page, buf)  # before the page leaves `resident`: a failed write loses nothing
         del self.resident[page]
+        self.layout_version += 1
         self._homed[page] = buf.numel()
         self.resident_bytes -= buf.numel()
         self.evictions += 1
