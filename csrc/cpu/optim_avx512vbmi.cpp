@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <memory>
 
 #include "cpu/byte_planes_vbmi.h"
 #include "cpu/nested_scales.h"
@@ -124,10 +125,17 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
   float* a1 = reinterpret_cast<float*>(t.absmax1);
   float* a2 = reinterpret_cast<float*>(t.absmax2);
   const Hyper16 h(hs);
-  const ScalePlanes planes1(c1.table), planes2(c2.table);
   const auto* e1 = static_cast<const StateEncoder*>(c1.cpu_encoder);
   const auto* e2 = static_cast<const StateEncoder*>(c2.cpu_encoder);
   const bool encoders = e1 != nullptr && e2 != nullptr;
+  // The decode tables: the encoders' copies (built once per code), else built here.
+  std::unique_ptr<ScalePlanes> own1, own2;
+  if (!encoders) {
+    own1 = std::make_unique<ScalePlanes>(c1.table);
+    own2 = std::make_unique<ScalePlanes>(c2.table);
+  }
+  const ScalePlanes& planes1 = encoders ? e1->values : *own1;
+  const ScalePlanes& planes2 = encoders ? e2->values : *own2;
   const __m512i order = unpack_order();
   BlockStates buffers[3];
   const int64_t blocks = (hi - lo) / kOptimBlock;  // full blocks; lo is a block start

@@ -80,6 +80,7 @@ bool build_state_encoder(const StateCode& c, StateEncoder* e) {
     }
   }
   e->thresholds = ScalePlanes(threshold);
+  e->values = ScalePlanes(c.table);
   return true;
 }
 

@@ -33,6 +33,7 @@ struct StateEncoder {
   alignas(64) uint8_t first_pos[512];  // by bucket key
   alignas(64) uint8_t first_neg[256];  // by bucket key, unless wide
   ScalePlanes thresholds;              // by code
+  ScalePlanes values;                  // the code's table (decode), by code
   bool wide;
   uint8_t negative_code;  // wide: the code of every negative value
 };
