@@ -227,3 +227,28 @@ def test_non_finite_blocks_equal_scalar(isa, isa_restore):
     got = run()
     for a, b in zip(ref, got):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", [i for i in SUPPORTED if i != "scalar"])
+def test_codes_without_encoders_equal_scalar(isa, isa_restore, monkeypatch):
+    """A state code whose gather-free tables could not be built (encoder address 0) keeps the
+    gather search on every block; the bytes still equal the scalar step's."""
+    from qengine.optim import _ops
+
+    def run():
+        torch.manual_seed(4)
+        n = 256 * 30 + 100
+        p, g = torch.randn(n), torch.randn(n) * torch.exp(torch.randn(n) * 3)
+        s1, s2 = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+        a1, a2 = torch.zeros(-(-n // 256)), torch.zeros(-(-n // 256))
+        for step in (1, 2, 3):
+            torch.ops.qengine.adamw_update(p, g, s1, s2, a1, a2, 1e-3, 0.9, 0.999, 1e-8, 0.01, step, False)
+        return [p.view(torch.uint8), s1, s2, a1.view(torch.uint8), a2.view(torch.uint8)]
+
+    qengine.set_cpu_isa("scalar")
+    ref = run()
+    for code in _ops.state_codes(torch.device("cpu")):
+        monkeypatch.setattr(code, "encoder_address", 0)
+    qengine.set_cpu_isa(isa)
+    for a, b in zip(ref, run()):
+        assert torch.equal(a, b)
