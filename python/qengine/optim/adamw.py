@@ -193,15 +193,20 @@ class _PagedAdamBase(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} cannot be used: {self._broken}")
 
     def _checked_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """p's gradient, contiguous, after the checks of every step (parameter and gradient:
+        dtype, device, shape, layout). Runs once per tensor per step, so each property is read
+        once: for an adapter's hundreds of small tensors this loop is most of the Python time."""
         g = p.grad
-        if g.is_sparse or g.layout != torch.strided:
+        dtype, device = p.dtype, p.device
+        if g.layout != torch.strided:
             raise ValueError("qengine's paged AdamW does not support sparse gradients")
-        if g.dtype != p.dtype:
-            raise TypeError(f"gradient dtype {g.dtype} differs from its parameter's {p.dtype}")
-        if g.device != p.device or g.shape != p.shape:
+        if g.dtype != dtype:
+            raise TypeError(f"gradient dtype {g.dtype} differs from its parameter's {dtype}")
+        if g.device != device or g.shape != p.shape:
             raise ValueError(f"gradient ({tuple(g.shape)} on {g.device}) does not match its parameter "
-                             f"({tuple(p.shape)} on {p.device})")
-        self._check_param(p)
+                             f"({tuple(p.shape)} on {device})")
+        if dtype not in _ops.PARAM_DTYPES or device != self._mgr.device or not p.is_contiguous():
+            self._check_param(p)  # raises the precise error
         return g.contiguous()
 
     def _run(self, work: list, hyper: torch.Tensor) -> None:
