@@ -211,7 +211,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(qengine::cpu::isa_name()); });
   m.def("supported_isas", [] { return std::string(qengine::cpu::supported_isas()); });
   m.def("vbmi_scales", &qengine::cpu::vbmi_scales_available,
-        "Whether the matmul decodes double-quantized scales with AVX-512 VBMI (off: QENGINE_NO_VBMI=1).");
+        "Whether the CPU kernels use AVX-512 VBMI byte permutes instead of gathers (matmul scales, 8-bit "
+        "optimizer states; off: QENGINE_NO_VBMI=1).");
   m.def("set_isa", &set_isa);
   m.def("num_threads", &qengine::cpu::num_threads);
   m.def("set_num_threads", [](int n) {

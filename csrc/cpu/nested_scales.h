@@ -1,6 +1,7 @@
 // 256-entry float32 table lookups of byte codes in bulk without gathers, on CPUs with AVX-512
 // VBMI (nested_scales_vbmi.cpp): the matmul decodes a row chunk's double-quantized scales once
-// and hands the kernels plain float32 scales; the 8-bit optimizer decodes its state codes.
+// and hands the kernels plain float32 scales; the 8-bit optimizer decodes its state codes
+// (optim_avx512vbmi.cpp, with the same lookup: byte_planes_vbmi.h).
 // Zen 4 takes ~27 cycles per 16-lane gather, a fifth of a one-row GEMV.
 #pragma once
 #include <cstdint>
@@ -24,9 +25,5 @@ struct ScalePlanes {
 // nested_shift >= 0). Call only where vbmi_scales_available().
 void decode_nested_scales_vbmi(const BlockScales& s, const ScalePlanes& planes, int64_t b_lo, int64_t count,
                                float* out);
-
-// out[i] = table[codes[i]] * scale for i < n (n a multiple of 64), where planes = table.
-// Call only where vbmi_scales_available().
-void decode_scaled_vbmi(const uint8_t* codes, int64_t n, const ScalePlanes& planes, float scale, float* out);
 
 }  // namespace qengine::cpu

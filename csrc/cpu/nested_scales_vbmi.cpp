@@ -39,18 +39,8 @@ void decode_nested_scales_vbmi(const BlockScales& s, const ScalePlanes& planes, 
   }
 }
 
-void decode_scaled_vbmi(const uint8_t* codes, int64_t n, const ScalePlanes& planes, float scale, float* out) {
-  const __m512i order = unpack_order();
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < n; i += 64) {
-    __m512i values[4];
-    lookup64(_mm512_loadu_si512(codes + i), planes, order, values);
-    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(out + i + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(values[k]), s));
-  }
-}
 #else
 void decode_nested_scales_vbmi(const BlockScales&, const ScalePlanes&, int64_t, int64_t, float*) {}
-void decode_scaled_vbmi(const uint8_t*, int64_t, const ScalePlanes&, float, float*) {}
 #endif
 
 }  // namespace qengine::cpu

@@ -12,6 +12,12 @@
 namespace qengine::cpu {
 namespace {
 
+// 16 state codes decoded with one gather: table[q[i]] * scale.
+inline __m512 decode16(const uint8_t* q, const float* table, __m512 scale) {
+  const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  return _mm512_mul_ps(_mm512_i32gather_ps(idx, table, 4), scale);
+}
+
 template <int DT>
 void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs) {
   void* p = reinterpret_cast<void*>(t.param);
@@ -46,8 +52,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     const int64_t b = b0 / kOptimBlock;
     prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
     const __m512 s1 = _mm512_set1_ps(a1[b]), s2 = _mm512_set1_ps(a2[b]);
-    __m512 n1 = _mm512_setzero_ps(), n2 = _mm512_setzero_ps();
-    __mmask16 nan1 = 0, nan2 = 0;
+    __m512i n1 = _mm512_setzero_si512(), n2 = _mm512_setzero_si512();
     for (int64_t i = 0; i < kOptimBlock; i += 16) {
       __m512 pv = load16<DT>(p, b0 + i);
       __m512 mv = decode16(q1 + b0 + i, c1.table, s1), vv = decode16(q2 + b0 + i, c2.table, s2);
@@ -55,10 +60,10 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
       store16<DT>(p, b0 + i, pv);
       _mm512_store_ps(mt + i, mv);
       _mm512_store_ps(vt + i, vv);
-      absmax16(n1, nan1, mv);
-      absmax16(n2, nan2, vv);
+      n1 = absmax16(n1, mv);
+      n2 = absmax16(n2, vv);
     }
-    const float m1 = reduce_absmax(n1, nan1), m2 = reduce_absmax(n2, nan2);
+    const float m1 = reduce_absmax(n1), m2 = reduce_absmax(n2);
     a1[b] = m1;
     a2[b] = m2;
     const __m512 i1 = _mm512_set1_ps(state_inv_scale(m1)), i2 = _mm512_set1_ps(state_inv_scale(m2));

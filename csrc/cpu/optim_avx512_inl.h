@@ -86,19 +86,15 @@ inline __m128i encode16(__m512 x, const StateCode& c) {
   return _mm512_cvtepi32_epi8(idx);
 }
 
-inline __m512 decode16(const uint8_t* q, const float* table, __m512 scale) {
-  const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-  return _mm512_mul_ps(_mm512_i32gather_ps(idx, table, 4), scale);
+// absmax_step over 16 lanes on the float bits: |x| orders as an unsigned integer, and a NaN's
+// |bits| exceed infinity's, so one integer max tracks both.
+inline __m512i absmax16(__m512i acc, __m512 x) {
+  return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
 }
 
-// NaN-propagating |x| max (absmax_step on 16 lanes): the NaN lanes are tracked separately.
-inline void absmax16(__m512& acc, __mmask16& nan, __m512 x) {
-  acc = _mm512_max_ps(acc, _mm512_abs_ps(x));
-  nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q));
-}
-
-inline float reduce_absmax(__m512 acc, __mmask16 nan) {
-  return nan ? bits_float(0x7fc00000u) : _mm512_reduce_max_ps(acc);
+inline float reduce_absmax(__m512i acc) {
+  const uint32_t m = _mm512_reduce_max_epu32(acc);
+  return bits_float(m > 0x7f800000u ? 0x7fc00000u : m);  // absmax_step's one canonical NaN
 }
 
 // The block loop alternates a decode/update pass and an encode pass over L1-resident

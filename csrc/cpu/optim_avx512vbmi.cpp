@@ -99,17 +99,6 @@ inline void decode64(const uint8_t* codes, const ScalePlanes& planes, __m512 sca
   for (int k = 0; k < 4; ++k) _mm512_store_ps(out + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(values[k]), scale));
 }
 
-// absmax_step over 16 lanes on the float bits: |x| orders as an unsigned integer, and a NaN's
-// |bits| exceed infinity's, so one integer max tracks both.
-inline __m512i absmax_bits16(__m512i acc, __m512 x) {
-  return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
-}
-
-inline float reduce_absmax_bits(__m512i acc) {
-  const uint32_t m = _mm512_reduce_max_epu32(acc);
-  return bits_float(m > 0x7f800000u ? 0x7fc00000u : m);  // absmax_step's one canonical NaN
-}
-
 // The states of three consecutive blocks in flight: the one being updated, the next one
 // being decoded and the previous one being encoded (state_buffers[k % 3] holds block k's).
 struct BlockStates {
@@ -171,8 +160,8 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
       store16<DT>(p, b0 + i, pv);
       _mm512_store_ps(s.m + i, mv);
       _mm512_store_ps(s.v + i, vv);
-      n1 = absmax_bits16(n1, mv);
-      n2 = absmax_bits16(n2, vv);
+      n1 = absmax16(n1, mv);
+      n2 = absmax16(n2, vv);
       // The byte-shuffle work of the neighbouring blocks, between the divider-bound updates.
       const int j = static_cast<int>(i >> 5);
       if ((i & 16) == 0) {
@@ -181,7 +170,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
         encode_piece(k - 1, j);
       }
     }
-    const float m1 = reduce_absmax_bits(n1), m2 = reduce_absmax_bits(n2);
+    const float m1 = reduce_absmax(n1), m2 = reduce_absmax(n2);
     a1[b] = m1;
     a2[b] = m2;
     const __m512 i1 = _mm512_set1_ps(state_inv_scale(m1)), i2 = _mm512_set1_ps(state_inv_scale(m2));
