@@ -153,6 +153,9 @@ def test_peft_ia3_on_float_layers_of_quantized_model():
     _check(model, losses, changed, lambda n: "ia3_l" in n)
 
 
+# peft's prefix tuning hands its virtual keys/values to the model as `past_key_values`, which
+# transformers >= 5.24 deprecates in favour of `cache`; the call still works (the warning is theirs).
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_peft_prompt_and_prefix_tuning(kind):
     cls = peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig
