@@ -82,6 +82,9 @@ def _worker(rank, store_path, out_path):
         if rank == 0:
             torch.save(results, out_path)
     finally:
+        # Tear down only once both ranks are past their last collective: a rank that closes its
+        # gloo connections while the other still talks to it can abort the other process.
+        dist.barrier()
         dist.destroy_process_group()
 
 
