@@ -81,10 +81,11 @@ def _worker(rank, store_path, out_path):
         results = {mode: _run(mode, rank) for mode in ("ddp", "fsdp")}  # one spawn serves both
         if rank == 0:
             torch.save(results, out_path)
-    finally:
         # Tear down only once both ranks are past their last collective: a rank that closes its
-        # gloo connections while the other still talks to it can abort the other process.
+        # gloo connections while the other still talks to it can abort the other process. (A
+        # rank that failed skips this; spawn then terminates the one left waiting.)
         dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 
