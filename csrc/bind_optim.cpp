@@ -10,6 +10,7 @@
 #include "bind_args.h"
 #include "cpu/optim_kernels.h"
 #include "cpu/state_encoder.h"
+#include "cpu/state_minifloat.h"
 #include "qengine/optim.h"
 #include "qengine/status.h"
 
@@ -24,9 +25,10 @@ namespace {
 using qengine::bind::addr;
 using qengine::bind::raise_on_error;
 
-qengine::StateCode state_code(addr table, addr lut, int base, int kmax, addr encoder = 0) {
+qengine::StateCode state_code(addr table, addr lut, int base, int kmax, addr encoder = 0,
+                              qengine::MinifloatForm form = {}) {
   return qengine::StateCode{reinterpret_cast<const float*>(table), reinterpret_cast<const uint32_t*>(lut), base, kmax,
-                            reinterpret_cast<const void*>(encoder)};
+                            reinterpret_cast<const void*>(encoder), form};
 }
 
 // The gather-free search tables of one code (cpu/state_encoder.h), owned by the Python object.
@@ -36,11 +38,14 @@ struct StateEncoderHandle {
 };
 
 // tasks: int64 [ntasks, 10] (OptimTask rows); hyper: float32 [nhyper, 9] (AdamHyper rows);
-// for 8-bit states, the two codes' (table, lut, base, kmax) and their encoders' addresses (0: none).
+// for 8-bit states, the two codes' (table, lut, base, kmax), their encoders' addresses (0: none)
+// and their minifloat forms (MinifloatForm's four fields each; checked, or all 0).
 int adamw_cpu(addr tasks, int64_t ntasks, addr hyper, int64_t nhyper, int state_bits, addr t1, addr l1,
-              int base1, int kmax1, addr t2, addr l2, int base2, int kmax2, addr e1, addr e2) {
-  const qengine::StateCode codes[2] = {state_code(t1, l1, base1, kmax1, e1),
-                                       state_code(t2, l2, base2, kmax2, e2)};
+              int base1, int kmax1, addr t2, addr l2, int base2, int kmax2, addr e1, addr e2, int top_bits1,
+              int top_binades1, int bits1, int zero1, int top_bits2, int top_binades2, int bits2, int zero2) {
+  const qengine::StateCode codes[2] = {
+      state_code(t1, l1, base1, kmax1, e1, {top_bits1, top_binades1, bits1, zero1}),
+      state_code(t2, l2, base2, kmax2, e2, {top_bits2, top_binades2, bits2, zero2})};
   int s = qengine::adamw_cpu(reinterpret_cast<const qengine::OptimTask*>(tasks), ntasks,
                              reinterpret_cast<const qengine::AdamHyper*>(hyper), nhyper, state_bits,
                              state_bits == 8 ? codes : nullptr);
@@ -90,6 +95,19 @@ void bind_optim(py::module_& m) {
             }
           },
           py::arg("x"), py::arg("n"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "check_minifloat_form",
+      [](addr table, addr lut, int base, int kmax, int top_mantissa_bits, int top_binades, int mantissa_bits,
+         int zero_code) {
+        return qengine::cpu::check_minifloat_form(
+            state_code(table, lut, base, kmax),
+            qengine::MinifloatForm{top_mantissa_bits, top_binades, mantissa_bits, zero_code});
+      },
+      "True when (top_mantissa_bits, top_binades, mantissa_bits, zero_code) is a minifloat form of the state code "
+      "(table, lut, base, kmax): its values and nearest codes equal the table's and the search's exactly (the CPU "
+      "kernels then use it).",
+      py::arg("table"), py::arg("lut"), py::arg("base"), py::arg("kmax"), py::arg("top_mantissa_bits"),
+      py::arg("top_binades"), py::arg("mantissa_bits"), py::arg("zero_code"), release());
   m.def("adamw_cpu_spans", [] { return std::string(qengine::cpu::adamw_spans_name()); },
         "The SIMD family of the CPU AdamW step under the current ISA: scalar, avx2 or avx512.");
 #if defined(QENGINE_WITH_CUDA)

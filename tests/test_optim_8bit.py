@@ -1,4 +1,4 @@
-"""PagedAdamW8bit: the state codes are exactly the nearest codes of the dynamic maps (checked
+"""PagedAdamW8bit: the state codes are exactly the nearest codes of the state formats (checked
 against a searchsorted reference), the states cost <= 2.1 bytes per parameter, and training
 follows 32-bit AdamW within stated bounds (per-step update error, final loss)."""
 
@@ -9,7 +9,7 @@ import torch
 
 import qengine
 from qengine.formats import get_format
-from qengine.optim import PagedAdamW8bit
+from qengine.optim import PagedAdamW8bit, _ops
 
 SUPPORTED = qengine.build_info()["supported_cpu_isas"]
 
@@ -18,15 +18,13 @@ SUPPORTED = qengine.build_info()["supported_cpu_isas"]
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _nearest(x: torch.Tensor, name: str, positive_floor: bool = False) -> torch.Tensor:
-    """Reference nearest code: the number of float32 midpoints strictly below x (ties down);
-    with positive_floor (the v code), a non-negative x (+0.0 included) never gets the code of
-    0.0 but the smallest positive one."""
+M_CODE, V_CODE = _ops.STATE_FORMATS  # the formats of m and v
+
+
+def _nearest(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Reference nearest code: the number of float32 midpoints strictly below x (ties down)."""
     mids = get_format(name).kernel_tables()[1][:255]
-    codes = torch.searchsorted(mids, x, side="left")
-    if positive_floor:
-        codes = torch.where(~torch.signbit(x) & (codes == 0), torch.ones_like(codes), codes)
-    return codes.to(torch.uint8)
+    return torch.searchsorted(mids, x, side="left").to(torch.uint8)
 
 
 def _one_update(g, beta1, beta2):
@@ -43,7 +41,7 @@ def test_codes_are_nearest_including_midpoints_and_signed_zeros(isa, isa_restore
     """beta1 = 0 makes m = g exactly; an element 1.0 in every block makes its absmax 1, so the
     codes of m are the codes of g itself, which holds every midpoint, +-0 and tiny values."""
     qengine.set_cpu_isa(isa)
-    mids = get_format("dynamic8").kernel_tables()[1][:255]
+    mids = get_format(M_CODE).kernel_tables()[1][:255]
     specials = torch.cat([mids, -mids.abs(), torch.nextafter(mids, torch.tensor(2.0)),
                           torch.nextafter(mids, torch.tensor(-2.0)),
                           torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-30, -1e-30, 1e-9, -1e-9, 1.0, -1.0])])
@@ -53,7 +51,55 @@ def test_codes_are_nearest_including_midpoints_and_signed_zeros(isa, isa_restore
     g = torch.cat([torch.ones(blocks.shape[0], 1), blocks], 1).reshape(-1)[:-7]  # partial last block
     s1, _, a1, _ = _one_update(g, 0.0, 0.999)
     assert torch.equal(a1, torch.ones_like(a1))
-    assert torch.equal(s1, _nearest(g, "dynamic8"))
+    assert torch.equal(s1, _nearest(g, M_CODE))
+
+
+@pytest.mark.parametrize("isa", SUPPORTED)
+def test_v_codes_are_nearest_around_every_midpoint(isa, isa_restore):
+    """beta2 = 0 makes v = g * g (one rounding); g = the square roots of v's midpoints and
+    their float neighbours put v on both sides of every step of its code, and an element 1.0
+    in every block makes the scale 1."""
+    qengine.set_cpu_isa(isa)
+    mids = get_format(V_CODE).kernel_tables()[1][:255]
+    roots = [mids.double().sqrt().float()]
+    for direction in (2.0, 0.0):
+        step = roots[0]
+        for _ in range(3):
+            step = torch.nextafter(step, torch.tensor(direction))
+            roots.append(step)
+    body = torch.cat(roots + [torch.tensor([0.0, -0.0, 1e-30, 1e-5, -1e-5])])
+    body = body[torch.randperm(body.numel())]
+    blocks = torch.nn.functional.pad(body, (0, (-body.numel()) % 255)).view(-1, 255)
+    g = torch.cat([torch.ones(blocks.shape[0], 1), blocks], 1).reshape(-1)
+    _, s2, _, a2 = _one_update(g, 0.9, 0.0)
+    assert torch.equal(a2, torch.ones_like(a2))
+    assert torch.equal(s2, _nearest(g * g, V_CODE))
+
+
+@pytest.mark.parametrize("isa", [i for i in SUPPORTED if i != "scalar"])
+def test_blocks_with_nan_or_inf_states_equal_scalar(isa, isa_restore):
+    """A block whose new absmax is NaN or Inf is encoded through the tables (its values need
+    not lie in the range the shift arithmetic covers); bytes equal the scalar step's."""
+    def run():
+        n = 256 * 12 + 40
+        g = torch.randn(n, generator=torch.Generator().manual_seed(5))
+        g[3] = float("nan")
+        g[256 * 2 + 7] = float("inf")
+        g[256 * 5 + 1] = -float("inf")
+        g[256 * 7 + 100] = 3e38  # v = g * g overflows to Inf, m stays finite
+        p = torch.randn(n, generator=torch.Generator().manual_seed(6))
+        s1, s2 = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+        a1, a2 = torch.ones(-(-n // 256)), torch.ones(-(-n // 256))
+        torch.ops.qengine.adamw_update(p, g, s1, s2, a1, a2, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False)
+        return [p.view(torch.uint8), s1, s2, a1.view(torch.uint8), a2.view(torch.uint8)]
+
+    qengine.set_cpu_isa("scalar")
+    ref = run()
+    qengine.set_cpu_isa(isa)
+    got = run()
+    assert not bool(torch.isfinite(got[4].view(torch.float32)).all())  # the case is exercised
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("isa", SUPPORTED)
@@ -66,14 +112,14 @@ def test_codes_and_scales_of_both_states(isa, isa_restore):
     s1, s2, a1, a2 = _one_update(g, 0.9, 0.999)
     m = torch.lerp(torch.zeros(n), g, 0.1)  # the first step from zero states, as torch computes it
     v = torch.addcmul(torch.zeros(n), g, g, value=0.001)
-    for codes, scales, ref, name in ((s1, a1, m, "dynamic8"), (s2, a2, v, "_dynamic8_unsigned")):
-        floor = name == "_dynamic8_unsigned"
+    for codes, scales, ref, name in ((s1, a1, m, M_CODE), (s2, a2, v, V_CODE)):
         blocks = torch.nn.functional.pad(ref, (0, (-n) % 256)).view(-1, 256)
         absmax = blocks.abs().amax(1)
         assert torch.equal(scales, absmax)
         x = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)[:n]
-        assert torch.equal(codes, _nearest(x, name, floor))
-    assert not bool((s2 == 0).any())  # a decoded v is never 0 where its block's absmax is not
+        assert torch.equal(codes, _nearest(x, name))
+    v_values = torch.tensor(get_format(V_CODE).values)
+    assert bool((v_values[s2.long()] > 0).all())  # a decoded v is never 0 where its block's absmax is not
 
 
 def test_bytes_per_param():
@@ -90,7 +136,8 @@ def test_bytes_per_param():
 
 def test_final_loss_of_a_regression_within_2_percent_of_fp32():
     """Least squares (2048 samples, 64 features, 8 outputs, noise 0.1): 1000 full-batch steps
-    with a cosine schedule from the same init. Measured: within 0.4-1% over 4 seeds."""
+    with a cosine schedule from the same init. Measured (seeds 3-14): 0.2-1.1% above fp32;
+    bitsandbytes' dynamic maps as the state codes gave 0.3-0.9%."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2048, 64, generator=gen)
     y = x @ torch.randn(64, 8, generator=gen) + 0.1 * torch.randn(2048, 8, generator=gen)
@@ -112,8 +159,9 @@ def test_final_loss_of_a_regression_within_2_percent_of_fp32():
 def test_per_step_update_error():
     """A 2-layer MLP regression: every 10th of 100 steps, the step taken with 8-bit states is
     compared with the float64 AdamW step from the same parameters, gradient and (dequantized)
-    previous states: ||dp8 - dp_ref|| / ||dp_ref||. Measured: median ~1e-2, max ~3e-2; the
-    bounds leave margin (an unquantized or wrongly scaled state gives errors of order 1)."""
+    previous states: ||dp8 - dp_ref|| / ||dp_ref||, the error of the step itself (the new
+    states' quantization shows in the next step). Measured: 5e-6 to 8e-6 (float32 rounding);
+    a wrongly decoded or scaled state gives errors of order 1."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(512, 16, generator=gen)
     y = torch.tanh(x @ torch.randn(16, 1, generator=gen)) + 0.1 * torch.randn(512, 1, generator=gen)
@@ -132,12 +180,39 @@ def test_per_step_update_error():
         else:
             opt.step()
     errs = torch.tensor(errs)
-    assert float(errs.median()) < 0.05
-    assert float(errs.max()) < 0.1
+    assert float(errs.max()) < 1e-4
+
+
+def test_states_track_fp32_adamw_states():
+    """The same 200 gradients (a fixed signal plus noise, row scales spread over e^+-2) fed to
+    fp32 AdamW and to PagedAdamW8bit from the same start: relative RMS error of the decoded
+    m and v against fp32's, and of the parameters' distance travelled. Measured (seeds 0-3):
+    m 3.7-4.0%, v 4.4-4.7%, parameters 3.5-3.9% (bitsandbytes' dynamic maps as the codes:
+    3.3-3.5%, 3.8-4.6%, 2.7-3.1%). The bounds sit about 2x above."""
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = 32, 1024
+    scale = torch.exp(torch.randn(rows, 1, generator=gen)) * torch.exp(0.5 * torch.randn(1, cols, generator=gen))
+    signal = torch.randn(rows, cols, generator=gen)
+    p32, p8 = torch.zeros(rows, cols, requires_grad=True), torch.zeros(rows, cols, requires_grad=True)
+    o32, o8 = torch.optim.AdamW([p32], lr=1e-3), PagedAdamW8bit([p8], lr=1e-3)
+    for _ in range(200):
+        g = (0.3 * signal + torch.randn(rows, cols, generator=gen)) * scale
+        p32.grad, p8.grad = g.clone(), g.clone()
+        o32.step()
+        o8.step()
+    m8, v8 = _dequantized_states(o8)[0]
+    m32, v32 = o32.state[p32]["exp_avg"].double().view(-1), o32.state[p32]["exp_avg_sq"].double().view(-1)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert rel(m8, m32) < 0.08
+    assert rel(v8, v32) < 0.1
+    assert rel(p8.detach().double(), p32.detach().double()) < 0.08
 
 
 def _dequantized_states(opt):
-    return {i: (_decode(st["state1"], st["absmax1"], "dynamic8"), _decode(st["state2"], st["absmax2"], "_dynamic8_unsigned"))
+    return {i: (_decode(st["state1"], st["absmax1"], M_CODE), _decode(st["state2"], st["absmax2"], V_CODE))
             for i, st in opt.state_dict()["state"].items()}
 
 
@@ -229,12 +304,12 @@ def test_non_finite_blocks_equal_scalar(isa, isa_restore):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("without", ["encoder", "form", "both"])
 @pytest.mark.parametrize("isa", [i for i in SUPPORTED if i != "scalar"])
-def test_codes_without_encoders_equal_scalar(isa, isa_restore, monkeypatch):
-    """A state code whose gather-free tables could not be built (encoder address 0) keeps the
-    gather search on every block; the bytes still equal the scalar step's."""
-    from qengine.optim import _ops
-
+def test_codes_without_their_fast_forms_equal_scalar(isa, without, isa_restore, monkeypatch):
+    """A state code without its gather-free VBMI tables (encoder address 0), without its
+    minifloat form (mantissa bits 0) or without both keeps the table search on every block;
+    the bytes still equal the scalar step's."""
     def run():
         torch.manual_seed(4)
         n = 256 * 30 + 100
@@ -248,7 +323,10 @@ def test_codes_without_encoders_equal_scalar(isa, isa_restore, monkeypatch):
     qengine.set_cpu_isa("scalar")
     ref = run()
     for code in _ops.state_codes(torch.device("cpu")):
-        monkeypatch.setattr(code, "encoder_address", 0)
+        if without in ("encoder", "both"):
+            monkeypatch.setattr(code, "encoder_address", 0)
+        if without in ("form", "both"):
+            monkeypatch.setattr(code, "form", _ops.NO_FORM)
     qengine.set_cpu_isa(isa)
     for a, b in zip(ref, run()):
         assert torch.equal(a, b)

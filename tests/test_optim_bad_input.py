@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qengine
+
 from qengine.optim import PagedAdamW, PagedAdamW8bit
 
 CLASSES = [PagedAdamW, PagedAdamW8bit]
@@ -103,6 +105,26 @@ def test_state_dict_from_another_optimizer(cls):
     amsgrad = torch.optim.AdamW(params, amsgrad=True)
     with pytest.raises(ValueError, match="amsgrad"):
         opt.load_state_dict(amsgrad.state_dict())
+
+
+def test_8bit_state_dict_in_other_state_codes_is_refused():
+    """8-bit checkpoints carry the values of their codes (qmap1, qmap2): codes from another
+    version (or none, from a version before checkpoints carried them) would decode to wrong
+    states."""
+    opt, _ = _stepped(PagedAdamW8bit)
+    before = opt.state_dict()
+    sd = opt.state_dict()
+    sd["state"][0]["qmap1"] = torch.tensor(qengine.get_format("dynamic8").values, dtype=torch.float32)
+    with pytest.raises(ValueError, match="qmap1 is not the code"):
+        opt.load_state_dict(sd)
+    sd = opt.state_dict()
+    del sd["state"][1]["qmap1"], sd["state"][1]["qmap2"]
+    with pytest.raises(ValueError, match="older qengine"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    for i in before["state"]:
+        for k, v in before["state"][i].items():
+            assert torch.equal(after["state"][i][k], v)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)

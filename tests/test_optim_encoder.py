@@ -1,5 +1,5 @@
 """The gather-free nearest-code search of the 8-bit optimizer states (csrc/cpu/state_encoder.h),
-which AVX-512 VBMI CPUs use in place of the bucket-table gather: both dynamic maps fit its
+which AVX-512 VBMI CPUs use in place of the bucket-table gather: both state codes fit its
 tables, and its codes equal the searchsorted reference on every midpoint and its float
 neighbours, every bucket edge, signed zeros, subnormals and a million log-uniform values."""
 
@@ -10,19 +10,13 @@ import torch
 
 from qengine import _C
 from qengine.formats import get_format
-from qengine.optim._ops import state_codes
-
-CODES = [("dynamic8", False), ("_dynamic8_unsigned", True)]  # (format, positive floor): m, v
+from qengine.optim._ops import STATE_FORMATS, state_codes
 
 
-def _nearest(x: torch.Tensor, name: str, positive_floor: bool) -> torch.Tensor:
-    """Reference: the number of float32 midpoints strictly below x; with positive_floor a
-    non-negative x (+0.0 too) never gets the code of 0.0."""
+def _nearest(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Reference: the number of float32 midpoints strictly below x."""
     mids = get_format(name).kernel_tables()[1][:255]
-    codes = torch.searchsorted(mids, x, side="left")
-    if positive_floor:
-        codes = torch.where(~torch.signbit(x) & (codes == 0), torch.ones_like(codes), codes)
-    return codes.to(torch.uint8)
+    return torch.searchsorted(mids, x, side="left").to(torch.uint8)
 
 
 def _probe_values(name: str) -> torch.Tensor:
@@ -53,13 +47,13 @@ def test_both_state_codes_have_an_encoder():
 @pytest.mark.skipif(not _C.vbmi_scales(), reason="the CPU has no AVX-512 VBMI (or QENGINE_NO_VBMI is set)")
 @pytest.mark.parametrize("index", [0, 1], ids=["m signed", "v unsigned"])
 def test_encoder_codes_equal_the_reference(index):
-    name, floor = CODES[index]
+    name = STATE_FORMATS[index]
     code = state_codes(torch.device("cpu"))[index]
     x = _probe_values(name)
     x = torch.nn.functional.pad(x, (0, (-x.numel()) % 64))
     out = torch.empty(x.numel(), dtype=torch.uint8)
     code.encoder.encode(x.data_ptr(), x.numel(), out.data_ptr())
-    expected = _nearest(x, name, floor)
+    expected = _nearest(x, name)
     bad = (out != expected).nonzero().flatten()
     assert bad.numel() == 0, f"{bad.numel()} wrong codes, first x={x[bad[:5]].tolist()}"
 

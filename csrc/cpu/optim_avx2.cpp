@@ -4,8 +4,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "cpu/optim_kernels.h"
+#include "cpu/state_minifloat.h"
 
 namespace qengine::cpu {
 namespace {
@@ -95,17 +97,72 @@ inline __m256i encode8(__m256 x, const StateCode& c) {
   return _mm256_sub_epi32(_mm256_srli_epi32(e, 16), up);  // true lanes are -1
 }
 
-// Two 8-lane code vectors -> 16 bytes, in order.
+inline __m256 decode8(const uint8_t* q, const float* table, __m256 scale) {
+  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  return _mm256_mul_ps(_mm256_i32gather_ps(table, idx, 4), scale);
+}
+
+// A code through its table: gathers, for any code.
+struct TableCodec {
+  const StateCode& c;
+  __m256 decode(const uint8_t* q, __m256 scale) const { return decode8(q, c.table, scale); }
+  __m256i encode(__m256 x) const { return encode8(x, c); }
+};
+
+// A code through its MinifloatForm (optim_math.h): the steps of minifloat_encode and
+// minifloat_value_bits (state_minifloat.cpp) on 8 lanes, both pieces computed and one chosen per
+// lane, no lookups. encode: finite |x| < 2.
+struct MinifloatCodec {
+  __m128i shift_top, shift_low;
+  __m256i zero_code, offset_top, offset_low, first_top, round_top, round_low, split, half_smallest;
+  explicit MinifloatCodec(const MinifloatForm& f) {
+    MinifloatPieces p{};
+    minifloat_pieces(f, &p);  // a checked form (python/qengine/optim/_ops.py)
+    shift_top = _mm_cvtsi32_si128(p.shift_top);
+    shift_low = _mm_cvtsi32_si128(p.shift_low);
+    zero_code = _mm256_set1_epi32(f.zero_code);
+    offset_top = _mm256_set1_epi32(p.offset_top);
+    offset_low = _mm256_set1_epi32(p.offset_low);
+    first_top = _mm256_set1_epi32(p.first_top);
+    round_top = _mm256_set1_epi32((1 << (p.shift_top - 1)) - 1);
+    round_low = _mm256_set1_epi32((1 << (p.shift_low - 1)) - 1);
+    split = _mm256_set1_epi32(static_cast<int>(p.split_bits));
+    half_smallest = _mm256_set1_epi32(static_cast<int>(p.half_smallest));
+  }
+
+  __m256 decode(const uint8_t* q, __m256 scale) const {
+    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+    const __m256i s = _mm256_sub_epi32(code, zero_code), mag = _mm256_abs_epi32(s);
+    const __m256i top = _mm256_sll_epi32(_mm256_add_epi32(mag, offset_top), shift_top);
+    const __m256i low = _mm256_sll_epi32(_mm256_add_epi32(mag, offset_low), shift_low);
+    __m256i bits = _mm256_blendv_epi8(top, low, _mm256_cmpgt_epi32(first_top, mag));
+    bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256()), bits);  // 0.0
+    bits = _mm256_or_si256(bits, _mm256_slli_epi32(_mm256_srli_epi32(s, 31), 31));       // the sign
+    return _mm256_mul_ps(_mm256_castsi256_ps(bits), scale);
+  }
+
+  // Codes as int32 lanes, possibly outside 0..255: pack16's saturation clamps them.
+  __m256i encode(__m256 x) const {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i negative = _mm256_srli_epi32(u, 31), sign_mask = _mm256_srai_epi32(u, 31);
+    const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    const __m256i top = _mm256_sub_epi32(
+        _mm256_srl_epi32(_mm256_add_epi32(a, _mm256_add_epi32(round_top, negative)), shift_top), offset_top);
+    const __m256i low = _mm256_sub_epi32(
+        _mm256_srl_epi32(_mm256_add_epi32(a, _mm256_add_epi32(round_low, negative)), shift_low), offset_low);
+    const __m256i raw = _mm256_blendv_epi8(top, low, _mm256_cmpgt_epi32(split, a));
+    const __m256i nonzero = _mm256_cmpgt_epi32(a, _mm256_sub_epi32(half_smallest, negative));
+    const __m256i mag = _mm256_and_si256(_mm256_max_epi32(raw, _mm256_set1_epi32(1)), nonzero);
+    return _mm256_add_epi32(zero_code, _mm256_sub_epi32(_mm256_xor_si256(mag, sign_mask), sign_mask));
+  }
+};
+
+// Two 8-lane code vectors -> 16 bytes, in order; lanes saturate to 0..255.
 inline __m128i pack16(__m256i a, __m256i b) {
   __m256i w = _mm256_packus_epi32(a, b);                  // lanes: a0-3 b0-3 | a4-7 b4-7
   w = _mm256_permute4x64_epi64(w, 0xd8);                  // a0-3 a4-7 | b0-3 b4-7
   __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
   return _mm_packus_epi16(lo, hi);
-}
-
-inline __m256 decode8(const uint8_t* q, const float* table, __m256 scale) {
-  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-  return _mm256_mul_ps(_mm256_i32gather_ps(table, idx, 4), scale);
 }
 
 inline void absmax8(__m256& acc, __m256& nan, __m256 x) {
@@ -144,7 +201,19 @@ inline void prefetch_block(const OptimTask& t, int64_t e, int64_t hi) {
   }
 }
 
-template <int DT>
+// Encodes one state of a block: 256 codes of x[i] * inv.
+template <class Codec>
+inline void encode_block(const float* x, __m256 inv, const Codec& codec, uint8_t* out) {
+  for (int64_t i = 0; i < kOptimBlock; i += 16) {
+    const __m128i c = pack16(codec.encode(_mm256_mul_ps(_mm256_load_ps(x + i), inv)),
+                             codec.encode(_mm256_mul_ps(_mm256_load_ps(x + i + 8), inv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), c);
+  }
+}
+
+// kMinifloat: both codes through their MinifloatForm, except the encode of a block whose
+// absmax is not finite (its values then need not lie in (-2, 2)), which searches the tables.
+template <int DT, bool kMinifloat>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
             const StateCode& c2) {
   void* p = reinterpret_cast<void*>(t.param);
@@ -154,6 +223,12 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
   float* a1 = reinterpret_cast<float*>(t.absmax1);
   float* a2 = reinterpret_cast<float*>(t.absmax2);
   const Hyper8 h(hs);
+  auto codec = [](const StateCode& c) {
+    if constexpr (kMinifloat) return MinifloatCodec(c.minifloat);
+    else return TableCodec{c};
+  };
+  const auto k1 = codec(c1), k2 = codec(c2);
+  const TableCodec search1{c1}, search2{c2};
   alignas(32) float mt[kOptimBlock], vt[kOptimBlock];
   int64_t b0 = lo;
   for (; b0 + kOptimBlock <= hi; b0 += kOptimBlock) {
@@ -163,7 +238,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     __m256 n1 = _mm256_setzero_ps(), n2 = _mm256_setzero_ps(), nan1 = n1, nan2 = n1;
     for (int64_t i = 0; i < kOptimBlock; i += 8) {
       __m256 pv = load8<DT>(p, b0 + i);
-      __m256 mv = decode8(q1 + b0 + i, c1.table, s1), vv = decode8(q2 + b0 + i, c2.table, s2);
+      __m256 mv = k1.decode(q1 + b0 + i, s1), vv = k2.decode(q2 + b0 + i, s2);
       update8(load8<DT>(g, b0 + i), pv, mv, vv, h);
       store8<DT>(p, b0 + i, pv);
       _mm256_store_ps(mt + i, mv);
@@ -175,16 +250,22 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     a1[b] = m1;
     a2[b] = m2;
     const __m256 i1 = _mm256_set1_ps(state_inv_scale(m1)), i2 = _mm256_set1_ps(state_inv_scale(m2));
-    for (int64_t i = 0; i < kOptimBlock; i += 16) {
-      __m128i c = pack16(encode8(_mm256_mul_ps(_mm256_load_ps(mt + i), i1), c1),
-                         encode8(_mm256_mul_ps(_mm256_load_ps(mt + i + 8), i1), c1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + b0 + i), c);
-      c = pack16(encode8(_mm256_mul_ps(_mm256_load_ps(vt + i), i2), c2),
-                 encode8(_mm256_mul_ps(_mm256_load_ps(vt + i + 8), i2), c2));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + b0 + i), c);
+    if (kMinifloat && std::isfinite(m1) && std::isfinite(m2)) {  // a finite absmax bounds the block by 1
+      encode_block(mt, i1, k1, q1 + b0);
+      encode_block(vt, i2, k2, q2 + b0);
+    } else {
+      encode_block(mt, i1, search1, q1 + b0);
+      encode_block(vt, i2, search2, q2 + b0);
     }
   }
   if (b0 < hi) scalar_adamw8(t, b0, hi, hs, c1, c2);  // the partial last block
+}
+
+template <int DT>
+void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
+            const StateCode& c2) {
+  if (c1.minifloat.mantissa_bits != 0 && c2.minifloat.mantissa_bits != 0) adamw8<DT, true>(t, lo, hi, h, c1, c2);
+  else adamw8<DT, false>(t, lo, hi, h, c1, c2);
 }
 
 }  // namespace

@@ -66,19 +66,32 @@ def _dynamic_signed() -> tuple[float, ...]:
     return tuple(float(v) for v in torch.tensor(data, dtype=torch.float32))
 
 
-def _dynamic_unsigned() -> tuple[float, ...]:
-    """bitsandbytes' unsigned dynamic 8-bit map (create_dynamic_map(signed=False)): twice the
-    fraction steps of the signed map per decade, no negatives; the code of 8-bit optimizers'
-    second moment (which is never negative)."""
-    data: list[float] = []
-    max_exponent_bits = 7
-    for i in range(max_exponent_bits):
-        boundaries = torch.linspace(0.1, 1, 2 ** (i + 1) + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    data += [0.0, 1.0]
-    data.sort()
-    return tuple(float(v) for v in torch.tensor(data, dtype=torch.float32))
+# The 8-bit optimizer states' codes: dynamic codes in the manner of bitsandbytes' maps (fine
+# steps near the block's max, coarse ones far below it) built as two-piece minifloats without
+# subnormals, so that SIMD kernels decode and encode them with shifts instead of table lookups
+# (csrc/include/qengine/optim_math.h, MinifloatForm). The code of s * k (s = +-1, magnitude
+# k >= 0) is zero_code + s * k; k_top = 255 - zero_code is 1.0, the `top_binades` binades below
+# it hold 2**top_mantissa_bits evenly spaced magnitudes each, the binades below those
+# 2**mantissa_bits each, and k = 0 is 0.0 (both moments are scaled by their block's max).
+# (top_mantissa_bits, top_binades, mantissa_bits, zero_code):
+STATE8_SIGNED_FORM = (5, 2, 3, 127)  # m: 0.0, +-[2**-10, 0.25) in 1/8 binades, +-[0.25, 1) in 1/32, and +1.0
+STATE8_UNSIGNED_FORM = (5, 4, 3, -1)  # v: [2**-20, 2**-4) in 1/8 binades, [2**-4, 1) in 1/32, 1.0; no zero
+
+
+def _state8_code(form: tuple[int, int, int, int]) -> tuple[float, ...]:
+    """The 256 sorted values of a state code (see STATE8_SIGNED_FORM)."""
+    top_bits, top_binades, low_bits, zero_code = form
+    first_top = 255 - zero_code - (top_binades << top_bits)
+
+    def magnitude(k: int) -> float:
+        bits = top_bits if k >= first_top else low_bits
+        j = k - first_top  # negative below the top piece: >> and & then count down from its first binade
+        return 2.0 ** (-top_binades + (j >> bits)) * (1 + (j & ((1 << bits) - 1)) / 2**bits)
+
+    values = [0.0 if c == zero_code else math.copysign(magnitude(abs(c - zero_code)), c - zero_code)
+              for c in range(256)]
+    assert values == sorted(values) and len(set(values)) == 256
+    return tuple(values)
 
 
 @dataclass(frozen=True, eq=False)
@@ -233,8 +246,10 @@ for _fmt in (
     Format("uint8", 8, _unsigned_int(8), "minmax", "asymmetric uniform (affine), levels k/255, zero point = block min"),
     Format("dynamic8", 8, _dynamic_signed(), "absmax", "bitsandbytes' signed dynamic 8-bit map (double-quant scales)",
            search="grid"),
-    # Private (not listed by available_formats): only meaningful for non-negative values.
-    Format("_dynamic8_unsigned", 8, _dynamic_unsigned(), "absmax",
-           "bitsandbytes' unsigned dynamic 8-bit map (8-bit optimizers' second moment)"),
+    # Private (not listed by available_formats): the 8-bit optimizer states' codes (PagedAdamW8bit).
+    Format("_state8_signed", 8, _state8_code(STATE8_SIGNED_FORM), "absmax",
+           "8-bit optimizer first moment: signed two-piece minifloat, 2**-10 to 1 (STATE8_SIGNED_FORM)"),
+    Format("_state8_unsigned", 8, _state8_code(STATE8_UNSIGNED_FORM), "absmax",
+           "8-bit optimizer second moment: unsigned two-piece minifloat, 2**-20 to 1 (STATE8_UNSIGNED_FORM)"),
 ):
     register_format(_fmt)

@@ -10,12 +10,13 @@
 //   p = p + (-lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 //
 // 8-bit states (blockwise, 256 elements per block): m is stored as codes of a signed dynamic
-// map scaled by the block's max |m|, v as codes of an unsigned dynamic map scaled by max v.
-// The nearest code is found without a search: a byte table indexed by the float's sign,
-// exponent and top 7 mantissa bits gives the candidate and the one midpoint that can
-// separate it from the next code (python/qengine/optim/_ops.py builds it and checks that).
-// CPUs with AVX-512 VBMI run an equivalent gather-free form built from encode_state itself
-// (csrc/cpu/state_encoder.h).
+// code scaled by the block's max |m|, v as codes of an unsigned one scaled by max v (sorted
+// 256-value tables, python/qengine/formats.py). The nearest code is found without a search: a
+// byte table indexed by the float's sign, exponent and top 7 mantissa bits gives the candidate
+// and the one midpoint that can separate it from the next code (python/qengine/optim/_ops.py
+// builds it and checks that). The CPU's SIMD kernels use equivalent forms without gathers: the
+// codes' minifloat arithmetic (MinifloatForm below; AVX2) or byte-permute tables built from
+// encode_state itself (csrc/cpu/state_encoder.h; AVX-512 VBMI).
 #pragma once
 #include <cstdint>
 
@@ -58,6 +59,22 @@ struct OptimTask {
   int64_t reserved;
 };
 
+// The arithmetic form of a state code whose values are a two-piece minifloat without subnormals
+// (python/qengine/formats.py, STATE8_*_FORM). The code of s * k (s = +-1, magnitude k >= 0) is
+// zero_code + s * k; k = k_top = 255 - zero_code is 1.0, the top_binades binades below it hold
+// 2^top_mantissa_bits magnitudes each, the ones below those 2^mantissa_bits each, and k = 0 is
+// 0.0. Within a piece the float bits of consecutive magnitudes are evenly spaced:
+//   bits(k) = (k + offset) << (23 - piece's mantissa bits)
+// so the nearest magnitude of a float is its bits rounded at that bit, minus the offset: shifts
+// instead of table lookups. mantissa_bits == 0: the code has no such form. cpu/state_minifloat.cpp
+// checks a form against the code's table and search before any kernel may use it.
+struct MinifloatForm {
+  int top_mantissa_bits = 0;
+  int top_binades = 0;
+  int mantissa_bits = 0;
+  int zero_code = 0;  // -1 where the code has no zero (then no negatives either)
+};
+
 // One 8-bit state code: decode table and the table of the nearest-code search.
 //
 // Search: floats whose bits share the top 16 (sign, exponent, 7 mantissa bits) form a bucket;
@@ -76,6 +93,8 @@ struct StateCode {
   // CPU only, may be null: a cpu::StateEncoder (csrc/cpu/state_encoder.h) built from this code,
   // the gather-free form of the same search for AVX-512 VBMI CPUs.
   const void* cpu_encoder = nullptr;
+  // CPU only: the arithmetic form of the code (mantissa_bits 0: none), checked against table and lut.
+  MinifloatForm minifloat{};
 };
 
 QE_HD float qe_fma(float a, float b, float c) {

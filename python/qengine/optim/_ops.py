@@ -18,9 +18,13 @@ import torch
 from .. import _C
 from .._checks import check_contiguous, check_dtype, check_numel
 from .._ops import _DTYPE_CODES
-from ..formats import get_format
+from ..formats import STATE8_SIGNED_FORM, STATE8_UNSIGNED_FORM, get_format
 
 BLOCK = 256  # elements per 8-bit state block (one absmax each)
+# The codes of the first and second moment (formats.py) and their minifloat forms.
+STATE_FORMATS = ("_state8_signed", "_state8_unsigned")
+STATE_FORMS = (STATE8_SIGNED_FORM, STATE8_UNSIGNED_FORM)
+NO_FORM = (0, 0, 0, 0)  # a code the kernels search through its tables
 TASK_FIELDS = 10
 HYPER_FIELDS = 9
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,7 +33,7 @@ SUPPORTED_DEVICES = ("cpu", "cuda") if _C.cuda_compiled else ("cpu",)
 # The nearest-code lookup (optim_math.h StateCode): buckets of floats sharing their top 16 bits
 # (sign, exponent, 7 mantissa bits), |x| from 2**-30 (below: one bucket) to 1.0 (and above: one
 # bucket). Normalised states lie in [-1, 1]; a bucket is at most 1/128 of its values wide,
-# narrower than the dynamic maps' code spacing, so it holds at most one midpoint (checked).
+# narrower than the state codes' spacing, so it holds at most one midpoint (checked).
 _LUT_BASE = (127 - 30) << 7
 _LUT_KMAX = (127 << 7) - _LUT_BASE
 
@@ -37,14 +41,11 @@ _LUT_KMAX = (127 << 7) - _LUT_BASE
 class StateCode:
     """One 8-bit state code on one device: table float32 [256] (sorted) and lut int32
     [2 * (kmax + 1)], entry (midpoints below the bucket) << 16 | low 16 bits of the midpoint
-    inside it (0xffff / 0 when none, for positive / negative buckets).
+    inside it (0xffff / 0 when none, for positive / negative buckets). On the CPU also the
+    code's minifloat form (formats.STATE8_*_FORM), checked against those tables, which the SIMD
+    kernels use instead of lookups, and the gather-free tables of AVX-512 VBMI CPUs."""
 
-    positive_floor: non-negative values (+0.0 too) whose nearest code is 0.0 take the smallest
-    positive code instead. Used for the second moment v: a v rounded to zero while m is not (a block whose
-    values span more than the map's 7 decades) would turn the next update into m / eps, a
-    step of millions; rounding it up to the smallest code only shortens that step."""
-
-    def __init__(self, format_name: str, device: torch.device, positive_floor: bool = False):
+    def __init__(self, format_name: str, device: torch.device, form: tuple[int, int, int, int]):
         fmt = get_format(format_name)
         table, mids, _, _ = fmt.kernel_tables("cpu")
         if fmt.bits != 8 or not fmt.identity_order or len(fmt.values) != 256:
@@ -68,16 +69,17 @@ class StateCode:
         mid_bits = real[first.clamp(max=254)].abs().view(torch.int32).to(torch.int64) & 0xFFFF
         none = torch.where(negative, torch.zeros_like(mid_bits), torch.full_like(mid_bits, 0xFFFF))
         lut = (first << 16) | torch.where(inside > 0, mid_bits, none)
-        if positive_floor:
-            zero = int((table == 0).nonzero()[0])
-            low = ~negative & (first == zero)  # +0.0 and the positive buckets up to the first midpoint above 0.0
-            lut = torch.where(low, torch.full_like(lut, ((zero + 1) << 16) | 0xFFFF), lut)
         self.base, self.kmax = _LUT_BASE, _LUT_KMAX
         self.table = table.to(device)
         self.lut = lut.to(torch.int32).to(device)
-        # The CPU's gather-free form of the same search, built from it (used on VBMI CPUs).
-        self.encoder = _C.StateEncoder(*self.args()) if self.table.device.type == "cpu" else None
-        self.encoder_address = self.encoder.address if self.encoder is not None else 0
+        self.form = NO_FORM
+        self.encoder, self.encoder_address = None, 0
+        if self.table.device.type == "cpu":
+            if not _C.check_minifloat_form(*self.args(), *form):
+                raise RuntimeError(f"{format_name!r} does not have the minifloat form {form}")
+            self.form = form
+            self.encoder = _C.StateEncoder(*self.args())
+            self.encoder_address = self.encoder.address
 
     def args(self) -> tuple:
         return (self.table.data_ptr(), self.lut.data_ptr(), self.base, self.kmax)
@@ -90,7 +92,7 @@ def state_codes(device: torch.device) -> tuple[StateCode, StateCode]:
     """(signed code for m, unsigned code for v) on device, built once."""
     key = str(device)
     if key not in _CODES:
-        _CODES[key] = (StateCode("dynamic8", device), StateCode("_dynamic8_unsigned", device, positive_floor=True))
+        _CODES[key] = tuple(StateCode(name, device, form) for name, form in zip(STATE_FORMATS, STATE_FORMS))
     return _CODES[key]
 
 
@@ -119,8 +121,9 @@ def run_tasks(tasks: torch.Tensor, hyper: torch.Tensor, state_bits: int, device:
                       stream)
     else:
         encoders = (codes[0].encoder_address, codes[1].encoder_address) if codes else (0, 0)
+        forms = (*codes[0].form, *codes[1].form) if codes else NO_FORM * 2
         _C.adamw_cpu(tasks.data_ptr(), tasks.shape[0], hyper.data_ptr(), hyper.shape[0], state_bits, *code_args,
-                     *encoders)
+                     *encoders, *forms)
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
@@ -150,7 +153,7 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, 
 
     param: float32/float16/bfloat16, contiguous; grad: same dtype and numel. 32-bit states:
     state1 (m), state2 (v) float32 [numel], absmax1/absmax2 None. 8-bit states: state1/state2
-    uint8 codes [numel] (signed dynamic map for m, unsigned for v), absmax1/absmax2 float32
+    uint8 codes [numel] (STATE_FORMATS: a signed minifloat code for m, an unsigned one for v), absmax1/absmax2 float32
     [ceil(numel / 256)]. step: the step number being taken (>= 1)."""
     n = param.numel()
     eight = absmax1 is not None

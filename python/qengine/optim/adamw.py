@@ -326,8 +326,9 @@ class PagedAdamW(_PagedAdamBase):
 
 class PagedAdamW8bit(_PagedAdamBase):
     """PagedAdamW with 8-bit states (about 2.03 bytes per parameter): m as codes of a signed
-    dynamic map and v of an unsigned one (bitsandbytes' 8-bit optimizer maps), each scaled by
-    its block's absmax over 256 elements, dequantized, updated in float32 and requantized
-    (nearest code) inside the same kernel pass."""
+    dynamic code and v of an unsigned one (two-piece minifloats: 1/32-binade steps near the
+    block's max, 1/8-binade steps below, down to 2**-10 of it for m and 2**-20 for v; see
+    formats.STATE8_SIGNED_FORM), each scaled by its block's absmax over 256 elements,
+    dequantized, updated in float32 and requantized (nearest code) inside the same kernel pass."""
 
     STATE_BITS = 8

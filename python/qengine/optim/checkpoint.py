@@ -4,7 +4,8 @@
 32-bit states are saved as torch.optim.AdamW saves them (step, exp_avg, exp_avg_sq shaped like
 the parameter), so either optimizer loads the other's checkpoint; 8-bit states as their codes
 and block scales (step, state1, state2 uint8 [numel], absmax1, absmax2 float32
-[ceil(numel / 256)]), so a resumed run continues from the exact bytes.
+[ceil(numel / 256)]), so a resumed run continues from the exact bytes, and the values of the
+codes they are in (qmap1, qmap2 float32 [256], as bitsandbytes saves them), which loading checks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from . import _ops
 
-KEYS = {32: ("step", "exp_avg", "exp_avg_sq"), 8: ("step", "state1", "state2", "absmax1", "absmax2")}
+KEYS = {32: ("step", "exp_avg", "exp_avg_sq"), 8: ("step", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")}
+TENSOR_KEYS = {32: KEYS[32][1:], 8: KEYS[8][1:5]}  # the states themselves
 
 
 def _params(opt) -> list[torch.Tensor]:
@@ -54,7 +56,9 @@ def _export(opt, p: torch.Tensor, cache: dict) -> dict:
             a2[o0:o0 + nb] = v4[b0:b0 + nb]
     step = torch.tensor(float(opt._steps[p]), dtype=torch.float32)
     if eight:
-        return {"step": step, "state1": s1, "state2": s2, "absmax1": a1, "absmax2": a2}
+        codes = _ops.state_codes(mgr.device)
+        return {"step": step, "state1": s1, "state2": s2, "absmax1": a1, "absmax2": a2,
+                "qmap1": codes[0].table.clone(), "qmap2": codes[1].table.clone()}
     return {"step": step, "exp_avg": s1.reshape(p.shape), "exp_avg_sq": s2.reshape(p.shape)}
 
 
@@ -77,9 +81,20 @@ def _check_state(i: int, p: torch.Tensor, st: object, bits: int) -> dict:
     expected = set(KEYS[bits])
     if set(st) != expected:
         other = KEYS[8 if bits == 32 else 32]
-        hint = (" (a state dict of the other paged AdamW: 8-bit and 32-bit states do not convert)"
-                if set(st) == set(other) else " (a state dict from another optimizer?)")
+        if set(st) == set(other):
+            hint = " (a state dict of the other paged AdamW: 8-bit and 32-bit states do not convert)"
+        elif bits == 8 and set(st) == expected - {"qmap1", "qmap2"}:
+            hint = " (8-bit states saved by an older qengine, whose state codes this version does not decode)"
+        else:
+            hint = " (a state dict from another optimizer?)"
         raise ValueError(f"state of parameter {i} has keys {sorted(st)}, expected {sorted(expected)}{hint}")
+    if bits == 8:
+        for key, code in zip(("qmap1", "qmap2"), _ops.state_codes(torch.device("cpu"))):
+            saved = st[key]
+            if not (isinstance(saved, torch.Tensor) and saved.dtype == torch.float32 and saved.numel() == 256
+                    and torch.equal(saved.detach().cpu().reshape(-1), code.table)):
+                raise ValueError(f"state of parameter {i}: {key} is not the code this qengine stores that state in "
+                                 "(8-bit states saved in other codes; resume with the version that saved them)")
     step = st["step"]
     step = float(step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step) \
         if isinstance(step, (int, float, torch.Tensor)) else float("nan")
@@ -87,7 +102,7 @@ def _check_state(i: int, p: torch.Tensor, st: object, bits: int) -> dict:
         raise ValueError(f"state of parameter {i}: step must be a positive integer, got {st['step']!r}")
     n = p.numel()
     out = {"step": int(step)}
-    for key in KEYS[bits][1:]:
+    for key in TENSOR_KEYS[bits]:
         t = st[key]
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"state of parameter {i}: {key} must be a tensor, got {type(t).__name__}")
@@ -155,7 +170,7 @@ def load_state_dict(opt, sd: dict) -> None:
 
 def _import(mgr, start: int, p: torch.Tensor, st: dict) -> None:
     eight = mgr.state_bits == 8
-    names = KEYS[mgr.state_bits][1:]
+    names = TENSOR_KEYS[mgr.state_bits]
     src = [st[k].to(mgr.device) for k in names]
     for span in mgr.spans(start, p.numel()):
         buf = mgr.acquire(span.page)

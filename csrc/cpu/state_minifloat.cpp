@@ -1,0 +1,89 @@
+// Checks a state code's MinifloatForm against the table and search it replaces (see
+// state_minifloat.h). Both the form's encode and encode_state are non-decreasing in float
+// order, so they agree everywhere on [-2, 2] when they agree at its ends and on both sides of
+// each of encode_state's steps, which bisection finds.
+#include "cpu/state_minifloat.h"
+
+#include <algorithm>
+
+namespace qengine::cpu {
+namespace {
+
+constexpr uint32_t kSign = 0x80000000u;
+constexpr uint32_t kBelowTwo = 0x3fffffffu;  // the largest float below 2.0
+
+// Float bits <-> an unsigned key in float order (-0.0 just below +0.0).
+uint32_t to_order(uint32_t u) { return (u & kSign) ? ~u : (u | kSign); }
+uint32_t from_order(uint32_t o) { return (o & kSign) ? (o & ~kSign) : ~o; }
+
+}  // namespace
+
+bool minifloat_pieces(const MinifloatForm& f, MinifloatPieces* out) {
+  const bool bits_ok = f.top_mantissa_bits >= 1 && f.top_mantissa_bits <= 7 && f.mantissa_bits >= 1 &&
+                       f.mantissa_bits <= 7 && f.top_binades >= 0 && f.top_binades <= 16;
+  if (!bits_ok || f.zero_code < -1 || f.zero_code > 254) return false;
+  const int top = 255 - f.zero_code;  // the magnitude of 1.0
+  MinifloatPieces p;
+  p.first_top = top - (f.top_binades << f.top_mantissa_bits);
+  if (p.first_top < 1) return false;
+  p.shift_top = 23 - f.top_mantissa_bits;
+  p.shift_low = 23 - f.mantissa_bits;
+  p.offset_top = (127 << f.top_mantissa_bits) - top;
+  p.offset_low = ((127 - f.top_binades) << f.mantissa_bits) - p.first_top;
+  p.split_bits = static_cast<uint32_t>(127 - f.top_binades) << 23;
+  // value(1) must be a normal float whose half is one too (exponent field >= 2).
+  const int smallest = 1 + (p.first_top > 1 ? p.offset_low : p.offset_top);
+  if ((smallest >> (p.first_top > 1 ? f.mantissa_bits : f.top_mantissa_bits)) < 2) return false;
+  p.half_smallest = minifloat_value_bits(f.zero_code + 1, f, p) - (1u << 23);
+  *out = p;
+  return true;
+}
+
+uint32_t minifloat_value_bits(int code, const MinifloatForm& f, const MinifloatPieces& p) {
+  const int s = code - f.zero_code;
+  const int mag = s < 0 ? -s : s;
+  if (mag == 0) return 0;
+  const uint32_t bits = mag >= p.first_top ? static_cast<uint32_t>(mag + p.offset_top) << p.shift_top
+                                           : static_cast<uint32_t>(mag + p.offset_low) << p.shift_low;
+  return s < 0 ? (bits | kSign) : bits;
+}
+
+int minifloat_encode(float x, const MinifloatForm& f, const MinifloatPieces& p) {
+  const uint32_t u = float_bits(x);
+  const uint32_t negative = u >> 31, a = u & ~kSign;
+  // Round a at the piece's bit: ties go to the lower code, the smaller magnitude for x > 0 and
+  // the larger one for x < 0. Below the top piece, a rounded up to the next binade is first_top.
+  const bool top = a >= p.split_bits;
+  const int shift = top ? p.shift_top : p.shift_low;
+  const int raw = static_cast<int>((a + (1u << (shift - 1)) - 1u + negative) >> shift) -
+                  (top ? p.offset_top : p.offset_low);
+  const int mag = a > p.half_smallest - negative ? std::max(raw, 1) : 0;
+  return std::clamp(f.zero_code + (negative ? -mag : mag), 0, 255);
+}
+
+bool check_minifloat_form(const StateCode& c, const MinifloatForm& f) {
+  MinifloatPieces p;
+  if (!minifloat_pieces(f, &p) || c.table == nullptr || c.lut == nullptr) return false;
+  for (int k = 0; k < 256; ++k) {
+    if (minifloat_value_bits(k, f, p) != float_bits(c.table[k])) return false;
+  }
+  auto agree = [&](uint32_t bits) {
+    const float x = bits_float(bits);
+    return minifloat_encode(x, f, p) == static_cast<int>(encode_state(x, c));
+  };
+  const uint32_t lowest = to_order(kSign | kBelowTwo), highest = to_order(kBelowTwo);
+  if (!agree(from_order(lowest)) || !agree(from_order(highest))) return false;
+  auto code = [&](uint32_t order) { return static_cast<int>(encode_state(bits_float(from_order(order)), c)); };
+  for (int k = code(lowest); k < code(highest); ++k) {
+    uint32_t good = lowest, bad = highest;  // code(good) <= k < code(bad)
+    while (bad - good > 1) {
+      const uint32_t mid = good + (bad - good) / 2;
+      if (code(mid) <= k) good = mid;
+      else bad = mid;
+    }
+    if (!agree(from_order(good)) || !agree(from_order(bad))) return false;
+  }
+  return true;
+}
+
+}  // namespace qengine::cpu
