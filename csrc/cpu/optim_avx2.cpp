@@ -4,7 +4,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/optim_kernels.h"
 #include "cpu/state_minifloat.h"
@@ -109,21 +111,24 @@ struct TableCodec {
   __m256i encode(__m256 x) const { return encode8(x, c); }
 };
 
-// A code through its MinifloatForm (optim_math.h): the steps of minifloat_encode and
-// minifloat_value_bits (state_minifloat.cpp) on 8 lanes, both pieces computed and one chosen per
-// lane, no lookups. encode: finite |x| < 2.
+// A code through its MinifloatForm (optim_math.h): minifloat_encode and minifloat_value_bits
+// (state_minifloat.cpp) on 8 lanes, both pieces computed and one chosen per lane, no lookups.
+// kSigned: a code with 0.0 and negatives (zero_code >= 0); else one without either
+// (zero_code == -1), whose magnitude is code + 1, folded into the offsets. encode: finite |x| < 2.
+template <bool kSigned>
 struct MinifloatCodec {
   __m128i shift_top, shift_low;
   __m256i zero_code, offset_top, offset_low, first_top, round_top, round_low, split, half_smallest;
   explicit MinifloatCodec(const MinifloatForm& f) {
     MinifloatPieces p{};
     minifloat_pieces(f, &p);  // a checked form (python/qengine/optim/_ops.py)
+    const int fold = kSigned ? 0 : f.zero_code;  // unsigned: code = magnitude + zero_code
     shift_top = _mm_cvtsi32_si128(p.shift_top);
     shift_low = _mm_cvtsi32_si128(p.shift_low);
     zero_code = _mm256_set1_epi32(f.zero_code);
-    offset_top = _mm256_set1_epi32(p.offset_top);
-    offset_low = _mm256_set1_epi32(p.offset_low);
-    first_top = _mm256_set1_epi32(p.first_top);
+    offset_top = _mm256_set1_epi32(p.offset_top - fold);
+    offset_low = _mm256_set1_epi32(p.offset_low - fold);
+    first_top = _mm256_set1_epi32(p.first_top + fold);
     round_top = _mm256_set1_epi32((1 << (p.shift_top - 1)) - 1);
     round_low = _mm256_set1_epi32((1 << (p.shift_low - 1)) - 1);
     split = _mm256_set1_epi32(static_cast<int>(p.split_bits));
@@ -132,28 +137,37 @@ struct MinifloatCodec {
 
   __m256 decode(const uint8_t* q, __m256 scale) const {
     const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-    const __m256i s = _mm256_sub_epi32(code, zero_code), mag = _mm256_abs_epi32(s);
+    const __m256i s = kSigned ? _mm256_sub_epi32(code, zero_code) : code;
+    const __m256i mag = kSigned ? _mm256_abs_epi32(s) : code;  // unsigned: code, offsets folded
     const __m256i top = _mm256_sll_epi32(_mm256_add_epi32(mag, offset_top), shift_top);
     const __m256i low = _mm256_sll_epi32(_mm256_add_epi32(mag, offset_low), shift_low);
     __m256i bits = _mm256_blendv_epi8(top, low, _mm256_cmpgt_epi32(first_top, mag));
-    bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256()), bits);  // 0.0
-    bits = _mm256_or_si256(bits, _mm256_slli_epi32(_mm256_srli_epi32(s, 31), 31));       // the sign
+    if constexpr (kSigned) {
+      bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256()), bits);  // 0.0
+      bits = _mm256_or_si256(bits, _mm256_and_si256(s, _mm256_set1_epi32(INT32_MIN)));    // the sign
+    }
     return _mm256_mul_ps(_mm256_castsi256_ps(bits), scale);
   }
 
   // Codes as int32 lanes, possibly outside 0..255: pack16's saturation clamps them.
   __m256i encode(__m256 x) const {
     const __m256i u = _mm256_castps_si256(x);
-    const __m256i negative = _mm256_srli_epi32(u, 31), sign_mask = _mm256_srai_epi32(u, 31);
-    const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
-    const __m256i top = _mm256_sub_epi32(
-        _mm256_srl_epi32(_mm256_add_epi32(a, _mm256_add_epi32(round_top, negative)), shift_top), offset_top);
-    const __m256i low = _mm256_sub_epi32(
-        _mm256_srl_epi32(_mm256_add_epi32(a, _mm256_add_epi32(round_low, negative)), shift_low), offset_low);
+    const __m256i sign_mask = _mm256_srai_epi32(u, 31);
+    const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(INT32_MAX));
+    // Ties go to the lower code: the smaller magnitude for x > 0, the larger one for x < 0.
+    const __m256i rounded = kSigned ? _mm256_sub_epi32(a, sign_mask) : a;
+    const __m256i top = _mm256_sub_epi32(_mm256_srl_epi32(_mm256_add_epi32(rounded, round_top), shift_top), offset_top);
+    const __m256i low = _mm256_sub_epi32(_mm256_srl_epi32(_mm256_add_epi32(rounded, round_low), shift_low), offset_low);
     const __m256i raw = _mm256_blendv_epi8(top, low, _mm256_cmpgt_epi32(split, a));
-    const __m256i nonzero = _mm256_cmpgt_epi32(a, _mm256_sub_epi32(half_smallest, negative));
-    const __m256i mag = _mm256_and_si256(_mm256_max_epi32(raw, _mm256_set1_epi32(1)), nonzero);
-    return _mm256_add_epi32(zero_code, _mm256_sub_epi32(_mm256_xor_si256(mag, sign_mask), sign_mask));
+    if constexpr (!kSigned) {
+      // Below the smallest magnitude raw + zero_code <= 0, which saturates to code 0, the
+      // nearest; every negative x has code 0 too.
+      return _mm256_andnot_si256(sign_mask, raw);
+    } else {
+      const __m256i nonzero = _mm256_cmpgt_epi32(a, _mm256_add_epi32(half_smallest, sign_mask));
+      const __m256i mag = _mm256_and_si256(_mm256_max_epi32(raw, _mm256_set1_epi32(1)), nonzero);
+      return _mm256_add_epi32(zero_code, _mm256_sub_epi32(_mm256_xor_si256(mag, sign_mask), sign_mask));
+    }
   }
 };
 
@@ -165,17 +179,18 @@ inline __m128i pack16(__m256i a, __m256i b) {
   return _mm_packus_epi16(lo, hi);
 }
 
-inline void absmax8(__m256& acc, __m256& nan, __m256 x) {
-  acc = _mm256_max_ps(acc, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x));
-  nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+// The running max of |x| over a block as integers: |x|'s bits order as its value, and every
+// NaN's lie above +inf's, so one integer max tracks both the max and any NaN.
+inline void absmax8(__m256i& acc, __m256 x) {
+  acc = _mm256_max_epi32(acc, _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(INT32_MAX)));
 }
 
-inline float reduce_absmax(__m256 acc, __m256 nan) {
-  if (_mm256_movemask_ps(nan)) return bits_float(0x7fc00000u);
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
+inline float reduce_absmax(__m256i acc) {
+  __m128i m = _mm_max_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4e));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xb1));
+  const uint32_t bits = static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+  return bits_float(bits > 0x7f800000u ? 0x7fc00000u : bits);  // one canonical NaN, as absmax_step
 }
 
 // The block loop alternates a decode/update pass and an encode pass over L1-resident
@@ -211,8 +226,9 @@ inline void encode_block(const float* x, __m256 inv, const Codec& codec, uint8_t
   }
 }
 
-// kMinifloat: both codes through their MinifloatForm, except the encode of a block whose
-// absmax is not finite (its values then need not lie in (-2, 2)), which searches the tables.
+// kMinifloat: both codes through their MinifloatForm (m's signed, v's unsigned), except the
+// encode of a block whose absmax is not finite (its values then need not lie in (-2, 2)),
+// which searches the tables.
 template <int DT, bool kMinifloat>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
             const StateCode& c2) {
@@ -223,11 +239,11 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
   float* a1 = reinterpret_cast<float*>(t.absmax1);
   float* a2 = reinterpret_cast<float*>(t.absmax2);
   const Hyper8 h(hs);
-  auto codec = [](const StateCode& c) {
-    if constexpr (kMinifloat) return MinifloatCodec(c.minifloat);
+  auto codec = [](const StateCode& c, auto is_signed) {
+    if constexpr (kMinifloat) return MinifloatCodec<decltype(is_signed)::value>(c.minifloat);
     else return TableCodec{c};
   };
-  const auto k1 = codec(c1), k2 = codec(c2);
+  const auto k1 = codec(c1, std::true_type{}), k2 = codec(c2, std::false_type{});
   const TableCodec search1{c1}, search2{c2};
   alignas(32) float mt[kOptimBlock], vt[kOptimBlock];
   int64_t b0 = lo;
@@ -235,7 +251,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     const int64_t b = b0 / kOptimBlock;
     prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
     const __m256 s1 = _mm256_set1_ps(a1[b]), s2 = _mm256_set1_ps(a2[b]);
-    __m256 n1 = _mm256_setzero_ps(), n2 = _mm256_setzero_ps(), nan1 = n1, nan2 = n1;
+    __m256i n1 = _mm256_setzero_si256(), n2 = n1;
     for (int64_t i = 0; i < kOptimBlock; i += 8) {
       __m256 pv = load8<DT>(p, b0 + i);
       __m256 mv = k1.decode(q1 + b0 + i, s1), vv = k2.decode(q2 + b0 + i, s2);
@@ -243,10 +259,10 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
       store8<DT>(p, b0 + i, pv);
       _mm256_store_ps(mt + i, mv);
       _mm256_store_ps(vt + i, vv);
-      absmax8(n1, nan1, mv);
-      absmax8(n2, nan2, vv);
+      absmax8(n1, mv);
+      absmax8(n2, vv);
     }
-    const float m1 = reduce_absmax(n1, nan1), m2 = reduce_absmax(n2, nan2);
+    const float m1 = reduce_absmax(n1), m2 = reduce_absmax(n2);
     a1[b] = m1;
     a2[b] = m2;
     const __m256 i1 = _mm256_set1_ps(state_inv_scale(m1)), i2 = _mm256_set1_ps(state_inv_scale(m2));
@@ -264,7 +280,9 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
 template <int DT>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
             const StateCode& c2) {
-  if (c1.minifloat.mantissa_bits != 0 && c2.minifloat.mantissa_bits != 0) adamw8<DT, true>(t, lo, hi, h, c1, c2);
+  const bool forms = c1.minifloat.mantissa_bits != 0 && c1.minifloat.zero_code >= 0 &&
+                     c2.minifloat.mantissa_bits != 0 && c2.minifloat.zero_code == -1;
+  if (forms) adamw8<DT, true>(t, lo, hi, h, c1, c2);
   else adamw8<DT, false>(t, lo, hi, h, c1, c2);
 }
 
