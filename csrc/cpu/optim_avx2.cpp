@@ -117,20 +117,23 @@ struct TableCodec {
 // (zero_code == -1), whose magnitude is code + 1, folded into the offsets. encode: finite |x| < 2.
 template <bool kSigned>
 struct MinifloatCodec {
-  __m128i shift_top, shift_low;
-  __m256i zero_code, offset_top, offset_low, first_top, round_top, round_low, split, half_smallest;
+  // Per piece (top, low): the shift, the offset of a magnitude's bits (decode), and the
+  // rounding increment minus the offset shifted into place (encode: (a + that) >> shift is the
+  // rounded magnitude minus the offset, an arithmetic shift keeping it exact below 0).
+  __m256i shift_top, shift_low, offset_top, offset_low, round_top, round_low;
+  __m256i zero_code, first_top, split, half_smallest;
   explicit MinifloatCodec(const MinifloatForm& f) {
     MinifloatPieces p{};
     minifloat_pieces(f, &p);  // a checked form (python/qengine/optim/_ops.py)
     const int fold = kSigned ? 0 : f.zero_code;  // unsigned: code = magnitude + zero_code
-    shift_top = _mm_cvtsi32_si128(p.shift_top);
-    shift_low = _mm_cvtsi32_si128(p.shift_low);
-    zero_code = _mm256_set1_epi32(f.zero_code);
+    shift_top = _mm256_set1_epi32(p.shift_top);
+    shift_low = _mm256_set1_epi32(p.shift_low);
     offset_top = _mm256_set1_epi32(p.offset_top - fold);
     offset_low = _mm256_set1_epi32(p.offset_low - fold);
+    round_top = _mm256_set1_epi32((1 << (p.shift_top - 1)) - 1 - ((p.offset_top - fold) << p.shift_top));
+    round_low = _mm256_set1_epi32((1 << (p.shift_low - 1)) - 1 - ((p.offset_low - fold) << p.shift_low));
+    zero_code = _mm256_set1_epi32(f.zero_code);
     first_top = _mm256_set1_epi32(p.first_top + fold);
-    round_top = _mm256_set1_epi32((1 << (p.shift_top - 1)) - 1);
-    round_low = _mm256_set1_epi32((1 << (p.shift_low - 1)) - 1);
     split = _mm256_set1_epi32(static_cast<int>(p.split_bits));
     half_smallest = _mm256_set1_epi32(static_cast<int>(p.half_smallest));
   }
@@ -139,9 +142,9 @@ struct MinifloatCodec {
     const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
     const __m256i s = kSigned ? _mm256_sub_epi32(code, zero_code) : code;
     const __m256i mag = kSigned ? _mm256_abs_epi32(s) : code;  // unsigned: code, offsets folded
-    const __m256i top = _mm256_sll_epi32(_mm256_add_epi32(mag, offset_top), shift_top);
-    const __m256i low = _mm256_sll_epi32(_mm256_add_epi32(mag, offset_low), shift_low);
-    __m256i bits = _mm256_blendv_epi8(top, low, _mm256_cmpgt_epi32(first_top, mag));
+    const __m256i low = _mm256_cmpgt_epi32(first_top, mag);
+    __m256i bits = _mm256_sllv_epi32(_mm256_add_epi32(mag, _mm256_blendv_epi8(offset_top, offset_low, low)),
+                                     _mm256_blendv_epi8(shift_top, shift_low, low));
     if constexpr (kSigned) {
       bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256()), bits);  // 0.0
       bits = _mm256_or_si256(bits, _mm256_and_si256(s, _mm256_set1_epi32(INT32_MIN)));    // the sign
@@ -154,19 +157,19 @@ struct MinifloatCodec {
     const __m256i u = _mm256_castps_si256(x);
     const __m256i sign_mask = _mm256_srai_epi32(u, 31);
     const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(INT32_MAX));
+    const __m256i low = _mm256_cmpgt_epi32(split, a);
     // Ties go to the lower code: the smaller magnitude for x > 0, the larger one for x < 0.
     const __m256i rounded = kSigned ? _mm256_sub_epi32(a, sign_mask) : a;
-    const __m256i top = _mm256_sub_epi32(_mm256_srl_epi32(_mm256_add_epi32(rounded, round_top), shift_top), offset_top);
-    const __m256i low = _mm256_sub_epi32(_mm256_srl_epi32(_mm256_add_epi32(rounded, round_low), shift_low), offset_low);
-    const __m256i raw = _mm256_blendv_epi8(top, low, _mm256_cmpgt_epi32(split, a));
+    const __m256i raw = _mm256_srav_epi32(_mm256_add_epi32(rounded, _mm256_blendv_epi8(round_top, round_low, low)),
+                                          _mm256_blendv_epi8(shift_top, shift_low, low));
     if constexpr (!kSigned) {
-      // Below the smallest magnitude raw + zero_code <= 0, which saturates to code 0, the
-      // nearest; every negative x has code 0 too.
+      // Below the smallest magnitude raw <= 0, which saturates to code 0, the nearest; every
+      // negative x has code 0 too.
       return _mm256_andnot_si256(sign_mask, raw);
     } else {
       const __m256i nonzero = _mm256_cmpgt_epi32(a, _mm256_add_epi32(half_smallest, sign_mask));
       const __m256i mag = _mm256_and_si256(_mm256_max_epi32(raw, _mm256_set1_epi32(1)), nonzero);
-      return _mm256_add_epi32(zero_code, _mm256_sub_epi32(_mm256_xor_si256(mag, sign_mask), sign_mask));
+      return _mm256_add_epi32(zero_code, _mm256_sign_epi32(mag, u));  // u's sign; u == 0 has mag 0
     }
   }
 };
