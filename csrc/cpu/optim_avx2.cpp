@@ -107,7 +107,10 @@ inline __m256 decode8(const uint8_t* q, const float* table, __m256 scale) {
 // A code through its table: gathers, for any code.
 struct TableCodec {
   const StateCode& c;
-  __m256 decode(const uint8_t* q, __m256 scale) const { return decode8(q, c.table, scale); }
+  void decode16(const uint8_t* q, __m256 scale, __m256& first, __m256& second) const {
+    first = decode8(q, c.table, scale);
+    second = decode8(q + 8, c.table, scale);
+  }
   __m256i encode(__m256 x) const { return encode8(x, c); }
 };
 
@@ -122,6 +125,9 @@ struct MinifloatCodec {
   // rounded magnitude minus the offset, an arithmetic shift keeping it exact below 0).
   __m256i shift_top, shift_low, offset_top, offset_low, round_top, round_low;
   __m256i zero_code, first_top, split, half_smallest;
+  // decode16's: the same in 16-bit lanes, shifts less 16 (the bits' high halves)
+  __m256i zero_code16, first_top16, offset_top16, offset_low16;
+  __m128i half_shift_top, half_shift_low;
   explicit MinifloatCodec(const MinifloatForm& f) {
     MinifloatPieces p{};
     minifloat_pieces(f, &p);  // a checked form (python/qengine/optim/_ops.py)
@@ -136,20 +142,30 @@ struct MinifloatCodec {
     first_top = _mm256_set1_epi32(p.first_top + fold);
     split = _mm256_set1_epi32(static_cast<int>(p.split_bits));
     half_smallest = _mm256_set1_epi32(static_cast<int>(p.half_smallest));
+    zero_code16 = _mm256_set1_epi16(static_cast<int16_t>(f.zero_code));
+    first_top16 = _mm256_set1_epi16(static_cast<int16_t>(p.first_top + fold));
+    offset_top16 = _mm256_set1_epi16(static_cast<int16_t>(p.offset_top - fold));
+    offset_low16 = _mm256_set1_epi16(static_cast<int16_t>(p.offset_low - fold));
+    half_shift_top = _mm_cvtsi32_si128(p.shift_top - 16);
+    half_shift_low = _mm_cvtsi32_si128(p.shift_low - 16);
   }
 
-  __m256 decode(const uint8_t* q, __m256 scale) const {
-    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-    const __m256i s = kSigned ? _mm256_sub_epi32(code, zero_code) : code;
-    const __m256i mag = kSigned ? _mm256_abs_epi32(s) : code;  // unsigned: code, offsets folded
-    const __m256i low = _mm256_cmpgt_epi32(first_top, mag);
-    __m256i bits = _mm256_sllv_epi32(_mm256_add_epi32(mag, _mm256_blendv_epi8(offset_top, offset_low, low)),
-                                     _mm256_blendv_epi8(shift_top, shift_low, low));
+  // 16 codes at once in 16-bit lanes: a magnitude's float bits have zero low halves (at most 7
+  // mantissa bits), so the high halves are computed and the low ones interleaved as zeros.
+  void decode16(const uint8_t* q, __m256 scale, __m256& first, __m256& second) const {
+    __m256i code = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    code = _mm256_permute4x64_epi64(code, 0xd8);  // codes 0-3 8-11 | 4-7 12-15: unpack restores order
+    const __m256i s = kSigned ? _mm256_sub_epi16(code, zero_code16) : code;
+    const __m256i mag = kSigned ? _mm256_abs_epi16(s) : code;  // unsigned: code, offsets folded
+    const __m256i low = _mm256_cmpgt_epi16(first_top16, mag);
+    __m256i high = _mm256_blendv_epi8(_mm256_sll_epi16(_mm256_add_epi16(mag, offset_top16), half_shift_top),
+                                      _mm256_sll_epi16(_mm256_add_epi16(mag, offset_low16), half_shift_low), low);
     if constexpr (kSigned) {
-      bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256()), bits);  // 0.0
-      bits = _mm256_or_si256(bits, _mm256_and_si256(s, _mm256_set1_epi32(INT32_MIN)));    // the sign
+      high = _mm256_andnot_si256(_mm256_cmpeq_epi16(mag, _mm256_setzero_si256()), high);  // 0.0
+      high = _mm256_or_si256(high, _mm256_and_si256(s, _mm256_set1_epi16(INT16_MIN)));    // the sign
     }
-    return _mm256_mul_ps(_mm256_castsi256_ps(bits), scale);
+    first = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), high)), scale);
+    second = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), high)), scale);
   }
 
   // Codes as int32 lanes, possibly outside 0..255: pack16's saturation clamps them.
@@ -255,15 +271,20 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
     const __m256 s1 = _mm256_set1_ps(a1[b]), s2 = _mm256_set1_ps(a2[b]);
     __m256i n1 = _mm256_setzero_si256(), n2 = n1;
-    for (int64_t i = 0; i < kOptimBlock; i += 8) {
-      __m256 pv = load8<DT>(p, b0 + i);
-      __m256 mv = k1.decode(q1 + b0 + i, s1), vv = k2.decode(q2 + b0 + i, s2);
-      update8(load8<DT>(g, b0 + i), pv, mv, vv, h);
-      store8<DT>(p, b0 + i, pv);
-      _mm256_store_ps(mt + i, mv);
-      _mm256_store_ps(vt + i, vv);
-      absmax8(n1, mv);
-      absmax8(n2, vv);
+    for (int64_t i = 0; i < kOptimBlock; i += 16) {
+      __m256 mv[2], vv[2];
+      k1.decode16(q1 + b0 + i, s1, mv[0], mv[1]);
+      k2.decode16(q2 + b0 + i, s2, vv[0], vv[1]);
+      for (int j = 0; j < 2; ++j) {
+        const int64_t e = b0 + i + 8 * j;
+        __m256 pv = load8<DT>(p, e);
+        update8(load8<DT>(g, e), pv, mv[j], vv[j], h);
+        store8<DT>(p, e, pv);
+        _mm256_store_ps(mt + i + 8 * j, mv[j]);
+        _mm256_store_ps(vt + i + 8 * j, vv[j]);
+        absmax8(n1, mv[j]);
+        absmax8(n2, vv[j]);
+      }
     }
     const float m1 = reduce_absmax(n1), m2 = reduce_absmax(n2);
     a1[b] = m1;
