@@ -118,6 +118,12 @@ struct TableCodec {
 // (state_minifloat.cpp) on 8 lanes, both pieces computed and one chosen per lane, no lookups.
 // kSigned: a code with 0.0 and negatives (zero_code >= 0); else one without either
 // (zero_code == -1), whose magnitude is code + 1, folded into the offsets. encode: finite |x| < 2.
+// (2^(shift-1) - 1) - (offset << shift) in 32-bit two's complement (no signed-shift overflow).
+inline int rounding_less_offset(int shift, int offset) {
+  const uint32_t v = ((1u << (shift - 1)) - 1u) - (static_cast<uint32_t>(offset) << shift);
+  return static_cast<int>(v);
+}
+
 template <bool kSigned>
 struct MinifloatCodec {
   // Per piece (top, low): the shift, the offset of a magnitude's bits (decode), and the
@@ -136,8 +142,8 @@ struct MinifloatCodec {
     shift_low = _mm256_set1_epi32(p.shift_low);
     offset_top = _mm256_set1_epi32(p.offset_top - fold);
     offset_low = _mm256_set1_epi32(p.offset_low - fold);
-    round_top = _mm256_set1_epi32((1 << (p.shift_top - 1)) - 1 - ((p.offset_top - fold) << p.shift_top));
-    round_low = _mm256_set1_epi32((1 << (p.shift_low - 1)) - 1 - ((p.offset_low - fold) << p.shift_low));
+    round_top = _mm256_set1_epi32(rounding_less_offset(p.shift_top, p.offset_top - fold));
+    round_low = _mm256_set1_epi32(rounding_less_offset(p.shift_low, p.offset_low - fold));
     zero_code = _mm256_set1_epi32(f.zero_code);
     first_top = _mm256_set1_epi32(p.first_top + fold);
     split = _mm256_set1_epi32(static_cast<int>(p.split_bits));

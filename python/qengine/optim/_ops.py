@@ -153,8 +153,8 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, 
 
     param: float32/float16/bfloat16, contiguous; grad: same dtype and numel. 32-bit states:
     state1 (m), state2 (v) float32 [numel], absmax1/absmax2 None. 8-bit states: state1/state2
-    uint8 codes [numel] (STATE_FORMATS: a signed minifloat code for m, an unsigned one for v), absmax1/absmax2 float32
-    [ceil(numel / 256)]. step: the step number being taken (>= 1)."""
+    uint8 codes [numel] (STATE_FORMATS: a signed minifloat code for m, an unsigned one for v),
+    absmax1/absmax2 float32 [ceil(numel / 256)]. step: the step number being taken (>= 1)."""
     n = param.numel()
     eight = absmax1 is not None
     if param.dtype not in PARAM_DTYPES:
