@@ -109,10 +109,10 @@ def test_half_precision_params_use_float32_maths(dtype):
     assert torch.allclose(sd["exp_avg"], m, rtol=1e-6, atol=0)
 
 
-def _run_bytes(cls, dtype, shapes, steps=4):
+def _run_bytes(cls, dtype, shapes, steps=4, **kwargs):
     torch.manual_seed(5)
     ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
-    opt = cls(ps, lr=1e-2, weight_decay=0.1, page_elements=4096)
+    opt = cls(ps, lr=1e-2, weight_decay=0.1, page_elements=4096, **kwargs)
     for _ in range(steps):
         for p in ps:
             p.grad = torch.randn(p.shape).to(dtype)
@@ -121,15 +121,20 @@ def _run_bytes(cls, dtype, shapes, steps=4):
     return [p.detach().clone() for p in ps], [t for st in sd["state"].values() for k, t in sorted(st.items())]
 
 
+# The SIMD spans are compiled per (maximize, 1 - beta1 < 0.5): every combination.
+FLAGS = [dict(), dict(maximize=True), dict(betas=(0.3, 0.9)), dict(betas=(0.3, 0.9), maximize=True)]
+
+
 @pytest.mark.parametrize("isa", [i for i in SUPPORTED if i != "scalar"])
 @pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit], ids=["32bit", "8bit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_isa_bytes_equal_scalar(isa, cls, dtype, isa_restore):
+@pytest.mark.parametrize("flags", FLAGS, ids=["defaults", "maximize", "beta1_0.3", "beta1_0.3_maximize"])
+def test_isa_bytes_equal_scalar(isa, cls, dtype, flags, isa_restore):
     shapes = [(333, 170), (1000,), (5, 7, 300), (1,)]  # spans split over pages, partial blocks
     qengine.set_cpu_isa("scalar")
-    ref = _run_bytes(cls, dtype, shapes)
+    ref = _run_bytes(cls, dtype, shapes, **flags)
     qengine.set_cpu_isa(isa)
-    got = _run_bytes(cls, dtype, shapes)
+    got = _run_bytes(cls, dtype, shapes, **flags)
     for a, b in zip(ref[0] + ref[1], got[0] + got[1]):
         assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
 
