@@ -75,10 +75,11 @@ run_tests tests/test_functional.py tests/test_matmul.py tests/test_double_quant.
   tests/test_tensor.py tests/test_corrupt.py tests/test_threads.py tests/property/test_prop_quantize.py \
   tests/property/test_prop_matmul.py tests/test_moe_ops.py \
   -k "not compile and not opcheck and not large_matrix and not isas_match_scalar and not tiny_scales and not many_nested"
-# The fused optimizer step: both state codes' search tables (gather-free and gather) against
-# the reference, non-finite blocks and every ISA's bytes against the scalar span.
-run_tests tests/test_optim_encoder.py tests/test_optim_8bit.py tests/test_optim.py \
-  -k "encoder or codes or non_finite or isa_bytes or own_simd_step"
+# The fused optimizer step: both state codes' search tables (gather-free and gather) and
+# minifloat forms against the reference, the form check on malformed forms, non-finite blocks
+# and every ISA's bytes against the scalar span.
+run_tests tests/test_optim_encoder.py tests/test_optim_8bit.py tests/test_optim.py tests/test_optim_minifloat.py \
+  -k "encoder or codes or non_finite or nan_or_inf or isa_bytes or own_simd_step or minifloat"
 # Sizes that end mid-vector and mid-block, and every matmul path, at each ISA chosen the way
 # users choose it: the environment override read when the module loads.
 for isa in $ISAS; do
