@@ -63,25 +63,28 @@ bool build_state_encoder(const StateCode& c, StateEncoder* e) {
   if (e->wide && code(kSign | kMaxFinite) != e->negative_code) return false;  // negatives differ
   // threshold[k]: the largest finite float (in float order) whose code is <= k, by bisection.
   float threshold[256];
-  const uint32_t lowest = to_order(kSign | kMaxFinite), highest = to_order(kMaxFinite);
   for (int k = 0; k < 256; ++k) {
     if (code(kMaxFinite) <= k) {
       threshold[k] = bits_float(kMaxFinite);  // nothing finite is above it
     } else if (code(kSign | kMaxFinite) > k) {
       threshold[k] = bits_float(0xff800000u);  // -inf: no float has a code <= k (never used)
     } else {
-      uint32_t good = lowest, bad = highest;  // code(good) <= k < code(bad)
-      while (bad - good > 1) {
-        const uint32_t mid = good + (bad - good) / 2;
-        if (code(from_order(mid)) <= k) good = mid;
-        else bad = mid;
-      }
-      threshold[k] = bits_float(from_order(good));
+      threshold[k] = bits_float(last_float_with_code_at_most(c, k, kSign | kMaxFinite, kMaxFinite));
     }
   }
   e->thresholds = ScalePlanes(threshold);
   e->values = ScalePlanes(c.table);
   return true;
+}
+
+uint32_t last_float_with_code_at_most(const StateCode& c, int k, uint32_t lowest, uint32_t highest) {
+  uint32_t good = to_order(lowest), bad = to_order(highest);  // code(good) <= k < code(bad)
+  while (bad - good > 1) {
+    const uint32_t mid = good + (bad - good) / 2;
+    if (static_cast<int>(encode_state(bits_float(from_order(mid)), c)) <= k) good = mid;
+    else bad = mid;
+  }
+  return from_order(good);
 }
 
 }  // namespace qengine::cpu

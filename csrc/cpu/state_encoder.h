@@ -42,6 +42,11 @@ struct StateEncoder {
 // callers keep the gather path).
 bool build_state_encoder(const StateCode& c, StateEncoder* e);
 
+// The largest float between `lowest` and `highest` (bits, lowest first in float order) whose
+// code under encode_state is <= k, found by bisection (encode_state never decreases in float
+// order); needs code(lowest) <= k < code(highest). The step of the search between k and k + 1.
+uint32_t last_float_with_code_at_most(const StateCode& c, int k, uint32_t lowest, uint32_t highest);
+
 // out[i] = encode_state(x[i]) through the tables, for n a multiple of 64 and every |x[i]| < 2
 // (tests compare it with the reference search); false where the CPU lacks VBMI.
 bool encode_codes_vbmi(const float* x, int64_t n, const StateEncoder& e, uint8_t* out);

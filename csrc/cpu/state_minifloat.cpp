@@ -1,10 +1,12 @@
 // Checks a state code's MinifloatForm against the table and search it replaces (see
 // state_minifloat.h). Both the form's encode and encode_state are non-decreasing in float
 // order, so they agree everywhere on [-2, 2] when they agree at its ends and on both sides of
-// each of encode_state's steps, which bisection finds.
+// each of encode_state's steps, which bisection finds (state_encoder.h).
 #include "cpu/state_minifloat.h"
 
 #include <algorithm>
+
+#include "cpu/state_encoder.h"
 
 namespace qengine::cpu {
 namespace {
@@ -12,9 +14,8 @@ namespace {
 constexpr uint32_t kSign = 0x80000000u;
 constexpr uint32_t kBelowTwo = 0x3fffffffu;  // the largest float below 2.0
 
-// Float bits <-> an unsigned key in float order (-0.0 just below +0.0).
-uint32_t to_order(uint32_t u) { return (u & kSign) ? ~u : (u | kSign); }
-uint32_t from_order(uint32_t o) { return (o & kSign) ? (o & ~kSign) : ~o; }
+// The next float up in float order (from -0.0 to +0.0).
+uint32_t next_up(uint32_t u) { return u == kSign ? 0u : (u & kSign) ? u - 1 : u + 1; }
 
 }  // namespace
 
@@ -71,17 +72,12 @@ bool check_minifloat_form(const StateCode& c, const MinifloatForm& f) {
     const float x = bits_float(bits);
     return minifloat_encode(x, f, p) == static_cast<int>(encode_state(x, c));
   };
-  const uint32_t lowest = to_order(kSign | kBelowTwo), highest = to_order(kBelowTwo);
-  if (!agree(from_order(lowest)) || !agree(from_order(highest))) return false;
-  auto code = [&](uint32_t order) { return static_cast<int>(encode_state(bits_float(from_order(order)), c)); };
+  const uint32_t lowest = kSign | kBelowTwo, highest = kBelowTwo;
+  if (!agree(lowest) || !agree(highest)) return false;
+  auto code = [&](uint32_t bits) { return static_cast<int>(encode_state(bits_float(bits), c)); };
   for (int k = code(lowest); k < code(highest); ++k) {
-    uint32_t good = lowest, bad = highest;  // code(good) <= k < code(bad)
-    while (bad - good > 1) {
-      const uint32_t mid = good + (bad - good) / 2;
-      if (code(mid) <= k) good = mid;
-      else bad = mid;
-    }
-    if (!agree(from_order(good)) || !agree(from_order(bad))) return false;
+    const uint32_t step = last_float_with_code_at_most(c, k, lowest, highest);
+    if (!agree(step) || !agree(next_up(step))) return false;
   }
   return true;
 }
