@@ -129,24 +129,26 @@ struct TableCodec {
   __m256i encode(__m256 x) const { return encode8(x, c); }
 };
 
-// A code through its MinifloatForm (optim_math.h): minifloat_encode and minifloat_value_bits
-// (state_minifloat.cpp) on 8 lanes, both pieces computed and one chosen per lane, no lookups.
-// kSigned: a code with 0.0 and negatives (zero_code >= 0); else one without either
-// (zero_code == -1), whose magnitude is code + 1, folded into the offsets. encode: finite |x| < 2.
 // (2^(shift-1) - 1) - (offset << shift) in 32-bit two's complement (no signed-shift overflow).
 inline int rounding_less_offset(int shift, int offset) {
   const uint32_t v = ((1u << (shift - 1)) - 1u) - (static_cast<uint32_t>(offset) << shift);
   return static_cast<int>(v);
 }
 
+// A code through its MinifloatForm (optim_math.h): minifloat_value_bits on 16 lanes and
+// minifloat_encode on 8 (state_minifloat.cpp), each lane's piece chosen by a compare, no
+// lookups. kSigned: a code with 0.0 and negatives (zero_code >= 0); else one without either
+// (zero_code == -1), whose magnitude is code + 1, folded into the offsets. encode: finite |x| < 2.
+
 template <bool kSigned>
 struct MinifloatCodec {
-  // Per piece (top, low): the shift, the offset of a magnitude's bits (decode), and the
-  // rounding increment minus the offset shifted into place (encode: (a + that) >> shift is the
-  // rounded magnitude minus the offset, an arithmetic shift keeping it exact below 0).
-  __m256i shift_top, shift_low, offset_top, offset_low, round_top, round_low;
-  __m256i zero_code, first_top, split, half_smallest;
-  // decode16's: the same in 16-bit lanes, shifts less 16 (the bits' high halves)
+  // encode, per piece (top, low): the shift, and the rounding increment minus the offset
+  // shifted into place ((a + that) >> shift is the rounded magnitude minus the offset, an
+  // arithmetic shift keeping it exact below 0).
+  __m256i shift_top, shift_low, round_top, round_low;
+  __m256i zero_code, split, half_smallest;
+  // decode16, in 16-bit lanes: the offset of a magnitude's bits per piece, the shifts less 16
+  // (the bits' high halves), the first magnitude of the top piece.
   __m256i zero_code16, first_top16, offset_top16, offset_low16;
   __m128i half_shift_top, half_shift_low;
   explicit MinifloatCodec(const MinifloatForm& f) {
@@ -155,12 +157,9 @@ struct MinifloatCodec {
     const int fold = kSigned ? 0 : f.zero_code;  // unsigned: code = magnitude + zero_code
     shift_top = _mm256_set1_epi32(p.shift_top);
     shift_low = _mm256_set1_epi32(p.shift_low);
-    offset_top = _mm256_set1_epi32(p.offset_top - fold);
-    offset_low = _mm256_set1_epi32(p.offset_low - fold);
     round_top = _mm256_set1_epi32(rounding_less_offset(p.shift_top, p.offset_top - fold));
     round_low = _mm256_set1_epi32(rounding_less_offset(p.shift_low, p.offset_low - fold));
     zero_code = _mm256_set1_epi32(f.zero_code);
-    first_top = _mm256_set1_epi32(p.first_top + fold);
     split = _mm256_set1_epi32(static_cast<int>(p.split_bits));
     half_smallest = _mm256_set1_epi32(static_cast<int>(p.half_smallest));
     zero_code16 = _mm256_set1_epi16(static_cast<int16_t>(f.zero_code));
