@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <type_traits>
 
 #include "cpu/optim_kernels.h"
 #include "cpu/state_minifloat.h"
@@ -52,22 +51,6 @@ struct Hyper8 {
         beta2(_mm256_set1_ps(h.beta2)), w2(_mm256_set1_ps(h.w2)), bc2(_mm256_set1_ps(h.bc2_sqrt)),
         eps(_mm256_set1_ps(h.eps)), step(_mm256_set1_ps(h.neg_step)) {}
 };
-
-// Calls body(maximize, lerp_small) with the step's two flags as std::bool_constant, so the
-// span's loop is compiled once per combination with no branch on them (compilers did not
-// hoist the branches out of the 8-bit loop: 10-15% of its time on Zen 3).
-template <class Body>
-inline void with_flags(const AdamHyper& h, Body&& body) {
-  using T = std::true_type;
-  using F = std::false_type;
-  if (h.maximize != 0.0f) {
-    if (h.lerp_small != 0.0f) body(T{}, T{});
-    else body(T{}, F{});
-  } else {
-    if (h.lerp_small != 0.0f) body(F{}, T{});
-    else body(F{}, F{});
-  }
-}
 
 template <bool kMaximize, bool kSmall>
 inline void update8(__m256 g, __m256& p, __m256& m, __m256& v, const Hyper8& h) {
@@ -128,12 +111,6 @@ struct TableCodec {
   }
   __m256i encode(__m256 x) const { return encode8(x, c); }
 };
-
-// (2^(shift-1) - 1) - (offset << shift) in 32-bit two's complement (no signed-shift overflow).
-inline int rounding_less_offset(int shift, int offset) {
-  const uint32_t v = ((1u << (shift - 1)) - 1u) - (static_cast<uint32_t>(offset) << shift);
-  return static_cast<int>(v);
-}
 
 // A code through its MinifloatForm (optim_math.h): minifloat_value_bits on 16 lanes and
 // minifloat_encode on 8 (state_minifloat.cpp), each lane's piece chosen by a compare, no
@@ -331,8 +308,7 @@ void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h) {
 template <int DT>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
             const StateCode& c2) {
-  const bool forms = c1.minifloat.mantissa_bits != 0 && c1.minifloat.zero_code >= 0 &&
-                     c2.minifloat.mantissa_bits != 0 && c2.minifloat.zero_code == -1;
+  const bool forms = minifloat_forms(c1, c2);
   with_flags(h, [&](auto maximize, auto small) {
     if (forms) adamw8<DT, true, decltype(maximize)::value, decltype(small)::value>(t, lo, hi, h, c1, c2);
     else adamw8<DT, false, decltype(maximize)::value, decltype(small)::value>(t, lo, hi, h, c1, c2);

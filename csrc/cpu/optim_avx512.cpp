@@ -1,10 +1,14 @@
 // AVX-512 spans of the fused AdamW step: 16 lanes, the same operations as adamw_element in
 // the same order (every one correctly rounded), so the bytes equal the scalar spans'. The
-// 8-bit span here looks codes up with gathers; CPUs with VBMI take optim_avx512vbmi.cpp's.
-// Compiled with -mavx512* only here.
+// 8-bit span takes qengine's state codes through their minifloat arithmetic
+// (minifloat_avx512_inl.h); other codes are looked up with byte permutes on CPUs with VBMI
+// (optim_avx512vbmi.cpp) and with gathers here otherwise. Compiled with -mavx512* only here.
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <cmath>
+
+#include "cpu/minifloat_avx512_inl.h"
 #include "cpu/nested_scales.h"
 #include "cpu/optim_avx512_inl.h"
 #include "cpu/optim_kernels.h"
@@ -18,7 +22,7 @@ inline __m512 decode16(const uint8_t* q, const float* table, __m512 scale) {
   return _mm512_mul_ps(_mm512_i32gather_ps(idx, table, 4), scale);
 }
 
-template <int DT>
+template <int DT, bool kMaximize, bool kSmall>
 void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs) {
   void* p = reinterpret_cast<void*>(t.param);
   const void* g = reinterpret_cast<const void*>(t.grad);
@@ -28,7 +32,7 @@ void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs) {
   int64_t i = lo;
   for (; i + 16 <= hi; i += 16) {
     __m512 pv = load16<DT>(p, i), mv = _mm512_loadu_ps(m + i), vv = _mm512_loadu_ps(v + i);
-    update16(load16<DT>(g, i), pv, mv, vv, h);
+    update16<kMaximize, kSmall>(load16<DT>(g, i), pv, mv, vv, h);
     store16<DT>(p, i, pv);
     _mm512_storeu_ps(m + i, mv);
     _mm512_storeu_ps(v + i, vv);
@@ -36,8 +40,9 @@ void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs) {
   if (i < hi) scalar_adamw32(t, i, hi, hs);
 }
 
-template <int DT>
-void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
+// Codes through their tables: gathers.
+template <int DT, bool kMaximize, bool kSmall>
+void adamw8_tables(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
             const StateCode& c2) {
   void* p = reinterpret_cast<void*>(t.param);
   const void* g = reinterpret_cast<const void*>(t.grad);
@@ -56,7 +61,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     for (int64_t i = 0; i < kOptimBlock; i += 16) {
       __m512 pv = load16<DT>(p, b0 + i);
       __m512 mv = decode16(q1 + b0 + i, c1.table, s1), vv = decode16(q2 + b0 + i, c2.table, s2);
-      update16(load16<DT>(g, b0 + i), pv, mv, vv, h);
+      update16<kMaximize, kSmall>(load16<DT>(g, b0 + i), pv, mv, vv, h);
       store16<DT>(p, b0 + i, pv);
       _mm512_store_ps(mt + i, mv);
       _mm512_store_ps(vt + i, vv);
@@ -75,6 +80,84 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
   if (b0 < hi) scalar_adamw8(t, b0, hi, hs, c1, c2);  // the partial last block
 }
 
+// Both codes through their MinifloatForm (m's signed, v's unsigned), except the encode of a
+// block whose absmax is not finite (its values then need not lie in (-2, 2)): gathers.
+template <int DT, bool kMaximize, bool kSmall>
+void adamw8_minifloat(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
+                      const StateCode& c2) {
+  void* p = reinterpret_cast<void*>(t.param);
+  const void* g = reinterpret_cast<const void*>(t.grad);
+  uint8_t* q1 = reinterpret_cast<uint8_t*>(t.state1);
+  uint8_t* q2 = reinterpret_cast<uint8_t*>(t.state2);
+  float* a1 = reinterpret_cast<float*>(t.absmax1);
+  float* a2 = reinterpret_cast<float*>(t.absmax2);
+  const Hyper16 h(hs);
+  const MinifloatCodec16<true> k1(c1.minifloat);
+  const MinifloatCodec16<false> k2(c2.minifloat);
+  alignas(64) float mt[kOptimBlock], vt[kOptimBlock];
+  int64_t b0 = lo;
+  for (; b0 + kOptimBlock <= hi; b0 += kOptimBlock) {
+    const int64_t b = b0 / kOptimBlock;
+    prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
+    const __m512 s1 = _mm512_set1_ps(a1[b]), s2 = _mm512_set1_ps(a2[b]);
+    __m512i n1 = _mm512_setzero_si512(), n2 = _mm512_setzero_si512();
+    for (int64_t i = 0; i < kOptimBlock; i += 32) {
+      __m512 mv[2], vv[2];
+      k1.decode32(q1 + b0 + i, s1, mv);
+      k2.decode32(q2 + b0 + i, s2, vv);
+      for (int j = 0; j < 2; ++j) {
+        const int64_t e = b0 + i + 16 * j;
+        __m512 pv = load16<DT>(p, e);
+        update16<kMaximize, kSmall>(load16<DT>(g, e), pv, mv[j], vv[j], h);
+        store16<DT>(p, e, pv);
+        _mm512_store_ps(mt + i + 16 * j, mv[j]);
+        _mm512_store_ps(vt + i + 16 * j, vv[j]);
+        n1 = absmax16(n1, mv[j]);
+        n2 = absmax16(n2, vv[j]);
+      }
+    }
+    const float m1 = reduce_absmax(n1), m2 = reduce_absmax(n2);
+    a1[b] = m1;
+    a2[b] = m2;
+    const __m512 i1 = _mm512_set1_ps(state_inv_scale(m1)), i2 = _mm512_set1_ps(state_inv_scale(m2));
+    if (std::isfinite(m1) && std::isfinite(m2)) {  // a finite absmax bounds the block by 1
+      for (int64_t i = 0; i < kOptimBlock; i += 64) {
+        __m512i c[4], d[4];
+        for (int k = 0; k < 4; ++k) {
+          c[k] = k1.encode(_mm512_mul_ps(_mm512_load_ps(mt + i + 16 * k), i1));
+          d[k] = k2.encode(_mm512_mul_ps(_mm512_load_ps(vt + i + 16 * k), i2));
+        }
+        _mm512_storeu_si512(q1 + b0 + i, pack64(c[0], c[1], c[2], c[3]));
+        _mm512_storeu_si512(q2 + b0 + i, pack64(d[0], d[1], d[2], d[3]));
+      }
+    } else {
+      for (int64_t i = 0; i < kOptimBlock; i += 16) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(mt + i), i1), c1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(vt + i), i2), c2));
+      }
+    }
+  }
+  if (b0 < hi) scalar_adamw8(t, b0, hi, hs, c1, c2);  // the partial last block
+}
+
+template <int DT>
+void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h) {
+  with_flags(h, [&](auto maximize, auto small) {
+    adamw32<DT, decltype(maximize)::value, decltype(small)::value>(t, lo, hi, h);
+  });
+}
+
+template <int DT>
+void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
+            const StateCode& c2) {
+  const bool forms = minifloat_forms(c1, c2);
+  with_flags(h, [&](auto maximize, auto small) {
+    constexpr bool kMax = decltype(maximize)::value, kSmall = decltype(small)::value;
+    if (forms) adamw8_minifloat<DT, kMax, kSmall>(t, lo, hi, h, c1, c2);
+    else adamw8_tables<DT, kMax, kSmall>(t, lo, hi, h, c1, c2);
+  });
+}
+
 }  // namespace
 
 void avx512_adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h) {
@@ -85,7 +168,8 @@ void avx512_adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper&
 
 void avx512_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
                    const StateCode& c2) {
-  if (vbmi_scales_available()) return avx512vbmi_adamw8(t, lo, hi, h, c1, c2);  // no gathers
+  // Other codes than qengine's (no minifloat forms): byte permutes where VBMI has them.
+  if (!minifloat_forms(c1, c2) && vbmi_scales_available()) return avx512vbmi_adamw8(t, lo, hi, h, c1, c2);
   if (t.dtype == kFloat32) adamw8<kFloat32>(t, lo, hi, h, c1, c2);
   else if (t.dtype == kBFloat16) adamw8<kBFloat16>(t, lo, hi, h, c1, c2);
   else adamw8<kFloat16>(t, lo, hi, h, c1, c2);

@@ -48,20 +48,19 @@ inline void store16(void* x, int64_t i, __m512 v) {
 
 struct Hyper16 {
   __m512 decay, w1, w1m1, beta2, w2, bc2, eps, step;
-  bool small, maximize;
   explicit Hyper16(const AdamHyper& h)
       : decay(_mm512_set1_ps(h.decay)), w1(_mm512_set1_ps(h.w1)), w1m1(_mm512_set1_ps(h.w1 - 1.0f)),
         beta2(_mm512_set1_ps(h.beta2)), w2(_mm512_set1_ps(h.w2)), bc2(_mm512_set1_ps(h.bc2_sqrt)),
-        eps(_mm512_set1_ps(h.eps)), step(_mm512_set1_ps(h.neg_step)), small(h.lerp_small != 0.0f),
-        maximize(h.maximize != 0.0f) {}
+        eps(_mm512_set1_ps(h.eps)), step(_mm512_set1_ps(h.neg_step)) {}
 };
 
-// adamw_element on 16 lanes.
+// adamw_element on 16 lanes; the flags (maximize, lerp_small) from with_flags (optim_kernels.h).
+template <bool kMaximize, bool kSmall>
 inline void update16(__m512 g, __m512& p, __m512& m, __m512& v, const Hyper16& h) {
-  if (h.maximize) g = _mm512_xor_ps(g, _mm512_set1_ps(-0.0f));
+  if constexpr (kMaximize) g = _mm512_xor_ps(g, _mm512_set1_ps(-0.0f));
   p = _mm512_mul_ps(p, h.decay);
   const __m512 d = _mm512_sub_ps(g, m);
-  m = h.small ? _mm512_fmadd_ps(h.w1, d, m) : _mm512_fmadd_ps(h.w1m1, d, g);
+  m = kSmall ? _mm512_fmadd_ps(h.w1, d, m) : _mm512_fmadd_ps(h.w1m1, d, g);
   v = _mm512_fmadd_ps(_mm512_mul_ps(h.w2, g), g, _mm512_mul_ps(v, h.beta2));
   const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), h.bc2), h.eps);
   p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(h.step, m), denom));

@@ -1,7 +1,8 @@
-// The 8-bit AdamW span on CPUs with AVX-512 VBMI: state codes decoded and encoded with byte
-// permutes (byte_planes_vbmi.h, state_encoder.h) instead of gathers, bytes equal to the
-// scalar span's. Compiled with -mavx512vbmi only here; optim_avx512.cpp calls it only where
-// vbmi_scales_available().
+// The 8-bit AdamW span on CPUs with AVX-512 VBMI for state codes without a minifloat form
+// (qengine's own codes take optim_avx512.cpp's arithmetic codec, 1.5-1.7x faster on Zen 5):
+// codes decoded and encoded with byte permutes (byte_planes_vbmi.h, state_encoder.h) instead
+// of gathers, bytes equal to the scalar span's. Compiled with -mavx512vbmi only here;
+// optim_avx512.cpp calls it only where vbmi_scales_available().
 //
 // A block's codes can only be written once its absmax is known, after its update pass, and
 // the decode and encode are all byte shuffles while the update waits on the divider (sqrt and
@@ -106,7 +107,7 @@ struct BlockStates {
   alignas(64) float v[kOptimBlock];
 };
 
-template <int DT>
+template <int DT, bool kMaximize, bool kSmall>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
             const StateCode& c2) {
   void* p = reinterpret_cast<void*>(t.param);
@@ -156,7 +157,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     for (int64_t i = 0; i < kOptimBlock; i += 16) {
       __m512 pv = load16<DT>(p, b0 + i);
       __m512 mv = _mm512_load_ps(s.m + i), vv = _mm512_load_ps(s.v + i);
-      update16(load16<DT>(g, b0 + i), pv, mv, vv, h);
+      update16<kMaximize, kSmall>(load16<DT>(g, b0 + i), pv, mv, vv, h);
       store16<DT>(p, b0 + i, pv);
       _mm512_store_ps(s.m + i, mv);
       _mm512_store_ps(s.v + i, vv);
@@ -189,6 +190,14 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
   for (int j = 0; pending && j < 8; ++j) encode_piece(blocks - 1, j);
   const int64_t tail = lo + blocks * kOptimBlock;
   if (tail < hi) scalar_adamw8(t, tail, hi, hs, c1, c2);  // the partial last block
+}
+
+template <int DT>
+void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
+            const StateCode& c2) {
+  with_flags(h, [&](auto maximize, auto small) {
+    adamw8<DT, decltype(maximize)::value, decltype(small)::value>(t, lo, hi, h, c1, c2);
+  });
 }
 
 }  // namespace

@@ -17,6 +17,14 @@ struct MinifloatPieces {
   uint32_t half_smallest;      // the float bits of value(1) / 2: the midpoint between 0.0 and value(1)
 };
 
+// The encode's rounding constant of a piece: (2^(shift-1) - 1) - (offset << shift), so that
+// (a + it) >> shift (arithmetic) is a's magnitude rounded at the piece's bit (ties down), less
+// the offset. Computed in 32-bit two's complement (no signed-shift overflow).
+inline int rounding_less_offset(int shift, int offset) {
+  const uint32_t v = ((1u << (shift - 1)) - 1u) - (static_cast<uint32_t>(offset) << shift);
+  return static_cast<int>(v);
+}
+
 // False when f is not a well-formed form (then *out is unusable).
 bool minifloat_pieces(const MinifloatForm& f, MinifloatPieces* out);
 
