@@ -14,8 +14,10 @@ second; 'busy' = cores other processes kept busy meanwhile (> ~0.1: the timing i
 
 Then R interleaved rounds (default 15): torch fused AdamW, PagedAdamW and PagedAdamW8bit
 (resident) each take one step per round, in rotating order, so a machine whose memory speed
-drifts from second to second (shared hosts) slows all three alike; 'x fused' there is the
-median over rounds of the per-round ratio. The same rounds then run on a QLoRA adapter's shape
+drifts from second to second (shared hosts) slows all alike; 'x fused' there is the median
+over rounds of the per-round ratio. A fourth 8-bit optimizer steps with its codes' minifloat
+forms withheld ('table codec': the SIMD kernels look the codes up in their tables, with byte
+permutes on AVX-512 VBMI CPUs and gathers elsewhere), the kernels' speed-up from the forms. The same rounds then run on a QLoRA adapter's shape
 (224 small tensors, 3.7M parameters), where per-tensor overhead decides.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch  # noqa: E402
 
 import qengine  # noqa: E402
 from _harness import measure, print_table, quiet_import_bitsandbytes, write_json  # noqa: E402
-from qengine.optim import PagedAdamW, PagedAdamW8bit  # noqa: E402
+from qengine.optim import PagedAdamW, PagedAdamW8bit, _ops  # noqa: E402
 
 
 def parse_args():
@@ -139,17 +141,20 @@ def main():
 def interleaved_rounds(params, rounds: int) -> list[dict]:
     """Per-round step times of torch fused AdamW and qengine's resident optimizers, the
     steps of one round back to back (see the module docstring)."""
-    names = ["torch AdamW fused", "qengine PagedAdamW", "qengine PagedAdamW8bit"]
-    opts = [torch.optim.AdamW(params, fused=True), PagedAdamW(params), PagedAdamW8bit(params)]
-    for opt in opts:  # states allocated, caches warm
-        opt.step()
-        opt.step()
-    times = [[] for _ in opts]
+    names = ["torch AdamW fused", "qengine PagedAdamW", "qengine PagedAdamW8bit",
+             "qengine PagedAdamW8bit, table codec"]
+    opts = [torch.optim.AdamW(params, fused=True), PagedAdamW(params), PagedAdamW8bit(params),
+            PagedAdamW8bit(params)]
+    steps = [opt.step for opt in opts[:3]] + [lambda: step_with_table_codec(opts[3])]
+    for step in steps:  # states allocated, caches warm
+        step()
+        step()
+    times = [[] for _ in steps]
     for r in range(rounds):
-        for k in range(len(opts)):
-            i = (r + k) % len(opts)
+        for k in range(len(steps)):
+            i = (r + k) % len(steps)
             t0 = time.perf_counter()
-            opts[i].step()
+            steps[i]()
             times[i].append(time.perf_counter() - t0)
     rows = []
     for name, ts in zip(names, times):
@@ -160,6 +165,20 @@ def interleaved_rounds(params, rounds: int) -> list[dict]:
     del opts
     gc.collect()
     return rows
+
+
+def step_with_table_codec(opt) -> None:
+    """One 8-bit step with the CPU state codes' minifloat forms withheld, so the SIMD kernels
+    take the codes' tables instead of their shift arithmetic (same bytes, tested)."""
+    codes = _ops.state_codes(torch.device("cpu"))
+    forms = [c.form for c in codes]
+    for c in codes:
+        c.form = _ops.NO_FORM
+    try:
+        opt.step()
+    finally:
+        for c, f in zip(codes, forms):
+            c.form = f
 
 
 INTERLEAVED_COLUMNS = [("optimizer", "optimizer", ""), ("ms", "step ms", ".1f"), ("min_ms", "min", ".1f"),

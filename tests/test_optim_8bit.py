@@ -307,9 +307,9 @@ def test_non_finite_blocks_equal_scalar(isa, isa_restore):
 @pytest.mark.parametrize("without", ["encoder", "form", "both"])
 @pytest.mark.parametrize("isa", [i for i in SUPPORTED if i != "scalar"])
 def test_codes_without_their_fast_forms_equal_scalar(isa, without, isa_restore, monkeypatch):
-    """A state code without its gather-free VBMI tables (encoder address 0), without its
-    minifloat form (mantissa bits 0) or without both keeps the table search on every block;
-    the bytes still equal the scalar step's."""
+    """A state code without its VBMI byte tables (encoder address 0), without its minifloat
+    form (mantissa bits 0) or without both takes the next path down (minifloat codec, byte
+    permutes, gathers); the bytes still equal the scalar step's."""
     def run():
         torch.manual_seed(4)
         n = 256 * 30 + 100
