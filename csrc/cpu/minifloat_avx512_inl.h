@@ -16,31 +16,27 @@ namespace {  // NOLINT(build/namespaces): see above
 // (zero_code == -1, v's), whose magnitude is code + 1, folded into the offsets.
 template <bool kSigned>
 struct MinifloatCodec16 {
-  // encode, per piece (top, low): the shift, and the rounding increment less the offset.
-  __m512i shift_top, shift_low, round_top, round_low;
-  __m512i zero_code, split, half_smallest;
-  // decode, in 16-bit lanes: a magnitude's float bits have zero low halves (at most 7 mantissa
-  // bits), so only the high halves are computed: per piece the offset, the shift less 16.
+  // The vectors of MinifloatCodecConstants (state_minifloat.h): encode in 32-bit lanes, decode
+  // in 16-bit ones.
+  __m512i shift_top, shift_low, round_top, round_low, zero_code, split, half_smallest;
   __m512i zero_code16, first_top16, offset_top16, offset_low16;
   __m128i half_shift_top, half_shift_low;
 
   explicit MinifloatCodec16(const MinifloatForm& f) {
-    MinifloatPieces p{};
-    minifloat_pieces(f, &p);  // a checked form (python/qengine/optim/_ops.py)
-    const int fold = kSigned ? 0 : f.zero_code;
-    shift_top = _mm512_set1_epi32(p.shift_top);
-    shift_low = _mm512_set1_epi32(p.shift_low);
-    round_top = _mm512_set1_epi32(rounding_less_offset(p.shift_top, p.offset_top - fold));
-    round_low = _mm512_set1_epi32(rounding_less_offset(p.shift_low, p.offset_low - fold));
-    zero_code = _mm512_set1_epi32(f.zero_code);
-    split = _mm512_set1_epi32(static_cast<int>(p.split_bits));
-    half_smallest = _mm512_set1_epi32(static_cast<int>(p.half_smallest));
-    zero_code16 = _mm512_set1_epi16(static_cast<int16_t>(f.zero_code));
-    first_top16 = _mm512_set1_epi16(static_cast<int16_t>(p.first_top + fold));
-    offset_top16 = _mm512_set1_epi16(static_cast<int16_t>(p.offset_top - fold));
-    offset_low16 = _mm512_set1_epi16(static_cast<int16_t>(p.offset_low - fold));
-    half_shift_top = _mm_cvtsi32_si128(p.shift_top - 16);
-    half_shift_low = _mm_cvtsi32_si128(p.shift_low - 16);
+    const MinifloatCodecConstants k = minifloat_codec_constants(f, kSigned);
+    shift_top = _mm512_set1_epi32(k.shift_top);
+    shift_low = _mm512_set1_epi32(k.shift_low);
+    round_top = _mm512_set1_epi32(k.round_top);
+    round_low = _mm512_set1_epi32(k.round_low);
+    zero_code = _mm512_set1_epi32(k.zero_code);
+    split = _mm512_set1_epi32(static_cast<int>(k.split_bits));
+    half_smallest = _mm512_set1_epi32(static_cast<int>(k.half_smallest));
+    zero_code16 = _mm512_set1_epi16(static_cast<int16_t>(k.zero_code));
+    first_top16 = _mm512_set1_epi16(static_cast<int16_t>(k.first_top));
+    offset_top16 = _mm512_set1_epi16(static_cast<int16_t>(k.offset_top));
+    offset_low16 = _mm512_set1_epi16(static_cast<int16_t>(k.offset_low));
+    half_shift_top = _mm_cvtsi32_si128(k.half_shift_top);
+    half_shift_low = _mm_cvtsi32_si128(k.half_shift_low);
   }
 
   // 32 codes q[0..31] decoded and scaled: out[0] holds elements 0-15, out[1] 16-31.

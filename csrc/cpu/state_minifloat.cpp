@@ -14,6 +14,12 @@ namespace {
 constexpr uint32_t kSign = 0x80000000u;
 constexpr uint32_t kBelowTwo = 0x3fffffffu;  // the largest float below 2.0
 
+// (2^(shift-1) - 1) - (offset << shift) in 32-bit two's complement (no signed-shift overflow).
+int rounding_less_offset(int shift, int offset) {
+  const uint32_t v = ((1u << (shift - 1)) - 1u) - (static_cast<uint32_t>(offset) << shift);
+  return static_cast<int>(v);
+}
+
 // The next float up in float order (from -0.0 to +0.0).
 uint32_t next_up(uint32_t u) { return u == kSign ? 0u : (u & kSign) ? u - 1 : u + 1; }
 
@@ -60,6 +66,26 @@ int minifloat_encode(float x, const MinifloatForm& f, const MinifloatPieces& p) 
                   (top ? p.offset_top : p.offset_low);
   const int mag = a > p.half_smallest - negative ? std::max(raw, 1) : 0;
   return std::clamp(f.zero_code + (negative ? -mag : mag), 0, 255);
+}
+
+MinifloatCodecConstants minifloat_codec_constants(const MinifloatForm& f, bool is_signed) {
+  MinifloatPieces p{};
+  minifloat_pieces(f, &p);
+  const int fold = is_signed ? 0 : f.zero_code;  // unsigned: code = magnitude + zero_code
+  MinifloatCodecConstants k{};
+  k.shift_top = p.shift_top;
+  k.shift_low = p.shift_low;
+  k.round_top = rounding_less_offset(p.shift_top, p.offset_top - fold);
+  k.round_low = rounding_less_offset(p.shift_low, p.offset_low - fold);
+  k.zero_code = f.zero_code;
+  k.split_bits = p.split_bits;
+  k.half_smallest = p.half_smallest;
+  k.first_top = p.first_top + fold;
+  k.offset_top = p.offset_top - fold;
+  k.offset_low = p.offset_low - fold;
+  k.half_shift_top = p.shift_top - 16;
+  k.half_shift_low = p.shift_low - 16;
+  return k;
 }
 
 bool check_minifloat_form(const StateCode& c, const MinifloatForm& f) {
