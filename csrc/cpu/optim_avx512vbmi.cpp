@@ -1,5 +1,5 @@
 // The 8-bit AdamW span on CPUs with AVX-512 VBMI for state codes without a minifloat form
-// (qengine's own codes take optim_avx512.cpp's arithmetic codec, 1.5-1.7x faster on Zen 5):
+// (qengine's own codes take optim_avx512.cpp's arithmetic codec, 1.2-1.7x faster on Zen 5):
 // codes decoded and encoded with byte permutes (byte_planes_vbmi.h, state_encoder.h) instead
 // of gathers, bytes equal to the scalar span's. Compiled with -mavx512vbmi only here;
 // optim_avx512.cpp calls it only where vbmi_scales_available().
