@@ -12,6 +12,14 @@
 namespace qengine::cpu {
 namespace {  // NOLINT(build/namespaces): see above
 
+// Four 16-lane code vectors (elements 0-15, 16-31, ...) -> 64 bytes in order, each lane
+// saturated to 0..255.
+inline __m512i pack64(__m512i c0, __m512i c1, __m512i c2, __m512i c3) {
+  // After the packs 128-bit lane l holds elements 4l..4l+3 of c0, c1, c2, c3 (a dword each).
+  const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), b);
+}
+
 // kSigned: a code with 0.0 and negatives (zero_code >= 0, m's); else one without either
 // (zero_code == -1, v's), whose magnitude is code + 1, folded into the offsets.
 template <bool kSigned>
@@ -65,7 +73,8 @@ struct MinifloatCodec16 {
   // saturation clamps them, as minifloat_encode's clamp.
   __m512i encode(__m512 x) const {
     const __m512i u = _mm512_castps_si512(x);
-    const __mmask16 top = _mm512_cmpge_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(INT32_MAX)), split);
+    const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(INT32_MAX));
+    const __mmask16 top = _mm512_cmpge_epi32_mask(a, split);
     const __m512i round = _mm512_mask_blend_epi32(top, round_low, round_top);
     const __m512i shift = _mm512_mask_blend_epi32(top, shift_low, shift_top);
     if constexpr (!kSigned) {
@@ -74,7 +83,6 @@ struct MinifloatCodec16 {
       return _mm512_maskz_srav_epi32(nonnegative, _mm512_add_epi32(u, round), shift);
     } else {
       const __mmask16 negative = _mm512_movepi32_mask(u);
-      const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(INT32_MAX));
       // Ties go to the lower code: the smaller magnitude for x > 0, the larger one for x < 0.
       const __m512i rounded = _mm512_mask_add_epi32(a, negative, a, _mm512_set1_epi32(1));
       const __m512i raw = _mm512_srav_epi32(_mm512_add_epi32(rounded, round), shift);
@@ -83,15 +91,14 @@ struct MinifloatCodec16 {
       return _mm512_mask_sub_epi32(_mm512_add_epi32(zero_code, mag), negative, zero_code, mag);
     }
   }
-};
 
-// Four 16-lane code vectors (elements 0-15, 16-31, ...) -> 64 bytes in order, each lane
-// saturated to 0..255.
-inline __m512i pack64(__m512i c0, __m512i c1, __m512i c2, __m512i c3) {
-  // After the packs 128-bit lane l holds elements 4l..4l+3 of c0, c1, c2, c3 (a dword each).
-  const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
-  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), b);
-}
+  // out[0..63]: the codes of x[i] * inv (x 64-byte aligned).
+  void encode64(const float* x, __m512 inv, uint8_t* out) const {
+    __m512i c[4];
+    for (int k = 0; k < 4; ++k) c[k] = encode(_mm512_mul_ps(_mm512_load_ps(x + 16 * k), inv));
+    _mm512_storeu_si512(out, pack64(c[0], c[1], c[2], c[3]));
+  }
+};
 
 }  // namespace
 }  // namespace qengine::cpu

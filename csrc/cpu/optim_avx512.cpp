@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/minifloat_avx512_inl.h"
 #include "cpu/nested_scales.h"
@@ -40,9 +41,26 @@ void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs) {
   if (i < hi) scalar_adamw32(t, i, hi, hs);
 }
 
-// Codes through their tables: gathers.
-template <int DT, bool kMaximize, bool kSmall>
-void adamw8_tables(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
+// A code through its table: gathers, for any code.
+struct TableCodec16 {
+  const StateCode& c;
+  void decode32(const uint8_t* q, __m512 scale, __m512 out[2]) const {
+    out[0] = decode16(q, c.table, scale);
+    out[1] = decode16(q + 16, c.table, scale);
+  }
+  void encode64(const float* x, __m512 inv, uint8_t* out) const {
+    for (int k = 0; k < 4; ++k) {
+      const __m512 y = _mm512_mul_ps(_mm512_load_ps(x + 16 * k), inv);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * k), encode16(y, c));
+    }
+  }
+};
+
+// kMinifloat: both codes through their MinifloatForm (m's signed, v's unsigned), except the
+// encode of a block whose absmax is not finite (its values then need not lie in (-2, 2)), which
+// searches the tables.
+template <int DT, bool kMinifloat, bool kMaximize, bool kSmall>
+void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
             const StateCode& c2) {
   void* p = reinterpret_cast<void*>(t.param);
   const void* g = reinterpret_cast<const void*>(t.grad);
@@ -51,49 +69,20 @@ void adamw8_tables(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& 
   float* a1 = reinterpret_cast<float*>(t.absmax1);
   float* a2 = reinterpret_cast<float*>(t.absmax2);
   const Hyper16 h(hs);
-  alignas(64) float mt[kOptimBlock], vt[kOptimBlock];
-  int64_t b0 = lo;
-  for (; b0 + kOptimBlock <= hi; b0 += kOptimBlock) {
-    const int64_t b = b0 / kOptimBlock;
-    prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
-    const __m512 s1 = _mm512_set1_ps(a1[b]), s2 = _mm512_set1_ps(a2[b]);
-    __m512i n1 = _mm512_setzero_si512(), n2 = _mm512_setzero_si512();
-    for (int64_t i = 0; i < kOptimBlock; i += 16) {
-      __m512 pv = load16<DT>(p, b0 + i);
-      __m512 mv = decode16(q1 + b0 + i, c1.table, s1), vv = decode16(q2 + b0 + i, c2.table, s2);
-      update16<kMaximize, kSmall>(load16<DT>(g, b0 + i), pv, mv, vv, h);
-      store16<DT>(p, b0 + i, pv);
-      _mm512_store_ps(mt + i, mv);
-      _mm512_store_ps(vt + i, vv);
-      n1 = absmax16(n1, mv);
-      n2 = absmax16(n2, vv);
+  auto codec = [](const StateCode& c, auto is_signed) {
+    if constexpr (kMinifloat) return MinifloatCodec16<decltype(is_signed)::value>(c.minifloat);
+    else return TableCodec16{c};
+  };
+  const auto k1 = codec(c1, std::true_type{}), k2 = codec(c2, std::false_type{});
+  const TableCodec16 search1{c1}, search2{c2};
+  // Both states' 64-code pieces in turn.
+  auto encode_block = [](const auto& e1, const auto& e2, const float* m, const float* v, __m512 i1, __m512 i2,
+                         uint8_t* out1, uint8_t* out2) {
+    for (int64_t i = 0; i < kOptimBlock; i += 64) {
+      e1.encode64(m + i, i1, out1 + i);
+      e2.encode64(v + i, i2, out2 + i);
     }
-    const float m1 = reduce_absmax(n1), m2 = reduce_absmax(n2);
-    a1[b] = m1;
-    a2[b] = m2;
-    const __m512 i1 = _mm512_set1_ps(state_inv_scale(m1)), i2 = _mm512_set1_ps(state_inv_scale(m2));
-    for (int64_t i = 0; i < kOptimBlock; i += 16) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(mt + i), i1), c1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(vt + i), i2), c2));
-    }
-  }
-  if (b0 < hi) scalar_adamw8(t, b0, hi, hs, c1, c2);  // the partial last block
-}
-
-// Both codes through their MinifloatForm (m's signed, v's unsigned), except the encode of a
-// block whose absmax is not finite (its values then need not lie in (-2, 2)): gathers.
-template <int DT, bool kMaximize, bool kSmall>
-void adamw8_minifloat(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
-                      const StateCode& c2) {
-  void* p = reinterpret_cast<void*>(t.param);
-  const void* g = reinterpret_cast<const void*>(t.grad);
-  uint8_t* q1 = reinterpret_cast<uint8_t*>(t.state1);
-  uint8_t* q2 = reinterpret_cast<uint8_t*>(t.state2);
-  float* a1 = reinterpret_cast<float*>(t.absmax1);
-  float* a2 = reinterpret_cast<float*>(t.absmax2);
-  const Hyper16 h(hs);
-  const MinifloatCodec16<true> k1(c1.minifloat);
-  const MinifloatCodec16<false> k2(c2.minifloat);
+  };
   alignas(64) float mt[kOptimBlock], vt[kOptimBlock];
   int64_t b0 = lo;
   for (; b0 + kOptimBlock <= hi; b0 += kOptimBlock) {
@@ -120,21 +109,10 @@ void adamw8_minifloat(const OptimTask& t, int64_t lo, int64_t hi, const AdamHype
     a1[b] = m1;
     a2[b] = m2;
     const __m512 i1 = _mm512_set1_ps(state_inv_scale(m1)), i2 = _mm512_set1_ps(state_inv_scale(m2));
-    if (std::isfinite(m1) && std::isfinite(m2)) {  // a finite absmax bounds the block by 1
-      for (int64_t i = 0; i < kOptimBlock; i += 64) {
-        __m512i c[4], d[4];
-        for (int k = 0; k < 4; ++k) {
-          c[k] = k1.encode(_mm512_mul_ps(_mm512_load_ps(mt + i + 16 * k), i1));
-          d[k] = k2.encode(_mm512_mul_ps(_mm512_load_ps(vt + i + 16 * k), i2));
-        }
-        _mm512_storeu_si512(q1 + b0 + i, pack64(c[0], c[1], c[2], c[3]));
-        _mm512_storeu_si512(q2 + b0 + i, pack64(d[0], d[1], d[2], d[3]));
-      }
+    if (kMinifloat && std::isfinite(m1) && std::isfinite(m2)) {  // a finite absmax bounds the block by 1
+      encode_block(k1, k2, mt, vt, i1, i2, q1 + b0, q2 + b0);
     } else {
-      for (int64_t i = 0; i < kOptimBlock; i += 16) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(mt + i), i1), c1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + b0 + i), encode16(_mm512_mul_ps(_mm512_load_ps(vt + i), i2), c2));
-      }
+      encode_block(search1, search2, mt, vt, i1, i2, q1 + b0, q2 + b0);
     }
   }
   if (b0 < hi) scalar_adamw8(t, b0, hi, hs, c1, c2);  // the partial last block
@@ -153,8 +131,8 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, cons
   const bool forms = minifloat_forms(c1, c2);
   with_flags(h, [&](auto maximize, auto small) {
     constexpr bool kMax = decltype(maximize)::value, kSmall = decltype(small)::value;
-    if (forms) adamw8_minifloat<DT, kMax, kSmall>(t, lo, hi, h, c1, c2);
-    else adamw8_tables<DT, kMax, kSmall>(t, lo, hi, h, c1, c2);
+    if (forms) adamw8<DT, true, kMax, kSmall>(t, lo, hi, h, c1, c2);
+    else adamw8<DT, false, kMax, kSmall>(t, lo, hi, h, c1, c2);
   });
 }
 
