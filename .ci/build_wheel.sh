@@ -19,6 +19,6 @@ python -m pip wheel --quiet --no-build-isolation --no-deps -w "$WORK/dist" .
 echo "wheel built in $(( $(date +%s) - start )) s"
 # auditwheel picks the lowest manylinux tag the wheel's symbol versions allow; nothing is
 # grafted, since the module needs only the C/C++ runtime (.ci/check_wheel.sh checks).
-auditwheel repair --wheel-dir "$WORK/wheelhouse" "$WORK"/dist/qengine-*.whl
+auditwheel repair --wheel-dir "$WORK/wheelhouse" "$WORK"/dist/torch_qengine-*.whl
 deactivate
-ls "$WORK"/wheelhouse/qengine-*.whl
+ls "$WORK"/wheelhouse/torch_qengine-*.whl

@@ -28,7 +28,7 @@ python -m venv --without-pip "$WORK/venv"
 PY="$WORK/venv/bin/python"
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$SITE/_caller_site.pth"
-"$PY" -m zipfile -e "$WORK"/wheel/qengine-*.whl "$SITE"
+"$PY" -m zipfile -e "$WORK"/wheel/torch_qengine-*.whl "$SITE"
 
 LIBASAN="$(g++ -print-file-name=libasan.so)"
 [ -f "$LIBASAN" ] || { echo "sanitize: libasan.so not found ($LIBASAN)"; exit 1; }

@@ -12,7 +12,7 @@ fresh_venv "$WORK/sdist-build-venv"
 python -m pip install --quiet build
 rm -rf "$WORK/sdist"
 python -m build --sdist --outdir "$WORK/sdist" .
-SDIST=$(ls "$WORK"/sdist/qengine-*.tar.gz)
+SDIST=$(ls "$WORK"/sdist/torch_qengine-*.tar.gz)
 echo "== $(basename "$SDIST"): $(du -k "$SDIST" | cut -f1) KiB, $(tar tzf "$SDIST" | wc -l) files"
 deactivate
 fresh_venv "$WORK/sdist-venv"
