@@ -13,7 +13,7 @@ import torch
 import qengine
 from qengine.nn import LoRALinear, QuantLinear
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install qengine[hf])")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Relative Frobenius error of the logits of this random-init model, NF4 / block 64 / double

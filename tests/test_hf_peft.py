@@ -9,8 +9,8 @@ import torch
 import qengine
 from qengine.nn import LoRALinear, QuantLinear
 
-peft = pytest.importorskip("peft", reason="peft is not installed (pip install qengine[hf])")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install qengine[hf])")
+peft = pytest.importorskip("peft", reason="peft is not installed (the hf extra of torch-qengine)")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
 from qengine.compat.peft import LoraQuantLinear, register  # noqa: E402
 
 

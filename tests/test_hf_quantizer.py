@@ -19,7 +19,7 @@ import torch
 import qengine
 from qengine.nn import QuantLinear
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install qengine[hf])")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
 import qengine.hf  # noqa: E402
 from qengine.hf import QEngineConfig  # noqa: E402
 

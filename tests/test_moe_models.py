@@ -17,7 +17,7 @@ import qengine
 from cases import TORCH_JIT_DEPRECATION
 from qengine.nn import LoRAExperts, QuantExpertsWeight
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install qengine[hf])")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
 pytest.importorskip("transformers.integrations.moe", reason="this transformers has no experts interface")
 
 VOCAB = 128

@@ -38,9 +38,42 @@ def pyproject() -> dict:
 
 def distribution() -> importlib.metadata.Distribution:
     try:
-        return importlib.metadata.distribution("qengine")
+        return importlib.metadata.distribution(_version.DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("qengine is importable but not installed as a distribution (no metadata)")
+        pytest.skip(f"qengine is importable but not installed as {_version.DISTRIBUTION} (no metadata)")
+
+
+# ---------------------------------------------------------------------------- distribution name
+def test_distribution_name_is_declared_once():
+    # "qengine" on PyPI is an unrelated project: the distribution is torch-qengine, the import
+    # name qengine. pyproject.toml and the code that names it in install hints must agree.
+    assert pyproject()["project"]["name"] == _version.DISTRIBUTION == "torch-qengine"
+    assert distribution().metadata["Name"] == _version.DISTRIBUTION
+
+
+def test_install_hints_name_this_package():
+    hint = _version.install_hint("hf")
+    declared = pyproject()["project"]["optional-dependencies"]["hf"]
+    for requirement in declared:
+        assert f"'{requirement.replace(' ', '')}'" in hint, (requirement, hint)
+    assert "qengine[" not in hint.replace(_version.DISTRIBUTION + "[", "")
+
+
+def test_no_message_installs_the_unrelated_project():
+    # Installing the name "qengine" with an extra would fetch PyPI's unrelated project: no file may suggest it.
+    offenders = []
+    for path in list((ROOT / "python").rglob("*.py")) + list((ROOT / "tests").rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"pip install ['\"]?qengine\[", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}")
+    assert not offenders, offenders
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"qengine {qengine.__version__} (distribution {_version.DISTRIBUTION})"
 
 
 # ---------------------------------------------------------------------------- version

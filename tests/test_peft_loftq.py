@@ -79,7 +79,7 @@ def test_loftq_refuses_quantized_targets_and_bad_arguments():
         qengine.add_lora(_MLP(), r=100, init="loftq", target_modules=["down"])
 
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install qengine[hf])")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
 
 
 def test_loftq_on_llama_logits():

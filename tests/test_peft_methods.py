@@ -12,7 +12,7 @@ import qengine
 import qengine.peft as qpeft
 from qengine.nn import QuantLinear
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install qengine[hf])")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
 
 VOCAB = 96
 
@@ -110,7 +110,7 @@ def test_bottleneck_adapters():
 
 
 # ---------------------------------------------------------------------------- peft's methods
-peft = pytest.importorskip("peft", reason="peft is not installed (pip install qengine[hf])")
+peft = pytest.importorskip("peft", reason="peft is not installed (the hf extra of torch-qengine)")
 from qengine.compat.peft import register  # noqa: E402
 
 # peft reads transformers' deprecated is_gradient_checkpointing alias (a warning between those

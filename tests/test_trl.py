@@ -12,10 +12,10 @@ import torch
 import qengine
 from qengine.nn import QuantLinear
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install qengine[hf])")
-peft = pytest.importorskip("peft", reason="peft is not installed (pip install qengine[hf])")
-datasets = pytest.importorskip("datasets", reason="datasets is not installed (pip install qengine[hf])")
-trl = pytest.importorskip("trl", reason="trl is not installed (pip install qengine[hf])")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
+peft = pytest.importorskip("peft", reason="peft is not installed (the hf extra of torch-qengine)")
+datasets = pytest.importorskip("datasets", reason="datasets is not installed (the hf extra of torch-qengine)")
+trl = pytest.importorskip("trl", reason="trl is not installed (the hf extra of torch-qengine)")
 import qengine.hf  # noqa: E402
 from qengine.compat.peft import register  # noqa: E402
 

@@ -6,6 +6,10 @@ import re
 
 __version__ = "0.1.0"
 
+# The distribution (what pip installs) is torch-qengine: "qengine" on PyPI is an unrelated
+# project. The import name stays qengine.
+DISTRIBUTION = "torch-qengine"
+
 # torch releases this build supports: [TORCH_MIN, TORCH_BELOW). pyproject.toml declares the same
 # range (tests/test_packaging.py keeps the two equal). The native module does not link libtorch,
 # so the range is set by the torch.library API used in Python (custom_op, register_fake and
@@ -33,6 +37,28 @@ def check_torch_version(version: str) -> None:
         raise ImportError(f"qengine {__version__} supports {torch_requirement()}, but torch {version} is "
                           f"installed; install a supported torch (pip install '{torch_requirement()}') "
                           f"or a qengine release made for this torch")
+
+
+def extra_requirements(extra: str) -> list[str]:
+    """The requirements of one optional extra ("hf", "test", ...) as this installation declares
+    them (its metadata), so an install hint names this package's dependencies, never a
+    same-named project on the index. Empty when the metadata cannot be read."""
+    from importlib import metadata
+    try:
+        declared = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:
+        return []
+    marker = re.compile(r"""\s*;\s*extra\s*==\s*['"]%s['"]\s*$""" % re.escape(extra))
+    return [marker.sub("", r).replace(" ", "") for r in declared if marker.search(r)]
+
+
+def install_hint(extra: str) -> str:
+    """A pip command that installs what `extra` needs, e.g. for "hf":
+    pip install 'transformers>=5.0' 'peft>=0.13' ... (the hf extra of torch-qengine)."""
+    reqs = extra_requirements(extra)
+    if not reqs:
+        return f"pip install '{DISTRIBUTION}[{extra}]'"
+    return "pip install " + " ".join(f"'{r}'" for r in reqs) + f" (the '{extra}' extra of {DISTRIBUTION})"
 
 
 def check_torch() -> None:

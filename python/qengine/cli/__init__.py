@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._version import DISTRIBUTION, __version__
 from .demo import add_demo_args
 from .info import cmd_formats, cmd_info
 from .model_cmds import add_finetune_args, add_generate_args, add_quantize_args
@@ -22,6 +23,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qengine", description="qengine: quantization engine for PyTorch")
+    parser.add_argument("--version", action="version", version=f"qengine {__version__} (distribution {DISTRIBUTION})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("info", help="version, CPU/CUDA build, formats with bits per parameter")
     p.set_defaults(func=cmd_info)

@@ -1,5 +1,5 @@
 """`qengine quantize`, `qengine finetune` and `qengine generate`: Hugging Face model directories
-from the shell (transformers is needed: pip install 'qengine[hf]')."""
+from the shell (they need the hf extra's packages: transformers, peft, ...)."""
 
 from __future__ import annotations
 

@@ -67,7 +67,8 @@ def register(config) -> None:
     """Registers LoraQuantLinear for QuantLinear targets in a peft LoraConfig (in place); with
     use_dora, DoRA's magnitude reads the dequantized QuantLinear weight."""
     if LoraQuantLinear is None:
-        raise ImportError("qengine.compat.peft needs the 'peft' package (pip install qengine[hf])")
+        from .._version import install_hint
+        raise ImportError(f"qengine.compat.peft needs the 'peft' package: {install_hint('hf')}")
     from ..nn import QuantLinear
 
     config._register_custom_module({QuantLinear: LoraQuantLinear})

@@ -4,6 +4,7 @@ quantization method (hf.quantizer; importing this package registers it)."""
 
 from importlib.util import find_spec
 
+from .._version import install_hint
 from .checkpoint import build_model, load_model, quantize_checkpoint, save_quantized
 
 __all__ = ["build_model", "load_model", "quantize_checkpoint", "save_quantized", "QEngineConfig",
@@ -11,7 +12,7 @@ __all__ = ["build_model", "load_model", "quantize_checkpoint", "save_quantized",
 
 _missing = None
 if find_spec("transformers") is None:
-    _missing = "Hugging Face transformers: pip install 'qengine[hf]'"
+    _missing = f"Hugging Face transformers: {install_hint('hf')}"
 else:
     try:
         from .quantizer import QEngineConfig, QEngineHfQuantizer, mark_quantized

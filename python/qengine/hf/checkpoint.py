@@ -38,7 +38,8 @@ def require_transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("this needs Hugging Face transformers: pip install 'qengine[hf]'") from None
+        from .._version import install_hint
+        raise ImportError(f"this needs Hugging Face transformers: {install_hint('hf')}") from None
     return transformers
 
 
