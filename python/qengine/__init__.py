@@ -25,6 +25,8 @@ from . import nn
 from .model import (add_lora, adapter_state_dict, load_adapter, load_adapter_state_dict, lora_parameters,
                     mark_only_lora_trainable, memory_report, quantize_model, save_adapter)
 
+from .doctor import doctor  # noqa: E402  (qengine.doctor(): every kernel on every device vs scalar)
+
 # transformers integration: registered once transformers loads (transformers is not imported here).
 from . import _hf_hook  # noqa: E402
 _hf_hook.install()
@@ -38,6 +40,7 @@ __all__ = [
     "collect_input_norms",
     "cuda_available",
     "dequantize",
+    "doctor",
     "fit_codebook",
     "get_format",
     "matmul",

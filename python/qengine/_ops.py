@@ -41,9 +41,20 @@ def _packed_bytes(numel: int, bits: int) -> int:
     return -(-numel * bits // 8)
 
 
+# Ends the device errors: `qengine doctor` says which devices this build and machine serve.
+DOCTOR_HINT = "run `qengine doctor` to check every kernel on the CPU and GPUs of this machine"
+
+
+def unsupported_device_message(name: str, t: torch.Tensor, what: str = "qengine supports") -> str:
+    """The error for a tensor on a device the kernels do not serve (a CUDA tensor where the CUDA
+    kernels were not compiled, or meta, mps, ...)."""
+    why = " (this qengine build has no CUDA kernels)" if t.device.type == "cuda" else ""
+    return f"{name} is on {t.device}; {what} {', '.join(_SUPPORTED_DEVICES)} tensors{why}; {DOCTOR_HINT}"
+
+
 def _check_device(name: str, t: torch.Tensor) -> None:
     if t.device.type not in _SUPPORTED_DEVICES:
-        raise ValueError(f"{name} is on {t.device}; qengine supports {', '.join(_SUPPORTED_DEVICES)} tensors")
+        raise ValueError(unsupported_device_message(name, t))
 
 
 def _check_tables(table: torch.Tensor, midpoints: Optional[torch.Tensor], order: Optional[torch.Tensor], bits: int,

@@ -1,5 +1,5 @@
 """The `qengine` command (also `python -m qengine`): info, formats, quantize, finetune, generate,
-bench and demo. Bad input ends with one line on stderr and exit status 2."""
+bench, demo and doctor. Bad input ends with one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from .._version import DISTRIBUTION, __version__
+from ..doctor import add_doctor_args
 from .demo import add_demo_args
 from .info import cmd_formats, cmd_info
 from .model_cmds import add_finetune_args, add_generate_args, add_quantize_args
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=_cmd_bench)
     add_demo_args(sub.add_parser("demo", help="QLoRA end to end on a shipped model config and text (no download)"))
+    add_doctor_args(sub.add_parser("doctor", help="every kernel on every CPU ISA and GPU against the scalar CPU "
+                                   "kernels; exit 1 on a mismatch"))
     return parser
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .. import _C
 from .._checks import check_contiguous, check_dtype, check_numel
-from .._ops import _DTYPE_CODES
+from .._ops import _DTYPE_CODES, unsupported_device_message
 from ..formats import STATE8_SIGNED_FORM, STATE8_UNSIGNED_FORM, get_format
 
 BLOCK = 256  # elements per 8-bit state block (one absmax each)
@@ -128,7 +128,7 @@ def run_tasks(tasks: torch.Tensor, hyper: torch.Tensor, state_bits: int, device:
 
 def check_device(name: str, t: torch.Tensor) -> None:
     if t.device.type not in SUPPORTED_DEVICES:
-        raise ValueError(f"{name} is on {t.device}; qengine's optimizers support {', '.join(SUPPORTED_DEVICES)} tensors")
+        raise ValueError(unsupported_device_message(name, t, "qengine's optimizers support"))
 
 
 def cuda_side_stream(device: torch.device):
