@@ -26,8 +26,6 @@ from .prune import _skipped
 
 __all__ = ["fake_quantize", "FakeQuantLinear", "prepare", "convert"]
 
-_NESTED = "dynamic8"
-_NESTED_BLOCKSIZE = 256
 
 
 def _clip_bound(w: torch.Tensor, blocksize: int, clip: float) -> torch.Tensor:
@@ -40,19 +38,12 @@ def _clip_bound(w: torch.Tensor, blocksize: int, clip: float) -> torch.Tensor:
 
 
 def _nested_roundtrip(values: torch.Tensor) -> torch.Tensor:
-    """Double quantization of per-block values as NestedScales does it: mean, dynamic8 block 256."""
-    fmt = get_format(_NESTED)
-    table, mids, order, grid = fmt.kernel_tables(values.device)
-    mean = values.mean()
-    centred = values - mean
-    if not bool(torch.isfinite(centred).all()):  # as NestedScales.from_values (quantize) reports it
-        raise ValueError("double quantization: the mean of the block scales (or offsets) overflows float32 "
-                         "(weights too close to the float32 limit); fake-quantize with double_quant=False")
-    packed, scales, _ = torch.ops.qengine.quantize_blockwise(centred, table, mids, order, grid, 8, _NESTED_BLOCKSIZE,
-                                                             0, fmt.identity_order)
-    decoded = torch.ops.qengine.dequantize_blockwise(packed, table, scales, None, 8, _NESTED_BLOCKSIZE,
-                                                     values.numel(), torch.float32)
-    return decoded + mean
+    """Double quantization of per-block values: what quantize(double_quant=True) stores and
+    dequantize decodes, through the same code (NestedScales: the mean taken on the CPU, so
+    CUDA gives the CPU's bytes)."""
+    from .tensor import NestedScales
+
+    return NestedScales.from_values(values).values()
 
 
 @torch.library.custom_op("qengine::fake_quantize", mutates_args=())
