@@ -27,7 +27,6 @@ from .prune import _skipped
 __all__ = ["fake_quantize", "FakeQuantLinear", "prepare", "convert"]
 
 
-
 def _clip_bound(w: torch.Tensor, blocksize: int, clip: float) -> torch.Tensor:
     """clip * max |w| of each element's block (float32, flat [numel]); blocks over the flat tensor."""
     flat = w.reshape(-1).to(torch.float32)
