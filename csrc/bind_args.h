@@ -42,7 +42,8 @@ inline void raise_on_error(int status) {
   if (status == kOk) return;
 #if defined(QENGINE_WITH_CUDA)
   if (status == kCudaError) {
-    throw std::runtime_error(std::string("qengine: CUDA error: ") + cuda::last_error_message());
+    throw std::runtime_error(std::string("qengine: CUDA error: ") + cuda::last_error_message() +
+                             " (run `qengine doctor` to check every kernel on this machine)");
   }
 #endif
   throw pybind11::value_error(std::string("qengine: ") + status_message(status));
