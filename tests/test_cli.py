@@ -252,3 +252,231 @@ def test_finetune_killed_by_sigkill_resumes_to_the_same_adapter(tiny_model_dir, 
     assert run(_finetune_args(tiny_model_dir, text_file, straight, 30), capsys)[0] == 0
     a, b = _adapter(straight), _adapter(str(tmp_path / "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------- bad output paths
+def _never(what):
+    def fail(*a, **k):
+        raise AssertionError(f"{what} started before the output path was checked")
+    return fail
+
+
+def _unwritable_dir(tmp_path):
+    """A directory this process cannot create files in: a mode-0555 one, or for root (who may
+    write there anyway) sysfs; None when there is none."""
+    import tempfile
+
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for d in (str(ro), "/sys"):
+        try:
+            with tempfile.TemporaryFile(dir=d):
+                pass
+        except OSError:
+            return d
+    return None
+
+
+def _bad_out(kind, tmp_path):
+    """An output path that cannot be a directory qengine writes in: (path, text of the error)."""
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    if kind == "under_file":
+        return str(f / "sub"), "is a file, not a directory"
+    if kind == "is_file":
+        return str(f), "is a file, not a directory"
+    ro = _unwritable_dir(tmp_path)
+    if ro is None:
+        pytest.skip("no directory here is read-only to this process")
+    return os.path.join(ro, "qengine-out"), "cannot write in"
+
+
+@pytest.mark.parametrize("kind", ["under_file", "is_file", "read_only"])
+@pytest.mark.parametrize("cmd", ["demo", "finetune", "quantize"])
+def test_bad_out_is_one_line_before_any_work(cmd, kind, tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    import qengine.hf.checkpoint as ckpt
+
+    out, want = _bad_out(kind, tmp_path)
+    monkeypatch.setattr(ckpt, "build_model", _never("building the model"))
+    monkeypatch.setattr(ckpt, "load_model", _never("loading the model"))
+    monkeypatch.setattr(ckpt, "quantize_checkpoint", _never("quantizing"))
+    args = {"demo": ["demo", "--out", out, "--steps", "2"],
+            "finetune": _finetune_args(tiny_model_dir, text_file, out, 2),
+            "quantize": ["quantize", tiny_model_dir, out, "--quiet"]}[cmd]
+    code, _, err = run(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("qengine: error:") and want in lines[0], err
+
+
+@pytest.mark.parametrize("kind", ["under_file", "a_directory", "read_only_dir"])
+def test_bench_bad_json_fails_before_benchmarking(kind, tmp_path, capsys, monkeypatch):
+    import qengine.benchmark.suite as suite
+
+    monkeypatch.setattr(suite, "copy_bandwidth", _never("the benchmark"))
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    if kind == "read_only_dir":
+        ro = _unwritable_dir(tmp_path)
+        if ro is None:
+            pytest.skip("no directory here is read-only to this process")
+        path, want = os.path.join(ro, "b.json"), "cannot write in"
+    else:
+        path, want = {"under_file": (str(f / "b.json"), "is a file, not a directory"),
+                      "a_directory": (str(tmp_path), "is a directory, not a file")}[kind]
+    code, out, err = run(["bench", "--quick", "--json", path], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("qengine: error: --json") and want in lines[0], err
+    assert "copy bandwidth" not in out
+
+
+# ---------------------------------------------------------------------------- damaged model directories
+@pytest.mark.parametrize("damage", ["no_config", "bad_config", "no_weights", "truncated_weights", "garbage_weights"])
+@pytest.mark.parametrize("cmd", ["finetune", "generate"])
+def test_damaged_model_dir_is_one_line(cmd, damage, tiny_model_dir, text_file, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    weights = d / "model.safetensors"
+    want = {"no_config": "no config.json", "bad_config": "not a valid model config", "no_weights": "no weights file",
+            "truncated_weights": "truncated or corrupt", "garbage_weights": "truncated or corrupt"}[damage]
+    if damage == "no_config":
+        (d / "config.json").unlink()
+    elif damage == "bad_config":
+        (d / "config.json").write_text('{"model_type": "llama", ')
+    elif damage == "no_weights":
+        weights.unlink()
+    elif damage == "truncated_weights":
+        data = weights.read_bytes()
+        weights.write_bytes(data[:len(data) // 2])
+    else:
+        weights.write_bytes(b"\x00\x01" * 64)
+    args = (_finetune_args(str(d), text_file, str(tmp_path / "o"), 2) if cmd == "finetune" else
+            ["generate", "--model", str(d), "--prompt", "the", "--max-new-tokens", "2"])
+    code, _, err = run(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("qengine: error:") and want in lines[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_os_error_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import qengine.hf.checkpoint as ckpt
+
+    def denied(tensors, out_dir, metadata):
+        raise PermissionError(13, "Permission denied", os.path.join(out_dir, "model.safetensors"))
+
+    monkeypatch.setattr(ckpt, "_save_tensors", denied)
+    code, _, err = run(["quantize", tiny_model_dir, str(tmp_path / "q"), "--quiet"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("qengine: error: Permission denied") and "model.safetensors" in lines[0]
+
+
+def test_usage_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "only_one_dir"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("qengine: error: quantize:"), lines
+
+
+# ---------------------------------------------------------------------------- quantize --skip
+def _quantized_modules(out):
+    return set(read_json(out, "config.json")["quantization_config"]["modules"])
+
+
+def test_skip_adds_to_the_default_lm_head(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "q")
+    code, text, err = run(["quantize", tiny_model_dir, out, "--quiet", "--skip", "down_proj"], capsys)
+    mods = _quantized_modules(out)
+    assert code == 0 and "quantized 12 linear layers" in text and not err, err
+    assert not any(m.endswith(("down_proj", "lm_head")) for m in mods) and len(mods) == 12
+
+
+def test_no_default_skip_quantizes_lm_head(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "q")
+    assert run(["quantize", tiny_model_dir, out, "--quiet", "--no-default-skip"], capsys)[0] == 0
+    assert "lm_head" in _quantized_modules(out) and len(_quantized_modules(out)) == 15
+    out2 = str(tmp_path / "q2")
+    assert run(["quantize", tiny_model_dir, out2, "--quiet", "--no-default-skip", "--skip", "model.layers.1"],
+               capsys)[0] == 0
+    mods = _quantized_modules(out2)
+    assert "lm_head" in mods and not any(m.startswith("model.layers.1.") for m in mods) and len(mods) == 8
+
+
+def test_skip_that_matches_nothing_warns(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "q")
+    code, _, err = run(["quantize", tiny_model_dir, out, "--quiet", "--skip", "down_prj", "--skip", "up_proj"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("qengine: warning: --skip 'down_prj'"), err
+    assert not any(m.endswith(("up_proj", "lm_head")) for m in _quantized_modules(out))
+
+
+# ---------------------------------------------------------------------------- the loss plot
+PNG_MIN_BYTES = 8000  # a chart with axes, tick labels and a title; a bare line is ~2 KB
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", path
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_loss_figure_has_axes_title_margin_and_extremes():
+    pytest.importorskip("matplotlib", reason="the loss plot needs matplotlib")
+    from qengine.plot import line_figure
+
+    losses = [5.5, 4.0, 3.1, 2.2, 1.9, 1.75]
+    ax = line_figure(losses).axes[0]
+    assert ax.get_xlabel() == "step" and ax.get_ylabel() == "loss" and ax.get_title()
+    lo, hi = ax.get_ylim()
+    assert lo < min(losses) - 0.05 * (max(losses) - min(losses)) and hi > max(losses)  # the minimum is off the edge
+    labels = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert "min 1.75 (step 6)" in labels and "max 5.5 (step 1)" in labels
+    assert ax.get_xticklabels() and ax.get_yticklabels()
+
+
+def test_finetune_plot_is_a_real_png(tiny_model_dir, text_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the loss plot needs matplotlib")
+    out = str(tmp_path / "ft")
+    code, text, _ = run(_finetune_args(tiny_model_dir, text_file, out, 2), capsys)
+    png = os.path.join(out, "loss.png")
+    assert code == 0 and png in text.strip().splitlines()[-1]
+    width, height = _png_size(png)
+    assert width >= 320 and height >= 200 and os.path.getsize(png) > PNG_MIN_BYTES
+
+
+def test_finetune_without_matplotlib_writes_losses_json(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "loss.png").write_bytes(b"an earlier run's plot")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, text, _ = run(_finetune_args(tiny_model_dir, text_file, str(out), 2), capsys)
+    assert code == 0 and "matplotlib is not installed: wrote losses.json, no loss.png" in text
+    assert len(read_json(out, "losses.json")) == 2 and not (out / "loss.png").exists()
+    assert "loss.png" not in text.strip().splitlines()[-1]
+
+
+def _last_line_files(text):
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("wrote "), last
+    return last[len("wrote "):].rsplit(" (total", 1)[0].split(", ")
+
+
+@pytest.mark.parametrize("matplotlib", [True, False], ids=["matplotlib", "no_matplotlib"])
+def test_demo_last_line_names_every_file_written(matplotlib, tmp_path, capsys, monkeypatch):
+    if matplotlib:
+        pytest.importorskip("matplotlib", reason="the loss plot needs matplotlib")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = str(tmp_path / "demo")
+    code, text, _ = run(["demo", "--out", out, "--steps", "2"], capsys)
+    assert code == 0
+    named = _last_line_files(text)
+    written = {os.path.join(root, f) for root, _, files in os.walk(out) for f in files}
+    assert set(named) == written and all(os.path.isfile(p) for p in named), (named, written)
+    names = {os.path.basename(p) for p in named}
+    assert {"adapter.safetensors", "losses.json"} <= names and ("loss.png" in names) == matplotlib
+    if not matplotlib:
+        assert "matplotlib is not installed: wrote losses.json, no loss.png" in text

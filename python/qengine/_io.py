@@ -8,27 +8,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import tempfile
 import zlib
 from typing import Iterator, Mapping
 
 import torch
 
-__all__ = ["atomic_path", "atomic_write", "save_tensors", "load_tensors", "torch_save", "tensor_crc32"]
+__all__ = ["atomic_path", "atomic_write", "check_writable_dir", "check_writable_file", "save_tensors", "load_tensors",
+           "torch_save", "tensor_crc32"]
 
 # Where the per-tensor checksums live: a metadata entry of a safetensors file, an extra uint8
 # (JSON) entry of a torch.save'd dict (removed again by load_tensors).
 CRC_METADATA_KEY = "qengine.crc32"
 CRC_TENSOR_KEY = "__qengine_crc32__"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would have given a new file
 
 
 def _fsync_dir(directory: str) -> None:
@@ -40,17 +33,41 @@ def _fsync_dir(directory: str) -> None:
             os.close(fd)
 
 
+def _create_temp(directory: str, name: str) -> tuple[int, str]:
+    """A new empty file next to `name`, created as open() creates files (mode 0o666 less the
+    umask, and a directory's default ACL where it has one), unlike tempfile.mkstemp's 0o600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {name!r} in {directory!r}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yields a temporary path next to `path`; when the block ends without an exception the
-    file written there is fsync'ed and renamed over `path` (atomic on POSIX), else removed."""
+    file written there is fsync'ed and renamed over `path` (atomic on POSIX), else removed.
+
+    The file ends with the mode open(path, "w") would give it: an existing file's mode, else
+    0o666 less the umask (0644 by default). Every file qengine writes goes through here, and
+    the mode is set after the block because some writers (safetensors' save_file) replace the
+    file they are given by one of their own, with mode 0o600."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    fd, tmp = _create_temp(directory, os.path.basename(path))
     try:
-        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else _FILE_MODE)
+        mode = os.fstat(fd).st_mode & 0o7777
+    finally:
+        os.close(fd)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.stat(path).st_mode & 0o7777
         yield tmp
+        if os.stat(tmp).st_mode & 0o7777 != mode:
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -66,6 +83,54 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """``with atomic_write(p) as f: f.write(...)``: `p` is replaced only once all is written."""
     with atomic_path(path) as tmp, open(tmp, mode) as f:
         yield f
+
+
+def _dir_problem(directory: str) -> str | None:
+    """Why files cannot be written in `directory` (an absolute path that may not exist yet:
+    it could be created), or None."""
+    probe = directory
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe!r} is a file, not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        return f"cannot write in {probe!r}: {e.strerror or e}"
+    return None
+
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """Raises ValueError("<what> '<path>': <reason>") unless `path` is a directory qengine can
+    write in, or can create (every existing component a directory, the deepest existing one
+    writable). Creates nothing: it checks an output option before any long work."""
+    path = os.fspath(path)
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise ValueError(f"{what} {path!r} is a file, not a directory")
+    problem = _dir_problem(full)
+    if problem:
+        raise ValueError(f"{what} {path!r}: {problem}")
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> None:
+    """As check_writable_dir, for a file to be written (its directory may not exist yet); an
+    existing file must be writable. Changes nothing."""
+    path = os.fspath(path)
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"{what} {path!r} is a directory, not a file")
+    if os.path.exists(full):
+        try:
+            with open(full, "r+b"):
+                pass
+        except OSError as e:
+            raise ValueError(f"{what} {path!r}: cannot write it: {e.strerror or e}") from None
+        return
+    problem = _dir_problem(os.path.dirname(full))
+    if problem:
+        raise ValueError(f"{what} {path!r}: {problem}")
 
 
 def tensor_crc32(t: torch.Tensor) -> int:

@@ -14,9 +14,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ._io import atomic_path
+from ._io import atomic_path, check_writable_dir
 from .model import add_lora, load_adapter_state_dict, lora_parameters, save_adapter, adapter_state_dict
-from .plot import save_line_plot
+from .plot import MATPLOTLIB_MISSING, save_line_plot
 from .text_data import ByteTokenizer, batch_for_step, read_texts, tokenize_corpus
 
 __all__ = ["FinetuneConfig", "finetune", "make_optimizer", "load_tokenizer", "OPTIMIZERS", "DEFAULT_TARGETS"]
@@ -128,8 +128,10 @@ def finetune(model: nn.Module, tokenizer, data_path: str, out_dir: str, cfg: Fin
 
     Resumes from out_dir/checkpoint when it holds a run with the same settings; writes
     out_dir/checkpoint every cfg.checkpoint_every steps, and out_dir/adapter.safetensors,
-    losses.json and loss.png at the end. Returns {"losses", "steps", "tokens_per_s", "adapter"}."""
+    losses.json and (with matplotlib) loss.png at the end. Returns {"losses", "steps",
+    "tokens_per_s", "adapter", "plot" (None without matplotlib), "files" (every file written)}."""
     cfg.validate()
+    check_writable_dir(out_dir, "out_dir")
     texts = read_texts(data_path)
     stream = tokenize_corpus(texts, tokenizer)
     os.makedirs(out_dir, exist_ok=True)
@@ -172,10 +174,32 @@ def finetune(model: nn.Module, tokenizer, data_path: str, out_dir: str, cfg: Fin
     elapsed = time.perf_counter() - t0
     adapter = os.path.join(out_dir, "adapter.safetensors")
     save_adapter(model, adapter)
-    with atomic_path(os.path.join(out_dir, "losses.json")) as tmp:
+    losses_json = os.path.join(out_dir, "losses.json")
+    with atomic_path(losses_json) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(losses, f)
-    if losses:
-        save_line_plot(os.path.join(out_dir, "loss.png"), losses)
+    files = [adapter, losses_json]
+    plot = _save_loss_plot(os.path.join(out_dir, "loss.png"), losses, log)
+    if plot:
+        files.append(plot)
     _save_checkpoint(ckpt, model, opt, len(losses), losses, sig)
-    return {"losses": losses, "steps": len(losses), "tokens_per_s": tokens / max(elapsed, 1e-9), "adapter": adapter}
+    files.append(os.path.join(ckpt, "state.pt"))
+    return {"losses": losses, "steps": len(losses), "tokens_per_s": tokens / max(elapsed, 1e-9), "adapter": adapter,
+            "plot": plot, "files": files}
+
+
+def _save_loss_plot(path: str, losses: list, log: Callable[[str], None]) -> Optional[str]:
+    """Writes the loss curve to `path` and returns it; without matplotlib (optional) says so
+    and returns None, removing an earlier run's plot rather than leave it beside new losses."""
+    if not losses:
+        return None
+    try:
+        save_line_plot(path, losses)
+    except ImportError:
+        stale = os.path.isfile(path)
+        if stale:
+            os.remove(path)
+        log(f"{MATPLOTLIB_MISSING}: wrote losses.json, no loss.png"
+            + (" (removed the loss.png of an earlier run)" if stale else ""))
+        return None
+    return path

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dequantize, matmul, quantize
+from .._io import check_writable_file
 from .harness import copy_bandwidth, measure, print_table, write_json
 
 __all__ = ["run"]
@@ -50,7 +51,10 @@ def _matmul_rows(n: int, k: int, batches, budget: float) -> list[dict]:
 
 
 def run(quick: bool = False, json_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
-    """Runs the suite, prints its tables and returns (and optionally writes) the figures."""
+    """Runs the suite, prints its tables and returns (and optionally writes) the figures. A
+    json_path that cannot be written raises ValueError before any measurement."""
+    if json_path:
+        check_writable_file(json_path, "json_path")
     budget = 0.3 if quick else 1.0
     gbps = copy_bandwidth(64 << 20 if quick else 256 << 20)
     log(f"copy bandwidth (read + write): {gbps:.1f} GB/s")

@@ -16,14 +16,26 @@ __all__ = ["build_parser", "main"]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from .._io import check_writable_file
     from ..benchmark.suite import run
 
+    if args.json:
+        check_writable_file(args.json, "--json")  # now, not after the whole benchmark has run
     run(quick=args.quick, json_path=args.json)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `qengine: error:` line and exit status 2, as the
+    commands' own errors are (subcommand parsers inherit the class)."""
+
+    def error(self, message: str):
+        cmd = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"qengine: error: {cmd}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qengine", description="qengine: quantization engine for PyTorch")
+    parser = _Parser(prog="qengine", description="qengine: quantization engine for PyTorch")
     parser.add_argument("--version", action="version", version=f"qengine {__version__} (distribution {DISTRIBUTION})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("info", help="version, CPU/CUDA build, formats with bits per parameter")
@@ -52,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, TypeError, ImportError) as e:
         print(f"qengine: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permissions, a full disk, ...: "<reason>: <file>", no traceback
+        where = ": ".join(repr(f) for f in (e.filename, e.filename2) if f is not None)
+        print(f"qengine: error: {e.strerror or e}{': ' + where if where else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qengine: interrupted", file=sys.stderr)

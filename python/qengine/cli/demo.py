@@ -14,6 +14,7 @@ from importlib import resources
 import torch
 
 from .. import set_num_threads
+from .._io import check_writable_dir
 from ..finetune import DEFAULT_TARGETS, FinetuneConfig, finetune
 from ..text_data import ByteTokenizer
 
@@ -45,6 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     transformers = require_transformers()
     if args.threads < 1:
         raise ValueError(f"--threads must be positive, got {args.threads}")
+    check_writable_dir(args.out, "--out")
     # A 2M-parameter model's ops take microseconds: threads would spend more time meeting at
     # barriers than computing (and stall whenever the machine is shared).
     torch.set_num_threads(args.threads)
@@ -76,8 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model.config.use_cache = True
     prompt = "The weights "
     print(f"\ngenerated: {prompt}{generate_text(model.eval(), ByteTokenizer(), prompt, 48)!r}")
-    print(f"\nwrote {result['adapter']}, {os.path.join(args.out, 'loss.png')} "
-          f"(total {time.perf_counter() - start:.0f} s)")
+    print(f"\nwrote {', '.join(result['files'])} (total {time.perf_counter() - start:.0f} s)")
     return 0
 
 

@@ -4,10 +4,13 @@ from the shell (they need the hf extra's packages: transformers, peft, ...)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 
 import torch
 
+from .._io import check_writable_dir
 from ..finetune import DEFAULT_TARGETS, OPTIMIZERS, FinetuneConfig, finetune, load_tokenizer
 
 
@@ -15,11 +18,46 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+# Kept in float unless --no-default-skip: quantizing the output projection costs the most quality
+# per byte saved (QLoRA and bitsandbytes keep it in float too).
+DEFAULT_SKIP = ("lm_head",)
+
+
+def quantize_skip(args: argparse.Namespace) -> list[str]:
+    """The modules `qengine quantize` keeps in float: DEFAULT_SKIP (unless --no-default-skip)
+    plus every --skip pattern, in order, without repeats."""
+    return list(dict.fromkeys((() if args.no_default_skip else DEFAULT_SKIP) + tuple(args.skip)))
+
+
+def _warn_unmatched_skip(model_dir: str, patterns: list[str]) -> None:
+    """One stderr warning per --skip pattern that names no linear layer of the model (a typo
+    would otherwise quantize the layer it meant to keep, silently). A warning, not an error, so
+    one script can pass the same --skip to models of several architectures."""
+    from torch import nn
+
+    from ..hf.checkpoint import build_model, load_config
+    from ..model import _matches
+
+    config = load_config(model_dir)
+    if getattr(config, "quantization_config", None) is not None:
+        return  # quantize_checkpoint refuses it, with its own message
+    skeleton = build_model(config, empty=True)  # meta device: no memory, no weights read
+    linears = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
+    for pattern in patterns:
+        if not any(_matches(name, [pattern]) for name in linears):
+            print(f"qengine: warning: --skip {pattern!r} matches no linear layer of {model_dir} (a pattern is a "
+                  "full module name, a last component such as down_proj, or a parent such as model.layers.0)",
+                  file=sys.stderr)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..hf.checkpoint import quantize_checkpoint
 
+    check_writable_dir(args.out_dir, "out_dir")
+    if args.skip:
+        _warn_unmatched_skip(args.model_dir, args.skip)
     stats = quantize_checkpoint(args.model_dir, args.out_dir, args.format, args.blocksize, args.double_quant,
-                                skip=args.skip, bnb=args.bnb, progress=not args.quiet)
+                                skip=quantize_skip(args), bnb=args.bnb, progress=not args.quiet)
     layout = "bitsandbytes" if args.bnb else "qengine"
     print(f"quantized {stats['layers']} linear layers to {args.format} ({layout} layout) in {args.out_dir}")
     print(f"  weights before: {_mib(stats['bytes_in'])}, after: {_mib(stats['bytes_out'])} "
@@ -34,16 +72,64 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize the block scales too (default on)")
-    p.add_argument("--skip", nargs="*", default=["lm_head"], help="modules left in float (default lm_head)")
+    p.add_argument("--skip", nargs="+", action="extend", default=[], metavar="MODULE",
+                   help="also keep these modules in float, in addition to lm_head: a full module name, a last "
+                        "component (down_proj) or a parent (model.layers.0); may be repeated; a pattern that "
+                        "matches no linear layer gets a warning")
+    p.add_argument("--no-default-skip", action="store_true",
+                   help="do not keep lm_head in float by default: only the --skip modules stay in float")
     p.add_argument("--bnb", action="store_true", help="write the transformers + bitsandbytes 4-bit layout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quantize)
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """Fails fast, with a ValueError naming the file, on a model directory that cannot load:
+    no or malformed config.json, no weights file, a safetensors file whose header or size is
+    wrong (e.g. truncated). Reads configs and headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..hf.checkpoint import load_config
+
+    load_config(model_dir)
+    present = [f for f in _WEIGHT_FILES if os.path.isfile(os.path.join(model_dir, f))]
+    if not present:
+        raise ValueError(f"{model_dir!r} has no weights file ({', '.join(_WEIGHT_FILES)})")
+    shards = []
+    if present[0] == "model.safetensors":
+        shards = [present[0]]
+    elif present[0] == "model.safetensors.index.json":
+        index = os.path.join(model_dir, present[0])
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is malformed: {e}") from None
+    for name in shards:
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"{model_dir!r}: weights file {name} is missing")
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
 def _load(model_dir: str, fmt: str):
+    from safetensors import SafetensorError
+
     from ..hf.checkpoint import load_model
 
-    model = load_model(model_dir, format=fmt)
+    _check_model_dir(model_dir)
+    try:
+        model = load_model(model_dir, format=fmt)
+    except (OSError, SafetensorError) as e:  # what the checks above cannot see (e.g. a damaged .bin)
+        raise ValueError(f"cannot load the model in {model_dir!r}: {e}") from None
     return model, load_tokenizer(model_dir, model.config.vocab_size)
 
 
@@ -53,6 +139,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                          gradient_checkpointing=not args.no_gradient_checkpointing)
     cfg.validate()
+    check_writable_dir(args.out, "--out")
+    if not os.path.isfile(args.data):
+        raise ValueError(f"data file {args.data!r} does not exist")
     torch.manual_seed(args.seed)
     model, tok = _load(args.model, args.format)
     result = finetune(model, tok, args.data, args.out, cfg, model_dir=args.model)
@@ -60,14 +149,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if losses:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {result['steps']} steps, "
               f"{result['tokens_per_s']:,.0f} tokens/s")
-    print(f"adapter: {result['adapter']}; loss curve: {os.path.join(args.out, 'loss.png')}")
+    print(f"wrote {', '.join(result['files'])}")
     return 0
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (float, or quantized by `qengine quantize`)")
     p.add_argument("--data", required=True, help="training text: .txt, or .jsonl with a \"text\" field per line")
-    p.add_argument("--out", required=True, help="output directory: adapter, checkpoint, losses, loss.png")
+    p.add_argument("--out", required=True, help="output directory: adapter.safetensors, losses.json, loss.png (with "
+                   "matplotlib), checkpoint/")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--rank", type=int, default=16)
@@ -105,6 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.adapter and not os.path.isfile(args.adapter):
+        raise ValueError(f"adapter file {args.adapter!r} does not exist")
     model, tok = _load(args.model, args.format)
     if args.adapter:
         add_lora_from_adapter(model, args.adapter, add_lora, load_adapter)
@@ -115,8 +207,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def add_lora_from_adapter(model, path: str, add_lora, load_adapter) -> None:
     """Adds LoRA layers shaped as the adapter file records, then loads it."""
-    import json
-
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(path):
