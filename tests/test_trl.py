@@ -89,6 +89,24 @@ def test_sft_trainer(setup):
     assert losses[-1] < losses[0]
 
 
+def test_sft_trainer_plain_lora_config(setup):
+    # As with bitsandbytes: a plain LoraConfig as peft_config, no qengine call (no register()).
+    model, tok, _, out = setup
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(4)
+    data = datasets.Dataset.from_dict({"text": ["the cat sat on the mat " + _sentence(g, 4) for _ in range(16)]})
+    trainer = trl.SFTTrainer(model=model, args=_args(trl.SFTConfig, out, max_length=32),
+                             train_dataset=data, processing_class=tok, peft_config=lora)
+    trainer.train()
+    losses = _check_trained(trainer)
+    assert losses[-1] < losses[0]
+    after = {k.replace(".base_layer.", "."): v for k, v in trainer.model.get_base_model().state_dict().items()
+             if "lora_" not in k}
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the quantized base, bitwise unchanged
+
+
 def test_dpo_trainer(setup):
     model, tok, lora, out = setup
     g = torch.Generator().manual_seed(1)

@@ -86,8 +86,9 @@ def set_num_threads(n: int) -> None:
 
 
 def __getattr__(name):
-    # qengine.hf and qengine.peft import lazily (they reach into transformers / peft when present).
-    if name in ("hf", "peft"):
+    # qengine.hf, qengine.peft and qengine.compat (compat.peft, compat.bnb) import lazily: they
+    # reach into transformers / peft when present.
+    if name in ("hf", "peft", "compat"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'qengine' has no attribute {name!r}")

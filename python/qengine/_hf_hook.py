@@ -1,6 +1,8 @@
-"""Registers qengine with transformers on first use without importing transformers at
+"""Registers qengine with Hugging Face libraries on first use without importing them at
 `import qengine`: when transformers.modeling_utils (what every from_pretrained runs) finishes
-importing, qengine.hf is imported, which registers the "qengine" quantization method."""
+importing, qengine.hf is imported, which registers the "qengine" quantization method; when peft
+finishes importing, qengine.compat.peft.install() makes PEFT's LoRA take QuantLinear layers
+(so a plain LoraConfig works, as with bitsandbytes). Either library already imported: now."""
 
 from __future__ import annotations
 
@@ -9,12 +11,25 @@ import importlib.util
 import logging
 import sys
 
-_TRIGGER = "transformers.modeling_utils"
+
+def _register_transformers() -> None:
+    import qengine.hf  # noqa: F401  (registers QEngineConfig)
+
+
+def _register_peft() -> None:
+    import qengine.compat.peft  # noqa: F401  (installs qengine's LoRA dispatch when imported)
+
+
+# module whose import completes -> (registration, what a user does instead if it fails)
+_HOOKS = {
+    "transformers.modeling_utils": (_register_transformers, "transformers", "import qengine.hf"),
+    "peft": (_register_peft, "peft", "call qengine.compat.peft.register(config) on each LoraConfig"),
+}
 
 
 class _Loader(importlib.abc.Loader):
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, trigger, finder):
+        self.inner, self.trigger, self.finder = inner, trigger, finder
 
     def create_module(self, spec):
         return self.inner.create_module(spec)
@@ -24,33 +39,66 @@ class _Loader(importlib.abc.Loader):
         module.__loader__ = self.inner  # hand the module back to its own loader
         if module.__spec__ is not None:
             module.__spec__.loader = self.inner
-        _register()
+        self.finder.done(self.trigger)
+        _register(self.trigger)
 
     def __getattr__(self, name):  # get_source, get_filename, is_package, ...: the real loader's
         return getattr(self.inner, name)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    """Wraps the loader of each pending trigger module; a trigger is done once its module has
+    executed (not when it is only looked up: transformers' is_peft_available() calls
+    importlib.util.find_spec("peft") without importing it), and the finder leaves
+    sys.meta_path when none is pending."""
+
+    def __init__(self, pending):
+        self.pending = set(pending)
+
     def find_spec(self, name, path, target=None):
-        if name != _TRIGGER:
+        if name not in self.pending:
             return None
-        sys.meta_path.remove(self)  # one shot: find the real spec, then wrap its loader
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
-        return spec
+        for finder in list(sys.meta_path):  # the spec the other finders give, its loader wrapped
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _Loader(spec.loader, name, self)
+                return spec
+        return None
+
+    def done(self, trigger: str) -> None:
+        self.pending.discard(trigger)
+        if not self.pending and self in sys.meta_path:
+            sys.meta_path.remove(self)
 
 
-def _register() -> None:
+def _register(trigger: str) -> None:
+    register, library, instead = _HOOKS[trigger]
     try:
-        import qengine.hf  # noqa: F401  (registers QEngineConfig)
-    except Exception as e:  # a broken registration must not break transformers itself
-        logging.getLogger("qengine").warning("qengine: could not register with transformers: %r", e)
+        register()
+    except Exception as e:  # a broken registration must not break the library itself
+        logging.getLogger("qengine").warning("qengine: could not register with %s (%r); %s", library, e, instead)
+
+
+def _installed(top: str) -> bool:
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def install() -> None:
-    """Registers now if transformers is loaded, else once it is (nothing if it is not installed)."""
-    if _TRIGGER in sys.modules:
-        _register()
-    elif importlib.util.find_spec("transformers") is not None and not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
+    """Registers now with each library already loaded, else once it is (nothing for one that is
+    not installed)."""
+    if any(isinstance(f, _Finder) for f in sys.meta_path):
+        return
+    pending = []
+    for trigger in _HOOKS:
+        if trigger in sys.modules:
+            _register(trigger)
+        elif _installed(trigger.split(".")[0]):
+            pending.append(trigger)
+    if pending:
+        sys.meta_path.insert(0, _Finder(pending))

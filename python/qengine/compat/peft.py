@@ -1,10 +1,19 @@
-"""PEFT interop: a PEFT LoRA layer for qengine's QuantLinear, registered through PEFT's custom
-module mechanism (``LoraConfig._register_custom_module``), so ``peft.get_peft_model`` adds LoRA
-on top of a model quantized with ``qengine.quantize_model``.
+"""PEFT interop: a PEFT LoRA layer for qengine's QuantLinear, found by PEFT's LoRA dispatch the
+way its bitsandbytes / HQQ / torchao layers are, so a plain ``LoraConfig`` works on a model
+quantized by qengine, with no call of ours:
 
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
-    qengine.compat.peft.register(config)
-    model = get_peft_model(qengine.quantize_model(model), config)
+    model = get_peft_model(qengine.quantize_model(model), LoraConfig(target_modules=["q_proj", "v_proj"]))
+
+(and so TRL's ``SFTTrainer(..., peft_config=LoraConfig(...))``, ``PeftModel.from_pretrained`` of a
+saved adapter, transformers' ``model.add_adapter``). PEFT builds each LoRA layer in
+``LoraModel._create_new_module``, which asks a fixed list of ``dispatch_*`` functions (custom
+modules, bitsandbytes, eetq, ..., torchao, default) in turn; that list has no registry, so
+``install`` (run when this module is imported, which qengine._hf_hook does once both qengine
+and peft are imported, in either order) puts ``dispatch_qengine`` in front of it, after a
+user's own ``_custom_modules`` mapping. It also counts QuantLinear layers as linear for
+``target_modules="all-linear"`` and lets DoRA read the dequantized weight. ``register(config)``,
+PEFT's per-config custom-module mechanism, is kept for code written before and for a peft whose
+internals ``install`` does not recognise (it then logs a warning that names register).
 
 The adapters are PEFT's own (``lora_A`` / ``lora_B`` nn.Linear per adapter name), so PEFT's
 save_pretrained / load, multiple adapters and disabling work as for any layer. Their side path
@@ -14,11 +23,16 @@ for the fused path). Merging into the 4-bit base is refused, as in qengine.nn.Lo
 
 from __future__ import annotations
 
-__all__ = ["register", "LoraQuantLinear"]
+import functools
+import inspect
+import logging
+import sys
+
+__all__ = ["register", "install", "dispatch_qengine", "LoraQuantLinear"]
 
 try:
     from peft.tuners.lora.layer import Linear as _PeftLoraLinear
-except ImportError:  # peft is optional; register() says so
+except ImportError:  # peft is optional; register() / install() say so
     _PeftLoraLinear = None
 
 
@@ -43,10 +57,102 @@ else:
     LoraQuantLinear = None
 
 
+def _require_peft(what: str) -> None:
+    if LoraQuantLinear is None:
+        from .._version import install_hint
+        raise ImportError(f"qengine.compat.peft.{what} needs the 'peft' package: {install_hint('hf')}")
+
+
+def _base_layer(target):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+
+
+def dispatch_qengine(target, adapter_name, config, **kwargs):
+    """A PEFT LoRA dispatcher (the signature of peft's ``dispatch_bnb_4bit``): a LoraQuantLinear
+    when `target` (or the base of a LoRA layer already there) is a QuantLinear, else None."""
+    _require_peft("dispatch_qengine")
+    from ..nn import QuantLinear
+
+    if not isinstance(_base_layer(target), QuantLinear):
+        return None
+    if getattr(config, "use_dora", False):
+        _patch_dora()
+    return LoraQuantLinear(target, adapter_name, config=config, **kwargs)
+
+
+def _custom_mapping(config, target) -> bool:
+    """True when the config's own custom modules (LoraConfig._register_custom_module) cover
+    target: an explicit mapping wins over ours."""
+    custom = getattr(config, "_custom_modules", None) or {}
+    base = _base_layer(target)
+    return any(isinstance(base, cls) for cls in custom)
+
+
+def _patch_create_new_module() -> None:
+    from peft.tuners.lora.model import LoraModel
+
+    current = inspect.getattr_static(LoraModel, "_create_new_module", None)
+    if not isinstance(current, staticmethod):
+        raise TypeError(f"peft's LoraModel._create_new_module is a {type(current).__name__}, not the staticmethod "
+                        "qengine extends")
+    original = current.__func__
+    if getattr(original, "_qengine", False):
+        return
+
+    @functools.wraps(original)
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        if not _custom_mapping(lora_config, target):
+            new_module = dispatch_qengine(target, adapter_name, lora_config, **kwargs)
+            if new_module is not None:
+                return new_module
+        return original(lora_config, adapter_name, target, **kwargs)
+
+    _create_new_module._qengine = True
+    LoraModel._create_new_module = staticmethod(_create_new_module)
+
+
+def _patch_all_linear() -> None:
+    """target_modules="all-linear" picks nn.Linear (bitsandbytes' layers are subclasses) and
+    Conv1D layers; for a LoraConfig it picks QuantLinear layers too, except the output layer,
+    as PEFT leaves out a float lm_head."""
+    import peft.tuners.tuners_utils as tu
+    from peft import LoraConfig
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+    original = tu._maybe_include_all_linear_layers
+    if getattr(original, "_qengine", False):
+        return
+    from ..nn import QuantLinear
+
+    @functools.wraps(original)
+    def _maybe_include_all_linear_layers(peft_config, model):
+        targets = getattr(peft_config, "target_modules", None)
+        wanted = (isinstance(peft_config, LoraConfig) and isinstance(targets, str)
+                  and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND)
+        peft_config = original(peft_config, model)
+        if wanted:
+            get_out = getattr(model, "get_output_embeddings", None)
+            out = get_out() if callable(get_out) else None
+            tuned = [n for n, m in model.named_modules() if isinstance(m, tu.BaseTunerLayer)]
+            names = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m is not out
+                     and not any(n.startswith(t + ".") for t in tuned)}
+            peft_config.target_modules = set(peft_config.target_modules) | names
+        return peft_config
+
+    _maybe_include_all_linear_layers._qengine = True
+    tu._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+    conv = sys.modules.get("peft.utils.transformers_weight_conversion")  # imported the name, when loaded
+    if conv is not None and getattr(conv, "_maybe_include_all_linear_layers", None) is original:
+        conv._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+
+
 def _patch_dora() -> None:
     """DoRA (LoraConfig(use_dora=True)) reads the base weight through peft's
     dequantize_module_weight, which knows bitsandbytes, HQQ and torchao layers but not
-    QuantLinear (no `.weight`): teach it QuantLinear.dequantize (float32, [out, in])."""
+    QuantLinear (no `.weight`): teach it QuantLinear.dequantize (float32, [out, in]), in each
+    of peft's LoRA modules that imported the function by name."""
     import peft.tuners.lora.dora as dora
 
     original = dora.dequantize_module_weight
@@ -60,17 +166,43 @@ def _patch_dora() -> None:
         return original(module)
 
     dequantize_module_weight._qengine = True
-    dora.dequantize_module_weight = dequantize_module_weight
+    for name in ("peft.tuners.lora.dora", "peft.tuners.lora.layer", "peft.tuners.lora.variants"):
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "dequantize_module_weight", None) is original:
+            mod.dequantize_module_weight = dequantize_module_weight
+
+
+def install() -> None:
+    """Makes PEFT's LoRA find QuantLinear layers by itself (idempotent): dispatch_qengine in
+    LoraModel's dispatch, "all-linear" counting QuantLinear, DoRA's dequantized weight. Run
+    automatically when qengine and peft are both imported."""
+    _require_peft("install")
+    _patch_create_new_module()
+    _patch_all_linear()
+    _patch_dora()
 
 
 def register(config) -> None:
     """Registers LoraQuantLinear for QuantLinear targets in a peft LoraConfig (in place); with
-    use_dora, DoRA's magnitude reads the dequantized QuantLinear weight."""
-    if LoraQuantLinear is None:
-        from .._version import install_hint
-        raise ImportError(f"qengine.compat.peft needs the 'peft' package: {install_hint('hf')}")
+    use_dora, DoRA's magnitude reads the dequantized QuantLinear weight. Not needed since
+    install() runs on import; kept for existing code and as the fallback where it could not."""
+    _require_peft("register")
     from ..nn import QuantLinear
 
     config._register_custom_module({QuantLinear: LoraQuantLinear})
     if getattr(config, "use_dora", False):
         _patch_dora()
+
+
+def _install_on_import() -> None:
+    try:
+        install()
+    except Exception as e:  # a peft whose internals changed: the per-config way still works
+        logging.getLogger("qengine").warning("qengine: could not add QuantLinear to peft's LoRA dispatch (%r); call "
+                                             "qengine.compat.peft.register(config) on each LoraConfig", e)
+
+
+# Importing this module means peft is in use; it is also how qengine._hf_hook installs (here,
+# not there, as this import may be what imports peft and so fires the hook before it finishes).
+if LoraQuantLinear is not None:
+    _install_on_import()

@@ -132,8 +132,8 @@ class QuantLinear(nn.Module):
         self.format, self.blocksize, self.per_row, self.weight_dtype = q.format, q.blocksize, q.per_row, q.dtype
         # The 2:4 sparse layout's positions and a stored pruning mask (see qengine.quantize).
         self.layout = q.layout
-        self.register_buffer("weight_positions", q.positions)
-        self.register_buffer("weight_mask", q.mask)
+        self._set_state("weight_positions", q.positions)
+        self._set_state("weight_mask", q.mask)
         self._packed_bytes = q.packed.numel()
         packed = q.packed
         width = torch.empty((), dtype=self.quant_storage).element_size()
@@ -147,14 +147,28 @@ class QuantLinear(nn.Module):
         for name, part in (("weight_scales", q.scales), ("weight_offsets", q.offsets)):
             nested = isinstance(part, NestedScales)
             inner = part.quantized if nested else None
-            self.register_buffer(name, inner.packed if nested else part)
-            self.register_buffer(name + "_table", inner.format.kernel_tables(q.device)[0] if nested else None)
-            self.register_buffer(name + "_absmax", inner.scales if nested else None)
-            self.register_buffer(name + "_mean", part.mean.reshape(1) if nested else None)
+            self._set_state(name, inner.packed if nested else part)
+            self._set_state(name + "_table", inner.format.kernel_tables(q.device)[0] if nested else None)
+            self._set_state(name + "_absmax", inner.scales if nested else None)
+            self._set_state(name + "_mean", part.mean.reshape(1) if nested else None)
             # The nested block size, as a Python int and as the tensor the matmul op takes.
             setattr(self, name[7:] + "_nested_blocksize", inner.blocksize if nested else 0)
-            self.register_buffer(name + "_bs", torch.tensor(inner.blocksize, dtype=torch.int64) if nested else None,
-                                 persistent=False)
+            self._set_state(name + "_bs", torch.tensor(inner.blocksize, dtype=torch.int64) if nested else None,
+                            persistent=False)
+
+    def _set_state(self, name: str, t: Optional[torch.Tensor], persistent: bool = True) -> None:
+        """Stores a part of the quantized state as buffer `name`, or an absent part as a plain
+        None attribute, never as a buffer slot holding None: torch.export's non-strict mode
+        (torch 2.13, _trace._make_fx_helper) numbers the root module's buffers counting None
+        slots but its graph inputs without them, and fails with an IndexError (or maps buffer
+        names one slot off) on a module that has such a slot."""
+        if t is None:
+            self._buffers.pop(name, None)
+            self._non_persistent_buffers_set.discard(name)
+            setattr(self, name, None)
+        else:
+            self.__dict__.pop(name, None)
+            self.register_buffer(name, t, persistent=persistent)
 
     # ------------------------------------------------------------------ views of the state
     @property
