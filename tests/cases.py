@@ -18,7 +18,7 @@ TORCH_JIT_DEPRECATION = r"ignore:`torch\.jit\.script_method` is deprecated:Depre
 # codes) and a 200-value minmax table (8-bit storage, non-uniform).
 CB5 = qengine.codebook([-1.0, -0.35, 0.0, 0.4, 1.0], rule="absmax", name="cb5")
 CB200 = qengine.codebook((torch.linspace(0.0, 1.0, 200, dtype=torch.float64) ** 1.5).tolist(), rule="minmax",
-                         name="cb200")
+                         bits=8, name="cb200")
 
 FORMATS = {
     "nf4": "nf4",

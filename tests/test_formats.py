@@ -112,10 +112,18 @@ def test_codebook_basic():
     assert list(cb.values) == [-1.0, -0.25, f32(0.1), 1.0]  # rounded to float32
 
 
-@pytest.mark.parametrize("n, bits", [(2, 4), (16, 4), (17, 8), (256, 8)])
+@pytest.mark.parametrize("n, bits", [(2, 4), (16, 4)])
 def test_codebook_default_bits(n, bits):
     values = torch.linspace(-1, 1, n, dtype=torch.float64).tolist()
     assert qengine.codebook(values).bits == bits
+
+
+@pytest.mark.parametrize("n", [17, 256])
+def test_codebook_over_16_values_needs_explicit_8_bits(n):
+    values = torch.linspace(-1, 1, n, dtype=torch.float64).tolist()
+    with pytest.raises(ValueError, match="bits=8"):
+        qengine.codebook(values)
+    assert qengine.codebook(values, bits=8).bits == 8
 
 
 def test_codebook_explicit_8_bits_for_a_small_table():

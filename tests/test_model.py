@@ -206,3 +206,94 @@ def test_qlora_loop_reduces_loss():
     assert losses[-1] < 0.9 * losses[0]
     after = model.state_dict()
     assert all(torch.equal(after[n], t) for n, t in frozen.items())  # only the adapters moved
+
+
+# ---------------------------------------------------------------------------- the unquantized-parameters warning
+def _qengine_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "qengine" and r.levelno >= logging.WARNING]
+
+
+def test_no_unquantized_warning_on_a_tiny_llama_with_tied_embeddings(caplog):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_cache=False, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with caplog.at_level(logging.INFO, logger="qengine"):
+        qengine.quantize_model(model, progress=False)
+    # The embedding is ~27% of this model's parameters; before, it was counted twice (tied
+    # lm_head) and "53% stay unquantized" was logged as a warning.
+    assert _qengine_warnings(caplog) == []
+    assert "embeddings" in caplog.text and "row lookup" in caplog.text  # the INFO line says why they stay float
+
+
+def test_no_unquantized_warning_on_a_small_model_whose_embedding_dominates(caplog):
+    model = Tiny(vocab=4096, tied=True)  # embedding 4096 x 128: most of the parameters
+    with caplog.at_level(logging.WARNING, logger="qengine"):
+        qengine.quantize_model(model, skip=["lm_head"], progress=False)
+    assert _qengine_warnings(caplog) == []
+
+
+def test_unquantized_warning_names_float_linears_of_unsupported_kinds(caplog):
+    model = Tiny()
+    model.attn = nn.MultiheadAttention(128, 4)  # its projections stay float (it reads their weights)
+    with caplog.at_level(logging.WARNING, logger="qengine"):
+        qengine.quantize_model(model, progress=False)
+    msgs = [m for m in _qengine_warnings(caplog) if "stay unquantized" in m]
+    assert len(msgs) == 1 and "attn.in_proj_weight" in msgs[0] and "MultiheadAttention" in msgs[0]
+    assert "embed" not in msgs[0].split("stay float by design")[0]  # embeddings are not listed as a problem
+
+
+class Conv1D(nn.Module):
+    """transformers' GPT-2 style linear: a 2-D weight [in, out] that is not an nn.Linear."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_unquantized_warning_names_linears_of_another_type(caplog):
+    model = Tiny()
+    model.layers[0].c_fc = Conv1D(128, 512)
+    with caplog.at_level(logging.WARNING, logger="qengine"):
+        qengine.quantize_model(model, progress=False)
+    msgs = [m for m in _qengine_warnings(caplog) if "stay unquantized" in m]
+    assert len(msgs) == 1 and "layers.0.c_fc.weight" in msgs[0] and "Conv1D" in msgs[0]
+
+
+def test_unquantized_warning_names_3d_float_weights_even_when_skipped(caplog):
+    model = Tiny()
+    model.moe = nn.Module()
+    model.moe.experts = nn.Parameter(torch.randn(8, 128, 128))
+    with caplog.at_level(logging.WARNING, logger="qengine"):
+        qengine.quantize_model(model, skip=["lm_head", "moe"], progress=False)
+    msgs = [m for m in _qengine_warnings(caplog) if "stay unquantized" in m]
+    assert len(msgs) == 1 and "moe.experts (131,072; 3-D expert weight, in skip)" in msgs[0]
+
+
+def test_skipped_linears_norms_and_biases_do_not_warn(caplog):
+    model = Tiny()
+    with caplog.at_level(logging.WARNING, logger="qengine"):
+        qengine.quantize_model(model, skip=["lm_head", "layers.1"], progress=False)  # ~half the model skipped
+    assert _qengine_warnings(caplog) == []
+
+
+def test_tied_weights_count_once(caplog):
+    model = Tiny(tied=True)
+    unique = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    report_before = qengine.memory_report(model)
+    assert report_before["total"]["params"] == unique
+    assert report_before["embedding"]["params"] == 64 * 128  # the tied lm_head is not counted again
+    assert report_before["linear"]["params"] == 4 * 128 * 256 + 2 * 256
+    with caplog.at_level(logging.INFO, logger="qengine"):
+        qengine.quantize_model(model, progress=False)
+    quantized = 4 * 128 * 256
+    line = next(r.getMessage() for r in caplog.records if "of the parameters are quantized" in r.getMessage())
+    assert line.startswith(f"qengine: {100.0 * quantized / unique:.1f}% of the parameters are quantized")
+    assert f"embeddings {100.0 * 64 * 128 / unique:.1f}%" in line
+    assert qengine.memory_report(model)["total"]["params"] == unique

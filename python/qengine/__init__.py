@@ -80,9 +80,52 @@ def set_cpu_isa(name: str) -> None:
     _C.set_isa(name)
 
 
+# The most kernel threads accepted: each is an OS thread of the native pool, started on first
+# use; 4096 is above the hardware threads of the largest single machines (x86 servers top out
+# near 2,000), so a larger value is a typo or an overflowed computation, not a machine.
+MAX_NUM_THREADS = 4096
+
+
 def set_num_threads(n: int) -> None:
-    """Threads used by the native CPU kernels (default: all cores, or QENGINE_NUM_THREADS)."""
+    """Threads used by the native CPU kernels (default: all cores, or QENGINE_NUM_THREADS):
+    an int from 1 to MAX_NUM_THREADS (4096); anything else raises (TypeError / ValueError)."""
+    import operator
+
+    try:
+        if isinstance(n, bool):
+            raise TypeError
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}") from None
+    if not 1 <= n <= MAX_NUM_THREADS:
+        raise ValueError(f"set_num_threads: n must be from 1 to {MAX_NUM_THREADS}, got {n}")
     _C.set_num_threads(n)
+
+
+def _check_num_threads_env() -> None:
+    """Validates QENGINE_NUM_THREADS once at import. The native pool parses it with atoi and
+    falls back to all cores without a word ("abc", "0", "-3"), or reads a prefix ("4x" -> 4);
+    here a malformed value gives a RuntimeWarning naming it and the thread count used instead
+    (all cores, set explicitly so "4x" does not silently mean 4)."""
+    import os
+    import warnings
+
+    raw = os.environ.get("QENGINE_NUM_THREADS")
+    if raw is None or raw.strip() == "":
+        return
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        n = None
+    if n is not None and 1 <= n <= MAX_NUM_THREADS:
+        return
+    used = max(1, min(os.cpu_count() or 1, MAX_NUM_THREADS))
+    _C.set_num_threads(used)
+    warnings.warn(f"QENGINE_NUM_THREADS={raw!r} is not an integer from 1 to {MAX_NUM_THREADS}; ignoring it and "
+                  f"using {used} threads (all cores)", RuntimeWarning, stacklevel=3)
+
+
+_check_num_threads_env()
 
 
 def __getattr__(name):

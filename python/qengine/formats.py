@@ -220,7 +220,9 @@ def codebook(values: Sequence[float] | torch.Tensor, rule: str = "absmax", bits:
         values: strictly increasing finite values, at most 16 (4 bits) or 256 (8 bits); in
             [-1, 1] for ``rule="absmax"`` (scaled by the block absmax) or [0, 1] for
             ``rule="minmax"`` (scaled by max - min, shifted by min).
-        bits: 4 or 8; defaults to the smallest that holds the table.
+        bits: 4 or 8 (codes of half a byte or a byte per weight). Default: 4, which holds at
+            most 16 values; a larger table needs an explicit ``bits=8`` (ValueError otherwise),
+            so that a table one value too long never doubles the storage silently.
     """
     if isinstance(values, torch.Tensor):
         if values.dim() != 1:
@@ -230,7 +232,11 @@ def codebook(values: Sequence[float] | torch.Tensor, rule: str = "absmax", bits:
         values = values.detach().to("cpu", torch.float32).tolist()
     vals = tuple(float(torch.tensor(float(v), dtype=torch.float32)) for v in values)
     if bits is None:
-        bits = 4 if len(vals) <= 16 else 8
+        if len(vals) > 16:
+            raise ValueError(f"a codebook of {len(vals)} values does not fit 4 bits (at most 16 values); pass "
+                             f"bits=8 for an 8-bit format (a byte per weight, up to 256 values), or use at most 16 "
+                             f"values for 4 bits")
+        bits = 4
     _validate_values(vals, bits, rule)
     if any(b <= a for a, b in zip(vals, vals[1:])):
         raise ValueError("codebook values must be sorted in strictly increasing order")

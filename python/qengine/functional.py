@@ -173,6 +173,26 @@ def matmul(x: torch.Tensor, qweight: QuantizedTensor, bias: Optional[torch.Tenso
     return y
 
 
+def _matmul_t_setup_context(ctx, inputs, output):
+    pass
+
+
+def _matmul_t_double_backward(ctx, grad):
+    # matmul's backward for x is the transposed product qengine::matmul_t; differentiating it
+    # again (create_graph=True, then a second backward) would need its own formula. Without one
+    # torch reports an op name users never called; say what is not supported and what to do.
+    raise NotImplementedError(
+        "qengine.matmul (QuantLinear's forward) does not support double backward: the gradient of its input "
+        "gradient (torch.autograd.grad(..., create_graph=True) followed by another backward) is not implemented. "
+        "For gradient penalties or Hessian-vector products run that part on the dequantized weight, "
+        "torch.nn.functional.linear(x, q.dequantize())")
+
+
+# Registered here, next to the public matmul whose double backward it concerns (_ops.py holds
+# matmul_t's schema, kernels and fake).
+torch.library.register_autograd("qengine::matmul_t", _matmul_t_double_backward, setup_context=_matmul_t_setup_context)
+
+
 def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] = 64, rule: str = "absmax",
                  iters: int = 60, sample: int = 1 << 20, seed: int = 0, tol: float = 1e-7) -> Format:
     """A codebook fitted to `weight` by 1-D k-means (weight clustering) on its block-normalised

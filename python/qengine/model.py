@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .formats import Format
+from .formats import Format, get_format
 from .moe import is_experts_module, quantize_experts
 from .nn import LoRAExperts, LoRALinear, QuantExpertsWeight, QuantLinear
 
@@ -72,14 +72,31 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
     kernel; an experts layout it does not support raises ValueError naming the flag (skip the
     module to keep it in float). Layers not converted, and why, are logged on the "qengine"
     logger: linears whose weight is shared with another module (tied embeddings), linears
-    inside nn.MultiheadAttention (which reads their weight directly), other 3-D parameters; and
-    a warning names the largest float modules when more than a tenth of the parameters stay
-    unquantized.
+    inside nn.MultiheadAttention (which reads their weight directly), other 3-D parameters.
+
+    Embeddings, norms and biases stay float by design (an embedding is a row lookup, not a
+    matmul, and QLoRA keeps it float; norms and biases are small per-channel vectors), as do
+    the layers in `skip`; an INFO log says how many parameters each holds. A WARNING names the
+    float weights that a quantized model would normally have quantized, when they hold more
+    than a tenth of the parameters: 3-D expert weights left in float (skipped or not), and 2-D
+    weights outside `skip` that were not converted (nn.Linear inside nn.MultiheadAttention or
+    sharing its weight, linears of other types such as transformers' Conv1D). Tied weights
+    count once.
+
+    Already quantized: a QuantLinear (or quantized experts weight) outside `skip` is never
+    re-quantized. Called again with the settings it was quantized with (format, blocksize,
+    double_quant, sparsity, compute_dtype, quant_storage), quantize_model leaves those layers
+    as they are and converts only the float nn.Linear layers left (usually none): a no-op.
+    With other settings it raises ValueError naming the first such layer and both settings,
+    before changing anything (re-quantizing codes compounds their rounding error: quantize the
+    float model instead).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = [skip]
+    _check_already_quantized(model, list(skip), format, blocksize, double_quant, sparsity, compute_dtype,
+                             quant_storage)
     names = _linear_targets(model, list(skip))
     experts = _experts_targets(model, list(skip))
     for name in _progress(names + experts, progress, "quantizing"):
@@ -93,8 +110,30 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
         # The old nn.Linear (and its float weight) has no reference left here and is freed now.
     if dtype is not None:
         model.to(dtype)
-    _warn_unquantized(model)
+    _warn_unquantized(model, list(skip))
     return model
+
+
+def _check_already_quantized(model: nn.Module, skip: list[str], format, blocksize, double_quant, sparsity,
+                             compute_dtype, quant_storage) -> None:
+    """Raises ValueError naming the first already-quantized layer (outside skip) whose settings
+    differ from the requested ones; layers quantized with the same settings are left as they are."""
+    fmt = get_format(format)
+    want = {"format": fmt.name, "blocksize": blocksize, "double_quant": double_quant, "sparsity": sparsity}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuantLinear) or _matches(name, skip):
+            continue
+        have = {"format": mod.format.name, "blocksize": None if mod.per_row else mod.blocksize,
+                "double_quant": mod.double_quant, "sparsity": "2:4" if mod.layout == "2:4" else None}
+        asked = dict(want)
+        if not isinstance(mod, QuantExpertsWeight):  # quantize_experts applies neither
+            have.update(compute_dtype=mod.compute_dtype, quant_storage=mod.quant_storage)
+            asked.update(compute_dtype=compute_dtype, quant_storage=quant_storage)
+        if have != asked or mod.format != fmt:
+            raise ValueError(f"{name} is already quantized ({_settings(have)}); quantize_model was called with "
+                             f"{_settings(asked)}. qengine does not re-quantize quantized codes (the rounding errors "
+                             "would compound): quantize the float model with the new settings, call with the "
+                             "layer's settings to convert only the float layers left, or add the layer to skip")
 
 
 def _experts_targets(model: nn.Module, skip: list[str]) -> list[str]:
@@ -104,24 +143,76 @@ def _experts_targets(model: nn.Module, skip: list[str]) -> list[str]:
             and getattr(mod, "_qengine_moe", None) is None]
 
 
-def _warn_unquantized(model: nn.Module, threshold: float = 0.1) -> None:
-    """Logs a warning naming the largest float modules when more than `threshold` of the
-    model's parameters stay unquantized (on a MoE model: usually experts left in float)."""
-    quantized = floats = 0
-    per_module: dict[str, int] = {}
-    for name, mod in model.named_modules():
+def _settings(d: dict) -> str:
+    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in d.items())
+
+
+def _storage_key(t: torch.Tensor):
+    """One key per stored tensor, so tied weights (one storage, one or two Parameter objects)
+    count once."""
+    try:
+        if t.device.type != "meta":
+            return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        pass
+    return ("id", id(t))
+
+
+def _warn_unquantized(model: nn.Module, skip: list[str], threshold: float = 0.1) -> None:
+    """After quantize_model: logs (INFO) how many parameters stay float by design, and warns
+    naming the float weights a user would expect quantized (3-D expert weights, skipped or
+    not; 2-D weights outside `skip` that were not converted) when they hold more than
+    `threshold` of the model's parameters. Every stored tensor counts once (tied weights)."""
+    embedding_keys = {_storage_key(p) for mod in model.modules() if isinstance(mod, (nn.Embedding, nn.EmbeddingBag))
+                      for p in mod.parameters(recurse=False)}
+    mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    counts = {"quantized": 0, "embedding": 0, "vector": 0, "skipped": 0, "adapter": 0}
+    notable: list[tuple[str, int, str]] = []
+    seen: set = set()
+    for mname, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
-            quantized += mod.in_features * mod.out_features
-            continue
-        n = sum(p.numel() for p in mod.parameters(recurse=False))
-        if n:
-            floats += n
-            per_module[name or type(mod).__name__] = n
-    total = quantized + floats
-    if total and floats > threshold * total:
-        top = sorted(per_module.items(), key=lambda kv: -kv[1])[:5]
-        log.warning("qengine: %.1f%% of the model's parameters stay unquantized; the largest float modules: %s",
-                    100.0 * floats / total, ", ".join(f"{n} ({c:,})" for n, c in top))
+            counts["quantized"] += mod.in_features * mod.out_features
+        for pname, p in mod.named_parameters(recurse=False):
+            key = _storage_key(p)
+            if key in seen:
+                continue
+            seen.add(key)
+            n, full = p.numel(), f"{mname}.{pname}" if mname else pname
+            if isinstance(mod, QuantLinear):
+                if p.is_floating_point():  # the bias; the packed codes are counted above
+                    counts["vector"] += n
+            elif isinstance(mod, (LoRALinear, LoRAExperts)):
+                counts["adapter"] += n
+            elif key in embedding_keys:
+                counts["embedding"] += n
+            elif p.dim() < 2:
+                counts["vector"] += n
+            elif p.dim() == 3:  # MoE experts: most of such a model, so named even when skipped
+                notable.append((full, n, "3-D expert weight" + (", in skip" if _matches(mname, skip) else "")))
+            elif _matches(mname, skip):
+                counts["skipped"] += n
+            elif any(mname == a or mname.startswith(a + ".") for a in mha):
+                notable.append((full, n, "nn.MultiheadAttention projection (it reads its weights directly)"))
+            elif isinstance(mod, nn.Linear):
+                notable.append((full, n, "nn.Linear sharing its weight with another module"))
+            else:
+                notable.append((full, n, f"{p.dim()}-D {type(mod).__name__} weight; quantize_model converts "
+                                         "nn.Linear only"))
+    total = sum(counts.values()) + sum(n for _, n, _ in notable)
+    if not total:
+        return
+    pct = {k: 100.0 * v / total for k, v in counts.items()}
+    log.info("qengine: %.1f%% of the parameters are quantized; float by design: embeddings %.1f%% (a row lookup, "
+             "not a matmul; QLoRA keeps them float too; tied weights counted once), norms and biases %.1f%% (small "
+             "per-channel vectors), layers in skip %.1f%%, LoRA adapters %.1f%%", pct["quantized"], pct["embedding"],
+             pct["vector"], pct["skipped"], pct["adapter"])
+    held = sum(n for _, n, _ in notable)
+    if held > threshold * total:
+        top = sorted(notable, key=lambda t: -t[1])[:5]
+        log.warning("qengine: %.1f%% of the model's parameters stay unquantized in weights that are normally "
+                    "quantized: %s%s. (Embeddings, norms and biases, %.1f%% more, stay float by design.)",
+                    100.0 * held / total, ", ".join(f"{n} ({c:,}; {why})" for n, c, why in top),
+                    f" and {len(notable) - 5} more" if len(notable) > 5 else "", pct["embedding"] + pct["vector"])
 
 
 def _linear_targets(model: nn.Module, skip: list[str]) -> list[str]:
@@ -176,7 +267,13 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     experts: also give the quantized Mixture-of-Experts weights (QuantExpertsWeight, see
     quantize_model) a per-expert adapter (LoRAExperts): all of them when target_modules is None,
     else those whose name (e.g. "gate_up_proj", "down_proj", "experts") matches. Their side path
-    runs inside the grouped kernel. Expert weights are never targeted without experts=True."""
+    runs inside the grouped kernel. Expert weights are never targeted without experts=True.
+
+    Adapters do not stack. The default targets are the layers without one (so a second call
+    adapts only the layers added since; ValueError naming a layer when every one already has
+    an adapter); a layer named in target_modules that already has one raises ValueError naming
+    it, before anything changes: replace the old adapter by its base or merged layer first, or
+    name only layers without one."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if init not in ("default", "loftq"):
@@ -189,8 +286,17 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
             target_modules = [n for n, m in model.named_modules() if isinstance(m, _LoftQ)]
     if isinstance(target_modules, str):
         target_modules = [target_modules]
-    names, expert_names = [], []
+    names, expert_names, adapted = [], [], []
     for name, mod in model.named_modules():
+        if name and isinstance(mod, (LoRALinear, LoRAExperts)) and not _inside_lora(model, name):
+            if isinstance(mod, LoRALinear) or experts:
+                adapted.append(name)
+            if target_modules is not None and _matches(name, target_modules) and (isinstance(mod, LoRALinear)
+                                                                                  or experts):
+                raise ValueError(f"{name} already has a LoRA adapter ({type(mod).__name__}, r={mod.r}); add_lora "
+                                 "does not stack adapters. Replace it by its base (.base_layer) or merged layer "
+                                 "(LoRALinear.merged_linear()) first, or pass target_modules naming only layers "
+                                 "without one")
         if not name or isinstance(mod, (LoRALinear, LoRAExperts)) or _inside_lora(model, name):
             continue
         if isinstance(mod, QuantExpertsWeight):
@@ -208,6 +314,10 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
         if freeze_base:
             mark_only_lora_trainable(model)
         return model
+    if not names and target_modules is None and adapted:
+        raise ValueError(f"every layer add_lora targets by default already has a LoRA adapter ({adapted[0]}"
+                         f"{f' and {len(adapted) - 1} more' if len(adapted) > 1 else ''}); add_lora does not stack "
+                         "adapters: train the existing ones, or replace them by their base layers (.base_layer) first")
     if not names:
         raise ValueError(f"no layer of the model matches target_modules={target_modules!r} "
                          "(QuantLinear or nn.Linear layers, by full or last name)")

@@ -13,7 +13,7 @@ from . import _layouts, _ops, _sparse_ops
 from ._checks import FLOAT_DTYPES, check_contiguous, check_float, check_same_device
 from .formats import Format, codebook, get_format
 
-__all__ = ["QuantizedTensor", "NestedScales"]
+__all__ = ["QuantizedTensor", "NestedScales", "PackedParameter"]
 
 # Double quantization quantizes the per-block scales again, blockwise, as QLoRA does.
 NESTED_FORMAT = "dynamic8"
@@ -38,6 +38,37 @@ def _int64_scalar(value: int) -> torch.Tensor:
         with torch.inference_mode(False):
             t = _INT64_SCALARS[value] = torch.tensor(value, dtype=torch.int64)
     return t
+
+
+class PackedParameter(torch.nn.Parameter):
+    """The packed codes of a quantized weight (QuantLinear.weight_packed): a frozen integer
+    nn.Parameter (a parameter, so FSDP2 shards it with the others), which cannot require grad.
+    torch would refuse too, but with "only Tensors of floating point dtype can require
+    gradients" and no name; ``model.requires_grad_(True)`` on a quantized model reaches this
+    one first and is told what to do instead. requires_grad_(False) is accepted."""
+
+    def __new__(cls, data: torch.Tensor, requires_grad: bool = False):
+        if requires_grad:
+            _refuse_grad(data)
+        if isinstance(data, torch.nn.Parameter):  # re-wrapping a parameter (e.g. packed codes re-stored): its data
+            data = data.detach()
+        return super().__new__(cls, data, requires_grad=False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "PackedParameter":
+        if requires_grad:
+            _refuse_grad(self)
+        return super().requires_grad_(False)
+
+    def __reduce_ex__(self, proto):  # pickling keeps the class (torch's rebuilds a plain Parameter)
+        return (PackedParameter, (self.data,))
+
+
+def _refuse_grad(t: torch.Tensor) -> None:
+    raise RuntimeError(f"qengine: weight_packed (the packed {t.dtype} codes [{t.numel()}] of a QuantLinear's quantized "
+                       "weight) cannot require grad: a quantized weight is frozen. To fine-tune, add LoRA adapters "
+                       "(qengine.add_lora(model), which calls qengine.mark_only_lora_trainable(model)), or set "
+                       "requires_grad on floating-point parameters only: for p in model.parameters(): "
+                       "p.requires_grad_(p.is_floating_point())")
 
 
 class NestedScales:
@@ -180,7 +211,16 @@ class QuantizedTensor:
     # ------------------------------------------------------------------ decoding
     def dequantize(self, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The dense tensor (shape self.shape) in `dtype` (default: the original dtype), or
-        written into `out` (contiguous, same shape, a float dtype, same device) and returned."""
+        written into `out` (contiguous, same shape, a float dtype, same device) and returned.
+        As torch's in-place ops, `out` may not require grad while grad mode is on (RuntimeError,
+        `out` unchanged): the write is not recorded by autograd. Under torch.no_grad() (e.g. to
+        initialise a parameter) it is allowed."""
+        if out is not None and isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
+            what = "a leaf Variable that requires grad" if out.is_leaf else "a tensor that requires grad"
+            raise RuntimeError(f"dequantize(out=...): out is {what} and would be written in place outside autograd "
+                               "(torch: 'a leaf Variable that requires grad is being used in an in-place "
+                               "operation'); write into out.detach() or under torch.no_grad(), or call "
+                               "dequantize() without out=")
         fmt = self.format
         table = fmt.kernel_tables(self.device)[0]
         scales = self._block_values(self.scales)
@@ -218,8 +258,20 @@ class QuantizedTensor:
 
     # ------------------------------------------------------------------ movement
     def to(self, device) -> "QuantizedTensor":
-        """A copy on `device` (the same object when already there); never re-quantizes."""
-        device = torch.device(device)
+        """A copy on `device` (a torch.device, "cuda:0", or a CUDA index; the same object when
+        already there); never re-quantizes. Only devices: the stored codes and scales have fixed
+        dtypes, so a dtype raises TypeError (for a dense tensor use ``dequantize(dtype=...)``;
+        qengine.matmul computes in x's dtype, QuantLinear in its ``compute_dtype``)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"QuantizedTensor.to() moves between devices only; it cannot cast to {device} (the packed "
+                            f"codes and block scales keep their storage dtypes). For a dense {device} tensor use "
+                            f"q.dequantize(dtype={device}); qengine.matmul computes in x's dtype (QuantLinear: in its "
+                            "compute_dtype)")
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError) as e:
+            raise TypeError(f"QuantizedTensor.to() takes a device (torch.device, str or CUDA index), got "
+                            f"{device!r}: {e}") from None
         if device == self.device:
             return self
 

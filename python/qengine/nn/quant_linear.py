@@ -12,7 +12,7 @@ from .._checks import FLOAT_DTYPES, check_blocksize
 from .._ops import call_matmul
 from ..formats import Format, get_format
 from ..functional import quantize
-from ..tensor import NESTED_FORMAT, NestedScales, QuantizedTensor
+from ..tensor import NESTED_FORMAT, NestedScales, PackedParameter, QuantizedTensor
 
 __all__ = ["QuantLinear", "QUANT_STORAGE_DTYPES"]
 
@@ -142,7 +142,7 @@ class QuantLinear(nn.Module):
             if pad:
                 packed = torch.cat([packed, packed.new_zeros(pad)])
             packed = packed.view(self.quant_storage)
-        self.weight_packed = nn.Parameter(packed, requires_grad=False)
+        self.weight_packed = PackedParameter(packed)  # frozen; requires_grad_(True) says what to do
         self.register_buffer("weight_table", q.format.kernel_tables(q.device)[0])
         for name, part in (("weight_scales", q.scales), ("weight_offsets", q.offsets)):
             nested = isinstance(part, NestedScales)

@@ -329,6 +329,14 @@ class PagedAdamW8bit(_PagedAdamBase):
     dynamic code and v of an unsigned one (two-piece minifloats: 1/32-binade steps near the
     block's max, 1/8-binade steps below, down to 2**-10 of it for m and 2**-20 for v; see
     formats.STATE8_SIGNED_FORM), each scaled by its block's absmax over 256 elements,
-    dequantized, updated in float32 and requantized (nearest code) inside the same kernel pass."""
+    dequantized, updated in float32 and requantized (nearest code) inside the same kernel pass.
+
+    Non-finite gradients: a NaN (or Inf) in one element's gradient makes that element's
+    parameter NaN at that step, as in torch.optim.AdamW, but it also becomes the absmax of its
+    states' block, so from the next step on every element of that block (256 consecutive
+    elements of the parameter, flattened) decodes NaN states and its parameter becomes NaN too.
+    The kernels do not check gradients (a check is one more pass over them every step): skip
+    such steps before calling step(), e.g. with torch.amp.GradScaler, or
+    torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=True)."""
 
     STATE_BITS = 8
