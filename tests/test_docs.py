@@ -32,6 +32,11 @@ def python_snippets() -> list[tuple[str, str]]:
 
 SNIPPETS = python_snippets()
 
+# Deprecation notices that trl's, transformers' and peft's own defaults raise between each other
+# (e.g. trl's configs still set `gradient_checkpointing`): not about qengine, so not errors here.
+pytestmark = [pytest.mark.filterwarnings(f"ignore::{cat}:{mod}.*") for cat in ("FutureWarning", "DeprecationWarning")
+              for mod in ("transformers", "trl", "peft")]
+
 
 @pytest.mark.parametrize("code", [c for _, c in SNIPPETS], ids=[i for i, _ in SNIPPETS])
 def test_snippet_runs_as_pasted(code, tmp_path, monkeypatch):
