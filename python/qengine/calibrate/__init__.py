@@ -1,0 +1,17 @@
+"""Calibrated quantization: ways of *choosing* codes and scales that lower the error against
+round-to-nearest at the same bytes. Every result is an ordinary QuantizedTensor in the
+format's own layout (what ``qengine.quantize`` stores for the same format, block size and
+double quantization), so every kernel, checkpoint and export takes it unchanged.
+
+- gptq_quantize: GPTQ error-compensating rounding driven by the layer Hessian X^T X.
+- search_scales: per-block clipped scales minimising an importance-weighted error.
+- fit_codebook: a codebook fitted by importance-weighted k-means.
+
+Pure torch (any device torch runs on); the per-column inner loop is vectorised over rows.
+"""
+
+from .codebook import fit_codebook
+from .gptq import gptq_quantize
+from .scale_search import DEFAULT_GRID, search_scales
+
+__all__ = ["DEFAULT_GRID", "fit_codebook", "gptq_quantize", "search_scales"]
