@@ -95,7 +95,14 @@ class NestedScales:
 
     def values(self) -> torch.Tensor:
         v = self.quantized.dequantize(torch.float32)
-        return v + self.mean
+        return v + self.checked_mean()
+
+    def checked_mean(self) -> torch.Tensor:
+        """The mean, after checking it is still one element (it may have been replaced since)."""
+        if not isinstance(self.mean, torch.Tensor) or self.mean.numel() != 1:
+            got = tuple(self.mean.shape) if isinstance(self.mean, torch.Tensor) else type(self.mean).__name__
+            raise ValueError(f"the nested scales' mean must be a one-element tensor, got {got}")
+        return self.mean
 
     @property
     def nbytes(self) -> int:
@@ -201,7 +208,8 @@ class QuantizedTensor:
             return self.scales, None
         inner = self.scales.quantized
         table = inner.format.kernel_tables(self.device)[0]
-        return inner.packed, [table, inner.scales, self.scales.mean.reshape(1), _int64_scalar(inner.blocksize)]
+        mean = self.scales.checked_mean().reshape(1)
+        return inner.packed, [table, inner.scales, mean, _int64_scalar(inner.blocksize)]
 
     def _block_values(self, part) -> Optional[torch.Tensor]:
         if isinstance(part, NestedScales):
@@ -253,7 +261,12 @@ class QuantizedTensor:
             flat = torch.ops.qengine.dequantize_blockwise(self.packed, table, scales, offsets, bits, self.blocksize,
                                                           self.numel, dtype)
         if self.mask is not None:  # pruned weights of a format without an exact zero
-            flat = flat.masked_fill(~_layouts.unpack_mask(self.mask, self.numel), 0.0)
+            mask = self.mask  # replaced since quantization? a wrong size would mask the wrong weights
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.uint8 or mask.numel() != -(-self.numel // 8):
+                raise ValueError(f"mask must be uint8 [{-(-self.numel // 8)}] for a tensor of shape "
+                                 f"{tuple(self.shape)}, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                                 f"{tuple(getattr(mask, 'shape', ()))}")
+            flat = flat.masked_fill(~_layouts.unpack_mask(mask, self.numel), 0.0)
         return flat.reshape(self.shape)
 
     # ------------------------------------------------------------------ movement

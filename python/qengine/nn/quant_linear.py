@@ -186,7 +186,10 @@ class QuantLinear(nn.Module):
                 return codes
             inner = QuantizedTensor(codes, absmax, None, get_format(NESTED_FORMAT), torch.Size([codes.numel()]),
                                     torch.float32, getattr(self, name[7:] + "_nested_blocksize"))
-            return NestedScales(inner, getattr(self, name + "_mean").reshape(()))
+            mean = getattr(self, name + "_mean")
+            if mean.numel() != 1:  # replaced since: say which, not torch's reshape error
+                raise ValueError(f"{name}_mean must have 1 element, got shape {tuple(mean.shape)} (was it replaced?)")
+            return NestedScales(inner, mean.reshape(()))
 
         return QuantizedTensor(self._packed_uint8(), part("weight_scales"), part("weight_offsets"), self.format,
                                torch.Size([self.out_features, self.in_features]), self.weight_dtype,
@@ -194,6 +197,17 @@ class QuantLinear(nn.Module):
 
     def _packed_uint8(self) -> torch.Tensor:
         p = self.weight_packed
+        # weight_packed may have been replaced (attribute assignment, `.data = ...`) since
+        # _packed_bytes was cached: a wider or longer one would be cut to a prefix of the wrong
+        # bytes here, a strided one fail inside .view with no name.
+        if p.dtype != self.quant_storage:
+            raise TypeError(f"weight_packed must be {self.quant_storage} (this layer's quant_storage), got {p.dtype} "
+                            "(was it replaced? load a state dict, or build the layer with from_quantized)")
+        if p.numel() != -(-self._packed_bytes // p.element_size()) or not p.is_contiguous():
+            raise ValueError(f"weight_packed must be a contiguous {p.dtype} tensor of "
+                             f"{-(-self._packed_bytes // p.element_size())} elements ({self._packed_bytes} bytes of "
+                             f"codes for this {self.out_features}x{self.in_features} layer), got shape "
+                             f"{tuple(p.shape)} with strides {tuple(p.stride())} (was it replaced?)")
         if p.dtype != torch.uint8:
             p = p.view(torch.uint8)[: self._packed_bytes]
         return p
@@ -247,6 +261,9 @@ class QuantLinear(nn.Module):
         """Float32 per-block offsets (minmax formats; double-quantized ones decoded), or None."""
         offsets = self.weight_offsets
         if offsets is not None and self.weight_offsets_absmax is not None:
+            if self.weight_offsets_mean.numel() != 1:
+                raise ValueError(f"weight_offsets_mean must have 1 element, got shape "
+                                 f"{tuple(self.weight_offsets_mean.shape)} (was it replaced?)")
             offsets = torch.ops.qengine.dequantize_blockwise(
                 offsets, self.weight_offsets_table, self.weight_offsets_absmax, None, 8,
                 self.offsets_nested_blocksize, offsets.numel(), torch.float32) + self.weight_offsets_mean

@@ -100,6 +100,11 @@ class _PagedAdamBase(torch.optim.Optimizer):
         self._spill_dir = spill_dir
         self._mgr: PageManager | None = None
         self._region: dict[torch.Tensor, int] = {}
+        # What each region was reserved for, by id(parameter) (param_groups keeps the parameters
+        # alive): its (shape, dtype) then. Checked against the parameter at every step (a
+        # `p.data = ...` of another size would otherwise make the kernel read and write past the
+        # region, into other regions or past the page buffer).
+        self._meta: dict[int, tuple[torch.Size, torch.dtype]] = {}
         self._steps: dict[torch.Tensor, int] = {}
         self._broken: str | None = None  # why the state is inconsistent (a step failed half-way)
         # The last step's task table without its parameter/gradient addresses, reused while the
@@ -122,15 +127,18 @@ class _PagedAdamBase(torch.optim.Optimizer):
             if self._mgr is None:
                 self._mgr = self._new_manager(p.device)
             self._region[p] = self._mgr.add_region(p.numel())
+            self._meta[id(p)] = (p.shape, p.dtype)
 
-    def _check_param(self, p: torch.Tensor) -> None:
+    def _check_param(self, p: torch.Tensor, name: str | None = None) -> None:
+        who = "parameters" if name is None else f"parameter {name}"
         if p.dtype not in _ops.PARAM_DTYPES:
-            raise TypeError(f"parameters must be float32, float16 or bfloat16, got {p.dtype}")
-        _ops.check_device("parameter", p)
+            raise TypeError(f"{who} must be float32, float16 or bfloat16, got {p.dtype}")
+        _ops.check_device("parameter" if name is None else f"parameter {name}", p)
         if self._mgr is not None and p.device != self._mgr.device:
-            raise ValueError(f"all parameters of one optimizer must be on one device: {p.device} and {self._mgr.device}")
+            raise ValueError(f"all parameters of one optimizer must be on one device: {p.device} and {self._mgr.device}"
+                             + ("" if name is None else f" ({name})"))
         if not p.is_contiguous():
-            raise ValueError("parameters must be contiguous (the update is written in place)")
+            raise ValueError(f"{who} must be contiguous (the update is written in place)")
 
     def _new_manager(self, device: torch.device) -> PageManager:
         budget = self._budget_bytes
@@ -145,13 +153,13 @@ class _PagedAdamBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work, hyper_rows, hyper_index = [], [], {}
-        for group in self.param_groups:
+        work, hyper_rows, hyper_index, fresh = [], [], {}, []
+        for gi, group in enumerate(self.param_groups):
             lr, b1, b2, eps, wd, maximize = check_group(group)
-            for p in group["params"]:
+            for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                g = self._checked_grad(p)
+                g = self._checked_grad(p, gi, pi, fresh)
                 step = self._steps.get(p, 0) + 1
                 key = (lr, b1, b2, eps, wd, step, maximize)  # one row per distinct set of constants
                 h = hyper_index.get(key)
@@ -162,6 +170,8 @@ class _PagedAdamBase(torch.optim.Optimizer):
         if not work:
             return loss
         self._check_usable()
+        for p in fresh:  # every check passed: stateless parameters whose storage changed get a new region
+            self._remake_region(p)
         try:
             self._mgr.prepare_spill()  # disk trouble shows here, before anything changes
         except SpillError as e:
@@ -192,22 +202,51 @@ class _PagedAdamBase(torch.optim.Optimizer):
         if self._broken is not None:
             raise RuntimeError(f"{type(self).__name__} cannot be used: {self._broken}")
 
-    def _checked_grad(self, p: torch.Tensor) -> torch.Tensor:
-        """p's gradient, contiguous, after the checks of every step (parameter and gradient:
-        dtype, device, shape, layout). Runs once per tensor per step, so each property is read
-        once: for an adapter's hundreds of small tensors this loop is most of the Python time."""
+    def _checked_grad(self, p: torch.Tensor, gi: int, pi: int, fresh: list) -> torch.Tensor:
+        """p's gradient, contiguous, after the checks of every step (parameter against the
+        (shape, dtype) its state region was reserved for, device, layout; gradient against the
+        parameter). Runs once per tensor per step, so each property is read once: for an
+        adapter's hundreds of small tensors this loop is most of the Python time. A parameter
+        without state yet whose storage changed (e.g. model.half() before the first step) is
+        appended to `fresh`: it gets a new region once the whole step is checked."""
         g = p.grad
-        dtype, device = p.dtype, p.device
+        dtype, device, shape = p.dtype, p.device, p.shape
+        meta = self._meta.get(id(p))  # (by id: a tensor's __hash__ is Python code, twice the cost)
+        if meta is None or shape != meta[0] or dtype != meta[1]:
+            self._changed(p, gi, pi, fresh)
         if g.layout != torch.strided:
-            raise ValueError("qengine's paged AdamW does not support sparse gradients")
+            raise ValueError(f"{_name(gi, pi)}: qengine's paged AdamW does not support sparse gradients")
         if g.dtype != dtype:
-            raise TypeError(f"gradient dtype {g.dtype} differs from its parameter's {dtype}")
-        if g.device != device or g.shape != p.shape:
-            raise ValueError(f"gradient ({tuple(g.shape)} on {g.device}) does not match its parameter "
-                             f"({tuple(p.shape)} on {device})")
+            raise TypeError(f"{_name(gi, pi)}: gradient dtype {g.dtype} differs from its parameter's {dtype}")
+        if g.device != device or g.shape != shape:
+            raise ValueError(f"{_name(gi, pi)}: gradient ({tuple(g.shape)} on {g.device}) does not match its "
+                             f"parameter ({tuple(shape)} on {device})")
         if dtype not in _ops.PARAM_DTYPES or device != self._mgr.device or not p.is_contiguous():
-            self._check_param(p)  # raises the precise error
+            self._check_param(p, _name(gi, pi))  # raises the precise error
         return g.contiguous()
+
+    def _changed(self, p: torch.Tensor, gi: int, pi: int, fresh: list) -> None:
+        """p differs from what its region was reserved for: refused when it has state, else
+        appended to `fresh`."""
+        if id(p) not in self._meta:
+            raise ValueError(f"{_name(gi, pi)} has no optimizer state region: it was put into param_groups by "
+                             "hand; add parameters with add_param_group")
+        if p not in self._steps:
+            fresh.append(p)
+            return
+        shape, dtype = self._meta[id(p)]
+        raise ValueError(
+            f"{_name(gi, pi)} is now {tuple(p.shape)} {p.dtype} but its optimizer state was made for "
+            f"{tuple(shape)} {dtype} (its storage was replaced, e.g. by `p.data = ...`); as torch.optim.AdamW, "
+            "the state of a resized parameter cannot be reused: build a new optimizer, or load_state_dict a state "
+            f"saved for the new shape. {_NOT_APPLIED}")
+
+    def _remake_region(self, p: torch.Tensor) -> None:
+        """A parameter with no state yet now has another shape or dtype: its region follows it
+        (a new one at the end of the element space when its size changed)."""
+        if p.numel() != self._meta[id(p)][0].numel():
+            self._region[p] = self._mgr.add_region(p.numel())
+        self._meta[id(p)] = (p.shape, p.dtype)
 
     def _run(self, work: list, hyper: torch.Tensor) -> None:
         mgr = self._mgr
@@ -302,6 +341,10 @@ class _PagedAdamBase(torch.optim.Optimizer):
     def __del__(self):
         if getattr(self, "_mgr", None) is not None:
             self._mgr.close()
+
+
+def _name(gi: int, pi: int) -> str:
+    return f"param_groups[{gi}]['params'][{pi}]"
 
 
 class PagedAdamW(_PagedAdamBase):

@@ -33,8 +33,12 @@ def _page_views(mgr, cache: dict, page: int):
 
 
 def _export(opt, p: torch.Tensor, cache: dict) -> dict:
+    """p's state, read from its region. Sized and shaped by what the region was reserved for,
+    not by p now: a parameter resized since (p.data = ...) exports the state it has, shaped as
+    it was then, as torch.optim.AdamW's state_dict does, never a read past its region."""
     mgr = opt._mgr
-    n = p.numel()
+    shape = opt._meta[id(p)][0]
+    n = shape.numel()
     eight = mgr.state_bits == 8
     dt = torch.uint8 if eight else torch.float32
     s1 = torch.zeros(n, dtype=dt, device=mgr.device)
@@ -59,7 +63,7 @@ def _export(opt, p: torch.Tensor, cache: dict) -> dict:
         codes = _ops.state_codes(mgr.device)
         return {"step": step, "state1": s1, "state2": s2, "absmax1": a1, "absmax2": a2,
                 "qmap1": codes[0].table.clone(), "qmap2": codes[1].table.clone()}
-    return {"step": step, "exp_avg": s1.reshape(p.shape), "exp_avg_sq": s2.reshape(p.shape)}
+    return {"step": step, "exp_avg": s1.reshape(shape), "exp_avg_sq": s2.reshape(shape)}
 
 
 def state_dict(opt) -> dict:
@@ -163,6 +167,7 @@ def load_state_dict(opt, sd: dict) -> None:
     for g, s in zip(opt.param_groups, saved_groups):
         g.update({k: copy.deepcopy(v) for k, v in s.items() if k != "params"})
     old, opt._mgr, opt._region = opt._mgr, mgr, region
+    opt._meta = {id(p): (p.shape, p.dtype) for p in region}
     old.close()
     opt._steps = {p: st["step"] for p, st in entries.items()}
     opt._broken = None
