@@ -82,8 +82,8 @@ def reference_gptq(w, H, fmt, blocksize, damp=0.01, double_quant=False, act_orde
     """(codes [rows, cols], chosen weights float32 [rows, cols]): GPTQ in float64, column by
     column. Natural order: a block's scale is fixed from the current weights when the sweep
     first reaches one of its columns. act_order: scales from the original weights, columns in
-    decreasing H_jj. Double quant: those scales (a first sweep's, in natural order) nested by
-    the reference's own double quantization, then a sweep with the decoded scales."""
+    decreasing H_jj. Double quant: the scales of the original weights nested by the reference's
+    own double quantization, then a sweep with the decoded scales."""
     f = ref.RefFormat.of(fmt)
     rows, cols = w.shape
     bs = cols if blocksize is None else blocksize
@@ -126,9 +126,9 @@ def reference_gptq(w, H, fmt, blocksize, damp=0.01, double_quant=False, act_orde
             Hinv = Hinv[1:, 1:] - Hinv[1:, :1] @ Hinv[:1, 1:] / Hinv[0, 0]
         return codes, chosen, scales, offsets
 
-    fixed = static(w.reshape(-1)) if act_order else None
+    fixed = static(w.reshape(-1)) if act_order or double_quant else None
     if double_quant:
-        s, o = fixed if act_order else sweep(None)[2:]
+        s, o = fixed
         fixed = (ref.nest(s).values, ref.nest(o).values if f.rule == "minmax" else o)
     codes, chosen, _, _ = sweep(fixed)
     return codes, chosen

@@ -50,8 +50,21 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
                    double_quant: bool = True, skip: Sequence[str] = ("lm_head",),
                    compute_dtype: Optional[torch.dtype] = None, quant_storage: torch.dtype = torch.uint8,
                    dtype: Optional[torch.dtype] = None, progress: bool = True, sparsity: Optional[str] = None,
-                   masks: Optional[dict] = None) -> nn.Module:
+                   masks: Optional[dict] = None, method: str = "rtn", calibration=None, act_order: bool = False,
+                   damp: float = 0.01, sequential: bool = True) -> nn.Module:
     """Replaces every nn.Linear of `model` in place by a QuantLinear and returns `model`.
+
+    method: how the codes are chosen; every method stores RTN's layout and bytes per parameter.
+        "rtn" round-to-nearest (no data); "gptq" GPTQ error-compensating rounding from each
+        layer's H = X^T X over `calibration`; "search" per-block clipped scales weighted by each
+        input channel's mean square (without calibration: unweighted, data-free);
+        "gptq+search" both. See qengine.calibrate.driver for the block-by-block capture and
+        its memory bound.
+    calibration: token ids [batch, seq_len] (int), a dict of model inputs, an iterable of such
+        batches, or a callable returning one (e.g. 64 sequences of 512 tokens).
+    act_order, damp: GPTQ's (see qengine.calibrate.gptq_quantize).
+    sequential: each decoder block is calibrated on the outputs of the blocks before it as
+        already quantized (GPTQ's order); False: on the float model's activations.
 
     Layers are converted one at a time and each float weight is dropped as soon as its
     replacement is in place, so the peak memory is the model plus one layer's quantized copy
@@ -95,10 +108,22 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = [skip]
+    from .calibrate.driver import Settings, check_method_args, quantize_calibrated
+
+    check_method_args(method, calibration, damp, act_order, sequential, sparsity, masks)
     _check_already_quantized(model, list(skip), format, blocksize, double_quant, sparsity, compute_dtype,
                              quant_storage)
     names = _linear_targets(model, list(skip))
     experts = _experts_targets(model, list(skip))
+    record = {"method": method} if names or experts else getattr(model, "_qengine_method", {"method": method})
+    if method != "rtn":
+        info = quantize_calibrated(model, names, experts, calibration, Settings(
+            get_format(format), blocksize, double_quant, method, damp, act_order, compute_dtype, quant_storage),
+            sequential, progress)
+        record.update(calibration_tokens=info["tokens"], sequential=info["sequential"])
+        if method in ("gptq", "gptq+search"):
+            record.update(damp=damp, act_order=act_order)
+        names, experts = [], []
     for name in _progress(names + experts, progress, "quantizing"):
         if name in experts:
             quantize_experts(model.get_submodule(name), format, blocksize, double_quant)
@@ -111,6 +136,7 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
     if dtype is not None:
         model.to(dtype)
     _warn_unquantized(model, list(skip))
+    model._qengine_method = record  # what save_quantized / mark_quantized record in quantization_config
     return model
 
 

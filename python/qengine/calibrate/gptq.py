@@ -17,14 +17,16 @@ sees fully updated weights (never the case when K % blocksize == 0 and blocksize
 a multiple of block_columns).
 
 Double quantization stores the scales nested (8-bit codes + a mean), and the codes must be the
-best for the *decoded* scales, which exist only once every scale is known. So: a first sweep
-fixes every block's float32 scale (and offset) as above, those are double-quantized with
-qengine's own NestedScales, and a second sweep rounds with the decoded scales held fixed. Twice
-the time, for scales that fit the updated weights. Measured on a correlated-input 96 x 256
-layer (nf4, fp4, int4, uint4; blocks 32-128; 3 seeds; output error / RTN's): scales fixed
-during the sweep 0.735 vs 0.742 for scales fixed beforehand from the original weights (0.694
-vs 0.727 with search=True); with double quant the two-pass scheme 0.740 vs 0.740 (0.709 vs
-0.723 with search=True).
+best for the *decoded* scales, which exist only once every scale is known. Without search, the
+scales are RTN's, from the original weights, nested with qengine's own NestedScales and held
+fixed during one sweep. With search=True: a first sweep fixes every block's float32 scale (and
+offset) as above, those are nested, and a second sweep rounds with the decoded scales held
+fixed (twice the time, for scales that fit the updated weights). Measured on a
+correlated-input 96 x 256 layer (nf4, fp4, int4, uint4; blocks 32-128; 3 seeds; output error /
+RTN's): scales fixed during the sweep 0.735 vs 0.742 for scales fixed beforehand from the
+original weights (0.694 vs 0.727 with search=True); with double quant, two sweeps 0.7536 vs
+one sweep with RTN's nested scales 0.7530 (so one sweep, at half the time), but 0.709 vs 0.723
+with search=True (so two sweeps there).
 
 act_order (columns in decreasing H_jj, the most active inputs rounded first while most other
 columns can still compensate): the blocks lie along the columns, so a permuted sweep visits a
@@ -39,6 +41,7 @@ most of the reordering at small blocks.
 from __future__ import annotations
 
 import bisect
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -60,7 +63,7 @@ Chooser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, format: str | Format = "nf4", blocksize: Optional[int] = 64,
                   double_quant: bool = False, damp: float = 0.01, block_columns: int = 128, act_order: bool = False,
                   search: bool = False, grid: Sequence[float] = DEFAULT_GRID,
-                  compute_dtype: torch.dtype = torch.float32) -> QuantizedTensor:
+                  compute_dtype: torch.dtype = torch.float32, factor_cache: Optional[dict] = None) -> QuantizedTensor:
     """GPTQ-rounded QuantizedTensor of a linear weight.
 
     Args:
@@ -78,6 +81,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, format: str | Format = "nf4"
         search: choose each block's scale (offset) by search_block_params, weighted by H_jj,
             instead of max|w| (max - min); grid: its clipping ratios.
         compute_dtype: float32 (default) or float64 for the sweep's arithmetic.
+        factor_cache: a dict shared by calls on layers that read one input (q/k/v, gate/up):
+            consecutive calls passing the very same H tensor (and damp, act_order,
+            compute_dtype) check and factor it once; it holds the last factor only.
     """
     check_float("w", w)
     check_contiguous("w", w)
@@ -95,10 +101,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, format: str | Format = "nf4"
     fmt = get_format(format)
     bs, per_row = _resolve_blocksize(w, blocksize)
     rows, cols = w.shape
-    H64 = check_hessian(H, cols, w.device)
+    importance, perm, U = _factor(H, cols, w.device, damp, act_order, compute_dtype, factor_cache)
     enc = Encoder(fmt, w.device)
     geo = Geometry(rows, cols, bs, w.device)
-    importance = H64.diagonal().to(torch.float32)
     if search:
         def choose(x, weight, partial):
             return search_block_params(x, weight, partial, enc, grid, DEFAULT_REFINE)
@@ -107,24 +112,58 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, format: str | Format = "nf4"
             return rtn_params(x, partial, enc.fmt)
 
     W = w.detach().to(compute_dtype)
-    perm = torch.argsort(H64.diagonal(), descending=True, stable=True) if act_order else None
-    U = inverse_factor(H64, damp, perm, compute_dtype)
     sweep = _Sweep(geo, enc, U, block_columns, importance)
-    if act_order:  # static groups: parameters from the original weights, then the permuted sweep
+    if act_order or (double_quant and not search):
+        # static: parameters from the original weights (act_order: then the permuted sweep)
         x = geo.all_blocks(w.detach().reshape(-1).to(torch.float32))
         scales, offsets = choose(x, geo.column_weights(importance), geo.partial)
     elif double_quant:  # first sweep: the scales GPTQ's updated weights call for
-        _, scales, offsets = sweep.run(W, None, choose=choose)
+        with _one_thread(w.device):
+            _, scales, offsets = sweep.run(W, None, choose=choose)
     else:
-        codes, scales, offsets = sweep.run(W, None, choose=choose)
+        with _one_thread(w.device):
+            codes, scales, offsets = sweep.run(W, None, choose=choose)
         return assemble(codes, scales, offsets, enc, w.shape, w.dtype, bs, per_row)
     stored_s, stored_o = scales, offsets
     if double_quant:
         stored_s, scales = nest(scales)
         if offsets is not None:
             stored_o, offsets = nest(offsets)
-    codes, _, _ = sweep.run(W, perm, scales=scales, offsets=offsets)
+    with _one_thread(w.device):
+        codes, _, _ = sweep.run(W, perm, scales=scales, offsets=offsets)
     return assemble(codes, stored_s, stored_o, enc, w.shape, w.dtype, bs, per_row)
+
+
+def _factor(H, cols, device, damp, act_order, compute_dtype, cache):
+    """(importance float32 [cols] = diag H, column order or None, U) of a checked H, from
+    `cache` when the same H tensor was factored with the same settings."""
+    key = (id(H), getattr(H, "_version", None), damp, act_order, compute_dtype)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None and hit[0] is H:
+        return hit[1:]
+    H64 = check_hessian(H, cols, device)
+    perm = torch.argsort(H64.diagonal(), descending=True, stable=True) if act_order else None
+    out = (H64.diagonal().to(torch.float32), perm, inverse_factor(H64, damp, perm, compute_dtype))
+    if cache is not None:  # one entry: layers sharing an H are quantized one after another
+        cache.clear()
+        cache[key] = (H,) + out
+    return out
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """The sweep is thousands of small ops; on a busy CPU each one split over threads waits for
+    descheduled workers (measured: 0.04 s per 96 x 256 layer on one thread, 0.1-0.5 s on two).
+    The Hessian's factorisation, before it, keeps every thread."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Sweep:
