@@ -1,5 +1,5 @@
-"""The `qengine` command (also `python -m qengine`): info, formats, quantize, finetune, generate,
-bench, demo and doctor. Bad input ends with one line on stderr and exit status 2."""
+"""The `qengine` command (also `python -m qengine`): info, formats, quantize, eval, finetune,
+generate, bench, demo and doctor. Bad input ends with one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from .._version import DISTRIBUTION, __version__
 from ..doctor import add_doctor_args
 from .demo import add_demo_args
+from .eval_cmd import add_eval_args
 from .info import cmd_formats, cmd_info
 from .model_cmds import add_finetune_args, add_generate_args, add_quantize_args
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_formats)
     add_quantize_args(sub.add_parser("quantize", help="quantize a Hugging Face checkpoint, tensor by tensor"))
+    add_eval_args(sub.add_parser("eval", help="quantization quality: held-out perplexity and per-layer error of "
+                                 "formats x methods (rtn, gptq, search) on a text file"))
     add_finetune_args(sub.add_parser("finetune", help="QLoRA fine-tuning of a model directory on a text file"))
     add_generate_args(sub.add_parser("generate", help="continue a prompt (optionally with a LoRA adapter)"))
     p = sub.add_parser("bench", help="kernel microbenchmarks against copy bandwidth and dense torch")

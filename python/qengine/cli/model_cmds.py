@@ -53,6 +53,12 @@ def _warn_unmatched_skip(model_dir: str, patterns: list[str]) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..hf.checkpoint import quantize_checkpoint
 
+    if args.method != "rtn":
+        return _quantize_calibrated(args)
+    given = [flag for flag, on in (("--calib", args.calib), ("--act-order", args.act_order),
+                                   ("--damp", args.damp != 0.01)) if on]
+    if given:
+        raise ValueError(f"{given[0]} applies to --method gptq, search or gptq+search, not to --method rtn")
     check_writable_dir(args.out_dir, "out_dir")
     if args.skip:
         _warn_unmatched_skip(args.model_dir, args.skip)
@@ -62,6 +68,69 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"quantized {stats['layers']} linear layers to {args.format} ({layout} layout) in {args.out_dir}")
     print(f"  weights before: {_mib(stats['bytes_in'])}, after: {_mib(stats['bytes_out'])} "
           f"({100 * stats['bytes_out'] / max(stats['bytes_in'], 1):.1f}%)")
+    return 0
+
+
+def _quantize_calibrated(args: argparse.Namespace) -> int:
+    """--method gptq / search / gptq+search: the float model loaded whole (not streamed), then
+    quantize_model on calibration windows of the --calib text, then save_quantized."""
+    import time
+
+    import transformers
+
+    from ..formats import get_format
+    from ..hf.checkpoint import _qconfig, copy_side_files, load_config, save_quantized
+    from ..model import quantize_model
+    from .eval_cmd import token_stream
+
+    if args.bnb:
+        raise ValueError("--bnb writes round-to-nearest checkpoints only; drop it for --method " + args.method)
+    if args.calib is None and args.method != "search":
+        raise ValueError(f"--method {args.method} needs calibration text: --calib FILE (.txt or .jsonl)")
+    if args.calib is None and (args.calib_tokens is not None or args.calib_seq_len != 512):
+        raise ValueError("--calib-tokens and --calib-seq-len need --calib FILE")
+    if args.method == "search" and (args.act_order or args.damp != 0.01):
+        raise ValueError("--act-order and --damp apply to --method gptq or gptq+search, not to search")
+    tokens = 32768 if args.calib_tokens is None else args.calib_tokens
+    if args.calib_seq_len < 2 or tokens < args.calib_seq_len:
+        raise ValueError(f"--calib-tokens ({tokens}) must hold at least one window of --calib-seq-len "
+                         f"({args.calib_seq_len} >= 2)")
+    get_format(args.format)
+    check_writable_dir(args.out_dir, "out_dir")
+    if os.path.abspath(args.model_dir) == os.path.abspath(args.out_dir):
+        raise ValueError("the output directory must differ from the model directory")
+    _check_model_dir(args.model_dir)
+    config = load_config(args.model_dir)
+    if _qconfig(config) is not None:
+        raise ValueError(f"{args.model_dir!r} is already quantized ({_qconfig(config).get('quant_method')})")
+    if args.skip:
+        _warn_unmatched_skip(args.model_dir, args.skip)
+    calib, note = None, "no calibration data (data-free search)"
+    if args.calib is not None:
+        stream, tok_name = token_stream(args.model_dir, config.vocab_size, args.calib)
+        n = min(tokens, stream.numel()) // args.calib_seq_len
+        if n < 1:
+            raise ValueError(f"{args.calib} has {stream.numel()} tokens, fewer than one window of --calib-seq-len "
+                             f"{args.calib_seq_len}")
+        calib = stream[: n * args.calib_seq_len].reshape(n, args.calib_seq_len)
+        short = n < tokens // args.calib_seq_len
+        note = (f"{calib.numel():,} calibration tokens ({n} windows of {args.calib_seq_len}, {tok_name} tokenizer) "
+                f"from {args.calib}" + (f", which holds fewer than the {tokens:,} asked" if short else ""))
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    bytes_in = sum(p.numel() * p.element_size() for p in model.parameters())
+    kw = {"damp": args.damp, "act_order": args.act_order} if args.method in ("gptq", "gptq+search") else {}
+    t0 = time.perf_counter()
+    quantize_model(model, args.format, args.blocksize, args.double_quant, skip=quantize_skip(args),
+                   progress=not args.quiet, method=args.method, calibration=calib, **kw)
+    seconds = time.perf_counter() - t0
+    save_quantized(model, args.out_dir)
+    copy_side_files(args.model_dir, args.out_dir)
+    layers = sum(1 for m in model.modules() if type(m).__name__ == "QuantLinear")
+    bytes_out = os.path.getsize(os.path.join(args.out_dir, "model.safetensors"))
+    print(f"quantized {layers} linear layers to {args.format} with {args.method} ({note}) in {seconds:.1f} s, "
+          f"written to {args.out_dir}")
+    print(f"  weights before (float32 in memory): {_mib(bytes_in)}, after: {_mib(bytes_out)} "
+          f"({100 * bytes_out / max(bytes_in, 1):.1f}%)")
     return 0
 
 
@@ -79,6 +148,16 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-default-skip", action="store_true",
                    help="do not keep lm_head in float by default: only the --skip modules stay in float")
     p.add_argument("--bnb", action="store_true", help="write the transformers + bitsandbytes 4-bit layout")
+    p.add_argument("--method", choices=("rtn", "gptq", "search", "gptq+search"), default="rtn",
+                   help="how codes are chosen: rtn (round-to-nearest, streamed tensor by tensor; default), gptq "
+                        "(needs --calib), search (searched block scales; weighted by --calib's activations when "
+                        "given), gptq+search. Non-rtn methods load the whole float model")
+    p.add_argument("--calib", metavar="FILE", help="calibration text (.txt or .jsonl), tokenized with the model's "
+                   "tokenizer (or bytes when it has none); its first --calib-tokens tokens are used")
+    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 32768)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of H's mean diagonal)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ columns in decreasing activation energy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quantize)
 

@@ -4,7 +4,10 @@ models (safetensors + a `quantization_config` in config.json), and the bitsandby
 A qengine checkpoint is the model's state dict, in which each quantized nn.Linear appears as
 QuantLinear stores it (`<module>.weight.<part>` flat tensors plus `<module>.bias`), in
 `model.safetensors`, with config.json's `quantization_config` =
-{"quant_method": "qengine", "format", "blocksize", "double_quant", "modules", "qengine_version"}.
+{"quant_method": "qengine", "format", "blocksize", "double_quant", "modules", "qengine_version",
+"method"} and, for calibrated methods, "calibration_tokens", "sequential" and (GPTQ) "damp",
+"act_order": a record of how the codes were chosen; every method stores the same layout, so
+loading only checks these fields' types.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ __all__ = ["QUANT_METHOD", "check_quantization_config", "require_transformers", 
            "load_model", "save_quantized", "quantize_checkpoint", "iter_checkpoint_tensors"]
 
 QUANT_METHOD = "qengine"
+# How a calibrated checkpoint was made (recorded, never needed to load): key -> accepted types.
+CALIBRATION_KEYS = {"damp": (int, float), "act_order": (bool,), "calibration_tokens": (int,), "sequential": (bool,)}
 log = logging.getLogger("qengine")
 SAFETENSORS_NAME = "model.safetensors"
 
@@ -155,6 +160,13 @@ def check_quantization_config(qc: dict, where: str) -> None:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: quantization_config names an unknown format ({e}); register it with "
                          "qengine.register_format before loading") from None
+    if not isinstance(qc.get("method", "rtn"), str):
+        raise ValueError(f"{where}: quantization_config's method must be a string, got {qc['method']!r}")
+    for key, types in CALIBRATION_KEYS.items():
+        v = qc.get(key)
+        if v is not None and (not isinstance(v, types) or (bool not in types and isinstance(v, bool))):
+            raise ValueError(f"{where}: quantization_config's {key} must be {' or '.join(t.__name__ for t in types)}, "
+                             f"got {v!r}")
     version = qc["qengine_version"]
     try:
         theirs = _series(str(version))
@@ -228,6 +240,7 @@ def load_model(model_dir: str | os.PathLike, format: Optional[str] = None, block
                              f"unexpected {unexpected[:5]}")
         if tied:
             model.tie_weights()
+        model._qengine_method = {k: qc[k] for k in ("method", *CALIBRATION_KEYS) if qc.get(k) is not None}
         return model.eval()
     transformers = require_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -251,13 +264,17 @@ def _save_tensors(tensors: dict, out_dir: str, metadata: dict) -> None:
         save_file(tensors, tmp, metadata=metadata)
 
 
-def _quantization_config(fmt: str, blocksize, double_quant: bool, modules: list[str]) -> dict:
+def _quantization_config(fmt: str, blocksize, double_quant: bool, modules: list[str],
+                         record: Optional[dict] = None) -> dict:
+    """`record`: how the codes were chosen ({"method", ...}; quantize_model leaves it on the model
+    as _qengine_method); default round-to-nearest."""
     return {"quant_method": QUANT_METHOD, "format": fmt, "blocksize": blocksize, "double_quant": double_quant,
-            "modules": modules, "qengine_version": __version__}
+            "modules": modules, "qengine_version": __version__, "method": "rtn", **(record or {})}
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike) -> None:
-    """Writes a model converted by quantize_model as a qengine checkpoint (see module doc)."""
+    """Writes a model converted by quantize_model as a qengine checkpoint (see module doc),
+    recording the method quantize_model used (and its calibration settings)."""
     out_dir = os.fspath(out_dir)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not layers:
@@ -275,7 +292,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike) -> None:
         state[key] = t.detach().contiguous().cpu()
     os.makedirs(out_dir, exist_ok=True)
     _save_tensors(state, out_dir, {"format": "pt"})
-    _write_config(model.config, out_dir, _quantization_config(fmt, bs, dq, [n for n, _ in layers]))
+    _write_config(model.config, out_dir, _quantization_config(fmt, bs, dq, [n for n, _ in layers],
+                                                              getattr(model, "_qengine_method", None)))
 
 
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: str = "nf4",
@@ -285,7 +303,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     or with `bnb` the transformers + bitsandbytes 4-bit layout). Peak memory: one float tensor
     plus the quantized output. Returns {"bytes_in", "bytes_out", "layers"}."""
     from ..compat.bnb import to_bnb_state_dict
-    from .quantizer import _page_out
+    from ._files import _page_out
 
     model_dir, out_dir = os.fspath(model_dir), os.fspath(out_dir)
     if os.path.abspath(model_dir) == os.path.abspath(out_dir):
@@ -338,10 +356,15 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     else:
         qc = _quantization_config(fmt.name, blocksize, double_quant, sorted(found))
     _write_config(config, out_dir, qc)
+    copy_side_files(model_dir, out_dir)
+    return {"bytes_in": bytes_in, "bytes_out": bytes_out, "layers": len(found)}
+
+
+def copy_side_files(model_dir: str, out_dir: str) -> None:
+    """Copies the generation config and tokenizer files of model_dir (those present) to out_dir."""
     for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         src = os.path.join(model_dir, name)
         if os.path.isfile(src):
             with open(src, "rb") as f, atomic_path(os.path.join(out_dir, name)) as tmp:
                 with open(tmp, "wb") as g:
                     g.write(f.read())
-    return {"bytes_in": bytes_in, "bytes_out": bytes_out, "layers": len(found)}

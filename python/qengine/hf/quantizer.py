@@ -11,11 +11,8 @@ tensors without re-quantizing. Importing qengine.hf registers all this.
 
 from __future__ import annotations
 
-import ctypes
-import json
-import mmap
+import logging
 import re
-import sys
 from typing import Optional, Sequence
 
 import torch
@@ -30,7 +27,10 @@ from ..moe import expert_weight_names, experts_layout, is_float_expert_weight, q
 from ..nn import QuantExpertsWeight, QuantLinear
 from ..nn.experts import check_expert_blocks
 from ..tensor import QuantizedTensor
-from .checkpoint import QUANT_METHOD, check_quantization_config, quantizable_linears
+from ..calibrate.driver import METHODS
+from ..calibrate.scale_search import search_scales
+from ._files import _page_out, _read_tensor, _safetensors_index
+from .checkpoint import CALIBRATION_KEYS, QUANT_METHOD, check_quantization_config, quantizable_linears
 
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -39,6 +39,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 __all__ = ["QEngineConfig", "QEngineHfQuantizer", "mark_quantized"]
 
+log = logging.getLogger("qengine")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Checkpoint keys of a QuantLinear weight (QuantizedTensor.state_dict under "<module>.weight."):
 # transformers' loader does not know them; the quantizer reads them itself after loading.
@@ -54,16 +55,32 @@ class QEngineConfig(QuantizationConfigMixin):
         double_quant: quantize the per-block scales again (8-bit, blocks of 256), as QLoRA.
         compute_dtype: dtype the quantized matmuls run in (None: the activations' dtype).
         skip: module names left in float (full, last component, or a parent's name).
+        method: how codes are chosen while loading: "rtn" (round-to-nearest) or "search"
+            (searched block scales, data-free: from_pretrained has no calibration data). GPTQ
+            needs data: load the float model (from_pretrained without quantization_config),
+            ``qengine.quantize_model(model, method="gptq", calibration=ids)``, then
+            ``qengine.hf.mark_quantized(model)`` and ``save_pretrained`` (or
+            ``qengine.hf.save_quantized``); from_pretrained of that folder loads it like any
+            qengine checkpoint (the bytes are RTN's layout).
     ``modules`` and ``qengine_version`` are filled in when a model is quantized and are what a
     saved checkpoint records (config.json's ``quantization_config``, the layout of
-    qengine.hf.checkpoint)."""
+    qengine.hf.checkpoint), with ``method`` and, for calibrated methods, ``damp``,
+    ``act_order``, ``calibration_tokens`` and ``sequential`` (a record only: loading never
+    needs them)."""
 
     def __init__(self, format: str = "nf4", blocksize: Optional[int] = 64, double_quant: bool = True,
                  compute_dtype: Optional[torch.dtype | str] = None, skip: Sequence[str] = ("lm_head",),
-                 modules: Optional[Sequence[str]] = None, qengine_version: Optional[str] = None, **kwargs):
+                 modules: Optional[Sequence[str]] = None, qengine_version: Optional[str] = None, method: str = "rtn",
+                 **kwargs):
         kwargs.pop("quant_method", None)
+        self.calibration = {k: kwargs.pop(k) for k in CALIBRATION_KEYS if kwargs.get(k) is not None}
+        for k in CALIBRATION_KEYS:
+            kwargs.pop(k, None)
         if kwargs:
             raise ValueError(f"QEngineConfig got unknown settings {sorted(kwargs)}")
+        if not isinstance(method, str) or (modules is None and method not in METHODS):
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        self.method = method
         self.quant_method = QUANT_METHOD
         self.format = get_format(format).name  # ValueError naming the available formats
         if blocksize is not None:
@@ -93,7 +110,8 @@ class QEngineConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict:
         return {"quant_method": QUANT_METHOD, "format": self.format, "blocksize": self.blocksize,
                 "double_quant": self.double_quant, "modules": self.modules, "qengine_version": self.qengine_version,
-                "compute_dtype": self.compute_dtype, "skip": list(self.skip)}
+                "compute_dtype": self.compute_dtype, "skip": list(self.skip), "method": self.method,
+                **self.calibration}
 
 
 class _Quantize(ConversionOps):
@@ -124,7 +142,10 @@ class _Quantize(ConversionOps):
         parent, attr = _parent(model, name)
         linear = getattr(parent, attr)
         bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
-        q = quantize(value.contiguous(), cfg.format, cfg.blocksize, cfg.double_quant)
+        if cfg.method == "search":  # data-free: every input channel weighs the same
+            q = search_scales(value.contiguous(), cfg.format, cfg.blocksize, cfg.double_quant)
+        else:
+            q = quantize(value.contiguous(), cfg.format, cfg.blocksize, cfg.double_quant)
         _page_out(value)
         layer = QuantLinear.from_quantized(q, bias, compute_dtype=cfg.torch_compute_dtype)
         if linear.bias is not None and bias is None:  # bias not read yet: transformers fills it later
@@ -190,6 +211,14 @@ class QEngineHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         cfg = self.quantization_config
         if not self.pre_quantized:
+            if cfg.method not in ("rtn", "search"):
+                raise ValueError(f"QEngineConfig(method={cfg.method!r}) needs calibration data, which from_pretrained "
+                                 "does not have: load the float model (from_pretrained without quantization_config), "
+                                 f"call qengine.quantize_model(model, method={cfg.method!r}, calibration=token_ids), then "
+                                 "qengine.hf.mark_quantized(model) and save_pretrained (or qengine.hf.save_quantized)")
+            if cfg.method == "search" and _experts_targets(model, list(cfg.skip)):
+                log.info("qengine: method='search' applies to nn.Linear layers; Mixture-of-Experts weights are "
+                         "quantized with round-to-nearest")
             skip = list(cfg.skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
             self._targets = set(quantizable_linears(model, skip))
             for name in _experts_targets(model, skip):
@@ -244,79 +273,9 @@ class QEngineHfQuantizer(HfQuantizer):
         return True
 
 
-_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; their contents are kept (re-read or swapped)
-
-
-def _page_out(t: torch.Tensor) -> None:
-    """Asks the kernel to drop the pages of a CPU float weight just quantized. transformers reads
-    checkpoints through mmap, so every weight read stays resident as page cache mapped into this
-    process (counted in its RSS) until loading ends; paging it out keeps the resident size near
-    the quantized model. Contents are preserved (a file page is re-read on access, an anonymous
-    one swapped), so this is only a hint, skipped where unsupported."""
-    if t.device.type != "cpu" or t.numel() * t.element_size() < (1 << 20) or not sys.platform.startswith("linux"):
-        return
-    if t.untyped_storage().resizable():  # torch's own allocation (not a view of a file): freed anyway
-        return
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            _libc = False
-    if not _libc:
-        return
-    page = mmap.PAGESIZE
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    lo, hi = -(-start // page) * page, end // page * page
-    if hi > lo:
-        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_PAGEOUT))  # errors ignored
-
-
-_libc = None
-
-
 def _parent(model: nn.Module, name: str):
     path, _, attr = name.rpartition(".")
     return (model.get_submodule(path) if path else model), attr
-
-
-_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-              "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-def _safetensors_index(path: str) -> tuple[int, dict]:
-    """(offset of the data section, {name: header entry}) of a safetensors file."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
-        n = int.from_bytes(head, "little")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} has a corrupt safetensors header: {e}") from None
-    header.pop("__metadata__", None)
-    return 8 + n, header
-
-
-def _read_tensor(f, path: str, base: int, key: str, entry: dict) -> torch.Tensor:
-    """One tensor read with plain file reads into its own memory (no mmap, so the file's pages
-    never count in this process's resident size)."""
-    try:
-        dtype = _ST_DTYPES[entry["dtype"]]
-        shape = [int(s) for s in entry["shape"]]
-        begin, end = (int(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{path}: tensor {key} has an unreadable header entry {entry!r}") from None
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if end - begin != nbytes:
-        raise ValueError(f"{path}: tensor {key} spans {end - begin} bytes, its shape and dtype need {nbytes}")
-    f.seek(base + begin)
-    if nbytes and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != nbytes:
-        raise ValueError(f"{path}: tensor {key} is truncated")
-    return t
 
 
 def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
@@ -408,7 +367,8 @@ def mark_quantized(model: nn.Module) -> QEngineConfig:
         raise ValueError(f"layers use several quantization settings {sorted(map(str, kinds))}; a checkpoint records one")
     fmt, bs, dq = kinds.pop()
     cdt = {m.compute_dtype for _, m in layers}
-    cfg = QEngineConfig(fmt, bs, dq, compute_dtype=cdt.pop() if len(cdt) == 1 else None)
+    record = dict(getattr(model, "_qengine_method", None) or {"method": "rtn"})
+    cfg = QEngineConfig(fmt, bs, dq, compute_dtype=cdt.pop() if len(cdt) == 1 else None, **record)
     cfg.modules, cfg.qengine_version = sorted(n for n, _ in layers), __version__
     model.config.quantization_config = cfg
     keep_quantized_expert_keys(model)
