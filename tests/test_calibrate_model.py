@@ -1,0 +1,363 @@
+"""quantize_model(method="gptq" | "search" | "gptq+search", calibration=...): the capture block by
+block (H equal to X^T X of the float model's inputs, shared by layers reading one input),
+RTN's layout, lower error than RTN on a tiny Llama trained here on the shipped demo text,
+sequential and not, the whole-model fallback, MoE experts, checkpoints that record the method
+and reload to identical logits, the CLI (quantize --method gptq, eval), and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import qengine
+from qengine.calibrate.blockwise import blockwise
+from qengine.calibrate.capture import calibration_batches, find_blocks
+from qengine.calibrate.evaluate import layer_errors
+from qengine.nn import QuantLinear
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra)")
+
+DEMO = os.path.join(os.path.dirname(qengine.__file__), "assets", "demo_text.txt")
+SEQ = 64
+PROJ = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Hundreds of small ops (GPTQ's column sweep, a tiny model's forward); on a loaded 2-core
+    machine each op split over threads waits for a descheduled worker. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _llama(seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    cfg.update(over)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture(scope="module")
+def stream():
+    from qengine.text_data import ByteTokenizer, read_texts, tokenize_corpus
+
+    return tokenize_corpus(read_texts(DEMO), ByteTokenizer())
+
+
+@pytest.fixture(scope="module")
+def split(stream):
+    """(calibration windows [24, 64], held-out windows [the rest, 64]) of the demo text."""
+    n = stream.numel() // SEQ
+    windows = stream[: n * SEQ].reshape(n, SEQ)
+    return windows[:24], windows[24:]
+
+
+@pytest.fixture(scope="module")
+def trained(stream):
+    """A tiny Llama trained 60 steps on the demo text (trained weights, as real models have:
+    correlated activations of unequal energy, which is where GPTQ beats round-to-nearest)."""
+    model = _llama(seed=1).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        starts = torch.randint(0, stream.numel() - SEQ, (8,), generator=gen)
+        ids = torch.stack([stream[s:s + SEQ] for s in starts.tolist()])
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _quantized(model, method, calib=None, **kw):
+    m = copy.deepcopy(model)
+    extra = {} if calib is None else {"calibration": calib}
+    return qengine.quantize_model(m, "int4", 64, True, progress=False, method=method, **extra, **kw)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------- capture
+def test_blockwise_capture_equals_float_inputs_xtx():
+    # Non-sequential capture on a model whose down_proj input (1024 wide) is summed as strips:
+    # every H equals X^T X (float64) of the layer's inputs in a plain forward, and q/k/v (and
+    # gate/up) share one H object.
+    model = _llama(seed=2, intermediate_size=1024)
+    ids = torch.randint(0, 259, (6, 40))
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    want, handles = {}, []
+    for n in names:
+        def hook(mod, args, n=n):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            want[n] = want.get(n, 0) + x.T @ x
+        handles.append(model.get_submodule(n).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids[:2])
+        model(input_ids=ids[2:])
+    for h in handles:
+        h.remove()
+    got, owners = {}, {}
+
+    def record(nms, hooks):
+        for n in nms:
+            got[n], rows = hooks.hessian(n)
+            owners[n] = hooks.owner(n)
+            assert rows == ids.numel()
+        return 0
+
+    batches = calibration_batches([ids[:2], ids[2:]], model)
+    with torch.no_grad():
+        blockwise(model, find_blocks(model, names), names, [], batches, True, False, record, lambda e: None)
+    assert set(got) == set(names)
+    for n in names:
+        assert torch.allclose(got[n].double(), want[n], rtol=1e-4, atol=1e-3 * float(want[n].diagonal().max())), n
+    assert owners["model.layers.0.self_attn.k_proj"] == owners["model.layers.0.self_attn.v_proj"] == \
+        "model.layers.0.self_attn.q_proj"
+    assert got["model.layers.1.mlp.up_proj"] is got["model.layers.1.mlp.gate_proj"]
+
+
+# ---------------------------------------------------------------------------- quality and layout
+def test_gptq_has_rtn_layout_and_lower_error(trained, split):
+    calib, held = split
+    rtn = _quantized(trained, "rtn")
+    gptq = _quantized(trained, "gptq", calib)
+    for name in (f"model.layers.{i}.{p}" for i in range(2) for p in PROJ):
+        a, b = gptq.get_submodule(name), rtn.get_submodule(name)
+        assert isinstance(a, QuantLinear)
+        sa, sb = a.quantized().state_dict(), b.quantized().state_dict()
+        assert {k: (v.shape, v.dtype) for k, v in sa.items()} == {k: (v.shape, v.dtype) for k, v in sb.items()}
+        assert a.quantized().bits_per_param == b.quantized().bits_per_param
+    assert qengine.memory_report(gptq)["total"]["bytes"] == qengine.memory_report(rtn)["total"]["bytes"]
+    ref = _logits(trained, held)
+    assert _rel(_logits(gptq, held), ref) < 0.9 * _rel(_logits(rtn, held), ref)
+    # Per layer, on the float model's inputs (robust: each layer isolated from the others).
+    weights = {m: {n: mod.quantized() for n, mod in q.named_modules() if isinstance(mod, QuantLinear)}
+               for m, q in (("rtn", rtn), ("gptq", gptq))}
+    errs = layer_errors(trained, weights, held)
+    assert all(e["gptq"] < e["rtn"] for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("method", ["search", "gptq+search"])
+def test_other_methods_beat_rtn(trained, split, method):
+    calib, held = split
+    ref = _logits(trained, held)
+    rtn = _rel(_logits(_quantized(trained, "rtn"), held), ref)
+    assert _rel(_logits(_quantized(trained, method, calib), held), ref) < rtn
+
+
+def test_sequential_and_not_both_work(trained, split):
+    calib, held = split
+    ref = _logits(trained, held)
+    rtn = _rel(_logits(_quantized(trained, "rtn"), held), ref)
+    seq = _quantized(trained, "gptq", calib)
+    non = _quantized(trained, "gptq", calib, sequential=False)
+    assert non._qengine_method["sequential"] is False and seq._qengine_method["sequential"] is True
+    for m in (seq, non):
+        assert _rel(_logits(m, held), ref) < rtn
+    first = "model.layers.0.self_attn.q_proj"  # block 0 sees the same (float) inputs either way
+    assert torch.equal(seq.get_submodule(first).quantized().packed, non.get_submodule(first).quantized().packed)
+    last = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(seq.get_submodule(last).quantized().packed, non.get_submodule(last).quantized().packed)
+
+
+def test_whole_model_fallback_for_sequential_models(caplog):
+    torch.manual_seed(0)
+    mix = torch.randn(48, 48) / 7 + torch.eye(48)
+    model = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 32))
+    calib, held = torch.randn(512, 48) @ mix, torch.randn(256, 48) @ mix
+    with caplog.at_level(logging.INFO, logger="qengine"):
+        q = qengine.quantize_model(copy.deepcopy(model), "int4", 32, False, progress=False, method="gptq",
+                                   calibration=[calib[:256], calib[256:]])
+    assert "no decoder-block list" in caplog.text
+    assert q._qengine_method["sequential"] is False and q._qengine_method["calibration_tokens"] == 512
+    rtn = qengine.quantize_model(copy.deepcopy(model), "int4", 32, False, progress=False)
+    with torch.no_grad():
+        ref = model(held)
+        assert _rel(q(held), ref) < _rel(rtn(held), ref)
+
+
+def test_moe_experts_use_round_to_nearest(caplog):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from qengine.nn import QuantExpertsWeight
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                         num_experts_per_tok=2)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (4, 32))
+    with caplog.at_level(logging.INFO, logger="qengine"):
+        q = qengine.quantize_model(copy.deepcopy(model), "nf4", 64, progress=False, method="gptq", calibration=ids)
+    assert "Mixture-of-Experts" in caplog.text and "round-to-nearest" in caplog.text
+    assert sum(isinstance(m, QuantExpertsWeight) for m in q.modules()) == 4
+    assert isinstance(q.model.layers[1].self_attn.o_proj, QuantLinear)
+    assert _rel(_logits(q, ids), _logits(model, ids)) < 0.3
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_checkpoint_records_method_and_reloads_identically(trained, split, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qengine.hf import load_model, mark_quantized, save_quantized
+
+    calib, held = split
+    q = _quantized(trained, "gptq", calib, act_order=True, damp=0.02)
+    save_quantized(q, tmp_path / "a")
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert (qc["method"], qc["damp"], qc["act_order"], qc["calibration_tokens"], qc["sequential"]) == \
+        ("gptq", 0.02, True, calib.numel(), True)
+    want = _logits(q, held[:2])
+    assert torch.equal(_logits(load_model(tmp_path / "a"), held[:2]), want)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "a"), held[:2]), want)
+    mark_quantized(q)
+    q.save_pretrained(tmp_path / "b")
+    qc = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]
+    assert (qc["method"], qc["damp"], qc["calibration_tokens"]) == ("gptq", 0.02, calib.numel())
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "b"), held[:2]), want)
+
+
+def test_from_pretrained_search_and_gptq_refusal(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qengine.hf import QEngineConfig
+
+    trained.save_pretrained(tmp_path / "float")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=QEngineConfig(method="search"))
+    w = trained.model.layers[0].mlp.down_proj.weight
+    got = m.model.layers[0].mlp.down_proj.dequantize(torch.float32)
+    want = qengine.calibrate.search_scales(w.detach().contiguous(), "nf4", 64, True).dequantize(torch.float32)
+    assert torch.equal(got, want)
+    assert m.config.quantization_config.to_dict()["method"] == "search"
+    with pytest.raises(ValueError, match="quantize_model"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=QEngineConfig(method="gptq"))
+    with pytest.raises(ValueError, match="method must be one of"):
+        QEngineConfig(method="awq")
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_quantize_gptq_and_eval(trained, tmp_path, capsys):
+    from qengine.cli import main
+    from qengine.hf import load_model
+
+    trained.save_pretrained(tmp_path / "float")
+    assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "q"), "--method", "gptq", "--calib", DEMO,
+                 "--calib-tokens", "1024", "--calib-seq-len", "64", "--format", "int4", "--quiet"]) == 0
+    assert "with gptq (1,024 calibration tokens (16 windows of 64" in capsys.readouterr().out
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (qc["method"], qc["format"], qc["calibration_tokens"]) == ("gptq", "int4", 1024)
+    assert isinstance(load_model(tmp_path / "q").model.layers[1].mlp.up_proj, QuantLinear)
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "float"), "--data", DEMO, "--methods", "rtn,gptq", "--formats", "int4",
+                 "--seq-len", "64", "--calib-tokens", "1024", "--eval-tokens", "1024", "--json", str(out),
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "int4/gptq" in text and "model.layers.1.mlp.down_proj" in text and "16 non-overlapping windows" in text
+    doc = json.loads(out.read_text())
+    assert doc["calibration"] == {"tokens": 1024, "windows": 16, "start": 0}
+    assert doc["held_out"]["start"] == 1024 and doc["held_out"]["scored_tokens"] == 16 * 63
+    assert [c["label"] for c in doc["configs"]] == ["int4/rtn", "int4/gptq"]
+    assert all(c["bits_per_param"] > 4 for c in doc["configs"])
+    errs = doc["layers"]["model.layers.0.mlp.down_proj"]
+    assert errs["int4/gptq"] < errs["int4/rtn"]
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("calib_cli") / "float"
+    _llama().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "{float}", "{out}", "--method", "gptq"], "needs calibration text: --calib"),
+    (["quantize", "{float}", "{out}", "--method", "gptq", "--calib", "{missing}"], "does not exist"),
+    (["quantize", "{float}", "{out}", "--calib", "{demo}"], "--calib applies to --method gptq"),
+    (["quantize", "{float}", "{out}", "--method", "gptq", "--calib", "{demo}", "--bnb"], "--bnb"),
+    (["eval", "{float}", "--data", "{demo}", "--methods", "rtn,awq"], "unknown method 'awq'"),
+    (["eval", "{float}", "--data", "{demo}", "--seq-len", "64", "--calib-tokens", "3920"], "too few"),
+    (["eval", "{float}", "--data", "{demo}", "--formats", "nf5"], "nf5"),
+])
+def test_cli_errors(random_dir, tmp_path, capsys, argv, message):
+    from qengine.cli import main
+
+    capsys.readouterr()
+    fill = {"float": str(random_dir), "out": str(tmp_path / "out"), "demo": DEMO, "missing": str(tmp_path / "no.txt")}
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qengine: error:") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("calibration, message", [
+    (torch.randn(2, 16), "token ids"),
+    (torch.randint(0, 259, (2, 3, 4)), "shape"),
+    (torch.randint(0, 259, (2, 0)), "non-empty"),
+    (torch.full((2, 8), 300), "vocabulary"),
+    ([torch.randint(0, 259, (2, 8)), "text"], "calibration batch 1"),
+    ([], "no batches"),
+])
+def test_bad_calibration_batches(calibration, message):
+    model = _llama()
+    with pytest.raises((ValueError, TypeError), match=message):
+        qengine.quantize_model(model, progress=False, method="gptq", calibration=calibration)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_bad_method_arguments():
+    model, ids = _llama(), torch.randint(0, 259, (2, 8))
+    for kw, message in [({"method": "gptq"}, "needs calibration data"),
+                        ({"method": "gptq+search"}, "needs calibration data"),
+                        ({"method": "rtn", "calibration": ids}, "uses no calibration data"),
+                        ({"method": "search", "act_order": True}, "act_order=True applies to GPTQ"),
+                        ({"method": "awq", "calibration": ids}, "method must be one of"),
+                        ({"method": "gptq", "calibration": ids, "damp": -1.0}, "damp"),
+                        ({"method": "gptq", "calibration": ids, "sparsity": "2:4"}, "method='rtn' only")]:
+        with pytest.raises(ValueError, match=message):
+            qengine.quantize_model(model, progress=False, **kw)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_nan_activations_name_the_layer_and_leave_the_model_unchanged():
+    model = _llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate_proj.weight[3, 5] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj.*not finite"):
+        qengine.quantize_model(model, progress=False, method="gptq", calibration=torch.randint(0, 259, (2, 16)))
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before
+                                                 if before[k].isfinite().all())
+
+
+def test_no_data_reached_a_layer():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Net()
+    with pytest.raises(ValueError, match="no calibration data reached unused"):
+        qengine.quantize_model(model, "int4", 32, progress=False, method="gptq", calibration=torch.randn(8, 16))
+    assert isinstance(model.used, nn.Linear)
