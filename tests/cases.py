@@ -58,3 +58,28 @@ def make_input(shape, dtype, kind: str = "randn") -> torch.Tensor:
     else:
         raise ValueError(kind)
     return x.reshape(shape).to(dtype)
+
+
+# ---------------------------------------------------------------------------- special values
+def special_inputs() -> dict[str, torch.Tensor]:
+    """Inputs of 200 values that stress a quantizer: zeros of both signs, constants, subnormals,
+    values near the float32 limit, magnitudes spanning 60 decades."""
+    g = torch.Generator().manual_seed(1234)
+    tiny = torch.randn(200, generator=g) * 1e-41  # subnormal float32
+    return {
+        "zeros": torch.zeros(200),
+        "neg_zeros": -torch.zeros(200),
+        "constant": torch.full((200,), 3.25),
+        "negative_constant": torch.full((200,), -0.75),
+        "one_nonzero": torch.cat([torch.zeros(99), torch.tensor([2.5]), torch.zeros(100)]),
+        "all_negative": -torch.rand(200, generator=g) - 0.1,
+        "all_positive": torch.rand(200, generator=g) + 0.1,
+        "subnormal": tiny,
+        "smallest_subnormal": torch.tensor([1.4e-45, 0.0, -1.4e-45, 2.8e-45] * 50),
+        "huge": torch.randn(200, generator=g).clamp(-3, 3) * 1e38,
+        "float32_max": torch.tensor([3.4028234663852886e38, -3.0e38, 1.0, 0.0] * 50),
+        "mixed_magnitudes": torch.randn(200, generator=g) * torch.logspace(-30, 30, 200),
+    }
+
+
+SPECIAL = special_inputs()

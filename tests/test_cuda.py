@@ -13,9 +13,8 @@ import torch
 
 import qengine
 import reference as R
-from cases import DTYPES, FORMAT_NAMES, TORCH_JIT_DEPRECATION, fmt_of, make_input
-from test_functional import SPECIAL
-from test_matmul import _bound, _reference_weight
+from cases import DTYPES, FORMAT_NAMES, SPECIAL, TORCH_JIT_DEPRECATION, fmt_of, make_input
+from support import matmul_bound, reference_weight
 
 pytestmark = pytest.mark.cuda
 
@@ -126,7 +125,7 @@ def _cuda_bound(x64, w64, dtype, extra=0.0):
     """test_matmul's bound, plus, for more than 16 rows in half precision (the dense path:
     the weight rounded to x's dtype, and cuBLAS allowed reduced-precision reductions), two
     more roundings of that dtype."""
-    bound = _bound(x64, w64, dtype, extra)
+    bound = matmul_bound(x64, w64, dtype, extra)
     rows = x64.reshape(-1, x64.shape[-1]).shape[0]
     if rows > qengine._ops.SMALL_BATCH_ROWS and dtype != torch.float32:
         eps = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
@@ -150,7 +149,7 @@ def test_matmul_matches_reference_and_cpu(layer, m, dtype, dq):
     n, k, bs = layer
     w = torch.randn(n, k)
     q = qengine.quantize(w, "nf4", bs, double_quant=dq)
-    w64 = _reference_weight(w, "nf4", bs, dq)
+    w64 = reference_weight(w, "nf4", bs, dq)
     x = torch.randn(m, k).to(dtype)
     y = qengine.matmul(x.cuda(), q.to("cuda"))
     _check_against_reference(y, x, w64, dtype)
@@ -167,7 +166,7 @@ def test_matmul_every_format(fmt, layer, m):
     n, k, bs = layer
     w = torch.randn(n, k)
     q = qengine.quantize(w, fmt_of(fmt), bs, double_quant=True)
-    w64 = _reference_weight(w, fmt, bs, True)
+    w64 = reference_weight(w, fmt, bs, True)
     x = torch.randn(2, m, k)
     _check_against_reference(qengine.matmul(x.cuda(), q.to("cuda")), x, w64, torch.float32)
 
@@ -196,7 +195,7 @@ def test_matmul_t_matches_reference(fmt, layer, m):
     n, k, bs = layer
     w = torch.randn(n, k)
     q = qengine.quantize(w, fmt_of(fmt), bs, double_quant=True)
-    w64 = _reference_weight(w, fmt, bs, True)
+    w64 = reference_weight(w, fmt, bs, True)
     table = q.format.kernel_tables("cuda")[0]
     qg = q.to("cuda")
     scales, nested = qg._kernel_scales()

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import qengine
-from test_model import Tiny
+from support import Tiny
 
 WORLD = 2
 STEPS = 3

@@ -184,7 +184,7 @@ def test_cli_in_a_subprocess_prints_the_table():
 def test_device_errors_suggest_the_doctor():
     meta = torch.empty(8, device="meta")
     with pytest.raises(ValueError, match="qengine doctor"):
-        qengine._ops._check_device("x", meta)
+        qengine._ops.check_device("x", meta)
     with pytest.raises(ValueError, match=r"meta.*qengine doctor"):
         qengine.optim.PagedAdamW([torch.nn.Parameter(meta)])
     if not qengine._C.cuda_compiled:

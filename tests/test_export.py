@@ -12,7 +12,7 @@ from torch import nn
 
 import qengine
 from qengine.nn import LoRALinear, QuantLinear
-from test_model import Tiny
+from support import Tiny
 
 MODES = [pytest.param(False, id="nonstrict"), pytest.param(True, id="strict")]
 

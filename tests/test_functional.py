@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import qengine
 import reference as ref
-from cases import BLOCKSIZES, DTYPES, FORMAT_NAMES, ODD_SHAPES, fmt_of, make_input
+from cases import BLOCKSIZES, DTYPES, FORMAT_NAMES, ODD_SHAPES, SPECIAL, fmt_of, make_input
 from qengine.tensor import QuantizedTensor
 
 
@@ -119,28 +119,6 @@ def test_partial_last_block(fmt, n):
 
 
 # ---------------------------------------------------------------------------- special values
-def _special_inputs() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1234)
-    tiny = torch.randn(200, generator=g) * 1e-41  # subnormal float32
-    return {
-        "zeros": torch.zeros(200),
-        "neg_zeros": -torch.zeros(200),
-        "constant": torch.full((200,), 3.25),
-        "negative_constant": torch.full((200,), -0.75),
-        "one_nonzero": torch.cat([torch.zeros(99), torch.tensor([2.5]), torch.zeros(100)]),
-        "all_negative": -torch.rand(200, generator=g) - 0.1,
-        "all_positive": torch.rand(200, generator=g) + 0.1,
-        "subnormal": tiny,
-        "smallest_subnormal": torch.tensor([1.4e-45, 0.0, -1.4e-45, 2.8e-45] * 50),
-        "huge": torch.randn(200, generator=g).clamp(-3, 3) * 1e38,
-        "float32_max": torch.tensor([3.4028234663852886e38, -3.0e38, 1.0, 0.0] * 50),
-        "mixed_magnitudes": torch.randn(200, generator=g) * torch.logspace(-30, 30, 200),
-    }
-
-
-SPECIAL = _special_inputs()
-
-
 @pytest.mark.parametrize("case", list(SPECIAL))
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 def test_special_values(fmt, case):

@@ -10,26 +10,13 @@ import pytest
 import torch
 
 import qengine
-import reference as R
 from cases import TORCH_JIT_DEPRECATION, fmt_of
+from support import matmul_bound, reference_weight
 
 BATCHES = [1, 3, 16, 17, 64]
 # (out_features, in_features, blocksize): the fused kernel's shape (K % 128 == 0), a
 # block-aligned K that is not, per-row blocks, and flat blocks that straddle rows.
 LAYERS = [(96, 256, 64), (40, 192, 32), (33, 384, None), (30, 200, 64)]
-
-
-def _reference_weight(w, fmt, bs, dq):
-    return R.dequantize(R.quantize(w, fmt_of(fmt), bs, dq), torch.float32).to(torch.float64)
-
-
-def _bound(x64, w64, dtype, extra=0.0):
-    """|error| bound: float32 accumulation over K (grows like sqrt(K) * eps) plus the rounding
-    of the output to `dtype`."""
-    k = x64.shape[-1]
-    mag = x64.abs() @ w64.abs().t() + extra
-    eps_out = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
-    return 8 * math.sqrt(k) * 2.0**-24 * mag + eps_out * mag
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda l: f"{l[0]}x{l[1]}-{'row' if l[2] is None else l[2]}")
@@ -40,13 +27,13 @@ def test_forward_matches_reference(layer, m, dtype, dq):
     n, k, bs = layer
     w = torch.randn(n, k)
     q = qengine.quantize(w, "nf4", bs, double_quant=dq)
-    w64 = _reference_weight(w, "nf4", bs, dq)
+    w64 = reference_weight(w, "nf4", bs, dq)
     x = torch.randn(m, k).to(dtype)
     y = qengine.matmul(x, q)
     assert y.dtype == dtype and y.shape == (m, n)
     x64 = x.to(torch.float64)
     ref = x64 @ w64.t()
-    assert ((y.to(torch.float64) - ref).abs() <= _bound(x64, w64, dtype)).all()
+    assert ((y.to(torch.float64) - ref).abs() <= matmul_bound(x64, w64, dtype)).all()
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "int4", "int8", "uint4", "uint8", "cb5", "cb200"])
@@ -54,13 +41,13 @@ def test_forward_matches_reference(layer, m, dtype, dq):
 def test_every_format(fmt, m):
     w = torch.randn(48, 256)
     q = qengine.quantize(w, fmt_of(fmt), 64, double_quant=True)
-    w64 = _reference_weight(w, fmt, 64, True)
+    w64 = reference_weight(w, fmt, 64, True)
     x = torch.randn(2, m, 256)
     y = qengine.matmul(x, q)
     x64 = x.to(torch.float64)
     ref = x64 @ w64.t()
     assert y.shape == (2, m, 48)
-    assert ((y.to(torch.float64) - ref).abs() <= _bound(x64, w64, torch.float32)).all()
+    assert ((y.to(torch.float64) - ref).abs() <= matmul_bound(x64, w64, torch.float32)).all()
 
 
 @pytest.mark.parametrize("m", [1, 4, 16, 40])
@@ -124,7 +111,7 @@ def test_bfloat16_activations_every_isa(m):
         for isa in qengine.build_info()["supported_cpu_isas"]:
             qengine.set_cpu_isa(isa)
             y = qengine.matmul(x, q).to(torch.float64)
-            assert ((y - ref).abs() <= _bound(x64, w64, torch.bfloat16)).all(), isa
+            assert ((y - ref).abs() <= matmul_bound(x64, w64, torch.bfloat16)).all(), isa
     finally:
         qengine.set_cpu_isa(original)
 
@@ -251,7 +238,7 @@ def test_half_precision_lora_adapters(adapter_dtype, m):
     w64 = q.dequantize().to(torch.float64)
     ref = x64 @ w64.t() + 1.5 * (x64 @ a64.t()) @ b64.t()
     extra = 1.5 * (x64 @ a64.t()).abs() @ b64.abs().t()
-    assert ((y.to(torch.float64) - ref).abs() <= _bound(x64, w64, torch.bfloat16, extra)).all()
+    assert ((y.to(torch.float64) - ref).abs() <= matmul_bound(x64, w64, torch.bfloat16, extra)).all()
 
 
 def test_direct_call_matches_the_op_and_keeps_dispatch_visible():
@@ -344,4 +331,4 @@ def test_large_batch_tiles_match_the_whole_layer_product(monkeypatch, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2.0**-7
     assert torch.allclose(y.float(), whole.float(), rtol=tol, atol=tol * 10)
     x64, w64 = x.to(torch.float64), q.dequantize().to(torch.float64)
-    assert ((y.to(torch.float64) - x64 @ w64.t()).abs() <= _bound(x64, w64, dtype)).all()
+    assert ((y.to(torch.float64) - x64 @ w64.t()).abs() <= matmul_bound(x64, w64, dtype)).all()

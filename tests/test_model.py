@@ -14,35 +14,7 @@ from torch import nn
 
 import qengine
 from qengine.nn import LoRALinear, QuantLinear
-
-
-class Block(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.up_proj = nn.Linear(d, h)
-        self.down_proj = nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        return x + self.down_proj(torch.relu(self.up_proj(self.norm(x))))
-
-
-class Tiny(nn.Module):
-    """Embedding, two blocks and an output head: the shape of a small language model."""
-
-    def __init__(self, vocab=64, d=128, h=256, tied=False):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList([Block(d, h), Block(d, h)])
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        if tied:
-            self.lm_head.weight = self.embed.weight
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.lm_head(x)
+from support import Tiny, train_lora
 
 
 def test_quantize_model_replaces_linears_and_matches_reference():
@@ -183,26 +155,12 @@ def test_adapter_files(tmp_path):
         qengine.save_adapter(Tiny(), tmp_path / "none.safetensors")
 
 
-def _train(model, ids, steps, step_fn=None):
-    opt = torch.optim.AdamW(qengine.lora_parameters(model), lr=1e-2)
-    fn = step_fn if step_fn is not None else model
-    losses = []
-    for _ in range(steps):
-        logits = fn(ids[:, :-1])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_qlora_loop_reduces_loss():
     torch.manual_seed(0)
     model = qengine.add_lora(qengine.quantize_model(Tiny(), progress=False), r=8, alpha=16)
     ids = torch.randint(0, 64, (4, 17))
     frozen = {n: t.clone() for n, t in model.state_dict().items() if "lora_" not in n}
-    losses = _train(model, ids, 8)
+    losses = train_lora(model, ids, 8)
     assert losses[-1] < 0.9 * losses[0]
     after = model.state_dict()
     assert all(torch.equal(after[n], t) for n, t in frozen.items())  # only the adapters moved

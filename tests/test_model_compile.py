@@ -12,7 +12,7 @@ from torch import nn
 import qengine
 from cases import TORCH_JIT_DEPRECATION
 from qengine.nn import LoRALinear, QuantLinear
-from test_model import Tiny, _train
+from support import Tiny, train_lora
 
 
 class Mixed(nn.Module):
@@ -55,7 +55,7 @@ def test_qlora_loop_eager_and_inductor_match():
     model = qengine.add_lora(qengine.quantize_model(Tiny(), progress=False), r=8, alpha=16)
     twin = copy.deepcopy(model)
     ids = torch.randint(0, 64, (4, 9))  # 32 rows per layer: the dense-fallback path
-    eager = _train(model, ids, 4)
-    compiled = _train(twin, ids, 4, torch.compile(twin, fullgraph=True))
+    eager = train_lora(model, ids, 4)
+    compiled = train_lora(twin, ids, 4, torch.compile(twin, fullgraph=True))
     assert compiled[-1] < compiled[0]
     assert compiled == pytest.approx(eager, rel=1e-4)

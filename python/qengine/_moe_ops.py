@@ -19,7 +19,7 @@ import torch
 
 from . import _C
 from ._checks import check_float, check_same_device
-from ._ops import (_DTYPE_CODES, _check_device, _check_weight, _dense_scales, _dense_weight, _weight_args)
+from ._ops import (DTYPE_CODES, check_device, check_weight, dense_scales, dense_weight, weight_args)
 
 # gate_layout codes (csrc/include/qengine/moe.h)
 GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE = 0, 1, 2
@@ -50,7 +50,7 @@ def _check_matrix(name, state, offsets, bias, lora_a, lora_b, E, N, K, bits, blo
                          "every expert starts on a block")
     if (N * K * bits) % 8:
         raise ValueError(f"{name}: one expert's {N}x{K} weight does not fill whole bytes at {bits} bits")
-    _check_weight(packed, table, scales, nested, offsets, bits, blocksize, E * N * K)
+    check_weight(packed, table, scales, nested, offsets, bits, blocksize, E * N * K)
     check_same_device(device, **{f"{name} packed": packed})
     if bias is not None:
         check_float(f"{name} bias", bias)
@@ -74,7 +74,7 @@ def _check_args(x, top_k_index, top_k_weights, up, down, up_offsets, down_offset
                 up_lora_b, down_lora_a, down_lora_b, meta):
     E, inter, up_bits, up_bs, down_bits, down_bs, gate_layout, act = _unpack_meta(meta)
     check_float("hidden_states", x)
-    _check_device("hidden_states", x)
+    check_device("hidden_states", x)
     if x.dim() != 2:
         raise ValueError(f"hidden_states must be 2-D [tokens, hidden], got shape {tuple(x.shape)}")
     T, H = x.shape
@@ -111,12 +111,12 @@ def _check_index_range(top_k_index: torch.Tensor, E: int) -> None:
 
 def _matrix_args(state, offsets, bits, blocksize, N, K, bias, lora_a, lora_b, lora_scale, lora_dtype):
     packed, table, scales, nested = _split(state)
-    args = _weight_args(packed, blocksize, table, bits, scales, nested, offsets)
-    bias_args = (bias.data_ptr(), _DTYPE_CODES[bias.dtype]) if bias is not None else (0, 0)
+    args = weight_args(packed, blocksize, table, bits, scales, nested, offsets)
+    bias_args = (bias.data_ptr(), DTYPE_CODES[bias.dtype]) if bias is not None else (0, 0)
     if lora_a is None:
         lora_args = (0, 0, 0, 0, 0.0)
     else:
-        lora_args = (lora_a.data_ptr(), lora_b.data_ptr(), _DTYPE_CODES[lora_dtype], lora_a.shape[1],
+        lora_args = (lora_a.data_ptr(), lora_b.data_ptr(), DTYPE_CODES[lora_dtype], lora_a.shape[1],
                      float(lora_scale))
     return (*args, N, K, *bias_args, *lora_args)
 
@@ -158,14 +158,14 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
         return y
     out = torch.empty(T, H, dtype=xc.dtype)
     if T:
-        _C.cast_float_cpu(y.data_ptr(), T * H, out.data_ptr(), _DTYPE_CODES[xc.dtype])
+        _C.cast_float_cpu(y.data_ptr(), T * H, out.data_ptr(), DTYPE_CODES[xc.dtype])
     return out
 
 
 def _moe_experts_cpu(xc, idx, w, E, H, inter, up, down, up_offsets, down_offsets, ubias, dbias, ua, ub, da, db,
                      lora_scale, up_bits, up_bs, down_bits, down_bs, n_up, gate_layout, act, y):
     """One native call; the kernel fills y (float32 [T, H])."""
-    _C.moe_experts_cpu(xc.data_ptr(), _DTYPE_CODES[xc.dtype], xc.shape[0], H, idx.data_ptr(), w.data_ptr(),
+    _C.moe_experts_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], xc.shape[0], H, idx.data_ptr(), w.data_ptr(),
                        idx.shape[1], E,
                        _matrix_args(up, up_offsets, up_bits, up_bs, n_up, H, ubias, ua, ub, lora_scale,
                                     None if ua is None else ua.dtype),
@@ -191,7 +191,7 @@ def _(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias
 def _dense_matrix(state, offsets, bits, blocksize, E, N, K) -> torch.Tensor:
     """All experts of one matrix as float32 [E, N, K] (one layer's weight at a time)."""
     packed, table, scales, nested = _split(state)
-    w = _dense_weight(packed, table, _dense_scales(scales, nested), offsets, bits, blocksize, E * N, K, torch.float32)
+    w = dense_weight(packed, table, dense_scales(scales, nested), offsets, bits, blocksize, E * N, K, torch.float32)
     return w.view(E, N, K)
 
 

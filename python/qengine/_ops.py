@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 from . import _C
 from ._checks import FLOAT_DTYPES, check_contiguous, check_dtype, check_float, check_numel, check_same_device
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _SUPPORTED_DEVICES = ("cpu", "cuda") if _C.cuda_compiled else ("cpu",)
 
 
@@ -33,7 +33,7 @@ def _cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _nblocks(numel: int, blocksize: int) -> int:
+def num_blocks(numel: int, blocksize: int) -> int:
     return -(-numel // blocksize)
 
 
@@ -52,7 +52,7 @@ def unsupported_device_message(name: str, t: torch.Tensor, what: str = "qengine 
     return f"{name} is on {t.device}; {what} {', '.join(_SUPPORTED_DEVICES)} tensors{why}; {DOCTOR_HINT}"
 
 
-def _check_device(name: str, t: torch.Tensor) -> None:
+def check_device(name: str, t: torch.Tensor) -> None:
     if t.device.type not in _SUPPORTED_DEVICES:
         raise ValueError(unsupported_device_message(name, t))
 
@@ -74,7 +74,7 @@ def _check_tables(table: torch.Tensor, midpoints: Optional[torch.Tensor], order:
 
 def _check_quantize_args(x, table, midpoints, order, bits, blocksize, rule):
     check_float("x", x)
-    _check_device("x", x)
+    check_device("x", x)
     check_contiguous("x", x)
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
@@ -83,15 +83,15 @@ def _check_quantize_args(x, table, midpoints, order, bits, blocksize, rule):
     _check_tables(table, midpoints, order, bits, x.device)
 
 
-def _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel):
+def check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel):
     check_dtype("packed", packed, torch.uint8)
-    _check_device("packed", packed)
+    check_device("packed", packed)
     check_contiguous("packed", packed)
     if blocksize < 1 or numel < 0:
         raise ValueError(f"blocksize must be >= 1 and numel >= 0, got {blocksize}, {numel}")
     _check_tables(table, None, None, bits, packed.device)
     check_numel("packed", packed, _packed_bytes(numel, bits))
-    nb = _nblocks(numel, blocksize)
+    nb = num_blocks(numel, blocksize)
     for name, t in (("scales", scales), ("offsets", offsets)):
         if t is None:
             continue
@@ -115,7 +115,7 @@ def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, midpoints: torch.Te
         if bits != 8 or rule != 0:
             raise ValueError("grid_lut is only supported for 8-bit absmax formats")
     n = x.numel()
-    nb = _nblocks(n, blocksize)
+    nb = num_blocks(n, blocksize)
     packed = torch.empty(_packed_bytes(n, bits), dtype=torch.uint8, device=x.device)
     scales = torch.empty(nb, dtype=torch.float32, device=x.device)
     offsets = torch.empty(nb if rule == 1 else 0, dtype=torch.float32, device=x.device)
@@ -125,14 +125,14 @@ def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, midpoints: torch.Te
         if n:
             flags = torch.empty(1, dtype=torch.int32, device=x.device)
             with torch.cuda.device(x.device):
-                _C.cuda.quantize(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, table.data_ptr(),
+                _C.cuda.quantize(x.data_ptr(), DTYPE_CODES[x.dtype], n, blocksize, table.data_ptr(),
                                  midpoints.data_ptr(), sorted_to_code.data_ptr(), bits, identity_order,
                                  grid_lut.data_ptr() if grid_lut is not None else 0, rule, packed.data_ptr(),
                                  scales.data_ptr(), offsets.data_ptr() if rule == 1 else 0, flags.data_ptr(),
                                  _cuda_stream(x.device))
         return packed, scales, offsets
     if n:
-        _C.quantize_cpu(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, table.data_ptr(), midpoints.data_ptr(),
+        _C.quantize_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], n, blocksize, table.data_ptr(), midpoints.data_ptr(),
                         sorted_to_code.data_ptr(), bits, identity_order,
                         grid_lut.data_ptr() if grid_lut is not None else 0, rule, packed.data_ptr(), scales.data_ptr(),
                         offsets.data_ptr() if rule == 1 else 0)
@@ -142,7 +142,7 @@ def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, midpoints: torch.Te
 @quantize_blockwise.register_fake
 def _(x, table, midpoints, sorted_to_code, grid_lut, bits, blocksize, rule, identity_order):
     n = x.numel()
-    nb = _nblocks(n, blocksize)
+    nb = num_blocks(n, blocksize)
     return (x.new_empty(_packed_bytes(n, bits), dtype=torch.uint8), x.new_empty(nb, dtype=torch.float32),
             x.new_empty(nb if rule == 1 else 0, dtype=torch.float32))
 
@@ -153,7 +153,7 @@ def _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out
     buffer allocated just now is written through the cache, where its zeroed pages still are."""
     if numel == 0:
         return
-    code = _DTYPE_CODES[out.dtype]
+    code = DTYPE_CODES[out.dtype]
     off = offsets.data_ptr() if offsets is not None else 0
     if packed.device.type == "cuda":
         stream = torch.cuda.current_stream(packed.device).cuda_stream
@@ -169,7 +169,7 @@ def _dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out
 def dequantize_blockwise(packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
                          offsets: Optional[torch.Tensor], bits: int, blocksize: int, numel: int,
                          dtype: torch.dtype) -> torch.Tensor:
-    _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
+    check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     out = torch.empty(numel, dtype=dtype, device=packed.device)
@@ -186,7 +186,7 @@ def _(packed, table, scales, offsets, bits, blocksize, numel, dtype):
 def dequantize_blockwise_out(packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
                              offsets: Optional[torch.Tensor], bits: int, blocksize: int, numel: int,
                              out: torch.Tensor) -> None:
-    _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
+    check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
     check_float("out", out)
     check_contiguous("out", out)
     check_numel("out", out, numel)
@@ -211,7 +211,7 @@ def kmeans_accumulate(x: torch.Tensor, blocksize: int, table: torch.Tensor, midp
     _check_tables(table, midpoints, None, bits, x.device)
     sums = torch.zeros(2**bits, dtype=torch.float64)
     counts = torch.zeros(2**bits, dtype=torch.float64)
-    sse = _C.kmeans_accumulate_cpu(x.data_ptr(), _DTYPE_CODES[x.dtype], x.numel(), blocksize, table.data_ptr(),
+    sse = _C.kmeans_accumulate_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], x.numel(), blocksize, table.data_ptr(),
                                    midpoints.data_ptr(), bits, rule, sums.data_ptr(), counts.data_ptr())
     return sums, counts, sse
 
@@ -224,26 +224,26 @@ SMALL_BATCH_ROWS = 16
 
 def _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_features, nested):
     check_float("x", x)
-    _check_device("x", x)
+    check_device("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features)")
     in_features = x.shape[-1]
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
-    _check_weight(packed, table, scales, nested, offsets, bits, blocksize, out_features * in_features)
+    check_weight(packed, table, scales, nested, offsets, bits, blocksize, out_features * in_features)
     check_same_device(x.device, packed=packed)
 
 
-def _check_weight(packed, table, scales, nested, offsets, bits, blocksize, numel):
+def check_weight(packed, table, scales, nested, offsets, bits, blocksize, numel):
     """The quantized weight of matmul / matmul_t, with plain or double-quantized scales."""
     if nested is None:
-        _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
+        check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
     else:
-        _check_dequantize_args(packed, table, None, offsets, bits, blocksize, numel)
-        _check_nested(scales, nested, _nblocks(numel, blocksize), packed.device)
+        check_dequantize_args(packed, table, None, offsets, bits, blocksize, numel)
+        check_nested(scales, nested, num_blocks(numel, blocksize), packed.device)
 
 
-def _check_nested(codes, nested, nblocks, device):
+def check_nested(codes, nested, nblocks, device):
     """nested = [table float32 [256], absmax float32 [ceil(nblocks / nbs)], mean float32 [],
     nested_blocksize int64 []] for scales stored as uint8 codes [nblocks]."""
     if len(nested) != 4:
@@ -259,14 +259,14 @@ def _check_nested(codes, nested, nblocks, device):
     nested_bs = int(nbs)
     if nested_bs < 1:
         raise ValueError(f"nested blocksize must be >= 1, got {nested_bs}")
-    check_numel("nested absmax", absmax, _nblocks(nblocks, nested_bs))
+    check_numel("nested absmax", absmax, num_blocks(nblocks, nested_bs))
     check_dtype("nested mean", mean, torch.float32)
     check_numel("nested mean", mean, 1)
     check_contiguous("nested table", table)  # the CUDA kernels read it (and the mean) by address
     check_same_device(device, scales=codes, nested_table=table, nested_absmax=absmax, nested_mean=mean)
 
 
-def _dense_scales(scales, nested):
+def dense_scales(scales, nested):
     """Float32 per-block scales from the (possibly double-quantized) argument pair."""
     if nested is None:
         return scales
@@ -276,7 +276,7 @@ def _dense_scales(scales, nested):
     return out + mean.reshape(())
 
 
-def _weight_args(packed, blocksize, table, bits, scales, nested, offsets):
+def weight_args(packed, blocksize, table, bits, scales, nested, offsets):
     """The quantized weight as _C.matmul_cpu / matmul_t_cpu take it: packed ptr, blocksize,
     table ptr, bits, rule, scales ptr, nested table ptr, nested absmax ptr, nested blocksize,
     mean, offsets ptr."""
@@ -291,7 +291,7 @@ def _weight_args(packed, blocksize, table, bits, scales, nested, offsets):
 
 
 def _cuda_weight_args(packed, blocksize, table, bits, scales, nested, offsets):
-    """As _weight_args for _C.cuda.matmul / matmul_t, with the nested mean passed by device
+    """As weight_args for _C.cuda.matmul / matmul_t, with the nested mean passed by device
     address (read in the kernel: no host synchronisation)."""
     rule = 1 if offsets is not None else 0
     offsets_ptr = offsets.data_ptr() if offsets is not None else 0
@@ -355,12 +355,12 @@ def _tiled_product_cpu(x2, packed, table, scales, offsets, bits, blocksize, n):
         w = tile[: min(rows, n - first)]
         if k:
             _C.dequantize_range_cpu(packed.data_ptr(), first * k, w.numel(), blocksize, table.data_ptr(), bits, rule,
-                                    scales.data_ptr(), off, w.data_ptr(), _DTYPE_CODES[x2.dtype])
+                                    scales.data_ptr(), off, w.data_ptr(), DTYPE_CODES[x2.dtype])
         y[:, first:first + w.shape[0]] = x2 @ w.t()
     return y
 
 
-def _dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, dtype):
+def dense_weight(packed, table, scales, offsets, bits, blocksize, n, k, dtype):
     w = torch.empty(n, k, dtype=dtype, device=packed.device)
     _dequantize_into(packed, table, scales, offsets, bits, blocksize, n * k, w)
     return w
@@ -405,25 +405,25 @@ def _matmul_impl(x, packed, table, scales, scales_nested, offsets, bits, blocksi
     scales_nested = scales_nested or None
     _check_matmul_args(x, packed, table, scales, offsets, bits, blocksize, out_features, scales_nested)
     k, n = x.shape[-1], out_features
-    _check_lora(lora_a, lora_b, k, n, x.device)
+    check_lora(lora_a, lora_b, k, n, x.device)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if x.device.type == "cpu" and m <= SMALL_BATCH_ROWS:
         xc = x2.contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
         if m and n:
-            _C.matmul_cpu(xc.data_ptr(), _DTYPE_CODES[xc.dtype], m, k, k, n,
-                          *_weight_args(packed, blocksize, table, bits, scales, scales_nested, offsets), y.data_ptr())
+            _C.matmul_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, k, n,
+                          *weight_args(packed, blocksize, table, bits, scales, scales_nested, offsets), y.data_ptr())
         y = cpu_small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale)
     elif x.device.type == "cuda" and m <= SMALL_BATCH_ROWS:
         y = _matmul_cuda_small(x2, packed, table, scales, scales_nested, offsets, bits, blocksize, n, lora_a, lora_b,
                                lora_scale).to(x.dtype)
     else:
-        dense_scales = _dense_scales(scales, scales_nested)
+        flat_scales = dense_scales(scales, scales_nested)
         if x.device.type == "cpu":
-            y = _tiled_product_cpu(x2, packed, table, dense_scales, offsets, bits, blocksize, n)
+            y = _tiled_product_cpu(x2, packed, table, flat_scales, offsets, bits, blocksize, n)
         else:
-            w = _dense_weight(packed, table, dense_scales, offsets, bits, blocksize, n, k, x.dtype)
+            w = dense_weight(packed, table, flat_scales, offsets, bits, blocksize, n, k, x.dtype)
             y = x2 @ w.t()
             del w  # the dense copy lives only for this product
         if lora_a is not None:
@@ -442,17 +442,17 @@ def cpu_small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale):
     if lora_a is not None and m and n:
         af = lora_a.contiguous()
         bf = lora_b.to(af.dtype).contiguous()
-        _C.lora_epilogue_cpu(xc.data_ptr(), _DTYPE_CODES[xc.dtype], m, k, af.data_ptr(), bf.data_ptr(),
-                             _DTYPE_CODES[af.dtype], af.shape[0], n, float(lora_scale), y.data_ptr())
+        _C.lora_epilogue_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, af.data_ptr(), bf.data_ptr(),
+                             DTYPE_CODES[af.dtype], af.shape[0], n, float(lora_scale), y.data_ptr())
     if xc.dtype == torch.float32:
         return y
     out = torch.empty(m, n, dtype=xc.dtype)
     if m and n:
-        _C.cast_float_cpu(y.data_ptr(), m * n, out.data_ptr(), _DTYPE_CODES[xc.dtype])
+        _C.cast_float_cpu(y.data_ptr(), m * n, out.data_ptr(), DTYPE_CODES[xc.dtype])
     return out
 
 
-def _check_lora(a, b, k, n, device):
+def check_lora(a, b, k, n, device):
     if (a is None) != (b is None):
         raise ValueError("lora_a and lora_b must be given together")
     if a is None:
@@ -476,9 +476,9 @@ def matmul_t(g: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales:
     """gx[..., K] = g[..., N] @ W for the quantized W [N, K] (the backward of matmul for x)."""
     scales_nested = scales_nested or None
     check_float("g", g)
-    _check_device("g", g)
+    check_device("g", g)
     n, k = g.shape[-1], in_features
-    _check_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n * k)
+    check_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n * k)
     check_same_device(g.device, packed=packed)
     g2 = g.reshape(-1, n)
     m = g2.shape[0]
@@ -487,13 +487,13 @@ def matmul_t(g: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales:
         gx = torch.empty(m, k, dtype=torch.float32)
         if m and k:
             _C.matmul_t_cpu(gf.data_ptr(), m, n, k,
-                            *_weight_args(packed, blocksize, table, bits, scales, scales_nested, offsets),
+                            *weight_args(packed, blocksize, table, bits, scales, scales_nested, offsets),
                             gx.data_ptr())
         gx = gx.to(g.dtype)
     elif g.device.type == "cuda" and m <= SMALL_BATCH_ROWS:
         gx = _matmul_t_cuda_small(g2, packed, table, scales, scales_nested, offsets, bits, blocksize, k).to(g.dtype)
     else:
-        w = _dense_weight(packed, table, _dense_scales(scales, scales_nested), offsets, bits, blocksize, n, k, g.dtype)
+        w = dense_weight(packed, table, dense_scales(scales, scales_nested), offsets, bits, blocksize, n, k, g.dtype)
         gx = g2 @ w
         del w
     return gx.reshape(*g.shape[:-1], k)

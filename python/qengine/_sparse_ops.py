@@ -18,8 +18,8 @@ import torch
 
 from . import _C, _ops
 from ._checks import FLOAT_DTYPES, check_contiguous, check_dtype, check_float, check_numel, check_same_device
-from ._ops import (_DTYPE_CODES, SMALL_BATCH_ROWS, _check_dequantize_args, _check_device, _check_lora, _check_nested,
-                   _dense_scales, _nblocks)
+from ._ops import (DTYPE_CODES, SMALL_BATCH_ROWS, check_dequantize_args, check_device, check_lora, check_nested,
+                   dense_scales, num_blocks)
 
 # Weights per group and kept per group of the layout.
 GROUP, KEPT = 4, 2
@@ -35,10 +35,10 @@ def _check_sparse_weight(packed, positions, table, scales, nested, offsets, bits
         raise ValueError(f"a 2:4 weight needs a multiple of 4 elements, got {numel}")
     stored = numel // 2
     if nested is None:
-        _check_dequantize_args(packed, table, scales, offsets, bits, blocksize, stored)
+        check_dequantize_args(packed, table, scales, offsets, bits, blocksize, stored)
     else:
-        _check_dequantize_args(packed, table, None, offsets, bits, blocksize, stored)
-        _check_nested(scales, nested, _nblocks(stored, blocksize), packed.device)
+        check_dequantize_args(packed, table, None, offsets, bits, blocksize, stored)
+        check_nested(scales, nested, num_blocks(stored, blocksize), packed.device)
     check_dtype("positions", positions, torch.uint8)
     check_contiguous("positions", positions)
     check_numel("positions", positions, positions_bytes(numel))
@@ -50,7 +50,7 @@ def _dequantize_into(packed, positions, table, scales, offsets, bits, blocksize,
         return
     args = (packed.data_ptr(), positions.data_ptr(), numel // 2, blocksize, table.data_ptr(), bits,
             1 if offsets is not None else 0, scales.data_ptr(), offsets.data_ptr() if offsets is not None else 0,
-            out.data_ptr(), _DTYPE_CODES[out.dtype])
+            out.data_ptr(), DTYPE_CODES[out.dtype])
     if packed.device.type == "cuda":
         _C.cuda.sparse24_dequantize(*args, torch.cuda.current_stream(packed.device).cuda_stream)
     else:
@@ -62,7 +62,7 @@ def sparse24_dequantize(packed: torch.Tensor, positions: torch.Tensor, table: to
                         offsets: Optional[torch.Tensor], bits: int, blocksize: int, numel: int,
                         dtype: torch.dtype) -> torch.Tensor:
     """The dense flat weight [numel] (dtype) of a 2:4 sparse tensor; pruned positions are 0."""
-    _check_device("packed", packed)
+    check_device("packed", packed)
     _check_sparse_weight(packed, positions, table, scales, None, offsets, bits, blocksize, numel)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -89,7 +89,7 @@ def _weight_args(packed, positions, blocksize, table, bits, scales, nested, offs
 
 def _dense(packed, positions, table, scales, nested, offsets, bits, blocksize, n, k, dtype):
     w = torch.empty(n, k, dtype=dtype, device=packed.device)
-    _dequantize_into(packed, positions, table, _dense_scales(scales, nested), offsets, bits, blocksize, n * k, w)
+    _dequantize_into(packed, positions, table, dense_scales(scales, nested), offsets, bits, blocksize, n * k, w)
     return w
 
 
@@ -104,7 +104,7 @@ def sparse24_matmul(x: torch.Tensor, packed: torch.Tensor, positions: torch.Tens
     dense GEMM."""
     scales_nested = scales_nested or None
     check_float("x", x)
-    _check_device("x", x)
+    check_device("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features)")
     k, n = x.shape[-1], out_features
@@ -114,14 +114,14 @@ def sparse24_matmul(x: torch.Tensor, packed: torch.Tensor, positions: torch.Tens
         raise ValueError(f"a 2:4 weight needs in_features divisible by 4, got {k}")
     _check_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n * k)
     check_same_device(x.device, packed=packed)
-    _check_lora(lora_a, lora_b, k, n, x.device)
+    check_lora(lora_a, lora_b, k, n, x.device)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if x.device.type == "cpu" and m <= SMALL_BATCH_ROWS:
         xc = x2.contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
         if m and n:
-            _C.sparse24_matmul_cpu(xc.data_ptr(), _DTYPE_CODES[xc.dtype], m, k, k, n,
+            _C.sparse24_matmul_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, k, n,
                                    *_weight_args(packed, positions, blocksize, table, bits, scales, scales_nested,
                                                  offsets), y.data_ptr())
         y = _ops.cpu_small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale)
@@ -155,7 +155,7 @@ def _backward(ctx, grad):
     gx = ga = gb = None
     if ctx.needs_input_grad[0]:
         # The weight is frozen; the transposed product runs on the dequantized layer (freed at once).
-        w = torch.ops.qengine.sparse24_dequantize(packed, positions, table, _dense_scales(scales, nested or None),
+        w = torch.ops.qengine.sparse24_dequantize(packed, positions, table, dense_scales(scales, nested or None),
                                                   offsets, bits, blocksize, n * k, grad.dtype).reshape(n, k)
         gx = (grad.reshape(-1, n) @ w).reshape(*grad.shape[:-1], k).to(x_dtype)
         del w

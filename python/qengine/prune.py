@@ -115,14 +115,15 @@ def prune(target, sparsity: float = 0.5, pattern: str = "unstructured", scores=N
     return pruned, mask
 
 
-def _skipped(name: str, skip: Sequence[str]) -> bool:
+def is_skipped(name: str, skip: Sequence[str]) -> bool:
+    """Whether module `name` is one of `skip` (a module, its children, or an fnmatch pattern)."""
     return any(name == s or name.startswith(s + ".") or fnmatch.fnmatchcase(name, s) for s in skip)
 
 
 def _linear_layers(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Linear]]:
     if isinstance(skip, str):
         raise TypeError("skip must be a list of module names or patterns, not a string")
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_skipped(n, skip)]
 
 
 def _prune_model(model, sparsity, pattern, scores, input_norms, skip) -> dict[str, torch.Tensor]:

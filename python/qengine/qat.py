@@ -22,7 +22,7 @@ from torch import nn
 
 from ._checks import check_blocksize, check_contiguous, check_float
 from .formats import Format, get_format
-from .prune import _skipped
+from .prune import is_skipped
 
 __all__ = ["fake_quantize", "FakeQuantLinear", "prepare", "convert"]
 
@@ -174,7 +174,7 @@ def prepare(model: nn.Module, format: str | Format = "int4", blocksize: Optional
         raise TypeError("skip must be a list of module names or patterns, not a string")
     get_format(format)
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and name and not _skipped(name, skip)]
+               if type(m) is nn.Linear and name and not is_skipped(name, skip)]
     if isinstance(model, nn.Linear) and type(model) is nn.Linear:
         raise TypeError("prepare() swaps the nn.Linear children of a model; wrap a bare nn.Linear with "
                         "FakeQuantLinear.from_linear instead")

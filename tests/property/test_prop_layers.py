@@ -19,8 +19,8 @@ import reference as R
 from checks import check_raises, matmul_bound, underflow
 from profiles import PROFILE
 from qengine.nn import LoRALinear, QuantLinear
+from sparse_reference import ref_sparse_dequantize
 from strategies import BAD_DTYPES, blocksizes, formats, make_values, make_view, unchanged, value_specs
-from test_sparse24 import ref_sparse_dequantize
 
 DIM = st.sampled_from([1, 4, 7, 16, 31, 33, 64, 100, 128, 129, 260]) | st.integers(1, 200)
 BATCH = st.lists(st.sampled_from([0, 1, 2, 3, 5, 16, 17]), min_size=0, max_size=2).map(tuple)

@@ -17,9 +17,9 @@ import reference as R
 from checks import check_raises, matmul_bound, quantize_error
 from profiles import PROFILE
 from qengine.qat import FakeQuantLinear, fake_quantize
+from sparse_reference import ref_sparse_dequantize
 from strategies import (any_dtypes, blocksizes, formats, make_values, make_view, shapes, unchanged, value_specs,
                         views)
-from test_sparse24 import ref_sparse_dequantize
 
 HALF_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._bnb_layout import from_bnb_state_dict, to_bnb_state_dict
 from .._checks import FLOAT_DTYPES, check_blocksize
 from .._ops import call_matmul
 from ..formats import Format, get_format
@@ -292,8 +293,6 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        from ..compat.bnb import from_bnb_state_dict  # the bitsandbytes layout, when saved by it
-
         own = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] == "weight"]
         if any(".quant_state.bitsandbytes__" in k for k in own):
             q = from_bnb_state_dict(state_dict, prefix + "weight")
@@ -333,8 +332,6 @@ class QuantLinear(nn.Module):
 
     def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The transformers + bitsandbytes ``Linear4bit`` state dict of this layer (nf4/fp4)."""
-        from ..compat.bnb import to_bnb_state_dict
-
         sd = to_bnb_state_dict(self.quantized(), prefix + "weight")
         if self.bias is not None:
             sd[prefix + "bias"] = self.bias.detach()

@@ -17,7 +17,7 @@ import torch
 
 from .. import _C
 from .._checks import check_contiguous, check_dtype, check_numel
-from .._ops import _DTYPE_CODES, unsupported_device_message
+from .._ops import DTYPE_CODES, unsupported_device_message
 from ..formats import STATE8_SIGNED_FORM, STATE8_UNSIGNED_FORM, get_format
 
 BLOCK = 256  # elements per 8-bit state block (one absmax each)
@@ -183,7 +183,7 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, 
         return
     tasks = torch.tensor([[param.data_ptr(), grad.data_ptr(), state1.data_ptr(), state2.data_ptr(),
                            absmax1.data_ptr() if eight else 0, absmax2.data_ptr() if eight else 0, n,
-                           _DTYPE_CODES[param.dtype], 0, 0]], dtype=torch.int64)
+                           DTYPE_CODES[param.dtype], 0, 0]], dtype=torch.int64)
     hyper = torch.tensor([hyper_row(lr, beta1, beta2, eps, weight_decay, step, maximize)], dtype=torch.float32)
     run_tasks(tasks, hyper, 8 if eight else 32, param.device)
 

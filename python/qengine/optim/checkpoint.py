@@ -16,6 +16,7 @@ import math
 import torch
 
 from . import _ops
+from .groups import check_group
 
 KEYS = {32: ("step", "exp_avg", "exp_avg_sq"), 8: ("step", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")}
 TENSOR_KEYS = {32: KEYS[32][1:], 8: KEYS[8][1:5]}  # the states themselves
@@ -128,8 +129,6 @@ def _check_state(i: int, p: torch.Tensor, st: object, bits: int) -> dict:
 
 
 def load_state_dict(opt, sd: dict) -> None:
-    from .adamw import check_group  # (adamw imports this module)
-
     if not isinstance(sd, dict) or set(sd) != {"state", "param_groups"}:
         keys = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
         raise ValueError(f"an optimizer state_dict has exactly the keys 'state' and 'param_groups', got {keys}")
