@@ -15,22 +15,7 @@ import torch
 
 from .._io import atomic_write, check_writable_file
 
-__all__ = ["add_eval_args", "cmd_eval", "token_stream"]
-
-
-def token_stream(model_dir: str, vocab_size: int, path: str):
-    """(int64 token stream of the text file, tokenizer name): the model directory's tokenizer,
-    else the byte tokenizer (as `qengine finetune` reads its data)."""
-    from ..finetune import load_tokenizer
-    from ..text_data import ByteTokenizer, read_texts, tokenize_corpus
-
-    texts = read_texts(path)  # ValueError naming the file when missing, not UTF-8, empty
-    tok = load_tokenizer(model_dir, vocab_size)
-    stream = tokenize_corpus(texts, tok)
-    if int(stream.max()) >= vocab_size:
-        raise ValueError(f"the tokenizer of {model_dir} produces ids up to {int(stream.max())}, outside the model's "
-                         f"vocabulary of {vocab_size}")
-    return stream, "bytes" if isinstance(tok, ByteTokenizer) else type(tok).__name__
+__all__ = ["add_eval_args", "cmd_eval"]
 
 
 def _csv(value: str, what: str) -> list[str]:
@@ -69,13 +54,13 @@ def _check_args(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..calibrate.evaluate import Config, evaluate, split_tokens
-    from ..hf.checkpoint import _qconfig, load_config
-    from .model_cmds import _check_model_dir
+    from ..hf.checkpoint import saved_quantization_config, load_config
+    from .model_cmds import check_model_dir, token_stream
 
     formats, methods = _check_args(args)
-    _check_model_dir(args.model_dir)
+    check_model_dir(args.model_dir)
     config = load_config(args.model_dir)
-    if _qconfig(config) is not None:
+    if saved_quantization_config(config) is not None:
         raise ValueError(f"{args.model_dir!r} is already quantized; qengine eval measures a float model's quantization")
     stream, tok_name = token_stream(args.model_dir, config.vocab_size, args.data)
     calib, held = split_tokens(stream, args.seq_len, args.calib_tokens, args.eval_tokens)

@@ -71,6 +71,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def token_stream(model_dir: str, vocab_size: int, path: str):
+    """(int64 token stream of the text file, tokenizer name): the model directory's tokenizer,
+    else the byte tokenizer (as `qengine finetune` reads its data)."""
+    from ..finetune import load_tokenizer
+    from ..text_data import ByteTokenizer, read_texts, tokenize_corpus
+
+    texts = read_texts(path)  # ValueError naming the file when missing, not UTF-8, empty
+    tok = load_tokenizer(model_dir, vocab_size)
+    stream = tokenize_corpus(texts, tok)
+    if int(stream.max()) >= vocab_size:
+        raise ValueError(f"the tokenizer of {model_dir} produces ids up to {int(stream.max())}, outside the model's "
+                         f"vocabulary of {vocab_size}")
+    return stream, "bytes" if isinstance(tok, ByteTokenizer) else type(tok).__name__
+
+
 def _quantize_calibrated(args: argparse.Namespace) -> int:
     """--method gptq / search / gptq+search: the float model loaded whole (not streamed), then
     quantize_model on calibration windows of the --calib text, then save_quantized."""
@@ -79,9 +94,8 @@ def _quantize_calibrated(args: argparse.Namespace) -> int:
     import transformers
 
     from ..formats import get_format
-    from ..hf.checkpoint import _qconfig, copy_side_files, load_config, save_quantized
+    from ..hf.checkpoint import saved_quantization_config, copy_side_files, load_config, save_quantized
     from ..model import quantize_model
-    from .eval_cmd import token_stream
 
     if args.bnb:
         raise ValueError("--bnb writes round-to-nearest checkpoints only; drop it for --method " + args.method)
@@ -99,10 +113,10 @@ def _quantize_calibrated(args: argparse.Namespace) -> int:
     check_writable_dir(args.out_dir, "out_dir")
     if os.path.abspath(args.model_dir) == os.path.abspath(args.out_dir):
         raise ValueError("the output directory must differ from the model directory")
-    _check_model_dir(args.model_dir)
+    check_model_dir(args.model_dir)
     config = load_config(args.model_dir)
-    if _qconfig(config) is not None:
-        raise ValueError(f"{args.model_dir!r} is already quantized ({_qconfig(config).get('quant_method')})")
+    if saved_quantization_config(config) is not None:
+        raise ValueError(f"{args.model_dir!r} is already quantized ({saved_quantization_config(config).get('quant_method')})")
     if args.skip:
         _warn_unmatched_skip(args.model_dir, args.skip)
     calib, note = None, "no calibration data (data-free search)"
@@ -166,7 +180,7 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "pytorch_model.bin.index.json")
 
 
-def _check_model_dir(model_dir: str) -> None:
+def check_model_dir(model_dir: str) -> None:
     """Fails fast, with a ValueError naming the file, on a model directory that cannot load:
     no or malformed config.json, no weights file, a safetensors file whose header or size is
     wrong (e.g. truncated). Reads configs and headers only."""
@@ -204,7 +218,7 @@ def _load(model_dir: str, fmt: str):
 
     from ..hf.checkpoint import load_model
 
-    _check_model_dir(model_dir)
+    check_model_dir(model_dir)
     try:
         model = load_model(model_dir, format=fmt)
     except (OSError, SafetensorError) as e:  # what the checks above cannot see (e.g. a damaged .bin)

@@ -13,7 +13,7 @@ import torch
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; their contents are kept (re-read or swapped)
 
 
-def _page_out(t: torch.Tensor) -> None:
+def page_out(t: torch.Tensor) -> None:
     """Asks the kernel to drop the pages of a CPU float weight just quantized. transformers reads
     checkpoints through mmap, so every weight read stays resident as page cache mapped into this
     process (counted in its RSS) until loading ends; paging it out keeps the resident size near
@@ -46,7 +46,7 @@ _ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": to
               "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-def _safetensors_index(path: str) -> tuple[int, dict]:
+def safetensors_index(path: str) -> tuple[int, dict]:
     """(offset of the data section, {name: header entry}) of a safetensors file."""
     with open(path, "rb") as f:
         head = f.read(8)
@@ -61,7 +61,7 @@ def _safetensors_index(path: str) -> tuple[int, dict]:
     return 8 + n, header
 
 
-def _read_tensor(f, path: str, base: int, key: str, entry: dict) -> torch.Tensor:
+def read_tensor(f, path: str, base: int, key: str, entry: dict) -> torch.Tensor:
     """One tensor read with plain file reads into its own memory (no mmap, so the file's pages
     never count in this process's resident size)."""
     try:

@@ -29,7 +29,8 @@ from ..moe import is_experts_module, is_float_expert_weight, quantize_experts
 from ..nn import QuantExpertsWeight, QuantLinear
 
 __all__ = ["QUANT_METHOD", "check_quantization_config", "require_transformers", "load_config", "build_model", "quantizable_linears",
-           "load_model", "save_quantized", "quantize_checkpoint", "iter_checkpoint_tensors"]
+           "load_model", "save_quantized", "quantize_checkpoint", "iter_checkpoint_tensors", "saved_quantization_config",
+           "copy_side_files", "CALIBRATION_KEYS"]
 
 QUANT_METHOD = "qengine"
 # How a calibrated checkpoint was made (recorded, never needed to load): key -> accepted types.
@@ -134,7 +135,8 @@ def iter_checkpoint_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str,
             raise ValueError(f"cannot read {path}: {e}") from None
 
 
-def _qconfig(model_config) -> Optional[dict]:
+def saved_quantization_config(model_config) -> Optional[dict]:
+    """The quantization_config a transformers config records, as a dict (None: a float model)."""
     qc = getattr(model_config, "quantization_config", None)
     if qc is None:
         return None
@@ -222,7 +224,7 @@ def load_model(model_dir: str | os.PathLike, format: Optional[str] = None, block
 
     model_dir = os.fspath(model_dir)
     config = load_config(model_dir)
-    qc = _qconfig(config)
+    qc = saved_quantization_config(config)
     if qc is not None and qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{model_dir!r} is quantized with {qc.get('quant_method')!r}; qengine loads its own "
                          "checkpoints and float ones")
@@ -303,14 +305,14 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     or with `bnb` the transformers + bitsandbytes 4-bit layout). Peak memory: one float tensor
     plus the quantized output. Returns {"bytes_in", "bytes_out", "layers"}."""
     from ..compat.bnb import to_bnb_state_dict
-    from ._files import _page_out
+    from ._files import page_out
 
     model_dir, out_dir = os.fspath(model_dir), os.fspath(out_dir)
     if os.path.abspath(model_dir) == os.path.abspath(out_dir):
         raise ValueError("the output directory must differ from the model directory")
     config = load_config(model_dir)
-    if _qconfig(config) is not None:
-        raise ValueError(f"{model_dir!r} is already quantized ({_qconfig(config).get('quant_method')})")
+    if saved_quantization_config(config) is not None:
+        raise ValueError(f"{model_dir!r} is already quantized ({saved_quantization_config(config).get('quant_method')})")
     fmt = get_format(format)
     if bnb and fmt.name not in ("nf4", "fp4"):
         raise ValueError(f"the bitsandbytes layout holds nf4 or fp4 weights, not {fmt.name}")
@@ -338,7 +340,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
             q = quantize(t.float().contiguous(), fmt, blocksize, double_quant)
             out.update(to_bnb_state_dict(q, key) if bnb else q.state_dict(key + "."))
             found.add(keys[key])
-            _page_out(t)  # the float weight was read through mmap: drop its pages from our RSS now
+            page_out(t)  # the float weight was read through mmap: drop its pages from our RSS now
         else:
             out[key] = t
         del t

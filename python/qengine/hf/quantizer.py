@@ -29,7 +29,7 @@ from ..nn.experts import check_expert_blocks
 from ..tensor import QuantizedTensor
 from ..calibrate.driver import METHODS
 from ..calibrate.scale_search import search_scales
-from ._files import _page_out, _read_tensor, _safetensors_index
+from ._files import page_out, read_tensor, safetensors_index
 from .checkpoint import CALIBRATION_KEYS, QUANT_METHOD, check_quantization_config, quantizable_linears
 
 from transformers.core_model_loading import ConversionOps
@@ -130,7 +130,7 @@ class _Quantize(ConversionOps):
             experts, attr = _parent(model, full_layer_name)
             q = QuantExpertsWeight.from_weight(value, cfg.format, cfg.blocksize, cfg.double_quant,
                                                transposed=bool(experts.is_transposed))
-            _page_out(value)
+            page_out(value)
             q._is_hf_initialized = True
             delattr(experts, attr)
             setattr(experts, attr, q)
@@ -146,7 +146,7 @@ class _Quantize(ConversionOps):
             q = search_scales(value.contiguous(), cfg.format, cfg.blocksize, cfg.double_quant)
         else:
             q = quantize(value.contiguous(), cfg.format, cfg.blocksize, cfg.double_quant)
-        _page_out(value)
+        page_out(value)
         layer = QuantLinear.from_quantized(q, bias, compute_dtype=cfg.torch_compute_dtype)
         if linear.bias is not None and bias is None:  # bias not read yet: transformers fills it later
             layer.bias = linear.bias
@@ -290,7 +290,7 @@ def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
     where: dict[str, list] = {n: [] for n in slots}  # module -> [(file, key, entry)]
     indexes = {}
     for path in files:
-        indexes[path] = base, header = _safetensors_index(path)
+        indexes[path] = base, header = safetensors_index(path)
         for key, entry in header.items():
             m = pattern.search(key)
             if m and key[: m.start()] in where:
@@ -301,7 +301,7 @@ def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
         sd = {}
         for path, key, entry in where[name]:
             with open(path, "rb") as f:
-                sd[key[len(name) + 1:]] = _read_tensor(f, path, indexes[path][0], key, entry)
+                sd[key[len(name) + 1:]] = read_tensor(f, path, indexes[path][0], key, entry)
         q = QuantizedTensor.from_state_dict(sd, "weight.")
         if isinstance(slot, _ExpertSlot):
             expected = (slot.num_experts * slot.expert_out_features, slot.in_features)
