@@ -54,21 +54,12 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
                    damp: float = 0.01, sequential: bool = True) -> nn.Module:
     """Replaces every nn.Linear of `model` in place by a QuantLinear and returns `model`.
 
-    method: how the codes are chosen; every method stores RTN's layout and bytes per parameter.
-        "rtn" round-to-nearest (no data); "gptq" GPTQ error-compensating rounding from each
-        layer's H = X^T X over `calibration`; "search" per-block clipped scales weighted by each
-        input channel's mean square (without calibration: unweighted, data-free);
-        "gptq+search" both. See qengine.calibrate.driver for the block-by-block capture and
-        its memory bound.
-    calibration: token ids [batch, seq_len] (int), a dict of model inputs, an iterable of such
-        batches, or a callable returning one (e.g. 64 sequences of 512 tokens).
-    act_order, damp: GPTQ's (see qengine.calibrate.gptq_quantize).
-    sequential: each decoder block is calibrated on the outputs of the blocks before it as
-        already quantized (GPTQ's order); False: on the float model's activations.
-
-    Layers are converted one at a time and each float weight is dropped as soon as its
-    replacement is in place, so the peak memory is the model plus one layer's quantized copy
-    (provided nothing else, e.g. an optimizer, holds the old weights).
+    With method="rtn", layers are converted one at a time and each float weight is dropped as
+    soon as its replacement is in place, so the peak memory is the model plus one layer's
+    quantized copy (provided nothing else, e.g. an optimizer, holds the old weights). The
+    calibrated methods run decoder block by decoder block and keep the float weights until all
+    layers are done (a failure restores the model): see qengine.calibrate.driver for the flow
+    and its memory bound.
 
     Args:
         skip: module names (full, last component, or a parent's name) left in float;
@@ -77,12 +68,22 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
             biases) are cast to it afterwards (QLoRA recipes keep them in bfloat16); the
             quantized state is never cast.
         progress: a tqdm progress bar when tqdm is installed (none otherwise).
+        method: how codes are chosen (every method stores RTN's layout and bytes per
+            parameter): "rtn" round-to-nearest; "gptq" GPTQ error-compensating rounding from
+            each layer's H = X^T X over `calibration`; "search" per-block clipped scales
+            weighted by each input channel's mean square (unweighted without calibration);
+            "gptq+search" both.
+        calibration: token ids [batch, seq_len] (int), a dict of model inputs, an iterable of
+            such batches, or a callable returning one (e.g. 64 sequences of 512 tokens).
+        act_order, damp: GPTQ's (see qengine.calibrate.gptq_quantize).
+        sequential: each decoder block is calibrated on the outputs of the blocks before it,
+            already quantized (GPTQ's order); False: on the float model's activations.
         sparsity: None, or "2:4" for the 2:4 sparse layout (see qengine.quantize).
         masks: {module name: bool mask [out, in]} as qengine.prune(model, ...) returns; each
             layer's pruned weights stay exactly zero (see qengine.quantize's mask).
     Mixture-of-Experts layers of transformers models (their 3-D expert weights) are quantized
-    too, with the same settings (qengine.moe.quantize_experts), and run through the grouped
-    kernel; an experts layout it does not support raises ValueError naming the flag (skip the
+    too, with the same settings (qengine.moe.quantize_experts; by round-to-nearest whatever the
+    method, which an INFO log says), and run through the grouped kernel; an experts layout it does not support raises ValueError naming the flag (skip the
     module to keep it in float). Layers not converted, and why, are logged on the "qengine"
     logger: linears whose weight is shared with another module (tied embeddings), linears
     inside nn.MultiheadAttention (which reads their weight directly), other 3-D parameters.

@@ -94,9 +94,9 @@ def _record(model: nn.Module, blocks: nn.ModuleList, batches: list[Batch], hooke
 
 def blockwise(model: nn.Module, found: tuple[str, nn.ModuleList], names: list[str], experts: list[str],
               batches: list[Batch], full: bool, sequential: bool, quantize_names: QuantizeNames,
-              quantize_experts: Callable[[str], None], progress: Optional[str] = None):
-    """Quantizes `names` (and, by quantize_experts, the experts modules inside the blocks) block
-    by block; returns (calibration tokens, number of blocks, experts modules done), or None
+              quantize_experts: Callable[[str, HessianHooks], None], progress: Optional[str] = None):
+    """Quantizes `names` (and, by quantize_experts, the transformers experts modules inside the
+    blocks, from the same hooks' per-expert statistics) block by block; returns (calibration tokens, number of blocks, experts modules done), or None
     (nothing changed) when the model does not call its blocks in the way this assumes."""
     prefix, blocks = found
     pre = f"{prefix}." if prefix else ""
@@ -124,7 +124,9 @@ def blockwise(model: nn.Module, found: tuple[str, nn.ModuleList], names: list[st
             pass
     for i in order:
         block = blocks[i]
-        hooks = HessianHooks({nm: model.get_submodule(nm) for nm in per_block[i]}, full, stop=sequential)
+        hooks = HessianHooks({nm: model.get_submodule(nm) for nm in per_block[i]}, full, stop=sequential,
+                             experts={e: model.get_submodule(e) for e in experts_in[i]})
+        work = per_block[i] or experts_in[i]
         try:
             for b in range(len(hidden)):
                 hooks.begin_batch(b)
@@ -133,16 +135,16 @@ def blockwise(model: nn.Module, found: tuple[str, nn.ModuleList], names: list[st
                 except Stop:  # sequential: every linear of the block has its input; the output is not needed
                     continue
                 out_is_tuple = isinstance(out, (tuple, list))
-                if not sequential or not per_block[i]:
+                if not sequential or not work:
                     hidden[b] = _hidden(out)
         finally:
             hooks.remove()
         rows = quantize_names(per_block[i], hooks)
         tokens = tokens or rows
-        del hooks
         for e in experts_in[i]:
-            quantize_experts(e)
-        if sequential and per_block[i]:  # the quantized block's outputs feed the next block
+            quantize_experts(e, hooks)
+        del hooks
+        if sequential and work:  # the quantized block's outputs feed the next block
             for b in range(len(hidden)):
                 out = _call_block(block, hidden[b], calls[i][b])
                 out_is_tuple = isinstance(out, (tuple, list))

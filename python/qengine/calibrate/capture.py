@@ -65,7 +65,7 @@ def calibration_batches(calibration: object, model: nn.Module) -> list[Batch]:
     calibration: a Tensor (one batch: token ids [N, seq_len] or [seq_len] for a model with an
     input embedding, else the model's one positional input; split into chunks of about
     CHUNK_TOKENS tokens along dim 0), a dict (one call's keyword arguments, e.g. input_ids and
-    attention_mask), an iterable of batches (each a Tensor, a dict or a tuple of positional
+    attention_mask; with input_ids, every tensor with their rows is split alike), an iterable of batches (each a Tensor, a dict or a tuple of positional
     arguments), or a callable returning such an iterable (read once). Token ids are checked
     (integer dtype, 1-D or 2-D, non-empty, inside the vocabulary): ValueError naming the batch.
     """
@@ -93,7 +93,14 @@ def calibration_batches(calibration: object, model: nn.Module) -> list[Batch]:
             if vocab is not None and ids is not None:
                 if not isinstance(ids, torch.Tensor):
                     raise ValueError(f"{where}: input_ids must be a tensor, got {type(ids).__name__}")
-                kw["input_ids"] = _check_ids(ids, vocab, f"{where}'s input_ids")
+                kw["input_ids"] = ids = _check_ids(ids, vocab, f"{where}'s input_ids")
+                # Every tensor of the batch's rows (input_ids, attention_mask, ...) split alike.
+                rows = len(_chunks(ids)[0])
+                split = {k: v.split(rows) for k, v in kw.items()
+                         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == ids.shape[0]}
+                for c in range(len(split["input_ids"])):
+                    batches.append(((), {**kw, **{k: v[c] for k, v in split.items()}}))
+                continue
             batches.append(((), kw))
         elif isinstance(item, (tuple, list)):
             args = tuple(item)
@@ -156,18 +163,21 @@ class HessianHooks:
     the rest of that forward is skipped. Non-finite inputs raise ValueError naming the layer.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], full: bool, stop: bool):
+    def __init__(self, modules: dict[str, nn.Module], full: bool, stop: bool,
+                 experts: Optional[dict[str, nn.Module]] = None):
         self.full, self.stop = full, stop
         self.H: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self.alias: dict[str, str] = {}
         self._strips: set[str] = set()
-        self._names = list(modules)
+        self._names = list(modules) + list(experts or {})
         self._pending: set[str] = set()
         self._last: Optional[tuple[torch.Tensor, str]] = None
         self.batch = -1
         self._handles = [mod.register_forward_pre_hook(self._hook(name), with_kwargs=True)
                          for name, mod in modules.items()]
+        self._handles += [mod.register_forward_pre_hook(self._experts_hook(name), with_kwargs=True)
+                          for name, mod in (experts or {}).items()]
 
     def begin_batch(self, index: int) -> None:
         self.batch = index
@@ -194,7 +204,30 @@ class HessianHooks:
                 raise Stop
         return hook
 
-    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+    def _experts_hook(self, name: str) -> Callable:
+        """Per expert of a transformers experts module (3-D weights): H of the tokens routed to
+        it (key "<name>:up:<e>") and of the input of its down projection, act(gate) * up computed
+        with the float weights ("<name>:down:<e>")."""
+        def hook(mod, args, kwargs):
+            self._pending.discard(name)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            x = hidden.detach().reshape(-1, hidden.shape[-1]).to(torch.float32)
+            index = index.reshape(x.shape[0], -1)
+            up, bias, gate = _experts_up(mod)
+            for e in torch.unique(index).tolist():
+                if not 0 <= e < up.shape[0]:  # transformers' sentinel for a dropped token
+                    continue
+                xe = x[(index == e).any(dim=-1)]
+                self._accumulate(f"{name}:up:{e}", xe, f"{name} (expert {e})")
+                a = xe @ up[e].t()
+                self._accumulate(f"{name}:down:{e}", gate(a if bias is None else a + bias[e]),
+                                 f"{name} (expert {e}'s down projection)")
+            if self.stop and not self._pending:
+                raise Stop
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor, label: Optional[str] = None) -> None:
         k = x.shape[-1]
         x2 = x.detach().reshape(-1, k).to(torch.float32)
         if name not in self.H:
@@ -213,7 +246,7 @@ class HessianHooks:
         # A NaN or Inf anywhere in a column of X reaches that column's diagonal entry, so checking
         # the diagonal (k values) catches every non-finite activation.
         if not bool(torch.isfinite(diag).all()):
-            raise ValueError(f"the calibration activations reaching {name} are not finite (NaN or Inf) in calibration "
+            raise ValueError(f"the calibration activations reaching {label or name} are not finite (NaN or Inf) in calibration "
                              f"batch {self.batch}: check the calibration inputs and the model's float weights")
 
     def owner(self, name: str) -> str:
@@ -229,6 +262,15 @@ class HessianHooks:
             self.H[owner] = symmetrize(self.H[owner])
             self._strips.discard(owner)
         return self.H[owner], self.rows[owner]
+
+    def expert_hessians(self, name: str, which: str, experts: int) -> list:
+        """[(H or None when no token reached the expert, rows)] per expert of an experts
+        module's "up" or "down" matrix."""
+        out = []
+        for e in range(experts):
+            key = f"{name}:{which}:{e}"
+            out.append(self.hessian(key) if key in self.H else (None, 0))
+        return out
 
     def remove(self) -> None:
         for h in self._handles:
@@ -247,3 +289,28 @@ def run_batch(model: nn.Module, batch: Batch, index: int):
     except (RuntimeError, TypeError, IndexError, KeyError) as e:
         raise ValueError(f"calibration batch {index} does not run through the model ({type(e).__name__}: {e}); "
                          "pass the model's inputs (token ids [batch, seq_len] or a dict of keyword inputs)") from e
+
+
+def _experts_up(mod: nn.Module):
+    """(float32 up weights [E, n_up, K], their bias [E, n_up] or None, the gate function
+    a [T, n_up] -> the down projection's input) of a transformers experts module."""
+    from .._moe_ops import GATE_INTERLEAVED, NO_GATE
+    from ..moe import expert_weight_names, experts_layout
+
+    layout, code = experts_layout(mod)
+    attr = expert_weight_names(mod)[0]
+    w = getattr(mod, attr).detach().to(torch.float32)
+    w = w.transpose(1, 2) if mod.is_transposed else w
+    bias = getattr(mod, f"{attr}_bias", None) if getattr(mod, "has_bias", False) else None
+    act = getattr(mod, "act_fn", None) or {0: torch.nn.functional.silu, 1: lambda v: torch.nn.functional.gelu(
+        v, approximate="tanh"), 2: torch.nn.functional.gelu, 3: torch.relu}[code]
+
+    def gate(a: torch.Tensor) -> torch.Tensor:
+        if layout == NO_GATE:
+            return act(a)
+        if layout == GATE_INTERLEAVED:
+            return act(a[:, 0::2]) * a[:, 1::2]
+        g, u = a.chunk(2, dim=-1)
+        return act(g) * u
+
+    return w, (None if bias is None else bias.detach().to(torch.float32)), gate

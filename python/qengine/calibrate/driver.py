@@ -38,10 +38,11 @@ from torch import nn
 
 from ..formats import Format
 from ..moe import expert_weight_names, quantize_experts
-from ..nn import QuantLinear
+from ..nn import QuantExpertsWeight, QuantLinear
+from ..nn.experts import check_expert_blocks
 from .blockwise import blockwise
 from .capture import HessianHooks, calibration_batches, find_blocks, run_batch
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, gptq_quantize_experts
 from .scale_search import search_scales
 
 __all__ = ["METHODS", "Settings", "check_method_args", "quantize_calibrated"]
@@ -146,11 +147,16 @@ class _Swaps:
         self.done.append((parent, attr, getattr(parent, attr)))
         setattr(parent, attr, new)
 
-    def experts(self, mod: nn.Module, s: Settings) -> None:
+    def experts(self, mod: nn.Module, s: Settings, layers: Optional[dict] = None) -> None:
+        """Quantizes an experts module: its weights replaced by `layers` ({attr:
+        QuantExpertsWeight}) when given, else by round-to-nearest."""
         config = getattr(mod, "config", None)
         saved = ({a: getattr(mod, a) for a in expert_weight_names(mod)}, getattr(config, "_experts_implementation", None))
-        quantize_experts(mod, s.format, s.blocksize, s.double_quant)
         self.done.append((mod, None, saved))
+        for attr, layer in (layers or {}).items():
+            delattr(mod, attr)
+            setattr(mod, attr, layer)
+        quantize_experts(mod, s.format, s.blocksize, s.double_quant)  # the rest (RTN), layout, implementation
 
     def restore(self) -> None:
         for parent, attr, old in reversed(self.done):
@@ -180,6 +186,39 @@ def _quantize_names(model: nn.Module, names: list[str], hooks: Optional[HessianH
         rows0 = rows0 or rows
         swaps.replace(name, quantize_layer(model.get_submodule(name), H, rows, s, name, cache))
     return rows0
+
+
+def _quantize_experts(model: nn.Module, name: str, hooks: HessianHooks, s: Settings, swaps: _Swaps) -> None:
+    """Calibrates an experts module's two 3-D weights expert by expert (gptq_quantize_experts)
+    from the tokens the router sent to each expert."""
+    mod = model.get_submodule(name)
+    layers, idle = {}, 0
+    for which, attr in zip(("up", "down"), expert_weight_names(mod)):
+        w = getattr(mod, attr).detach()
+        w = (w.transpose(1, 2) if mod.is_transposed else w).contiguous()
+        E, N, K = w.shape
+        check_expert_blocks(N, K, s.blocksize)
+        if (N * K * s.format.bits) % 8:
+            raise ValueError(f"{name}.{attr}: one expert's {N}x{K} weight does not fill whole bytes at "
+                             f"{s.format.bits} bits")
+        hessians = hooks.expert_hessians(name, which, E)
+        if all(H is None for H, _ in hessians):
+            raise ValueError(f"no calibration data reached {name} (its forward never ran on the calibration "
+                             "batches): pass calibration inputs that exercise it, or add it to skip")
+        idle = sum(H is None for H, _ in hessians)
+        try:
+            q = gptq_quantize_experts(w, hessians, s.format, s.blocksize, s.double_quant, damp=s.damp,
+                                      act_order=s.act_order, search=s.method in ("search", "gptq+search"),
+                                      gptq=s.method in NEEDS_CALIBRATION)
+        except ValueError as e:
+            raise ValueError(f"{name}.{attr}: {e}") from None
+        layer = QuantExpertsWeight.from_quantized(q)
+        layer.num_experts, layer.expert_out_features = E, N
+        layers[attr] = layer
+    if idle:
+        log.info("qengine: %s: %d of %d experts received no calibration tokens and are rounded to nearest", name,
+                 idle, len(hessians))
+    swaps.experts(mod, s, layers)
 
 
 def quantize_calibrated(model: nn.Module, names: list[str], experts: list[str], calibration: object, s: Settings,
@@ -212,22 +251,23 @@ def quantize_calibrated(model: nn.Module, names: list[str], experts: list[str], 
                 result = None if found is None else blockwise(
                     model, found, names, experts, batches, s.full, sequential,
                     lambda nms, hooks: _quantize_names(model, nms, hooks, s, swaps),
-                    lambda e: swaps.experts(model.get_submodule(e), s), f"{s.method} blocks" if progress else None)
+                    lambda e, hooks: _quantize_experts(model, e, hooks, s, swaps),
+                    f"{s.method} blocks" if progress else None)
                 if result is None:
                     log.info("qengine: no decoder-block list found in %s: capturing every linear layer's inputs in "
                              "one pass over the calibration data (non-sequential; all H resident at once)",
                              type(model).__name__)
-                    result = (_whole_model(model, names, batches, s, swaps), 0, set())
+                    result = (_whole_model(model, names, experts, batches, s, swaps), 0, set(experts))
                     info["sequential"] = False
                 info["tokens"], info["blocks"], done = result
                 info["mode"] = "blocks" if info["blocks"] else "whole-model"
             rest = [e for e in experts if e not in done]
             for name in rest:
                 swaps.experts(model.get_submodule(name), s)
-            if experts:
+            if rest:
                 log.info("qengine: %d Mixture-of-Experts modules (3-D expert weights, e.g. %s) are quantized with "
-                         "round-to-nearest: method=%r calibrates nn.Linear layers only (per-expert calibration from "
-                         "routed tokens is not implemented)", len(experts), experts[0], s.method)
+                         "round-to-nearest: %s", len(rest), rest[0], "method='search' without calibration data"
+                         if batches is None else "they lie outside the decoder blocks")
     except BaseException:
         swaps.restore()
         raise
@@ -238,12 +278,16 @@ def quantize_calibrated(model: nn.Module, names: list[str], experts: list[str], 
     return info
 
 
-def _whole_model(model, names, batches, s, swaps) -> int:
-    hooks = HessianHooks({n: model.get_submodule(n) for n in names}, s.full, stop=True)
+def _whole_model(model, names, experts, batches, s, swaps) -> int:
+    hooks = HessianHooks({n: model.get_submodule(n) for n in names}, s.full, stop=True,
+                         experts={e: model.get_submodule(e) for e in experts})
     try:
         for b, batch in enumerate(batches):
             hooks.begin_batch(b)
             run_batch(model, batch, b)
     finally:
         hooks.remove()
-    return _quantize_names(model, names, hooks, s, swaps)
+    tokens = _quantize_names(model, names, hooks, s, swaps)
+    for e in experts:
+        _quantize_experts(model, e, hooks, s, swaps)
+    return tokens

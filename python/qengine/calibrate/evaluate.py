@@ -114,7 +114,7 @@ def layer_errors(float_model: nn.Module, weights: dict[str, dict[str, torch.Tens
         with torch.no_grad():
             found = find_blocks(float_model, names)
             done = None if found is None else blockwise(float_model, found, names, [], batches, True, False, measure,
-                                                        lambda e: None)
+                                                        lambda e, hooks: None)
             if done is None:
                 hooks = HessianHooks({n: float_model.get_submodule(n) for n in names}, True, stop=True)
                 try:

@@ -54,7 +54,7 @@ from ._blocks import Encoder, Geometry, assemble, nest, rtn_params
 from ._hessian import check_hessian, inverse_factor
 from .scale_search import DEFAULT_GRID, DEFAULT_REFINE, check_grid, search_block_params
 
-__all__ = ["gptq_quantize"]
+__all__ = ["gptq_quantize", "gptq_quantize_experts"]
 
 # Chooses (scale, offset) [nb] for blocks x [nb, bs] float32 with importance [nb, bs] and partial [nb].
 Chooser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
@@ -236,3 +236,58 @@ class _Sweep:
         scales = params[:, 0].contiguous()
         offsets = params[:, 1].contiguous() if enc.minmax else None
         return codes_t.t().reshape(-1), scales, offsets
+
+
+def gptq_quantize_experts(w: torch.Tensor, hessians: Sequence[tuple], format: str | Format = "nf4",
+                          blocksize: Optional[int] = 64, double_quant: bool = False, damp: float = 0.01,
+                          act_order: bool = False, search: bool = False, gptq: bool = True) -> QuantizedTensor:
+    """Mixture-of-Experts weights calibrated expert by expert, in the layout of
+    ``qengine.quantize(w.reshape(E * N, K), format, blocksize, double_quant)``.
+
+    Args:
+        w: float [E, N, K] (expert e: out N x in K), each expert a whole number of blocks.
+        hessians: per expert (H, rows): H float32 [K, K] = X_e^T X_e over the tokens routed to
+            expert e ([K], its diagonal, suffices without gptq), or None when none was.
+        search: block scales (offsets) searched, weighted by each expert's mean-square input;
+            else round-to-nearest's. Either way fixed from the original weights (static, as
+            act_order's) and, with double_quant, nested over all experts at once.
+        gptq: then each expert's codes by a GPTQ sweep with its own H (an expert no token
+            reached, H None, is rounded to nearest); else the nearest codes.
+    """
+    E, N, K = w.shape
+    fmt = get_format(format)
+    flat = w.detach().reshape(E * N, K).to(torch.float32).contiguous()
+    bs, per_row = _resolve_blocksize(flat, blocksize)
+    if (N * K) % bs:
+        raise ValueError(f"blocksize {bs} does not divide one expert's {N}x{K} weight")
+    enc = Encoder(fmt, w.device)
+    geo = Geometry(N, K, bs, w.device)  # one expert: no partial block
+    x = flat.reshape(E * geo.nblocks, bs)
+    ones = torch.ones(K, device=w.device)
+    imps = [ones if H is None else (H.diagonal() if H.dim() == 2 else H).to(torch.float32) / max(rows, 1)
+            for H, rows in hessians]
+    if search:
+        found = [search_block_params(x[e * geo.nblocks:(e + 1) * geo.nblocks], geo.column_weights(imps[e]),
+                                     geo.partial, enc, DEFAULT_GRID, DEFAULT_REFINE) for e in range(E)]
+        scales = torch.cat([f[0] for f in found])
+        offsets = torch.cat([f[1] for f in found]) if enc.minmax else None
+    else:
+        scales, offsets = rtn_params(x, geo.partial.new_zeros(E * geo.nblocks), fmt)
+    stored_s, stored_o = scales, offsets
+    if double_quant:
+        stored_s, scales = nest(scales)
+        if offsets is not None:
+            stored_o, offsets = nest(offsets)
+    if not gptq:
+        codes = enc.encode(x, scales[:, None], None if offsets is None else offsets[:, None], None).reshape(-1)
+        return assemble(codes, stored_s, stored_o, enc, flat.shape, w.dtype, bs, per_row)
+    codes = []
+    for e, (H, _) in enumerate(hessians):
+        H = torch.zeros(K, K, device=w.device) if H is None else H  # no data: decoupled, nearest codes
+        importance, perm, U = _factor(H, K, w.device, damp, act_order, torch.float32, None)
+        blocks = slice(e * geo.nblocks, (e + 1) * geo.nblocks)
+        with _one_thread(w.device):
+            c, _, _ = _Sweep(geo, enc, U, 128, importance).run(
+                flat[e * N:(e + 1) * N], perm, scales=scales[blocks], offsets=None if offsets is None else offsets[blocks])
+        codes.append(c)
+    return assemble(torch.cat(codes), stored_s, stored_o, enc, flat.shape, w.dtype, bs, per_row)
