@@ -220,7 +220,8 @@ class HessianHooks:
                     continue
                 xe = x[(index == e).any(dim=-1)]
                 self._accumulate(f"{name}:up:{e}", xe, f"{name} (expert {e})")
-                a = xe @ up[e].t()
+                w = up[e].to(torch.float32)  # one expert's weight at a time
+                a = xe @ (w if mod.is_transposed else w.t())
                 self._accumulate(f"{name}:down:{e}", gate(a if bias is None else a + bias[e]),
                                  f"{name} (expert {e}'s down projection)")
             if self.stop and not self._pending:
@@ -292,15 +293,15 @@ def run_batch(model: nn.Module, batch: Batch, index: int):
 
 
 def _experts_up(mod: nn.Module):
-    """(float32 up weights [E, n_up, K], their bias [E, n_up] or None, the gate function
-    a [T, n_up] -> the down projection's input) of a transformers experts module."""
+    """(up weights [E, n_up, K], or [E, K, n_up] when the module is transposed, in their own
+    dtype; their bias [E, n_up] or None; the gate function a [T, n_up] -> the down projection's
+    input) of a transformers experts module."""
     from .._moe_ops import GATE_INTERLEAVED, NO_GATE
     from ..moe import expert_weight_names, experts_layout
 
     layout, code = experts_layout(mod)
     attr = expert_weight_names(mod)[0]
-    w = getattr(mod, attr).detach().to(torch.float32)
-    w = w.transpose(1, 2) if mod.is_transposed else w
+    w = getattr(mod, attr).detach()
     bias = getattr(mod, f"{attr}_bias", None) if getattr(mod, "has_bias", False) else None
     act = getattr(mod, "act_fn", None) or {0: torch.nn.functional.silu, 1: lambda v: torch.nn.functional.gelu(
         v, approximate="tanh"), 2: torch.nn.functional.gelu, 3: torch.relu}[code]
