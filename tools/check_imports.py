@@ -50,8 +50,6 @@ ALLOWED_CYCLES: dict[frozenset, str] = {
     frozenset({"qengine", "qengine._hf_hook", "qengine.hf", "qengine.hf.checkpoint", "qengine.hf.quantizer"}):
         "hf.checkpoint <-> hf.quantizer, and both import qengine/__init__ (__version__, quantize_model), "
         "which loads qengine.hf through _hf_hook: " + _ACTIVE,
-    frozenset({"qengine.cli.eval_cmd", "qengine.cli.model_cmds"}):
-        "each imports the other inside functions: " + _ACTIVE,
 }
 
 # (importer, owning module, private name) -> the reason it is still here.
@@ -61,15 +59,8 @@ ALLOWED_PRIVATE: dict[tuple, str] = {
     ("qengine.calibrate.codebook", "qengine.functional", "_strictly_increasing"): _ACTIVE,
     ("qengine.calibrate.gptq", "qengine.functional", "_resolve_blocksize"): _ACTIVE,
     ("qengine.calibrate.scale_search", "qengine.functional", "_resolve_blocksize"): _ACTIVE,
-    ("qengine.cli.eval_cmd", "qengine.cli.model_cmds", "_check_model_dir"): _ACTIVE,
-    ("qengine.cli.eval_cmd", "qengine.hf.checkpoint", "_qconfig"): _ACTIVE,
-    ("qengine.cli.model_cmds", "qengine.hf.checkpoint", "_qconfig"): _ACTIVE,
     ("qengine.cli.model_cmds", "qengine.model", "_matches"): _ACTIVE,
-    ("qengine.hf.checkpoint", "qengine.hf._files", "_page_out"): _ACTIVE,
     ("qengine.hf.checkpoint", "qengine.model", "_linear_targets"): _ACTIVE,
-    ("qengine.hf.quantizer", "qengine.hf._files", "_page_out"): _ACTIVE,
-    ("qengine.hf.quantizer", "qengine.hf._files", "_read_tensor"): _ACTIVE,
-    ("qengine.hf.quantizer", "qengine.hf._files", "_safetensors_index"): _ACTIVE,
     ("qengine.hf.quantizer", "qengine.model", "_experts_targets"): _ACTIVE,
 }
 
