@@ -20,21 +20,11 @@ import qengine
 from qengine.cli import info as cli_info
 from qengine.nn import LoRALinear, QuantLinear
 from qengine.tensor import NESTED_BLOCKSIZE, PackedParameter
-
-
-class Block(nn.Module):
-    def __init__(self, d=64, h=128):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.up_proj = nn.Linear(d, h)
-        self.down_proj = nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        return x + self.down_proj(torch.relu(self.up_proj(self.norm(x))))
+from support import Block
 
 
 def _model():
-    return nn.Sequential(Block(), Block())
+    return nn.Sequential(Block(64, 128), Block(64, 128))
 
 
 # ---------------------------------------------------------------------------- (a) to(dtype)
