@@ -57,3 +57,15 @@ def check_positive_int(name: str, v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
     return v
+
+
+def check_codebook_fit(weight: object, bits: object, rule: object, iters: object) -> None:
+    """The arguments of a codebook fit (qengine.fit_codebook, calibrate.fit_codebook)."""
+    check_float("weight", weight)
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if rule not in ("absmax", "minmax"):
+        raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
+    check_positive_int("iters", iters)
+    if weight.numel() == 0:
+        raise ValueError("cannot fit a codebook to an empty tensor")

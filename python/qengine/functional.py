@@ -8,7 +8,7 @@ import torch
 
 from . import _layouts, _ops, _sparse_ops
 from ._ops import call_matmul
-from ._checks import (check_blocksize, check_contiguous, check_float, check_positive_int, check_same_device,
+from ._checks import (check_blocksize, check_codebook_fit, check_contiguous, check_float, check_same_device,
                       check_tensor)
 from .formats import Format, codebook, get_format
 from .tensor import NestedScales, QuantizedTensor
@@ -208,15 +208,7 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
             ``"minmax"`` in [0, 1].
         iters: maximum Lloyd iterations; stops earlier when the error improves by < tol (relative).
     """
-    check_tensor("weight", weight)
-    check_float("weight", weight)
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if rule not in ("absmax", "minmax"):
-        raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
-    check_positive_int("iters", iters)
-    if weight.numel() == 0:
-        raise ValueError("cannot fit a codebook to an empty tensor")
+    check_codebook_fit(weight, bits, rule, iters)
     x = weight.detach().to("cpu").contiguous()
     bs, _ = _resolve_blocksize(x, blocksize)
     k = 2**bits

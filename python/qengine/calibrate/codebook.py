@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._checks import check_float, check_positive_int, check_tensor
+from .._checks import check_codebook_fit
 from ..formats import Format, codebook
 from ..functional import _quantile_init, _resolve_blocksize, _strictly_increasing
 from ..functional import fit_codebook as _fit_unweighted
@@ -40,14 +40,8 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
     """
     if weights is None:
         return _fit_unweighted(weight, bits, blocksize, rule, iters, sample, seed, tol)
-    check_tensor("weight", weight)
-    check_float("weight", weight)
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if rule not in ("absmax", "minmax"):
-        raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
-    check_positive_int("iters", iters)
-    if weight.dim() < 1 or weight.numel() == 0:
+    check_codebook_fit(weight, bits, rule, iters)
+    if weight.dim() < 1:
         raise ValueError("cannot fit a codebook to an empty tensor")
     x = weight.detach().contiguous()
     if not bool(torch.isfinite(x).all()):
