@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qengine
-from qengine.model import loftq
+from qengine.loftq import loftq
 from qengine.nn import LoRALinear, QuantLinear
 
 

@@ -43,26 +43,12 @@ PACKAGE = "qengine"
 # Built by CMake (pybind11_add_module(_C ...) in CMakeLists.txt): no .py file to parse.
 NATIVE_MODULES = frozenset({"qengine._C"})
 
-# Each remaining cycle, named by its modules exactly, with the reason it is still here. An entry
-# that no longer matches a cycle fails the check too: the list only shrinks.
-_ACTIVE = "to be removed; files under active change"
-ALLOWED_CYCLES: dict[frozenset, str] = {
-    frozenset({"qengine", "qengine._hf_hook", "qengine.hf", "qengine.hf.checkpoint", "qengine.hf.quantizer"}):
-        "hf.checkpoint <-> hf.quantizer, and both import qengine/__init__ (__version__, quantize_model), "
-        "which loads qengine.hf through _hf_hook: " + _ACTIVE,
-}
+# Each tolerated cycle, named by its modules exactly, with the reason it is still here (none
+# now). An entry that no longer matches a cycle fails the check too: the list only shrinks.
+ALLOWED_CYCLES: dict[frozenset, str] = {}
 
 # (importer, owning module, private name) -> the reason it is still here.
-ALLOWED_PRIVATE: dict[tuple, str] = {
-    ("qengine.calibrate.codebook", "qengine.functional", "_quantile_init"): _ACTIVE,
-    ("qengine.calibrate.codebook", "qengine.functional", "_resolve_blocksize"): _ACTIVE,
-    ("qengine.calibrate.codebook", "qengine.functional", "_strictly_increasing"): _ACTIVE,
-    ("qengine.calibrate.gptq", "qengine.functional", "_resolve_blocksize"): _ACTIVE,
-    ("qengine.calibrate.scale_search", "qengine.functional", "_resolve_blocksize"): _ACTIVE,
-    ("qengine.cli.model_cmds", "qengine.model", "_matches"): _ACTIVE,
-    ("qengine.hf.checkpoint", "qengine.model", "_linear_targets"): _ACTIVE,
-    ("qengine.hf.quantizer", "qengine.model", "_experts_targets"): _ACTIVE,
-}
+ALLOWED_PRIVATE: dict[tuple, str] = {}
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,13 @@ from . import _layouts, _ops, _sparse_ops
 from ._ops import call_matmul
 from ._checks import (check_blocksize, check_codebook_fit, check_contiguous, check_float, check_same_device,
                       check_tensor)
+from ._fit import quantile_init, resolve_blocksize, strictly_increasing
 from .formats import Format, codebook, get_format
 from .tensor import NestedScales, QuantizedTensor
 
 __all__ = ["quantize", "dequantize", "fit_codebook", "matmul"]
 
 
-def _resolve_blocksize(x: torch.Tensor, blocksize: Optional[int]) -> tuple[int, bool]:
-    if blocksize is None:  # per row (per output channel of a weight)
-        return (x.shape[-1] if x.dim() >= 1 else 1), True
-    return check_blocksize(blocksize), False
 
 
 def quantize(x: torch.Tensor, format: str | Format = "nf4", blocksize: Optional[int] = 64,
@@ -56,7 +53,7 @@ def quantize(x: torch.Tensor, format: str | Format = "nf4", blocksize: Optional[
     if x.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
     fmt = get_format(format)
-    bs, per_row = _resolve_blocksize(x, blocksize)
+    bs, per_row = resolve_blocksize(x, blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
     if sparsity not in (None, "2:4"):
@@ -210,9 +207,9 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
     """
     check_codebook_fit(weight, bits, rule, iters)
     x = weight.detach().to("cpu").contiguous()
-    bs, _ = _resolve_blocksize(x, blocksize)
+    bs, _ = resolve_blocksize(x, blocksize)
     k = 2**bits
-    init = _quantile_init(x, bs, rule, k, sample, seed)
+    init = quantile_init(x, bs, rule, k, sample, seed)
     centroids = init
     last_sse = None
     for _ in range(iters):
@@ -225,7 +222,7 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
         # Empty clusters keep their value; the others move to the (scale^2-weighted) mean of
         # their members, which minimises the squared error of the weights themselves.
         new = torch.where(weights > 0, sums / weights.clamp(min=1e-300), old)
-        new = _strictly_increasing(new, rule)
+        new = strictly_increasing(new, rule)
         centroids = new.tolist()
         if last_sse is not None and last_sse - sse <= tol * max(last_sse, 1e-30):
             break
@@ -233,45 +230,4 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
     return codebook(centroids, rule=rule, bits=bits, name="codebook")
 
 
-def _quantile_init(x: torch.Tensor, blocksize: int, rule: str, k: int, sample: int, seed: int) -> list[float]:
-    """Quantiles of the block-normalised values of a random sample of blocks."""
-    flat = x.reshape(-1)
-    full = flat.numel() // blocksize
-    gen = torch.Generator().manual_seed(seed)
-    take = min(full, max(1, sample // blocksize))
-    if full == 0:
-        blocks = flat.float().reshape(1, -1)
-    else:
-        idx = torch.randperm(full, generator=gen)[:take]
-        blocks = flat[: full * blocksize].reshape(full, blocksize)[idx].float()
-    if not torch.isfinite(blocks).all():
-        raise ValueError("weight contains NaN or Inf values")
-    if rule == "absmax":
-        norm = blocks / blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-38)
-    else:
-        lo = blocks.amin(dim=1, keepdim=True)
-        norm = (blocks - lo) / (blocks.amax(dim=1, keepdim=True) - lo).clamp(min=1e-38)
-    norm = norm.reshape(-1).double()
-    qs = (torch.arange(k, dtype=torch.float64) + 0.5) / k
-    if norm.numel() > 1 << 24:  # torch.quantile's input limit
-        norm = norm[torch.randperm(norm.numel(), generator=gen)[: 1 << 24]]
-    init = torch.quantile(norm, qs)
-    return _strictly_increasing(init, rule).tolist()
 
-
-def _strictly_increasing(v: torch.Tensor, rule: str) -> torch.Tensor:
-    """Clamps into the rule's range and nudges duplicates apart (float32-distinct), so the
-    result is a valid codebook even when the data has fewer distinct values than codes."""
-    lo, hi = (-1.0, 1.0) if rule == "absmax" else (0.0, 1.0)
-    v = v.to(torch.float32).clamp(lo, hi).sort().values
-    out = v.tolist()
-    for i in range(1, len(out)):
-        if out[i] <= out[i - 1]:
-            out[i] = float(torch.nextafter(torch.tensor(out[i - 1]), torch.tensor(2.0)))
-    # Walk back from the top if nudging pushed past the upper bound.
-    if out[-1] > hi:
-        out[-1] = hi
-        for i in range(len(out) - 2, -1, -1):
-            if out[i] >= out[i + 1]:
-                out[i] = float(torch.nextafter(torch.tensor(out[i + 1]), torch.tensor(-2.0)))
-    return torch.tensor(out, dtype=torch.float64)

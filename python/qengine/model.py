@@ -1,39 +1,27 @@
-"""Whole-model helpers: quantize every nn.Linear in place one layer at a time, add LoRA
-adapters, select their parameters, report memory, save and load adapters alone."""
+"""quantize_model: every nn.Linear of a model (and its transformers experts) quantized in
+place, one layer at a time, by round-to-nearest or a calibrated method; memory_report. LoRA
+adapters live in qengine.adapters, LoftQ in qengine.loftq."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from ._targets import experts_targets, linear_targets, matches, parent_of
+from .adapters import (add_lora, adapter_state_dict, load_adapter, load_adapter_state_dict, lora_parameters,
+                       mark_only_lora_trainable, save_adapter)
 from .formats import Format, get_format
-from .moe import is_experts_module, quantize_experts
+from .moe import quantize_experts
 from .nn import LoRAExperts, LoRALinear, QuantExpertsWeight, QuantLinear
 
-__all__ = ["quantize_model", "add_lora", "lora_parameters", "mark_only_lora_trainable", "memory_report",
+# add_lora and the adapter helpers stay importable from here, where they used to live.
+__all__ = ["quantize_model", "memory_report", "add_lora", "lora_parameters", "mark_only_lora_trainable",
            "adapter_state_dict", "load_adapter_state_dict", "save_adapter", "load_adapter"]
 
 log = logging.getLogger("qengine")
-ADAPTER_FORMAT = "qengine-lora"
-ADAPTER_VERSION = "1"
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    """A module name matches a pattern equal to it, to its last component, or to a prefix of
-    whole components ("model.layers.0" matches everything under that block)."""
-    last = name.rsplit(".", 1)[-1]
-    return any(name == p or last == p or name.startswith(p + ".") for p in patterns)
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    return (model.get_submodule(path) if path else model), attr
 
 
 def _progress(items: list, enabled: bool, desc: str):
@@ -114,8 +102,8 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
     check_method_args(method, calibration, damp, act_order, sequential, sparsity, masks)
     _check_already_quantized(model, list(skip), format, blocksize, double_quant, sparsity, compute_dtype,
                              quant_storage)
-    names = _linear_targets(model, list(skip))
-    experts = _experts_targets(model, list(skip))
+    names = linear_targets(model, list(skip))
+    experts = experts_targets(model, list(skip))
     record = {"method": method} if names or experts else getattr(model, "_qengine_method", {"method": method})
     if method != "rtn":
         info = quantize_calibrated(model, names, experts, calibration, Settings(
@@ -129,8 +117,8 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
         if name in experts:
             quantize_experts(model.get_submodule(name), format, blocksize, double_quant)
             continue
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), format, blocksize, double_quant,
+        owner, attr = parent_of(model, name)
+        setattr(owner, attr, QuantLinear.from_linear(getattr(owner, attr), format, blocksize, double_quant,
                                                       compute_dtype=compute_dtype, quant_storage=quant_storage,
                                                       sparsity=sparsity, mask=(masks or {}).get(name)))
         # The old nn.Linear (and its float weight) has no reference left here and is freed now.
@@ -148,7 +136,7 @@ def _check_already_quantized(model: nn.Module, skip: list[str], format, blocksiz
     fmt = get_format(format)
     want = {"format": fmt.name, "blocksize": blocksize, "double_quant": double_quant, "sparsity": sparsity}
     for name, mod in model.named_modules():
-        if not isinstance(mod, QuantLinear) or _matches(name, skip):
+        if not isinstance(mod, QuantLinear) or matches(name, skip):
             continue
         have = {"format": mod.format.name, "blocksize": None if mod.per_row else mod.blocksize,
                 "double_quant": mod.double_quant, "sparsity": "2:4" if mod.layout == "2:4" else None}
@@ -161,13 +149,6 @@ def _check_already_quantized(model: nn.Module, skip: list[str], format, blocksiz
                              f"{_settings(asked)}. qengine does not re-quantize quantized codes (the rounding errors "
                              "would compound): quantize the float model with the new settings, call with the "
                              "layer's settings to convert only the float layers left, or add the layer to skip")
-
-
-def _experts_targets(model: nn.Module, skip: list[str]) -> list[str]:
-    """Names of the transformers experts modules (3-D expert weights) quantize_model converts."""
-    return [name for name, mod in model.named_modules()
-            if name and is_experts_module(mod) and not _matches(name, skip)
-            and getattr(mod, "_qengine_moe", None) is None]
 
 
 def _settings(d: dict) -> str:
@@ -215,8 +196,8 @@ def _warn_unquantized(model: nn.Module, skip: list[str], threshold: float = 0.1)
             elif p.dim() < 2:
                 counts["vector"] += n
             elif p.dim() == 3:  # MoE experts: most of such a model, so named even when skipped
-                notable.append((full, n, "3-D expert weight" + (", in skip" if _matches(mname, skip) else "")))
-            elif _matches(mname, skip):
+                notable.append((full, n, "3-D expert weight" + (", in skip" if matches(mname, skip) else "")))
+            elif matches(mname, skip):
                 counts["skipped"] += n
             elif any(mname == a or mname.startswith(a + ".") for a in mha):
                 notable.append((full, n, "nn.MultiheadAttention projection (it reads its weights directly)"))
@@ -240,207 +221,6 @@ def _warn_unquantized(model: nn.Module, skip: list[str], threshold: float = 0.1)
                     "quantized: %s%s. (Embeddings, norms and biases, %.1f%% more, stay float by design.)",
                     100.0 * held / total, ", ".join(f"{n} ({c:,}; {why})" for n, c, why in top),
                     f" and {len(notable) - 5} more" if len(notable) > 5 else "", pct["embedding"] + pct["vector"])
-
-
-def _linear_targets(model: nn.Module, skip: list[str]) -> list[str]:
-    """Names of the nn.Linear layers quantize_model converts (names only: holding the modules
-    here would keep their float weights alive during the conversion)."""
-    owners: dict[int, set[str]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(mname)
-    names = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.MultiheadAttention):
-            if not name:
-                return []
-            skip.append(name)
-            log.info("qengine: %s is nn.MultiheadAttention (reads its projections' weights directly): kept in "
-                     "float", name)
-        if not isinstance(mod, nn.Linear) or _matches(name, skip):
-            continue
-        if not name:
-            raise TypeError("model is itself an nn.Linear: use QuantLinear.from_linear")
-        sharers = owners[id(mod.weight)] - {name}
-        if sharers:
-            log.warning("qengine: %s.weight is shared with %s (tied weights): kept in float", name,
-                        ", ".join(sorted(sharers)))
-            continue
-        names.append(name)
-    experts = {n for n, m in model.named_modules() if n and is_experts_module(m)}
-    for pname, p in model.named_parameters():
-        if p.dim() >= 3 and pname.rsplit(".", 1)[0] not in experts:
-            log.warning("qengine: %s is a %d-D parameter outside a transformers experts module: kept in float",
-                        pname, p.dim())
-    return names
-
-
-def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
-             target_modules: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None,
-             freeze_base: bool = True, init: str = "default", iters: int = 5, format: str | Format = "nf4",
-             blocksize: Optional[int] = 64, double_quant: bool = True, experts: bool = False) -> nn.Module:
-    """Wraps the target layers of `model` in LoRALinear, in place, and returns `model`.
-
-    target_modules: names (full, last component such as "q_proj", or a parent's name);
-    default: every QuantLinear. Targets must be QuantLinear or nn.Linear. With freeze_base,
-    only LoRA parameters stay trainable afterwards (mark_only_lora_trainable).
-
-    init: "default" (A Kaiming-uniform, B = 0: the layer starts equal to its base) or "loftq"
-    (LoftQ): each target must be a float nn.Linear (default targets: every nn.Linear except
-    ``lm_head``), which is quantized here (`format`, `blocksize`, `double_quant`) while
-    alternating, `iters` times, Q = quantize(W - s*B@A) and s*B@A = rank-r SVD of W - Q, so the
-    quantized base plus the adapter starts closer to W than the quantized weight alone.
-
-    experts: also give the quantized Mixture-of-Experts weights (QuantExpertsWeight, see
-    quantize_model) a per-expert adapter (LoRAExperts): all of them when target_modules is None,
-    else those whose name (e.g. "gate_up_proj", "down_proj", "experts") matches. Their side path
-    runs inside the grouped kernel. Expert weights are never targeted without experts=True.
-
-    Adapters do not stack. The default targets are the layers without one (so a second call
-    adapts only the layers added since; ValueError naming a layer when every one already has
-    an adapter); a layer named in target_modules that already has one raises ValueError naming
-    it, before anything changes: replace the old adapter by its base or merged layer first, or
-    name only layers without one."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if init not in ("default", "loftq"):
-        raise ValueError(f"init must be 'default' or 'loftq', got {init!r}")
-    if init == "loftq":
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"iters must be a positive int, got {iters!r}")
-        _loftq_targets(model, target_modules, r, alpha, format, blocksize, double_quant, iters, dtype)
-        if target_modules is None:
-            target_modules = [n for n, m in model.named_modules() if isinstance(m, _LoftQ)]
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
-    names, expert_names, adapted = [], [], []
-    for name, mod in model.named_modules():
-        if name and isinstance(mod, (LoRALinear, LoRAExperts)) and not _inside_lora(model, name):
-            if isinstance(mod, LoRALinear) or experts:
-                adapted.append(name)
-            if target_modules is not None and _matches(name, target_modules) and (isinstance(mod, LoRALinear)
-                                                                                  or experts):
-                raise ValueError(f"{name} already has a LoRA adapter ({type(mod).__name__}, r={mod.r}); add_lora "
-                                 "does not stack adapters. Replace it by its base (.base_layer) or merged layer "
-                                 "(LoRALinear.merged_linear()) first, or pass target_modules naming only layers "
-                                 "without one")
-        if not name or isinstance(mod, (LoRALinear, LoRAExperts)) or _inside_lora(model, name):
-            continue
-        if isinstance(mod, QuantExpertsWeight):
-            if experts and (target_modules is None or _matches(name, target_modules)):
-                expert_names.append(name)
-        elif target_modules is None:
-            if isinstance(mod, QuantLinear):
-                names.append(name)
-        elif _matches(name, target_modules) and isinstance(mod, (QuantLinear, nn.Linear, _LoftQ)):
-            names.append(name)
-    for name in expert_names:
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, LoRAExperts(getattr(parent, attr), r=r, alpha=alpha, dtype=dtype))
-    if not names and expert_names:
-        if freeze_base:
-            mark_only_lora_trainable(model)
-        return model
-    if not names and target_modules is None and adapted:
-        raise ValueError(f"every layer add_lora targets by default already has a LoRA adapter ({adapted[0]}"
-                         f"{f' and {len(adapted) - 1} more' if len(adapted) > 1 else ''}); add_lora does not stack "
-                         "adapters: train the existing ones, or replace them by their base layers (.base_layer) first")
-    if not names:
-        raise ValueError(f"no layer of the model matches target_modules={target_modules!r} "
-                         "(QuantLinear or nn.Linear layers, by full or last name)")
-    for name in names:
-        parent, attr = _parent(model, name)
-        target = getattr(parent, attr)
-        if isinstance(target, _LoftQ):
-            layer = LoRALinear(target.base, r=r, alpha=alpha, dropout=dropout, dtype=dtype)
-            with torch.no_grad():
-                layer.lora_A.copy_(target.lora_A)
-                layer.lora_B.copy_(target.lora_B)
-        else:
-            layer = LoRALinear(target, r=r, alpha=alpha, dropout=dropout, dtype=dtype)
-        setattr(parent, attr, layer)
-    if freeze_base:
-        mark_only_lora_trainable(model)
-    return model
-
-
-class _LoftQ(nn.Module):
-    """Transient holder while add_lora(init="loftq") runs: the quantized base and its A, B."""
-
-    def __init__(self, base: QuantLinear, a: torch.Tensor, b: torch.Tensor):
-        super().__init__()
-        self.base, self.lora_A, self.lora_B = base, a, b
-
-
-def loftq(weight: torch.Tensor, r: int, scaling: float, format: str | Format = "nf4", blocksize: Optional[int] = 64,
-          double_quant: bool = True, iters: int = 5):
-    """LoftQ for one weight W (float [out, in]): returns (q, A [r, in], B [out, r]) with
-    dequantize(q) + scaling * B @ A close to W, by alternating q = quantize(W - s*B@A) and
-    s*B@A = the rank-r truncated SVD of W - dequantize(q) (computed in float32), `iters` times."""
-    from .functional import quantize
-
-    w = weight.detach().to(torch.float32)
-    lowrank = torch.zeros_like(w)
-    for _ in range(iters):
-        q = quantize((w - lowrank).contiguous(), format, blocksize, double_quant)
-        u, s, vh = torch.linalg.svd(w - q.dequantize(torch.float32), full_matrices=False)
-        root = s[:r].sqrt() / math.sqrt(scaling)
-        b, a = u[:, :r] * root, root[:, None] * vh[:r]
-        lowrank = scaling * (b @ a)
-    return q, a, b
-
-
-def _loftq_targets(model, target_modules, r, alpha, format, blocksize, double_quant, iters, dtype) -> None:
-    """Replaces each float nn.Linear target by a _LoftQ holder (add_lora then wraps it)."""
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
-    names = []
-    for name, mod in model.named_modules():
-        if not name or _inside_lora(model, name):
-            continue
-        hit = _matches(name, target_modules) if target_modules is not None else not _matches(name, ["lm_head"])
-        if not hit:
-            continue
-        if isinstance(mod, (QuantLinear, LoRALinear)):
-            raise ValueError(f"LoftQ needs the float weight, but {name} is already a {type(mod).__name__}: call "
-                             "add_lora(init='loftq') on the unquantized model (it quantizes the targets itself)")
-        if isinstance(mod, nn.Linear):
-            names.append(name)
-    if not names:
-        raise ValueError(f"no float nn.Linear layer matches target_modules={target_modules!r} for LoftQ")
-    for name in names:
-        parent, attr = _parent(model, name)
-        lin = getattr(parent, attr)
-        if r > min(lin.in_features, lin.out_features):
-            raise ValueError(f"LoRA rank r={r} exceeds min(in_features, out_features) of {name}")
-        q, a, b = loftq(lin.weight, r, alpha / r, format, blocksize, double_quant, iters)
-        bias = None if lin.bias is None else lin.bias.detach().clone()
-        base = QuantLinear.from_quantized(q, bias)
-        setattr(parent, attr, _LoftQ(base, a, b))
-
-
-def _inside_lora(model: nn.Module, name: str) -> bool:
-    parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), (LoRALinear, LoRAExperts, _LoftQ))
-               for i in range(1, len(parts)))
-
-
-def _lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every adapter: LoRALinear layers and LoRAExperts (per-expert adapters)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))]
-
-
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The A and B parameters of every LoRALinear in `model` (what an optimizer should train)."""
-    return [p for _, m in _lora_modules(model) for p in (m.lora_A, m.lora_B)]
-
-
-def mark_only_lora_trainable(model: nn.Module) -> int:
-    """Sets requires_grad on LoRA parameters only; returns the number of trainable elements."""
-    keep = {id(p) for p in lora_parameters(model)}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def memory_report(model: nn.Module) -> dict:
@@ -487,74 +267,3 @@ def memory_report(model: nn.Module) -> dict:
     for v in kinds.values():
         v["bits_per_param"] = 8.0 * v["bytes"] / v["params"] if v["params"] else 0.0
     return kinds
-
-
-# ---------------------------------------------------------------------- adapters
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<module>.lora_A": [r, in], "<module>.lora_B": [out, r]} for every LoRALinear."""
-    sd = {}
-    for name, mod in _lora_modules(model):
-        sd.update(mod.adapter_state_dict(name + "."))
-    if not sd:
-        raise ValueError("model has no LoRALinear layers (call qengine.add_lora first)")
-    return sd
-
-
-def _adapter_config(model: nn.Module) -> dict:
-    return {name: {"r": m.r, "alpha": m.alpha, "in_features": m.in_features, "out_features": m.out_features}
-            for name, m in _lora_modules(model)}
-
-
-def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], config: Optional[dict] = None) -> None:
-    """Loads A and B of every LoRALinear from `sd`; the adapter must cover exactly this model's
-    LoRA layers with the same shapes (else ValueError naming the first difference). `config`
-    (as save_adapter stores it) restores each layer's alpha."""
-    mods = dict(_lora_modules(model))
-    if not mods:
-        raise ValueError("model has no LoRALinear layers (call qengine.add_lora with the adapter's settings first)")
-    names = {k.rsplit(".", 1)[0] for k in sd}
-    extra = sorted(n for n in names if n not in mods)
-    missing = sorted(n for n in mods if n not in names)
-    if extra or missing:
-        raise ValueError(f"adapter does not match this model: layers only in the adapter {extra[:5]}, layers only "
-                         f"in the model {missing[:5]} (an adapter for a different model or target_modules?)")
-    for name, mod in mods.items():
-        if config is not None and name in config and int(config[name].get("r", mod.r)) != mod.r:
-            raise ValueError(f"adapter layer {name} has rank {config[name]['r']}, the model's has {mod.r}")
-        mod.load_adapter_state_dict(sd, name + ".")
-        if config is not None and name in config:
-            mod.alpha = float(config[name]["alpha"])
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Writes the adapter alone (A, B of every LoRALinear, plus ranks and alphas) as safetensors."""
-    from safetensors.torch import save_file
-
-    sd = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    meta = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": json.dumps(_adapter_config(model))}
-    from ._io import atomic_path
-
-    with atomic_path(path) as tmp:  # a save killed midway leaves the previous adapter intact
-        save_file(sd, tmp, metadata=meta)
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Loads an adapter written by save_adapter into the model's LoRALinear layers."""
-    from safetensors import SafetensorError
-    from safetensors import safe_open
-
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read adapter file {os.fspath(path)!r}: {e}") from None
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a qengine LoRA adapter (metadata format "
-                         f"{meta.get('format')!r})")
-    try:
-        config = json.loads(meta.get("config", "{}"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"adapter metadata is corrupt: {e}") from None
-    device = next(iter(lora_parameters(model)), torch.empty(0)).device
-    load_adapter_state_dict(model, {k: v.to(device) for k, v in sd.items()}, config)

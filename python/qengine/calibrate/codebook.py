@@ -15,7 +15,7 @@ import torch
 
 from .._checks import check_codebook_fit
 from ..formats import Format, codebook
-from ..functional import _quantile_init, _resolve_blocksize, _strictly_increasing
+from .._fit import quantile_init, resolve_blocksize, strictly_increasing
 from ..functional import fit_codebook as _fit_unweighted
 from ._blocks import Encoder, Geometry, rtn_params
 from .scale_search import check_importance
@@ -48,9 +48,9 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
         raise ValueError("weight contains NaN or Inf values")
     cols = x.shape[-1]
     h = check_importance(weights, cols, x.device)
-    bs, _ = _resolve_blocksize(x, blocksize)
+    bs, _ = resolve_blocksize(x, blocksize)
     geo = Geometry(x.numel() // cols, cols, bs, x.device)
-    init = _quantile_init(x.cpu(), bs, rule, 2**bits, sample, seed)
+    init = quantile_init(x.cpu(), bs, rule, 2**bits, sample, seed)
 
     # Normalised values and their weights, once (the kernels' RTN block parameters: scale =
     # max|x| or max - min); the error of a weight is scale^2 times that of its normalised value.
@@ -74,7 +74,7 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
         old = enc.sorted_values.double()
         # Empty clusters keep their value; the others move to the weighted mean of their members.
         new = torch.where(totals > 0, sums / totals.clamp(min=1e-300), old)
-        centroids = _strictly_increasing(new.cpu(), rule)
+        centroids = strictly_increasing(new.cpu(), rule)
         if last_sse is not None and last_sse - sse <= tol * max(last_sse, 1e-30):
             break
         last_sse = sse

@@ -48,7 +48,7 @@ import torch
 
 from .._checks import check_contiguous, check_float, check_positive_int
 from ..formats import Format, get_format
-from ..functional import _resolve_blocksize
+from .._fit import resolve_blocksize
 from ..tensor import QuantizedTensor
 from ._blocks import Encoder, Geometry, assemble, nest, rtn_params
 from ._hessian import check_hessian, inverse_factor
@@ -99,7 +99,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, format: str | Format = "nf4"
         raise TypeError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     grid = check_grid(grid)
     fmt = get_format(format)
-    bs, per_row = _resolve_blocksize(w, blocksize)
+    bs, per_row = resolve_blocksize(w, blocksize)
     rows, cols = w.shape
     importance, perm, U = _factor(H, cols, w.device, damp, act_order, compute_dtype, factor_cache)
     enc = Encoder(fmt, w.device)
@@ -257,7 +257,7 @@ def gptq_quantize_experts(w: torch.Tensor, hessians: Sequence[tuple], format: st
     E, N, K = w.shape
     fmt = get_format(format)
     flat = w.detach().reshape(E * N, K).to(torch.float32).contiguous()
-    bs, per_row = _resolve_blocksize(flat, blocksize)
+    bs, per_row = resolve_blocksize(flat, blocksize)
     if (N * K) % bs:
         raise ValueError(f"blocksize {bs} does not divide one expert's {N}x{K} weight")
     enc = Encoder(fmt, w.device)

@@ -18,7 +18,7 @@ import torch
 
 from .._checks import check_contiguous, check_float, check_tensor
 from ..formats import Format, get_format
-from ..functional import _resolve_blocksize
+from .._fit import resolve_blocksize
 from ..tensor import QuantizedTensor
 from ._blocks import Encoder, Geometry, assemble, nest, rtn_params
 
@@ -174,7 +174,7 @@ def search_scales(w: torch.Tensor, format: str | Format = "nf4", blocksize: Opti
         raise ValueError(f"refine must be an int >= 0, got {refine!r}")
     grid = check_grid(grid)
     fmt = get_format(format)
-    bs, per_row = _resolve_blocksize(w, blocksize)
+    bs, per_row = resolve_blocksize(w, blocksize)
     cols = w.shape[-1]
     enc = Encoder(fmt, w.device)
     geo = Geometry(w.numel() // cols, cols, bs, w.device)

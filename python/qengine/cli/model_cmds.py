@@ -36,7 +36,7 @@ def _warn_unmatched_skip(model_dir: str, patterns: list[str]) -> None:
     from torch import nn
 
     from ..hf.checkpoint import build_model, load_config
-    from ..model import _matches
+    from .._targets import matches
 
     config = load_config(model_dir)
     if getattr(config, "quantization_config", None) is not None:
@@ -44,7 +44,7 @@ def _warn_unmatched_skip(model_dir: str, patterns: list[str]) -> None:
     skeleton = build_model(config, empty=True)  # meta device: no memory, no weights read
     linears = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
     for pattern in patterns:
-        if not any(_matches(name, [pattern]) for name in linears):
+        if not any(matches(name, [pattern]) for name in linears):
             print(f"qengine: warning: --skip {pattern!r} matches no linear layer of {model_dir} (a pattern is a "
                   "full module name, a last component such as down_proj, or a parent such as model.layers.0)",
                   file=sys.stderr)

@@ -21,8 +21,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from .._io import atomic_path
+from .._targets import linear_targets
 from ..formats import get_format
 from ..functional import quantize
 from ..moe import is_experts_module, is_float_expert_weight, quantize_experts
@@ -96,9 +97,7 @@ def build_model(config, empty: bool = False) -> nn.Module:
 def quantizable_linears(model: nn.Module, skip: Sequence[str]) -> list[str]:
     """Names of the nn.Linear modules quantize_model converts (the same rule: not skipped, not
     sharing their weight with another module, not inside nn.MultiheadAttention)."""
-    from ..model import _linear_targets
-
-    return _linear_targets(model, list(skip))
+    return linear_targets(model, list(skip))
 
 
 def _checkpoint_files(model_dir: str) -> list[str]:
@@ -220,7 +219,7 @@ def load_model(model_dir: str | os.PathLike, format: Optional[str] = None, block
                double_quant: bool = True, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
     """A causal LM from `model_dir`: a qengine-quantized checkpoint loads as is (never
     re-quantized); a float checkpoint is quantized layer by layer when `format` is given."""
-    from .. import quantize_model
+    from ..model import quantize_model
 
     model_dir = os.fspath(model_dir)
     config = load_config(model_dir)

@@ -18,11 +18,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from .._checks import check_blocksize
 from ..formats import get_format
 from ..functional import quantize
-from ..model import _experts_targets
+from .._targets import experts_targets, parent_of
 from ..moe import expert_weight_names, experts_layout, is_float_expert_weight, quantize_experts
 from ..nn import QuantExpertsWeight, QuantLinear
 from ..nn.experts import check_expert_blocks
@@ -127,7 +127,7 @@ class _Quantize(ConversionOps):
         if full_layer_name in self.hf_quantizer._expert_params:
             # A Mixture-of-Experts weight, after transformers merged the checkpoint's per-expert
             # matrices into its 3-D parameter.
-            experts, attr = _parent(model, full_layer_name)
+            experts, attr = parent_of(model, full_layer_name)
             q = QuantExpertsWeight.from_weight(value, cfg.format, cfg.blocksize, cfg.double_quant,
                                                transposed=bool(experts.is_transposed))
             page_out(value)
@@ -139,7 +139,7 @@ class _Quantize(ConversionOps):
                 missing_keys.discard(full_layer_name)
             return {}
         name = full_layer_name.rsplit(".", 1)[0]
-        parent, attr = _parent(model, name)
+        parent, attr = parent_of(model, name)
         linear = getattr(parent, attr)
         bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
         if cfg.method == "search":  # data-free: every input channel weighs the same
@@ -216,12 +216,12 @@ class QEngineHfQuantizer(HfQuantizer):
                                  "does not have: load the float model (from_pretrained without quantization_config), "
                                  f"call qengine.quantize_model(model, method={cfg.method!r}, calibration=token_ids), then "
                                  "qengine.hf.mark_quantized(model) and save_pretrained (or qengine.hf.save_quantized)")
-            if cfg.method == "search" and _experts_targets(model, list(cfg.skip)):
+            if cfg.method == "search" and experts_targets(model, list(cfg.skip)):
                 log.info("qengine: method='search' applies to nn.Linear layers; Mixture-of-Experts weights are "
                          "quantized with round-to-nearest")
             skip = list(cfg.skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
             self._targets = set(quantizable_linears(model, skip))
-            for name in _experts_targets(model, skip):
+            for name in experts_targets(model, skip):
                 experts = model.get_submodule(name)
                 experts_layout(experts)  # an unsupported layout fails now, naming it, not midway through loading
                 self._expert_params.update(f"{name}.{a}" for a in expert_weight_names(experts))
@@ -229,7 +229,7 @@ class QEngineHfQuantizer(HfQuantizer):
         check_quantization_config(cfg.to_dict(), "quantization_config")
         self._files = list(checkpoint_files or [])
         for name in cfg.modules:
-            parent, attr = _parent(model, name)
+            parent, attr = parent_of(model, name)
             if is_float_expert_weight(parent, attr):
                 weight = getattr(parent, attr)
                 delattr(parent, attr)
@@ -241,7 +241,7 @@ class QEngineHfQuantizer(HfQuantizer):
                 raise ValueError(f"quantization_config names module {name!r}, which this model does not have") from None
             if not isinstance(mod, nn.Linear):
                 raise ValueError(f"quantization_config names {name!r}, a {type(mod).__name__}, not an nn.Linear")
-            parent, attr = _parent(model, name)
+            parent, attr = parent_of(model, name)
             setattr(parent, attr, _Slot(mod))
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
         model._keys_to_ignore_on_load_unexpected = ignore | {_QUANT_KEYS}
@@ -272,10 +272,6 @@ class QEngineHfQuantizer(HfQuantizer):
     def is_compileable(self) -> bool:
         return True
 
-
-def _parent(model: nn.Module, name: str):
-    path, _, attr = name.rpartition(".")
-    return (model.get_submodule(path) if path else model), attr
 
 
 def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
@@ -311,7 +307,7 @@ def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
             layer = QuantExpertsWeight.from_quantized(q)
             layer.num_experts, layer.expert_out_features = slot.num_experts, slot.expert_out_features
             check_expert_blocks(slot.expert_out_features, slot.in_features, None if q.per_row else q.blocksize)
-            parent, attr = _parent(model, name)
+            parent, attr = parent_of(model, name)
             setattr(parent, attr, layer)
             _finish_experts(parent)
             continue
@@ -325,7 +321,7 @@ def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
         layer.bias = bias
         if bias is not None and bias.device != q.device:
             layer.to(bias.device)
-        parent, attr = _parent(model, name)
+        parent, attr = parent_of(model, name)
         setattr(parent, attr, layer)
 
 
