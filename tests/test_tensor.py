@@ -334,11 +334,7 @@ def test_deepcopy(fmt, double_quant):
 @pytest.mark.parametrize("fmt", ["fp4", "uint4", "cb200"])
 def test_pickle(fmt, double_quant):
     q = qengine.quantize(make_input((50, 33), torch.bfloat16), fmt_of(fmt), 32, double_quant=double_quant)
-    try:
-        data = pickle.dumps(q)
-    except (TypeError, AttributeError, pickle.PicklingError) as e:
-        pytest.skip(f"QuantizedTensor is not picklable: {e}")
-    r = pickle.loads(data)
+    r = pickle.loads(pickle.dumps(q))  # QuantizedTensor is documented as picklable: failing is a bug
     assert isinstance(r, QuantizedTensor)
     assert_same_quantized(r, q)
 
