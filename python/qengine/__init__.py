@@ -24,6 +24,7 @@ from .tensor import QuantizedTensor
 from . import nn
 from .model import (add_lora, adapter_state_dict, load_adapter, load_adapter_state_dict, lora_parameters,
                     mark_only_lora_trainable, memory_report, quantize_model, save_adapter)
+from .calibrate.plan import Plan, plan  # noqa: E402  (per-layer settings under a bits-per-parameter budget)
 
 from .doctor import doctor  # noqa: E402  (qengine.doctor(): every kernel on every device vs scalar)
 
@@ -59,6 +60,8 @@ __all__ = [
     "mark_only_lora_trainable",
     "memory_report",
     "quantize_model",
+    "plan",
+    "Plan",
     "save_adapter",
 ]
 

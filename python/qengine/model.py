@@ -39,8 +39,13 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
                    compute_dtype: Optional[torch.dtype] = None, quant_storage: torch.dtype = torch.uint8,
                    dtype: Optional[torch.dtype] = None, progress: bool = True, sparsity: Optional[str] = None,
                    masks: Optional[dict] = None, method: str = "rtn", calibration=None, act_order: bool = False,
-                   damp: float = 0.01, sequential: bool = True) -> nn.Module:
+                   damp: float = 0.01, sequential: bool = True, plan=None) -> nn.Module:
     """Replaces every nn.Linear of `model` in place by a QuantLinear and returns `model`.
+
+    plan: a qengine.calibrate.plan.Plan (or its to_dict()) as qengine.plan returns: each named
+    layer gets its own format, block size, double quantization and method ("float16" entries
+    stay float), and format / blocksize / double_quant / method are then not used; layers the
+    plan does not name must be in skip. GPTQ entries need calibration.
 
     With method="rtn", layers are converted one at a time and each float weight is dropped as
     soon as its replacement is in place, so the peak memory is the model plus one layer's
@@ -97,6 +102,9 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = [skip]
+    if plan is not None:
+        return _quantize_planned(model, plan, list(skip), calibration, damp, sequential, compute_dtype,
+                                 quant_storage, dtype, progress)
     from .calibrate.driver import Settings, check_method_args, quantize_calibrated
 
     check_method_args(method, calibration, damp, act_order, sequential, sparsity, masks)
@@ -129,13 +137,77 @@ def quantize_model(model: nn.Module, format: str | Format = "nf4", blocksize: Op
     return model
 
 
+def _quantize_planned(model: nn.Module, plan, skip: list, calibration, damp, sequential, compute_dtype,
+                      quant_storage, dtype, progress) -> nn.Module:
+    """quantize_model(plan=...): every layer by its plan entry (see quantize_model)."""
+    from .calibrate.driver import Settings, quantize_calibrated
+    from .calibrate.plan import FLOAT16, Plan
+
+    if isinstance(plan, dict):
+        plan = Plan.from_dict(plan)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a qengine Plan or its to_dict(), got {type(plan).__name__}")
+    keep = [n for n, c in plan.entries.items() if c == FLOAT16]
+    quant = plan.quantized()
+    done = set()
+    for name, c in quant.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the plan names {name!r}, which this model does not have") from None
+        if isinstance(mod, QuantLinear):  # already quantized: only with the plan's own settings
+            _check_already_quantized(mod, [], c.format, c.blocksize, c.double_quant, None, compute_dtype,
+                                     quant_storage, prefix=name)
+            done.add(name)
+        elif not isinstance(mod, nn.Linear):
+            raise ValueError(f"the plan names {name!r}, a {type(mod).__name__}, not an nn.Linear")
+    names = linear_targets(model, skip + keep)
+    if experts_targets(model, skip + keep):
+        raise ValueError("plans cover nn.Linear layers; add the Mixture-of-Experts modules to skip")
+    uncovered = [n for n in names if n not in quant]
+    if uncovered:
+        raise ValueError(f"the plan does not name {uncovered[0]} ({len(uncovered)} layers in all): plan this "
+                         "model again, or add them to skip")
+    odd = [n for n in quant if n not in names and n not in done]
+    if odd:
+        raise ValueError(f"the plan names {odd[0]}, which quantize_model would not convert (in skip, or sharing its "
+                         "weight with another module)")
+    methods = {quant[n].method for n in names}
+    gptq = bool(methods & {"gptq", "gptq+search"})
+    if gptq and calibration is None:
+        raise ValueError("the plan has GPTQ layers, which need calibration data: pass calibration= (token ids "
+                         "[batch, seq_len] of real text)")
+    per = {n: Settings(get_format(quant[n].format), quant[n].blocksize, quant[n].double_quant, quant[n].method, damp,
+                       False, compute_dtype, quant_storage) for n in names}
+    record = {"method": "plan"}
+    if names and (calibration is not None or "search" in methods):
+        base = next(iter(per.values()))
+        lead = Settings(base.format, base.blocksize, base.double_quant, "gptq" if gptq else "search", damp)
+        info = quantize_calibrated(model, names, [], calibration, lead, sequential, progress, per_layer=per)
+        record.update(calibration_tokens=info["tokens"], sequential=info["sequential"])
+        if gptq:
+            record.update(damp=damp)
+    else:
+        for name in _progress(names, progress, "quantizing"):
+            owner, attr = parent_of(model, name)
+            c = quant[name]
+            setattr(owner, attr, QuantLinear.from_linear(getattr(owner, attr), c.format, c.blocksize, c.double_quant,
+                                                          compute_dtype=compute_dtype, quant_storage=quant_storage))
+    if dtype is not None:
+        model.to(dtype)
+    _warn_unquantized(model, skip + keep)
+    model._qengine_method = record
+    model._qengine_plan = plan
+    return model
+
+
 def _check_already_quantized(model: nn.Module, skip: list[str], format, blocksize, double_quant, sparsity,
-                             compute_dtype, quant_storage) -> None:
+                             compute_dtype, quant_storage, prefix: str = "") -> None:
     """Raises ValueError naming the first already-quantized layer (outside skip) whose settings
     differ from the requested ones; layers quantized with the same settings are left as they are."""
     fmt = get_format(format)
     want = {"format": fmt.name, "blocksize": blocksize, "double_quant": double_quant, "sparsity": sparsity}
-    for name, mod in model.named_modules():
+    for name, mod in model.named_modules(prefix=prefix):
         if not isinstance(mod, QuantLinear) or matches(name, skip):
             continue
         have = {"format": mod.format.name, "blocksize": None if mod.per_row else mod.blocksize,

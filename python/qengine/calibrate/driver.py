@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..formats import Format
+from ..functional import quantize
 from ..moe import expert_weight_names, quantize_experts
 from ..nn import QuantExpertsWeight, QuantLinear
 from ..nn.experts import check_expert_blocks
@@ -123,7 +124,9 @@ def quantize_layer(linear: nn.Linear, H: Optional[torch.Tensor], rows: int, s: S
     w = linear.weight.detach()
     w = w if w.is_contiguous() else w.contiguous()
     try:
-        if s.method == "search":
+        if s.method == "rtn":  # a plan's round-to-nearest layer inside a calibrated run
+            q = quantize(w, s.format, s.blocksize, s.double_quant)
+        elif s.method == "search":
             imp = None if H is None else (H if H.dim() == 1 else H.diagonal()) / max(rows, 1)
             q = search_scales(w, s.format, s.blocksize, s.double_quant, importance=imp)
         else:
@@ -174,11 +177,14 @@ class _Swaps:
 
 
 def _quantize_names(model: nn.Module, names: list[str], hooks: Optional[HessianHooks], s: Settings,
-                    swaps: _Swaps) -> int:
-    """Quantizes the named float linears from the hooks' statistics; returns the rows of the
-    first one (the calibration token count)."""
+                    swaps: _Swaps, per_layer: Optional[dict] = None) -> int:
+    """Quantizes the named float linears from the hooks' statistics (each by its own Settings
+    when per_layer, a plan, names it); returns the rows of the first one (the calibration
+    token count)."""
     rows0, cache = 0, {}
+    base = s
     for name in names:
+        s = (per_layer or {}).get(name, base)
         if hooks is not None and not hooks.seen(name):
             raise ValueError(f"no calibration data reached {name} (its forward never ran on the calibration batches): "
                              "pass calibration inputs that exercise it, or add it to skip")
@@ -222,7 +228,7 @@ def _quantize_experts(model: nn.Module, name: str, hooks: HessianHooks, s: Setti
 
 
 def quantize_calibrated(model: nn.Module, names: list[str], experts: list[str], calibration: object, s: Settings,
-                        sequential: bool = True, progress: bool = False) -> dict:
+                        sequential: bool = True, progress: bool = False, per_layer: Optional[dict] = None) -> dict:
     """Quantizes the float linears `names` of `model` in place by s.method (and the transformers
     experts modules `experts` by round-to-nearest); see the module docstring for the flow.
 
@@ -234,6 +240,9 @@ def quantize_calibrated(model: nn.Module, names: list[str], experts: list[str], 
     quantized layers made so far (kept beside the float ones until the end, for the restore).
     Whole-model capture: every layer's H at once instead of one block's.
 
+    per_layer: {name: Settings} of the layers whose settings differ from s (a plan); s.method
+    must then be one that captures what every layer needs (the full H when any is GPTQ).
+
     Returns {"method", "mode" ("blocks", "whole-model" or "data-free"), "sequential", "tokens"
     (rows each layer's H summed), "blocks", "seconds"}.
     """
@@ -244,20 +253,20 @@ def quantize_calibrated(model: nn.Module, names: list[str], experts: list[str], 
     try:
         with _calibration_mode(model):
             if batches is None:
-                info.update(mode="data-free", tokens=_quantize_names(model, names, None, s, swaps))
+                info.update(mode="data-free", tokens=_quantize_names(model, names, None, s, swaps, per_layer))
                 done = set()
             else:
                 found = find_blocks(model, names)
                 result = None if found is None else blockwise(
                     model, found, names, experts, batches, s.full, sequential,
-                    lambda nms, hooks: _quantize_names(model, nms, hooks, s, swaps),
+                    lambda nms, hooks: _quantize_names(model, nms, hooks, s, swaps, per_layer),
                     lambda e, hooks: _quantize_experts(model, e, hooks, s, swaps),
                     f"{s.method} blocks" if progress else None)
                 if result is None:
                     log.info("qengine: no decoder-block list found in %s: capturing every linear layer's inputs in "
                              "one pass over the calibration data (non-sequential; all H resident at once)",
                              type(model).__name__)
-                    result = (_whole_model(model, names, experts, batches, s, swaps), 0, set(experts))
+                    result = (_whole_model(model, names, experts, batches, s, swaps, per_layer), 0, set(experts))
                     info["sequential"] = False
                 info["tokens"], info["blocks"], done = result
                 info["mode"] = "blocks" if info["blocks"] else "whole-model"
@@ -278,7 +287,7 @@ def quantize_calibrated(model: nn.Module, names: list[str], experts: list[str], 
     return info
 
 
-def _whole_model(model, names, experts, batches, s, swaps) -> int:
+def _whole_model(model, names, experts, batches, s, swaps, per_layer=None) -> int:
     hooks = HessianHooks({n: model.get_submodule(n) for n in names}, s.full, stop=True,
                          experts={e: model.get_submodule(e) for e in experts})
     try:
@@ -287,7 +296,7 @@ def _whole_model(model, names, experts, batches, s, swaps) -> int:
             run_batch(model, batch, b)
     finally:
         hooks.remove()
-    tokens = _quantize_names(model, names, hooks, s, swaps)
+    tokens = _quantize_names(model, names, hooks, s, swaps, per_layer)
     for e in experts:
         _quantize_experts(model, e, hooks, s, swaps)
     return tokens

@@ -7,7 +7,9 @@ QuantLinear stores it (`<module>.weight.<part>` flat tensors plus `<module>.bias
 {"quant_method": "qengine", "format", "blocksize", "double_quant", "modules", "qengine_version",
 "method"} and, for calibrated methods, "calibration_tokens", "sequential" and (GPTQ) "damp",
 "act_order": a record of how the codes were chosen; every method stores the same layout, so
-loading only checks these fields' types.
+loading only checks these fields' types. A model whose layers differ (quantize_model(plan=...))
+adds "plan": {module: {"format", "blocksize", "double_quant", "method"} or "float16"}, one entry
+per planned module; "format", "blocksize" and "double_quant" then give the most common setting.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from ..functional import quantize
 from ..moe import is_experts_module, is_float_expert_weight, quantize_experts
 from ..nn import QuantExpertsWeight, QuantLinear
 
-__all__ = ["QUANT_METHOD", "check_quantization_config", "require_transformers", "load_config", "build_model", "quantizable_linears",
+__all__ = ["QUANT_METHOD", "layer_settings", "check_plan_entries",
+           "check_quantization_config", "require_transformers", "load_config", "build_model", "quantizable_linears",
            "load_model", "save_quantized", "quantize_checkpoint", "iter_checkpoint_tensors", "saved_quantization_config",
            "copy_side_files", "CALIBRATION_KEYS"]
 
@@ -161,6 +164,8 @@ def check_quantization_config(qc: dict, where: str) -> None:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: quantization_config names an unknown format ({e}); register it with "
                          "qengine.register_format before loading") from None
+    if qc.get("plan") is not None:
+        check_plan_entries(qc["plan"], where)
     if not isinstance(qc.get("method", "rtn"), str):
         raise ValueError(f"{where}: quantization_config's method must be a string, got {qc['method']!r}")
     for key, types in CALIBRATION_KEYS.items():
@@ -178,14 +183,56 @@ def check_quantization_config(qc: dict, where: str) -> None:
                          f"does not read (it reads {'.'.join(map(str, _series(__version__)))}.x checkpoints)")
 
 
+def check_plan_entries(plan: object, where: str) -> dict:
+    """A quantization_config's per-module "plan": checked ({module: entry dict or "float16"})."""
+    if not isinstance(plan, dict) or not plan:
+        raise ValueError(f"{where}: quantization_config's plan must be a non-empty dict of module entries")
+    for name, e in plan.items():
+        if e == "float16":
+            continue
+        if not isinstance(e, dict) or "format" not in e:
+            raise ValueError(f"{where}: quantization_config's plan entry {name!r} must be 'float16' or a dict with "
+                             f"format, blocksize, double_quant, method; got {e!r}")
+        try:
+            get_format(e["format"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: plan entry {name!r}: {err}") from None
+    return plan
+
+
+def layer_settings(model: nn.Module) -> tuple:
+    """(format name, blocksize, double_quant, plan entries or None) of a quantized model's
+    QuantLinear layers: their one setting, or with several (or a plan on the model) the most
+    common one plus {module: entry} for every planned module. ValueError without any layer."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        raise ValueError("model has no QuantLinear layers (quantize it with qengine.quantize_model first)")
+    kinds = [(m.format.name, m.blocksize if not m.per_row else None, m.double_quant) for _, m in layers]
+    common = max(sorted(set(kinds), key=str), key=kinds.count)
+    planned = getattr(model, "_qengine_plan", None)
+    if len(set(kinds)) == 1 and planned is None:
+        return (*common, None)
+    method = getattr(model, "_qengine_method", {}).get("method", "rtn")
+    entries = {}
+    if planned is not None:
+        entries.update({n: "float16" for n, c in planned.entries.items() if c == "float16"})
+        method_of = {n: c.method for n, c in planned.quantized().items()}
+    else:
+        method_of = {}
+    for (n, _), (f, bs, dq) in zip(layers, kinds):
+        entries[n] = {"format": f, "blocksize": bs, "double_quant": dq, "method": method_of.get(n, method)}
+    return (*common, entries)
+
+
 def _skeleton(model: nn.Module, qc: dict) -> None:
     """Replaces the named linears of a meta-device model by empty QuantLinear layers of the
     recorded layout, then gives every remaining meta parameter real (uninitialised) storage
     for load_state_dict to fill."""
-    fmt = get_format(qc["format"])
-    bs = qc["blocksize"]
+    plan = qc.get("plan") or {}
     experts_modules = set()
     for name in qc["modules"]:
+        entry = plan.get(name) if isinstance(plan.get(name), dict) else qc
+        fmt, bs = get_format(entry["format"]), entry["blocksize"]
         path, _, attr = name.rpartition(".")
         parent = model.get_submodule(path) if path else model
         if is_float_expert_weight(parent, attr):
@@ -206,7 +253,7 @@ def _skeleton(model: nn.Module, qc: dict) -> None:
         path, _, attr = name.rpartition(".")
         parent = model.get_submodule(path) if path else model
         setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, format=fmt,
-                                          blocksize=bs, double_quant=bool(qc["double_quant"])))
+                                          blocksize=bs, double_quant=bool(entry["double_quant"])))
     for mod in model.modules():
         for pname, p in list(mod._parameters.items()):
             if p is not None and p.device.type == "meta":
@@ -242,6 +289,10 @@ def load_model(model_dir: str | os.PathLike, format: Optional[str] = None, block
         if tied:
             model.tie_weights()
         model._qengine_method = {k: qc[k] for k in ("method", *CALIBRATION_KEYS) if qc.get(k) is not None}
+        if qc.get("plan"):
+            from ..calibrate.plan import Plan
+
+            model._qengine_plan = Plan.from_dict({"entries": qc["plan"]})
         return model.eval()
     transformers = require_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -266,24 +317,22 @@ def _save_tensors(tensors: dict, out_dir: str, metadata: dict) -> None:
 
 
 def _quantization_config(fmt: str, blocksize, double_quant: bool, modules: list[str],
-                         record: Optional[dict] = None) -> dict:
+                         record: Optional[dict] = None, plan: Optional[dict] = None) -> dict:
     """`record`: how the codes were chosen ({"method", ...}; quantize_model leaves it on the model
-    as _qengine_method); default round-to-nearest."""
-    return {"quant_method": QUANT_METHOD, "format": fmt, "blocksize": blocksize, "double_quant": double_quant,
-            "modules": modules, "qengine_version": __version__, "method": "rtn", **(record or {})}
+    as _qengine_method); default round-to-nearest. `plan`: per-module entries (layer_settings)."""
+    qc = {"quant_method": QUANT_METHOD, "format": fmt, "blocksize": blocksize, "double_quant": double_quant,
+          "modules": modules, "qengine_version": __version__, "method": "rtn", **(record or {})}
+    if plan is not None:
+        qc["plan"] = plan
+    return qc
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike) -> None:
     """Writes a model converted by quantize_model as a qengine checkpoint (see module doc),
     recording the method quantize_model used (and its calibration settings)."""
     out_dir = os.fspath(out_dir)
+    fmt, bs, dq, plan = layer_settings(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    if not layers:
-        raise ValueError("model has no QuantLinear layers (quantize it with qengine.quantize_model first)")
-    kinds = {(m.format.name, m.blocksize if not m.per_row else None, m.double_quant) for _, m in layers}
-    if len(kinds) != 1:
-        raise ValueError(f"layers use several quantization settings {sorted(map(str, kinds))}; a checkpoint records one")
-    fmt, bs, dq = kinds.pop()
     state, seen = {}, set()
     for key, t in model.state_dict().items():
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
@@ -294,7 +343,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike) -> None:
     os.makedirs(out_dir, exist_ok=True)
     _save_tensors(state, out_dir, {"format": "pt"})
     _write_config(model.config, out_dir, _quantization_config(fmt, bs, dq, [n for n, _ in layers],
-                                                              getattr(model, "_qengine_method", None)))
+                                                              getattr(model, "_qengine_method", None), plan))
 
 
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: str = "nf4",

@@ -30,7 +30,8 @@ from ..tensor import QuantizedTensor
 from ..calibrate.driver import METHODS
 from ..calibrate.scale_search import search_scales
 from ._files import page_out, read_tensor, safetensors_index
-from .checkpoint import CALIBRATION_KEYS, QUANT_METHOD, check_quantization_config, quantizable_linears
+from .checkpoint import (CALIBRATION_KEYS, QUANT_METHOD, check_plan_entries, check_quantization_config, layer_settings,
+                         quantizable_linears)
 
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -62,6 +63,11 @@ class QEngineConfig(QuantizationConfigMixin):
             ``qengine.hf.mark_quantized(model)`` and ``save_pretrained`` (or
             ``qengine.hf.save_quantized``); from_pretrained of that folder loads it like any
             qengine checkpoint (the bytes are RTN's layout).
+        plan: per-module settings, a qengine Plan (qengine.plan), its to_dict() or {module:
+            {"format", "blocksize", "double_quant", "method"} or "float16"}: each planned layer
+            is quantized with its own entry while loading ("float16" entries stay float; the
+            methods must be "rtn" or "search": GPTQ entries need data, so quantize_model(plan=,
+            calibration=) the float model instead); a saved planned checkpoint records it.
     ``modules`` and ``qengine_version`` are filled in when a model is quantized and are what a
     saved checkpoint records (config.json's ``quantization_config``, the layout of
     qengine.hf.checkpoint), with ``method`` and, for calibrated methods, ``damp``,
@@ -71,14 +77,22 @@ class QEngineConfig(QuantizationConfigMixin):
     def __init__(self, format: str = "nf4", blocksize: Optional[int] = 64, double_quant: bool = True,
                  compute_dtype: Optional[torch.dtype | str] = None, skip: Sequence[str] = ("lm_head",),
                  modules: Optional[Sequence[str]] = None, qengine_version: Optional[str] = None, method: str = "rtn",
-                 **kwargs):
+                 plan=None, **kwargs):
         kwargs.pop("quant_method", None)
+        if plan is not None and not isinstance(plan, dict):
+            to_dict = getattr(plan, "to_dict", None)
+            if to_dict is None:
+                raise TypeError(f"plan must be a qengine Plan or a dict, got {type(plan).__name__}")
+            plan = to_dict()
+        if isinstance(plan, dict) and isinstance(plan.get("entries"), dict):
+            plan = plan["entries"]
+        self.plan = None if plan is None else dict(check_plan_entries(plan, "QEngineConfig"))
         self.calibration = {k: kwargs.pop(k) for k in CALIBRATION_KEYS if kwargs.get(k) is not None}
         for k in CALIBRATION_KEYS:
             kwargs.pop(k, None)
         if kwargs:
             raise ValueError(f"QEngineConfig got unknown settings {sorted(kwargs)}")
-        if not isinstance(method, str) or (modules is None and method not in METHODS):
+        if not isinstance(method, str) or (modules is None and method not in METHODS + ("plan",)):
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
         self.method = method
         self.quant_method = QUANT_METHOD
@@ -111,7 +125,14 @@ class QEngineConfig(QuantizationConfigMixin):
         return {"quant_method": QUANT_METHOD, "format": self.format, "blocksize": self.blocksize,
                 "double_quant": self.double_quant, "modules": self.modules, "qengine_version": self.qengine_version,
                 "compute_dtype": self.compute_dtype, "skip": list(self.skip), "method": self.method,
-                **self.calibration}
+                **self.calibration, **({} if self.plan is None else {"plan": self.plan})}
+
+    def entry(self, name: str) -> tuple:
+        """(format, blocksize, double_quant, method) of one module: its plan entry or the config's."""
+        e = (self.plan or {}).get(name)
+        if isinstance(e, dict):
+            return (e["format"], e.get("blocksize", 64), e.get("double_quant", True), e.get("method", "rtn"))
+        return (self.format, self.blocksize, self.double_quant, self.method)
 
 
 class _Quantize(ConversionOps):
@@ -142,10 +163,11 @@ class _Quantize(ConversionOps):
         parent, attr = parent_of(model, name)
         linear = getattr(parent, attr)
         bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
-        if cfg.method == "search":  # data-free: every input channel weighs the same
-            q = search_scales(value.contiguous(), cfg.format, cfg.blocksize, cfg.double_quant)
+        fmt, bs, dq, method = cfg.entry(name)
+        if method == "search":  # data-free: every input channel weighs the same
+            q = search_scales(value.contiguous(), fmt, bs, dq)
         else:
-            q = quantize(value.contiguous(), cfg.format, cfg.blocksize, cfg.double_quant)
+            q = quantize(value.contiguous(), fmt, bs, dq)
         page_out(value)
         layer = QuantLinear.from_quantized(q, bias, compute_dtype=cfg.torch_compute_dtype)
         if linear.bias is not None and bias is None:  # bias not read yet: transformers fills it later
@@ -220,7 +242,21 @@ class QEngineHfQuantizer(HfQuantizer):
                 log.info("qengine: method='search' applies to nn.Linear layers; Mixture-of-Experts weights are "
                          "quantized with round-to-nearest")
             skip = list(cfg.skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+            if cfg.plan is not None:
+                skip += [n for n, e in cfg.plan.items() if e == "float16"]
+                bad = [(n, e["method"]) for n, e in cfg.plan.items()
+                       if isinstance(e, dict) and e.get("method", "rtn") not in ("rtn", "search")]
+                if bad:
+                    raise ValueError(f"QEngineConfig's plan quantizes {bad[0][0]} with method={bad[0][1]!r}, which "
+                                     "needs calibration data that from_pretrained does not have: load the float "
+                                     "model and call qengine.quantize_model(model, plan=plan, calibration=token_ids)")
             self._targets = set(quantizable_linears(model, skip))
+            if cfg.plan is not None:
+                planned = {n for n, e in cfg.plan.items() if e != "float16"}
+                if self._targets != planned:
+                    odd = sorted(self._targets ^ planned)
+                    raise ValueError(f"QEngineConfig's plan does not match the model's linear layers ({odd[0]}: "
+                                     f"{'not in the plan' if odd[0] in self._targets else 'not a layer to quantize'})")
             for name in experts_targets(model, skip):
                 experts = model.get_submodule(name)
                 experts_layout(experts)  # an unsupported layout fails now, naming it, not midway through loading
@@ -354,17 +390,13 @@ def mark_quantized(model: nn.Module) -> QEngineConfig:
     """Records the settings of a model converted by qengine.quantize_model in its config (and
     attaches the quantizer), so ``model.save_pretrained`` writes a qengine checkpoint that
     ``from_pretrained`` loads. Returns the config. All QuantLinear layers must share one
-    format, block size and double-quant setting."""
+    format, block size and double-quant setting, or the config records them per module
+    ("plan", as quantize_model(plan=...) makes)."""
+    fmt, bs, dq, plan = layer_settings(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    if not layers:
-        raise ValueError("model has no QuantLinear layers (quantize it with qengine.quantize_model first)")
-    kinds = {(m.format.name, None if m.per_row else m.blocksize, m.double_quant) for _, m in layers}
-    if len(kinds) != 1:
-        raise ValueError(f"layers use several quantization settings {sorted(map(str, kinds))}; a checkpoint records one")
-    fmt, bs, dq = kinds.pop()
     cdt = {m.compute_dtype for _, m in layers}
     record = dict(getattr(model, "_qengine_method", None) or {"method": "rtn"})
-    cfg = QEngineConfig(fmt, bs, dq, compute_dtype=cdt.pop() if len(cdt) == 1 else None, **record)
+    cfg = QEngineConfig(fmt, bs, dq, compute_dtype=cdt.pop() if len(cdt) == 1 else None, plan=plan, **record)
     cfg.modules, cfg.qengine_version = sorted(n for n, _ in layers), __version__
     model.config.quantization_config = cfg
     keep_quantized_expert_keys(model)
