@@ -25,7 +25,8 @@ ADAPTER_VERSION = "1"
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
              target_modules: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None,
              freeze_base: bool = True, init: str = "default", iters: int = 5, format: str | Format = "nf4",
-             blocksize: Optional[int] = 64, double_quant: bool = True, experts: bool = False) -> nn.Module:
+             blocksize: Optional[int] = 64, double_quant: bool = True, experts: bool = False, calibration=None,
+             reference: Optional[nn.Module] = None, damp: float = 0.01) -> nn.Module:
     """Wraps the target layers of `model` in LoRALinear, in place, and returns `model`.
 
     target_modules: names (full, last component such as "q_proj", or a parent's name);
@@ -37,6 +38,13 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     ``lm_head``), which is quantized here (`format`, `blocksize`, `double_quant`) while
     alternating, `iters` times, Q = quantize(W - s*B@A) and s*B@A = rank-r SVD of W - Q, so the
     quantized base plus the adapter starts closer to W than the quantized weight alone.
+
+    init="correct" (error-correcting, EoRA-style; qengine.calibrate.correct): each target is a
+    QuantLinear, and A, B minimise ||X (W - Ŵ - s·B A)^T||_F with W the same-named float layer of
+    `reference` (the float model the quantized one was made from) and X its inputs while
+    `reference` runs `calibration` (token ids [batch, seq_len]); `damp` regularises H = X^T X.
+    Frozen, the side path makes the layer's outputs match the float layer's more closely; or
+    train it from there as QLoRA.
 
     experts: also give the quantized Mixture-of-Experts weights (QuantExpertsWeight, see
     quantize_model) a per-expert adapter (LoRAExperts): all of them when target_modules is None,
@@ -50,8 +58,10 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     name only layers without one."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if init not in ("default", "loftq"):
-        raise ValueError(f"init must be 'default' or 'loftq', got {init!r}")
+    if init not in ("default", "loftq", "correct"):
+        raise ValueError(f"init must be 'default', 'loftq' or 'correct', got {init!r}")
+    if init != "correct" and (calibration is not None or reference is not None):
+        raise ValueError("calibration= and reference= are for init='correct'")
     if init == "loftq":
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"iters must be a positive int, got {iters!r}")
@@ -96,10 +106,23 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     if not names:
         raise ValueError(f"no layer of the model matches target_modules={target_modules!r} "
                          "(QuantLinear or nn.Linear layers, by full or last name)")
+    factors = None
+    if init == "correct":
+        from .calibrate.correct import correct_layers
+
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        factors = correct_layers(model, reference, calibration, names, r, alpha / r, damp)
     for name in names:
         owner, attr = parent_of(model, name)
         target = getattr(owner, attr)
-        if isinstance(target, LoftQHolder):
+        if factors is not None:
+            layer = LoRALinear(target, r=r, alpha=alpha, dropout=dropout, dtype=dtype)
+            with torch.no_grad():
+                A, B = factors[name]
+                layer.lora_A.copy_(A.to(layer.lora_A.dtype))
+                layer.lora_B.copy_(B.to(layer.lora_B.dtype))
+        elif isinstance(target, LoftQHolder):
             layer = LoRALinear(target.base, r=r, alpha=alpha, dropout=dropout, dtype=dtype)
             with torch.no_grad():
                 layer.lora_A.copy_(target.lora_A)
