@@ -36,7 +36,8 @@ import torch  # noqa: E402
 
 import qengine  # noqa: E402
 from _harness import measure, print_table, quiet_import_bitsandbytes, write_json  # noqa: E402
-from qengine.optim import PagedAdamW, PagedAdamW8bit, _ops  # noqa: E402
+from qengine.optim import PagedAdamW, PagedAdamW8bit  # noqa: E402
+from qengine.ops import optim as _ops  # noqa: E402
 
 
 def parse_args():

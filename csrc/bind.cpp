@@ -1,6 +1,7 @@
-// pybind11 bindings of qengine._C. Buffers cross as integer addresses that
-// python/qengine/_ops.py has checked (device, dtype, contiguity, size); every call releases
-// the GIL and turns a non-zero status into a Python exception.
+// pybind11 bindings of qengine._C. Buffers cross as integer addresses that python/qengine/ops/
+// has checked (device, dtype, contiguity, size); a quantized weight crosses as one WeightRef
+// tuple (bind_args.h), sizes checked again here. Every call releases the GIL and turns a
+// non-zero status into a Python exception.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -30,6 +31,9 @@ using qengine::bind::block_scales;
 using qengine::bind::codebook;
 using qengine::bind::ptr;
 using qengine::bind::raise_on_error;
+using qengine::bind::weight_ref;
+using qengine::bind::WeightRef;
+using qengine::BlockScales;
 
 int quantize_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, addr midpoints, addr order, int bits,
                  bool identity, addr grid_lut, int rule, addr packed, addr scales, addr offsets) {
@@ -40,42 +44,53 @@ int quantize_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, ad
   return s;
 }
 
-int dequantize_cpu(addr packed, int64_t n, int64_t blocksize, addr table, int bits, int rule, addr scales,
-                   addr offsets, addr out, int out_dtype, bool stream) {
-  int s = qengine::dequantize_cpu(ptr<const uint8_t>(packed), n, blocksize, codebook(table, 0, 0, bits, true), rule,
-                                  ptr<const float>(scales), ptr<const float>(offsets), ptr<void>(out), out_dtype,
-                                  stream);
+// Every function taking a quantized weight reads it once, as the WeightRef tuple of
+// bind_args.h (checked against the values it will read), then releases the GIL.
+int dequantize_cpu(const py::tuple& weight, int64_t n, addr out, int out_dtype, bool stream) {
+  const WeightRef w = weight_ref(weight, n);
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::dequantize_cpu(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, ptr<const float>(w.scales),
+                                w.offsets_ptr(), ptr<void>(out), out_dtype, stream);
+  }
   raise_on_error(s);
   return s;
 }
 
-int dequantize_range_cpu(addr packed, int64_t first, int64_t count, int64_t blocksize, addr table, int bits, int rule,
-                         addr scales, addr offsets, addr out, int out_dtype) {
-  int s = qengine::dequantize_range_cpu(ptr<const uint8_t>(packed), first, count, blocksize,
-                                        codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
-                                        ptr<const float>(offsets), ptr<void>(out), out_dtype);
+int dequantize_range_cpu(const py::tuple& weight, int64_t first, int64_t count, addr out, int out_dtype) {
+  if (first < 0 || count < 0) throw py::value_error("qengine: dequantize_range: negative first or count");
+  const WeightRef w = weight_ref(weight, first + count);
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::dequantize_range_cpu(w.packed_ptr(), first, count, w.blocksize, w.codebook(), w.rule,
+                                      ptr<const float>(w.scales), w.offsets_ptr(), ptr<void>(out), out_dtype);
+  }
   raise_on_error(s);
   return s;
 }
 
-int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed, int64_t blocksize,
-               addr table, int bits, int rule, addr scales, addr nested_table, addr nested_absmax,
-               int64_t nested_blocksize, float mean, addr offsets, addr y) {
-  int s = qengine::matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, ptr<const uint8_t>(packed), blocksize,
-                              codebook(table, 0, 0, bits, true), rule,
-                              block_scales(scales, nested_table, nested_absmax, nested_blocksize, mean),
-                              ptr<const float>(offsets), ptr<float>(y));
+int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight, addr y) {
+  const WeightRef w = weight_ref(weight, N * K);
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.blocksize, w.codebook(),
+                            w.rule, w.block_scales(), w.offsets_ptr(), ptr<float>(y));
+  }
   raise_on_error(s);
   return s;
 }
 
-int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, addr packed, int64_t blocksize, addr table, int bits,
-                 int rule, addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize, float mean,
-                 addr offsets, addr gx) {
-  int s = qengine::matmul_t_cpu(ptr<const float>(g), M, N, K, ptr<const uint8_t>(packed), blocksize,
-                                codebook(table, 0, 0, bits, true), rule,
-                                block_scales(scales, nested_table, nested_absmax, nested_blocksize, mean),
-                                ptr<const float>(offsets), ptr<float>(gx));
+int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr gx) {
+  const WeightRef w = weight_ref(weight, N * K);
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::matmul_t_cpu(ptr<const float>(g), M, N, K, w.packed_ptr(), w.blocksize, w.codebook(), w.rule,
+                              w.block_scales(), w.offsets_ptr(), ptr<float>(gx));
+  }
   raise_on_error(s);
   return s;
 }
@@ -104,23 +119,30 @@ double kmeans_accumulate_cpu(addr x, int dtype, int64_t n, int64_t blocksize, ad
   return sse;
 }
 
-int sparse24_dequantize_cpu(addr packed, addr positions, int64_t S, int64_t blocksize, addr table, int bits, int rule,
-                            addr scales, addr offsets, addr out, int out_dtype) {
-  int s = qengine::sparse24_dequantize_cpu(ptr<const uint8_t>(packed), ptr<const uint8_t>(positions), S, blocksize,
-                                           codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
-                                           ptr<const float>(offsets), ptr<void>(out), out_dtype);
+int sparse24_dequantize_cpu(const py::tuple& weight, int64_t S, addr out, int out_dtype) {
+  const WeightRef w = weight_ref(weight, S);
+  if (S > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::sparse24_dequantize_cpu(w.packed_ptr(), w.positions_ptr(), S, w.blocksize, w.codebook(), w.rule,
+                                         ptr<const float>(w.scales), w.offsets_ptr(), ptr<void>(out), out_dtype);
+  }
   raise_on_error(s);
   return s;
 }
 
-int sparse24_matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed,
-                        addr positions, int64_t blocksize, addr table, int bits, int rule, addr scales,
-                        addr nested_table, addr nested_absmax, int64_t nested_blocksize, float mean, addr offsets,
+int sparse24_matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight,
                         addr y) {
-  int s = qengine::sparse24_matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, ptr<const uint8_t>(packed),
-                                       ptr<const uint8_t>(positions), blocksize, codebook(table, 0, 0, bits, true),
-                                       rule, block_scales(scales, nested_table, nested_absmax, nested_blocksize, mean),
-                                       ptr<const float>(offsets), ptr<float>(y));
+  const WeightRef w = weight_ref(weight, N * K / 2);
+  if (N * K > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::sparse24_matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.positions_ptr(),
+                                     w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(),
+                                     ptr<float>(y));
+  }
   raise_on_error(s);
   return s;
 }
@@ -139,11 +161,14 @@ int cuda_device_count() {
   return count;
 }
 
-int dequantize_cuda(addr packed, int64_t n, int64_t blocksize, addr table, int bits, int rule, addr scales,
-                    addr offsets, addr out, int out_dtype, addr stream) {
-  int s = qengine::dequantize_cuda(ptr<const uint8_t>(packed), n, blocksize, codebook(table, 0, 0, bits, true), rule,
-                                   ptr<const float>(scales), ptr<const float>(offsets), ptr<void>(out), out_dtype,
-                                   ptr<void>(stream));
+int dequantize_cuda(const py::tuple& weight, int64_t n, addr out, int out_dtype, addr stream) {
+  const WeightRef w = weight_ref(weight, n);
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::dequantize_cuda(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, ptr<const float>(w.scales),
+                                 w.offsets_ptr(), ptr<void>(out), out_dtype, ptr<void>(stream));
+  }
   raise_on_error(s);
   return s;
 }
@@ -159,35 +184,49 @@ int quantize_cuda(addr x, int dtype, int64_t n, int64_t blocksize, addr table, a
   return s;
 }
 
-// As matmul_cpu, with the nested mean as a device address (mean) instead of a value.
-int matmul_cuda(addr x, int64_t M, int64_t K, int64_t ldx, int64_t N, addr packed, int64_t blocksize, addr table,
-                int bits, int rule, addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize,
-                addr mean, addr offsets, addr y, addr stream) {
-  int s = qengine::matmul_cuda(ptr<const float>(x), M, K, ldx, N, ptr<const uint8_t>(packed), blocksize,
-                               codebook(table, 0, 0, bits, true), rule,
-                               block_scales(scales, nested_table, nested_absmax, nested_blocksize, 0.0f),
-                               ptr<const float>(mean), ptr<const float>(offsets), ptr<float>(y), ptr<void>(stream));
+// As matmul_cpu, with the nested mean read from the weight's mean_address (a device float:
+// no host synchronisation) instead of its value.
+int matmul_cuda(addr x, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight, addr y, addr stream) {
+  const WeightRef w = weight_ref(weight, N * K);
+  BlockScales scales = w.block_scales();
+  scales.mean = 0.0f;
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::matmul_cuda(ptr<const float>(x), M, K, ldx, N, w.packed_ptr(), w.blocksize, w.codebook(), w.rule,
+                             scales, ptr<const float>(w.mean_address), w.offsets_ptr(), ptr<float>(y),
+                             ptr<void>(stream));
+  }
   raise_on_error(s);
   return s;
 }
 
-int matmul_t_cuda(addr g, int64_t M, int64_t N, int64_t K, addr packed, int64_t blocksize, addr table, int bits,
-                  int rule, addr scales, addr nested_table, addr nested_absmax, int64_t nested_blocksize, addr mean,
-                  addr offsets, addr workspace, int64_t workspace_floats, addr gx, addr stream) {
-  int s = qengine::matmul_t_cuda(ptr<const float>(g), M, N, K, ptr<const uint8_t>(packed), blocksize,
-                                 codebook(table, 0, 0, bits, true), rule,
-                                 block_scales(scales, nested_table, nested_absmax, nested_blocksize, 0.0f),
-                                 ptr<const float>(mean), ptr<const float>(offsets), ptr<float>(workspace),
-                                 workspace_floats, ptr<float>(gx), ptr<void>(stream));
+int matmul_t_cuda(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr workspace,
+                  int64_t workspace_floats, addr gx, addr stream) {
+  const WeightRef w = weight_ref(weight, N * K);
+  BlockScales scales = w.block_scales();
+  scales.mean = 0.0f;
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::matmul_t_cuda(ptr<const float>(g), M, N, K, w.packed_ptr(), w.blocksize, w.codebook(), w.rule,
+                               scales, ptr<const float>(w.mean_address), w.offsets_ptr(), ptr<float>(workspace),
+                               workspace_floats, ptr<float>(gx), ptr<void>(stream));
+  }
   raise_on_error(s);
   return s;
 }
 
-int sparse24_dequantize_cuda(addr packed, addr positions, int64_t S, int64_t blocksize, addr table, int bits,
-                             int rule, addr scales, addr offsets, addr out, int out_dtype, addr stream) {
-  int s = qengine::sparse24_dequantize_cuda(ptr<const uint8_t>(packed), ptr<const uint8_t>(positions), S, blocksize,
-                                            codebook(table, 0, 0, bits, true), rule, ptr<const float>(scales),
-                                            ptr<const float>(offsets), ptr<void>(out), out_dtype, ptr<void>(stream));
+int sparse24_dequantize_cuda(const py::tuple& weight, int64_t S, addr out, int out_dtype, addr stream) {
+  const WeightRef w = weight_ref(weight, S);
+  if (S > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::sparse24_dequantize_cuda(w.packed_ptr(), w.positions_ptr(), S, w.blocksize, w.codebook(), w.rule,
+                                          ptr<const float>(w.scales), w.offsets_ptr(), ptr<void>(out), out_dtype,
+                                          ptr<void>(stream));
+  }
   raise_on_error(s);
   return s;
 }
@@ -199,15 +238,15 @@ PYBIND11_MODULE(_C, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.doc() = "qengine native kernels (no libtorch dependency)";
   m.def("quantize_cpu", &quantize_cpu, release());
-  m.def("dequantize_cpu", &dequantize_cpu, release());
-  m.def("dequantize_range_cpu", &dequantize_range_cpu, release());
-  m.def("matmul_cpu", &matmul_cpu, release());
-  m.def("matmul_t_cpu", &matmul_t_cpu, release());
+  m.def("dequantize_cpu", &dequantize_cpu);  // releases the GIL itself
+  m.def("dequantize_range_cpu", &dequantize_range_cpu);  // releases the GIL itself
+  m.def("matmul_cpu", &matmul_cpu);  // releases the GIL itself
+  m.def("matmul_t_cpu", &matmul_t_cpu);  // releases the GIL itself
   m.def("lora_epilogue_cpu", &lora_epilogue_cpu, release());
   m.def("cast_float_cpu", &cast_float_cpu, release());
   m.def("kmeans_accumulate_cpu", &kmeans_accumulate_cpu, release());
-  m.def("sparse24_dequantize_cpu", &sparse24_dequantize_cpu, release());
-  m.def("sparse24_matmul_cpu", &sparse24_matmul_cpu, release());
+  m.def("sparse24_dequantize_cpu", &sparse24_dequantize_cpu);  // releases the GIL itself
+  m.def("sparse24_matmul_cpu", &sparse24_matmul_cpu);  // releases the GIL itself
   m.def("cpu_isa", [] { return std::string(qengine::cpu::isa_name()); });
   m.def("supported_isas", [] { return std::string(qengine::cpu::supported_isas()); });
   m.def("vbmi_scales", &qengine::cpu::vbmi_scales_available,
@@ -223,12 +262,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_compiled") = true;
   py::module_ cuda = m.def_submodule("cuda", "CUDA kernels");
   cuda.def("device_count", &cuda_device_count, release());
-  cuda.def("dequantize", &dequantize_cuda, release());
+  cuda.def("dequantize", &dequantize_cuda);  // releases the GIL itself
   cuda.def("quantize", &quantize_cuda, release());
-  cuda.def("matmul", &matmul_cuda, release());
-  cuda.def("matmul_t", &matmul_t_cuda, release());
+  cuda.def("matmul", &matmul_cuda);  // releases the GIL itself
+  cuda.def("matmul_t", &matmul_t_cuda);  // releases the GIL itself
   cuda.def("matmul_t_workspace", &qengine::matmul_t_cuda_workspace);
-  cuda.def("sparse24_dequantize", &sparse24_dequantize_cuda, release());
+  cuda.def("sparse24_dequantize", &sparse24_dequantize_cuda);  // releases the GIL itself
 #else
   m.attr("cuda_compiled") = false;
 #endif

@@ -1,5 +1,6 @@
 // What every pybind11 binding file needs: integer addresses to typed pointers, the codebook
-// and block-scale structs from their parts, and a native status as a Python exception.
+// and block-scale structs from their parts, a quantized weight (WeightRef) read once from the
+// one tuple python/qengine/ops/weight.py builds, and a native status as a Python exception.
 #pragma once
 #include <pybind11/pybind11.h>
 
@@ -36,6 +37,99 @@ inline BlockScales block_scales(addr scales, addr nested_table, addr nested_absm
   }
   return BlockScales{nullptr, ptr<const uint8_t>(scales), ptr<const float>(nested_table),
                      ptr<const float>(nested_absmax), nested_blocksize, mean, shift};
+}
+
+// A quantized weight as the kernels read it, parsed once from the tuple that
+// python/qengine/ops/weight.py `native_weight` builds (addresses and sizes only, no torch):
+//   (packed, packed_bytes, table, bits, blocksize, rule, scales, nscales, nested_table,
+//    nested_absmax, nested_nabsmax, nested_blocksize, mean, mean_address, offsets, noffsets,
+//    positions, positions_bytes)
+// scales are float32 [nscales], or (nested_table != 0) uint8 codes [nscales] decoded with the
+// dynamic-8 table float32 [256], absmax float32 [nested_nabsmax] and the mean (a value on the
+// CPU, a float32 device address on CUDA). offsets: float32 [noffsets] when rule == 1, else 0.
+// positions: the 2:4 layout's uint8 [positions_bytes], else 0.
+struct WeightRef {
+  addr packed = 0;
+  int64_t packed_bytes = 0;
+  addr table = 0;
+  int bits = 0;
+  int64_t blocksize = 0;
+  int rule = 0;
+  addr scales = 0;
+  int64_t nscales = 0;
+  addr nested_table = 0;
+  addr nested_absmax = 0;
+  int64_t nested_nabsmax = 0;
+  int64_t nested_blocksize = 1;
+  float mean = 0.0f;
+  addr mean_address = 0;
+  addr offsets = 0;
+  int64_t noffsets = 0;
+  addr positions = 0;
+  int64_t positions_bytes = 0;
+
+  Codebook codebook() const { return bind::codebook(table, 0, 0, bits, true); }
+  // The block scales with the mean as a value (CPU); CUDA kernels read mean_address instead.
+  BlockScales block_scales() const {
+    return bind::block_scales(scales, nested_table, nested_absmax, nested_blocksize, mean);
+  }
+  const uint8_t* packed_ptr() const { return ptr<const uint8_t>(packed); }
+  const float* offsets_ptr() const { return ptr<const float>(offsets); }
+  const uint8_t* positions_ptr() const { return ptr<const uint8_t>(positions); }
+};
+
+constexpr size_t kWeightRefFields = 18;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Reads the tuple once and checks that every buffer covers `stored` quantized values (the
+// values from the weight's first; 2:4: the kept half): a kernel reading the weight never
+// reads past a buffer, whatever the Python side passed.
+inline WeightRef weight_ref(const pybind11::tuple& t, int64_t stored) {
+  if (t.size() != kWeightRefFields) {
+    throw pybind11::value_error("qengine: a weight is described by " + std::to_string(kWeightRefFields) +
+                                " fields, got " + std::to_string(t.size()));
+  }
+  auto a = [&](size_t i) { return t[i].cast<addr>(); };
+  auto i64 = [&](size_t i) { return t[i].cast<int64_t>(); };
+  WeightRef w;
+  w.packed = a(0);
+  w.packed_bytes = i64(1);
+  w.table = a(2);
+  w.bits = t[3].cast<int>();
+  w.blocksize = i64(4);
+  w.rule = t[5].cast<int>();
+  w.scales = a(6);
+  w.nscales = i64(7);
+  w.nested_table = a(8);
+  w.nested_absmax = a(9);
+  w.nested_nabsmax = i64(10);
+  w.nested_blocksize = i64(11);
+  w.mean = t[12].cast<float>();
+  w.mean_address = a(13);
+  w.offsets = a(14);
+  w.noffsets = i64(15);
+  w.positions = a(16);
+  w.positions_bytes = i64(17);
+  auto fail = [](const std::string& what) { throw pybind11::value_error("qengine: weight: " + what); };
+  if (w.bits != 4 && w.bits != 8) fail("bits must be 4 or 8, got " + std::to_string(w.bits));
+  if (w.blocksize < 1) fail("blocksize must be >= 1");
+  if (w.rule != 0 && w.rule != 1) fail("rule must be 0 (absmax) or 1 (minmax)");
+  if (stored < 0) fail("negative element count");
+  if (stored == 0) return w;
+  if (w.packed == 0 || w.table == 0 || w.scales == 0) fail("packed, table and scales must be given");
+  if (w.packed_bytes < ceil_div(stored * w.bits, 8)) fail("packed is shorter than the weight");
+  const int64_t nblocks = ceil_div(stored, w.blocksize);
+  if (w.nscales < nblocks) fail("scales has fewer entries than the weight has blocks");
+  if (w.nested_table != 0) {
+    if (w.nested_blocksize < 1) fail("nested blocksize must be >= 1");
+    if (w.nested_absmax == 0 || w.nested_nabsmax < ceil_div(w.nscales, w.nested_blocksize)) {
+      fail("nested absmax has fewer entries than the scale codes have nested blocks");
+    }
+  }
+  if (w.rule == 1 && (w.offsets == 0 || w.noffsets < nblocks)) fail("offsets has fewer entries than blocks");
+  if (w.positions != 0 && w.positions_bytes < ceil_div(stored, 4)) fail("positions is shorter than the weight");
+  return w;
 }
 
 inline void raise_on_error(int status) {

@@ -1,5 +1,5 @@
 // pybind11 bindings of the fused optimizer step (qengine._C.adamw_cpu, qengine._C.cuda.adamw).
-// python/qengine/optim/_ops.py builds and checks the task and constant tables; every call
+// python/qengine/ops/optim.py builds and checks the task and constant tables; every call
 // releases the GIL and turns a non-zero status into a Python exception.
 #include <pybind11/pybind11.h>
 

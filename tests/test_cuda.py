@@ -127,7 +127,7 @@ def _cuda_bound(x64, w64, dtype, extra=0.0):
     more roundings of that dtype."""
     bound = matmul_bound(x64, w64, dtype, extra)
     rows = x64.reshape(-1, x64.shape[-1]).shape[0]
-    if rows > qengine._ops.SMALL_BATCH_ROWS and dtype != torch.float32:
+    if rows > qengine.ops.SMALL_BATCH_ROWS and dtype != torch.float32:
         eps = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
         bound = bound + 2 * eps * (x64.abs() @ w64.abs().t() + extra)
     return bound

@@ -86,14 +86,14 @@ def test_silent_unless_verbose(capsys):
 # ---------------------------------------------------------------------------- broken kernels
 def _break_dequantize_on(isa, monkeypatch):
     """Dequantize writes one wrong value under `isa` only."""
-    real = qengine._ops._dequantize_into
+    real = qengine.ops.cpu.dequantize_into
 
     def broken(packed, table, scales, offsets, bits, blocksize, numel, out, stream=False):
         real(packed, table, scales, offsets, bits, blocksize, numel, out, stream)
         if qengine._C.cpu_isa() == isa and numel:
             out.view(-1)[numel // 2] += 1.0
 
-    monkeypatch.setattr(qengine._ops, "_dequantize_into", broken)
+    monkeypatch.setattr(qengine.ops.cpu, "dequantize_into", broken)
 
 
 @needs_simd
@@ -184,9 +184,9 @@ def test_cli_in_a_subprocess_prints_the_table():
 def test_device_errors_suggest_the_doctor():
     meta = torch.empty(8, device="meta")
     with pytest.raises(ValueError, match="qengine doctor"):
-        qengine._ops.check_device("x", meta)
+        qengine.ops.check_device("x", meta)
     with pytest.raises(ValueError, match=r"meta.*qengine doctor"):
         qengine.optim.PagedAdamW([torch.nn.Parameter(meta)])
     if not qengine._C.cuda_compiled:
         fake = types.SimpleNamespace(device=torch.device("cuda", 0))
-        assert "no CUDA kernels" in qengine._ops.unsupported_device_message("x", fake)
+        assert "no CUDA kernels" in qengine.ops.unsupported_device_message("x", fake)

@@ -321,7 +321,7 @@ def test_large_batch_tiles_match_the_whole_layer_product(monkeypatch, dtype):
     """More than 16 rows: W is dequantized a tile of rows at a time (tiles of 7 rows here, the
     last one short), each tile's columns one GEMM over all of K: within the GEMM's own rounding
     of the whole-layer product x @ dequantize(W)^T, and within the float64 bound."""
-    from qengine import _ops
+    from qengine.ops import cpu as _ops
 
     q = qengine.quantize(torch.randn(45, 200), "nf4", 64, double_quant=True)
     x = torch.randn(2, 17, 200).to(dtype)

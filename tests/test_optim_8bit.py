@@ -9,7 +9,8 @@ import torch
 
 import qengine
 from qengine.formats import get_format
-from qengine.optim import PagedAdamW8bit, _ops
+from qengine.optim import PagedAdamW8bit
+from qengine.ops import optim as _ops
 
 SUPPORTED = qengine.build_info()["supported_cpu_isas"]
 

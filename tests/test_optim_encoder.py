@@ -10,7 +10,7 @@ import torch
 
 from qengine import _C
 from qengine.formats import get_format
-from qengine.optim._ops import STATE_FORMATS, state_codes
+from qengine.ops.optim import STATE_FORMATS, state_codes
 
 
 def _nearest(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from qengine import _C
 from qengine.formats import STATE8_SIGNED_FORM, STATE8_UNSIGNED_FORM, get_format
-from qengine.optim import _ops
+from qengine.ops import optim as _ops
 
 FORMS = dict(zip(_ops.STATE_FORMATS, _ops.STATE_FORMS))
 

@@ -15,7 +15,7 @@ check_torch()  # a clear ImportError for a missing or unsupported torch, before 
 
 from . import _C  # noqa: E402
 from . import optim  # noqa: F401,E402  (qengine.optim.PagedAdamW, PagedAdamW8bit)
-from ._ops import cuda_available
+from .ops import cuda_available
 from .formats import Format, available_formats, codebook, get_format, register_format
 from .functional import dequantize, fit_codebook, matmul, quantize
 from .prune import collect_input_norms, prune

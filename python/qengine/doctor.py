@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 import torch
 
 from . import _C
-from ._ops import cuda_available
+from .ops import cuda_available
 from ._version import __version__
 from .doctor_checks import FORMATS, KERNEL_NOTES, TOL, TOLERANCE_NOTE, Check, Inputs, Outcome, all_checks
 from .functional import quantize

@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from . import _layouts, _ops, _sparse_ops
-from ._ops import call_matmul
+from . import _layouts
+from .ops import kmeans_accumulate
 from ._checks import (check_blocksize, check_codebook_fit, check_contiguous, check_float, check_same_device,
                       check_tensor)
 from ._fit import quantile_init, resolve_blocksize, strictly_increasing
@@ -137,9 +137,6 @@ def matmul(x: torch.Tensor, qweight: QuantizedTensor, bias: Optional[torch.Tenso
     n, k = qweight.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must end in in_features={k}, got shape {tuple(x.shape)}")
-    table = qweight.format.kernel_tables(qweight.device)[0]
-    scales, nested = qweight._kernel_scales()
-    offsets = qweight._block_values(qweight.offsets)
     a = b = None
     s = 0.0
     if lora is not None:
@@ -155,12 +152,8 @@ def matmul(x: torch.Tensor, qweight: QuantizedTensor, bias: Optional[torch.Tenso
         y = x @ qweight.dequantize(x.dtype).t()
         if a is not None:
             y = y + (s * ((x.to(torch.float32) @ a.to(torch.float32).t()) @ b.to(torch.float32).t())).to(y.dtype)
-    elif qweight.layout == "2:4":
-        y = torch.ops.qengine.sparse24_matmul(x, qweight.packed, qweight.positions, table, scales, nested or [],
-                                              offsets, qweight.format.bits, qweight.blocksize, n, a, b, s)
     else:
-        y = call_matmul(x, qweight.packed, table, scales, nested or [], offsets, qweight.format.bits,
-                        qweight.blocksize, n, a, b, s)
+        y = qweight.kernel_weight().matmul(x, a, b, s)  # the dense or 2:4 layout's op
     if bias is not None:
         check_tensor("bias", bias)
         if bias.shape != (n,):
@@ -185,7 +178,7 @@ def _matmul_t_double_backward(ctx, grad):
         "torch.nn.functional.linear(x, q.dequantize())")
 
 
-# Registered here, next to the public matmul whose double backward it concerns (_ops.py holds
+# Registered here, next to the public matmul whose double backward it concerns (ops/matmul.py holds
 # matmul_t's schema, kernels and fake).
 torch.library.register_autograd("qengine::matmul_t", _matmul_t_double_backward, setup_context=_matmul_t_setup_context)
 
@@ -215,7 +208,7 @@ def fit_codebook(weight: torch.Tensor, bits: int = 4, blocksize: Optional[int] =
     for _ in range(iters):
         fmt = codebook(centroids, rule=rule, bits=bits, name="kmeans")
         table, mids, _order, _grid = fmt.kernel_tables("cpu")
-        sums, weights, sse = _ops.kmeans_accumulate(x, bs, table, mids, bits, fmt.rule_code)
+        sums, weights, sse = kmeans_accumulate(x, bs, table, mids, bits, fmt.rule_code)
         n = len(fmt.values)
         weights, sums = weights[:n], sums[:n]
         old = torch.tensor(fmt.values, dtype=torch.float64)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._moe_ops import ACTIVATIONS, GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE
+from .ops import ACTIVATIONS, GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE
 from .formats import Format
 from .nn.experts import LoRAExperts, QuantExpertsWeight, experts_forward
 

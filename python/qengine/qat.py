@@ -23,6 +23,7 @@ from torch import nn
 from ._checks import check_blocksize, check_contiguous, check_float
 from .formats import Format, get_format
 from .prune import is_skipped
+from .tensor import NestedScales
 
 __all__ = ["fake_quantize", "FakeQuantLinear", "prepare", "convert"]
 
@@ -40,8 +41,6 @@ def _nested_roundtrip(values: torch.Tensor) -> torch.Tensor:
     """Double quantization of per-block values: what quantize(double_quant=True) stores and
     dequantize decodes, through the same code (NestedScales: the mean taken on the CPU, so
     CUDA gives the CPU's bytes)."""
-    from .tensor import NestedScales
-
     return NestedScales.from_values(values).values()
 
 

@@ -3,41 +3,24 @@ its flat state dict (tensors only, so it round-trips through torch.save and safe
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Optional
 
 import torch
 
-from . import _layouts, _ops, _sparse_ops
+from . import _layouts
 from ._checks import FLOAT_DTYPES, check_contiguous, check_float, check_same_device
-from .formats import Format, codebook, get_format
+from ._state_dict import (DTYPE_NAMES, LAYOUTS, STATE_VERSION, check_codes, get_tensor, json_tensor, parse_meta,
+                          read_positions)
+from .formats import Format, get_format
+from .ops import KernelWeight
 
 __all__ = ["QuantizedTensor", "NestedScales", "PackedParameter"]
 
 # Double quantization quantizes the per-block scales again, blockwise, as QLoRA does.
 NESTED_FORMAT = "dynamic8"
 NESTED_BLOCKSIZE = 256
-STATE_VERSION = 1
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
-LAYOUTS = ("dense", "2:4")
-
-
-_INT64_SCALARS: dict[int, torch.Tensor] = {}
-
-
-def _int64_scalar(value: int) -> torch.Tensor:
-    """A shared int64 scalar tensor (the nested blocksize argument of the matmul ops), built once
-    per value, outside inference mode so that autograd may save it (a new one when traced)."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(value, dtype=torch.int64)
-    t = _INT64_SCALARS.get(value)
-    if t is None:
-        with torch.inference_mode(False):
-            t = _INT64_SCALARS[value] = torch.tensor(value, dtype=torch.int64)
-    return t
 
 
 class PackedParameter(torch.nn.Parameter):
@@ -201,15 +184,23 @@ class QuantizedTensor:
         """Storage cost in bits per element, counting every stored byte."""
         return 8.0 * self.nbytes / max(self.numel, 1)
 
+    def kernel_weight(self) -> KernelWeight:
+        """The weight as the kernels take it (2-D [N, K]; shares this tensor's storage):
+        double-quantized scales stay uint8 codes decoded in the kernel, offsets are decoded."""
+        n, k = (self.shape[0], math.prod(self.shape[1:])) if len(self.shape) else (1, 1)
+        scales, nested = self.scales, []
+        if isinstance(scales, NestedScales):
+            inner = scales.quantized
+            nested = KernelWeight.nested_parts(inner.format.kernel_tables(self.device)[0], inner.scales,
+                                               scales.checked_mean(), inner.blocksize)
+            scales = inner.packed
+        return KernelWeight(self.packed, self.format.kernel_tables(self.device)[0], self.format.bits, self.blocksize,
+                            scales, nested, self._block_values(self.offsets), (n, k), self.layout, self.positions)
+
     def _kernel_scales(self) -> tuple[torch.Tensor, Optional[list]]:
-        """Scales as the matmul kernels take them: float32 values, or the uint8 codes plus
-        [table, absmax, mean, nested_blocksize] when double-quantized (decoded in the kernel)."""
-        if not isinstance(self.scales, NestedScales):
-            return self.scales, None
-        inner = self.scales.quantized
-        table = inner.format.kernel_tables(self.device)[0]
-        mean = self.scales.checked_mean().reshape(1)
-        return inner.packed, [table, inner.scales, mean, _int64_scalar(inner.blocksize)]
+        """(scales, nested or None) of kernel_weight(), for the tests that call the ops directly."""
+        kw = self.kernel_weight()
+        return kw.scales, (kw.nested or None)
 
     def _block_values(self, part) -> Optional[torch.Tensor]:
         if isinstance(part, NestedScales):
@@ -318,7 +309,7 @@ class QuantizedTensor:
             "version": STATE_VERSION,
             "format": self.format.to_dict(),
             "shape": list(self.shape),
-            "dtype": _DTYPE_NAMES[self.dtype],
+            "dtype": DTYPE_NAMES[self.dtype],
             "blocksize": self.blocksize,
             "per_row": self.per_row,
             "double_quant": self.double_quant,
@@ -328,7 +319,7 @@ class QuantizedTensor:
         sd = {
             prefix + "packed": self.packed,
             prefix + "codebook": torch.tensor(self.format.values, dtype=torch.float32, device=self.device),
-            prefix + "quant_meta": _json_tensor(meta, self.device),
+            prefix + "quant_meta": json_tensor(meta, self.device),
         }
         if self.positions is not None:
             sd[prefix + "positions"] = self.positions
@@ -346,97 +337,28 @@ class QuantizedTensor:
     def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "") -> "QuantizedTensor":
         """Rebuilds a QuantizedTensor from state_dict() output; every size, dtype and code is
         checked, and a corrupt or mismatched dict raises ValueError naming the key."""
-        meta = _read_meta(sd, prefix)
-        fmt_info = meta["format"]
-        try:
-            shape = torch.Size(int(s) for s in meta["shape"])
-            dtype = _DTYPES_BY_NAME[meta["dtype"]]
-            blocksize = int(meta["blocksize"])
-            bits = int(fmt_info["bits"])
-            rule = fmt_info["rule"]
-            name = fmt_info["name"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{prefix}quant_meta is malformed: {e!r}") from None
-        if any(s < 0 for s in shape) or blocksize < 1:
-            raise ValueError(f"{prefix}quant_meta has an invalid shape {list(shape)} or blocksize {blocksize}")
-        values = _get(sd, prefix + "codebook", torch.float32)
-        fmt = _resolve_format(name, bits, rule, values, prefix)
-        numel = math.prod(shape)
-        layout = meta.get("layout", "dense")
-        if layout not in LAYOUTS:
-            raise ValueError(f"{prefix}quant_meta has an unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
-        positions = mask = None
-        stored = numel
-        if layout == "2:4":
-            if len(shape) == 0 or shape[-1] % 4:
-                raise ValueError(f"{prefix}quant_meta: a 2:4 tensor needs a last dimension divisible by 4, "
-                                 f"got shape {list(shape)}")
-            stored = numel // 2
-            positions = _get(sd, prefix + "positions", torch.uint8, _sparse_ops.positions_bytes(numel))
-            pos = _layouts.unpack_positions(positions, stored).reshape(-1, 2)
-            if stored and not bool((pos[:, 0] < pos[:, 1]).all()):
-                raise ValueError(f"{prefix}positions are corrupt: the 2 kept positions of a group must be "
-                                 "distinct and increasing")
+        meta, shape, dtype, blocksize, fmt, layout = parse_meta(sd, prefix)
+        bits, rule, numel = fmt.bits, fmt.rule, math.prod(shape)
+        mask = None
+        stored = numel // 2 if layout == "2:4" else numel
+        positions = read_positions(sd, prefix, shape) if layout == "2:4" else None
         if prefix + "mask" in sd:
-            mask = _get(sd, prefix + "mask", torch.uint8, -(-numel // 8))
+            mask = get_tensor(sd, prefix + "mask", torch.uint8, -(-numel // 8))
         nblocks = -(-stored // blocksize)
-        packed = _get(sd, prefix + "packed", torch.uint8, -(-stored * bits // 8))
+        packed = get_tensor(sd, prefix + "packed", torch.uint8, -(-stored * bits // 8))
         scales = _read_block_part(sd, prefix + "scales", nblocks, required=True)
         offsets = _read_block_part(sd, prefix + "offsets", nblocks, required=rule == "minmax")
         q = cls(packed.contiguous(), scales, offsets, fmt, shape, dtype, blocksize, bool(meta.get("per_row", False)),
                 layout, positions, mask)
-        _check_codes(q, prefix)
+        check_codes(q.packed, fmt, stored, prefix)
+        if isinstance(scales, torch.Tensor) and (scales < 0).any():
+            raise ValueError(f"{prefix}scales contains negative values (corrupt data)")
         return q
-
-
-def _json_tensor(obj: dict, device) -> torch.Tensor:
-    data = json.dumps(obj, sort_keys=True).encode()
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-
-
-def _read_meta(sd: dict, prefix: str) -> dict:
-    t = _get(sd, prefix + "quant_meta", torch.uint8)
-    try:
-        meta = json.loads(bytes(t.cpu().tolist()).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{prefix}quant_meta is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION or not isinstance(meta.get("format"), dict):
-        raise ValueError(f"{prefix}quant_meta has an unsupported version or layout: {meta!r}")
-    return meta
-
-
-def _get(sd: dict, key: str, dtype: torch.dtype, numel: Optional[int] = None) -> torch.Tensor:
-    if key not in sd:
-        raise ValueError(f"state dict is missing {key!r}")
-    t = sd[key]
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{key} must be a tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise ValueError(f"{key} must be {dtype}, got {t.dtype}")
-    if numel is not None and t.numel() != numel:
-        raise ValueError(f"{key} must have {numel} elements, got {t.numel()}")
-    return t.reshape(-1).contiguous() if t.dim() != 0 else t
-
-
-def _resolve_format(name: str, bits: int, rule: str, values: torch.Tensor, prefix: str) -> Format:
-    vals = tuple(float(v) for v in values.cpu())
-    try:
-        fmt = get_format(name)
-    except ValueError:
-        fmt = None
-    if fmt is not None and fmt.bits == bits and fmt.rule == rule and fmt.values == vals:
-        return fmt
-    if fmt is not None and name != "codebook":
-        raise ValueError(f"{prefix}codebook does not match the built-in format {name!r} (corrupt state dict?)")
-    try:
-        return codebook(vals, rule=rule, bits=bits, name=name)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{prefix}codebook is invalid: {e}") from None
 
 
 def _read_block_part(sd: dict, key: str, nblocks: int, required: bool):
     if key in sd:
-        t = _get(sd, key, torch.float32, nblocks)
+        t = get_tensor(sd, key, torch.float32, nblocks)
         if not torch.isfinite(t).all():
             raise ValueError(f"{key} contains NaN or Inf")
         return t
@@ -446,30 +368,10 @@ def _read_block_part(sd: dict, key: str, nblocks: int, required: bool):
         if inner.numel != nblocks or inner.format.name != NESTED_FORMAT:
             raise ValueError(f"{nested_key} holds {inner.numel} {inner.format.name} values, expected {nblocks} "
                              f"{NESTED_FORMAT} values")
-        mean = _get(sd, key + ".mean", torch.float32, 1).reshape(())
+        mean = get_tensor(sd, key + ".mean", torch.float32, 1).reshape(())
         if not torch.isfinite(mean):
             raise ValueError(f"{key}.mean is not finite")
         return NestedScales(inner, mean)
     if required:
         raise ValueError(f"state dict is missing {key!r} (or its double-quantized form {nested_key}*)")
     return None
-
-
-def _check_codes(q: QuantizedTensor, prefix: str) -> None:
-    """Codes past the end of a short codebook (e.g. int4 has 15 values) mean corrupt data."""
-    ncodes = len(q.format.values)
-    if ncodes == 2**q.format.bits or q.stored_numel == 0:
-        return
-    p = q.packed
-    if q.format.bits == 4:
-        hi, lo = p >> 4, p & 0x0F
-        bad = bool((hi >= ncodes).any()) or bool((lo[: q.stored_numel // 2] >= ncodes).any())
-        if q.stored_numel % 2 == 0:
-            bad = bad or bool((lo >= ncodes).any())
-    else:
-        bad = bool((p >= ncodes).any())
-    if bad:
-        raise ValueError(f"{prefix}packed contains codes past the {ncodes}-entry codebook (corrupt data)")
-    scales = q._block_values(q.scales)
-    if isinstance(q.scales, torch.Tensor) and (scales < 0).any():
-        raise ValueError(f"{prefix}scales contains negative values (corrupt data)")

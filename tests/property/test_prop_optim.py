@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from checks import check_raises
 from profiles import PROFILE
 from qengine.formats import get_format
-from qengine.optim import PagedAdamW, PagedAdamW8bit, _ops
+from qengine.optim import PagedAdamW, PagedAdamW8bit
+from qengine.ops import optim as _ops
 from strategies import DIMS, make_values, unchanged, value_specs
 
 OPT_DIMS = st.sampled_from(DIMS[:12]) | st.integers(1, 70)

@@ -296,7 +296,7 @@ def _experts_up(mod: nn.Module):
     """(up weights [E, n_up, K], or [E, K, n_up] when the module is transposed, in their own
     dtype; their bias [E, n_up] or None; the gate function a [T, n_up] -> the down projection's
     input) of a transformers experts module."""
-    from .._moe_ops import GATE_INTERLEAVED, NO_GATE
+    from ..ops import GATE_INTERLEAVED, NO_GATE
     from ..moe import expert_weight_names, experts_layout
 
     layout, code = experts_layout(mod)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._checks import FLOAT_DTYPES
-from .._moe_ops import ACTIVATIONS, GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE
+from ..ops import ACTIVATIONS, GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE
 from ..formats import Format, get_format
 from ..functional import quantize
 from .lora import AdapterState
@@ -68,8 +68,7 @@ class QuantExpertsWeight(QuantLinear):
 
     def kernel_state(self) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
         """The [packed, table, scales (+ nested parts)] list and float32 offsets the op takes."""
-        scales, nested = self._kernel_scales()
-        return [self._packed_uint8(), self.weight_table, scales, *nested], self._kernel_offsets()
+        return self.kernel_weight().expert_state()
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weights [E, N, K]."""

@@ -3,16 +3,16 @@ scales, nested scales) and multiplied through the qengine::matmul op without a d
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .._bnb_layout import from_bnb_state_dict, to_bnb_state_dict
 from .._checks import FLOAT_DTYPES, check_blocksize
-from .._ops import call_matmul
 from ..formats import Format, get_format
-from ..functional import quantize
+from ..functional import matmul, quantize
+from ..ops import KernelWeight
 from ..tensor import NESTED_FORMAT, NestedScales, PackedParameter, QuantizedTensor
 
 __all__ = ["QuantLinear", "QUANT_STORAGE_DTYPES"]
@@ -22,11 +22,48 @@ __all__ = ["QuantLinear", "QUANT_STORAGE_DTYPES"]
 # patterns in floats and would silently corrupt the codes.
 QUANT_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
-# Buffers holding the quantization state: a `.to(dtype)` of the model must move them but
-# never cast them (the kernels read float32 scales and tables).
-_STATE = ("weight_packed", "weight_table", "weight_scales", "weight_scales_table", "weight_scales_absmax",
-          "weight_scales_mean", "weight_scales_bs", "weight_offsets", "weight_offsets_table",
-          "weight_offsets_absmax", "weight_offsets_mean", "weight_offsets_bs", "weight_positions", "weight_mask")
+
+class StateField(NamedTuple):
+    """One tensor of a QuantLinear's quantized state."""
+    name: str
+    holds: str  # dtype and shape
+    persistent: bool = True  # False: derived from the others (not counted in weight_nbytes)
+
+
+def _block_fields(part: str) -> tuple[StateField, ...]:
+    return (StateField(f"weight_{part}", f"float32 [nblocks] {part}, or uint8 [nblocks] codes when double-quantized"),
+            StateField(f"weight_{part}_table", "float32 [256]: the nested codebook (double quant)"),
+            StateField(f"weight_{part}_absmax", "float32 [ceil(nblocks / nested blocksize)] (double quant)"),
+            StateField(f"weight_{part}_mean", "float32 [1]: the nested mean (double quant)"),
+            StateField(f"weight_{part}_bs", "int64 []: the nested blocksize as the ops take it (double quant)",
+                       persistent=False))
+
+
+# The quantized state, declared once. _set_quantized fills it from a QuantizedTensor (parts a
+# weight lacks are plain None attributes, never None buffer slots); quantized() and
+# kernel_weight() read it back; _apply moves it between devices and never casts it; weight_nbytes
+# counts it; state dicts (qengine's and bitsandbytes') go through quantized(); copying and
+# pickling carry it as the module's parameter and buffers.
+STATE = (StateField("weight_packed", "uint8 [nbytes] codes, a frozen PackedParameter (viewed as quant_storage)"),
+         StateField("weight_table", "float32 [2^bits]: the codebook"),
+         *_block_fields("scales"), *_block_fields("offsets"),
+         StateField("weight_positions", "uint8 [ceil(numel / 8)]: the 2:4 layout's kept positions"),
+         StateField("weight_mask", "uint8 [ceil(numel / 8)]: a stored pruning mask"))
+
+
+def state_tensors(q: QuantizedTensor) -> dict[str, Optional[torch.Tensor]]:
+    """The STATE tensors of q (weight_packed as uint8), by name; None for absent parts."""
+    parts = {"weight_packed": q.packed, "weight_table": q.format.kernel_tables(q.device)[0],
+             "weight_positions": q.positions, "weight_mask": q.mask}
+    for part, value in (("scales", q.scales), ("offsets", q.offsets)):
+        nested = isinstance(value, NestedScales)
+        inner = value.quantized if nested else None
+        parts.update({f"weight_{part}": inner.packed if nested else value,
+                      f"weight_{part}_table": inner.format.kernel_tables(q.device)[0] if nested else None,
+                      f"weight_{part}_absmax": inner.scales if nested else None,
+                      f"weight_{part}_mean": value.mean.reshape(1) if nested else None,
+                      f"weight_{part}_bs": torch.tensor(inner.blocksize, dtype=torch.int64) if nested else None})
+    return parts
 
 
 class QuantLinear(nn.Module):
@@ -128,15 +165,16 @@ class QuantLinear(nn.Module):
         return self
 
     def _set_quantized(self, q: QuantizedTensor) -> None:
-        """Stores q's parts as this module's parameter and buffers (no copy of the codes unless
-        quant_storage needs padding)."""
+        """Stores q's parts as this module's STATE (no copy of the codes unless quant_storage
+        needs padding)."""
         self.format, self.blocksize, self.per_row, self.weight_dtype = q.format, q.blocksize, q.per_row, q.dtype
-        # The 2:4 sparse layout's positions and a stored pruning mask (see qengine.quantize).
-        self.layout = q.layout
-        self._set_state("weight_positions", q.positions)
-        self._set_state("weight_mask", q.mask)
+        self.layout = q.layout  # "dense", or "2:4" (weight_positions)
+        # The nested block sizes as Python ints (quantized() rebuilds the nested tensors with them).
+        for part, value in (("scales", q.scales), ("offsets", q.offsets)):
+            setattr(self, part + "_nested_blocksize", value.quantized.blocksize if isinstance(value, NestedScales) else 0)
+        parts = state_tensors(q)
         self._packed_bytes = q.packed.numel()
-        packed = q.packed
+        packed = parts.pop("weight_packed")
         width = torch.empty((), dtype=self.quant_storage).element_size()
         if self.quant_storage != torch.uint8:
             pad = (-packed.numel()) % width
@@ -144,18 +182,8 @@ class QuantLinear(nn.Module):
                 packed = torch.cat([packed, packed.new_zeros(pad)])
             packed = packed.view(self.quant_storage)
         self.weight_packed = PackedParameter(packed)  # frozen; requires_grad_(True) says what to do
-        self.register_buffer("weight_table", q.format.kernel_tables(q.device)[0])
-        for name, part in (("weight_scales", q.scales), ("weight_offsets", q.offsets)):
-            nested = isinstance(part, NestedScales)
-            inner = part.quantized if nested else None
-            self._set_state(name, inner.packed if nested else part)
-            self._set_state(name + "_table", inner.format.kernel_tables(q.device)[0] if nested else None)
-            self._set_state(name + "_absmax", inner.scales if nested else None)
-            self._set_state(name + "_mean", part.mean.reshape(1) if nested else None)
-            # The nested block size, as a Python int and as the tensor the matmul op takes.
-            setattr(self, name[7:] + "_nested_blocksize", inner.blocksize if nested else 0)
-            self._set_state(name + "_bs", torch.tensor(inner.blocksize, dtype=torch.int64) if nested else None,
-                            persistent=False)
+        for field in STATE[1:]:
+            self._set_state(field.name, parts[field.name], field.persistent)
 
     def _set_state(self, name: str, t: Optional[torch.Tensor], persistent: bool = True) -> None:
         """Stores a part of the quantized state as buffer `name`, or an absent part as a plain
@@ -176,25 +204,41 @@ class QuantLinear(nn.Module):
     def double_quant(self) -> bool:
         return self.weight_scales_absmax is not None
 
+    def _nested(self, part: str) -> list:
+        """[] or the nested [table, absmax, mean, blocksize] of weight_{part} (mean checked)."""
+        absmax = getattr(self, f"weight_{part}_absmax")
+        if absmax is None:
+            return []
+        mean = getattr(self, f"weight_{part}_mean")
+        if mean.numel() != 1:  # replaced since: say which, not torch's reshape error
+            raise ValueError(f"weight_{part}_mean must have 1 element, got shape {tuple(mean.shape)} (was it "
+                             "replaced?)")
+        return [getattr(self, f"weight_{part}_table"), absmax, mean, getattr(self, f"weight_{part}_bs")]
+
     def quantized(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor sharing this module's storage (no copy)."""
         def part(name):
-            codes = getattr(self, name)
-            if codes is None:
-                return None
-            absmax = getattr(self, name + "_absmax")
-            if absmax is None:
+            codes = getattr(self, f"weight_{name}")
+            nested = self._nested(name) if codes is not None else []
+            if not nested:
                 return codes
-            inner = QuantizedTensor(codes, absmax, None, get_format(NESTED_FORMAT), torch.Size([codes.numel()]),
-                                    torch.float32, getattr(self, name[7:] + "_nested_blocksize"))
-            mean = getattr(self, name + "_mean")
-            if mean.numel() != 1:  # replaced since: say which, not torch's reshape error
-                raise ValueError(f"{name}_mean must have 1 element, got shape {tuple(mean.shape)} (was it replaced?)")
-            return NestedScales(inner, mean.reshape(()))
+            inner = QuantizedTensor(codes, nested[1], None, get_format(NESTED_FORMAT), torch.Size([codes.numel()]),
+                                    torch.float32, getattr(self, name + "_nested_blocksize"))
+            return NestedScales(inner, nested[2].reshape(()))
 
-        return QuantizedTensor(self._packed_uint8(), part("weight_scales"), part("weight_offsets"), self.format,
+        return QuantizedTensor(self._packed_uint8(), part("scales"), part("offsets"), self.format,
                                torch.Size([self.out_features, self.in_features]), self.weight_dtype,
                                self.blocksize, self.per_row, self.layout, self.weight_positions, self.weight_mask)
+
+    def kernel_weight(self) -> KernelWeight:
+        """The weight as the kernels take it (shares this module's storage): double-quantized
+        scales stay uint8 codes decoded in the kernel; offsets are decoded here."""
+        offsets, offsets_nested = self.weight_offsets, self._nested("offsets")
+        if offsets is not None and offsets_nested:
+            offsets = KernelWeight.decode_nested(offsets, offsets_nested, self.offsets_nested_blocksize)
+        return KernelWeight(self._packed_uint8(), self.weight_table, self.format.bits, self.blocksize,
+                            self.weight_scales, self._nested("scales"), offsets, (self.out_features, self.in_features),
+                            self.layout, self.weight_positions)
 
     def _packed_uint8(self) -> torch.Tensor:
         p = self.weight_packed
@@ -220,8 +264,8 @@ class QuantLinear(nn.Module):
     @property
     def weight_nbytes(self) -> int:
         """Bytes held by the quantized weight: codes (with padding), scales, nested state, tables."""
-        return sum(t.numel() * t.element_size() for name in _STATE
-                   if (t := getattr(self, name)) is not None and name[-3:] != "_bs")
+        return sum(t.numel() * t.element_size() for field in STATE
+                   if field.persistent and (t := getattr(self, field.name)) is not None)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, lora: Optional[tuple] = None) -> torch.Tensor:
@@ -238,43 +282,18 @@ class QuantLinear(nn.Module):
         s = 0.0
         if lora is not None:
             a, b, s = lora
-        if self.layout != "dense" or self.weight_mask is not None:  # 2:4 or masked: the layout-aware path
-            from ..functional import matmul
-
+        if self.weight_mask is not None:  # a stored pruning mask: the product on the masked dense weight
             return matmul(x, self.quantized(), self.bias, lora).to(in_dtype)
-        scales, nested = self._kernel_scales()
-        offsets = self._kernel_offsets()
-        y = call_matmul(x, self._packed_uint8(), self.weight_table, scales, nested, offsets, self.format.bits,
-                        self.blocksize, self.out_features, a, b, float(s))
+        y = self.kernel_weight().matmul(x, a, b, float(s))  # the dense or 2:4 layout's op
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(in_dtype)
-
-    def _kernel_scales(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The scales as the kernels take them: float32 values and [], or uint8 codes and the
-        nested [table, absmax, mean, blocksize] when double-quantized (decoded in the kernel)."""
-        if self.weight_scales_absmax is None:
-            return self.weight_scales, []
-        return self.weight_scales, [self.weight_scales_table, self.weight_scales_absmax, self.weight_scales_mean,
-                                    self.weight_scales_bs]
-
-    def _kernel_offsets(self) -> Optional[torch.Tensor]:
-        """Float32 per-block offsets (minmax formats; double-quantized ones decoded), or None."""
-        offsets = self.weight_offsets
-        if offsets is not None and self.weight_offsets_absmax is not None:
-            if self.weight_offsets_mean.numel() != 1:
-                raise ValueError(f"weight_offsets_mean must have 1 element, got shape "
-                                 f"{tuple(self.weight_offsets_mean.shape)} (was it replaced?)")
-            offsets = torch.ops.qengine.dequantize_blockwise(
-                offsets, self.weight_offsets_table, self.weight_offsets_absmax, None, 8,
-                self.offsets_nested_blocksize, offsets.numel(), torch.float32) + self.weight_offsets_mean
-        return offsets
 
     # ------------------------------------------------------------------ movement
     def _apply(self, fn, recurse=True):
         # Float casts (model.half(), .to(torch.bfloat16)) reach only the bias; the quantization
         # state moves between devices but keeps its dtypes, and is never re-quantized.
-        state = {id(getattr(self, n)) for n in _STATE if getattr(self, n) is not None}
+        state = {id(t) for field in STATE if (t := getattr(self, field.name)) is not None}
 
         def guarded(t):
             out = fn(t)

@@ -9,8 +9,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from .._ops import DTYPE_CODES
-from . import _ops, checkpoint
+from ..ops import DTYPE_CODES
+from ..ops import optim as optim_ops
+from . import checkpoint
 from .groups import check_group
 from .paging import PageManager, PagesBusy, SpillError
 
@@ -30,13 +31,13 @@ class _PagedAdamBase(torch.optim.Optimizer):
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, page_elements: int = DEFAULT_PAGE_ELEMENTS,
                  budget_bytes: int | None = None, spill_dir: str | None = None):
-        if isinstance(page_elements, bool) or not isinstance(page_elements, int) or page_elements < _ops.BLOCK \
-                or page_elements % _ops.BLOCK:
-            raise ValueError(f"page_elements must be a positive multiple of {_ops.BLOCK}, got {page_elements!r}")
+        if isinstance(page_elements, bool) or not isinstance(page_elements, int) or page_elements < optim_ops.BLOCK \
+                or page_elements % optim_ops.BLOCK:
+            raise ValueError(f"page_elements must be a positive multiple of {optim_ops.BLOCK}, got {page_elements!r}")
         if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)):
             raise TypeError(f"budget_bytes must be an int or None, got {type(budget_bytes).__name__}")
         page_bytes = page_elements * (8 if self.STATE_BITS == 32 else 2) + (0 if self.STATE_BITS == 32 else
-                                                                            8 * (page_elements // _ops.BLOCK))
+                                                                            8 * (page_elements // optim_ops.BLOCK))
         if budget_bytes is not None and budget_bytes < page_bytes:
             raise ValueError(f"budget_bytes ({budget_bytes}) must hold at least one page ({page_bytes} bytes); "
                              "lower page_elements or raise the budget")
@@ -81,9 +82,9 @@ class _PagedAdamBase(torch.optim.Optimizer):
 
     def _check_param(self, p: torch.Tensor, name: str | None = None) -> None:
         who = "parameters" if name is None else f"parameter {name}"
-        if p.dtype not in _ops.PARAM_DTYPES:
+        if p.dtype not in optim_ops.PARAM_DTYPES:
             raise TypeError(f"{who} must be float32, float16 or bfloat16, got {p.dtype}")
-        _ops.check_device("parameter" if name is None else f"parameter {name}", p)
+        optim_ops.check_device("parameter" if name is None else f"parameter {name}", p)
         if self._mgr is not None and p.device != self._mgr.device:
             raise ValueError(f"all parameters of one optimizer must be on one device: {p.device} and {self._mgr.device}"
                              + ("" if name is None else f" ({name})"))
@@ -93,7 +94,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
     def _new_manager(self, device: torch.device) -> PageManager:
         budget = self._budget_bytes
         if budget is None and device.type == "cuda":
-            budget = int(CUDA_DEFAULT_BUDGET_FRACTION * _ops.cuda_free_bytes(device))
+            budget = int(CUDA_DEFAULT_BUDGET_FRACTION * optim_ops.cuda_free_bytes(device))
         return PageManager(self.STATE_BITS, device, self._page_elements, budget, self._spill_dir)
 
     # ------------------------------------------------------------------ step
@@ -115,7 +116,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
                 h = hyper_index.get(key)
                 if h is None:
                     h = hyper_index[key] = len(hyper_rows)
-                    hyper_rows.append(_ops.hyper_row(lr, b1, b2, eps, wd, step, maximize))
+                    hyper_rows.append(optim_ops.hyper_row(lr, b1, b2, eps, wd, step, maximize))
                 work.append((p, g, h, step))
         if not work:
             return loss
@@ -171,7 +172,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         if g.device != device or g.shape != shape:
             raise ValueError(f"{_name(gi, pi)}: gradient ({tuple(g.shape)} on {g.device}) does not match its "
                              f"parameter ({tuple(shape)} on {device})")
-        if dtype not in _ops.PARAM_DTYPES or device != self._mgr.device or not p.is_contiguous():
+        if dtype not in optim_ops.PARAM_DTYPES or device != self._mgr.device or not p.is_contiguous():
             self._check_param(p, _name(gi, pi))  # raises the precise error
         return g.contiguous()
 
@@ -210,7 +211,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         if key is not None and cache is not None and cache[0] is mgr and cache[1] == mgr.layout_version \
                 and cache[2] == key:
             self._updated = True
-            _ops.run_tasks(self._with_addresses(cache[3], cache[4], work), hyper, self.STATE_BITS, mgr.device)
+            optim_ops.run_tasks(self._with_addresses(cache[3], cache[4], work), hyper, self.STATE_BITS, mgr.device)
             return
         tasks: list[list[int]] = []
         items: list[int] = []  # the work item of each task row
@@ -218,10 +219,10 @@ class _PagedAdamBase(torch.optim.Optimizer):
 
         def flush():
             nonlocal flushed
-            static = torch.tensor(tasks, dtype=torch.int64).reshape(-1, _ops.TASK_FIELDS)
+            static = torch.tensor(tasks, dtype=torch.int64).reshape(-1, optim_ops.TASK_FIELDS)
             item_index = torch.tensor(items, dtype=torch.int64)
             self._updated = True
-            _ops.run_tasks(self._with_addresses(static, item_index, work), hyper, self.STATE_BITS, mgr.device)
+            optim_ops.run_tasks(self._with_addresses(static, item_index, work), hyper, self.STATE_BITS, mgr.device)
             flushed += 1
             mgr.release_all()
             tasks.clear()

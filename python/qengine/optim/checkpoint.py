@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from . import _ops
+from ..ops import optim as optim_ops
 from .groups import check_group
 
 KEYS = {32: ("step", "exp_avg", "exp_avg_sq"), 8: ("step", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")}
@@ -44,7 +44,7 @@ def _export(opt, p: torch.Tensor, cache: dict) -> dict:
     dt = torch.uint8 if eight else torch.float32
     s1 = torch.zeros(n, dtype=dt, device=mgr.device)
     s2 = torch.zeros(n, dtype=dt, device=mgr.device)
-    a1 = torch.zeros(-(-n // _ops.BLOCK), dtype=torch.float32, device=mgr.device) if eight else None
+    a1 = torch.zeros(-(-n // optim_ops.BLOCK), dtype=torch.float32, device=mgr.device) if eight else None
     a2 = torch.zeros_like(a1) if eight else None
     for span in mgr.spans(opt._region[p], n):
         views = _page_views(mgr, cache, span.page)
@@ -55,13 +55,13 @@ def _export(opt, p: torch.Tensor, cache: dict) -> dict:
         s1[span.offset:span.offset + span.count] = v1[sl]
         s2[span.offset:span.offset + span.count] = v2[sl]
         if eight:
-            nb = -(-span.count // _ops.BLOCK)
-            b0, o0 = span.first // _ops.BLOCK, span.offset // _ops.BLOCK
+            nb = -(-span.count // optim_ops.BLOCK)
+            b0, o0 = span.first // optim_ops.BLOCK, span.offset // optim_ops.BLOCK
             a1[o0:o0 + nb] = v3[b0:b0 + nb]
             a2[o0:o0 + nb] = v4[b0:b0 + nb]
     step = torch.tensor(float(opt._steps[p]), dtype=torch.float32)
     if eight:
-        codes = _ops.state_codes(mgr.device)
+        codes = optim_ops.state_codes(mgr.device)
         return {"step": step, "state1": s1, "state2": s2, "absmax1": a1, "absmax2": a2,
                 "qmap1": codes[0].table.clone(), "qmap2": codes[1].table.clone()}
     return {"step": step, "exp_avg": s1.reshape(shape), "exp_avg_sq": s2.reshape(shape)}
@@ -94,7 +94,7 @@ def _check_state(i: int, p: torch.Tensor, st: object, bits: int) -> dict:
             hint = " (a state dict from another optimizer?)"
         raise ValueError(f"state of parameter {i} has keys {sorted(st)}, expected {sorted(expected)}{hint}")
     if bits == 8:
-        for key, code in zip(("qmap1", "qmap2"), _ops.state_codes(torch.device("cpu"))):
+        for key, code in zip(("qmap1", "qmap2"), optim_ops.state_codes(torch.device("cpu"))):
             saved = st[key]
             if not (isinstance(saved, torch.Tensor) and saved.dtype == torch.float32 and saved.numel() == 256
                     and torch.equal(saved.detach().cpu().reshape(-1), code.table)):
@@ -111,7 +111,7 @@ def _check_state(i: int, p: torch.Tensor, st: object, bits: int) -> dict:
         t = st[key]
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"state of parameter {i}: {key} must be a tensor, got {type(t).__name__}")
-        size = -(-n // _ops.BLOCK) if key.startswith("absmax") else n
+        size = -(-n // optim_ops.BLOCK) if key.startswith("absmax") else n
         if t.numel() != size:
             raise ValueError(f"state of parameter {i}: {key} has {t.numel()} elements, expected {size}")
         if key.startswith("state") and t.dtype != torch.uint8:
@@ -183,8 +183,8 @@ def _import(mgr, start: int, p: torch.Tensor, st: dict) -> None:
         v[0][sl] = src[0][span.offset:span.offset + span.count]
         v[1][sl] = src[1][span.offset:span.offset + span.count]
         if eight:
-            nb = -(-span.count // _ops.BLOCK)
-            b0, o0 = span.first // _ops.BLOCK, span.offset // _ops.BLOCK
+            nb = -(-span.count // optim_ops.BLOCK)
+            b0, o0 = span.first // optim_ops.BLOCK, span.offset // optim_ops.BLOCK
             v[2][b0:b0 + nb] = src[2][o0:o0 + nb]
             v[3][b0:b0 + nb] = src[3][o0:o0 + nb]
         mgr.release_all()

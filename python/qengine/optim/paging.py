@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _ops
+from ..ops import optim as optim_ops
 
-BLOCK = _ops.BLOCK
+BLOCK = optim_ops.BLOCK
 
 
 class SpillError(OSError):
@@ -328,15 +328,15 @@ class _PinnedHome(_Home):
 
     def __init__(self, mgr: PageManager):
         self.mgr = mgr
-        self.write_stream = _ops.cuda_side_stream(mgr.device)
-        self.load_stream = _ops.cuda_side_stream(mgr.device)
+        self.write_stream = optim_ops.cuda_side_stream(mgr.device)
+        self.load_stream = optim_ops.cuda_side_stream(mgr.device)
         self.host: dict[int, torch.Tensor] = {}
         self.written: dict[int, torch.cuda.Event] = {}
 
     def write(self, page: int, buf: torch.Tensor) -> None:
         host = self.host.get(page)
         if host is None:
-            host = self.host[page] = _ops.pinned_zeros(buf.numel())
+            host = self.host[page] = optim_ops.pinned_zeros(buf.numel())
         self.write_stream.wait_stream(torch.cuda.current_stream(self.mgr.device))
         with torch.cuda.stream(self.write_stream):
             host.copy_(buf, non_blocking=True)

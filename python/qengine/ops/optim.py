@@ -1,6 +1,6 @@
-"""The fused AdamW step as native calls and a torch op: the 8-bit state codes' search tables,
-the per-device kernels over a table of spans, and ``qengine::adamw_update`` (one tensor).
-Device names of the optimizer package appear here and nowhere else.
+"""The fused AdamW step: the 8-bit state codes' search tables, run_tasks (one step over a table
+of spans, through the device's runner that cpu.py / cuda.py register in TASK_RUNNERS) and the
+schema, checks and fake of ``qengine::adamw_update`` (one tensor; kernels in cpu.py, cuda.py).
 
 Task rows (int64 [ntasks, 10], csrc/include/qengine/optim_math.h OptimTask): addresses of
 param, grad, state1, state2, absmax1, absmax2, then n, dtype code, hyper row, 0.
@@ -11,14 +11,15 @@ neg_step, maximize.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+
 from .. import _C
 from .._checks import check_contiguous, check_dtype, check_numel
-from .._ops import DTYPE_CODES, unsupported_device_message
 from ..formats import STATE8_SIGNED_FORM, STATE8_UNSIGNED_FORM, get_format
+from .checks import DOCTOR_HINT, DTYPE_CODES, SUPPORTED_DEVICES, reject_device, unsupported_device_message
 
 BLOCK = 256  # elements per 8-bit state block (one absmax each)
 # The codes of the first and second moment (formats.py) and their minifloat forms.
@@ -28,7 +29,6 @@ NO_FORM = (0, 0, 0, 0)  # a code the kernels search through its tables
 TASK_FIELDS = 10
 HYPER_FIELDS = 9
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_DEVICES = ("cpu", "cuda") if _C.cuda_compiled else ("cpu",)
 
 # The nearest-code lookup (optim_math.h StateCode): buckets of floats sharing their top 16 bits
 # (sign, exponent, 7 mantissa bits), |x| from 2**-30 (below: one bucket) to 1.0 (and above: one
@@ -107,23 +107,21 @@ def hyper_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: f
             -(lr / bc1), 1.0 if maximize else 0.0]
 
 
+# device type -> runner(tasks, hyper, state_bits, device, codes): filled by cpu.py and cuda.py.
+TASK_RUNNERS: dict[str, Callable] = {}
+
+
 def run_tasks(tasks: torch.Tensor, hyper: torch.Tensor, state_bits: int, device: torch.device) -> None:
     """One fused AdamW step over the spans in tasks (int64 [ntasks, 10], host) with the
     constants hyper (float32 [k, 9], host); the spans' buffers are on `device` (CUDA: on the
     current stream). The caller has checked every address and size."""
     if tasks.shape[0] == 0:
         return
-    codes = state_codes(device) if state_bits == 8 else None
-    code_args = (*codes[0].args(), *codes[1].args()) if codes else (0, 0, 0, 0) * 2
-    if device.type == "cuda":
-        stream = torch.cuda.current_stream(device).cuda_stream
-        _C.cuda.adamw(tasks.data_ptr(), tasks.shape[0], hyper.data_ptr(), hyper.shape[0], state_bits, *code_args,
-                      stream)
-    else:
-        encoders = (codes[0].encoder_address, codes[1].encoder_address) if codes else (0, 0)
-        forms = (*codes[0].form, *codes[1].form) if codes else NO_FORM * 2
-        _C.adamw_cpu(tasks.data_ptr(), tasks.shape[0], hyper.data_ptr(), hyper.shape[0], state_bits, *code_args,
-                     *encoders, *forms)
+    runner = TASK_RUNNERS.get(device.type)
+    if runner is None:
+        raise ValueError(f"the optimizer state is on {device}; qengine's optimizers support "
+                         f"{', '.join(SUPPORTED_DEVICES)} tensors; {DOCTOR_HINT}")
+    runner(tasks, hyper, state_bits, device, state_codes(device) if state_bits == 8 else None)
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
@@ -155,11 +153,22 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, 
     state1 (m), state2 (v) float32 [numel], absmax1/absmax2 None. 8-bit states: state1/state2
     uint8 codes [numel] (STATE_FORMATS: a signed minifloat code for m, an unsigned one for v),
     absmax1/absmax2 float32 [ceil(numel / 256)]. step: the step number being taken (>= 1)."""
+    reject_device("param", param)
+
+
+@adamw_update.register_fake
+def _(param, grad, state1, state2, absmax1, absmax2, lr, beta1, beta2, eps, weight_decay, step, maximize):
+    return None
+
+
+def adamw_update_kernel(param, grad, state1, state2, absmax1, absmax2, lr, beta1, beta2, eps, weight_decay, step,
+                        maximize) -> None:
+    """adamw_update on any device with a TASK_RUNNERS entry (cpu.py and cuda.py register it):
+    checks every argument, then runs the one-span task table."""
     n = param.numel()
     eight = absmax1 is not None
     if param.dtype not in PARAM_DTYPES:
         raise TypeError(f"param must be float32, float16 or bfloat16, got {param.dtype}")
-    check_device("param", param)
     check_dtype("grad", grad, param.dtype)
     for name, t in (("param", param), ("grad", grad), ("state1", state1), ("state2", state2), ("absmax1", absmax1),
                     ("absmax2", absmax2)):
@@ -186,8 +195,3 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, 
                            DTYPE_CODES[param.dtype], 0, 0]], dtype=torch.int64)
     hyper = torch.tensor([hyper_row(lr, beta1, beta2, eps, weight_decay, step, maximize)], dtype=torch.float32)
     run_tasks(tasks, hyper, 8 if eight else 32, param.device)
-
-
-@adamw_update.register_fake
-def _(param, grad, state1, state2, absmax1, absmax2, lr, beta1, beta2, eps, weight_decay, step, maximize):
-    return None

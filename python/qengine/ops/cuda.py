@@ -1,0 +1,200 @@
+"""The CUDA kernels of every qengine op, registered with `register_kernel("cuda")` when this
+build has the CUDA kernels (otherwise a CUDA tensor reaches the op's default body, which says
+so): checks (checks.py), then launches on torch's current stream of the tensors' device."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from .._checks import FLOAT_DTYPES, check_contiguous, check_float, check_numel, check_same_device
+from . import matmul as mm
+from . import moe, optim, quantize, sparse
+from .checks import (DTYPE_CODES, check_dequantize_args, check_lora, check_matmul_x, check_quantize_args,
+                     check_sparse_weight, check_weight)
+from .moe_dense import dense_experts
+from .weight import KernelWeight, native_weight
+
+
+def _register(op):
+    """Registers the decorated function as op's CUDA kernel when the CUDA kernels were compiled."""
+    def deco(fn):
+        if _C.cuda_compiled:
+            op.register_kernel("cuda")(fn)
+        return fn
+    return deco
+
+
+def _stream(device: torch.device) -> int:
+    """The handle of torch's current stream on `device`: every CUDA launch goes there."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# --------------------------------------------------------------------------- quantize / dequantize
+@_register(quantize.quantize_blockwise)
+def _(x, table, midpoints, sorted_to_code, grid_lut, bits, blocksize, rule, identity_order):
+    check_quantize_args(x, table, midpoints, sorted_to_code, grid_lut, bits, blocksize, rule)
+    packed, scales, offsets = quantize.quantize_outputs(x, bits, blocksize, rule)
+    n = x.numel()
+    # The CUDA kernels produce the CPU's bytes; `flags` is their error word (NaN, overflow),
+    # read back once the stream has run them (quantization waits for its status).
+    if n:
+        flags = torch.empty(1, dtype=torch.int32, device=x.device)
+        with torch.cuda.device(x.device):
+            _C.cuda.quantize(x.data_ptr(), DTYPE_CODES[x.dtype], n, blocksize, table.data_ptr(), midpoints.data_ptr(),
+                             sorted_to_code.data_ptr(), bits, identity_order,
+                             grid_lut.data_ptr() if grid_lut is not None else 0, rule, packed.data_ptr(),
+                             scales.data_ptr(), offsets.data_ptr() if rule == 1 else 0, flags.data_ptr(),
+                             _stream(x.device))
+    return packed, scales, offsets
+
+
+def dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out) -> None:
+    """Decodes into out (checked) on the current stream of packed's device."""
+    if numel:
+        with torch.cuda.device(packed.device):  # launches go to the current device
+            _C.cuda.dequantize(native_weight(packed, table, scales, None, offsets, bits, blocksize), numel,
+                               out.data_ptr(), DTYPE_CODES[out.dtype], _stream(packed.device))
+
+
+@_register(quantize.dequantize_blockwise)
+def _(packed, table, scales, offsets, bits, blocksize, numel, dtype):
+    check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out)
+    return out
+
+
+@_register(quantize.dequantize_blockwise_out)
+def _(packed, table, scales, offsets, bits, blocksize, numel, out):
+    check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
+    check_float("out", out)
+    check_contiguous("out", out)
+    check_numel("out", out, numel)
+    check_same_device(packed.device, out=out)
+    dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out)
+
+
+# --------------------------------------------------------------------------- matmul
+def _dense_weight(packed, table, scales, nested, offsets, bits, blocksize, n, k, dtype):
+    w = torch.empty(n, k, dtype=dtype, device=packed.device)
+    dequantize_into(packed, table, KernelWeight.decode_nested(scales, nested) if nested else scales, offsets, bits,
+                    blocksize, n * k, w)
+    return w
+
+
+@_register(mm.matmul)
+def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
+    check_matmul_x(x, out_features)
+    k, n = x.shape[-1], out_features
+    check_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n * k)
+    check_same_device(x.device, packed=packed)
+    check_lora(lora_a, lora_b, k, n, x.device)
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m <= mm.SMALL_BATCH_ROWS:
+        # The fused GEMV (float32 [m, n]); the LoRA side path is added by torch in float32 (an
+        # epilogue before rounding to x's dtype, as on the CPU): two thin products, no kernel.
+        xf = x2.to(torch.float32).contiguous()
+        y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+        if m and n:
+            with torch.cuda.device(x.device):
+                _C.cuda.matmul(xf.data_ptr(), m, k, k, n,
+                               native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize,
+                                             device_mean=True), y.data_ptr(), _stream(x.device))
+            if lora_a is not None:
+                side = (xf @ lora_a.to(torch.float32).t()) @ lora_b.to(torch.float32).t()
+                y.add_(side, alpha=float(lora_scale))
+        y = y.to(x.dtype)
+    else:
+        w = _dense_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n, k, x.dtype)
+        y = mm.add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
+        del w  # the dense copy lives only for this product
+    return y.reshape(*x.shape[:-1], n)
+
+
+@_register(mm.matmul_t)
+def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_features):
+    check_float("g", g)
+    n, k = g.shape[-1], in_features
+    check_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n * k)
+    check_same_device(g.device, packed=packed)
+    g2 = g.reshape(-1, n)
+    m = g2.shape[0]
+    if m <= mm.SMALL_BATCH_ROWS:
+        # The kernel sums row splits of W in a fixed order through a scratch buffer.
+        gf = g2.to(torch.float32).contiguous()
+        gx = torch.empty(m, k, dtype=torch.float32, device=g.device)
+        if m and k:
+            ws = torch.empty(_C.cuda.matmul_t_workspace(m, n, k), dtype=torch.float32, device=g.device)
+            with torch.cuda.device(g.device):
+                _C.cuda.matmul_t(gf.data_ptr(), m, n, k,
+                                 native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize,
+                                               device_mean=True), ws.data_ptr(), ws.numel(), gx.data_ptr(),
+                                 _stream(g.device))
+        gx = gx.to(g.dtype)
+    else:
+        w = _dense_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n, k, g.dtype)
+        gx = g2 @ w
+        del w
+    return gx.reshape(*g.shape[:-1], k)
+
+
+# --------------------------------------------------------------------------- 2:4 sparse
+@_register(sparse.sparse24_dequantize)
+def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
+    check_sparse_weight(packed, positions, table, scales, None, offsets, bits, blocksize, numel)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    if numel:
+        with torch.cuda.device(packed.device):
+            _C.cuda.sparse24_dequantize(native_weight(packed, table, scales, None, offsets, bits, blocksize,
+                                                      positions), numel // 2, out.data_ptr(), DTYPE_CODES[dtype],
+                                        _stream(packed.device))
+    return out
+
+
+@_register(sparse.sparse24_matmul)
+def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b,
+      lora_scale):
+    """The dense path at every batch size: W decoded once, one GEMM."""
+    check_matmul_x(x, out_features)
+    k, n = x.shape[-1], out_features
+    if k % sparse.GROUP:
+        raise ValueError(f"a 2:4 weight needs in_features divisible by 4, got {k}")
+    check_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n * k)
+    check_same_device(x.device, packed=packed)
+    check_lora(lora_a, lora_b, k, n, x.device)
+    x2 = x.reshape(-1, k)
+    w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n, k,
+                                   x.dtype)
+    y = mm.add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
+    del w
+    return y.reshape(*x.shape[:-1], n)
+
+
+# --------------------------------------------------------------------------- Mixture of Experts
+@_register(moe.moe_experts)
+def _(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias, up_lora_a, up_lora_b,
+      down_lora_a, down_lora_b, lora_scale, meta):
+    """The dense path: each matrix dequantized once, one product per active expert."""
+    E = moe.check_moe_args(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias,
+                           up_lora_a, up_lora_b, down_lora_a, down_lora_b, meta)[0]
+    moe.check_index_range(top_k_index, E)
+    return dense_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias,
+                         up_lora_a, up_lora_b, down_lora_a, down_lora_b, lora_scale, meta).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- AdamW
+def _run_adamw_tasks(tasks, hyper, state_bits, device, codes) -> None:
+    code_args = (*codes[0].args(), *codes[1].args()) if codes else (0, 0, 0, 0) * 2
+    _C.cuda.adamw(tasks.data_ptr(), tasks.shape[0], hyper.data_ptr(), hyper.shape[0], state_bits, *code_args,
+                  _stream(device))
+
+
+if _C.cuda_compiled:
+    optim.TASK_RUNNERS["cuda"] = _run_adamw_tasks
+    optim.adamw_update.register_kernel("cuda")(optim.adamw_update_kernel)

@@ -1,0 +1,93 @@
+"""Schemas, fake implementations and autograd of the quantized matmul ops (kernels per device
+in cpu.py and cuda.py):
+
+  qengine::matmul(x, packed, table, scales, scales_nested, offsets?, bits, blocksize, out_features,
+                  lora_a?, lora_b?, lora_scale) -> [..., out_features]
+  qengine::matmul_t(g, packed, table, scales, scales_nested, offsets?, bits, blocksize, in_features)
+      -> [..., in_features]    (the backward of matmul for x; its double backward: functional.py)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .checks import reject_device
+
+# Up to this many rows of x use the fused small-batch kernel (decode in registers, each packed
+# byte read once); more rows dequantize the layer (a tile at a time on the CPU) into x's dtype
+# and use a dense GEMM.
+SMALL_BATCH_ROWS = 16
+
+
+@torch.library.custom_op("qengine::matmul", mutates_args=())
+def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+           scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor], bits: int, blocksize: int,
+           out_features: int, lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor],
+           lora_scale: float) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ W^T (+ lora_scale * (x @ A^T) @ B^T) for the quantized W [N, K];
+    float32 accumulation, x's dtype out.
+
+    scales: float32 [nblocks] with scales_nested = [], or uint8 codes [nblocks] with
+    scales_nested = [table, absmax, mean, nested_blocksize] when double-quantized (decoded
+    inside the kernel). lora_a [r, K], lora_b [N, r]: both or neither."""
+    reject_device("x", x)
+
+
+@matmul.register_fake
+def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("qengine::matmul_t", mutates_args=())
+def matmul_t(g: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+             scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor], bits: int, blocksize: int,
+             in_features: int) -> torch.Tensor:
+    """gx[..., K] = g[..., N] @ W for the quantized W [N, K] (the backward of matmul for x)."""
+    reject_device("g", g)
+
+
+@matmul_t.register_fake
+def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_features):
+    return g.new_empty(*g.shape[:-1], in_features)
+
+
+def add_lora_side(y: torch.Tensor, x2: torch.Tensor, lora_a, lora_b, lora_scale: float) -> torch.Tensor:
+    """y + lora_scale * (x2 @ A^T) @ B^T, the side path computed in float32 and rounded to y's
+    dtype (the large-batch paths; the small-batch kernels fuse it)."""
+    if lora_a is None:
+        return y
+    side = (x2.to(torch.float32) @ lora_a.to(torch.float32).t()) @ lora_b.to(torch.float32).t()
+    return y + (lora_scale * side).to(y.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, s = inputs
+    nested = list(scales_nested)
+    lora = lora_a is not None
+    ctx.save_for_backward(x if lora else None, lora_a, lora_b, packed, table, scales, offsets, *nested)
+    ctx.meta = (bits, blocksize, x.shape[-1], s)
+
+
+def _backward(ctx, grad):
+    x, lora_a, lora_b, packed, table, scales, offsets, *nested = ctx.saved_tensors
+    bits, blocksize, in_features, s = ctx.meta
+    gx = ga = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.qengine.matmul_t(grad, packed, table, scales, nested, offsets, bits, blocksize, in_features)
+    if lora_a is not None:
+        g2 = grad.reshape(-1, grad.shape[-1]).to(torch.float32)
+        x2 = x.reshape(-1, in_features).to(torch.float32)
+        a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
+        gb_t = g2 @ b32  # [M, r]
+        if ctx.needs_input_grad[0]:
+            gx = gx + (s * (gb_t @ a32)).reshape(gx.shape).to(gx.dtype)
+        if ctx.needs_input_grad[9]:
+            ga = (s * (gb_t.t() @ x2)).to(lora_a.dtype)
+        if ctx.needs_input_grad[10]:
+            gb = (s * (g2.t() @ (x2 @ a32.t()))).to(lora_b.dtype)
+    return gx, None, None, None, [None] * len(nested), None, None, None, None, ga, gb, None
+
+
+matmul.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,179 @@
+"""The Mixture-of-Experts computation in torch (float32, any device): dense_experts, the CUDA
+forward of qengine::moe_experts, and qengine::moe_experts_backward (its autograd formula, with
+its fake implementation). The schema of moe_experts, its checks and autograd are in moe.py."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .moe import GATE_CONCATENATED, GATE_INTERLEAVED, GRAD_INPUTS, NO_GATE, split_matrix, unpack_meta
+from .weight import KernelWeight
+
+
+# --------------------------------------------------------------------------- dense path
+def _dense_matrix(state, offsets, bits, blocksize, E, N, K) -> torch.Tensor:
+    """All experts of one matrix as float32 [E, N, K] (one layer's weight at a time)."""
+    packed, table, scales, nested = split_matrix(state)
+    flat_scales = KernelWeight.decode_nested(scales, nested) if nested else scales
+    w = torch.ops.qengine.dequantize_blockwise(packed, table, flat_scales, offsets, bits, blocksize, E * N * K,
+                                               torch.float32)
+    return w.view(E, N, K)
+
+
+def _gate(a: torch.Tensor, gate_layout: int, act: int) -> torch.Tensor:
+    fn = {0: torch.nn.functional.silu, 1: lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+          2: torch.nn.functional.gelu, 3: torch.relu}[act]
+    if gate_layout == NO_GATE:
+        return fn(a)
+    if gate_layout == GATE_INTERLEAVED:
+        return fn(a[:, 0::2]) * a[:, 1::2]
+    g, u = a.chunk(2, dim=-1)
+    return fn(g) * u
+
+
+def dense_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias, up_lora_a,
+                  up_lora_b, down_lora_a, down_lora_b, lora_scale, meta, w_up=None, w_down=None) -> torch.Tensor:
+    """The same function in torch (float32, differentiable in x, weights, biases and adapters):
+    the CUDA forward and the recomputation in the backward."""
+    E, inter, up_bits, up_bs, down_bits, down_bs, gate_layout, act = unpack_meta(meta)
+    T, H = x.shape
+    n_up = inter if gate_layout == NO_GATE else 2 * inter
+    if w_up is None:
+        w_up = _dense_matrix(up, up_offsets, up_bits, up_bs, E, n_up, H)
+        w_down = _dense_matrix(down, down_offsets, down_bits, down_bs, E, H, inter)
+    k = top_k_index.shape[1]
+    flat = top_k_index.reshape(-1).to(torch.int64)
+    tokens = torch.arange(T, device=x.device).repeat_interleave(k)
+    weights = top_k_weights.reshape(-1).to(torch.float32)
+    xf = x.to(torch.float32)
+    y = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    f32 = (lambda t: None if t is None else t.to(torch.float32))
+    for e in torch.unique(flat).tolist():  # the active experts
+        sel = (flat == e).nonzero().squeeze(1)
+        t = tokens[sel]
+        xe = xf[t]
+        a = xe @ w_up[e].t()
+        if up_lora_a is not None:
+            a = a + lora_scale * (xe @ f32(up_lora_a[e]).t()) @ f32(up_lora_b[e]).t()
+        if up_bias is not None:
+            a = a + f32(up_bias[e])
+        h = _gate(a, gate_layout, act)
+        o = h @ w_down[e].t()
+        if down_lora_a is not None:
+            o = o + lora_scale * (h @ f32(down_lora_a[e]).t()) @ f32(down_lora_b[e]).t()
+        if down_bias is not None:
+            o = o + f32(down_bias[e])
+        y = y.index_add(0, t, o * weights[sel, None])
+    return y
+
+
+def _activation_and_slope(v: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(v) and act'(v), elementwise (float32)."""
+    if act == 0:  # silu
+        sig = torch.sigmoid(v)
+        return v * sig, sig * (1 + v * (1 - sig))
+    if act == 1:  # gelu, tanh approximation
+        c = 0.7978845608028654
+        t = torch.tanh(c * (v + 0.044715 * v ** 3))
+        return 0.5 * v * (1 + t), 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * 0.044715 * v * v)
+    if act == 2:  # gelu (erf)
+        cdf = 0.5 * (1 + torch.erf(v * 0.7071067811865476))
+        return v * cdf, cdf + v * torch.exp(-0.5 * v * v) * 0.3989422804014327
+    return torch.relu(v), (v > 0).to(v.dtype)
+
+
+@torch.library.custom_op("qengine::moe_experts_backward", mutates_args=())
+def moe_experts_backward(grad: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor, up: list[torch.Tensor], down: list[torch.Tensor],
+                         up_offsets: Optional[torch.Tensor], down_offsets: Optional[torch.Tensor],
+                         up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
+                         up_lora_a: Optional[torch.Tensor], up_lora_b: Optional[torch.Tensor],
+                         down_lora_a: Optional[torch.Tensor], down_lora_b: Optional[torch.Tensor], lora_scale: float,
+                         meta: list[int]) -> list[torch.Tensor]:
+    """Gradients of moe_experts in the order of GRAD_INPUTS (each in its input's dtype; an
+    empty tensor for an absent input). Recomputes the active experts' forward in float32 with
+    the quantized weights dequantized once per matrix (frozen: they get no gradient), then
+    applies the chain rule by hand (a custom op runs below autograd)."""
+    E, inter, up_bits, up_bs, down_bits, down_bs, gate_layout, act = unpack_meta(meta)
+    T, H = x.shape
+    n_up = inter if gate_layout == NO_GATE else 2 * inter
+    w_up = _dense_matrix(up, up_offsets, up_bits, up_bs, E, n_up, H)
+    w_down = _dense_matrix(down, down_offsets, down_bits, down_bs, E, H, inter)
+    f32 = (lambda t: None if t is None else t.to(torch.float32))
+    ua, ub, da, db = f32(up_lora_a), f32(up_lora_b), f32(down_lora_a), f32(down_lora_b)
+    s = float(lora_scale)
+    k = top_k_index.shape[1]
+    flat = top_k_index.reshape(-1).to(torch.int64)
+    tokens = torch.arange(T, device=x.device).repeat_interleave(k)
+    weights = top_k_weights.reshape(-1).to(torch.float32)
+    xf, gf = x.to(torch.float32), grad.to(torch.float32)
+    gx = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    gw = torch.zeros(T * k, dtype=torch.float32, device=x.device)
+    zeros = (lambda t: None if t is None else torch.zeros(t.shape, dtype=torch.float32, device=t.device))
+    gua, gub, gda, gdb, gubias, gdbias = (zeros(ua), zeros(ub), zeros(da), zeros(db), zeros(up_bias),
+                                          zeros(down_bias))
+    for e in torch.unique(flat).tolist():  # the active experts
+        sel = (flat == e).nonzero().squeeze(1)
+        t = tokens[sel]
+        xe = xf[t]
+        # forward, keeping what the chain rule needs
+        a = xe @ w_up[e].t()
+        xa = None
+        if ua is not None:
+            xa = xe @ ua[e].t()  # [m, r]
+            a = a + s * xa @ ub[e].t()
+        if up_bias is not None:
+            a = a + f32(up_bias[e])
+        if gate_layout == NO_GATE:
+            h, slope = _activation_and_slope(a, act)
+        else:
+            g, u = (a[:, :inter], a[:, inter:]) if gate_layout == GATE_CONCATENATED else (a[:, 0::2], a[:, 1::2])
+            ag, slope = _activation_and_slope(g, act)
+            h = ag * u
+        o = h @ w_down[e].t()
+        ha = None
+        if da is not None:
+            ha = h @ da[e].t()
+            o = o + s * ha @ db[e].t()
+        if down_bias is not None:
+            o = o + f32(down_bias[e])
+        # backward
+        ge = gf[t]
+        gw[sel] = (ge * o).sum(1)
+        do = ge * weights[sel, None]
+        dh = do @ w_down[e]
+        if da is not None:
+            dob = do @ db[e]  # [m, r]
+            gdb[e] += s * do.t() @ ha
+            gda[e] += s * dob.t() @ h
+            dh = dh + s * dob @ da[e]
+        if gdbias is not None:
+            gdbias[e] += do.sum(0)
+        if gate_layout == NO_GATE:
+            dpre = dh * slope
+        else:
+            dg, du = dh * u * slope, dh * ag
+            dpre = torch.cat([dg, du], 1) if gate_layout == GATE_CONCATENATED else torch.stack([dg, du], 2).flatten(1)
+        dxe = dpre @ w_up[e]
+        if ua is not None:
+            dpb = dpre @ ub[e]
+            gub[e] += s * dpre.t() @ xa
+            gua[e] += s * dpb.t() @ xe
+            dxe = dxe + s * dpb @ ua[e]
+        if gubias is not None:
+            gubias[e] += dpre.sum(0)
+        gx.index_add_(0, t, dxe)
+    computed = {"x": gx, "top_k_weights": gw.view(T, k), "up_lora_a": gua, "up_lora_b": gub, "down_lora_a": gda,
+                "down_lora_b": gdb, "up_bias": gubias, "down_bias": gdbias}
+    inputs = {"x": x, "top_k_weights": top_k_weights, "up_lora_a": up_lora_a, "up_lora_b": up_lora_b,
+              "down_lora_a": down_lora_a, "down_lora_b": down_lora_b, "up_bias": up_bias, "down_bias": down_bias}
+    return [x.new_empty(0) if inputs[n] is None else computed[n].to(inputs[n].dtype) for n in GRAD_INPUTS]
+
+
+@moe_experts_backward.register_fake
+def _(grad, x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias, up_lora_a,
+      up_lora_b, down_lora_a, down_lora_b, lora_scale, meta):
+    inputs = (x, top_k_weights, up_lora_a, up_lora_b, down_lora_a, down_lora_b, up_bias, down_bias)
+    return [x.new_empty(0) if v is None else torch.empty_like(v) for v in inputs]

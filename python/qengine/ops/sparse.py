@@ -1,0 +1,93 @@
+"""Schemas, fake implementations and autograd of the 2:4 sparse layout's ops (byte order in
+csrc/cpu/sparse24.h; kernels per device in cpu.py and cuda.py):
+
+  qengine::sparse24_dequantize(packed, positions, table, scales, offsets?, bits, blocksize, numel, dtype) -> [numel]
+  qengine::sparse24_matmul(x, packed, positions, table, scales, scales_nested, offsets?, bits, blocksize,
+                           out_features, lora_a?, lora_b?, lora_scale) -> [..., out_features]
+The stored values (numel / 2 of them) are quantized blockwise over their storage order, so
+`packed`, `scales` and `offsets` are those of a dense quantized tensor of numel / 2 elements.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .checks import reject_device
+from .weight import KernelWeight
+
+# Weights per group and kept per group of the layout.
+GROUP, KEPT = 4, 2
+
+
+@torch.library.custom_op("qengine::sparse24_dequantize", mutates_args=())
+def sparse24_dequantize(packed: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+                        offsets: Optional[torch.Tensor], bits: int, blocksize: int, numel: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """The dense flat weight [numel] (dtype) of a 2:4 sparse tensor; pruned positions are 0."""
+    reject_device("packed", packed)
+
+
+@sparse24_dequantize.register_fake
+def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
+    return packed.new_empty(numel, dtype=dtype)
+
+
+@torch.library.custom_op("qengine::sparse24_matmul", mutates_args=())
+def sparse24_matmul(x: torch.Tensor, packed: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+                    scales: torch.Tensor, scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor],
+                    bits: int, blocksize: int, out_features: int, lora_a: Optional[torch.Tensor],
+                    lora_b: Optional[torch.Tensor], lora_scale: float) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ W^T (+ lora_scale * (x @ A^T) @ B^T) for the 2:4 sparse W [N, K];
+    arguments as qengine::matmul plus positions uint8 [N*K/8]. Up to SMALL_BATCH_ROWS rows
+    read only the compressed bytes (CPU); more rows, or CUDA tensors, dequantize W once and use a
+    dense GEMM."""
+    reject_device("x", x)
+
+
+@sparse24_matmul.register_fake
+def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b,
+      lora_scale):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def dense_sparse_weight(packed, positions, table, scales, nested, offsets, bits, blocksize, n, k, dtype):
+    """The 2:4 weight decoded to dense [n, k] in dtype (one layer's weight, freed by the caller)."""
+    flat_scales = KernelWeight.decode_nested(scales, nested) if nested else scales
+    return torch.ops.qengine.sparse24_dequantize(packed, positions, table, flat_scales, offsets, bits, blocksize,
+                                                 n * k, dtype).reshape(n, k)
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n, lora_a, lora_b, s = inputs
+    nested = list(scales_nested)
+    ctx.save_for_backward(x if lora_a is not None else None, lora_a, lora_b, packed, positions, table, scales,
+                          offsets, *nested)
+    ctx.meta = (bits, blocksize, x.shape[-1], n, s, x.dtype)
+
+
+def _backward(ctx, grad):
+    x, lora_a, lora_b, packed, positions, table, scales, offsets, *nested = ctx.saved_tensors
+    bits, blocksize, k, n, s, x_dtype = ctx.meta
+    gx = ga = gb = None
+    if ctx.needs_input_grad[0]:
+        # The weight is frozen; the transposed product runs on the dequantized layer (freed at once).
+        w = dense_sparse_weight(packed, positions, table, scales, nested, offsets, bits, blocksize, n, k, grad.dtype)
+        gx = (grad.reshape(-1, n) @ w).reshape(*grad.shape[:-1], k).to(x_dtype)
+        del w
+    if lora_a is not None:
+        g2 = grad.reshape(-1, n).to(torch.float32)
+        x2 = x.reshape(-1, k).to(torch.float32)
+        a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
+        gb_t = g2 @ b32
+        if ctx.needs_input_grad[0]:
+            gx = gx + (s * (gb_t @ a32)).reshape(gx.shape).to(gx.dtype)
+        if ctx.needs_input_grad[10]:
+            ga = (s * (gb_t.t() @ x2)).to(lora_a.dtype)
+        if ctx.needs_input_grad[11]:
+            gb = (s * (g2.t() @ (x2 @ a32.t()))).to(lora_b.dtype)
+    return gx, None, None, None, None, [None] * len(nested), None, None, None, None, ga, gb, None
+
+
+sparse24_matmul.register_autograd(_backward, setup_context=_setup_context)
