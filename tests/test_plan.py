@@ -25,9 +25,9 @@ def _tiny():
     return Tiny(vocab=64, d=64, h=128).eval(), torch.randint(0, 64, (8, 32))
 
 
-def _llama():
+def _llama(vocab=128):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -135,3 +135,25 @@ def test_bad_input_is_refused_clearly(tmp_path):
             plan=gptq_plan))
     with pytest.raises(ValueError, match="plan entry"):
         qengine.hf.QEngineConfig(plan={"x": {"format": "nf3"}})
+
+
+def test_cli_plan_quantize_and_eval(tmp_path, capsys):
+    from qengine.cli import main
+
+    _llama(vocab=300).save_pretrained(tmp_path / "float")  # the byte tokenizer needs 259
+    (tmp_path / "data.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    common = ["--calib-tokens", "1024"]
+    assert main(["plan", str(tmp_path / "float"), "--data", str(tmp_path / "data.txt"), "--budget", "6.5", "--out",
+                 str(tmp_path / "plan.json"), "--seq-len", "64", "--candidates", "nf4/128/dq/rtn,int8/64/dq/rtn",
+                 "--sensitivity", "output", "--quiet", *common]) == 0
+    assert "bits per parameter (budget 6.5)" in capsys.readouterr().out
+    assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "q"), "--plan", str(tmp_path / "plan.json"),
+                 "--quiet"]) == 0
+    loaded = qengine.hf.load_model(tmp_path / "q")
+    p = Plan.load(tmp_path / "plan.json")
+    assert {n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)} == set(p.quantized())
+    assert main(["eval", str(tmp_path / "float"), "--data", str(tmp_path / "data.txt"), "--methods", "rtn", "--plan",
+                 str(tmp_path / "plan.json"), "--seq-len", "64", "--quiet", *common]) == 0
+    assert "\nplan " in capsys.readouterr().out
+    assert main(["plan", str(tmp_path / "float"), "--data", str(tmp_path / "data.txt"), "--candidates", "nf4/x/dq/rtn",
+                 "--out", str(tmp_path / "p2.json")]) == 2

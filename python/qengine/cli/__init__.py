@@ -1,4 +1,4 @@
-"""The `qengine` command (also `python -m qengine`): info, formats, quantize, eval, finetune,
+"""The `qengine` command (also `python -m qengine`): info, formats, quantize, eval, plan, finetune,
 generate, bench, demo and doctor. Bad input ends with one line on stderr and exit status 2."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from .demo import add_demo_args
 from .eval_cmd import add_eval_args
 from .info import cmd_formats, cmd_info
 from .model_cmds import add_finetune_args, add_generate_args, add_quantize_args
+from .plan_cmd import add_plan_args
 
 __all__ = ["build_parser", "main"]
 
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_args(sub.add_parser("quantize", help="quantize a Hugging Face checkpoint, tensor by tensor"))
     add_eval_args(sub.add_parser("eval", help="quantization quality: held-out perplexity and per-layer error of "
                                  "formats x methods (rtn, gptq, search) on a text file"))
+    add_plan_args(sub.add_parser("plan", help="per-layer formats of a model under a bits-per-parameter budget, "
+                                 "from each layer's measured sensitivity (writes plan.json)"))
     add_finetune_args(sub.add_parser("finetune", help="QLoRA fine-tuning of a model directory on a text file"))
     add_generate_args(sub.add_parser("generate", help="continue a prompt (optionally with a LoRA adapter)"))
     p = sub.add_parser("bench", help="kernel microbenchmarks against copy bandwidth and dense torch")

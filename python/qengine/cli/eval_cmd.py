@@ -77,6 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True))
     res = evaluate(model, calib, held, configs, skip=("lm_head",), damp=args.damp, act_order=args.act_order,
                    batch=args.batch, log=log)
+    if args.plan:
+        _plan_row(res, model, calib, held, args)
     _print_tables(res)
     if args.json:
         doc = {"model_dir": os.path.abspath(args.model_dir), "data": os.path.abspath(args.data), "params": n_params,
@@ -89,6 +91,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
             json.dump(doc, f, indent=2)
         print(f"wrote {args.json}")
     return 0
+
+
+def _plan_row(res: dict, model, calib, held, args) -> None:
+    """The --plan configuration: quantized by its plan on the same calibration windows, measured
+    on the same held-out windows; its gap closed is against the first RTN row."""
+    import copy
+    import time
+
+    from ..calibrate.evaluate import perplexity
+    from ..calibrate.plan import Plan
+    from ..model import memory_report, quantize_model
+
+    plan = Plan.load(args.plan)
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    quantize_model(m, plan=plan, calibration=calib, progress=False, damp=args.damp)
+    seconds = time.perf_counter() - t0
+    entry = {"label": "plan", "format": "plan", "method": "plan", "blocksize": None, "double_quant": None,
+             "quant_seconds": seconds, "bits_per_param": 8.0 * plan.bytes / plan.params,
+             **perplexity(m, held, args.batch)}
+    rtn = next((e for e in res["configs"] if e["method"] == "rtn"), None)
+    gap = None if rtn is None else rtn["nll"] - res["float"]["nll"]
+    entry["gap_closed"] = (rtn["nll"] - entry["nll"]) / gap if gap is not None and gap > 0 else None
+    res["configs"].append(entry)
 
 
 def _print_tables(res: dict) -> None:
@@ -110,9 +136,10 @@ def _print_tables(res: dict) -> None:
     print(f"{'layer':<{width}} " + " ".join(f"{lab:>12}" for lab in labels))
     for name, errs in layers.items():
         print(f"{name:<{width}} " + " ".join(f"{errs[lab]:>12.5f}" if lab in errs else f"{'-':>12}" for lab in labels))
-    print(f"{'mean':<{width}} " + " ".join(
-        f"{sum(e[lab] for e in layers.values() if lab in e) / max(1, sum(lab in e for e in layers.values())):>12.5f}"
-        for lab in labels))
+    def mean(lab):
+        vals = [e[lab] for e in layers.values() if lab in e]
+        return f"{sum(vals) / len(vals):>12.5f}" if vals else f"{'-':>12}"
+    print(f"{'mean':<{width}} " + " ".join(mean(lab) for lab in labels))
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -133,6 +160,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, a fraction of the mean diagonal of H")
     p.add_argument("--act-order", action="store_true", help="GPTQ columns in decreasing activation energy")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass for perplexity")
+    p.add_argument("--plan", metavar="PLAN_JSON", help="also a row for this plan (from `qengine plan`; its gap "
+                   "closed is against the first rtn row)")
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_eval)

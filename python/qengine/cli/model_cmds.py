@@ -53,7 +53,7 @@ def _warn_unmatched_skip(model_dir: str, patterns: list[str]) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..hf.checkpoint import quantize_checkpoint
 
-    if args.method != "rtn":
+    if args.method != "rtn" or args.plan:
         return _quantize_calibrated(args)
     given = [flag for flag, on in (("--calib", args.calib), ("--act-order", args.act_order),
                                    ("--damp", args.damp != 0.01)) if on]
@@ -97,9 +97,21 @@ def _quantize_calibrated(args: argparse.Namespace) -> int:
     from ..hf.checkpoint import saved_quantization_config, copy_side_files, load_config, save_quantized
     from ..model import quantize_model
 
+    plan = None
+    if args.plan:
+        from ..calibrate.plan import Plan
+
+        plan = Plan.load(args.plan)  # ValueError naming the file
+        if args.method != "rtn":
+            raise ValueError("--plan gives every layer its method; drop --method")
+        if args.bnb:
+            raise ValueError("--bnb writes one format; drop it for --plan")
+        gptq = any(c.method in ("gptq", "gptq+search") for c in plan.quantized().values())
+        if gptq and args.calib is None:
+            raise ValueError(f"{args.plan} has GPTQ layers, which need calibration text: --calib FILE")
     if args.bnb:
         raise ValueError("--bnb writes round-to-nearest checkpoints only; drop it for --method " + args.method)
-    if args.calib is None and args.method != "search":
+    if args.calib is None and args.method != "search" and plan is None:
         raise ValueError(f"--method {args.method} needs calibration text: --calib FILE (.txt or .jsonl)")
     if args.calib is None and (args.calib_tokens is not None or args.calib_seq_len != 512):
         raise ValueError("--calib-tokens and --calib-seq-len need --calib FILE")
@@ -135,13 +147,14 @@ def _quantize_calibrated(args: argparse.Namespace) -> int:
     kw = {"damp": args.damp, "act_order": args.act_order} if args.method in ("gptq", "gptq+search") else {}
     t0 = time.perf_counter()
     quantize_model(model, args.format, args.blocksize, args.double_quant, skip=quantize_skip(args),
-                   progress=not args.quiet, method=args.method, calibration=calib, **kw)
+                   progress=not args.quiet, method=args.method, calibration=calib, plan=plan, **kw)
     seconds = time.perf_counter() - t0
     save_quantized(model, args.out_dir)
     copy_side_files(args.model_dir, args.out_dir)
     layers = sum(1 for m in model.modules() if type(m).__name__ == "QuantLinear")
     bytes_out = os.path.getsize(os.path.join(args.out_dir, "model.safetensors"))
-    print(f"quantized {layers} linear layers to {args.format} with {args.method} ({note}) in {seconds:.1f} s, "
+    what = f"by the plan {args.plan}" if plan is not None else f"to {args.format} with {args.method}"
+    print(f"quantized {layers} linear layers {what} ({note}) in {seconds:.1f} s, "
           f"written to {args.out_dir}")
     print(f"  weights before (float32 in memory): {_mib(bytes_in)}, after: {_mib(bytes_out)} "
           f"({100 * bytes_out / max(bytes_in, 1):.1f}%)")
@@ -172,6 +185,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of H's mean diagonal)")
     p.add_argument("--act-order", action="store_true", help="GPTQ columns in decreasing activation energy")
+    p.add_argument("--plan", metavar="PLAN_JSON", help="per-layer settings written by `qengine plan` (replaces "
+                   "--format, --blocksize, --double-quant and --method)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quantize)
 
