@@ -1,10 +1,16 @@
 """Argument checks, written once. Every native call is preceded by these: a kernel must never
 see a buffer it could read past, so sizes, dtypes, devices and contiguity are verified here
-and a failure raises TypeError / ValueError naming the argument."""
+and a failure raises TypeError / ValueError naming the argument. Below the generic checks:
+which devices this build serves, and the arguments of the ops (quantized weights, codebook
+tables, nested scales, LoRA adapters) that every kernel in ops/cpu.py and ops/cuda.py runs."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from . import _C
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCKSIZE, MAX_BLOCKSIZE = 32, 4096
@@ -69,3 +75,162 @@ def check_codebook_fit(weight: object, bits: object, rule: object, iters: object
     check_positive_int("iters", iters)
     if weight.numel() == 0:
         raise ValueError("cannot fit a codebook to an empty tensor")
+
+
+# --------------------------------------------------------------------------- the ops' arguments
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/include/qengine/status.h
+SUPPORTED_DEVICES = ("cpu", "cuda") if _C.cuda_compiled else ("cpu",)
+# Ends the device errors: `qengine doctor` says which devices this build and machine serve.
+DOCTOR_HINT = "run `qengine doctor` to check every kernel on the CPU and GPUs of this machine"
+
+
+def cuda_available() -> bool:
+    """True when the CUDA kernels were compiled and a GPU is visible."""
+    return bool(_C.cuda_compiled) and _C.cuda.device_count() > 0 and torch.cuda.is_available()
+
+
+def num_blocks(numel: int, blocksize: int) -> int:
+    return -(-numel // blocksize)
+
+
+def packed_bytes(numel: int, bits: int) -> int:
+    return -(-numel * bits // 8)
+
+
+def positions_bytes(numel: int) -> int:
+    """Bytes of packed 2-bit positions of a 2:4 weight with `numel` elements."""
+    return -(-(numel // 2) // 4)
+
+
+def unsupported_device_message(name: str, t: torch.Tensor, what: str = "qengine supports") -> str:
+    """The error for a tensor on a device the kernels do not serve (a CUDA tensor where the CUDA
+    kernels were not compiled, or meta, mps, ...)."""
+    why = " (this qengine build has no CUDA kernels)" if t.device.type == "cuda" else ""
+    return f"{name} is on {t.device}; {what} {', '.join(SUPPORTED_DEVICES)} tensors{why}; {DOCTOR_HINT}"
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    if t.device.type not in SUPPORTED_DEVICES:
+        raise ValueError(unsupported_device_message(name, t))
+
+
+def reject_device(name: str, t: torch.Tensor) -> None:
+    """The body every op runs on a device without a registered kernel: a ValueError naming the
+    argument, the devices served and `qengine doctor` (a wrong argument type is named first)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    raise ValueError(unsupported_device_message(name, t))
+
+
+def check_tables(table: torch.Tensor, midpoints: Optional[torch.Tensor], order: Optional[torch.Tensor], bits: int,
+                 device: torch.device) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    size = 2**bits
+    for name, t, dt in (("table", table, torch.float32), ("midpoints", midpoints, torch.float32),
+                        ("sorted_to_code", order, torch.uint8)):
+        if t is None:
+            continue
+        check_dtype(name, t, dt)
+        check_contiguous(name, t)
+        check_numel(name, t, size)
+        check_same_device(device, **{name: t})
+
+
+def check_quantize_args(x, table, midpoints, order, grid_lut, bits, blocksize, rule) -> None:
+    check_float("x", x)
+    check_contiguous("x", x)
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    if rule not in (0, 1):
+        raise ValueError(f"rule must be 0 (absmax) or 1 (minmax), got {rule}")
+    check_tables(table, midpoints, order, bits, x.device)
+    if grid_lut is not None:
+        check_dtype("grid_lut", grid_lut, torch.uint8)
+        check_contiguous("grid_lut", grid_lut)
+        check_numel("grid_lut", grid_lut, 65536)
+        check_same_device(x.device, grid_lut=grid_lut)
+        if bits != 8 or rule != 0:
+            raise ValueError("grid_lut is only supported for 8-bit absmax formats")
+
+
+def check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel) -> None:
+    check_dtype("packed", packed, torch.uint8)
+    check_contiguous("packed", packed)
+    if blocksize < 1 or numel < 0:
+        raise ValueError(f"blocksize must be >= 1 and numel >= 0, got {blocksize}, {numel}")
+    check_tables(table, None, None, bits, packed.device)
+    check_numel("packed", packed, packed_bytes(numel, bits))
+    nb = num_blocks(numel, blocksize)
+    for name, t in (("scales", scales), ("offsets", offsets)):
+        if t is None:
+            continue
+        check_dtype(name, t, torch.float32)
+        check_contiguous(name, t)
+        check_numel(name, t, nb)
+        check_same_device(packed.device, **{name: t})
+
+
+def check_weight(packed, table, scales, nested, offsets, bits, blocksize, numel) -> None:
+    """The quantized weight of matmul / matmul_t, with plain (nested None or []) or
+    double-quantized scales."""
+    if not nested:
+        check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
+    else:
+        check_dequantize_args(packed, table, None, offsets, bits, blocksize, numel)
+        check_nested(scales, nested, num_blocks(numel, blocksize), packed.device)
+
+
+def check_nested(codes, nested, nblocks, device) -> None:
+    """nested = [table float32 [256], absmax float32 [ceil(nblocks / nbs)], mean float32 [],
+    nested_blocksize int64 []] for scales stored as uint8 codes [nblocks]."""
+    if len(nested) != 4:
+        raise ValueError("scales_nested must be [table, absmax, mean, blocksize]")
+    table, absmax, mean, nbs = nested
+    check_dtype("scales", codes, torch.uint8)
+    check_contiguous("scales", codes)
+    check_numel("scales", codes, nblocks)
+    check_dtype("nested table", table, torch.float32)
+    check_numel("nested table", table, 256)
+    check_dtype("nested absmax", absmax, torch.float32)
+    check_contiguous("nested absmax", absmax)
+    nested_bs = int(nbs)
+    if nested_bs < 1:
+        raise ValueError(f"nested blocksize must be >= 1, got {nested_bs}")
+    check_numel("nested absmax", absmax, num_blocks(nblocks, nested_bs))
+    check_dtype("nested mean", mean, torch.float32)
+    check_numel("nested mean", mean, 1)
+    check_contiguous("nested table", table)  # the CUDA kernels read it (and the mean) by address
+    check_same_device(device, scales=codes, nested_table=table, nested_absmax=absmax, nested_mean=mean)
+
+
+def check_sparse_weight(packed, positions, table, scales, nested, offsets, bits, blocksize, numel) -> None:
+    """A 2:4 weight of numel elements: the numel / 2 kept values quantized as a dense tensor,
+    plus positions uint8 [positions_bytes(numel)]."""
+    if numel % 4:
+        raise ValueError(f"a 2:4 weight needs a multiple of 4 elements, got {numel}")
+    check_weight(packed, table, scales, nested, offsets, bits, blocksize, numel // 2)
+    check_dtype("positions", positions, torch.uint8)
+    check_contiguous("positions", positions)
+    check_numel("positions", positions, positions_bytes(numel))
+    check_same_device(packed.device, positions=positions)
+
+
+def check_matmul_x(x, out_features: int) -> None:
+    check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    if out_features < 0:
+        raise ValueError(f"out_features must be >= 0, got {out_features}")
+
+
+def check_lora(a, b, k, n, device) -> None:
+    if (a is None) != (b is None):
+        raise ValueError("lora_a and lora_b must be given together")
+    if a is None:
+        return
+    for name, t in (("lora_a", a), ("lora_b", b)):
+        check_float(name, t)
+        check_same_device(device, **{name: t})
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n or a.shape[0] != b.shape[1]:
+        raise ValueError(f"LoRA shapes must be A [r, {k}] and B [{n}, r], got {tuple(a.shape)} and {tuple(b.shape)}")

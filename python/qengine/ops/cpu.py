@@ -1,5 +1,5 @@
 """The CPU kernels of every qengine op, registered with `register_kernel("cpu")`: checks
-(checks.py), then one qengine._C call with addresses, sizes, dtype codes and the weight as one
+(qengine/_checks.py), then one qengine._C call with addresses, sizes, dtype codes and the weight as one
 WeightRef tuple (weight.native_weight)."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from .. import _C
-from .._checks import FLOAT_DTYPES, check_contiguous, check_float, check_numel, check_same_device
+from .._checks import (DTYPE_CODES, FLOAT_DTYPES, check_contiguous, check_dequantize_args, check_float, check_lora,
+                       check_matmul_x, check_numel, check_quantize_args, check_same_device, check_sparse_weight,
+                       check_tables, check_weight)
 from . import matmul as mm
 from . import moe, optim, quantize, sparse
-from .checks import (DTYPE_CODES, check_dequantize_args, check_lora, check_matmul_x, check_quantize_args,
-                     check_sparse_weight, check_tables, check_weight)
 from .weight import KernelWeight, native_weight
 
 # The large-batch product dequantizes this many bytes of W at a time into one buffer, which

@@ -1,17 +1,17 @@
 """The CUDA kernels of every qengine op, registered with `register_kernel("cuda")` when this
 build has the CUDA kernels (otherwise a CUDA tensor reaches the op's default body, which says
-so): checks (checks.py), then launches on torch's current stream of the tensors' device."""
+so): checks (qengine/_checks.py), then launches on torch's current stream of the tensors' device."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import _C
-from .._checks import FLOAT_DTYPES, check_contiguous, check_float, check_numel, check_same_device
+from .._checks import (DTYPE_CODES, FLOAT_DTYPES, check_contiguous, check_dequantize_args, check_float, check_lora,
+                       check_matmul_x, check_numel, check_quantize_args, check_same_device, check_sparse_weight,
+                       check_weight)
 from . import matmul as mm
 from . import moe, optim, quantize, sparse
-from .checks import (DTYPE_CODES, check_dequantize_args, check_lora, check_matmul_x, check_quantize_args,
-                     check_sparse_weight, check_weight)
 from .moe_dense import dense_experts
 from .weight import KernelWeight, native_weight
 

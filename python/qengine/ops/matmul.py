@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .checks import reject_device
+from .._checks import reject_device
 
 # Up to this many rows of x use the fused small-batch kernel (decode in registers, each packed
 # byte read once); more rows dequantize the layer (a tile at a time on the CPU) into x's dtype

@@ -18,8 +18,7 @@ from typing import Optional
 
 import torch
 
-from .._checks import check_float, check_same_device
-from .checks import check_weight, reject_device
+from .._checks import check_float, check_same_device, check_weight, reject_device
 
 # gate_layout codes (csrc/include/qengine/moe.h)
 GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE = 0, 1, 2

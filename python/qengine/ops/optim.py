@@ -17,9 +17,9 @@ import torch
 
 
 from .. import _C
-from .._checks import check_contiguous, check_dtype, check_numel
+from .._checks import (DOCTOR_HINT, DTYPE_CODES, SUPPORTED_DEVICES, check_contiguous, check_dtype, check_numel,
+                       reject_device, unsupported_device_message)
 from ..formats import STATE8_SIGNED_FORM, STATE8_UNSIGNED_FORM, get_format
-from .checks import DOCTOR_HINT, DTYPE_CODES, SUPPORTED_DEVICES, reject_device, unsupported_device_message
 
 BLOCK = 256  # elements per 8-bit state block (one absmax each)
 # The codes of the first and second moment (formats.py) and their minifloat forms.

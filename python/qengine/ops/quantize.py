@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .checks import num_blocks, packed_bytes, reject_device
+from .._checks import num_blocks, packed_bytes, reject_device
 
 
 @torch.library.custom_op("qengine::quantize_blockwise", mutates_args=())

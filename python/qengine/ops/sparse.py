@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .checks import reject_device
+from .._checks import reject_device
 from .weight import KernelWeight
 
 # Weights per group and kept per group of the layout.
