@@ -11,7 +11,7 @@ import sys
 import torch
 
 from .._io import check_writable_dir
-from ..finetune import DEFAULT_TARGETS, OPTIMIZERS, FinetuneConfig, finetune, load_tokenizer
+from ..finetune import DEFAULT_TARGETS, OPTIMIZERS, TEACHER_DTYPES, FinetuneConfig, finetune, load_tokenizer
 
 
 def _mib(n: int) -> str:
@@ -245,14 +245,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha, targets=tuple(args.targets),
                          batch=args.batch, seq_len=args.seq_len, optim=args.optim, compile=args.compile, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                         gradient_checkpointing=not args.no_gradient_checkpointing)
+                         gradient_checkpointing=not args.no_gradient_checkpointing,
+                         kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha, teacher_dtype=args.teacher_dtype)
     cfg.validate()
+    if args.teacher is None and cfg.distills():
+        raise ValueError("--kd-temperature, --kd-alpha and --teacher-dtype apply to distillation: give --teacher DIR")
+    if args.teacher is not None and not os.path.isdir(args.teacher):
+        raise ValueError(f"teacher directory {args.teacher!r} does not exist")
     check_writable_dir(args.out, "--out")
     if not os.path.isfile(args.data):
         raise ValueError(f"data file {args.data!r} does not exist")
     torch.manual_seed(args.seed)
     model, tok = _load(args.model, args.format)
-    result = finetune(model, tok, args.data, args.out, cfg, model_dir=args.model)
+    result = finetune(model, tok, args.data, args.out, cfg, model_dir=args.model, teacher=args.teacher)
     losses = result["losses"]
     if losses:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {result['steps']} steps, "
@@ -280,6 +285,14 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable checkpoints")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--teacher", metavar="MODEL_DIR", help="distill: train on the KL to this float model's logits "
+                   "(same tokenizer and vocabulary; typically the float model --model was quantized from)")
+    p.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature T > 0 (the KL is "
+                   "scaled by T^2; default 2)")
+    p.add_argument("--kd-alpha", type=float, default=1.0, help="weight of the KL in [0, 1]; 1 - alpha goes to the "
+                   "LM loss (default 1: KL only)")
+    p.add_argument("--teacher-dtype", choices=tuple(TEACHER_DTYPES), default="bfloat16",
+                   help="dtype the teacher runs in (default bfloat16)")
     p.set_defaults(func=cmd_finetune)
 
 
