@@ -2,14 +2,19 @@
 quantization (the unit: its mean held-out log-perplexity gap to float), the best calibrated
 method at the same bytes, the plan at 4.25 bits per parameter over the quantized layers, the
 plan + the error-correcting rank-16 side path (frozen), each with bits per parameter and time;
-and how well the plan's cheap sensitivity ranks (layer, candidate) pairs against the measured
-calibration-loss increase (Spearman).
+how well the plan's cheap sensitivity ranks (layer, candidate) pairs against the measured
+calibration-loss increase (Spearman); distillation from the float model vs LM-loss QLoRA (same
+steps, training-split text, rank, lr and starting model), and distillation on top of plan +
+correction.
 
 Calibration: the first --calib-windows windows of 256 tokens of the calibration split; held-out:
 the test split (never seen by training or calibration), scored paired against the float model.
 Prints a table and writes bench/out/plan_real_lm.json.
 
-    python bench/bench_plan.py [--budget 4.25] [--no-loss-plan] [--no-correct]
+Training (distillation, QLoRA) reads the training split (train.txt of the model directory), never
+the calibration or held-out text; adamw, batch 4 x 256 tokens, no activation checkpointing.
+
+    python bench/bench_plan.py [--budget 4.25] [--no-loss-plan] [--no-correct] [--steps 200 | --no-train]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -29,6 +35,7 @@ import real_lm  # noqa: E402
 
 import qengine  # noqa: E402
 from qengine.calibrate.plan import FLOAT16  # noqa: E402
+from qengine.finetune import FinetuneConfig, finetune  # noqa: E402
 
 
 def spearman(a, b) -> float:
@@ -63,6 +70,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-loss-plan", action="store_true", help="skip the plan from measured losses (slow)")
     p.add_argument("--no-correct", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=200, help="training steps of distillation and QLoRA")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--kd-temperature", type=float, default=2.0)
+    p.add_argument("--no-train", action="store_true", help="skip distillation and QLoRA")
     p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "out", "plan_real_lm.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -74,23 +85,40 @@ def main(argv=None) -> int:
     rows, out = [], {"machine": {**quality._machine(), **lscpu()}, "calib_tokens": calib.numel(), "budget": args.budget}
     print(f"machine: {out['machine']}")
     rtn_gap = None
+    nll = {}  # label -> held-out token NLLs, for paired comparisons between rows
+
+    def rows_d(label):
+        return next(r["dlogppl"] for r in rows if r["config"] == label)
+
+    def compare(label, than):
+        """(mean NLL of `label` minus that of `than`, its paired standard error), recorded."""
+        diff, se = quality.paired_delta(nll[label], nll[than])
+        out.setdefault("paired", []).append({"row": label, "vs": than, "dlogppl": diff, "se": se})
+        print(f"  {label} vs {than}: {diff:+.5f} ± {se:.5f}")
+        return diff, se
 
     def row(label, m, seconds, extra_bytes=0):
         nonlocal rtn_gap
         r = quality.perplexity(m, lm.test_tokens, ctx, return_token_nll=True)
-        d, se = quality.paired_delta(r.pop("token_nll"), base_tok)
+        tok = r.pop("token_nll")
+        d, se = quality.paired_delta(tok, base_tok)
         rep = qengine.memory_report(m)
         q = rep["quantized"]
         planned_params = q["params"] + sum(mod.weight.numel() for n, mod in m.named_modules()
                                            if isinstance(mod, torch.nn.Linear) and n != "lm_head")
         float16_bytes = 2 * (planned_params - q["params"])
         bits = 8.0 * (q["bytes"] + float16_bytes) / planned_params if planned_params else 0.0
-        lora_bits = 8.0 * 2 * rep["lora"]["params"] / planned_params if planned_params else 0.0  # 16-bit A, B
-        if label.startswith("rtn"):
+        lora = list(qengine.lora_parameters(m))
+        kept = sum(t.numel() * t.element_size() for t in lora)  # A, B as the side path keeps them
+        lora_bits = 8.0 * 2 * rep["lora"]["params"] / planned_params if planned_params else 0.0  # stored 16-bit
+        kept_bits = 8.0 * kept / planned_params if planned_params else 0.0
+        if label.startswith("rtn") and rtn_gap is None:
             rtn_gap = d
         closed = None if not rtn_gap else 1 - d / rtn_gap
-        rows.append({"config": label, "bits_per_param": bits, "side_path_bits": lora_bits, "ppl": r["ppl"],
-                     "dlogppl": d, "se": se, "gap_closed": closed, "seconds": seconds})
+        nll[label] = tok
+        rows.append({"config": label, "bits_per_param": bits, "side_path_bits": lora_bits,
+                     "side_path_bits_as_kept": kept_bits, "side_path_dtype": str(lora[0].dtype) if lora else None,
+                     "ppl": r["ppl"], "dlogppl": d, "se": se, "gap_closed": closed, "seconds": seconds})
         print(f"{label:34s} bits {bits:6.3f}{f' +{lora_bits:.3f}' if lora_bits else '':7s} ppl {r['ppl']:8.3f} "
               f"dlogppl {d:+.5f} ± {se:.5f} closed {'' if closed is None else f'{100 * closed:6.1f}%'} "
               f"{seconds:7.1f} s", flush=True)
@@ -100,7 +128,9 @@ def main(argv=None) -> int:
     print(f"float ppl {base['ppl']:.3f} on {base['tokens']} held-out tokens; calibration {calib.numel()} tokens")
     t = time.perf_counter()
     m = qengine.quantize_model(copy.deepcopy(model), "nf4", 64, True, progress=False)
-    row("rtn nf4/64/dq", m, time.perf_counter() - t)
+    rtn_s = time.perf_counter() - t
+    row("rtn nf4/64/dq", m, rtn_s)
+    rtn_model = m
     best = None
     for method in ("gptq", "gptq+search"):
         t = time.perf_counter()
@@ -138,22 +168,60 @@ def main(argv=None) -> int:
         print(f"Spearman over {len(pts)} (layer, candidate) pairs vs measured loss increase: raw output error "
               f"{out['spearman_output_error_vs_loss']:.3f}, proxy (gain-scaled) {out['spearman_proxy_vs_loss']:.3f}; "
               f"within a layer (mean) {out['spearman_within_layer_mean']:.3f}")
+    corrected = None
     if not args.no_correct:
-        try:
-            from qengine.calibrate.correct import add_correction  # noqa: F401
-            have = True
-        except ImportError:
-            have = False
-        if have:
-            pl, m, s = plans["proxy"]
-            t = time.perf_counter()
-            qengine.add_lora(m, r=args.rank, init="correct", calibration=calib, reference=model)
-            row(f"plan + correction r{args.rank} (frozen)", m, s + time.perf_counter() - t)
-            gb = copy.deepcopy(model)
-            t = time.perf_counter()
-            qengine.quantize_model(gb, "nf4", 64, True, progress=False, method=best[1], calibration=calib)
-            qengine.add_lora(gb, r=args.rank, init="correct", calibration=calib, reference=model)
-            row(f"{best[1]} + correction r{args.rank}", gb, time.perf_counter() - t)
+        pl, m, s = plans["proxy"]
+        label_plan = f"plan@{args.budget:g} (proxy)"
+        t = time.perf_counter()
+        qengine.add_lora(m, r=args.rank, init="correct", calibration=calib, reference=model)
+        corr_s = time.perf_counter() - t
+        label = f"plan + correction r{args.rank} (frozen)"
+        d = row(label, m, s + corr_s)
+        diff, se = compare(label, label_plan)
+        out["correction_on_plan"] = {"closes_of_remaining": None if not nll or rows_d(label_plan) == 0 else
+                                     -diff / rows_d(label_plan), "diff": diff, "se": se, "seconds": corr_s}
+        corrected = (m, s + corr_s, label)
+        gb = copy.deepcopy(model)
+        t = time.perf_counter()
+        qengine.quantize_model(gb, "nf4", 64, True, progress=False, method=best[1], calibration=calib)
+        best_s = time.perf_counter() - t
+        t = time.perf_counter()
+        qengine.add_lora(gb, r=args.rank, init="correct", calibration=calib, reference=model)
+        label = f"{best[1]} + correction r{args.rank}"
+        row(label, gb, best_s + time.perf_counter() - t)
+        diff, se = compare(label, f"{best[1]} nf4/64/dq")
+        out["correction_on_best"] = {"diff": diff, "se": se, "remaining": rows_d(f"{best[1]} nf4/64/dq")}
+        # the same on RTN, where there is a gap to close
+        rc = copy.deepcopy(rtn_model)
+        t = time.perf_counter()
+        qengine.add_lora(rc, r=args.rank, init="correct", calibration=calib, reference=model)
+        label = f"rtn + correction r{args.rank}"
+        row(label, rc, rtn_s + time.perf_counter() - t)
+        compare(label, "rtn nf4/64/dq")
+    if not args.no_train:
+        train_txt = os.path.join(lm.path or real_lm.model_dir(), "train.txt")
+        cfg = dict(steps=args.steps, lr=args.lr, rank=args.rank, batch=4, seq_len=ctx, optim="adamw",
+                   checkpoint_every=10**9, log_every=max(args.steps // 4, 1), gradient_checkpointing=False,
+                   kd_temperature=args.kd_temperature)
+        out["training"] = {**cfg, "data": train_txt, "teacher_dtype": "bfloat16", "start": "rtn nf4/64/dq"}
+        runs = [("rtn + QLoRA (LM loss)", rtn_model, None, rtn_s), ("rtn + distillation", rtn_model, lm.path, rtn_s)]
+        if corrected is not None:
+            runs.append((corrected[2] + " + distillation", corrected[0], lm.path, corrected[1]))
+        for label, start, teacher, s0 in runs:
+            student = copy.deepcopy(start)
+            c = FinetuneConfig(**cfg)
+            with tempfile.TemporaryDirectory() as tmp:
+                t = time.perf_counter()
+                res = finetune(student, lm.tokenizer, train_txt, tmp, c, teacher=teacher,
+                               log=lambda msg: print("   ", msg, flush=True))
+                train_s = time.perf_counter() - t
+            label = f"{label} {args.steps} steps"
+            row(label, student.eval(), s0 + train_s)
+            rows[-1]["train_seconds"] = train_s
+            rows[-1]["tokens_per_s"] = res["tokens_per_s"]
+        compare(f"rtn + distillation {args.steps} steps", f"rtn + QLoRA (LM loss) {args.steps} steps")
+        if corrected is not None:
+            compare(f"{corrected[2]} + distillation {args.steps} steps", corrected[2])
     out["rows"] = rows
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
