@@ -1,0 +1,62 @@
+// The quantize family's per-ISA table (quantize_scalar / _avx2 / _avx512.cpp each fill one
+// row by field name) and the scalar building blocks the SIMD rows use for heads and tails.
+// The drivers (quantize.cpp, dequantize.cpp, kmeans.cpp) own threading and layout.
+#pragma once
+#include <cstdint>
+
+#include "cpu/common/isa.h"
+#include "qengine/quant_math.h"
+
+namespace qengine::cpu {
+
+struct QuantizeKernels {
+  // Min, max, absmax and a non-finite flag over x[0..len) (any dtype).
+  void (*block_stats)(const void* x, int dtype, int64_t len, BlockStats* out);
+  // Storage codes (one per byte) of x[0..len), normalised by `norm`.
+  void (*encode)(const void* x, int dtype, int64_t len, const BlockNorm& norm, int rule,
+                 const Codebook& cb, uint8_t* codes);
+  // out[0..len) = decoded elements first..first+len of one block of `packed`. `stream`
+  // asks for non-temporal stores (large outputs that will not be read back soon).
+  void (*decode)(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb,
+                 float scale, float offset, int rule, void* out, int out_dtype, bool stream);
+  // Optional fast path (null where absent): decodes `count` whole blocks of a 4-bit format from
+  // block `first_block` on (blocksize % 32 == 0) into out, with the block loop inside.
+  void (*decode_blocks4)(const uint8_t* packed, int64_t first_block, int64_t count, int64_t blocksize,
+                         const float* table, int rule, const float* scales, const float* offsets, void* out,
+                         int out_dtype, bool stream) = nullptr;
+  // Optional fast path (null where absent): quantizes the full blocks b0..b1 of a 4-bit format
+  // whose blocksize is a multiple of 32, writing scales/offsets and packed bytes directly.
+  // Returns a Status.
+  int (*quantize_blocks4)(const void* x, int dtype, int64_t blocksize, int64_t b0, int64_t b1, const Codebook& cb,
+                          int rule, uint8_t* packed, float* scales, float* offsets) = nullptr;
+};
+
+extern const QuantizeKernels kQuantizeScalar;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const QuantizeKernels kQuantizeAvx2;
+extern const QuantizeKernels kQuantizeAvx512;
+#endif
+
+// The row of the active ISA (isa.h).
+const QuantizeKernels& quantize_kernels();
+
+void scalar_block_stats(const void* x, int dtype, int64_t len, BlockStats* out);
+void scalar_encode(const void* x, int dtype, int64_t len, const BlockNorm& norm, int rule,
+                   const Codebook& cb, uint8_t* codes);
+void scalar_decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb,
+                   float scale, float offset, int rule, void* out, int out_dtype, bool stream);
+
+// Decodes elements [first, first + count) of a quantized tensor into out (out_dtype), block
+// by block through k.decode (dequantize.cpp); used by dequantize and the matmul fallbacks.
+void decode_span(const QuantizeKernels& k, const uint8_t* packed, int64_t first, int64_t count, int64_t blocksize,
+                 const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, void* out,
+                 int out_dtype, bool stream);
+
+static inline void merge_stats(BlockStats* into, const BlockStats& s) {
+  into->nonfinite = into->nonfinite || s.nonfinite;
+  into->min = s.min < into->min ? s.min : into->min;
+  into->max = s.max > into->max ? s.max : into->max;
+  into->absmax = s.absmax > into->absmax ? s.absmax : into->absmax;
+}
+
+}  // namespace qengine::cpu
