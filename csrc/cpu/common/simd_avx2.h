@@ -49,26 +49,18 @@ inline void store8(void* out, int64_t i, __m256 v, bool stream = false) {
   }
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmin(__m256 v) {
-  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
+// op over the 8 lanes, pairwise (op on 4-lane halves, then 2, then 1).
+template <class Op>
+inline float hreduce(__m256 v, Op op) {
+  __m128 m = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = op(m, _mm_movehl_ps(m, m));
+  m = op(m, _mm_shuffle_ps(m, m, 1));
   return _mm_cvtss_f32(m);
 }
 
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
+inline float hsum(__m256 v) { return hreduce(v, [](__m128 a, __m128 b) { return _mm_add_ps(a, b); }); }
+inline float hmin(__m256 v) { return hreduce(v, [](__m128 a, __m128 b) { return _mm_min_ps(a, b); }); }
+inline float hmax(__m256 v) { return hreduce(v, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); }); }
 
 // The largest of 8 non-negative int32 lanes.
 inline uint32_t hmax_bits(__m256i v) {

@@ -127,6 +127,14 @@ inline __m512 chunk_scales(const float* rs, int64_t c, int log2_blocksize) {
 // at the one-row decode rate, ~15 cycles per 64 bytes).
 constexpr int64_t kPrefetchBytes = 4096;
 
+// The 64 code bytes of 128-code chunk c of row o (codes_per_row codes a row), with the bytes
+// `ahead` of them prefetched.
+inline const uint8_t* chunk_codes(const uint8_t* packed, int64_t codes_per_row, int64_t o, int64_t c, int64_t ahead) {
+  const uint8_t* codes = packed + (o * codes_per_row >> 1) + c * 64;
+  _mm_prefetch(reinterpret_cast<const char*>(codes + ahead), _MM_HINT_T0);
+  return codes;
+}
+
 // What a K tile (128-code chunks [c0, c1) of every row of `codes_per_row` codes) needs to know.
 struct TileGeometry {
   int64_t blocks_per_row;

@@ -22,9 +22,7 @@ void gemv4_rows(const float* xr, int64_t K, const uint8_t* packed, int64_t block
   const __m512 tbl = _mm512_loadu_ps(table);
   const TileGeometry g = tile_geometry(K, blocksize, c0, c1);
   gemv_rows<M>(g, scales, o0, o1, c0, c1, y, ldy, [&](int64_t o, int64_t c, __m512 (&t)[M]) {
-    const uint8_t* codes = packed + (o * K >> 1) + c * 64;
-    _mm_prefetch(reinterpret_cast<const char*>(codes + g.prefetch_ahead), _MM_HINT_T0);
-    __m512i d = _mm512_loadu_si512(codes);
+    __m512i d = _mm512_loadu_si512(chunk_codes(packed, K, o, c, g.prefetch_ahead));
     const float* xc = xr + c * 128 * M;
     __m512 t0[M], t1[M];  // two chains per row of x
     __m512 w = lookup16(d, tbl);

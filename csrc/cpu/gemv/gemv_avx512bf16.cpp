@@ -31,9 +31,7 @@ void gemv4_bf16_impl(const uint16_t* xr, int64_t K, const uint8_t* packed, int64
   const __m512i tbl = bf16_table32(table);
   const TileGeometry g = tile_geometry(K, blocksize, c0, c1);
   gemv_rows<M>(g, scales, o0, o1, c0, c1, y, ldy, [&](int64_t o, int64_t c, __m512 (&t)[M]) {
-    const uint8_t* codes = packed + (o * K >> 1) + c * 64;
-    _mm_prefetch(reinterpret_cast<const char*>(codes + g.prefetch_ahead), _MM_HINT_T0);
-    __m512i d = _mm512_loadu_si512(codes);
+    __m512i d = _mm512_loadu_si512(chunk_codes(packed, K, o, c, g.prefetch_ahead));
     const uint16_t* xc = xr + c * 128 * M;
     // Step j, row m of this chunk's x (32 bfloat16 values).
     const auto xload = [xc](int j, int m) { return (__m512bh)_mm512_loadu_si512(xc + (j * M + m) * 32); };

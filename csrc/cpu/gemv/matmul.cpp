@@ -27,20 +27,23 @@ constexpr int64_t kGemvRows = 8;
 // element 4i + kPairOrder[j] of the chunk.
 constexpr int kPairOrder[4] = {1, 0, 3, 2};
 
-// For each group of mb rows starting at m0, stored at xr + m0 * K:
-//   xr[m0*K + c*mb + (j*mb + m)*16 + i] = x[m0 + m][c + 8i + kNibbleOrder[j]]   (c a chunk start)
-// x is float32, float16 or bfloat16 (row stride ldx); xr is float32.
-std::vector<float> nibble_order_x(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx) {
-  std::vector<float> xr(static_cast<size_t>(M * K));
+// x copied into a fused kernel's order: for each group of mb <= kGemvRows rows starting at m0,
+// stored at xr + m0 * K, lane i of step j of chunk c (a chunk start) and row m holds
+//   xr[m0*K + c*mb + (j*mb + m)*kLanes + i] = x[m0 + m][c + kSteps*i + order[j]]
+// (kSteps * kLanes = 128). load(e) reads element e of x (row stride ldx).
+template <int kSteps, class T, class Load>
+std::vector<T> interleave_x(int64_t M, int64_t K, int64_t ldx, const int* order, Load load) {
+  constexpr int kLanes = kGemvChunk / kSteps;
+  std::vector<T> xr(static_cast<size_t>(M * K));
   for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {
     const int64_t mb = std::min(kGemvRows, M - m0);
-    float* group = xr.data() + m0 * K;
+    T* group = xr.data() + m0 * K;
     for (int64_t c = 0; c < K; c += kGemvChunk) {
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < kSteps; ++j) {
         for (int64_t m = 0; m < mb; ++m) {
-          const int64_t src = (m0 + m) * ldx + c + kNibbleOrder[j];
-          float* dst = group + c * mb + (j * mb + m) * 16;
-          for (int i = 0; i < 16; ++i) dst[i] = load_as_float(x, dtype, src + 8 * i);
+          const int64_t src = (m0 + m) * ldx + c + order[j];
+          T* dst = group + c * mb + (j * mb + m) * kLanes;
+          for (int i = 0; i < kLanes; ++i) dst[i] = load(src + kSteps * i);
         }
       }
     }
@@ -48,24 +51,14 @@ std::vector<float> nibble_order_x(const void* x, int dtype, int64_t M, int64_t K
   return xr;
 }
 
-// The same grouping for the bfloat16 kernel (x bfloat16, copied bit for bit):
-//   xr[m0*K + c*mb + (j*mb + m)*32 + i] = x[m0 + m][c + 4i + kPairOrder[j]]
+// The float32 kernel's nibble order (x float32, float16 or bfloat16, widened exactly).
+std::vector<float> nibble_order_x(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx) {
+  return interleave_x<8, float>(M, K, ldx, kNibbleOrder, [&](int64_t e) { return load_as_float(x, dtype, e); });
+}
+
+// The bfloat16 kernel's pair order (x bfloat16, copied bit for bit).
 std::vector<uint16_t> bf16_pair_order_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx) {
-  std::vector<uint16_t> xr(static_cast<size_t>(M * K));
-  for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {
-    const int64_t mb = std::min(kGemvRows, M - m0);
-    uint16_t* group = xr.data() + m0 * K;
-    for (int64_t c = 0; c < K; c += kGemvChunk) {
-      for (int j = 0; j < 4; ++j) {
-        for (int64_t m = 0; m < mb; ++m) {
-          const uint16_t* src = x + (m0 + m) * ldx + c + kPairOrder[j];
-          uint16_t* dst = group + c * mb + (j * mb + m) * 32;
-          for (int i = 0; i < 32; ++i) dst[i] = src[4 * i];
-        }
-      }
-    }
-  }
-  return xr;
+  return interleave_x<4, uint16_t>(M, K, ldx, kPairOrder, [&](int64_t e) { return x[e]; });
 }
 
 bool valid_dtype(int dtype) { return dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16; }

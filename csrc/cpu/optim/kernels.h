@@ -69,6 +69,12 @@ inline void with_flags(const AdamHyper& h, Body&& body) {
   });
 }
 
+// The template parameters of a SIMD span's loop: f(dtype, maximize, lerp_small).
+template <class F>
+inline void with_span_params(const OptimTask& t, const AdamHyper& h, F&& f) {
+  with_dtype(static_cast<int>(t.dtype), [&](auto dt) { with_flags(h, [&](auto mx, auto sm) { f(dt, mx, sm); }); });
+}
+
 // The 8-bit spans alternate a decode/update pass and an encode pass over L1-resident
 // temporaries; their gathers keep the hardware prefetchers from running far enough ahead on
 // large steps, so the inputs of the block kPrefetchBlocks ahead are requested explicitly.

@@ -35,10 +35,7 @@ inline void update8(__m256 g, __m256& p, __m256& m, __m256& v, const Hyper8& h) 
 
 template <int DT, bool kMaximize, bool kSmall>
 void adamw32(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs) {
-  const TaskArrays a(t);
-  void* p = a.p;
-  const void* g = a.g;
-  float *m = a.m, *v = a.v;
+  const auto [p, g, dt, m, v, q1, q2, a1, a2] = TaskArrays(t);
   const Hyper8 h(hs);
   int64_t i = lo;
   for (; i + 8 <= hi; i += 8) {
@@ -180,11 +177,7 @@ inline void encode_block(const float* x, __m256 inv, const Codec& codec, uint8_t
 template <int DT, bool kMinifloat, bool kMaximize, bool kSmall>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
             const StateCode& c2) {
-  const TaskArrays a(t);
-  void* p = a.p;
-  const void* g = a.g;
-  uint8_t *q1 = a.q1, *q2 = a.q2;
-  float *a1 = a.a1, *a2 = a.a2;
+  const auto [p, g, dt, m, v, q1, q2, a1, a2] = TaskArrays(t);
   const Hyper8 h(hs);
   auto codec = [](const StateCode& c, auto is_signed) {
     if constexpr (kMinifloat) return MinifloatCodec<decltype(is_signed)::value>(c.minifloat);
@@ -230,19 +223,14 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
 }
 
 void adamw32_span(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h) {
-  with_dtype(static_cast<int>(t.dtype), [&](auto dt) {
-    with_flags(h, [&](auto maximize, auto small) { adamw32<dt, maximize, small>(t, lo, hi, h); });
-  });
+  with_span_params(t, h, [&](auto dt, auto mx, auto sm) { adamw32<dt, mx, sm>(t, lo, hi, h); });
 }
 
 void adamw8_span(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
                  const StateCode& c2) {
   const bool forms = minifloat_forms(c1, c2);
-  with_dtype(static_cast<int>(t.dtype), [&](auto dt) {
-    with_flags(h, [&](auto maximize, auto small) {
-      if (forms) adamw8<dt, true, maximize, small>(t, lo, hi, h, c1, c2);
-      else adamw8<dt, false, maximize, small>(t, lo, hi, h, c1, c2);
-    });
+  with_span_params(t, h, [&](auto dt, auto mx, auto sm) {
+    with_bool(forms, [&](auto f) { adamw8<dt, f, mx, sm>(t, lo, hi, h, c1, c2); });
   });
 }
 

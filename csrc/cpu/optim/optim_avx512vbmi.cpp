@@ -110,11 +110,7 @@ struct BlockStates {
 template <int DT, bool kMaximize, bool kSmall>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
             const StateCode& c2) {
-  const TaskArrays a(t);
-  void* p = a.p;
-  const void* g = a.g;
-  uint8_t *q1 = a.q1, *q2 = a.q2;
-  float *a1 = a.a1, *a2 = a.a2;
+  const auto [p, g, dt, m, v, q1, q2, a1, a2] = TaskArrays(t);
   const Hyper16 h(hs);
   const auto* e1 = static_cast<const StateEncoder*>(c1.cpu_encoder);
   const auto* e2 = static_cast<const StateEncoder*>(c2.cpu_encoder);
@@ -206,9 +202,7 @@ bool encode_codes_vbmi(const float* x, int64_t n, const StateEncoder& e, uint8_t
 
 void adamw8_avx512vbmi(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& h, const StateCode& c1,
                        const StateCode& c2) {
-  with_dtype(static_cast<int>(t.dtype), [&](auto dt) {
-    with_flags(h, [&](auto maximize, auto small) { adamw8<dt, maximize, small>(t, lo, hi, h, c1, c2); });
-  });
+  with_span_params(t, h, [&](auto dt, auto mx, auto sm) { adamw8<dt, mx, sm>(t, lo, hi, h, c1, c2); });
 }
 
 }  // namespace qengine::cpu

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cpu/common/isa.h"
+#include "cpu/common/ladder.h"
 #include "qengine/quant_math.h"
 
 namespace qengine::cpu {
@@ -51,6 +52,22 @@ void scalar_decode(const uint8_t* packed, int64_t first, int64_t len, const Code
 void decode_span(const QuantizeKernels& k, const uint8_t* packed, int64_t first, int64_t count, int64_t blocksize,
                  const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, void* out,
                  int out_dtype, bool stream);
+
+// The template parameters of the SIMD rows' loops from their runtime values, one ladder for all
+// rows: f(dtype, rule, divide, bits) for encode loops, f(out_dtype, rule) for decode loops.
+template <class F>
+inline void with_encode_params(int dtype, int rule, bool divide, int bits, F&& f) {
+  with_dtype(dtype, [&](auto dt) {
+    with_rule(rule, [&](auto r) {
+      with_bool(divide, [&](auto d) { with_bits(bits, [&](auto b) { f(dt, r, d, b); }); });
+    });
+  });
+}
+
+template <class F>
+inline decltype(auto) with_decode_params(int out_dtype, int rule, F&& f) {
+  return with_dtype(out_dtype, [&](auto dt) { return with_rule(rule, [&](auto r) { return f(dt, r); }); });
+}
 
 static inline void merge_stats(BlockStats* into, const BlockStats& s) {
   into->nonfinite = into->nonfinite || s.nonfinite;

@@ -93,12 +93,8 @@ void encode_impl(const void* x, int64_t len, const BlockNorm& norm, const Codebo
 }
 
 void encode(const void* x, int dtype, int64_t len, const BlockNorm& n, int rule, const Codebook& cb, uint8_t* codes) {
-  with_dtype(dtype, [&](auto dt) {
-    with_rule(rule, [&](auto r) {
-      with_bool(n.divide, [&](auto divide) {
-        with_bits(cb.bits, [&](auto bits) { encode_impl<dt, r, divide, bits>(x, len, n, cb, codes); });
-      });
-    });
+  with_encode_params(dtype, rule, n.divide, cb.bits, [&](auto dt, auto r, auto divide, auto bits) {
+    encode_impl<dt, r, divide, bits>(x, len, n, cb, codes);
   });
 }
 
@@ -150,11 +146,9 @@ void decode8(const uint8_t* packed, int64_t first, int64_t len, const Codebook& 
 
 void decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
             float offset, int rule, void* out, int out_dtype, bool stream) {
-  with_dtype(out_dtype, [&](auto dt) {
-    with_rule(rule, [&](auto r) {
-      if (cb.bits == 4) decode4<dt, r>(packed, first, len, cb, scale, offset, out, stream);
-      else decode8<dt, r>(packed, first, len, cb, scale, offset, out, stream);
-    });
+  with_decode_params(out_dtype, rule, [&](auto dt, auto r) {
+    if (cb.bits == 4) decode4<dt, r>(packed, first, len, cb, scale, offset, out, stream);
+    else decode8<dt, r>(packed, first, len, cb, scale, offset, out, stream);
   });
 }
 

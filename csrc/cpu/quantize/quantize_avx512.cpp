@@ -77,12 +77,8 @@ void encode_impl(const void* x, int64_t len, const BlockNorm& norm, const Codebo
 }
 
 void encode(const void* x, int dtype, int64_t len, const BlockNorm& n, int rule, const Codebook& cb, uint8_t* codes) {
-  with_dtype(dtype, [&](auto dt) {
-    with_rule(rule, [&](auto r) {
-      with_bool(n.divide, [&](auto divide) {
-        with_bits(cb.bits, [&](auto bits) { encode_impl<dt, r, divide, bits>(x, len, n, cb, codes); });
-      });
-    });
+  with_encode_params(dtype, rule, n.divide, cb.bits, [&](auto dt, auto r, auto divide, auto bits) {
+    encode_impl<dt, r, divide, bits>(x, len, n, cb, codes);
   });
 }
 
@@ -138,10 +134,8 @@ void decode_blocks4_impl(const uint8_t* packed, int64_t first_block, int64_t cou
 
 void decode_blocks4(const uint8_t* packed, int64_t first_block, int64_t count, int64_t blocksize, const float* table,
                     int rule, const float* scales, const float* offsets, void* out, int out_dtype, bool stream) {
-  with_dtype(out_dtype, [&](auto dt) {
-    with_rule(rule, [&](auto r) {
-      decode_blocks4_impl<dt, r>(packed, first_block, count, blocksize, table, scales, offsets, out, stream);
-    });
+  with_decode_params(out_dtype, rule, [&](auto dt, auto r) {
+    decode_blocks4_impl<dt, r>(packed, first_block, count, blocksize, table, scales, offsets, out, stream);
   });
 }
 
@@ -163,11 +157,9 @@ void decode8(const uint8_t* packed, int64_t first, int64_t len, const Codebook& 
 
 void decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
             float offset, int rule, void* out, int out_dtype, bool stream) {
-  with_dtype(out_dtype, [&](auto dt) {
-    with_rule(rule, [&](auto r) {
-      if (cb.bits == 4) decode4<dt, r>(packed, first, len, cb, scale, offset, out, stream);
-      else decode8<dt, r>(packed, first, len, cb, scale, offset, out, stream);
-    });
+  with_decode_params(out_dtype, rule, [&](auto dt, auto r) {
+    if (cb.bits == 4) decode4<dt, r>(packed, first, len, cb, scale, offset, out, stream);
+    else decode8<dt, r>(packed, first, len, cb, scale, offset, out, stream);
   });
 }
 
@@ -240,8 +232,8 @@ int quantize_blocks4_impl(const void* x, int64_t blocksize, int64_t b0, int64_t 
 int quantize_blocks4(const void* x, int dtype, int64_t bs, int64_t b0, int64_t b1, const Codebook& cb, int rule,
                      uint8_t* packed, float* scales, float* offsets) {
   if (cb.bits != 4 || bs % 32 != 0) return kInvalidArgument;
-  return with_dtype(dtype, [&](auto dt) {
-    return with_rule(rule, [&](auto r) { return quantize_blocks4_impl<dt, r>(x, bs, b0, b1, cb, packed, scales, offsets); });
+  return with_decode_params(dtype, rule, [&](auto dt, auto r) {
+    return quantize_blocks4_impl<dt, r>(x, bs, b0, b1, cb, packed, scales, offsets);
   });
 }
 

@@ -179,16 +179,22 @@ int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_
   if (fused) {
     std::fill(y, y + M * N, 0.0f);
     const int64_t chunks = K / (2 * kChunk24);
+    // Threads over output rows; in each, the groups of rows of x and the K tiles.
+    const auto run_fused = [&](auto tile, auto kernel) {
+      cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
+        cpu::for_row_groups_and_tiles(M, chunks, tile, [&](int64_t m, int64_t mb, int64_t c0, int64_t c1) {
+          kernel(m, mb, n0, n1, c0, c1);
+        });
+      });
+    };
     if (x_dtype == kBFloat16 && sk.gemv_bf16 != nullptr) {
       // K tiles whose mb rows of x (512 bytes per chunk and row) stay in L1 (~24 KiB), and at
       // most 48 chunks (the kernel's 256-block scale buffer allows 64 at block 32).
       const auto tile = [](int64_t mb) { return std::min<int64_t>(48, std::max<int64_t>(1, 48 / mb)); };
       const uint16_t* xb = static_cast<const uint16_t*>(x);
-      cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
-        cpu::for_row_groups_and_tiles(M, chunks, tile, [&](int64_t m, int64_t mb, int64_t c0, int64_t c1) {
-          sk.gemv_bf16(xb + m * ldx, mb, ldx, K, packed, positions, blocksize, cb.table, scales, n0, n1, c0, c1,
-                       y + m * N, N);
-        });
+      run_fused(tile, [&](int64_t m, int64_t mb, int64_t n0, int64_t n1, int64_t c0, int64_t c1) {
+        sk.gemv_bf16(xb + m * ldx, mb, ldx, K, packed, positions, blocksize, cb.table, scales, n0, n1, c0, c1,
+                     y + m * N, N);
       });
       return kOk;
     }
@@ -197,11 +203,8 @@ int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_
     const float* xf = cpu::float_rows(x, x_dtype, M, K, ldx, xbuf);
     const int64_t ldxf = x_dtype == kFloat32 ? ldx : K;
     const auto tile = [](int64_t mb) { return std::max<int64_t>(1, 24 / mb); };
-    cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
-      cpu::for_row_groups_and_tiles(M, chunks, tile, [&](int64_t m, int64_t mb, int64_t c0, int64_t c1) {
-        sk.gemv(xf + m * ldxf, mb, ldxf, K, packed, positions, blocksize, cb.table, scales, n0, n1, c0, c1,
-                y + m * N, N);
-      });
+    run_fused(tile, [&](int64_t m, int64_t mb, int64_t n0, int64_t n1, int64_t c0, int64_t c1) {
+      sk.gemv(xf + m * ldxf, mb, ldxf, K, packed, positions, blocksize, cb.table, scales, n0, n1, c0, c1, y + m * N, N);
     });
     return kOk;
   }

@@ -30,6 +30,14 @@ inline int natural_of_storage24(int e) {
   return 32 * j + i;
 }
 
+// Chunk c of row o (ks stored values a row): its 32 position bytes, with the bytes half of
+// `ahead` beyond them prefetched (the positions run at half the codes' rate).
+inline const uint8_t* chunk_positions24(const uint8_t* positions, int64_t ks, int64_t o, int64_t c, int64_t ahead) {
+  const uint8_t* pos = positions + (o * ks >> 2) + c * 32;
+  __builtin_prefetch(pos + (ahead >> 1), 0, 3);  // prefetcht0, as the codes'
+  return pos;
+}
+
 // The 2:4 family's per-ISA table (rows by field name in sparse24_avx512.cpp; the scalar row is
 // empty: the portable path of sparse24.cpp decodes rows and uses the gemv family's dot_rows).
 // Both kernels: y[m * ldy + o] += dot(x[m], W[o]) for m < M <= 8, rows o in [o0, o1), 256-weight

@@ -28,11 +28,8 @@ void gemv_rows_f32(const float* x, int64_t ldx, int64_t K, const uint8_t* packed
   const int64_t ks = K / 2;  // stored values per row
   const TileGeometry g = tile_geometry(ks, blocksize, c0, c1);
   gemv_rows<M>(g, scales, o0, o1, c0, c1, y, ldy, [&](int64_t o, int64_t c, __m512 (&t)[M]) {
-    const uint8_t* codes = packed + (o * ks >> 1) + c * 64;
-    const uint8_t* pos = positions + (o * ks >> 2) + c * 32;
-    _mm_prefetch(reinterpret_cast<const char*>(codes + g.prefetch_ahead), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(pos + (g.prefetch_ahead >> 1)), _MM_HINT_T0);
-    __m512i d = _mm512_loadu_si512(codes);
+    __m512i d = _mm512_loadu_si512(chunk_codes(packed, ks, o, c, g.prefetch_ahead));
+    const uint8_t* pos = chunk_positions24(positions, ks, o, c, g.prefetch_ahead);
     const __m512i p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos)));
     __m512 t1[M];
     for (int m = 0; m < M; ++m) {
