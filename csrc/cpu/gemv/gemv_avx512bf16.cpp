@@ -36,15 +36,22 @@ void gemv4_bf16_impl(const uint16_t* xr, int64_t K, const uint8_t* packed, int64
     // Step j, row m of this chunk's x (32 bfloat16 values).
     const auto xload = [xc](int j, int m) { return (__m512bh)_mm512_loadu_si512(xc + (j * M + m) * 32); };
     __m512 t1[M];
-    for (int j = 0; j < 4; ++j) {
-      if (j > 0) d = _mm512_srli_epi16(d, 4);
-      const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(d, tbl);
-      for (int m = 0; m < M; ++m) {
-        if (j == 0) t[m] = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, xload(0, m));
-        else if (kTwoChains && j == 1) t1[m] = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, xload(1, m));
-        else if (kTwoChains && j == 3) t1[m] = _mm512_dpbf16_ps(t1[m], w, xload(3, m));
-        else t[m] = _mm512_dpbf16_ps(t[m], w, xload(j, m));
-      }
+    __m512bh w = (__m512bh)_mm512_permutexvar_epi16(d, tbl);
+    for (int m = 0; m < M; ++m) t[m] = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, xload(0, m));
+    d = _mm512_srli_epi16(d, 4);
+    w = (__m512bh)_mm512_permutexvar_epi16(d, tbl);
+    for (int m = 0; m < M; ++m) {
+      if constexpr (kTwoChains) t1[m] = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, xload(1, m));
+      else t[m] = _mm512_dpbf16_ps(t[m], w, xload(1, m));
+    }
+    d = _mm512_srli_epi16(d, 4);
+    w = (__m512bh)_mm512_permutexvar_epi16(d, tbl);
+    for (int m = 0; m < M; ++m) t[m] = _mm512_dpbf16_ps(t[m], w, xload(2, m));
+    d = _mm512_srli_epi16(d, 4);
+    w = (__m512bh)_mm512_permutexvar_epi16(d, tbl);
+    for (int m = 0; m < M; ++m) {
+      if constexpr (kTwoChains) t1[m] = _mm512_dpbf16_ps(t1[m], w, xload(3, m));
+      else t[m] = _mm512_dpbf16_ps(t[m], w, xload(3, m));
     }
     if constexpr (kTwoChains) {
       for (int m = 0; m < M; ++m) t[m] = _mm512_add_ps(t[m], t1[m]);
