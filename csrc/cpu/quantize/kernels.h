@@ -2,6 +2,7 @@
 // row by field name) and the scalar building blocks the SIMD rows use for heads and tails.
 // The drivers (quantize.cpp, dequantize.cpp, kmeans.cpp) own threading and layout.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/common/isa.h"
@@ -53,6 +54,36 @@ void decode_span(const QuantizeKernels& k, const uint8_t* packed, int64_t first,
                  const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, void* out,
                  int out_dtype, bool stream);
 
+static inline void merge_stats(BlockStats* into, const BlockStats& s) {
+  into->nonfinite = into->nonfinite || s.nonfinite;
+  into->min = s.min < into->min ? s.min : into->min;
+  into->max = s.max > into->max ? s.max : into->max;
+  into->absmax = s.absmax > into->absmax ? s.absmax : into->absmax;
+}
+
+// The scalar kernels on elements [i, len) that a SIMD row's loop left over (no-ops when i >= len).
+inline void block_stats_tail(const void* x, int dtype, int64_t i, int64_t len, BlockStats* s) {
+  if (i >= len) return;
+  BlockStats tail;
+  scalar_block_stats(static_cast<const char*>(x) + i * dtype_size(dtype), dtype, len - i, &tail);
+  merge_stats(s, tail);
+  s->absmax = std::fmax(std::fabs(s->min), std::fabs(s->max));  // +0 for an all-zero block
+}
+
+inline void encode_tail(const void* x, int dtype, int64_t i, int64_t len, const BlockNorm& norm, int rule,
+                        const Codebook& cb, uint8_t* codes) {
+  if (i < len) scalar_encode(static_cast<const char*>(x) + i * dtype_size(dtype), dtype, len - i, norm, rule, cb, codes + i);
+}
+
+// Elements first + i .. first + len of a block into out[i .. len).
+inline void decode_tail(const uint8_t* packed, int64_t first, int64_t i, int64_t len, const Codebook& cb, float scale,
+                        float offset, int rule, void* out, int out_dtype) {
+  if (i < len) {
+    scalar_decode(packed, first + i, len - i, cb, scale, offset, rule,
+                  static_cast<char*>(out) + i * dtype_size(out_dtype), out_dtype, false);
+  }
+}
+
 // The template parameters of the SIMD rows' loops from their runtime values, one ladder for all
 // rows: f(dtype, rule, divide, bits) for encode loops, f(out_dtype, rule) for decode loops.
 template <class F>
@@ -67,13 +98,6 @@ inline void with_encode_params(int dtype, int rule, bool divide, int bits, F&& f
 template <class F>
 inline decltype(auto) with_decode_params(int out_dtype, int rule, F&& f) {
   return with_dtype(out_dtype, [&](auto dt) { return with_rule(rule, [&](auto r) { return f(dt, r); }); });
-}
-
-static inline void merge_stats(BlockStats* into, const BlockStats& s) {
-  into->nonfinite = into->nonfinite || s.nonfinite;
-  into->min = s.min < into->min ? s.min : into->min;
-  into->max = s.max > into->max ? s.max : into->max;
-  into->absmax = s.absmax > into->absmax ? s.absmax : into->absmax;
 }
 
 }  // namespace qengine::cpu

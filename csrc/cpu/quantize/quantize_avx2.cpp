@@ -31,12 +31,8 @@ void stats_impl(const void* x, int64_t len, BlockStats* out) {
   s.min = hmin(mn);
   s.max = hmax(mx);
   s.nonfinite = _mm256_movemask_ps(_mm256_cmp_ps(poison, poison, _CMP_UNORD_Q)) != 0;
-  if (i < len) {
-    BlockStats tail;
-    scalar_block_stats(static_cast<const char*>(x) + i * dtype_size(DT), DT, len - i, &tail);
-    merge_stats(&s, tail);
-  }
   s.absmax = std::fmax(std::fabs(s.min), std::fabs(s.max));  // +0 for an all-zero block
+  block_stats_tail(x, DT, i, len, &s);
   *out = s;
 }
 
@@ -89,7 +85,7 @@ void encode_impl(const void* x, int64_t len, const BlockNorm& norm, const Codebo
       for (int k = 0; k < 8; ++k) codes[i + k] = cb.sorted_to_code[codes[i + k]];
     }
   }
-  if (i < len) scalar_encode(static_cast<const char*>(x) + i * dtype_size(DT), DT, len - i, norm, RULE, cb, codes + i);
+  encode_tail(x, DT, i, len, norm, RULE, cb, codes);
 }
 
 void encode(const void* x, int dtype, int64_t len, const BlockNorm& n, int rule, const Codebook& cb, uint8_t* codes) {
@@ -123,10 +119,7 @@ void decode4(const uint8_t* packed, int64_t first, int64_t len, const Codebook& 
     store8<OUT>(out, i, apply_scale<RULE>(_mm256_permute2f128_ps(a, c, 0x20), sc, of), stream);
     store8<OUT>(out, i + 8, apply_scale<RULE>(_mm256_permute2f128_ps(a, c, 0x31), sc, of), stream);
   }
-  if (i < len) {
-    scalar_decode(packed, first + i, len - i, cb, scale, offset, RULE,
-                  static_cast<char*>(out) + i * dtype_size(OUT), OUT, false);
-  }
+  decode_tail(packed, first, i, len, cb, scale, offset, RULE, out, OUT);
 }
 
 template <int OUT, int RULE>
@@ -138,10 +131,7 @@ void decode8(const uint8_t* packed, int64_t first, int64_t len, const Codebook& 
     __m256i q = load_codes8(packed + first + i);
     store8<OUT>(out, i, apply_scale<RULE>(_mm256_i32gather_ps(cb.table, q, 4), sc, of), stream);
   }
-  if (i < len) {
-    scalar_decode(packed, first + i, len - i, cb, scale, offset, RULE,
-                  static_cast<char*>(out) + i * dtype_size(OUT), OUT, false);
-  }
+  decode_tail(packed, first, i, len, cb, scale, offset, RULE, out, OUT);
 }
 
 void decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,

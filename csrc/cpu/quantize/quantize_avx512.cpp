@@ -33,12 +33,7 @@ void stats_impl(const void* x, int64_t len, BlockStats* out) {
   s.max = _mm512_reduce_max_ps(mx);
   s.nonfinite = _mm512_cmp_ps_mask(poison, poison, _CMP_UNORD_Q) != 0;
   s.absmax = std::fmax(std::fabs(s.min), std::fabs(s.max));  // +0 for an all-zero block
-  if (i < len) {
-    BlockStats tail;
-    scalar_block_stats(static_cast<const char*>(x) + i * dtype_size(DT), DT, len - i, &tail);
-    merge_stats(&s, tail);
-    s.absmax = std::fmax(std::fabs(s.min), std::fabs(s.max));  // +0 for an all-zero block
-  }
+  block_stats_tail(x, DT, i, len, &s);
   *out = s;
 }
 
@@ -73,7 +68,7 @@ void encode_impl(const void* x, int64_t len, const BlockNorm& norm, const Codebo
       for (int k = 0; k < 16; ++k) codes[i + k] = cb.sorted_to_code[codes[i + k]];
     }
   }
-  if (i < len) scalar_encode(static_cast<const char*>(x) + i * dtype_size(DT), DT, len - i, norm, RULE, cb, codes + i);
+  encode_tail(x, DT, i, len, norm, RULE, cb, codes);
 }
 
 void encode(const void* x, int dtype, int64_t len, const BlockNorm& n, int rule, const Codebook& cb, uint8_t* codes) {
@@ -110,10 +105,7 @@ void decode4(const uint8_t* packed, int64_t first, int64_t len, const Codebook& 
   const __m512 tbl = _mm512_loadu_ps(cb.table);
   const __m512 sc = _mm512_set1_ps(scale), of = _mm512_set1_ps(offset);
   for (; i + 32 <= len; i += 32) decode32<OUT, RULE>(packed + ((first + i) >> 1), tbl, sc, of, out, i, stream);
-  if (i < len) {
-    scalar_decode(packed, first + i, len - i, cb, scale, offset, RULE,
-                  static_cast<char*>(out) + i * dtype_size(OUT), OUT, false);
-  }
+  decode_tail(packed, first, i, len, cb, scale, offset, RULE, out, OUT);
 }
 
 // Whole 4-bit blocks with the block loop inside: the table and permutation constants stay in
@@ -149,10 +141,7 @@ void decode8(const uint8_t* packed, int64_t first, int64_t len, const Codebook& 
     __m512 v = _mm512_i32gather_ps(q, cb.table, 4);
     store16<OUT>(out, i, apply_scale<RULE>(v, sc, of), stream);
   }
-  if (i < len) {
-    scalar_decode(packed, first + i, len - i, cb, scale, offset, RULE,
-                  static_cast<char*>(out) + i * dtype_size(OUT), OUT, false);
-  }
+  decode_tail(packed, first, i, len, cb, scale, offset, RULE, out, OUT);
 }
 
 void decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
