@@ -1,25 +1,27 @@
-# Per-file ISA flags: each *_avx2.cpp / *_avx512.cpp is compiled for that ISA only, and the
-# variant is chosen at load time (csrc/cpu/dispatch.cpp). Nothing is built with -march=native.
+# Per-file ISA flags: each ISA's flag string is defined once here, and a CPU source gets the
+# flags its name's suffix names (*_avx2.cpp, *_avx512.cpp, *_avx512bf16.cpp, *_avx512vbmi.cpp);
+# the variant is chosen at load time (csrc/cpu/common/isa.cpp). Nothing is built with
+# -march=native.
+set(QENGINE_FLAGS_AVX2 -mavx2 -mfma -mf16c)
+set(QENGINE_FLAGS_AVX512 ${QENGINE_FLAGS_AVX2} -mavx512f -mavx512bw -mavx512vl -mavx512dq)
+# vdpbf16ps (the bfloat16 GEMVs).
+set(QENGINE_FLAGS_AVX512BF16 ${QENGINE_FLAGS_AVX512} -mavx512bf16)
+# Byte permutes: double-quantized scales and 8-bit optimizer states without gathers (called
+# only on CPUs with VBMI).
+set(QENGINE_FLAGS_AVX512VBMI ${QENGINE_FLAGS_AVX512} -mavx512vbmi)
+
+# Applies the flags to every source in QENGINE_CPU_SOURCES by its suffix.
 function(qengine_set_isa_flags)
-  if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
-    set_source_files_properties(csrc/cpu/kernels_avx2.cpp PROPERTIES
-      COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
-    set_source_files_properties(csrc/cpu/kernels_avx512.cpp csrc/cpu/gemv_avx512.cpp PROPERTIES
-      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
-    set_source_files_properties(csrc/cpu/gemv_avx512bf16.cpp PROPERTIES
-      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx512bf16;-mavx2;-mfma;-mf16c")
-    # Bulk decode of double-quantized scales and the 8-bit optimizer step without gathers
-    # (called only on CPUs with VBMI).
-    set_source_files_properties(csrc/cpu/nested_scales_vbmi.cpp csrc/cpu/optim_avx512vbmi.cpp PROPERTIES
-      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx512vbmi;-mavx2;-mfma;-mf16c")
-    # The fused optimizer step (optim.cpp dispatches on the same ISA choice).
-    set_source_files_properties(csrc/cpu/optim_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
-    set_source_files_properties(csrc/cpu/optim_avx512.cpp PROPERTIES
-      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
-    # The 2:4 sparse layout's GEMVs (sparse24.cpp picks them by the active table's name).
-    set_source_files_properties(csrc/cpu/sparse24_avx512.cpp PROPERTIES
-      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mf16c")
-    set_source_files_properties(csrc/cpu/sparse24_avx512bf16.cpp PROPERTIES
-      COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx512bf16;-mavx2;-mfma;-mf16c")
+  if(NOT CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
+    return()
   endif()
+  foreach(src IN LISTS QENGINE_CPU_SOURCES)
+    foreach(isa AVX512BF16 AVX512VBMI AVX512 AVX2)
+      string(TOLOWER "${isa}" suffix)
+      if(src MATCHES "_${suffix}\\.cpp$")
+        set_source_files_properties(${src} PROPERTIES COMPILE_OPTIONS "${QENGINE_FLAGS_${isa}}")
+        break()
+      endif()
+    endforeach()
+  endforeach()
 endfunction()

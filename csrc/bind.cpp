@@ -8,9 +8,8 @@
 #include <string>
 
 #include "bind_args.h"
-#include "cpu/kernels.h"
-#include "cpu/nested_scales.h"
-#include "cpu/thread_pool.h"
+#include "cpu/common/isa.h"
+#include "cpu/common/thread_pool.h"
 #include "qengine/ops.h"
 #include "qengine/status.h"
 

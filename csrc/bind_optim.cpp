@@ -8,9 +8,9 @@
 #include <string>
 
 #include "bind_args.h"
-#include "cpu/optim_kernels.h"
-#include "cpu/state_encoder.h"
-#include "cpu/state_minifloat.h"
+#include "cpu/optim/kernels.h"
+#include "cpu/optim/state_encoder.h"
+#include "cpu/optim/state_minifloat.h"
 #include "qengine/optim.h"
 #include "qengine/status.h"
 

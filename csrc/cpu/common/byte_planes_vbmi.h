@@ -1,0 +1,48 @@
+// Lookups of 64 byte codes in a 256-entry float32 table held as four byte planes
+// (byte_planes.h), with AVX-512 VBMI byte permutes instead of gathers. Include only from files
+// compiled with -mavx512vbmi (gemv/scales_avx512vbmi.cpp, optim/optim_avx512vbmi.cpp); the anonymous
+// namespace keeps each includer's copy to itself.
+#pragma once
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include "cpu/common/byte_planes.h"
+
+namespace qengine::cpu {
+namespace {  // NOLINT(build/namespaces): see above
+
+// The unpack network below leaves element 16k + 4l + e of 64 in 128-bit lane l of output k
+// at position e when code position 16l + 4k + e holds it: this byte permutation puts it there.
+inline __m512i unpack_order() {
+  alignas(64) uint8_t idx[64];
+  for (int l = 0; l < 4; ++l) {
+    for (int k = 0; k < 4; ++k) {
+      for (int e = 0; e < 4; ++e) idx[16 * l + 4 * k + e] = static_cast<uint8_t>(16 * k + 4 * l + e);
+    }
+  }
+  return _mm512_load_si512(idx);
+}
+
+// The 64 float32 table values of 64 codes, as 4 vectors of 16 in code order.
+inline void lookup64(__m512i codes, const ScalePlanes& t, const __m512i order, __m512i out[4]) {
+  codes = _mm512_permutexvar_epi8(order, codes);
+  const __mmask64 high = _mm512_movepi8_mask(codes);  // entries 128..255
+  __m512i b[4];
+  for (int p = 0; p < 4; ++p) {
+    const uint8_t* plane = t.bytes + p * 256;
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(plane), codes, _mm512_load_si512(plane + 64));
+    const __m512i hi =
+        _mm512_permutex2var_epi8(_mm512_load_si512(plane + 128), codes, _mm512_load_si512(plane + 192));
+    b[p] = _mm512_mask_blend_epi8(high, lo, hi);
+  }
+  const __m512i w01_lo = _mm512_unpacklo_epi8(b[0], b[1]), w01_hi = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i w23_lo = _mm512_unpacklo_epi8(b[2], b[3]), w23_hi = _mm512_unpackhi_epi8(b[2], b[3]);
+  out[0] = _mm512_unpacklo_epi16(w01_lo, w23_lo);
+  out[1] = _mm512_unpackhi_epi16(w01_lo, w23_lo);
+  out[2] = _mm512_unpacklo_epi16(w01_hi, w23_hi);
+  out[3] = _mm512_unpackhi_epi16(w01_hi, w23_hi);
+}
+
+}  // namespace
+}  // namespace qengine::cpu
+#endif

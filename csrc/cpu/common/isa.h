@@ -1,0 +1,47 @@
+// The CPU's instruction sets, the one chosen for every kernel family (once at load: the best
+// this CPU and OS support, or a lower one named by QENGINE_CPU_ISA for testing), and the pick
+// of a family's table row for it.
+#pragma once
+
+namespace qengine::cpu {
+
+enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
+
+Isa active_isa();
+const char* isa_name();
+// Returns false when `name` is unknown or the CPU lacks it.
+bool set_isa(const char* name);
+// Comma-separated ISA names this CPU supports, best last.
+const char* supported_isas();
+// True where the CPU has AVX-512 VBMI (and AVX-512 F/BW) and QENGINE_NO_VBMI is unset (the
+// switch keeps the gather path testable on such CPUs). Independent of the active ISA.
+bool vbmi_scales_available();
+
+// A family's table rows by ISA, filled by name; a row left out falls back to the next lower
+// ISA's (avx512_bf16 -> avx512 -> avx2 -> scalar), so a family lists only the ISAs it has.
+template <class Table>
+struct IsaRows {
+  const Table* scalar = nullptr;
+  const Table* avx2 = nullptr;
+  const Table* avx512 = nullptr;
+  const Table* avx512_bf16 = nullptr;
+
+  const Table& active() const {
+    switch (active_isa()) {
+      case Isa::kAvx512Bf16:
+        if (avx512_bf16 != nullptr) return *avx512_bf16;
+        [[fallthrough]];
+      case Isa::kAvx512:
+        if (avx512 != nullptr) return *avx512;
+        [[fallthrough]];
+      case Isa::kAvx2:
+        if (avx2 != nullptr) return *avx2;
+        [[fallthrough]];
+      case Isa::kScalar:
+        break;
+    }
+    return *scalar;
+  }
+};
+
+}  // namespace qengine::cpu

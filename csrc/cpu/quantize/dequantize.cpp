@@ -1,0 +1,76 @@
+// CPU blockwise dequantization driver: threads over contiguous element ranges, each split
+// at block boundaries and decoded by the per-ISA kernel.
+#include <algorithm>
+
+#include "cpu/quantize/kernels.h"
+#include "cpu/common/memory.h"
+#include "cpu/common/thread_pool.h"
+#include "qengine/ops.h"
+#include "qengine/status.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace qengine {
+
+namespace cpu {
+
+void decode_span(const QuantizeKernels& k, const uint8_t* packed, int64_t first, int64_t count, int64_t blocksize,
+                 const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, void* out,
+                 int out_dtype, bool stream) {
+  const int esz = dtype_size(out_dtype);
+  for (int64_t i = first; i < first + count;) {
+    const int64_t b = i / blocksize;
+    const int64_t end = std::min(first + count, (b + 1) * blocksize);
+    const float offset = rule == kMinmax ? offsets[b] : 0.0f;
+    k.decode(packed, i, end - i, cb, block_scale(scales, b), offset, rule,
+             static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
+    i = end;
+  }
+}
+
+}  // namespace cpu
+
+// Outputs larger than this bypass the caches (non-temporal stores): they will not be read
+// back before being evicted, and skipping the read-for-ownership saves a third of the traffic.
+constexpr int64_t kStreamBytes = 8 << 20;
+
+int dequantize_cpu(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
+                   const float* scales, const float* offsets, void* out, int out_dtype, bool stream) {
+  return dequantize_range_cpu(packed, 0, n, blocksize, cb, rule, scales, offsets, out, out_dtype, stream);
+}
+
+int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t n, int64_t blocksize, const Codebook& cb,
+                         int rule, const float* scales, const float* offsets, void* out, int out_dtype,
+                         bool allow_stream) {
+  if (n < 0 || first < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
+  if (n == 0) return kOk;
+  const cpu::QuantizeKernels& k = cpu::quantize_kernels();
+  const int esz = dtype_size(out_dtype);
+  const bool stream = allow_stream && n * esz >= kStreamBytes;
+  if (!allow_stream) cpu::advise_huge_pages(out, static_cast<size_t>(n * esz));  // a fresh output
+  // Thread ranges start on block boundaries where possible (whole blocks take the batched
+  // path), else on 64 elements: a whole byte and cache line.
+  const int64_t align = (first == 0 && blocksize % 64 == 0) ? blocksize : 64;
+  cpu::parallel_for(0, n, 32768, align, [&](int64_t lo, int64_t hi) {
+    int64_t i = first + lo;
+    if (k.decode_blocks4 != nullptr && cb.bits == 4 && blocksize % 32 == 0 && i % blocksize == 0) {
+      const int64_t full = (first + hi) / blocksize - i / blocksize;  // whole blocks in the range
+      if (full > 0) {
+        k.decode_blocks4(packed, i / blocksize, full, blocksize, cb.table, rule, scales, offsets,
+                         static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
+        i += full * blocksize;
+      }
+    }
+    const BlockScales plain{scales, nullptr, nullptr, nullptr, 1, 0.0f, 0};
+    cpu::decode_span(k, packed, i, first + hi - i, blocksize, cb, rule, plain, offsets,
+                     static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
+#if defined(__x86_64__) || defined(_M_X64)
+    if (stream) _mm_sfence();  // order the non-temporal stores before the caller reads
+#endif
+  });
+  return kOk;
+}
+
+}  // namespace qengine
