@@ -19,8 +19,8 @@ The rules.
    imports itself). Break one by moving the shared piece into the module both need, or by
    inverting the dependency; never by hiding the import in a function.
 2. A private name stays home. A private *module* (a dotted component `_x`, not a dunder) may
-   be imported only by modules inside the package that holds it: qengine._ops by any qengine
-   module, qengine.optim._ops only by qengine.optim.*. A private *attribute* (a function,
+   be imported only by modules inside the package that holds it: qengine._checks by any qengine
+   module, qengine.calibrate._blocks only by qengine.calibrate.*. A private *attribute* (a function,
    class or constant named `_x` in a module) may be used only by the module that defines it:
    neither `from m import _x` nor `alias._x` on a module bound by an import, in any other
    module. A name several modules share is public in the (possibly private) module that owns it.

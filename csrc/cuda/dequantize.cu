@@ -1,5 +1,5 @@
 // CUDA blockwise dequantization: one thread per output pair, the codebook in shared memory.
-// Mirrors cpu/dequantize.cpp and uses the same decode_value, so the bytes match.
+// Mirrors cpu/quantize/dequantize.cpp and uses the same decode_value, so the bytes match.
 #include <cstdint>
 
 #include "cuda/check.h"

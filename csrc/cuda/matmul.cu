@@ -1,6 +1,6 @@
 // CUDA fused dequantize-GEMV for small batches: y[M, N] = x[M, K] @ W^T with W decoded in
 // registers (never written anywhere), each packed byte read once per group of up to 16 rows
-// of x, float32 accumulation. Mirrors cpu/matmul.cpp's matmul_cpu.
+// of x, float32 accumulation. Mirrors cpu/gemv/matmul.cpp's matmul_cpu.
 //
 // Layout: a CTA of 8 warps owns 32 consecutive output rows, 4 per warp (16 rows, 2 per warp,
 // when x has more than 8 rows: the accumulators must stay in registers). The rows of x are

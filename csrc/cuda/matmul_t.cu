@@ -1,5 +1,5 @@
 // CUDA transposed dequantize-product for small batches (the backward of matmul for x):
-// gx[M, K] = g[M, N] @ W with W decoded in registers. Mirrors cpu/matmul.cpp's matmul_t_cpu.
+// gx[M, K] = g[M, N] @ W with W decoded in registers. Mirrors cpu/gemv/matmul.cpp's matmul_t_cpu.
 //
 // Layout: each output column needs a sum over all N weight rows, so a CTA owns a strip of
 // columns (one word per lane: 256 columns at 4 bits, 128 at 8) and walks rows; its 8 warps

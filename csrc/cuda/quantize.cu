@@ -1,5 +1,5 @@
 // CUDA blockwise quantization: a statistics pass (scales, offsets, error flags) and an encode
-// pass (packed codes). Mirrors cpu/quantize.cpp through the shared maths of quant_math.h, so
+// pass (packed codes). Mirrors cpu/quantize/quantize.cpp through the shared maths of quant_math.h, so
 // the bytes (codes, float32 scales, offsets, odd-count padding) equal the CPU's.
 #include <cstdint>
 

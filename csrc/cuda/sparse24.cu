@@ -1,4 +1,4 @@
-// CUDA dequantization of the 2:4 sparse layout (byte order in cpu/sparse24.h): one thread per
+// CUDA dequantization of the 2:4 sparse layout (byte order in cpu/sparse/sparse24.h): one thread per
 // group of 4 weights, which decodes its two kept values and writes all four (zeros at the
 // pruned positions). Same decode_value as the CPU, so the bytes match.
 #include <cstdint>

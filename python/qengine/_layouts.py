@@ -1,5 +1,5 @@
 """Packing helpers of the 2:4 sparse layout and of stored pruning masks (pure torch; the byte
-order is documented in csrc/cpu/sparse24.h and mirrored here).
+order is documented in csrc/cpu/sparse/sparse24.h and mirrored here).
 
 2:4 layout: each group of 4 consecutive weights along the last dimension keeps 2 values.
 The kept values in natural order (v = 2g + k, k = 0 the lower position) are permuted within

@@ -15,7 +15,7 @@
 
 namespace qengine {
 
-// Codes shared with python/qengine/_ops.py (_DTYPE_CODES).
+// Codes shared with python/qengine/ops/__init__.py (DTYPE_CODES).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 static inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }

@@ -1,4 +1,4 @@
-// The grouped Mixture-of-Experts forward (csrc/cpu/moe.cpp): routed experts of a batch of
+// The grouped Mixture-of-Experts forward (csrc/cpu/moe/moe.cpp): routed experts of a batch of
 // tokens in one call. Each expert matrix is one quantized tensor of E stacked [N, K] weights
 // (flat blocks over [E * N, K]); expert e is rows e*N .. e*N + N.
 #pragma once

@@ -1,5 +1,5 @@
 // Entry points of the native module, one declaration per op and backend. They take raw
-// buffers that python/qengine/_ops.py has already checked, and return a Status.
+// buffers that python/qengine/ops/ has already checked, and return a Status.
 #pragma once
 #include <cstdint>
 
@@ -53,7 +53,7 @@ int lora_epilogue_cpu(const void* x, int x_dtype, int64_t M, int64_t K, const vo
 int kmeans_accumulate_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
                           double* sums, double* weights, double* sse);
 
-// The 2:4 sparse layout (byte order in csrc/cpu/sparse24.h): S stored values (S even) of a
+// The 2:4 sparse layout (byte order in csrc/cpu/sparse/sparse24.h): S stored values (S even) of a
 // weight with 2 * S elements, quantized blockwise over their storage order (blocksize counts
 // stored values), plus ceil(S / 4) bytes of 2-bit positions. out[0 .. 2S) (out_dtype) =
 // the dense weights, exact zeros at the pruned positions.

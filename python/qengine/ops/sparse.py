@@ -1,5 +1,5 @@
 """Schemas, fake implementations and autograd of the 2:4 sparse layout's ops (byte order in
-csrc/cpu/sparse24.h; kernels per device in cpu.py and cuda.py):
+csrc/cpu/sparse/sparse24.h; kernels per device in cpu.py and cuda.py):
 
   qengine::sparse24_dequantize(packed, positions, table, scales, offsets?, bits, blocksize, numel, dtype) -> [numel]
   qengine::sparse24_matmul(x, packed, positions, table, scales, scales_nested, offsets?, bits, blocksize,
