@@ -28,6 +28,18 @@ def _nearest(x: torch.Tensor, name: str) -> torch.Tensor:
     return torch.searchsorted(mids, x, side="left").to(torch.uint8)
 
 
+def _signed_scale(blocks: torch.Tensor) -> torch.Tensor:
+    """m's block scale (optim_math.h m_signed_scale): the element of largest magnitude with its
+    sign; a tie between +a and -a is +a."""
+    absmax = blocks.abs().amax(1)
+    return torch.where(blocks.amax(1) < absmax, -absmax, absmax)
+
+
+def _inv_scale(scale: torch.Tensor) -> torch.Tensor:
+    """state_inv_scale: 1 / scale, its magnitude clamped at 1e-38, its sign kept."""
+    return 1.0 / torch.where(scale < 0, scale.clamp(max=-1e-38), scale.clamp(min=1e-38))
+
+
 def _one_update(g, beta1, beta2):
     n = g.numel()
     p = torch.zeros(n)
@@ -53,6 +65,15 @@ def test_codes_are_nearest_including_midpoints_and_signed_zeros(isa, isa_restore
     s1, _, a1, _ = _one_update(g, 0.0, 0.999)
     assert torch.equal(a1, torch.ones_like(a1))
     assert torch.equal(s1, _nearest(g, M_CODE))
+    # The same blocks led by -1.0 instead: where no +1.0 ties it the scale is -1 and the codes
+    # are those of -g (the leading element at code 1.0, not at the signed code's -(1 - 1/64)).
+    g = torch.cat([-torch.ones(blocks.shape[0], 1), blocks], 1).reshape(-1)[:-7]
+    s1, _, a1, _ = _one_update(g, 0.0, 0.999)
+    padded = torch.nn.functional.pad(g, (0, 7)).view(-1, 256)
+    assert torch.equal(a1, torch.where((padded == 1.0).any(1), 1.0, -1.0))
+    assert bool((a1 < 0).any()) and bool((a1 > 0).any())  # both signs exercised
+    assert torch.equal(s1, _nearest(g * a1.repeat_interleave(256)[:g.numel()], M_CODE))
+    assert bool((s1.view(-1)[::256][a1 < 0] == 255).all())  # the dominant element decodes exactly
 
 
 @pytest.mark.parametrize("isa", SUPPORTED)
@@ -105,7 +126,8 @@ def test_blocks_with_nan_or_inf_states_equal_scalar(isa, isa_restore):
 
 @pytest.mark.parametrize("isa", SUPPORTED)
 def test_codes_and_scales_of_both_states(isa, isa_restore):
-    """Random gradients over 12 decades: absmax per block and every code as the reference."""
+    """Random gradients over 12 decades: the scale per block (m: signed, v: absmax) and every
+    code as the reference."""
     qengine.set_cpu_isa(isa)
     n = 256 * 300 + 77
     g = torch.randn(n) * torch.exp(torch.randn(n) * 4)
@@ -115,10 +137,11 @@ def test_codes_and_scales_of_both_states(isa, isa_restore):
     v = torch.addcmul(torch.zeros(n), g, g, value=0.001)
     for codes, scales, ref, name in ((s1, a1, m, M_CODE), (s2, a2, v, V_CODE)):
         blocks = torch.nn.functional.pad(ref, (0, (-n) % 256)).view(-1, 256)
-        absmax = blocks.abs().amax(1)
-        assert torch.equal(scales, absmax)
-        x = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)[:n]
+        scale = _signed_scale(blocks) if name == M_CODE else blocks.abs().amax(1)
+        assert torch.equal(scales, scale)
+        x = (blocks * _inv_scale(scale)[:, None]).reshape(-1)[:n]
         assert torch.equal(codes, _nearest(x, name))
+    assert bool((a1 < 0).any()) and bool((a1 > 0).any())  # both signs of m's scale exercised
     v_values = torch.tensor(get_format(V_CODE).values)
     assert bool((v_values[s2.long()] > 0).all())  # a decoded v is never 0 where its block's absmax is not
 

@@ -1,5 +1,5 @@
-// The fused AdamW step on CUDA, mirroring cpu/optim.cpp: the same adamw_element, absmax
-// and encode_state from qengine/optim_math.h (built with --fmad=false), so the bytes match the
+// The fused AdamW step on CUDA, mirroring cpu/optim.cpp: the same adamw_element, block
+// scales (m_signed_scale for m, absmax for v) and encode_state from qengine/optim_math.h (built with --fmad=false), so the bytes match the
 // CPU kernels. One launch per task; 32-bit states: one thread per element; 8-bit states: one
 // 256-thread CUDA block per 256-element state block (absmax by a block reduction).
 #include <cstdint>
@@ -36,21 +36,37 @@ __device__ __forceinline__ float absmax_merge(float a, float b) {
   return a > b ? a : b;
 }
 
-__device__ float block_absmax(float x, float* shared) {
-  float r = absmax_step(0.0f, x);
-  for (int off = 16; off > 0; off >>= 1) r = absmax_merge(r, __shfl_down_sync(0xffffffffu, r, off));
+// posmax_step's combination of two partial maxima (neither is NaN: posmax_step never takes one).
+__device__ __forceinline__ float posmax_merge(float a, float b) { return posmax_step(a, b); }
+
+// The block-wide reduction of the threads' partial values x with merge (dead lanes pass 0).
+template <class Merge>
+__device__ float block_reduce(float x, float* shared, Merge merge) {
+  float r = x;
+  for (int off = 16; off > 0; off >>= 1) r = merge(r, __shfl_down_sync(0xffffffffu, r, off));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) shared[warp] = r;
   __syncthreads();
   if (warp == 0) {
     r = lane < kThreads / 32 ? shared[lane] : 0.0f;
-    for (int off = 16; off > 0; off >>= 1) r = absmax_merge(r, __shfl_down_sync(0xffffffffu, r, off));
+    for (int off = 16; off > 0; off >>= 1) r = merge(r, __shfl_down_sync(0xffffffffu, r, off));
     if (lane == 0) shared[0] = r;
   }
   __syncthreads();
   r = shared[0];
   __syncthreads();  // shared is reused by the next reduction
   return r;
+}
+
+__device__ float block_absmax(float x, float* shared) {
+  return block_reduce(absmax_step(0.0f, x), shared, [](float a, float b) { return absmax_merge(a, b); });
+}
+
+// m_signed_scale of the block (optim_math.h), as the CPU kernels compute it.
+__device__ float block_m_scale(float x, float* shared) {
+  const float amax = block_absmax(x, shared);
+  const float pmax = block_reduce(posmax_step(0.0f, x), shared, [](float a, float b) { return posmax_merge(a, b); });
+  return m_signed_scale(amax, pmax);
 }
 
 __global__ void adamw8_kernel(OptimTask t, AdamHyper h, StateCode c1, StateCode c2) {
@@ -74,7 +90,7 @@ __global__ void adamw8_kernel(OptimTask t, AdamHyper h, StateCode c1, StateCode 
       adamw_element(load_as_float(g, dt, i), pi, mi, vi, h);
       store_from_float(p, dt, i, pi);
     }
-    const float n1 = block_absmax(mi, red);  // dead lanes contribute 0, which never wins
+    const float n1 = block_m_scale(mi, red);  // dead lanes contribute 0, which never wins
     const float n2 = block_absmax(vi, red);
     if (threadIdx.x == 0) {
       a1[b] = n1;

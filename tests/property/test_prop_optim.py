@@ -146,9 +146,10 @@ def test_steps_match_float64_adamw(shapes, dtype, eight, h, pspec, gspecs, pagin
 
 def _check_8bit_states(got: torch.Tensor, scales: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor,
                        name: str) -> None:
-    """Blocks of 256 with a finite reference: scale = max |state| (to float32 rounding) and
-    every decoded value (normalised by its scale) within the code spacing of the reference's
-    (normalised by its max)."""
+    """Blocks of 256 with a finite reference: |scale| = max |state| (to float32 rounding); m's
+    scale is signed, its sign that of an element of largest magnitude (v's: positive); every
+    decoded value normalised by its scale within the code spacing of the reference's
+    normalised by max |state| with the scale's sign (what the kernel encoded)."""
     n = ref.numel()
     pad = (-n) % 256
     r = torch.nn.functional.pad(ref, (0, pad)).view(-1, 256)
@@ -162,8 +163,14 @@ def _check_8bit_states(got: torch.Tensor, scales: torch.Tensor, ref: torch.Tenso
     if not ok_blocks.any():
         return
     r, gv, absmax, scales, err = r[ok_blocks], gv[ok_blocks], absmax[ok_blocks], scales[ok_blocks], err[ok_blocks]
-    assert ((scales - absmax).abs() <= err + 8 * 2.0**-24 * absmax).all(), f"{name}: block scale is not max |state|"
-    within = _within_code_spacing(gv / scales[:, None], r / absmax[:, None], name)
+    tol = err + 8 * 2.0**-24 * absmax
+    assert ((scales.abs() - absmax).abs() <= tol).all(), f"{name}: |block scale| is not max |state|"
+    if name == M_CODE:  # the scale is one of the block's elements of largest magnitude, with its sign
+        assert ((r - scales[:, None]).abs().amin(1) <= tol).all(), f"{name}: block scale is not a largest state"
+    else:
+        assert (scales > 0).all(), f"{name}: block scale is not positive"
+    sign = torch.where(scales < 0, -1.0, 1.0).to(r.dtype)
+    within = _within_code_spacing(gv / scales[:, None], r / (sign * absmax)[:, None], name)
     assert within[real[ok_blocks]].all(), f"{name}: a decoded state lies beyond its code spacing"
 
 

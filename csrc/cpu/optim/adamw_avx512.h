@@ -58,6 +58,14 @@ inline float reduce_absmax(__m512i acc) {
   return bits_float(m > 0x7f800000u ? 0x7fc00000u : m);  // absmax_step's one canonical NaN
 }
 
+// posmax_step on 16 lanes: x's bits as int32 (acc starts at 0, so negatives never win).
+inline __m512i max_pos_bits(__m512i acc, __m512 x) { return _mm512_max_epi32(acc, _mm512_castps_si512(x)); }
+
+// m_signed_scale from the lanes of max_abs_bits and max_pos_bits.
+inline float reduce_m_scale(__m512i abs_acc, __m512i pos_acc) {
+  return m_signed_scale(reduce_absmax(abs_acc), bits_float(static_cast<uint32_t>(_mm512_reduce_max_epi32(pos_acc))));
+}
+
 }  // namespace
 }  // namespace qengine::cpu
 #endif

@@ -30,7 +30,7 @@ void scalar_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& 
     const int64_t len = std::min(kOptimBlock, hi - b0);
     const int64_t b = b0 / kOptimBlock;
     const float s1 = a.a1[b], s2 = a.a2[b];
-    float n1 = 0.0f, n2 = 0.0f;
+    float n1 = 0.0f, p1 = 0.0f, n2 = 0.0f;
     for (int64_t i = 0; i < len; ++i) {
       float pi = load_as_float(a.p, a.dt, b0 + i);
       float mi = c1.table[a.q1[b0 + i]] * s1, vi = c2.table[a.q2[b0 + i]] * s2;
@@ -39,8 +39,10 @@ void scalar_adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& 
       mt[i] = mi;
       vt[i] = vi;
       n1 = absmax_step(n1, mi);
+      p1 = posmax_step(p1, mi);
       n2 = absmax_step(n2, vi);
     }
+    n1 = m_signed_scale(n1, p1);
     a.a1[b] = n1;
     a.a2[b] = n2;
     const float i1 = state_inv_scale(n1), i2 = state_inv_scale(n2);

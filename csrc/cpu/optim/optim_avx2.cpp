@@ -161,6 +161,10 @@ inline float reduce_absmax(__m256i acc) {
   return bits_float(bits > 0x7f800000u ? 0x7fc00000u : bits);  // one canonical NaN, as absmax_step
 }
 
+// posmax_step on 8 lanes: x's bits as int32 (acc starts at 0, so negatives never win); reduced
+// with hmax_bits, a signed max.
+inline __m256i max_pos_bits(__m256i acc, __m256 x) { return _mm256_max_epi32(acc, _mm256_castps_si256(x)); }
+
 // Encodes one state of a block: 256 codes of x[i] * inv.
 template <class Codec>
 inline void encode_block(const float* x, __m256 inv, const Codec& codec, uint8_t* out) {
@@ -191,7 +195,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     const int64_t b = b0 / kOptimBlock;
     prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
     const __m256 s1 = _mm256_set1_ps(a1[b]), s2 = _mm256_set1_ps(a2[b]);
-    __m256i n1 = _mm256_setzero_si256(), n2 = n1;
+    __m256i n1 = _mm256_setzero_si256(), p1 = n1, n2 = n1;
     for (int64_t i = 0; i < kOptimBlock; i += 16) {
       __m256 mv[2], vv[2];
       k1.decode16(q1 + b0 + i, s1, mv[0], mv[1]);
@@ -204,10 +208,11 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
         _mm256_store_ps(mt + i + 8 * j, mv[j]);
         _mm256_store_ps(vt + i + 8 * j, vv[j]);
         n1 = max_abs_bits(n1, mv[j]);
+        p1 = max_pos_bits(p1, mv[j]);
         n2 = max_abs_bits(n2, vv[j]);
       }
     }
-    const float m1 = reduce_absmax(n1), m2 = reduce_absmax(n2);
+    const float m1 = m_signed_scale(reduce_absmax(n1), bits_float(hmax_bits(p1))), m2 = reduce_absmax(n2);
     a1[b] = m1;
     a2[b] = m2;
     const __m256 i1 = _mm256_set1_ps(state_inv_scale(m1)), i2 = _mm256_set1_ps(state_inv_scale(m2));

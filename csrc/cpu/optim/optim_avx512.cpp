@@ -81,7 +81,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     const int64_t b = b0 / kOptimBlock;
     prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
     const __m512 s1 = _mm512_set1_ps(a1[b]), s2 = _mm512_set1_ps(a2[b]);
-    __m512i n1 = _mm512_setzero_si512(), n2 = _mm512_setzero_si512();
+    __m512i n1 = _mm512_setzero_si512(), p1 = n1, n2 = n1;
     for (int64_t i = 0; i < kOptimBlock; i += 32) {
       __m512 mv[2], vv[2];
       k1.decode32(q1 + b0 + i, s1, mv);
@@ -94,10 +94,11 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
         _mm512_store_ps(mt + i + 16 * j, mv[j]);
         _mm512_store_ps(vt + i + 16 * j, vv[j]);
         n1 = max_abs_bits(n1, mv[j]);
+        p1 = max_pos_bits(p1, mv[j]);
         n2 = max_abs_bits(n2, vv[j]);
       }
     }
-    const float m1 = reduce_absmax(n1), m2 = reduce_absmax(n2);
+    const float m1 = reduce_m_scale(n1, p1), m2 = reduce_absmax(n2);
     a1[b] = m1;
     a2[b] = m2;
     const __m512 i1 = _mm512_set1_ps(state_inv_scale(m1)), i2 = _mm512_set1_ps(state_inv_scale(m2));

@@ -148,7 +148,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     BlockStates& s = buffers[k % 3];
     prefetch_block(t, b0 + kPrefetchBlocks * kOptimBlock, hi);
     const bool decode_next = k + 1 < blocks;
-    __m512i n1 = _mm512_setzero_si512(), n2 = _mm512_setzero_si512();
+    __m512i n1 = _mm512_setzero_si512(), p1 = n1, n2 = n1;
     for (int64_t i = 0; i < kOptimBlock; i += 16) {
       __m512 pv = load16<DT>(p, b0 + i);
       __m512 mv = _mm512_load_ps(s.m + i), vv = _mm512_load_ps(s.v + i);
@@ -157,6 +157,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
       _mm512_store_ps(s.m + i, mv);
       _mm512_store_ps(s.v + i, vv);
       n1 = max_abs_bits(n1, mv);
+      p1 = max_pos_bits(p1, mv);
       n2 = max_abs_bits(n2, vv);
       // The byte-shuffle work of the neighbouring blocks, between the divider-bound updates.
       const int j = static_cast<int>(i >> 5);
@@ -166,7 +167,7 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
         encode_piece(k - 1, j);
       }
     }
-    const float m1 = reduce_absmax(n1), m2 = reduce_absmax(n2);
+    const float m1 = reduce_m_scale(n1, p1), m2 = reduce_absmax(n2);
     a1[b] = m1;
     a2[b] = m2;
     const __m512 i1 = _mm512_set1_ps(state_inv_scale(m1)), i2 = _mm512_set1_ps(state_inv_scale(m2));

@@ -10,7 +10,8 @@
 //   p = p + (-lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 //
 // 8-bit states (blockwise, 256 elements per block): m is stored as codes of a signed dynamic
-// code scaled by the block's max |m|, v as codes of an unsigned one scaled by max v (sorted
+// code scaled by the block's signed scale (its element of largest magnitude, with that
+// element's sign: m_signed_scale), v as codes of an unsigned one scaled by max v (sorted
 // 256-value tables, python/qengine/formats.py). The nearest code is found without a search: a
 // byte table indexed by the float's sign, exponent and top 7 mantissa bits gives the candidate
 // and the one midpoint that can separate it from the next code (python/qengine/optim/_ops.py
@@ -135,14 +136,33 @@ QE_HD uint8_t encode_state(float x, const StateCode& c) {
   return static_cast<uint8_t>((e >> 16) + ((neg ? low < t : low > t) ? 1u : 0u));
 }
 
-// Reciprocal used to normalise a block by its absmax (an all-zero block keeps zeros).
-QE_HD float state_inv_scale(float absmax) { return 1.0f / (absmax > 1e-38f ? absmax : 1e-38f); }
+// Reciprocal used to normalise a block by its scale (an all-zero block keeps zeros). The scale
+// may be negative (m_signed_scale): its magnitude is clamped the same way, its sign kept, so
+// 1 / -s is exactly -(1 / s). A NaN scale gives 1e38, as it always has.
+QE_HD float state_inv_scale(float scale) {
+  return 1.0f / (scale < 0.0f ? (scale < -1e-38f ? scale : -1e-38f) : (scale > 1e-38f ? scale : 1e-38f));
+}
 
 // NaN-propagating running max of |x| (a NaN state poisons its block, as torch's state would).
 QE_HD float absmax_step(float acc, float x) {
   if (x != x || acc != acc) return bits_float(0x7fc00000u);  // one canonical NaN on every ISA
   const float a = x < 0.0f ? -x : x;
   return a > acc ? a : acc;
+}
+
+// Running max of the positive elements (start at 0.0f; NaN and negatives never win). With the
+// block's absmax it gives m_signed_scale. SIMD kernels take the same max as int32 bits starting
+// at 0 (a negative float's bits are negative ints), which orders positive floats the same way.
+QE_HD float posmax_step(float acc, float x) { return x > acc ? x : acc; }
+
+// The scale of m's block: its element of largest magnitude with that element's sign, so that
+// element is stored as exactly code 1.0. The signed code has 128 positive magnitudes (1.0
+// included) and 127 negative ones; with a plain absmax a block led by a negative m stored it
+// at -(1 - 1/64) every step, a systematic shrink of its dominant momentum. Tie (+a and -a
+// both present): positive. absmax NaN: that NaN. absmax 0 (all zeros): +0.
+QE_HD float m_signed_scale(float absmax, float posmax) {
+  if (absmax != absmax) return absmax;
+  return posmax < absmax ? -absmax : absmax;
 }
 
 }  // namespace qengine

@@ -4,7 +4,8 @@
 32-bit states are saved as torch.optim.AdamW saves them (step, exp_avg, exp_avg_sq shaped like
 the parameter), so either optimizer loads the other's checkpoint; 8-bit states as their codes
 and block scales (step, state1, state2 uint8 [numel], absmax1, absmax2 float32
-[ceil(numel / 256)]), so a resumed run continues from the exact bytes, and the values of the
+[ceil(numel / 256)]; absmax1 is m's signed scale, negative where a block's element of largest
+magnitude is, and a state decodes as qmap[code] * scale either way), so a resumed run continues from the exact bytes, and the values of the
 codes they are in (qmap1, qmap2 float32 [256], as bitsandbytes saves them), which loading checks.
 """
 
@@ -122,7 +123,9 @@ def _check_state(i: int, p: torch.Tensor, st: object, bits: int) -> dict:
             t = t.detach().to(torch.float32)
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"state of parameter {i}: {key} holds NaN or Inf (corrupt checkpoint)")
-            if key != "exp_avg" and bool((t < 0).any()):
+            # m's block scale is signed (its element of largest magnitude, csrc optim_math.h
+            # m_signed_scale); v and its scale are never negative.
+            if key in ("exp_avg_sq", "absmax2") and bool((t < 0).any()):
                 raise ValueError(f"state of parameter {i}: {key} must be >= 0 (corrupt checkpoint)")
         out[key] = t.detach().reshape(-1)
     return out
