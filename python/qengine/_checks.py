@@ -154,6 +154,12 @@ def check_quantize_args(x, table, midpoints, order, grid_lut, bits, blocksize, r
             raise ValueError("grid_lut is only supported for 8-bit absmax formats")
 
 
+def check_float_dtype(dtype: torch.dtype) -> None:
+    """The dtype a dequantize kernel writes: float32, float16 or bfloat16."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
 def check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel) -> None:
     check_dtype("packed", packed, torch.uint8)
     check_contiguous("packed", packed)
@@ -169,6 +175,16 @@ def check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel
         check_contiguous(name, t)
         check_numel(name, t, nb)
         check_same_device(packed.device, **{name: t})
+
+
+def check_dequantize_out_args(packed, table, scales, offsets, bits, blocksize, numel, out) -> None:
+    """The arguments of dequantize_blockwise_out: those of dequantize_blockwise, and out (float,
+    contiguous, numel elements, on packed's device)."""
+    check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
+    check_float("out", out)
+    check_contiguous("out", out)
+    check_numel("out", out, numel)
+    check_same_device(packed.device, out=out)
 
 
 def check_weight(packed, table, scales, nested, offsets, bits, blocksize, numel) -> None:
@@ -234,3 +250,29 @@ def check_lora(a, b, k, n, device) -> None:
         check_same_device(device, **{name: t})
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n or a.shape[0] != b.shape[1]:
         raise ValueError(f"LoRA shapes must be A [r, {k}] and B [{n}, r], got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def check_matmul_args(x, packed, table, scales, nested, offsets, bits, blocksize, out_features, lora_a, lora_b,
+                      positions=None) -> tuple[int, int]:
+    """The arguments of matmul, or of sparse24_matmul when positions (the 2:4 weight's) is given;
+    returns (K, N) of the weight [N, K]."""
+    check_matmul_x(x, out_features)
+    k, n = x.shape[-1], out_features
+    if positions is None:
+        check_weight(packed, table, scales, nested, offsets, bits, blocksize, n * k)
+    else:
+        if k % 4:
+            raise ValueError(f"a 2:4 weight needs in_features divisible by 4, got {k}")
+        check_sparse_weight(packed, positions, table, scales, nested, offsets, bits, blocksize, n * k)
+    check_same_device(x.device, packed=packed)
+    check_lora(lora_a, lora_b, k, n, x.device)
+    return k, n
+
+
+def check_matmul_t_args(g, packed, table, scales, nested, offsets, bits, blocksize, in_features) -> tuple[int, int]:
+    """The arguments of matmul_t; returns (N, K) of the weight [N, K]."""
+    check_float("g", g)
+    n, k = g.shape[-1], in_features
+    check_weight(packed, table, scales, nested, offsets, bits, blocksize, n * k)
+    check_same_device(g.device, packed=packed)
+    return n, k

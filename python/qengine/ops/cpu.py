@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from .. import _C
-from .._checks import (DTYPE_CODES, FLOAT_DTYPES, check_contiguous, check_dequantize_args, check_float, check_lora,
-                       check_matmul_x, check_numel, check_quantize_args, check_same_device, check_sparse_weight,
-                       check_tables, check_weight)
+from .._checks import (DTYPE_CODES, check_contiguous, check_dequantize_args, check_dequantize_out_args, check_float,
+                       check_float_dtype, check_matmul_args, check_matmul_t_args, check_quantize_args,
+                       check_sparse_weight, check_tables)
 from . import matmul as mm
 from . import moe, optim, quantize, sparse
 from .weight import KernelWeight, native_weight
@@ -44,8 +44,7 @@ def dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out,
 @quantize.dequantize_blockwise.register_kernel("cpu")
 def _(packed, table, scales, offsets, bits, blocksize, numel, dtype):
     check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_float_dtype(dtype)
     out = torch.empty(numel, dtype=dtype)
     dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out)
     return out
@@ -53,11 +52,7 @@ def _(packed, table, scales, offsets, bits, blocksize, numel, dtype):
 
 @quantize.dequantize_blockwise_out.register_kernel("cpu")
 def _(packed, table, scales, offsets, bits, blocksize, numel, out):
-    check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
-    check_float("out", out)
-    check_contiguous("out", out)
-    check_numel("out", out, numel)
-    check_same_device(packed.device, out=out)
+    check_dequantize_out_args(packed, table, scales, offsets, bits, blocksize, numel, out)
     dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out, stream=True)
 
 
@@ -98,6 +93,17 @@ def small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale):
     return out
 
 
+def _small_batch_product(kernel, x2, n, weight, lora_a, lora_b, lora_scale):
+    """x2 [M, K] @ W^T by a fused small-batch kernel (_C.matmul_cpu, _C.sparse24_matmul_cpu) for
+    W's WeightRef `weight`, into float32; then small_batch_epilogue (LoRA, x2's dtype)."""
+    m, k = x2.shape
+    xc = x2.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m and n:
+        kernel(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, k, n, weight, y.data_ptr())
+    return small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale)
+
+
 def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
     """x2 [M, K] @ W^T for the quantized W [N, K] (float32 scales), W dequantized into x2's dtype
     a tile of rows at a time; each tile's output columns come from one GEMM over all of K."""
@@ -116,20 +122,12 @@ def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
 
 @mm.matmul.register_kernel("cpu")
 def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
-    check_matmul_x(x, out_features)
-    k, n = x.shape[-1], out_features
-    check_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n * k)
-    check_same_device(x.device, packed=packed)
-    check_lora(lora_a, lora_b, k, n, x.device)
+    k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
+                             lora_b)
     x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    if m <= mm.SMALL_BATCH_ROWS:
-        xc = x2.contiguous()
-        y = torch.empty(m, n, dtype=torch.float32)
-        if m and n:
-            _C.matmul_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, k, n,
-                          native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize), y.data_ptr())
-        y = small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale)
+    if x2.shape[0] <= mm.SMALL_BATCH_ROWS:
+        weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize)
+        y = _small_batch_product(_C.matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
     else:
         flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
         y = _tiled_product(x2, packed, table, flat_scales, offsets, bits, blocksize, n)
@@ -139,10 +137,7 @@ def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_fea
 
 @mm.matmul_t.register_kernel("cpu")
 def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_features):
-    check_float("g", g)
-    n, k = g.shape[-1], in_features
-    check_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n * k)
-    check_same_device(g.device, packed=packed)
+    n, k = check_matmul_t_args(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_features)
     g2 = g.reshape(-1, n)
     m = g2.shape[0]
     if m <= mm.SMALL_BATCH_ROWS:
@@ -166,8 +161,7 @@ def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_feat
 @sparse.sparse24_dequantize.register_kernel("cpu")
 def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
     check_sparse_weight(packed, positions, table, scales, None, offsets, bits, blocksize, numel)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_float_dtype(dtype)
     out = torch.empty(numel, dtype=dtype)
     if numel:
         _C.sparse24_dequantize_cpu(native_weight(packed, table, scales, None, offsets, bits, blocksize, positions),
@@ -178,23 +172,12 @@ def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
 @sparse.sparse24_matmul.register_kernel("cpu")
 def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b,
       lora_scale):
-    check_matmul_x(x, out_features)
-    k, n = x.shape[-1], out_features
-    if k % sparse.GROUP:
-        raise ValueError(f"a 2:4 weight needs in_features divisible by 4, got {k}")
-    check_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n * k)
-    check_same_device(x.device, packed=packed)
-    check_lora(lora_a, lora_b, k, n, x.device)
+    k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
+                             lora_b, positions)
     x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    if m <= mm.SMALL_BATCH_ROWS:
-        xc = x2.contiguous()
-        y = torch.empty(m, n, dtype=torch.float32)
-        if m and n:
-            _C.sparse24_matmul_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, k, n,
-                                   native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize,
-                                                 positions), y.data_ptr())
-        y = small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale)
+    if x2.shape[0] <= mm.SMALL_BATCH_ROWS:
+        weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, positions)
+        y = _small_batch_product(_C.sparse24_matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
     else:
         w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n, k,
                                        x.dtype)

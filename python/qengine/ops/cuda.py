@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 
 from .. import _C
-from .._checks import (DTYPE_CODES, FLOAT_DTYPES, check_contiguous, check_dequantize_args, check_float, check_lora,
-                       check_matmul_x, check_numel, check_quantize_args, check_same_device, check_sparse_weight,
-                       check_weight)
+from .._checks import (DTYPE_CODES, check_dequantize_args, check_dequantize_out_args, check_float_dtype,
+                       check_matmul_args, check_matmul_t_args, check_quantize_args, check_sparse_weight)
 from . import matmul as mm
 from . import moe, optim, quantize, sparse
 from .moe_dense import dense_experts
@@ -60,8 +59,7 @@ def dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out)
 @_register(quantize.dequantize_blockwise)
 def _(packed, table, scales, offsets, bits, blocksize, numel, dtype):
     check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_float_dtype(dtype)
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out)
     return out
@@ -69,11 +67,7 @@ def _(packed, table, scales, offsets, bits, blocksize, numel, dtype):
 
 @_register(quantize.dequantize_blockwise_out)
 def _(packed, table, scales, offsets, bits, blocksize, numel, out):
-    check_dequantize_args(packed, table, scales, offsets, bits, blocksize, numel)
-    check_float("out", out)
-    check_contiguous("out", out)
-    check_numel("out", out, numel)
-    check_same_device(packed.device, out=out)
+    check_dequantize_out_args(packed, table, scales, offsets, bits, blocksize, numel, out)
     dequantize_into(packed, table, scales, offsets, bits, blocksize, numel, out)
 
 
@@ -85,29 +79,44 @@ def _dense_weight(packed, table, scales, nested, offsets, bits, blocksize, n, k,
     return w
 
 
+def _small_batch_product(x2, n, weight, lora_a, lora_b, lora_scale):
+    """x2 [M, K] @ W^T by the fused GEMV (float32 [M, N]) for W's WeightRef `weight`; the LoRA side
+    path is added by torch in float32 (an epilogue before rounding to x2's dtype, as on the CPU):
+    two thin products, no kernel."""
+    m, k = x2.shape
+    xf = x2.to(torch.float32).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32, device=x2.device)
+    if m and n:
+        with torch.cuda.device(x2.device):
+            _C.cuda.matmul(xf.data_ptr(), m, k, k, n, weight, y.data_ptr(), _stream(x2.device))
+        if lora_a is not None:
+            side = (xf @ lora_a.to(torch.float32).t()) @ lora_b.to(torch.float32).t()
+            y.add_(side, alpha=float(lora_scale))
+    return y.to(x2.dtype)
+
+
+def _small_batch_product_t(g2, k, weight):
+    """g2 [M, N] @ W by the fused kernel (float32 [M, K]), which sums row splits of W in a fixed
+    order through a scratch buffer; rounded to g2's dtype."""
+    m, n = g2.shape
+    gf = g2.to(torch.float32).contiguous()
+    gx = torch.empty(m, k, dtype=torch.float32, device=g2.device)
+    if m and k:
+        ws = torch.empty(_C.cuda.matmul_t_workspace(m, n, k), dtype=torch.float32, device=g2.device)
+        with torch.cuda.device(g2.device):
+            _C.cuda.matmul_t(gf.data_ptr(), m, n, k, weight, ws.data_ptr(), ws.numel(), gx.data_ptr(),
+                             _stream(g2.device))
+    return gx.to(g2.dtype)
+
+
 @_register(mm.matmul)
 def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
-    check_matmul_x(x, out_features)
-    k, n = x.shape[-1], out_features
-    check_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n * k)
-    check_same_device(x.device, packed=packed)
-    check_lora(lora_a, lora_b, k, n, x.device)
+    k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
+                             lora_b)
     x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    if m <= mm.SMALL_BATCH_ROWS:
-        # The fused GEMV (float32 [m, n]); the LoRA side path is added by torch in float32 (an
-        # epilogue before rounding to x's dtype, as on the CPU): two thin products, no kernel.
-        xf = x2.to(torch.float32).contiguous()
-        y = torch.empty(m, n, dtype=torch.float32, device=x.device)
-        if m and n:
-            with torch.cuda.device(x.device):
-                _C.cuda.matmul(xf.data_ptr(), m, k, k, n,
-                               native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize,
-                                             device_mean=True), y.data_ptr(), _stream(x.device))
-            if lora_a is not None:
-                side = (xf @ lora_a.to(torch.float32).t()) @ lora_b.to(torch.float32).t()
-                y.add_(side, alpha=float(lora_scale))
-        y = y.to(x.dtype)
+    if x2.shape[0] <= mm.SMALL_BATCH_ROWS:
+        weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, device_mean=True)
+        y = _small_batch_product(x2, n, weight, lora_a, lora_b, lora_scale)
     else:
         w = _dense_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n, k, x.dtype)
         y = mm.add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
@@ -117,24 +126,11 @@ def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_fea
 
 @_register(mm.matmul_t)
 def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_features):
-    check_float("g", g)
-    n, k = g.shape[-1], in_features
-    check_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n * k)
-    check_same_device(g.device, packed=packed)
+    n, k = check_matmul_t_args(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_features)
     g2 = g.reshape(-1, n)
-    m = g2.shape[0]
-    if m <= mm.SMALL_BATCH_ROWS:
-        # The kernel sums row splits of W in a fixed order through a scratch buffer.
-        gf = g2.to(torch.float32).contiguous()
-        gx = torch.empty(m, k, dtype=torch.float32, device=g.device)
-        if m and k:
-            ws = torch.empty(_C.cuda.matmul_t_workspace(m, n, k), dtype=torch.float32, device=g.device)
-            with torch.cuda.device(g.device):
-                _C.cuda.matmul_t(gf.data_ptr(), m, n, k,
-                                 native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize,
-                                               device_mean=True), ws.data_ptr(), ws.numel(), gx.data_ptr(),
-                                 _stream(g.device))
-        gx = gx.to(g.dtype)
+    if g2.shape[0] <= mm.SMALL_BATCH_ROWS:
+        weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, device_mean=True)
+        gx = _small_batch_product_t(g2, k, weight)
     else:
         w = _dense_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, n, k, g.dtype)
         gx = g2 @ w
@@ -146,8 +142,7 @@ def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_feat
 @_register(sparse.sparse24_dequantize)
 def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
     check_sparse_weight(packed, positions, table, scales, None, offsets, bits, blocksize, numel)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_float_dtype(dtype)
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     if numel:
         with torch.cuda.device(packed.device):
@@ -161,13 +156,8 @@ def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
 def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b,
       lora_scale):
     """The dense path at every batch size: W decoded once, one GEMM."""
-    check_matmul_x(x, out_features)
-    k, n = x.shape[-1], out_features
-    if k % sparse.GROUP:
-        raise ValueError(f"a 2:4 weight needs in_features divisible by 4, got {k}")
-    check_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n * k)
-    check_same_device(x.device, packed=packed)
-    check_lora(lora_a, lora_b, k, n, x.device)
+    k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
+                             lora_b, positions)
     x2 = x.reshape(-1, k)
     w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n, k,
                                    x.dtype)

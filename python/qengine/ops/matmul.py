@@ -62,6 +62,24 @@ def add_lora_side(y: torch.Tensor, x2: torch.Tensor, lora_a, lora_b, lora_scale:
     return y + (lora_scale * side).to(y.dtype)
 
 
+def lora_backward(grad, x, lora_a, lora_b, s: float, gx, need_a: bool, need_b: bool):
+    """The LoRA side path's share of the backward of y = x @ W^T + s * (x @ A^T) @ B^T (matmul,
+    sparse24_matmul), in float32: (gx plus the side path's input gradient, or None where gx is
+    None; the gradient of A where need_a, else None; that of B where need_b, else None)."""
+    g2 = grad.reshape(-1, grad.shape[-1]).to(torch.float32)
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
+    gb_t = g2 @ b32  # [M, r]
+    ga = gb = None
+    if gx is not None:
+        gx = gx + (s * (gb_t @ a32)).reshape(gx.shape).to(gx.dtype)
+    if need_a:
+        ga = (s * (gb_t.t() @ x2)).to(lora_a.dtype)
+    if need_b:
+        gb = (s * (g2.t() @ (x2 @ a32.t()))).to(lora_b.dtype)
+    return gx, ga, gb
+
+
 def _setup_context(ctx, inputs, output):
     x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, s = inputs
     nested = list(scales_nested)
@@ -77,16 +95,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         gx = torch.ops.qengine.matmul_t(grad, packed, table, scales, nested, offsets, bits, blocksize, in_features)
     if lora_a is not None:
-        g2 = grad.reshape(-1, grad.shape[-1]).to(torch.float32)
-        x2 = x.reshape(-1, in_features).to(torch.float32)
-        a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
-        gb_t = g2 @ b32  # [M, r]
-        if ctx.needs_input_grad[0]:
-            gx = gx + (s * (gb_t @ a32)).reshape(gx.shape).to(gx.dtype)
-        if ctx.needs_input_grad[9]:
-            ga = (s * (gb_t.t() @ x2)).to(lora_a.dtype)
-        if ctx.needs_input_grad[10]:
-            gb = (s * (g2.t() @ (x2 @ a32.t()))).to(lora_b.dtype)
+        gx, ga, gb = lora_backward(grad, x, lora_a, lora_b, s, gx, ctx.needs_input_grad[9], ctx.needs_input_grad[10])
     return gx, None, None, None, [None] * len(nested), None, None, None, None, ga, gb, None
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .._checks import reject_device
+from .matmul import lora_backward
 from .weight import KernelWeight
 
 # Weights per group and kept per group of the layout.
@@ -77,16 +78,7 @@ def _backward(ctx, grad):
         gx = (grad.reshape(-1, n) @ w).reshape(*grad.shape[:-1], k).to(x_dtype)
         del w
     if lora_a is not None:
-        g2 = grad.reshape(-1, n).to(torch.float32)
-        x2 = x.reshape(-1, k).to(torch.float32)
-        a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
-        gb_t = g2 @ b32
-        if ctx.needs_input_grad[0]:
-            gx = gx + (s * (gb_t @ a32)).reshape(gx.shape).to(gx.dtype)
-        if ctx.needs_input_grad[10]:
-            ga = (s * (gb_t.t() @ x2)).to(lora_a.dtype)
-        if ctx.needs_input_grad[11]:
-            gb = (s * (g2.t() @ (x2 @ a32.t()))).to(lora_b.dtype)
+        gx, ga, gb = lora_backward(grad, x, lora_a, lora_b, s, gx, ctx.needs_input_grad[10], ctx.needs_input_grad[11])
     return gx, None, None, None, None, [None] * len(nested), None, None, None, None, ga, gb, None
 
 
