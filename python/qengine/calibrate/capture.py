@@ -296,22 +296,16 @@ def _experts_up(mod: nn.Module):
     """(up weights [E, n_up, K], or [E, K, n_up] when the module is transposed, in their own
     dtype; their bias [E, n_up] or None; the gate function a [T, n_up] -> the down projection's
     input) of a transformers experts module."""
-    from ..ops import GATE_INTERLEAVED, NO_GATE
     from ..moe import expert_weight_names, experts_layout
+    from ..ops.moe_dense import ACTIVATION_FUNCTIONS, apply_gate
 
     layout, code = experts_layout(mod)
     attr = expert_weight_names(mod)[0]
     w = getattr(mod, attr).detach()
     bias = getattr(mod, f"{attr}_bias", None) if getattr(mod, "has_bias", False) else None
-    act = getattr(mod, "act_fn", None) or {0: torch.nn.functional.silu, 1: lambda v: torch.nn.functional.gelu(
-        v, approximate="tanh"), 2: torch.nn.functional.gelu, 3: torch.relu}[code]
+    act = getattr(mod, "act_fn", None) or ACTIVATION_FUNCTIONS[code]
 
     def gate(a: torch.Tensor) -> torch.Tensor:
-        if layout == NO_GATE:
-            return act(a)
-        if layout == GATE_INTERLEAVED:
-            return act(a[:, 0::2]) * a[:, 1::2]
-        g, u = a.chunk(2, dim=-1)
-        return act(g) * u
+        return apply_gate(a, layout, act)
 
     return w, (None if bias is None else bias.detach().to(torch.float32)), gate

@@ -25,7 +25,7 @@ from torch import nn
 
 from .._version import __version__
 from .._io import atomic_path
-from .._targets import linear_targets
+from .._targets import linear_targets, parent_of
 from ..formats import get_format
 from ..functional import quantize
 from ..moe import is_experts_module, is_float_expert_weight, quantize_experts
@@ -224,6 +224,18 @@ def layer_settings(model: nn.Module) -> tuple:
     return (*common, entries)
 
 
+def configured_linear(model: nn.Module, name: str) -> nn.Linear:
+    """The nn.Linear that a quantization_config's `modules` names `name`: a ValueError where the
+    model has no such module, or where it is not an nn.Linear."""
+    try:
+        lin = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"quantization_config names module {name!r}, which this model does not have") from None
+    if not isinstance(lin, nn.Linear):
+        raise ValueError(f"quantization_config names {name!r}, a {type(lin).__name__}, not an nn.Linear")
+    return lin
+
+
 def _skeleton(model: nn.Module, qc: dict) -> None:
     """Replaces the named linears of a meta-device model by empty QuantLinear layers of the
     recorded layout, then gives every remaining meta parameter real (uninitialised) storage
@@ -233,8 +245,7 @@ def _skeleton(model: nn.Module, qc: dict) -> None:
     for name in qc["modules"]:
         entry = plan.get(name) if isinstance(plan.get(name), dict) else qc
         fmt, bs = get_format(entry["format"]), entry["blocksize"]
-        path, _, attr = name.rpartition(".")
-        parent = model.get_submodule(path) if path else model
+        parent, attr = parent_of(model, name)
         if is_float_expert_weight(parent, attr):
             # A Mixture-of-Experts weight [E, N, K] (or [E, K, N] transposed): an empty quantized one.
             E, a, b = getattr(parent, attr).shape
@@ -244,14 +255,7 @@ def _skeleton(model: nn.Module, qc: dict) -> None:
                                                      double_quant=bool(qc["double_quant"])))
             experts_modules.add(parent)
             continue
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"quantization_config names module {name!r}, which this model does not have") from None
-        if not isinstance(lin, nn.Linear):
-            raise ValueError(f"quantization_config names {name!r}, a {type(lin).__name__}, not an nn.Linear")
-        path, _, attr = name.rpartition(".")
-        parent = model.get_submodule(path) if path else model
+        lin = configured_linear(model, name)
         setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, format=fmt,
                                           blocksize=bs, double_quant=bool(entry["double_quant"])))
     for mod in model.modules():

@@ -30,8 +30,8 @@ from ..tensor import QuantizedTensor
 from ..calibrate.driver import METHODS
 from ..calibrate.scale_search import search_scales
 from ._files import page_out, read_tensor, safetensors_index
-from .checkpoint import (CALIBRATION_KEYS, QUANT_METHOD, check_plan_entries, check_quantization_config, layer_settings,
-                         quantizable_linears)
+from .checkpoint import (CALIBRATION_KEYS, QUANT_METHOD, check_plan_entries, check_quantization_config,
+                         configured_linear, layer_settings, quantizable_linears)
 
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -271,14 +271,7 @@ class QEngineHfQuantizer(HfQuantizer):
                 delattr(parent, attr)
                 setattr(parent, attr, _ExpertSlot(weight, bool(parent.is_transposed)))
                 continue
-            try:
-                mod = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"quantization_config names module {name!r}, which this model does not have") from None
-            if not isinstance(mod, nn.Linear):
-                raise ValueError(f"quantization_config names {name!r}, a {type(mod).__name__}, not an nn.Linear")
-            parent, attr = parent_of(model, name)
-            setattr(parent, attr, _Slot(mod))
+            setattr(parent, attr, _Slot(configured_linear(model, name)))
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
         model._keys_to_ignore_on_load_unexpected = ignore | {_QUANT_KEYS}
         return model

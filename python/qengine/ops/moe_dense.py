@@ -22,9 +22,14 @@ def _dense_matrix(state, offsets, bits, blocksize, E, N, K) -> torch.Tensor:
     return w.view(E, N, K)
 
 
-def _gate(a: torch.Tensor, gate_layout: int, act: int) -> torch.Tensor:
-    fn = {0: torch.nn.functional.silu, 1: lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
-          2: torch.nn.functional.gelu, 3: torch.relu}[act]
+# The activation of each activation code (moe.ACTIVATIONS' values).
+ACTIVATION_FUNCTIONS = {0: torch.nn.functional.silu, 1: lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+                        2: torch.nn.functional.gelu, 3: torch.relu}
+
+
+def apply_gate(a: torch.Tensor, gate_layout: int, fn) -> torch.Tensor:
+    """The down projection's input from the up projection's output a [T, n_up]: fn(a) without a
+    gate, else fn(gate) * up, with gate and up interleaved or concatenated as gate_layout says."""
     if gate_layout == NO_GATE:
         return fn(a)
     if gate_layout == GATE_INTERLEAVED:
@@ -59,7 +64,7 @@ def dense_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offs
             a = a + lora_scale * (xe @ f32(up_lora_a[e]).t()) @ f32(up_lora_b[e]).t()
         if up_bias is not None:
             a = a + f32(up_bias[e])
-        h = _gate(a, gate_layout, act)
+        h = apply_gate(a, gate_layout, ACTIVATION_FUNCTIONS[act])
         o = h @ w_down[e].t()
         if down_lora_a is not None:
             o = o + lora_scale * (h @ f32(down_lora_a[e]).t()) @ f32(down_lora_b[e]).t()
