@@ -65,10 +65,7 @@ def _child(path: str, mode: str, warm: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--intermediate", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=8192)
+    H.add_llama_size_args(ap, vocab=8192)
     ap.add_argument("--json", default="bench/out/hf_load_memory.json")
     args = ap.parse_args()
     import torch

@@ -65,10 +65,7 @@ def _train(model, fn, ids, steps):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--intermediate", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=32000)
+    H.add_llama_size_args(ap, vocab=32000)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--backend", default="inductor")

@@ -15,7 +15,6 @@ bandwidth ('% copy': weight bytes per second over copy bytes per second).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,17 +24,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import qengine  # noqa: E402
-from _harness import copy_bandwidth, measure, print_table, quiet_import_bitsandbytes, write_json  # noqa: E402
+from _harness import (bench_parser, copy_bandwidth, measure, print_table, quiet_import_bitsandbytes,  # noqa: E402
+                      write_json)
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 BATCHES = [1, 4, 8, 16, 64, 512]
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="11008x4096 only, batches 1, 16, 512")
-    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "matmul.json"))
-    p.add_argument("--threads", type=int, default=None)
+    p = bench_parser(__doc__, "matmul", "11008x4096 only, batches 1, 16, 512")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return p.parse_args()
 

@@ -15,7 +15,6 @@ faster). Each implementation is timed on its own (bench/_harness.measure).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import qengine  # noqa: E402
-from _harness import copy_bandwidth, measure, print_table, write_json  # noqa: E402
+from _harness import bench_parser, copy_bandwidth, measure, print_table, write_json  # noqa: E402
 
 HIDDEN, INTER = 2048, 1024
 LAYERS = [(8, 2), (8, 8), (64, 2), (64, 8)]  # (experts, top-k)
@@ -33,11 +32,7 @@ BATCHED_LIMIT = 2 << 30  # bytes batched_mm may gather
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="8 experts only, half the time budget")
-    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "moe.json"))
-    p.add_argument("--threads", type=int, default=None)
-    return p.parse_args()
+    return bench_parser(__doc__, "moe", "8 experts only, half the time budget").parse_args()
 
 
 def routing(tokens: int, experts: int, k: int, seed: int):

@@ -13,7 +13,6 @@ and y. Ratios > 1 mean the 2:4 layout is faster.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import qengine  # noqa: E402
-from _harness import copy_bandwidth, measure, other_load, print_table, write_json  # noqa: E402
+from _harness import bench_parser, copy_bandwidth, measure, other_load, print_table, write_json  # noqa: E402
 
 N, K = 11008, 4096
 BATCHES = [1, 8, 64, 512]
@@ -33,11 +32,7 @@ SMALL_BATCH_ROWS = 16  # qengine.matmul dequantizes the layer above this many ro
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="batches 1 and 64 only, half the time budget")
-    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "sparse.json"))
-    p.add_argument("--threads", type=int, default=None)
-    return p.parse_args()
+    return bench_parser(__doc__, "sparse", "batches 1 and 64 only, half the time budget").parse_args()
 
 
 def bytes_moved(weight_bytes: int, m: int, dense_copy: bool) -> int:
