@@ -284,3 +284,23 @@ def test_cuda_moves_packed_state_and_matches_cpu():
     assert torch.allclose(moved(x.cuda()).cpu(), y, rtol=1e-5, atol=1e-4)
     assert _state_equal({k: v.cpu() for k, v in moved.cpu().state_dict().items()}, ql.state_dict())
     assert torch.allclose(lora.cuda()(x.cuda()).cpu(), y, rtol=1e-5, atol=1e-4)
+
+
+def test_forward_follows_every_way_of_replacing_the_state():
+    """forward reuses the kernel arguments it built for the current state: assigning a state
+    tensor, swapping it through torch.func.functional_call (as torch.export does), or writing
+    it in place must each be seen by the next call."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(128, 48, bias=False), "nf4", 64, double_quant=False)
+    x = torch.randn(3, 128)
+    base = layer(x)
+    doubled = {"weight_scales": layer.weight_scales * 2}
+    torch.testing.assert_close(torch.func.functional_call(layer, doubled, (x,)), 2 * base)
+    torch.testing.assert_close(layer(x), base)  # the module's own state again after the call
+    layer.weight_scales = layer.weight_scales * 3  # plain assignment of a buffer
+    torch.testing.assert_close(layer(x), 3 * base)
+    with torch.no_grad():
+        layer.weight_scales.mul_(2)  # in place: the same tensor object
+    torch.testing.assert_close(layer(x), 6 * base)
+    moved = copy.deepcopy(layer).to("cpu")
+    torch.testing.assert_close(moved(x), 6 * base)

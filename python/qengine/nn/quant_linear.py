@@ -51,6 +51,13 @@ STATE = (StateField("weight_packed", "uint8 [nbytes] codes, a frozen PackedParam
          StateField("weight_mask", "uint8 [ceil(numel / 8)]: a stored pruning mask"))
 
 
+_STATE_NAMES = tuple(f.name for f in STATE)
+# What kernel_weight() reads besides the state: assigning any of these drops its cache.
+_CACHE_INPUTS = frozenset({f.name for f in STATE} | {"format", "blocksize", "layout", "quant_storage", "in_features",
+                                                     "out_features", "offsets_nested_blocksize",
+                                                     "scales_nested_blocksize", "_packed_bytes"})
+
+
 def state_tensors(q: QuantizedTensor) -> dict[str, Optional[torch.Tensor]]:
     """The STATE tensors of q (weight_packed as uint8), by name; None for absent parts."""
     parts = {"weight_packed": q.packed, "weight_table": q.format.kernel_tables(q.device)[0],
@@ -184,6 +191,7 @@ class QuantLinear(nn.Module):
         self.weight_packed = PackedParameter(packed)  # frozen; requires_grad_(True) says what to do
         for field in STATE[1:]:
             self._set_state(field.name, parts[field.name], field.persistent)
+        self._cache_kernel_weight()
 
     def _set_state(self, name: str, t: Optional[torch.Tensor], persistent: bool = True) -> None:
         """Stores a part of the quantized state as buffer `name`, or an absent part as a plain
@@ -232,7 +240,40 @@ class QuantLinear(nn.Module):
 
     def kernel_weight(self) -> KernelWeight:
         """The weight as the kernels take it (shares this module's storage): double-quantized
-        scales stay uint8 codes decoded in the kernel; offsets are decoded here."""
+        scales stay uint8 codes decoded in the kernel; offsets are decoded here. Built once per
+        change of the state (see _cache_kernel_weight), so forward skips ~15 attribute reads."""
+        cached = self.__dict__.get("_kernel_weight")
+        if cached is not None and self._state_objects() == cached[1]:
+            self._packed_uint8()  # its checks: `.data =` may have changed the codes' dtype or size
+            return cached[0]
+        return self._build_kernel_weight()
+
+    def _state_objects(self) -> tuple:
+        """The STATE tensor objects by identity (torch.export and stateless calls swap them
+        without __setattr__): a cached kernel_weight() is valid only while these are its own."""
+        params, buffers = self._parameters, self._buffers
+        return tuple(id(params.get(n, buffers.get(n))) for n in _STATE_NAMES)
+
+    def _cache_kernel_weight(self) -> None:
+        """Caches kernel_weight() after the state was set or moved. Only where the cache cannot
+        go stale: its tensors are this module's own objects, so in-place writes, `.data =` and
+        swap_tensors reach it; assigning a state attribute drops it (__setattr__), swapping the
+        objects behind the module's back bypasses it (_state_objects). Codes viewed as a wider
+        quant_storage are re-viewed per call instead (a view would keep the old storage)."""
+        self.__dict__["_kernel_weight"] = None
+        # Decoded nested offsets are a copy: an in-place write to their codes would not reach it.
+        if self.quant_storage == torch.uint8 and self.weight_offsets_absmax is None:
+            try:
+                self.__dict__["_kernel_weight"] = (self._build_kernel_weight(), self._state_objects())
+            except (TypeError, ValueError):  # an inconsistent state: forward builds it and raises there
+                pass
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _CACHE_INPUTS:
+            self.__dict__["_kernel_weight"] = None
+
+    def _build_kernel_weight(self) -> KernelWeight:
         offsets, offsets_nested = self.weight_offsets, self._nested("offsets")
         if offsets is not None and offsets_nested:
             offsets = KernelWeight.decode_nested(offsets, offsets_nested, self.offsets_nested_blocksize)
@@ -301,7 +342,9 @@ class QuantLinear(nn.Module):
                 out = t.to(out.device)
             return out
 
-        return super()._apply(guarded, recurse)
+        out = super()._apply(guarded, recurse)
+        self._cache_kernel_weight()
+        return out
 
     # ------------------------------------------------------------------ state dict
     def _save_to_state_dict(self, destination, prefix, keep_vars):
