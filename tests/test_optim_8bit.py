@@ -354,3 +354,85 @@ def test_codes_without_their_fast_forms_equal_scalar(isa, without, isa_restore, 
     qengine.set_cpu_isa(isa)
     for a, b in zip(ref, run()):
         assert torch.equal(a, b)
+
+
+def _bnb_adamw8bit():
+    """bitsandbytes' AdamW8bit with every tensor 8-bit, or a skip where it is not installed."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the bar of this test)")
+    return lambda ps, **kw: bnb.optim.AdamW8bit(ps, min_8bit_size=0, **kw)
+
+
+def _least_squares(seed: int, cond: float):
+    """Three weights ([140, 150], [40, 25], [55, 51]: 21,000, 1,000, 2,805 elements) fitted to
+    inputs whose feature scales fall from 1 to 10**-cond: gradients spread over `cond` decades
+    inside every 256-element state block."""
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for o, i in ((140, 150), (40, 25), (55, 51)):
+        x = torch.randn(2048, i, generator=g) * torch.logspace(0, -cond, i)
+        y = x @ torch.randn(o, i, generator=g).T + 0.1 * torch.randn(2048, o, generator=g)
+        data.append((x, y))
+    return data
+
+
+def _train_least_squares(make, data, steps=300):
+    ps = [torch.nn.Parameter(torch.zeros(y.shape[1], x.shape[1])) for x, y in data]
+    opt = make(ps, lr=1e-2, betas=(0.9, 0.99))
+
+    def loss():
+        return sum(((x @ p.T - y) ** 2).sum() for p, (x, y) in zip(ps, data)) / 2048
+
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    with torch.no_grad():
+        return float(loss())
+
+
+def test_ill_conditioned_least_squares_no_worse_than_bitsandbytes():
+    """The least-squares problem of issue 27 (lr 1e-2, betas (0.9, 0.99), 300 full-batch steps):
+    PagedAdamW8bit ends no worse than bitsandbytes' AdamW8bit. Measured (seeds 0-2; fp32 AdamW /
+    bitsandbytes / qengine before the signed m scale and the (5, 1, 3) code / now): cond 2
+    19.3-21.5 / 22.8-24.5 / 26.4-28.6 / 18.0-19.6, cond 3 13.7-14.7 / 15.4-16.5 / 17.5-19.2 /
+    12.2-13.7 (docs/optimizers.md). Seed 0, cond 2 here (cond 3 ends the same way)."""
+    bnb8 = _bnb_adamw8bit()
+    data = _least_squares(0, 2.0)
+    ours = _train_least_squares(PagedAdamW8bit, data)
+    theirs = _train_least_squares(bnb8, data)
+    assert ours <= theirs, (ours, theirs)
+
+
+def test_ill_conditioned_mlp_tracks_fp32_at_least_as_closely_as_bitsandbytes():
+    """A tanh MLP (200 -> 64 -> 10) classifying inputs with feature scales from 1 to 1e-3 (10%
+    label noise, 300 full-batch steps, lr 1e-2, betas (0.9, 0.99)). Its final training loss is no
+    quality measure (both 8-bit optimizers leave fp32 AdamW's path and bitsandbytes ends below
+    fp32's loss by memorising faster), so the bar is the distance from fp32 AdamW's parameters:
+    ||p8 - p32|| / ||p32|| no larger than bitsandbytes'. Measured (seeds 0-2): qengine 0.27-0.33,
+    bitsandbytes 0.86-0.93; final losses fp32 0.0057-0.0060, qengine 0.0055-0.0057, bitsandbytes
+    0.0047-0.0052. The loss is also held within 10% of fp32's."""
+    bnb8 = _bnb_adamw8bit()
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(0, -3, 200)
+    x = torch.randn(2048, 200, generator=g) * scale
+    y = (x @ (torch.randn(10, 200, generator=g) / scale / 200**0.5).T).argmax(1)
+    y = torch.where(torch.rand(2048, generator=g) < 0.1, torch.randint(0, 10, (2048,), generator=g), y)
+    finals = {}
+    for name, make in (("fp32", torch.optim.AdamW), ("qengine", PagedAdamW8bit), ("bnb", bnb8)):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(200, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+        opt = make(list(net.parameters()), lr=1e-2, betas=(0.9, 0.99))
+        for _ in range(300):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            finals[name] = (float(torch.nn.functional.cross_entropy(net(x), y)),
+                            torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    ref = finals["fp32"][1]
+
+    def dist(name):
+        return float((finals[name][1] - ref).norm() / ref.norm())
+
+    assert dist("qengine") <= dist("bnb"), (dist("qengine"), dist("bnb"))
+    assert abs(finals["qengine"][0] - finals["fp32"][0]) <= 0.1 * finals["fp32"][0]
