@@ -1,5 +1,6 @@
 """Helpers shared by several test modules (no test module imports another): a small language
-model and its LoRA training loop, and the matmul tests' float64 weight and error bound."""
+model and its LoRA training loop, the training loop of a transformers causal LM, and the matmul
+tests' quantized weight with its float64 reference and error bound."""
 
 from __future__ import annotations
 
@@ -59,10 +60,53 @@ def train_lora(model, ids, steps, step_fn=None):
     return losses
 
 
+def train_causal_lm(model, ids, params, steps, optimizer=torch.optim.AdamW, lr=1e-2):
+    """`steps` steps of `optimizer` on params, the loss of a transformers causal LM (or a PEFT model
+    around one, or its compiled forward) with labels = ids [B, T]; the losses."""
+    opt = optimizer(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 # ---------------------------------------------------------------------------- matmul references
-def reference_weight(w, fmt, bs, dq):
-    """The reference dequantization of w (float64), as the matmul tests compare against."""
-    return R.dequantize(R.quantize(w, fmt_of(fmt), bs, dq), torch.float32).to(torch.float64)
+def random_quantized(n, k, fmt, bs, dq):
+    """A random weight [n, k] quantized (fmt: a cases.FORMATS key or a format name), and its
+    reference dequantization (float64), as the matmul tests compare against."""
+    w = torch.randn(n, k)
+    w64 = R.dequantize(R.quantize(w, fmt_of(fmt), bs, dq), torch.float32).to(torch.float64)
+    return qengine.quantize(w, fmt_of(fmt), bs, double_quant=dq), w64
+
+
+def check_bias_lora_and_gradients(m, layer, device):
+    """qengine.matmul with bias and LoRA (x, bias and adapters on `device`): the output and the
+    gradients of x, bias and both adapters against float64 on the CPU; returns (x, bias, a, b)."""
+    n, k, bs = layer
+    r, s = 8, 0.75
+    q = qengine.quantize(torch.randn(n, k), "nf4", bs, double_quant=True)
+    w64 = q.dequantize().to(torch.float64)  # the frozen weight as the layer sees it
+    qd = q.to(device)
+    x = torch.randn(m, k, device=device, requires_grad=True)
+    bias = torch.randn(n, device=device, requires_grad=True)
+    a = (torch.randn(r, k, device=device) * 0.1).requires_grad_()
+    b = (torch.randn(n, r, device=device) * 0.1).requires_grad_()
+    y = qengine.matmul(x, qd, bias, (a, b, s))
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    x64, bias64, a64, b64 = (t.detach().cpu().to(torch.float64).requires_grad_() for t in (x, bias, a, b))
+    ref = x64 @ w64.t() + bias64 + s * (x64 @ a64.t()) @ b64.t()
+    ref.backward(g.cpu().to(torch.float64))
+    tol = 1e-4 * math.sqrt(k)
+    assert torch.allclose(y.detach().cpu().to(torch.float64), ref, rtol=1e-5, atol=tol)
+    for got, want in ((x.grad, x64.grad), (bias.grad, bias64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        assert torch.allclose(got.cpu().to(torch.float64), want, rtol=1e-5, atol=tol * math.sqrt(max(m, n)))
+    return x, bias, a, b
 
 
 def matmul_bound(x64, w64, dtype, extra=0.0):

@@ -6,15 +6,13 @@ mixed-device arguments. Every test needs a GPU (marked `cuda`; skipped without o
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import qengine
 import reference as R
 from cases import DTYPES, FORMAT_NAMES, SPECIAL, TORCH_JIT_DEPRECATION, fmt_of, make_input
-from support import matmul_bound, reference_weight
+from support import check_bias_lora_and_gradients, matmul_bound, random_quantized
 
 pytestmark = pytest.mark.cuda
 
@@ -147,9 +145,7 @@ def _check_against_reference(y, x, w64, dtype, extra=0.0):
 @pytest.mark.parametrize("layer", LAYERS, ids=_layer_id)
 def test_matmul_matches_reference_and_cpu(layer, m, dtype, dq):
     n, k, bs = layer
-    w = torch.randn(n, k)
-    q = qengine.quantize(w, "nf4", bs, double_quant=dq)
-    w64 = reference_weight(w, "nf4", bs, dq)
+    q, w64 = random_quantized(n, k, "nf4", bs, dq)
     x = torch.randn(m, k).to(dtype)
     y = qengine.matmul(x.cuda(), q.to("cuda"))
     _check_against_reference(y, x, w64, dtype)
@@ -164,9 +160,7 @@ def test_matmul_matches_reference_and_cpu(layer, m, dtype, dq):
 @pytest.mark.parametrize("fmt", ["fp4", "int4", "int8", "uint4", "uint8", "cb5", "cb200"])
 def test_matmul_every_format(fmt, layer, m):
     n, k, bs = layer
-    w = torch.randn(n, k)
-    q = qengine.quantize(w, fmt_of(fmt), bs, double_quant=True)
-    w64 = reference_weight(w, fmt, bs, True)
+    q, w64 = random_quantized(n, k, fmt, bs, True)
     x = torch.randn(2, m, k)
     _check_against_reference(qengine.matmul(x.cuda(), q.to("cuda")), x, w64, torch.float32)
 
@@ -193,9 +187,7 @@ def test_matmul_t_matches_reference(fmt, layer, m):
     """gx = g @ W: one split (40 rows), 16 row splits summed in a second pass (1000+ rows), the
     element path (200 and 99 columns)."""
     n, k, bs = layer
-    w = torch.randn(n, k)
-    q = qengine.quantize(w, fmt_of(fmt), bs, double_quant=True)
-    w64 = reference_weight(w, fmt, bs, True)
+    q, w64 = random_quantized(n, k, fmt, bs, True)
     table = q.format.kernel_tables("cuda")[0]
     qg = q.to("cuda")
     scales, nested = qg._kernel_scales()
@@ -211,27 +203,8 @@ def test_matmul_t_matches_reference(fmt, layer, m):
 @pytest.mark.parametrize("m", [1, 4, 16, 40])
 @pytest.mark.parametrize("layer", [(64, 256, 64), (30, 200, 64)], ids=["aligned", "straddling"])
 def test_bias_lora_and_gradients(m, layer):
-    n, k, bs = layer
-    r, s = 8, 0.75
-    q = qengine.quantize(torch.randn(n, k), "nf4", bs, double_quant=True)
-    w64 = q.dequantize().to(torch.float64)
-    qg = q.to("cuda")
-    x = torch.randn(m, k, device="cuda", requires_grad=True)
-    bias = torch.randn(n, device="cuda", requires_grad=True)
-    a = (torch.randn(r, k, device="cuda") * 0.1).requires_grad_()
-    b = (torch.randn(n, r, device="cuda") * 0.1).requires_grad_()
-    y = qengine.matmul(x, qg, bias, (a, b, s))
-    g = torch.randn_like(y)
-    y.backward(g)
-
-    x64, bias64, a64, b64 = (t.detach().cpu().to(torch.float64).requires_grad_() for t in (x, bias, a, b))
-    ref = x64 @ w64.t() + bias64 + s * (x64 @ a64.t()) @ b64.t()
-    ref.backward(g.cpu().to(torch.float64))
-    tol = 1e-4 * math.sqrt(k)
-    assert torch.allclose(y.detach().cpu().to(torch.float64), ref, rtol=1e-5, atol=tol)
-    for got, want in ((x.grad, x64.grad), (bias.grad, bias64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
-        assert got.device.type == "cuda"
-        assert torch.allclose(got.cpu().to(torch.float64), want, rtol=1e-5, atol=tol * math.sqrt(max(m, n)))
+    for t in check_bias_lora_and_gradients(m, layer, "cuda"):
+        assert t.grad.device.type == "cuda"
 
 
 @pytest.mark.parametrize("m", [1, 20])

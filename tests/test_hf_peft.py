@@ -8,6 +8,7 @@ import torch
 
 import qengine
 from qengine.nn import LoRALinear, QuantLinear
+from support import train_causal_lm
 
 peft = pytest.importorskip("peft", reason="peft is not installed (the hf extra of torch-qengine)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
@@ -46,14 +47,7 @@ def test_peft_lora_on_quantlinear_matches_qengine_lora():
         assert torch.allclose(layer(x), ours(x), rtol=1e-5, atol=1e-6)
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = pm(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_causal_lm(pm, ids, [p for p in pm.parameters() if p.requires_grad], 4)
     assert losses[-1] < losses[0]
     with pytest.raises(TypeError, match="re-quantize"):
         pm.merge_and_unload()
@@ -65,15 +59,7 @@ def test_peft_lora_on_quantlinear_matches_qengine_lora():
 def _train_plain(pm, ids, steps=4):
     """Trains pm's trainable parameters on one batch; returns (losses, state dict before)."""
     before = {k: v.detach().clone() for k, v in pm.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(steps):
-        loss = pm(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, before
+    return train_causal_lm(pm, ids, [p for p in pm.parameters() if p.requires_grad], steps), before
 
 
 def _check_only_lora_changed(pm, before, lora_key=lambda k: "lora_" in k):

@@ -18,6 +18,7 @@ import torch
 
 import qengine
 from qengine.nn import QuantLinear
+from support import train_causal_lm
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
 import qengine.hf  # noqa: E402
@@ -125,14 +126,7 @@ def test_quantized_model_trains_with_lora(saved):
     qm = AutoModel.from_pretrained(path, quantization_config=QEngineConfig())
     qengine.add_lora(qm, r=4)
     ids = torch.randint(0, 128, (2, 9))
-    opt = torch.optim.Adam(qengine.lora_parameters(qm), lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = qm(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_causal_lm(qm, ids, qengine.lora_parameters(qm), 4, torch.optim.Adam)
     assert losses[-1] < losses[0]
 
 

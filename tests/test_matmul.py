@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import qengine
-from cases import TORCH_JIT_DEPRECATION, fmt_of
-from support import matmul_bound, reference_weight
+from cases import TORCH_JIT_DEPRECATION
+from support import check_bias_lora_and_gradients, matmul_bound, random_quantized
 
 BATCHES = [1, 3, 16, 17, 64]
 # (out_features, in_features, blocksize): the fused kernel's shape (K % 128 == 0), a
@@ -25,9 +25,7 @@ LAYERS = [(96, 256, 64), (40, 192, 32), (33, 384, None), (30, 200, 64)]
 @pytest.mark.parametrize("dq", [False, True])
 def test_forward_matches_reference(layer, m, dtype, dq):
     n, k, bs = layer
-    w = torch.randn(n, k)
-    q = qengine.quantize(w, "nf4", bs, double_quant=dq)
-    w64 = reference_weight(w, "nf4", bs, dq)
+    q, w64 = random_quantized(n, k, "nf4", bs, dq)
     x = torch.randn(m, k).to(dtype)
     y = qengine.matmul(x, q)
     assert y.dtype == dtype and y.shape == (m, n)
@@ -39,9 +37,7 @@ def test_forward_matches_reference(layer, m, dtype, dq):
 @pytest.mark.parametrize("fmt", ["fp4", "int4", "int8", "uint4", "uint8", "cb5", "cb200"])
 @pytest.mark.parametrize("m", [1, 5, 17])
 def test_every_format(fmt, m):
-    w = torch.randn(48, 256)
-    q = qengine.quantize(w, fmt_of(fmt), 64, double_quant=True)
-    w64 = reference_weight(w, fmt, 64, True)
+    q, w64 = random_quantized(48, 256, fmt, 64, True)
     x = torch.randn(2, m, 256)
     y = qengine.matmul(x, q)
     x64 = x.to(torch.float64)
@@ -53,25 +49,7 @@ def test_every_format(fmt, m):
 @pytest.mark.parametrize("m", [1, 4, 16, 40])
 @pytest.mark.parametrize("layer", [(64, 256, 64), (30, 200, 64)], ids=["aligned", "straddling"])
 def test_bias_lora_and_gradients(m, layer):
-    n, k, bs = layer
-    r, s = 8, 0.75
-    q = qengine.quantize(torch.randn(n, k), "nf4", bs, double_quant=True)
-    w64 = q.dequantize().to(torch.float64)  # the frozen weight as the layer sees it
-    x = torch.randn(m, k, requires_grad=True)
-    bias = torch.randn(n, requires_grad=True)
-    a = (torch.randn(r, k) * 0.1).requires_grad_()
-    b = (torch.randn(n, r) * 0.1).requires_grad_()
-    y = qengine.matmul(x, q, bias, (a, b, s))
-    g = torch.randn_like(y)
-    y.backward(g)
-
-    x64, bias64, a64, b64 = (t.detach().to(torch.float64).requires_grad_() for t in (x, bias, a, b))
-    ref = x64 @ w64.t() + bias64 + s * (x64 @ a64.t()) @ b64.t()
-    ref.backward(g.to(torch.float64))
-    tol = 1e-4 * math.sqrt(k)
-    assert torch.allclose(y.to(torch.float64), ref, rtol=1e-5, atol=tol)
-    for got, want in ((x.grad, x64.grad), (bias.grad, bias64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
-        assert torch.allclose(got.to(torch.float64), want, rtol=1e-5, atol=tol * math.sqrt(max(m, n)))
+    check_bias_lora_and_gradients(m, layer, "cpu")
 
 
 def test_lora_zero_b_is_the_base():

@@ -16,6 +16,7 @@ import torch
 import qengine
 from cases import TORCH_JIT_DEPRECATION
 from qengine.nn import LoRAExperts, QuantExpertsWeight
+from support import train_causal_lm
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
 pytest.importorskip("transformers.integrations.moe", reason="this transformers has no experts interface")
@@ -112,16 +113,8 @@ def test_router_unchanged(name):
 
 
 def _train(model, ids, steps, compiled=False):
-    opt = torch.optim.AdamW(qengine.lora_parameters(model), lr=1e-2)
     fwd = torch.compile(model, fullgraph=True) if compiled else model
-    losses = []
-    for _ in range(steps):
-        loss = fwd(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_causal_lm(fwd, ids, qengine.lora_parameters(model), steps)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -26,6 +26,14 @@ def quantize_args(x, fmt, blocksize, convert=lambda t: t):
     return (x.reshape(-1), *tabs, f.bits, blocksize, f.rule_code, f.identity_order)
 
 
+def quantized_input(fmt):
+    """(x, q, table): a float32 [37, 33] input, quantized in fmt (blocksize 64), and the table the
+    dequantize ops take."""
+    x = make_input((37, 33), torch.float32)
+    q = qengine.quantize(x, fmt_of(fmt), 64)
+    return x, q, tables(q.format)[0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", OPS_FORMATS)
 def test_opcheck_quantize_blockwise(fmt, dtype):
@@ -36,9 +44,7 @@ def test_opcheck_quantize_blockwise(fmt, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fmt", OPS_FORMATS)
 def test_opcheck_dequantize_blockwise(fmt, dtype):
-    x = make_input((37, 33), torch.float32)
-    q = qengine.quantize(x, fmt_of(fmt), 64)
-    table = tables(q.format)[0]
+    x, q, table = quantized_input(fmt)
     args = (q.packed, table, q.scales, q.offsets, q.format.bits, 64, x.numel(), dtype)
     torch.library.opcheck(torch.ops.qengine.dequantize_blockwise.default, args)
 
@@ -46,9 +52,7 @@ def test_opcheck_dequantize_blockwise(fmt, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", OPS_FORMATS)
 def test_opcheck_dequantize_blockwise_out(fmt, dtype):
-    x = make_input((37, 33), torch.float32)
-    q = qengine.quantize(x, fmt_of(fmt), 64)
-    table = tables(q.format)[0]
+    x, q, table = quantized_input(fmt)
     out = torch.empty(x.numel(), dtype=dtype)
     args = (q.packed, table, q.scales, q.offsets, q.format.bits, 64, x.numel(), out)
     torch.library.opcheck(torch.ops.qengine.dequantize_blockwise_out.default, args)

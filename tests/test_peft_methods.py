@@ -11,6 +11,7 @@ import torch
 import qengine
 import qengine.peft as qpeft
 from qengine.nn import QuantLinear
+from support import train_causal_lm
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra of torch-qengine)")
 
@@ -30,14 +31,7 @@ def _train(model, steps: int = 6, lr: float = 1e-2):
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, "method left nothing trainable"
-    opt = torch.optim.Adam(params, lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_causal_lm(model, ids, params, steps, torch.optim.Adam, lr)
     after = model.state_dict()
     changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
     assert set(after) == set(before)
