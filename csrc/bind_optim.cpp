@@ -31,7 +31,7 @@ qengine::StateCode state_code(addr table, addr lut, int base, int kmax, addr enc
                             reinterpret_cast<const void*>(encoder), form};
 }
 
-// The gather-free search tables of one code (cpu/state_encoder.h), owned by the Python object.
+// The gather-free search tables of one code (cpu/optim/state_encoder.h), owned by the Python object.
 struct StateEncoderHandle {
   std::unique_ptr<qengine::cpu::StateEncoder> encoder = std::make_unique<qengine::cpu::StateEncoder>();
   bool usable = false;

@@ -436,3 +436,47 @@ def test_ill_conditioned_mlp_tracks_fp32_at_least_as_closely_as_bitsandbytes():
 
     assert dist("qengine") <= dist("bnb"), (dist("qengine"), dist("bnb"))
     assert abs(finals["qengine"][0] - finals["fp32"][0]) <= 0.1 * finals["fp32"][0]
+
+
+def test_states_saved_in_an_older_code_are_re_encoded_on_load():
+    """A checkpoint of an older qengine stores m in the code it used then (qmap1 = the
+    (5, 2, 3, 127) minifloat, block scale max |m|): loading decodes it with that table and
+    re-encodes it in today's code, so a run resumes from (nearly) the same moments."""
+    from qengine.formats import _state8_code
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = PagedAdamW8bit([p], lr=1e-2)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    sd = opt.state_dict()
+    st = sd["state"][0]
+    now = get_format("_state8_signed").kernel_tables("cpu")[0]
+    n = p.numel()
+    pad = (-n) % 256
+    m = torch.cat([now[st["state1"].long()], torch.zeros(pad)]).reshape(-1, 256) * st["absmax1"].reshape(-1, 1)
+    old_table = torch.tensor(_state8_code((5, 2, 3, 127)), dtype=torch.float32)
+    absmax = m.abs().amax(dim=1)
+    mids = (old_table[1:] + old_table[:-1]) / 2
+    old_codes = torch.searchsorted(mids, (m / absmax.reshape(-1, 1)).reshape(-1)[:n].contiguous()).to(torch.uint8)
+    old_m = (old_table[old_codes.long()].reshape(-1)[:n])
+    old_m = (torch.cat([old_m, torch.zeros(pad)]).reshape(-1, 256) * absmax.reshape(-1, 1)).reshape(-1)[:n]
+    st.update(state1=old_codes, absmax1=absmax, qmap1=old_table)
+
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = PagedAdamW8bit([q], lr=1e-2)
+    fresh.load_state_dict(sd)
+    back = fresh.state_dict()["state"][0]
+    decoded = (torch.cat([now[back["state1"].long()], torch.zeros(pad)]).reshape(-1, 256)
+               * back["absmax1"].reshape(-1, 1)).reshape(-1)[:n]
+    assert torch.equal(back["qmap1"], now)
+    # one re-encoding: within the new code's step near each value (1/32 of a binade above 0.5
+    # of the block's scale, 1/8 of one below), and the block's largest element exact
+    assert bool(((decoded - old_m).abs() <= old_m.abs() / 8 + 2.0**-13 * absmax.max()).all())
+    lead = int(m.abs().reshape(-1)[:n].argmax())
+    assert float(decoded[lead]) == pytest.approx(float(old_m[lead]), rel=1e-6)
+
+    st["qmap1"] = old_table.flip(0)  # not a sorted table: refused, never decoded as garbage
+    with pytest.raises(ValueError, match="qmap1 is not a sorted code table"):
+        PagedAdamW8bit([torch.nn.Parameter(p.detach().clone())]).load_state_dict(sd)

@@ -107,16 +107,27 @@ def test_state_dict_from_another_optimizer(cls):
         opt.load_state_dict(amsgrad.state_dict())
 
 
-def test_8bit_state_dict_in_other_state_codes_is_refused():
+def test_8bit_state_dict_in_other_state_codes_is_re_encoded_or_refused():
     """8-bit checkpoints carry the values of their codes (qmap1, qmap2): codes from another
-    version (or none, from a version before checkpoints carried them) would decode to wrong
-    states."""
+    version are decoded with the table they carry and re-encoded in today's codes (never read
+    as today's codes); a checkpoint without its tables (from a version before checkpoints
+    carried them) cannot be decoded and is refused."""
     opt, _ = _stepped(PagedAdamW8bit)
     before = opt.state_dict()
     sd = opt.state_dict()
-    sd["state"][0]["qmap1"] = torch.tensor(qengine.get_format("dynamic8").values, dtype=torch.float32)
-    with pytest.raises(ValueError, match="qmap1 is not the code"):
-        opt.load_state_dict(sd)
+    other = torch.tensor(qengine.get_format("dynamic8").values, dtype=torch.float32)
+    sd["state"][0]["qmap1"] = other
+    saved = other[sd["state"][0]["state1"].long()]
+    n = saved.numel()
+    saved = (torch.cat([saved, saved.new_zeros((-n) % 256)]).reshape(-1, 256)
+             * sd["state"][0]["absmax1"].reshape(-1, 1)).reshape(-1)[:n]
+    opt.load_state_dict(sd)
+    st = opt.state_dict()["state"][0]
+    now = st["qmap1"][st["state1"].long()]
+    now = (torch.cat([now, now.new_zeros((-n) % 256)]).reshape(-1, 256) * st["absmax1"].reshape(-1, 1)).reshape(-1)[:n]
+    assert not torch.equal(st["qmap1"], other)
+    assert bool(((now - saved).abs() <= saved.abs() / 8 + 2.0**-13 * saved.abs().max()).all())
+    opt.load_state_dict(before)
     sd = opt.state_dict()
     del sd["state"][1]["qmap1"], sd["state"][1]["qmap2"]
     with pytest.raises(ValueError, match="older qengine"):

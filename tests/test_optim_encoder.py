@@ -1,4 +1,4 @@
-"""The gather-free nearest-code search of the 8-bit optimizer states (csrc/cpu/state_encoder.h),
+"""The gather-free nearest-code search of the 8-bit optimizer states (csrc/cpu/optim/state_encoder.h),
 which AVX-512 VBMI CPUs use in place of the bucket-table gather: both state codes fit its
 tables, and its codes equal the searchsorted reference on every midpoint and its float
 neighbours, every bucket edge, signed zeros, subnormals and a million log-uniform values."""

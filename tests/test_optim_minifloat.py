@@ -1,5 +1,5 @@
 """The 8-bit optimizer states' codes as two-piece minifloats (formats.STATE8_*_FORM,
-csrc/cpu/state_minifloat.h): their values follow the documented construction, and the check
+csrc/cpu/optim/state_minifloat.h): their values follow the documented construction, and the check
 that lets the CPU kernels decode and encode them by shifts accepts exactly the right form:
 a wrong field, a table value one ulp off or a search table with one midpoint moved fails it."""
 

@@ -1,4 +1,4 @@
-// The fused AdamW step on CUDA, mirroring cpu/optim.cpp: the same adamw_element, block
+// The fused AdamW step on CUDA, mirroring cpu/optim/optim.cpp: the same adamw_element, block
 // scales (m_signed_scale for m, absmax for v) and encode_state from qengine/optim_math.h (built with --fmad=false), so the bytes match the
 // CPU kernels. One launch per task; 32-bit states: one thread per element; 8-bit states: one
 // 256-thread CUDA block per 256-element state block (absmax by a block reduction).

@@ -1,5 +1,5 @@
 // Entry points of the fused optimizer step (CPU and CUDA). They take task and constant tables
-// that python/qengine/optim/_ops.py has built and checked, and return a Status.
+// that python/qengine/ops/optim.py has built and checked, and return a Status.
 #pragma once
 #include <cstdint>
 

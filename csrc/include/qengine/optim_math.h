@@ -14,10 +14,10 @@
 // element's sign: m_signed_scale), v as codes of an unsigned one scaled by max v (sorted
 // 256-value tables, python/qengine/formats.py). The nearest code is found without a search: a
 // byte table indexed by the float's sign, exponent and top 7 mantissa bits gives the candidate
-// and the one midpoint that can separate it from the next code (python/qengine/optim/_ops.py
+// and the one midpoint that can separate it from the next code (python/qengine/ops/optim.py
 // builds it and checks that). The CPU's SIMD kernels use equivalent forms without gathers: the
 // codes' minifloat arithmetic (MinifloatForm below; AVX2) or byte-permute tables built from
-// encode_state itself (csrc/cpu/state_encoder.h; AVX-512 VBMI).
+// encode_state itself (csrc/cpu/optim/state_encoder.h; AVX-512 VBMI).
 #pragma once
 #include <cstdint>
 
@@ -67,7 +67,7 @@ struct OptimTask {
 // 0.0. Within a piece the float bits of consecutive magnitudes are evenly spaced:
 //   bits(k) = (k + offset) << (23 - piece's mantissa bits)
 // so the nearest magnitude of a float is its bits rounded at that bit, minus the offset: shifts
-// instead of table lookups. mantissa_bits == 0: the code has no such form. cpu/state_minifloat.cpp
+// instead of table lookups. mantissa_bits == 0: the code has no such form. cpu/optim/state_minifloat.cpp
 // checks a form against the code's table and search before any kernel may use it.
 struct MinifloatForm {
   int top_mantissa_bits = 0;
@@ -80,7 +80,7 @@ struct MinifloatForm {
 //
 // Search: floats whose bits share the top 16 (sign, exponent, 7 mantissa bits) form a bucket;
 // lut[bucket] = (first << 16) | t, where `first` is the number of midpoints below the bucket
-// and t the low 16 bits of the one midpoint inside it (python/qengine/optim/_ops.py checks
+// and t the low 16 bits of the one midpoint inside it (python/qengine/ops/optim.py checks
 // that no bucket holds two). Inside a bucket the low 16 bits order the magnitudes, so
 // x > midpoint is (low16(x) > t) for positive x and (low16(x) < t) for negative x; a bucket
 // without a midpoint stores t = 0xffff (positive) or 0 (negative), which never passes.
@@ -91,7 +91,7 @@ struct StateCode {
   const uint32_t* lut;  // 2 * (lut_kmax + 1) entries: negatives (largest magnitude first), then positives
   int lut_base;         // (|x| bits >> 16) of the lowest bucket
   int lut_kmax;         // buckets per sign - 1
-  // CPU only, may be null: a cpu::StateEncoder (csrc/cpu/state_encoder.h) built from this code,
+  // CPU only, may be null: a cpu::StateEncoder (csrc/cpu/optim/state_encoder.h) built from this code,
   // the gather-free form of the same search for AVX-512 VBMI CPUs.
   const void* cpu_encoder = nullptr;
   // CPU only: the arithmetic form of the code (mantissa_bits 0: none), checked against table and lut.

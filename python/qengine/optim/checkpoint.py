@@ -94,13 +94,20 @@ def _check_state(i: int, p: torch.Tensor, st: object, bits: int) -> dict:
         else:
             hint = " (a state dict from another optimizer?)"
         raise ValueError(f"state of parameter {i} has keys {sorted(st)}, expected {sorted(expected)}{hint}")
+    recode = {}
     if bits == 8:
         for key, code in zip(("qmap1", "qmap2"), optim_ops.state_codes(torch.device("cpu"))):
             saved = st[key]
-            if not (isinstance(saved, torch.Tensor) and saved.dtype == torch.float32 and saved.numel() == 256
-                    and torch.equal(saved.detach().cpu().reshape(-1), code.table)):
-                raise ValueError(f"state of parameter {i}: {key} is not the code this qengine stores that state in "
-                                 "(8-bit states saved in other codes; resume with the version that saved them)")
+            if not (isinstance(saved, torch.Tensor) and saved.dtype == torch.float32 and saved.numel() == 256):
+                raise ValueError(f"state of parameter {i}: {key} must be a float32 code table of 256 values")
+            saved = saved.detach().cpu().reshape(-1)
+            if torch.equal(saved, code.table):
+                continue
+            if not (bool(torch.isfinite(saved).all()) and bool((saved[1:] > saved[:-1]).all())
+                    and float(saved.abs().max()) <= 1.0):
+                raise ValueError(f"state of parameter {i}: {key} is not a sorted code table within [-1, 1] "
+                                 "(corrupt checkpoint)")
+            recode[key] = (saved, code.table)  # saved by another qengine version: re-encoded below
     step = st["step"]
     step = float(step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step) \
         if isinstance(step, (int, float, torch.Tensor)) else float("nan")
@@ -128,7 +135,33 @@ def _check_state(i: int, p: torch.Tensor, st: object, bits: int) -> dict:
             if key in ("exp_avg_sq", "absmax2") and bool((t < 0).any()):
                 raise ValueError(f"state of parameter {i}: {key} must be >= 0 (corrupt checkpoint)")
         out[key] = t.detach().reshape(-1)
+    for qmap, (state, absmax, signed) in (("qmap1", ("state1", "absmax1", True)),
+                                          ("qmap2", ("state2", "absmax2", False))):
+        if qmap in recode:
+            out[state], out[absmax] = recode_states(out[state], out[absmax], *recode[qmap], signed)
     return out
+
+
+def recode_states(codes: torch.Tensor, scales: torch.Tensor, old_table: torch.Tensor, new_table: torch.Tensor,
+                  signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit states saved in another code (an older qengine's): decoded with the table they were
+    saved with, then encoded as the kernels encode them now: per block of 256, the scale is the
+    largest magnitude (for m, signed: that element with its sign, ties positive), each value the
+    nearest code (ties to the lower code). Returns (codes uint8, scales float32)."""
+    n, block = codes.numel(), optim_ops.BLOCK
+    pad = (-n) % block
+    values = old_table[codes.long()].reshape(-1)
+    values = torch.cat([values, values.new_zeros(pad)]).reshape(-1, block) * scales.reshape(-1, 1)
+    top, bottom = values.amax(dim=1), values.amin(dim=1)
+    if signed:
+        scale = torch.where(top >= -bottom, top, bottom)
+    else:
+        scale = torch.maximum(top, -bottom)
+    inv = 1.0 / torch.where(scale.abs() > 1e-38, scale, torch.full_like(scale, 1e-38).copysign(scale))
+    normalised = (values * inv.reshape(-1, 1)).reshape(-1)[:n]
+    midpoints = (new_table[1:] + new_table[:-1]) / 2
+    new_codes = torch.searchsorted(midpoints, normalised.contiguous(), side="left").to(torch.uint8)
+    return new_codes, scale.to(torch.float32)
 
 
 def load_state_dict(opt, sd: dict) -> None:
