@@ -71,14 +71,21 @@ def test_replaced_storage_is_refused_and_changes_nothing(cls, layout, new):
     # The right-sized parameter again: the next step runs, from the states the refused step kept.
     b.data = old
     grads = [torch.randn_like(p) for p in (a, b, c)]
-    twin_params = [torch.nn.Parameter(v.clone()) for v in values]
+    _assert_steps_like_a_twin(opt, cls, (a, b, c), [v.clone() for v in values], [grads], **layout)
+
+
+def _assert_steps_like_a_twin(opt, cls, params, twin_values, grads_per_step, **layout):
+    """A twin optimizer on copies of the parameters, loaded from opt's state_dict, takes the
+    same steps (the given gradients) to the same parameters and states."""
+    twin_params = [torch.nn.Parameter(v) for v in twin_values]
     twin = cls(twin_params, lr=1e-2, **layout)
     twin.load_state_dict(opt.state_dict())
-    for p, tp, g in zip((a, b, c), twin_params, grads):
-        p.grad, tp.grad = g.clone(), g.clone()
-    opt.step()
-    twin.step()
-    for p, tp in zip((a, b, c), twin_params):
+    for grads in grads_per_step:
+        for p, tp, g in zip(params, twin_params, grads):
+            p.grad, tp.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+    for p, tp in zip(params, twin_params):
         assert torch.equal(p, tp)
     _assert_same_state(_state(opt), _state(twin))
 
@@ -121,18 +128,8 @@ def test_stateless_parameter_may_change_before_its_first_step(cls):
     opt.step()  # b and c have no state yet
     b.data = torch.randn(1000).to(torch.bfloat16)
     c.data = c.data.to(torch.float16)
-    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in (a, b, c)]
-    twin = cls(twin_params, lr=1e-2)
-    twin.load_state_dict(opt.state_dict())  # a's state
-    for _ in range(2):
-        for p, tp in zip((a, b, c), twin_params):
-            p.grad = torch.randn_like(p)
-            tp.grad = p.grad.clone()
-        opt.step()
-        twin.step()
-    for p, tp in zip((a, b, c), twin_params):
-        assert torch.equal(p, tp)
-    _assert_same_state(_state(opt), _state(twin))
+    grads = [[torch.randn_like(p) for p in (a, b, c)] for _ in range(2)]
+    _assert_steps_like_a_twin(opt, cls, (a, b, c), [p.detach().clone() for p in (a, b, c)], grads)  # a's state
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
