@@ -1,5 +1,5 @@
 """The `qengine` command (also `python -m qengine`): info, formats, quantize, eval, plan, finetune,
-generate, bench, demo and doctor. Bad input ends with one line on stderr and exit status 2."""
+export, generate, bench, demo and doctor. Bad input ends with one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .._version import DISTRIBUTION, __version__
 from ..doctor import add_doctor_args
 from .demo import add_demo_args
 from .eval_cmd import add_eval_args
+from .export_cmd import add_export_args
 from .info import cmd_formats, cmd_info
 from .model_cmds import add_finetune_args, add_generate_args, add_quantize_args
 from .plan_cmd import add_plan_args
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_args(sub.add_parser("plan", help="per-layer formats of a model under a bits-per-parameter budget, "
                                  "from each layer's measured sensitivity (writes plan.json)"))
     add_finetune_args(sub.add_parser("finetune", help="QLoRA fine-tuning of a model directory on a text file"))
+    add_export_args(sub.add_parser("export", help="write a model (with its LoRA adapter merged) as a llama.cpp GGUF "
+                                   "file"))
     add_generate_args(sub.add_parser("generate", help="continue a prompt (optionally with a LoRA adapter)"))
     p = sub.add_parser("bench", help="kernel microbenchmarks against copy bandwidth and dense torch")
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repetitions")

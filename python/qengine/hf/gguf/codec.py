@@ -1,0 +1,153 @@
+"""GGUF blocks <-> qengine QuantizedTensor, exactly: each GGUF block's codes and scales become
+qengine codes and float32 block scales (and offsets) with integer torch ops, never through a
+float weight.
+
+The tables (registered as private formats, so saved checkpoints name them; a checkpoint that
+is loaded without this module falls back to the stored codebook, which is the same table):
+
+- ``_gguf_q4_0``: 4-bit absmax, values (q - 8) / 8, q = 0..15; scale = 8 * d (Q4_0's w = d * (q - 8)).
+  d is signed in GGUF (the quantizer divides the block's signed extreme by -8), so the scale
+  is too: a negative scale flips the block, decoded exactly by every kernel.
+- ``_gguf_q8_0``: 8-bit absmax, values (c - 128) / 128 with c = q + 128 (Q8_0's int8 q); scale = 128 * d.
+- ``_gguf_u4``: 4-bit minmax, values q / 16; Q4_1 (scale 16 * d, offset m) and Q4_K
+  (per 32: scale 16 * d * sc, offset -dmin * m; 6-bit sc and m).
+- ``_gguf_u5``: 8-bit minmax holding 32 values q / 32 (Q5_K's 5-bit codes, one a byte).
+
+Every product code * scale is exact in float32 (an fp16 d has 11 significant bits, a 6-bit
+sub-block scale 6, a code at most 8), so the decode equals gguf.quants.dequantize bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...formats import Format, get_format, register_format
+from ...tensor import QuantizedTensor
+
+__all__ = ["EXACT_TYPES", "FALLBACK_TYPES", "FLOAT_TYPES", "decode_blocks", "supported_types"]
+
+_TABLES = {
+    "_gguf_q4_0": (4, tuple((q - 8) / 8 for q in range(16)), "absmax", "GGUF Q4_0 codes: (q - 8) / 8"),
+    "_gguf_q8_0": (8, tuple((c - 128) / 128 for c in range(256)), "absmax", "GGUF Q8_0 codes: q / 128"),
+    "_gguf_u4": (4, tuple(q / 16 for q in range(16)), "minmax", "GGUF Q4_1 / Q4_K codes: q / 16"),
+    "_gguf_u5": (8, tuple(q / 32 for q in range(32)), "minmax", "GGUF Q5_K codes: q / 32, one a byte"),
+}
+
+
+def _format(name: str) -> Format:
+    try:
+        return get_format(name)
+    except ValueError:
+        bits, values, rule, desc = _TABLES[name]
+        return register_format(Format(name, bits, values, rule, desc))
+
+
+def _f16(raw: torch.Tensor, at: int) -> torch.Tensor:
+    """The float16 at byte `at` of each block of raw (uint8 [nblocks, type_size]), as float32."""
+    return raw[:, at:at + 2].contiguous().view(torch.float16).to(torch.float32).reshape(-1)
+
+
+def _pack4(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (uint8 [..., even]) in qengine's nibble order: element 2k high, 2k + 1 low."""
+    flat = codes.reshape(-1, 2)
+    return (flat[:, 0] << 4) | flat[:, 1]
+
+
+def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
+    """GGUF's nibble order: within each `group` bytes, the low nibbles are the first `group`
+    elements and the high nibbles the next; uint8 [nblocks, bytes] -> codes [nblocks, 2 * bytes]."""
+    nb = qs.shape[0]
+    g = qs.reshape(nb, -1, 1, group)
+    return torch.cat([g & 0x0F, g >> 4], dim=2).reshape(nb, -1)
+
+
+def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 6-bit sub-block scales and minima of Q4_K / Q5_K (uint8 [nblocks, 12] -> two int32
+    [nblocks, 8]), unpacked as gguf.quants.Q4_K.get_scale_min does."""
+    s = scales.reshape(-1, 3, 4).to(torch.int32)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mn
+
+
+def _q4_0(raw):
+    codes = _nibbles(raw[:, 2:], 16)
+    return _pack4(codes), _f16(raw, 0) * 8, None, "_gguf_q4_0", 32
+
+
+def _q8_0(raw):
+    return (raw[:, 2:] ^ 0x80).reshape(-1), _f16(raw, 0) * 128, None, "_gguf_q8_0", 32
+
+
+def _q4_1(raw):
+    codes = _nibbles(raw[:, 4:], 16)
+    return _pack4(codes), _f16(raw, 0) * 16, _f16(raw, 2), "_gguf_u4", 32
+
+
+def _k_params(raw, top: int):
+    d, dmin = _f16(raw, 0)[:, None], _f16(raw, 2)[:, None]
+    sc, mn = _k_scale_min(raw[:, 4:16])
+    # d * sc first (as gguf), then the power of two that undoes the table's 1 / top: both exact.
+    scales = (d * sc.to(torch.float32)) * top
+    offsets = -(dmin * mn.to(torch.float32))
+    return scales.reshape(-1), offsets.reshape(-1)
+
+
+def _q4_k(raw):
+    codes = _nibbles(raw[:, 16:144], 32)
+    scales, offsets = _k_params(raw, 16)
+    return _pack4(codes), scales, offsets, "_gguf_u4", 32
+
+
+def _q5_k(raw):
+    nb = raw.shape[0]
+    low = _nibbles(raw[:, 48:176], 32).reshape(nb, 8, 32)
+    qh = raw[:, 16:48].reshape(nb, 1, 32)
+    high = (qh >> torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)) & 1
+    scales, offsets = _k_params(raw, 32)
+    return (low | (high << 4)).reshape(-1), scales, offsets, "_gguf_u5", 32
+
+
+# GGML type name -> (block size in elements, bytes per block, decoder).
+EXACT_TYPES = {"Q4_0": (32, 18, _q4_0), "Q8_0": (32, 34, _q8_0), "Q4_1": (32, 20, _q4_1),
+               "Q4_K": (256, 144, _q4_k), "Q5_K": (256, 176, _q5_k)}
+# Decoded to float (exactly, by gguf.quants.dequantize): Q6_K's 16-element sub-blocks are below
+# qengine's smallest block (32), so one float32 scale per 32 cannot hold its two int8 scales.
+FALLBACK_TYPES = ("Q6_K",)
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def supported_types() -> str:
+    return ", ".join((*EXACT_TYPES, *(f"{t} (decoded to float)" for t in FALLBACK_TYPES), *FLOAT_TYPES))
+
+
+def decode_blocks(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> QuantizedTensor:
+    """A QuantizedTensor of `shape` (torch order, [rows, cols]) from a GGUF tensor's bytes.
+
+    raw: uint8 [nbytes] of an EXACT_TYPES tensor, row-major; cols must be a multiple of the
+    type's block size (GGUF requires it)."""
+    block, size, fn = EXACT_TYPES[type_name]
+    numel = 1
+    for s in shape:
+        numel *= s
+    if raw.numel() != numel // block * size or shape[-1] % block:
+        raise ValueError(f"a {type_name} tensor of shape {list(shape)} takes {numel // block * size} bytes, got "
+                         f"{raw.numel()}")
+    packed, scales, offsets, fmt, bs = fn(raw.reshape(-1, size))
+    if not (torch.isfinite(scales).all() and (offsets is None or torch.isfinite(offsets).all())):
+        raise ValueError(f"{type_name} tensor has NaN or Inf block scales (corrupt data)")
+    return QuantizedTensor(packed.contiguous(), scales.contiguous(),
+                           None if offsets is None else offsets.contiguous(), _format(fmt), torch.Size(shape),
+                           torch.float32, bs)
+
+
+def permute_rows(q: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
+    """q with its rows reordered (row i of the result = row index[i] of q); whole rows of codes
+    and their block scales / offsets move (a row is whole blocks)."""
+    rows = q.shape[0]
+
+    def take(t):
+        return None if t is None else t.reshape(rows, -1)[index].reshape(-1).contiguous()
+
+    return QuantizedTensor(take(q.packed), take(q.scales), take(q.offsets), q.format, q.shape, q.dtype, q.blocksize)

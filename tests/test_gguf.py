@@ -1,0 +1,208 @@
+"""GGUF in and out (qengine.hf.gguf): a tiny Llama written by the gguf package (no download) with
+Q4_0, Q8_0, Q4_1, Q4_K, Q5_K and Q6_K tensors -> load -> logits vs transformers' own GGUF load ->
+QLoRA steps -> export -> read back; every decode against gguf.quants.dequantize bit for bit;
+exported bytes against gguf.quants.quantize; bad files."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+import qengine  # noqa: E402
+from qengine.cli import main  # noqa: E402
+from qengine.hf import export_gguf, load_model  # noqa: E402
+from qengine.hf.gguf import EXACT_TYPES, decode_blocks  # noqa: E402
+from qengine.nn import QuantLinear  # noqa: E402
+
+T = gguf.GGMLQuantizationType
+LAYER_TYPES = [dict(q=T.Q4_0, k=T.Q8_0, v=T.Q4_1, o=T.Q4_K, gate=T.Q5_K, up=T.Q4_K, down=T.Q6_K),
+               dict(q=T.Q4_K, k=T.Q4_0, v=T.Q8_0, o=T.Q4_1, gate=T.Q4_0, up=T.Q5_K, down=T.Q4_K)]
+DIMS = dict(hidden=256, inter=512, heads=4, kv=2, layers=2, vocab=288)
+
+
+def random_blocks(rng, rows, cols, qtype):
+    """Random bytes of a K-quant (the gguf package has no K-quant quantizer), with sane fp16 factors."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    b = raw.reshape(-1, size)
+
+    def f16(lo, hi):
+        return np.frombuffer(rng.uniform(lo, hi, b.shape[0]).astype(np.float16).tobytes(), np.uint8).reshape(-1, 2)
+
+    if qtype == T.Q6_K:
+        b[:, -2:] = f16(0.0005, 0.002)
+    else:
+        b[:, 0:2], b[:, 2:4] = f16(0.0005, 0.002), f16(0.0, 0.002)
+    return raw
+
+
+def weights(rng, rows, cols, qtype):
+    if qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0):
+        return gguf.quants.quantize((rng.standard_normal((rows, cols)) * 0.05).astype(np.float32), qtype)
+    return random_blocks(rng, rows, cols, qtype)
+
+
+def write_llama(path, layer_types=LAYER_TYPES, output=T.Q6_K, seed=0, truncate=0):
+    """A tiny Llama GGUF file; truncate > 0 cuts that many bytes off its end, < 0 keeps only -truncate bytes."""
+    d = DIMS
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(os.fspath(path), "llama")
+    w.add_context_length(128)
+    w.add_block_count(d["layers"])
+    w.add_feed_forward_length(d["inter"])
+    w.add_embedding_length(d["hidden"])
+    w.add_rope_dimension_count(d["hidden"] // d["heads"])
+    w.add_rope_freq_base(10000.0)
+    w.add_head_count(d["heads"])
+    w.add_head_count_kv(d["kv"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(d["vocab"])
+
+    def add(name, rows, cols, qtype):
+        if qtype in (T.F32, T.F16):
+            data = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32 if qtype == T.F32 else np.float16)
+            w.add_tensor(name, data if rows > 1 else 1 + data.reshape(cols))
+        else:
+            w.add_tensor(name, weights(rng, rows, cols, qtype), raw_dtype=qtype)
+
+    h, kvd = d["hidden"], d["kv"] * d["hidden"] // d["heads"]
+    add("token_embd.weight", d["vocab"], h, T.F16)
+    for i in range(d["layers"]):
+        ty = layer_types[i % len(layer_types)]
+        add(f"blk.{i}.attn_norm.weight", 1, h, T.F32)
+        for key, rows, cols in (("q", h, h), ("k", kvd, h), ("v", kvd, h), ("output", h, h)):
+            add(f"blk.{i}.attn_{key}.weight", rows, cols, ty[key[0]])
+        add(f"blk.{i}.ffn_norm.weight", 1, h, T.F32)
+        add(f"blk.{i}.ffn_gate.weight", d["inter"], h, ty["gate"])
+        add(f"blk.{i}.ffn_up.weight", d["inter"], h, ty["up"])
+        add(f"blk.{i}.ffn_down.weight", h, d["inter"], ty["down"])
+    add("output_norm.weight", 1, h, T.F32)
+    add("output.weight", d["vocab"], h, output)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if truncate:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - truncate if truncate > 0 else -truncate)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def reference_model(path):
+    path = os.fspath(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                             dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", list(EXACT_TYPES))
+def test_decode_equals_gguf_dequantize(name):
+    rng = np.random.default_rng(1)
+    qtype = T[name]
+    rows, cols = 6, 512
+    raw = weights(rng, rows, cols, qtype)
+    q = decode_blocks(torch.from_numpy(raw.copy()).reshape(-1), name, (rows, cols))
+    ours = q.dequantize(torch.float32).numpy()
+    ref = gguf.quants.dequantize(raw, qtype)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))  # bit for bit, signed zeros included
+
+
+def test_load_logits_equal_transformers(tiny, caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="qengine"):
+        model = load_model(tiny)
+    assert "blk.0.ffn_down.weight (Q6_K)" in caplog.text and "output.weight (Q6_K)" in caplog.text
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, QuantLinear) and attn.q_proj.format.name == "_gguf_q4_0"
+    assert model.model.layers[0].mlp.gate_proj.format.name == "_gguf_u5"
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)  # the Q6_K fallback
+    ref = reference_model(tiny)
+    ids = torch.randint(0, DIMS["vocab"], (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _tensors(path):
+    r = gguf.GGUFReader(os.fspath(path))
+    return r, {t.name: t for t in r.tensors}
+
+
+def test_qlora_then_export_reads_back(tiny, tmp_path):
+    torch.manual_seed(0)
+    model = load_model(tiny)
+    qengine.add_lora(model, r=4, target_modules=["q_proj", "v_proj", "up_proj"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, DIMS["vocab"], (2, 16))
+    losses = []
+    for _ in range(4):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    out = tmp_path / "out.gguf"
+    report = export_gguf(model, out, type="q4_0")
+    assert set(report["merged"]) == {f"model.layers.{i}.{m}" for i in range(2)
+                                     for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")}
+    assert all(0 < e < 0.2 for e in report["merged"].values())
+    src, _ = _tensors(tiny)
+    back, tensors = _tensors(out)
+    for key in ("llama.block_count", "llama.embedding_length", "llama.attention.head_count_kv",
+                "llama.feed_forward_length", "llama.rope.freq_base", "llama.vocab_size"):
+        assert back.fields[key].contents() == pytest.approx(src.fields[key].contents())
+    # The written bytes are gguf's quantizer on the merged float weight, in llama.cpp's row order.
+    merged = model.model.layers[0].self_attn.q_proj.merged_linear().weight.detach()
+    h = DIMS["hidden"]
+    perm = torch.from_numpy(np.arange(h).reshape(DIMS["heads"], 2, -1).swapaxes(1, 2).reshape(h).copy())
+    expect = gguf.quants.quantize(merged[perm].numpy(), T.Q4_0)
+    assert np.array_equal(np.asarray(tensors["blk.0.attn_q.weight"].data), expect)
+    # And it loads again, in qengine and in transformers, to the same logits.
+    again = load_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, reference_model(out)(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("type_name", ["q4_0", "q4_1", "q8_0"])
+def test_export_bytes_equal_gguf_quantize(tiny, tmp_path, type_name):
+    model = load_model(tiny)
+    out = tmp_path / "x.gguf"
+    assert main(["export", os.fspath(tiny), os.fspath(out), "--type", type_name]) == 0
+    src, src_tensors = _tensors(tiny)
+    _, tensors = _tensors(out)
+    qtype = T[type_name.upper()]
+    for name in ("blk.0.attn_k.weight", "blk.1.ffn_up.weight", "blk.0.ffn_down.weight"):
+        dense = gguf.quants.dequantize(np.asarray(src_tensors[name].data), src_tensors[name].tensor_type)
+        assert np.array_equal(np.asarray(tensors[name].data), gguf.quants.quantize(dense, qtype)), name
+    assert "output.weight" in tensors and tensors["output_norm.weight"].tensor_type == T.F32
+    del model
+
+
+def test_unknown_tensor_type(tmp_path):
+    path = write_llama(tmp_path / "q2k.gguf", [dict(LAYER_TYPES[0], o=T.Q2_K)])
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_output\.weight.*Q2_K.*supported: Q4_0"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("cut", [1000, -300], ids=["tensor-data", "header"])  # -n: keep only n bytes
+def test_truncated_file(tmp_path, cut):
+    path = write_llama(tmp_path / "cut.gguf", truncate=cut)
+    with pytest.raises(ValueError, match="truncated|not a readable GGUF"):
+        load_model(path)
+
+
+def test_export_refuses_other_types_and_architectures(tiny, tmp_path):
+    model = load_model(tiny)
+    with pytest.raises(ValueError, match="q4_k.*q4_0"):
+        export_gguf(model, tmp_path / "k.gguf", type="q4_k")
+    model.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="supports llama"):
+        export_gguf(model, tmp_path / "g.gguf")
