@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .capture import Batch, HessianHooks, Stop, run_batch
+from .capture import Batch, HessianHooks, Stop, calibration_batches, find_blocks, run_batch
 
 __all__ = ["blockwise"]
 
@@ -176,3 +176,40 @@ def _tail(model, blocks, hidden, out_is_tuple, batches, names, full, quantize_na
     finally:
         hooks.remove()
     quantize_names(names, hooks)
+
+
+def run_hooked(model: nn.Module, hooks: HessianHooks, batches) -> HessianHooks:
+    """Runs every calibration batch through the whole model with `hooks` collecting (a model
+    without a block list), removes them, and returns them for reading."""
+    try:
+        for b, batch in enumerate(batches):
+            hooks.begin_batch(b)
+            run_batch(model, batch, b)
+    finally:
+        hooks.remove()
+    return hooks
+
+def each_hessian(model: nn.Module, names: list, calibration, fn: Callable[[str, torch.Tensor, int], None]) -> None:
+    """Calls fn(name, H float32 [in, in], rows) for every named linear, H = X^T X of its inputs
+    while the float `model` runs `calibration` (decoder block by decoder block when the model
+    has a block list: one block's H resident at a time). Names no data reached are skipped."""
+    def measure(nms, hooks) -> int:
+        for n in nms:
+            if hooks.seen(n):
+                H, rows = hooks.hessian(n)
+                fn(n, H, rows)
+        return 0
+
+    batches = calibration_batches(calibration, model)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            found = find_blocks(model, names)
+            done = None if found is None else blockwise(model, found, names, [], batches, True, False, measure,
+                                                        lambda e, hooks: None)
+            if done is None:
+                measure(names, run_hooked(model, HessianHooks({n: model.get_submodule(n) for n in names}, True,
+                                                              stop=True), batches))
+    finally:
+        model.train(training)

@@ -41,8 +41,8 @@ from ..functional import quantize
 from ..moe import expert_weight_names, quantize_experts
 from ..nn import QuantExpertsWeight, QuantLinear
 from ..nn.experts import check_expert_blocks
-from .blockwise import blockwise
-from .capture import HessianHooks, calibration_batches, find_blocks, run_batch
+from .blockwise import blockwise, run_hooked
+from .capture import HessianHooks, calibration_batches, find_blocks
 from .gptq import gptq_quantize, gptq_quantize_experts
 from .scale_search import search_scales
 
@@ -288,14 +288,8 @@ def quantize_calibrated(model: nn.Module, names: list[str], experts: list[str], 
 
 
 def _whole_model(model, names, experts, batches, s, swaps, per_layer=None) -> int:
-    hooks = HessianHooks({n: model.get_submodule(n) for n in names}, s.full, stop=True,
-                         experts={e: model.get_submodule(e) for e in experts})
-    try:
-        for b, batch in enumerate(batches):
-            hooks.begin_batch(b)
-            run_batch(model, batch, b)
-    finally:
-        hooks.remove()
+    hooks = run_hooked(model, HessianHooks({n: model.get_submodule(n) for n in names}, s.full, stop=True,
+                                           experts={e: model.get_submodule(e) for e in experts}), batches)
     tokens = _quantize_names(model, names, hooks, s, swaps, per_layer)
     for e in experts:
         _quantize_experts(model, e, hooks, s, swaps)

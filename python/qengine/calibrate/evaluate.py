@@ -17,8 +17,7 @@ from torch import nn
 from ..formats import get_format
 from ..nn import QuantLinear
 from ..tensor import QuantizedTensor
-from .blockwise import blockwise
-from .capture import HessianHooks, calibration_batches, find_blocks, run_batch
+from .blockwise import each_hessian
 
 __all__ = ["Config", "split_tokens", "perplexity", "layer_errors", "evaluate"]
 
@@ -94,38 +93,15 @@ def layer_errors(float_model: nn.Module, weights: dict[str, dict[str, torch.Tens
     names = [n for n, _ in float_model.named_modules() if n in wanted]  # model order
     out: dict[str, dict[str, float]] = {n: {} for n in names}
 
-    def measure(nms, hooks) -> int:
-        for n in nms:
-            if not hooks.seen(n):
-                continue
-            H, _ = hooks.hessian(n)
-            w = float_model.get_submodule(n).weight.detach()
-            for label, per in weights.items():
-                if n in per:
-                    q = per[n]
-                    w_hat = q.dequantize(torch.float32) if isinstance(q, QuantizedTensor) else q
-                    out[n][label] = _relative_error(w, w_hat, H)
-        return 0
+    def measure(n: str, H: torch.Tensor, rows: int) -> None:
+        w = float_model.get_submodule(n).weight.detach()
+        for label, per in weights.items():
+            if n in per:
+                q = per[n]
+                w_hat = q.dequantize(torch.float32) if isinstance(q, QuantizedTensor) else q
+                out[n][label] = _relative_error(w, w_hat, H)
 
-    batches = calibration_batches(calibration, float_model)
-    training = float_model.training
-    float_model.eval()
-    try:
-        with torch.no_grad():
-            found = find_blocks(float_model, names)
-            done = None if found is None else blockwise(float_model, found, names, [], batches, True, False, measure,
-                                                        lambda e, hooks: None)
-            if done is None:
-                hooks = HessianHooks({n: float_model.get_submodule(n) for n in names}, True, stop=True)
-                try:
-                    for b, batch in enumerate(batches):
-                        hooks.begin_batch(b)
-                        run_batch(float_model, batch, b)
-                finally:
-                    hooks.remove()
-                measure(names, hooks)
-    finally:
-        float_model.train(training)
+    each_hessian(float_model, names, calibration, measure)
     return out
 
 

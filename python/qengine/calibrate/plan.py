@@ -34,8 +34,8 @@ from .._targets import experts_targets, linear_targets
 from ..formats import get_format
 from ..functional import quantize
 from ..tensor import QuantizedTensor
-from .blockwise import blockwise
-from .capture import HessianHooks, calibration_batches, find_blocks, run_batch
+from .blockwise import each_hessian
+from .capture import calibration_batches
 from .gptq import gptq_quantize
 from .scale_search import search_scales
 
@@ -182,36 +182,6 @@ def quantize_candidate(w: torch.Tensor, c: Candidate, H: Optional[torch.Tensor],
                          factor_cache=factor_cache)
 
 
-def each_hessian(model: nn.Module, names: list, calibration, fn: Callable[[str, torch.Tensor, int], None]) -> None:
-    """Calls fn(name, H float32 [in, in], rows) for every named linear, H = X^T X of its inputs
-    while the float `model` runs `calibration` (decoder block by decoder block when the model
-    has a block list: one block's H resident at a time). Names no data reached are skipped."""
-    def measure(nms, hooks) -> int:
-        for n in nms:
-            if hooks.seen(n):
-                H, rows = hooks.hessian(n)
-                fn(n, H, rows)
-        return 0
-
-    batches = calibration_batches(calibration, model)
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            found = find_blocks(model, names)
-            done = None if found is None else blockwise(model, found, names, [], batches, True, False, measure,
-                                                        lambda e, hooks: None)
-            if done is None:
-                hooks = HessianHooks({n: model.get_submodule(n) for n in names}, True, stop=True)
-                try:
-                    for b, batch in enumerate(batches):
-                        hooks.begin_batch(b)
-                        run_batch(model, batch, b)
-                finally:
-                    hooks.remove()
-                measure(names, hooks)
-    finally:
-        model.train(training)
 
 
 class LossProbe:
