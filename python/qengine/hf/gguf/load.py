@@ -7,6 +7,7 @@ stay resident)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Optional
 
@@ -98,8 +99,16 @@ def _float(raw: torch.Tensor, type_name: str, shape: tuple[int, ...], gguf) -> t
         return raw.view(_FLOAT_DTYPES[type_name]).reshape(shape)
     if type_name in EXACT_TYPES:
         return decode_blocks(raw, type_name, shape).dequantize(torch.float32)
+    # gguf's numpy decoder makes several float32 temporaries of its input: a few rows at a time
+    # (about 4 MiB of output each) keeps them small beside the output.
     qtype = gguf.GGMLQuantizationType[type_name]
-    return torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype)).reshape(shape)
+    rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (1, shape[0])
+    raw_rows = raw.numpy().reshape(rows, -1)
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    step = max(1, (1 << 20) // max(cols, 1))
+    for r in range(0, rows, step):
+        out[r:r + step] = torch.from_numpy(gguf.quants.dequantize(raw_rows[r:r + step], qtype))
+    return out.reshape(shape)
 
 
 def _set_param(module: nn.Module, attr: str, value: torch.Tensor, hf_name: str) -> None:
