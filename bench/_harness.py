@@ -8,6 +8,17 @@ from qengine.benchmark.harness import *  # noqa: F401,F403
 from qengine.benchmark.harness import __all__  # noqa: F401
 
 
+# Source of kib(field): a /proc/self/status field (VmRSS, VmHWM) in KiB, for the child scripts
+# the memory benchmarks run in fresh interpreters.
+PROC_STATUS_KIB = '''
+def kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+'''
+
+
 def bench_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
     """A timing script's parser (described by doc's first line) with its common options: --quick
     (quick_help), --json (default bench/out/NAME.json) and --threads."""

@@ -24,13 +24,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import _harness as H  # noqa: E402
 
-CHILD = r"""
+CHILD = H.PROC_STATUS_KIB + r"""
 import json, os, sys, time
-def kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
 import torch, transformers, gguf, qengine, qengine.hf
 path, warm, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 def load(p):

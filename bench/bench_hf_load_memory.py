@@ -22,13 +22,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(__file__))
 import _harness as H  # noqa: E402
 
-CHILD = r"""
+CHILD = H.PROC_STATUS_KIB + r"""
 import json, sys, time
-def kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
 import torch, transformers, qengine, qengine.hf
 from transformers import AutoModelForCausalLM
 path, mode, warm = sys.argv[1], sys.argv[2], sys.argv[3]
