@@ -35,6 +35,12 @@ def to_bnb_state_dict(q: QuantizedTensor, prefix: str = "weight") -> dict[str, t
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
     name = q.format.name
+    if q.format.scale_format:
+        raise ValueError(f"{name} has no bitsandbytes layout (bitsandbytes stores nf4/fp4 with float32 or dynamic "
+                         f"8-bit scales; {name}'s {q.format.scale_format[1:].upper()} block scales have no place "
+                         "there): save it with qengine's state dict")
+    if isinstance(q.scales, NestedScales) and q.scales.quantized.format.name != NESTED_FORMAT:
+        raise ValueError(f"bitsandbytes' nested scales are {NESTED_FORMAT}, not {q.scales.quantized.format.name}")
     if name not in ("nf4", "fp4") or q.format != get_format(name):
         raise ValueError(f"only nf4 and fp4 have a bitsandbytes 4-bit layout, not {name!r}")
     if q.blocksize not in _BNB_BLOCKSIZES:

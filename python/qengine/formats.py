@@ -81,6 +81,22 @@ STATE8_SIGNED_FORM = (5, 1, 3, 127)  # m: 0.0, +-[2**-13, 0.5) in 1/8 binades (f
 STATE8_UNSIGNED_FORM = (5, 4, 3, -1)  # v: [2**-20, 2**-4) in 1/8 binades, [2**-4, 1) in 1/32, 1.0; no zero
 
 
+# OCP MX v1.0 E2M1 (FP4) element values in their bit order (code = s e1 e0 m): the raw values,
+# scaled by the block's power of two (mxfp4) or E4M3 scale (nvfp4), not normalised to [-1, 1].
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def e8m0_values() -> tuple[float, ...]:
+    """E8M0 scale codes 0..254: 2**(c - 127) (exact in float32; c = 255 is NaN, not a value)."""
+    return tuple(math.ldexp(1.0, c - 127) for c in range(255))
+
+
+def e4m3_values() -> tuple[float, ...]:
+    """Non-negative FP8 E4M3 (OCP, bias 7, no infinities) codes 0..126: 0 to 448 (0x7f is NaN;
+    codes >= 128 are the negatives, never a block scale)."""
+    return tuple(math.ldexp(c & 7, -9) if c >> 3 == 0 else math.ldexp(8 + (c & 7), (c >> 3) - 10) for c in range(127))
+
+
 def _state8_code(form: tuple[int, int, int, int]) -> tuple[float, ...]:
     """The 256 sorted values of a state code (see STATE8_SIGNED_FORM)."""
     top_bits, top_binades, low_bits, zero_code = form
@@ -110,6 +126,13 @@ class Format:
     # rule, a 65536-point lookup over [-1, 1] that is nearest up to grid resolution; used by
     # dynamic8 so double-quantized scales have bitsandbytes' exact bytes.
     search: str = "nearest"
+    # Microscaling formats (mxfp4, nvfp4): the block size the format fixes and the private
+    # format of its block scales (a nested table: "_e8m0" or "_e4m3"); "" for the others.
+    # Their codebooks are the spec's raw values (not in [-1, 1]) and are not stored per tensor.
+    fixed_blocksize: int = 0
+    scale_format: str = ""
+    # False: the table is a constant of the format's specification (not counted in nbytes).
+    stored_table: bool = True
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -177,7 +200,7 @@ def register_format(fmt: Format) -> Format:
     """Adds a named format to the registry (names are unique)."""
     if fmt.name in _REGISTRY:
         raise ValueError(f"format {fmt.name!r} is already registered")
-    _validate_values(fmt.values, fmt.bits, fmt.rule)
+    _validate_values(fmt.values, fmt.bits, fmt.rule, bounded=fmt.stored_table)
     if fmt.search not in ("nearest", "grid") or (fmt.search == "grid" and (fmt.bits != 8 or fmt.rule != "absmax")):
         raise ValueError("search must be 'nearest', or 'grid' for an 8-bit absmax format")
     _REGISTRY[fmt.name] = fmt
@@ -201,7 +224,7 @@ def get_format(fmt: str | Format) -> Format:
         raise ValueError(f"unknown format {fmt!r}; available: {', '.join(available_formats())}") from None
 
 
-def _validate_values(values: Sequence[float], bits: int, rule: str) -> None:
+def _validate_values(values: Sequence[float], bits: int, rule: str, bounded: bool = True) -> None:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if rule not in ("absmax", "minmax"):
@@ -211,7 +234,7 @@ def _validate_values(values: Sequence[float], bits: int, rule: str) -> None:
     if not all(math.isfinite(v) for v in values):
         raise ValueError("codebook values must be finite")
     lo, hi = (-1.0, 1.0) if rule == "absmax" else (0.0, 1.0)
-    if min(values) < lo or max(values) > hi:
+    if bounded and (min(values) < lo or max(values) > hi):
         raise ValueError(f"codebook values for the {rule} rule must lie in [{lo}, {hi}]")
 
 
@@ -260,5 +283,15 @@ for _fmt in (
            "8-bit optimizer first moment: signed two-piece minifloat, 2**-13 to 1 (STATE8_SIGNED_FORM)"),
     Format("_state8_unsigned", 8, _state8_code(STATE8_UNSIGNED_FORM), "absmax",
            "8-bit optimizer second moment: unsigned two-piece minifloat, 2**-20 to 1 (STATE8_UNSIGNED_FORM)"),
+    # Microscaling (see docs/formats.md): the block scale is a nested table (E8M0, or E4M3
+    # times a float32 tensor scale) decoded by the kernels as double-quantized scales.
+    Format("mxfp4", 4, E2M1_VALUES, "absmax", "OCP MXFP4: E2M1 elements, an E8M0 power-of-two scale per 32",
+           fixed_blocksize=32, scale_format="_e8m0", stored_table=False),
+    Format("nvfp4", 4, E2M1_VALUES, "absmax",
+           "NVIDIA NVFP4: E2M1 elements, an E4M3 scale per 16 times a float32 tensor scale",
+           fixed_blocksize=16, scale_format="_e4m3", stored_table=False),
+    Format("_e8m0", 8, e8m0_values(), "absmax", "E8M0 block scales (mxfp4): 2**(code - 127)", stored_table=False),
+    Format("_e4m3", 8, e4m3_values(), "absmax", "FP8 E4M3 block scales (nvfp4), times the tensor scale",
+           stored_table=False),
 ):
     register_format(_fmt)

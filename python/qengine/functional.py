@@ -12,6 +12,7 @@ from ._checks import (check_blocksize, check_codebook_fit, check_contiguous, che
                       check_tensor)
 from ._fit import quantile_init, resolve_blocksize, strictly_increasing
 from .formats import Format, codebook, get_format
+from .microscaling import quantize_microscaling
 from .tensor import NestedScales, QuantizedTensor
 
 __all__ = ["quantize", "dequantize", "fit_codebook", "matmul"]
@@ -53,6 +54,8 @@ def quantize(x: torch.Tensor, format: str | Format = "nf4", blocksize: Optional[
     if x.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
     fmt = get_format(format)
+    if fmt.scale_format:
+        return _quantize_microscaling(x, fmt, blocksize, double_quant, sparsity, mask)
     bs, per_row = resolve_blocksize(x, blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
@@ -74,6 +77,24 @@ def quantize(x: torch.Tensor, format: str | Format = "nf4", blocksize: Optional[
         if q.offsets is not None:
             q.offsets = NestedScales.from_values(q.offsets)
     return q
+
+
+def _quantize_microscaling(x: torch.Tensor, fmt: Format, blocksize, double_quant, sparsity, mask) -> QuantizedTensor:
+    """mxfp4 / nvfp4: the format fixes the block (32 / 16) and the scale encoding (E8M0 / E4M3),
+    so blocksize must be that block or quantize's default 64 (ignored), and double_quant is
+    ignored (the scale bytes are always the nested codes)."""
+    if blocksize not in (fmt.fixed_blocksize, 64) or isinstance(blocksize, bool):
+        raise ValueError(f"{fmt.name} fixes its block size at {fmt.fixed_blocksize} elements; got blocksize="
+                         f"{blocksize!r} (pass {fmt.fixed_blocksize} or leave the default)")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    if sparsity is not None:
+        raise ValueError(f"sparsity={sparsity!r} is not supported for {fmt.name} (its blocks are fixed on the "
+                         "dense layout)")
+    if mask is not None:
+        mask = _check_mask(mask, x)
+        x = torch.where(mask, x.detach(), torch.zeros((), dtype=x.dtype, device=x.device))  # E2M1 has an exact 0
+    return quantize_microscaling(x, fmt)
 
 
 def _check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ from .ops import KernelWeight
 __all__ = ["QuantizedTensor", "NestedScales", "PackedParameter"]
 
 # Double quantization quantizes the per-block scales again, blockwise, as QLoRA does.
+# NESTED_FORMAT is the default nested table; the microscaling formats' scale bytes are nested
+# codes of their own tables (Format.scale_format): the inner QuantizedTensor's format says which.
 NESTED_FORMAT = "dynamic8"
 NESTED_BLOCKSIZE = 256
 
@@ -89,7 +91,12 @@ class NestedScales:
 
     @property
     def nbytes(self) -> int:
-        return self.quantized.nbytes + self.mean.numel() * self.mean.element_size()
+        inner = self.quantized
+        if not inner.format.stored_table:
+            # A microscaling scale encoding: the codes, and the float32 tensor scale of E4M3 (E8M0's
+            # absmax 1.0 and both means 0.0 are constants of the format, not data).
+            return inner.packed.numel() + (4 * inner.scales.numel() if inner.format.name == "_e4m3" else 0)
+        return inner.nbytes + self.mean.numel() * self.mean.element_size()
 
     def to(self, device) -> "NestedScales":
         return NestedScales(self.quantized.to(device), self.mean.to(device))
@@ -169,7 +176,7 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes of everything stored: packed codes, scales (nested or not), offsets, codebooks."""
-        total = self.packed.numel() + 4 * len(self.format.values)
+        total = self.packed.numel() + (4 * len(self.format.values) if self.format.stored_table else 0)
         for extra in (self.positions, self.mask):
             total += extra.numel() if extra is not None else 0
         for part in (self.scales, self.offsets):
@@ -346,8 +353,8 @@ class QuantizedTensor:
             mask = get_tensor(sd, prefix + "mask", torch.uint8, -(-numel // 8))
         nblocks = -(-stored // blocksize)
         packed = get_tensor(sd, prefix + "packed", torch.uint8, -(-stored * bits // 8))
-        scales = _read_block_part(sd, prefix + "scales", nblocks, required=True)
-        offsets = _read_block_part(sd, prefix + "offsets", nblocks, required=rule == "minmax")
+        scales = _read_block_part(sd, prefix + "scales", nblocks, required=True, fmt=fmt)
+        offsets = _read_block_part(sd, prefix + "offsets", nblocks, required=rule == "minmax", fmt=fmt)
         q = cls(packed.contiguous(), scales, offsets, fmt, shape, dtype, blocksize, bool(meta.get("per_row", False)),
                 layout, positions, mask)
         check_codes(q.packed, fmt, stored, prefix)
@@ -356,7 +363,7 @@ class QuantizedTensor:
         return q
 
 
-def _read_block_part(sd: dict, key: str, nblocks: int, required: bool):
+def _read_block_part(sd: dict, key: str, nblocks: int, required: bool, fmt: Optional[Format] = None):
     if key in sd:
         t = get_tensor(sd, key, torch.float32, nblocks)
         if not torch.isfinite(t).all():
@@ -365,12 +372,20 @@ def _read_block_part(sd: dict, key: str, nblocks: int, required: bool):
     nested_key = key + ".nested."
     if nested_key + "quant_meta" in sd:
         inner = QuantizedTensor.from_state_dict(sd, nested_key)
-        if inner.numel != nblocks or inner.format.name != NESTED_FORMAT:
+        # The nested table is named by the inner quant_meta (older dicts: always dynamic8); it must be
+        # the outer format's scale encoding (dynamic8 for every non-microscaling format).
+        expected = (fmt.scale_format if fmt is not None else "") or NESTED_FORMAT
+        if inner.numel != nblocks or inner.format.name != expected:
             raise ValueError(f"{nested_key} holds {inner.numel} {inner.format.name} values, expected {nblocks} "
-                             f"{NESTED_FORMAT} values")
+                             f"{expected} values")
         mean = get_tensor(sd, key + ".mean", torch.float32, 1).reshape(())
         if not torch.isfinite(mean):
             raise ValueError(f"{key}.mean is not finite")
+        if not inner.format.stored_table and (float(mean) != 0.0 or inner.scales.numel() != 1
+                                              or not bool((inner.scales > 0).all())
+                                              or (expected == "_e8m0" and float(inner.scales[0]) != 1.0)):
+            raise ValueError(f"{nested_key}: a {fmt.name} weight needs one positive tensor scale (1.0 for E8M0) "
+                             "and a zero mean (corrupt state dict?)")
         return NestedScales(inner, mean)
     if required:
         raise ValueError(f"state dict is missing {key!r} (or its double-quantized form {nested_key}*)")

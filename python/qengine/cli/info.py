@@ -46,6 +46,10 @@ def bits_per_param(fmt, shape: tuple[int, ...], blocksize: int, double_quant: bo
     from ..tensor import NESTED_BLOCKSIZE, NESTED_FORMAT
 
     numel = math.prod(shape)
+    if fmt.scale_format:  # mxfp4 / nvfp4: codes + a scale byte per fixed block (+ nvfp4's float32 tensor scale)
+        nblocks = -(-numel // fmt.fixed_blocksize)
+        nbytes = -(-numel * fmt.bits // 8) + nblocks + (4 if fmt.scale_format == "_e4m3" else 0)
+        return 8.0 * nbytes / numel
     nblocks = -(-numel // blocksize)
     if double_quant:
         part = nblocks + 4 * -(-nblocks // NESTED_BLOCKSIZE) + 4 * len(get_format(NESTED_FORMAT).values) + 4

@@ -12,6 +12,7 @@ from .._bnb_layout import from_bnb_state_dict, to_bnb_state_dict
 from .._checks import FLOAT_DTYPES, check_blocksize
 from ..formats import Format, get_format
 from ..functional import matmul, quantize
+from ..microscaling import tensor_scale_blocksize
 from ..ops import KernelWeight
 from ..tensor import NESTED_FORMAT, NestedScales, PackedParameter, QuantizedTensor
 
@@ -55,7 +56,8 @@ _STATE_NAMES = tuple(f.name for f in STATE)
 # What kernel_weight() reads besides the state: assigning any of these drops its cache.
 _CACHE_INPUTS = frozenset({f.name for f in STATE} | {"format", "blocksize", "layout", "quant_storage", "in_features",
                                                      "out_features", "offsets_nested_blocksize",
-                                                     "scales_nested_blocksize", "_packed_bytes"})
+                                                     "scales_nested_blocksize", "scales_nested_format",
+                                                     "offsets_nested_format", "_packed_bytes"})
 
 
 def state_tensors(q: QuantizedTensor) -> dict[str, Optional[torch.Tensor]]:
@@ -88,6 +90,11 @@ class QuantLinear(nn.Module):
     ``weight.quant_state.bitsandbytes__nf4``) without re-quantizing.
     """
 
+    # The nested tables' formats (set by _set_quantized); the class default keeps layers pickled
+    # before the microscaling formats existed (always dynamic8) loading.
+    scales_nested_format = NESTED_FORMAT
+    offsets_nested_format = NESTED_FORMAT
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, format: str | Format = "nf4",
                  blocksize: Optional[int] = 64, double_quant: bool = True,
                  compute_dtype: Optional[torch.dtype] = None, quant_storage: torch.dtype = torch.uint8,
@@ -107,8 +114,8 @@ class QuantLinear(nn.Module):
         # A zero weight of the right layout: a skeleton for load_state_dict (no dense allocation).
         q = quantize(torch.zeros(1, 64), format, 64, double_quant)  # the format's parts, resized below
         fmt = q.format
-        per_row = blocksize is None
-        bs = in_features if per_row else int(blocksize)
+        per_row = blocksize is None and not fmt.fixed_blocksize
+        bs = fmt.fixed_blocksize or (in_features if per_row else int(blocksize))
         numel = in_features * out_features
         nblocks = -(-numel // bs)
         packed = torch.zeros(-(-numel * fmt.bits // 8), dtype=torch.uint8, device=device)
@@ -118,10 +125,11 @@ class QuantLinear(nn.Module):
                 return None
             if isinstance(p, NestedScales):
                 inner = p.quantized
-                nb2 = -(-nblocks // inner.blocksize)
+                nbs = tensor_scale_blocksize(nblocks) if fmt.fixed_blocksize else inner.blocksize
+                nb2 = -(-nblocks // nbs)
                 codes = QuantizedTensor(torch.zeros(nblocks, dtype=torch.uint8, device=device),
-                                        torch.zeros(nb2, device=device), None, inner.format, torch.Size([nblocks]),
-                                        torch.float32, inner.blocksize)
+                                        torch.ones(nb2, device=device), None, inner.format, torch.Size([nblocks]),
+                                        torch.float32, nbs)
                 return NestedScales(codes, torch.zeros((), device=device))
             return torch.zeros(nblocks, device=device)
 
@@ -178,7 +186,9 @@ class QuantLinear(nn.Module):
         self.layout = q.layout  # "dense", or "2:4" (weight_positions)
         # The nested block sizes as Python ints (quantized() rebuilds the nested tensors with them).
         for part, value in (("scales", q.scales), ("offsets", q.offsets)):
-            setattr(self, part + "_nested_blocksize", value.quantized.blocksize if isinstance(value, NestedScales) else 0)
+            nested = isinstance(value, NestedScales)
+            setattr(self, part + "_nested_blocksize", value.quantized.blocksize if nested else 0)
+            setattr(self, part + "_nested_format", value.quantized.format.name if nested else NESTED_FORMAT)
         parts = state_tensors(q)
         self._packed_bytes = q.packed.numel()
         packed = parts.pop("weight_packed")
@@ -230,7 +240,8 @@ class QuantLinear(nn.Module):
             nested = self._nested(name) if codes is not None else []
             if not nested:
                 return codes
-            inner = QuantizedTensor(codes, nested[1], None, get_format(NESTED_FORMAT), torch.Size([codes.numel()]),
+            inner = QuantizedTensor(codes, nested[1], None, get_format(getattr(self, name + "_nested_format")),
+                                    torch.Size([codes.numel()]),
                                     torch.float32, getattr(self, name + "_nested_blocksize"))
             return NestedScales(inner, nested[2].reshape(()))
 

@@ -1,0 +1,113 @@
+"""Quantizers of the microscaling formats ``mxfp4`` (OCP MX v1.0) and ``nvfp4`` (NVIDIA).
+
+Both store E2M1 element codes (formats.E2M1_VALUES, the spec's raw values) and one scale byte
+per block, held as the codes of a nested table so that every kernel decodes them as it decodes
+double-quantized scales: ``scale = table[code] * absmax + mean`` with
+
+- mxfp4: table = E8M0 (2**(c - 127)), absmax = 1.0, mean = 0.0: the exact power of two;
+- nvfp4: table = non-negative FP8 E4M3, absmax = the float32 tensor scale, mean = 0.0: the
+  float32 product e4m3 * tensor scale (multiplying by 1.0 or adding +0.0 to a non-negative
+  float32 changes no bit).
+
+The element of a weight is then ``E2M1[code] * scale`` in float32 (one more rounding for nvfp4).
+
+Rules (blocks run over the flattened tensor; a partial last block is padded with zeros):
+
+- mxfp4: shared exponent X = floor(log2(amax)) - 2 (2 = emax of E2M1), clamped below to E8M0's
+  -127 (amax < 2**128 keeps it below 127); an all-zero block gets code 0 (2**-127) like the
+  gguf package. Elements: x / 2**X rounded to nearest, ties to even, saturating at +-6, the
+  sign kept (a tiny negative becomes -0).
+- nvfp4: tensor scale g = amax_tensor / (448 * 6) in float32 (1.0 for an all-zero tensor);
+  block scale = E4M3(amax_block / 6 / g) rounded to nearest even, saturating at 448; elements
+  x / (e4m3 * g) rounded to nearest even E2M1, saturating; a block whose scale rounds to 0
+  stores zeros.
+
+Divisions are done in float64 on float32 operands, where a tie is a tie exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import Format, get_format
+from .tensor import NESTED_BLOCKSIZE, NestedScales, QuantizedTensor
+
+__all__ = ["quantize_microscaling", "round_to_table", "tensor_scale_blocksize"]
+
+_CHUNK = 1 << 22  # elements per float64 pass (bounds the temporary memory)
+
+
+def tensor_scale_blocksize(nblocks: int) -> int:
+    """The nested block size of a microscaling weight's scale codes: one nested absmax (1.0 or
+    the tensor scale) for all of them, a power of two (the kernels then shift, not divide)."""
+    return max(NESTED_BLOCKSIZE, 1 << max(0, int(nblocks - 1).bit_length()))
+
+
+def round_to_table(v: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Codes (int64) of the non-negative float64 magnitudes v in `values` (sorted, increasing,
+    float64, the code = the index, mantissa in the low bit): nearest, ties to the even code
+    (round-to-nearest-even for E2M1 and E4M3), saturating at the last value."""
+    mids = (values[:-1] + values[1:]) / 2
+    idx = torch.searchsorted(mids, v, side="left")  # midpoints strictly below v: ties go low
+    tie = (idx < len(mids)) & (mids[idx.clamp(max=len(mids) - 1)] == v) & (idx % 2 == 1)
+    return idx + tie.to(idx.dtype)
+
+
+def _e2m1_codes(ratio: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """4-bit E2M1 codes of the float64 ratios (sign bit 3; the sign of -0.0 kept)."""
+    mag = round_to_table(ratio.abs(), positive)
+    return mag | (torch.signbit(ratio).to(mag.dtype) << 3)
+
+
+def quantize_microscaling(x: torch.Tensor, fmt: Format | str) -> QuantizedTensor:
+    """x (float, contiguous, finite) quantized in mxfp4 or nvfp4 (see the module docstring)."""
+    fmt = get_format(fmt)
+    if fmt.scale_format not in ("_e8m0", "_e4m3"):
+        raise ValueError(f"{fmt.name!r} is not a microscaling format")
+    bs = fmt.fixed_blocksize
+    flat = x.detach().reshape(-1).to(torch.float32)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("x contains NaN or Inf values; a non-finite weight has no faithful code")
+    numel = flat.numel()
+    nblocks = -(-numel // bs)
+    pad = nblocks * bs - numel
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    blocks = flat.reshape(nblocks, bs)
+    amax = blocks.abs().amax(dim=1)
+    device = x.device
+    positive = torch.tensor(fmt.values[:8], dtype=torch.float64, device=device)
+    scale_fmt = get_format(fmt.scale_format)
+    if fmt.scale_format == "_e8m0":
+        _, exp = torch.frexp(amax.to(torch.float64))  # amax = m * 2**exp, m in [0.5, 1)
+        shared = (exp.to(torch.int64) - 1 - 2).clamp(min=-127)
+        scale_codes = torch.where(amax > 0, shared + 127, torch.zeros_like(shared))
+        tensor_scale = torch.ones(1, dtype=torch.float32, device=device)
+        block_scale = torch.ldexp(torch.ones_like(amax, dtype=torch.float64), scale_codes - 127)
+    else:
+        total = amax.max()
+        g = total / 2688.0 if bool(total > 0) else torch.ones((), device=device)
+        if not bool(g > 0):  # a subnormal tensor amax below 2688 * 2**-149
+            g = torch.tensor(torch.finfo(torch.float32).tiny * 2**-23, device=device)
+        tensor_scale = g.reshape(1).to(torch.float32)
+        table = torch.tensor(scale_fmt.values, dtype=torch.float64, device=device)
+        # amax / 6 / g: float32 operands, the quotient in float64 (a tie in E4M3 is then exact).
+        scale_codes = round_to_table(amax.to(torch.float64) / 6.0 / tensor_scale.to(torch.float64), table)
+        # The decoded scale exactly as the kernels form it: float32 e4m3 * g.
+        block_scale = (table[scale_codes].to(torch.float32) * tensor_scale).to(torch.float64)
+    codes = torch.empty(nblocks * bs, dtype=torch.int64, device=device)
+    rows = max(1, _CHUNK // bs)
+    for b0 in range(0, nblocks, rows):
+        b1 = min(nblocks, b0 + rows)
+        sc = block_scale[b0:b1, None]
+        ratio = blocks[b0:b1].to(torch.float64) / torch.where(sc > 0, sc, torch.ones_like(sc))
+        ratio = torch.where(sc > 0, ratio, torch.copysign(torch.zeros_like(ratio), ratio))
+        codes[b0 * bs:b1 * bs] = _e2m1_codes(ratio, positive).reshape(-1)
+    codes = codes[:numel].to(torch.uint8)
+    if numel % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    packed = ((codes[0::2] << 4) | codes[1::2]).contiguous()
+    inner = QuantizedTensor(scale_codes.to(torch.uint8).contiguous(), tensor_scale, None, scale_fmt,
+                            torch.Size([nblocks]), torch.float32, tensor_scale_blocksize(nblocks))
+    scales = NestedScales(inner, torch.zeros((), dtype=torch.float32, device=device))
+    return QuantizedTensor(packed, scales, None, fmt, x.shape, x.dtype, bs)
