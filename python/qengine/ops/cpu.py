@@ -1,4 +1,5 @@
-"""The CPU kernels of every qengine op, registered with `register_kernel("cpu")`: checks
+"""The CPU kernels of every qengine op, registered with `register_kernel("cpu")` (the two
+small-batch products: straight into the CPU dispatch key, see direct_cpu_kernel): checks
 (qengine/_checks.py), then one qengine._C call with addresses, sizes, dtype codes and the weight as one
 WeightRef tuple (weight.native_weight)."""
 
@@ -18,6 +19,19 @@ from .weight import KernelWeight, native_weight
 # stays in the last-level cache between its decode and its GEMM (measured on 11008x4096, batch
 # 512: 124 ms against 130 ms for the whole layer at once, and 16 MiB of scratch instead of 86).
 DENSE_TILE_BYTES = 16 << 20
+
+# The two small-batch products (one call per layer per generated token) go straight into the
+# dispatcher's CPU slot with torch.library.Library.impl instead of custom_op.register_kernel,
+# whose per-call wrapper (a dynamo guard, an output-alias check) cost ~4 us of a ~38 us call
+# (256x256 NF4, batch 1, inference mode: 34 us this way, 32 us with the old dispatcher bypass).
+_LIB = torch.library.Library("qengine", "IMPL")
+
+
+def direct_cpu_kernel(op_name: str):
+    def register(fn):
+        _LIB.impl(op_name, fn, "CPU")
+        return fn
+    return register
 
 
 # --------------------------------------------------------------------------- quantize / dequantize
@@ -120,7 +134,7 @@ def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
     return y
 
 
-@mm.matmul.register_kernel("cpu")
+@direct_cpu_kernel("matmul")
 def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
                              lora_b)
@@ -169,7 +183,7 @@ def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
     return out
 
 
-@sparse.sparse24_matmul.register_kernel("cpu")
+@direct_cpu_kernel("sparse24_matmul")
 def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b,
       lora_scale):
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
