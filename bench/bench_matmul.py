@@ -1,5 +1,5 @@
 # Dequantize-matmul of qengine (NF4) against dense F.linear, torch's int4 CPU kernel and bitsandbytes.
-"""Usage: python bench/bench_matmul.py [--quick] [--json PATH] [--threads N] [--device cuda]
+"""Usage: python bench/bench_matmul.py [--quick] [--json PATH] [--threads N] [--device cuda] [--microscaling]
 
 For each weight shape and batch: qengine.matmul on an NF4 weight (block 64, with and without
 double quant) with bfloat16 activations, against, in the same run: dense F.linear in bfloat16
@@ -34,7 +34,41 @@ BATCHES = [1, 4, 8, 16, 64, 512]
 def parse_args():
     p = bench_parser(__doc__, "matmul", "11008x4096 only, batches 1, 16, 512")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--microscaling", action="store_true",
+                   help="only batch-1 11008x4096: mxfp4 and nvfp4 against nf4 + double quant, bfloat16 and float32 "
+                        "x, interleaved (issue 26's Done-when: within 1.15x of nf4)")
     return p.parse_args()
+
+
+def microscaling_main(args):
+    """Batch-1 matmul, 11008x4096: nf4 (block 64, double quant), mxfp4, nvfp4; each round times
+    every (format, x dtype) for a short budget in turn, and the figure is the median over rounds."""
+    torch.manual_seed(0)
+    n, k = 11008, 4096
+    w = torch.randn(n, k) * 0.02
+    qs = {"nf4+dq": qengine.quantize(w, "nf4", 64, double_quant=True), "mxfp4": qengine.quantize(w, "mxfp4"),
+          "nvfp4": qengine.quantize(w, "nvfp4")}
+    xs = {dt: [(torch.randn(1, k).to(dt),) for _ in range(3)] for dt in (torch.bfloat16, torch.float32)}
+    times: dict = {}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for name, q in qs.items():
+                for dt, x in xs.items():
+                    t = measure(lambda x, q=q: qengine.matmul(x, q), x, budget_s=0.3).median
+                    times.setdefault((name, dt), []).append(t)
+    med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+    rows = []
+    for name, q in qs.items():
+        r = {"format": name, "bits": q.bits_per_param}
+        for dt, tag in ((torch.bfloat16, "bf16"), (torch.float32, "f32")):
+            r[tag] = med[(name, dt)] * 1e3
+            r["x_" + tag] = med[(name, dt)] / med[("nf4+dq", dt)]
+        rows.append(r)
+    print_table(rows, [("format", "format", ""), ("bits", "bits/param", ".3f"), ("bf16", "bf16 x ms", ".3f"),
+                       ("x_bf16", "/ nf4", ".2f"), ("f32", "f32 x ms", ".3f"), ("x_f32", "/ nf4", ".2f")],
+                title=f"batch-1 matmul 11008x4096, median of {args.rounds} interleaved rounds (ms; / nf4: time "
+                      "over nf4+dq's)")
+    write_json(args.json, rows)
 
 
 def int4_reference(w: torch.Tensor):
@@ -128,6 +162,12 @@ def cuda_main(args):
 
 def main():
     args = parse_args()
+    if args.microscaling:
+        args.rounds = 3 if args.quick else 7
+        if args.threads:
+            torch.set_num_threads(args.threads)
+            qengine.set_num_threads(args.threads)
+        return microscaling_main(args)
     if args.device == "cuda":
         return cuda_main(args)
     if args.threads:
