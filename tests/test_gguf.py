@@ -206,3 +206,16 @@ def test_export_refuses_other_types_and_architectures(tiny, tmp_path):
     model.config.model_type = "gpt2"
     with pytest.raises(ValueError, match="supports llama"):
         export_gguf(model, tmp_path / "g.gguf")
+
+
+def test_loaded_gguf_saves_and_reloads_without_requantizing(tiny, tmp_path):
+    """A model loaded from GGUF (signed Q4_0/Q8_0 block scales included) saves as a qengine
+    checkpoint and loads back with identical logits."""
+    from qengine.hf import save_quantized
+
+    model = load_model(tiny)
+    save_quantized(model, tmp_path / "saved")
+    again = load_model(tmp_path / "saved")
+    ids = torch.randint(0, DIMS["vocab"], (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)

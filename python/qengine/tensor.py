@@ -358,8 +358,8 @@ class QuantizedTensor:
         q = cls(packed.contiguous(), scales, offsets, fmt, shape, dtype, blocksize, bool(meta.get("per_row", False)),
                 layout, positions, mask)
         check_codes(q.packed, fmt, stored, prefix)
-        if isinstance(scales, torch.Tensor) and (scales < 0).any():
-            raise ValueError(f"{prefix}scales contains negative values (corrupt data)")
+        # Negative float32 block scales are data, not corruption: a GGUF Q4_0/Q8_0 block's
+        # scale d is signed (qengine.hf.load_gguf keeps it), and the kernels simply multiply.
         return q
 
 
