@@ -92,7 +92,8 @@ def test_unsupported_layout_fails_before_loading(tmp_path):
     gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
     cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=4,
-                                    num_experts_per_tok=2, layer_types=["full_attention"])
+                                    num_experts_per_tok=2, layer_types=["full_attention"],
+                                    swiglu_limit=5.0)  # gpt-oss's own gate (limit 7.0) runs: tests/test_gpt_oss.py
     gpt_oss.GptOssForCausalLM(cfg).save_pretrained(tmp_path / "g")
     with pytest.raises(ValueError, match="_apply_gate"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "g", quantization_config=QEngineConfig())

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .ops import ACTIVATIONS, GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE
+from .ops.moe import SWIGLU_ALPHA, SWIGLU_LIMIT, SWIGLU_OAI
 from .formats import Format
 from .nn.experts import LoRAExperts, QuantExpertsWeight, experts_forward
 
@@ -59,6 +60,16 @@ def _activation(mod: nn.Module) -> str:
                      f"(supported: {sorted(ACTIVATIONS)})")
 
 
+def _gpt_oss_gate():
+    """transformers' GptOssExperts._apply_gate (the clamped swiglu the grouped kernel runs as
+    activation swiglu_oai), or None when this transformers has no gpt-oss."""
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:
+        return None
+    return GptOssExperts._apply_gate
+
+
 def experts_layout(mod: nn.Module) -> tuple[int, int]:
     """(gate layout code, activation code) of a transformers experts module, or ValueError
     naming the first layout flag the grouped kernel does not support."""
@@ -67,7 +78,16 @@ def experts_layout(mod: nn.Module) -> tuple[int, int]:
                          "the grouped kernel does not support")
     from transformers.integrations.moe import _default_apply_gate  # present whenever such a module exists
 
-    if mod.has_gate and getattr(type(mod), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+    gate_fn = getattr(type(mod), "_apply_gate", _default_apply_gate)
+    if mod.has_gate and gate_fn is not _default_apply_gate and gate_fn is _gpt_oss_gate():
+        if mod.is_concatenated:
+            raise ValueError(f"{type(mod).__name__}: gpt-oss's gate takes interleaved gate/up columns")
+        if (float(mod.alpha), float(mod.limit)) != (SWIGLU_ALPHA, SWIGLU_LIMIT):
+            raise ValueError(f"{type(mod).__name__} has its own gate function (_apply_gate) with swiglu alpha="
+                             f"{mod.alpha}, limit={mod.limit}; the grouped kernel runs gpt-oss's gate with alpha="
+                             f"{SWIGLU_ALPHA}, limit={SWIGLU_LIMIT} only")
+        return GATE_INTERLEAVED, SWIGLU_OAI
+    if mod.has_gate and gate_fn is not _default_apply_gate:
         raise ValueError(f"{type(mod).__name__} has its own gate function (_apply_gate), which the grouped kernel "
                          "does not support (it computes act(gate) * up)")
     act = ACTIVATIONS[_activation(mod)]

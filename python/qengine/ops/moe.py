@@ -24,7 +24,11 @@ from .._checks import check_float, check_same_device, check_weight, reject_devic
 GATE_CONCATENATED, GATE_INTERLEAVED, NO_GATE = 0, 1, 2
 # activation codes, by transformers' `hidden_act` names
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_tanh": 1, "gelu_fast": 1,
-               "gelu": 2, "relu": 3}
+               "gelu": 2, "relu": 3, "swiglu_oai": 4}
+# gpt-oss's gate (transformers' GptOssExperts._apply_gate), activation code 4: with gate g and up u,
+# (clamp(u, -L, L) + 1) * g' * sigmoid(ALPHA * g'), g' = clamp(g, max=L). No native kernel takes it:
+# the CPU path runs it in Python around the per-expert small-batch products (moe_dense.py).
+SWIGLU_OAI, SWIGLU_ALPHA, SWIGLU_LIMIT = 4, 1.702, 7.0
 _META_LEN = 8
 
 
@@ -91,6 +95,8 @@ def check_moe_args(x, top_k_index, top_k_weights, up, down, up_offsets, down_off
         raise ValueError(f"gate_layout must be 0 (concatenated), 1 (interleaved) or 2 (no gate), got {gate_layout}")
     if act not in set(ACTIVATIONS.values()):
         raise ValueError(f"activation code {act} is not supported (activations: {sorted(ACTIVATIONS)})")
+    if act == SWIGLU_OAI and gate_layout == NO_GATE:
+        raise ValueError("activation swiglu_oai (code 4) needs a gate (gate_layout 0 or 1)")
     n_up = inter if gate_layout == NO_GATE else 2 * inter
     _check_matrix("up", up, up_offsets, up_bias, up_lora_a, up_lora_b, E, n_up, H, up_bits, up_bs, x.device)
     _check_matrix("down", down, down_offsets, down_bias, down_lora_a, down_lora_b, E, H, inter, down_bits, down_bs,

@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from .moe import GATE_CONCATENATED, GATE_INTERLEAVED, GRAD_INPUTS, NO_GATE, split_matrix, unpack_meta
+from .moe import (GATE_CONCATENATED, GATE_INTERLEAVED, GRAD_INPUTS, NO_GATE, SWIGLU_ALPHA, SWIGLU_LIMIT, SWIGLU_OAI,
+                  split_matrix, unpack_meta)
 from .weight import KernelWeight
 
 
@@ -22,32 +23,97 @@ def _dense_matrix(state, offsets, bits, blocksize, E, N, K) -> torch.Tensor:
     return w.view(E, N, K)
 
 
+def expert_weight(state, offsets, bits: int, blocksize: int, N: int, K: int, e: int) -> KernelWeight:
+    """Expert e of a stacked matrix as a KernelWeight [N, K] over views of the stored codes (no
+    copy of the weight; double-quantized scales of an expert not aligned to a nested block are
+    decoded for that expert only, N*K/blocksize floats)."""
+    packed, table, scales, nested = split_matrix(state)
+    per, nb = N * K * bits // 8, N * K // blocksize
+    b0 = e * nb
+    s = scales[b0:b0 + nb]
+    off = None if offsets is None else offsets[b0:b0 + nb]
+    parts = []
+    if nested:
+        ntable, absmax, mean, nbs_t = nested
+        nbs = int(nbs_t)
+        if absmax.numel() == 1:  # one nested block over all scales (mxfp4, nvfp4): every index is 0
+            parts = list(nested)
+        elif b0 % nbs == 0:
+            parts = [ntable, absmax[b0 // nbs:-(-(b0 + nb) // nbs)], mean, nbs_t]
+        else:
+            rows = torch.arange(b0, b0 + nb, device=s.device) // nbs
+            s = ntable[s.long()] * absmax[rows] + mean.reshape(())
+    return KernelWeight(packed[e * per:(e + 1) * per], table, bits, blocksize, s, parts, off, (N, K))
+
+
+class ExpertMatrix:
+    """One stacked expert matrix [E, N, K] for the torch loops: products with expert e's weight,
+    v @ W_e^T (mm) and g @ W_e (mm_t). dense: the whole matrix dequantized once (float32);
+    else each product runs qengine::matmul / matmul_t on expert e's codes (never dequantized)."""
+
+    def __init__(self, state, offsets, bits, blocksize, E, N, K, dense: bool):
+        self.state, self.offsets, self.bits, self.blocksize, self.N, self.K = state, offsets, bits, blocksize, N, K
+        self.w = _dense_matrix(state, offsets, bits, blocksize, E, N, K) if dense else None
+
+    def mm(self, e: int, v: torch.Tensor) -> torch.Tensor:
+        if self.w is not None:
+            return v @ self.w[e].t()
+        return expert_weight(self.state, self.offsets, self.bits, self.blocksize, self.N, self.K, e).matmul(v)
+
+    def mm_t(self, e: int, g: torch.Tensor) -> torch.Tensor:
+        if self.w is not None:
+            return g @ self.w[e]
+        kw = expert_weight(self.state, self.offsets, self.bits, self.blocksize, self.N, self.K, e)
+        return torch.ops.qengine.matmul_t(g.contiguous(), kw.packed, kw.table, kw.scales, kw.nested, kw.offsets,
+                                          kw.bits, kw.blocksize, self.K)
+
+
+def swiglu_oai(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's gate, the operations of transformers' GptOssExperts._apply_gate in its order."""
+    g = g.clamp(min=None, max=SWIGLU_LIMIT)
+    u = u.clamp(min=-SWIGLU_LIMIT, max=SWIGLU_LIMIT)
+    return (u + 1) * (g * torch.sigmoid(g * SWIGLU_ALPHA))
+
+
+def _swiglu_oai_grads(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """swiglu_oai(g, u) and its partial derivatives in g and u (clamp passes the gradient where
+    the bound holds, bounds included, as torch.clamp does)."""
+    gc, uc = g.clamp(max=SWIGLU_LIMIT), u.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT)
+    sig = torch.sigmoid(gc * SWIGLU_ALPHA)
+    glu = gc * sig
+    dglu = sig + SWIGLU_ALPHA * gc * sig * (1 - sig)
+    dg = (uc + 1) * dglu * (g <= SWIGLU_LIMIT).to(g.dtype)
+    du = glu * ((u >= -SWIGLU_LIMIT) & (u <= SWIGLU_LIMIT)).to(u.dtype)
+    return (uc + 1) * glu, dg, du
+
+
 # The activation of each activation code (moe.ACTIVATIONS' values).
 ACTIVATION_FUNCTIONS = {0: torch.nn.functional.silu, 1: lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
-                        2: torch.nn.functional.gelu, 3: torch.relu}
+                        2: torch.nn.functional.gelu, 3: torch.relu, SWIGLU_OAI: swiglu_oai}
 
 
 def apply_gate(a: torch.Tensor, gate_layout: int, fn) -> torch.Tensor:
     """The down projection's input from the up projection's output a [T, n_up]: fn(a) without a
-    gate, else fn(gate) * up, with gate and up interleaved or concatenated as gate_layout says."""
+    gate, else fn(gate) * up (or fn(gate, up) for swiglu_oai), with gate and up interleaved or
+    concatenated as gate_layout says."""
     if gate_layout == NO_GATE:
         return fn(a)
-    if gate_layout == GATE_INTERLEAVED:
-        return fn(a[:, 0::2]) * a[:, 1::2]
-    g, u = a.chunk(2, dim=-1)
-    return fn(g) * u
+    g, u = (a[:, 0::2], a[:, 1::2]) if gate_layout == GATE_INTERLEAVED else a.chunk(2, dim=-1)
+    return fn(g, u) if fn is swiglu_oai else fn(g) * u
 
 
 def dense_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias, up_lora_a,
-                  up_lora_b, down_lora_a, down_lora_b, lora_scale, meta, w_up=None, w_down=None) -> torch.Tensor:
+                  up_lora_b, down_lora_a, down_lora_b, lora_scale, meta) -> torch.Tensor:
     """The same function in torch (float32, differentiable in x, weights, biases and adapters):
-    the CUDA forward and the recomputation in the backward."""
+    the CUDA forward, and the CPU forward of swiglu_oai (no native kernel takes it). Each matrix
+    is dequantized once, except for swiglu_oai, whose products run qengine::matmul per expert on
+    the stored codes (ExpertMatrix)."""
     E, inter, up_bits, up_bs, down_bits, down_bs, gate_layout, act = unpack_meta(meta)
     T, H = x.shape
     n_up = inter if gate_layout == NO_GATE else 2 * inter
-    if w_up is None:
-        w_up = _dense_matrix(up, up_offsets, up_bits, up_bs, E, n_up, H)
-        w_down = _dense_matrix(down, down_offsets, down_bits, down_bs, E, H, inter)
+    dense = act != SWIGLU_OAI
+    w_up = ExpertMatrix(up, up_offsets, up_bits, up_bs, E, n_up, H, dense)
+    w_down = ExpertMatrix(down, down_offsets, down_bits, down_bs, E, H, inter, dense)
     k = top_k_index.shape[1]
     flat = top_k_index.reshape(-1).to(torch.int64)
     tokens = torch.arange(T, device=x.device).repeat_interleave(k)
@@ -59,13 +125,13 @@ def dense_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offs
         sel = (flat == e).nonzero().squeeze(1)
         t = tokens[sel]
         xe = xf[t]
-        a = xe @ w_up[e].t()
+        a = w_up.mm(e, xe)
         if up_lora_a is not None:
             a = a + lora_scale * (xe @ f32(up_lora_a[e]).t()) @ f32(up_lora_b[e]).t()
         if up_bias is not None:
             a = a + f32(up_bias[e])
         h = apply_gate(a, gate_layout, ACTIVATION_FUNCTIONS[act])
-        o = h @ w_down[e].t()
+        o = w_down.mm(e, h)
         if down_lora_a is not None:
             o = o + lora_scale * (h @ f32(down_lora_a[e]).t()) @ f32(down_lora_b[e]).t()
         if down_bias is not None:
@@ -104,8 +170,9 @@ def moe_experts_backward(grad: torch.Tensor, x: torch.Tensor, top_k_index: torch
     E, inter, up_bits, up_bs, down_bits, down_bs, gate_layout, act = unpack_meta(meta)
     T, H = x.shape
     n_up = inter if gate_layout == NO_GATE else 2 * inter
-    w_up = _dense_matrix(up, up_offsets, up_bits, up_bs, E, n_up, H)
-    w_down = _dense_matrix(down, down_offsets, down_bits, down_bs, E, H, inter)
+    dense = act != SWIGLU_OAI  # swiglu_oai: products on the stored codes, no dequantized copy
+    w_up = ExpertMatrix(up, up_offsets, up_bits, up_bs, E, n_up, H, dense)
+    w_down = ExpertMatrix(down, down_offsets, down_bits, down_bs, E, H, inter, dense)
     f32 = (lambda t: None if t is None else t.to(torch.float32))
     ua, ub, da, db = f32(up_lora_a), f32(up_lora_b), f32(down_lora_a), f32(down_lora_b)
     s = float(lora_scale)
@@ -124,7 +191,7 @@ def moe_experts_backward(grad: torch.Tensor, x: torch.Tensor, top_k_index: torch
         t = tokens[sel]
         xe = xf[t]
         # forward, keeping what the chain rule needs
-        a = xe @ w_up[e].t()
+        a = w_up.mm(e, xe)
         xa = None
         if ua is not None:
             xa = xe @ ua[e].t()  # [m, r]
@@ -135,9 +202,13 @@ def moe_experts_backward(grad: torch.Tensor, x: torch.Tensor, top_k_index: torch
             h, slope = _activation_and_slope(a, act)
         else:
             g, u = (a[:, :inter], a[:, inter:]) if gate_layout == GATE_CONCATENATED else (a[:, 0::2], a[:, 1::2])
-            ag, slope = _activation_and_slope(g, act)
-            h = ag * u
-        o = h @ w_down[e].t()
+            if act == SWIGLU_OAI:
+                h, slope, ag = _swiglu_oai_grads(g, u)  # ag: dh/du; slope: dh/dg
+                u = torch.ones_like(u)
+            else:
+                ag, slope = _activation_and_slope(g, act)
+                h = ag * u
+        o = w_down.mm(e, h)
         ha = None
         if da is not None:
             ha = h @ da[e].t()
@@ -148,7 +219,7 @@ def moe_experts_backward(grad: torch.Tensor, x: torch.Tensor, top_k_index: torch
         ge = gf[t]
         gw[sel] = (ge * o).sum(1)
         do = ge * weights[sel, None]
-        dh = do @ w_down[e]
+        dh = w_down.mm_t(e, do)
         if da is not None:
             dob = do @ db[e]  # [m, r]
             gdb[e] += s * do.t() @ ha
@@ -161,7 +232,7 @@ def moe_experts_backward(grad: torch.Tensor, x: torch.Tensor, top_k_index: torch
         else:
             dg, du = dh * u * slope, dh * ag
             dpre = torch.cat([dg, du], 1) if gate_layout == GATE_CONCATENATED else torch.stack([dg, du], 2).flatten(1)
-        dxe = dpre @ w_up[e]
+        dxe = w_up.mm_t(e, dpre)
         if ua is not None:
             dpb = dpre @ ub[e]
             gub[e] += s * dpre.t() @ xa
