@@ -30,6 +30,7 @@ from ..formats import get_format
 from ..functional import quantize
 from ..moe import is_experts_module, is_float_expert_weight, quantize_experts
 from ..nn import QuantExpertsWeight, QuantLinear
+from .gpt_oss import is_mxfp4_config, load_mxfp4_experts
 
 __all__ = ["QUANT_METHOD", "layer_settings", "check_plan_entries",
            "check_quantization_config", "require_transformers", "load_config", "build_model", "quantizable_linears",
@@ -275,6 +276,9 @@ def load_model(model_dir: str | os.PathLike, format: Optional[str] = None, block
     model_dir = os.fspath(model_dir)
     config = load_config(model_dir)
     qc = saved_quantization_config(config)
+    if qc is not None and is_mxfp4_config(qc):  # gpt-oss's MXFP4 experts, loaded as they are (hf/gpt_oss.py)
+        del config.quantization_config
+        return load_mxfp4_experts(build_model(config, empty=True), iter_checkpoint_tensors(model_dir))
     if qc is not None and qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{model_dir!r} is quantized with {qc.get('quant_method')!r}; qengine loads its own "
                          "checkpoints and float ones")
