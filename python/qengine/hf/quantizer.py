@@ -30,8 +30,9 @@ from ..tensor import QuantizedTensor
 from ..calibrate.driver import METHODS
 from ..calibrate.scale_search import search_scales
 from ._files import page_out, read_tensor, safetensors_index
-from .checkpoint import (CALIBRATION_KEYS, QUANT_METHOD, check_plan_entries, check_quantization_config,
-                         configured_linear, layer_settings, quantizable_linears)
+from .checkpoint import configured_linear, layer_settings, quantizable_linears
+from .expert_keys import keep_quantized_expert_keys
+from .qconfig import CALIBRATION_KEYS, QUANT_METHOD, check_plan_entries, check_quantization_config
 
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -352,31 +353,6 @@ def _load_quantized(model: nn.Module, cfg: QEngineConfig, files: list) -> None:
             layer.to(bias.device)
         parent, attr = parent_of(model, name)
         setattr(parent, attr, layer)
-
-
-def keep_quantized_expert_keys(model: nn.Module) -> None:
-    """Stops save_pretrained from splitting quantized expert weights back into transformers'
-    per-expert checkpoint matrices (its reverse weight conversion would cut packed codes as if
-    they were a float [E, N, K] tensor): the conversions that target a quantized experts weight
-    are dropped from the model's list, so their qengine tensors are saved under their own names
-    (from_pretrained of the folder reads them back through quantization_config.modules)."""
-    from transformers.core_model_loading import PrefixChange, WeightConverter
-
-    names = [n for n, m in model.named_modules() if isinstance(m, QuantExpertsWeight)]
-    if not names:
-        return
-    conversions = getattr(model, "_weight_conversions", None)
-    if conversions is None:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-
-        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
-                       if not isinstance(c, PrefixChange)]
-
-    def targets_quantized(c) -> bool:
-        return isinstance(c, WeightConverter) and any(
-            re.search(re.escape(t).replace(r"\*", r"[^.]+"), n) for t in c.target_patterns for n in names)
-
-    model._weight_conversions = [c for c in conversions if not targets_quantized(c)]
 
 
 def mark_quantized(model: nn.Module) -> QEngineConfig:

@@ -3,7 +3,7 @@ scales, nested scales) and multiplied through the qengine::matmul op without a d
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from ..functional import matmul, quantize
 from ..microscaling import tensor_scale_blocksize
 from ..ops import KernelWeight
 from ..tensor import NESTED_FORMAT, NestedScales, PackedParameter, QuantizedTensor
+from .quant_state import CACHE_INPUTS, STATE, STATE_NAMES, state_tensors
 
 __all__ = ["QuantLinear", "QUANT_STORAGE_DTYPES"]
 
@@ -22,57 +23,6 @@ __all__ = ["QuantLinear", "QUANT_STORAGE_DTYPES"]
 # parameters of that dtype), never as a float dtype: casts and collectives canonicalise NaN bit
 # patterns in floats and would silently corrupt the codes.
 QUANT_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-class StateField(NamedTuple):
-    """One tensor of a QuantLinear's quantized state."""
-    name: str
-    holds: str  # dtype and shape
-    persistent: bool = True  # False: derived from the others (not counted in weight_nbytes)
-
-
-def _block_fields(part: str) -> tuple[StateField, ...]:
-    return (StateField(f"weight_{part}", f"float32 [nblocks] {part}, or uint8 [nblocks] codes when double-quantized"),
-            StateField(f"weight_{part}_table", "float32 [256]: the nested codebook (double quant)"),
-            StateField(f"weight_{part}_absmax", "float32 [ceil(nblocks / nested blocksize)] (double quant)"),
-            StateField(f"weight_{part}_mean", "float32 [1]: the nested mean (double quant)"),
-            StateField(f"weight_{part}_bs", "int64 []: the nested blocksize as the ops take it (double quant)",
-                       persistent=False))
-
-
-# The quantized state, declared once. _set_quantized fills it from a QuantizedTensor (parts a
-# weight lacks are plain None attributes, never None buffer slots); quantized() and
-# kernel_weight() read it back; _apply moves it between devices and never casts it; weight_nbytes
-# counts it; state dicts (qengine's and bitsandbytes') go through quantized(); copying and
-# pickling carry it as the module's parameter and buffers.
-STATE = (StateField("weight_packed", "uint8 [nbytes] codes, a frozen PackedParameter (viewed as quant_storage)"),
-         StateField("weight_table", "float32 [2^bits]: the codebook"),
-         *_block_fields("scales"), *_block_fields("offsets"),
-         StateField("weight_positions", "uint8 [ceil(numel / 8)]: the 2:4 layout's kept positions"),
-         StateField("weight_mask", "uint8 [ceil(numel / 8)]: a stored pruning mask"))
-
-
-_STATE_NAMES = tuple(f.name for f in STATE)
-# What kernel_weight() reads besides the state: assigning any of these drops its cache.
-_CACHE_INPUTS = frozenset({f.name for f in STATE} | {"format", "blocksize", "layout", "quant_storage", "in_features",
-                                                     "out_features", "offsets_nested_blocksize",
-                                                     "scales_nested_blocksize", "scales_nested_format",
-                                                     "offsets_nested_format", "_packed_bytes"})
-
-
-def state_tensors(q: QuantizedTensor) -> dict[str, Optional[torch.Tensor]]:
-    """The STATE tensors of q (weight_packed as uint8), by name; None for absent parts."""
-    parts = {"weight_packed": q.packed, "weight_table": q.format.kernel_tables(q.device)[0],
-             "weight_positions": q.positions, "weight_mask": q.mask}
-    for part, value in (("scales", q.scales), ("offsets", q.offsets)):
-        nested = isinstance(value, NestedScales)
-        inner = value.quantized if nested else None
-        parts.update({f"weight_{part}": inner.packed if nested else value,
-                      f"weight_{part}_table": inner.format.kernel_tables(q.device)[0] if nested else None,
-                      f"weight_{part}_absmax": inner.scales if nested else None,
-                      f"weight_{part}_mean": value.mean.reshape(1) if nested else None,
-                      f"weight_{part}_bs": torch.tensor(inner.blocksize, dtype=torch.int64) if nested else None})
-    return parts
 
 
 class QuantLinear(nn.Module):
@@ -263,7 +213,7 @@ class QuantLinear(nn.Module):
         """The STATE tensor objects by identity (torch.export and stateless calls swap them
         without __setattr__): a cached kernel_weight() is valid only while these are its own."""
         params, buffers = self._parameters, self._buffers
-        return tuple(id(params.get(n, buffers.get(n))) for n in _STATE_NAMES)
+        return tuple(id(params.get(n, buffers.get(n))) for n in STATE_NAMES)
 
     def _cache_kernel_weight(self) -> None:
         """Caches kernel_weight() after the state was set or moved. Only where the cache cannot
@@ -281,7 +231,7 @@ class QuantLinear(nn.Module):
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        if name in _CACHE_INPUTS:
+        if name in CACHE_INPUTS:
             self.__dict__["_kernel_weight"] = None
 
     def _build_kernel_weight(self) -> KernelWeight:
