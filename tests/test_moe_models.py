@@ -192,6 +192,19 @@ def test_memory_report_counts_experts():
     assert rep["total"]["bytes"] < 0.3 * float_bytes
 
 
+def test_lora_targets_experts_by_the_experts_module_name():
+    """target_modules=["experts"] (the experts module's name, as add_lora documents) gives every
+    quantized expert matrix an adapter, as its own names ("gate_up_proj", "down_proj") do."""
+    from qengine.nn import LoRAExperts
+
+    for targets in (["experts"], ["gate_up_proj", "down_proj"]):
+        model = CONFIGS["qwen3_moe"]()
+        qengine.quantize_model(model, progress=False)
+        qengine.add_lora(model, r=4, target_modules=["q_proj", *targets], experts=True)
+        adapted = [n for n, m in model.named_modules() if isinstance(m, LoRAExperts)]
+        assert len(adapted) == 2 * 2, (targets, adapted)  # 2 layers: gate_up_proj and down_proj
+
+
 def test_warning_when_experts_are_skipped(caplog):
     model = CONFIGS["olmoe"]()
     with caplog.at_level(logging.WARNING, logger="qengine"):

@@ -85,7 +85,9 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
         if not name or isinstance(mod, (LoRALinear, LoRAExperts)) or _inside_lora(model, name):
             continue
         if isinstance(mod, QuantExpertsWeight):
-            if experts and (target_modules is None or matches(name, target_modules)):
+            # an expert matrix matches by its own name or its experts module's ("experts")
+            if experts and (target_modules is None or matches(name, target_modules)
+                            or matches(name.rpartition(".")[0], target_modules)):
                 expert_names.append(name)
         elif target_modules is None:
             if isinstance(mod, QuantLinear):
