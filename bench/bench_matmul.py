@@ -35,18 +35,20 @@ def parse_args():
     p = bench_parser(__doc__, "matmul", "11008x4096 only, batches 1, 16, 512")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--microscaling", action="store_true",
-                   help="only batch-1 11008x4096: mxfp4 and nvfp4 against nf4 + double quant, bfloat16 and float32 "
-                        "x, interleaved (issue 26's Done-when: within 1.15x of nf4)")
+                   help="only batch-1 11008x4096: mxfp4, nvfp4 and nf4 block 32 against nf4 + double quant, "
+                        "bfloat16 and float32 x, interleaved (issue 26's Done-when: within 1.15x of nf4)")
     return p.parse_args()
 
 
 def microscaling_main(args):
-    """Batch-1 matmul, 11008x4096: nf4 (block 64, double quant), mxfp4, nvfp4; each round times
+    """Batch-1 matmul, 11008x4096: nf4 (block 64 and 32, double quant), mxfp4, nvfp4; each round times
     every (format, x dtype) for a short budget in turn, and the figure is the median over rounds."""
     torch.manual_seed(0)
     n, k = 11008, 4096
     w = torch.randn(n, k) * 0.02
-    qs = {"nf4+dq": qengine.quantize(w, "nf4", 64, double_quant=True), "mxfp4": qengine.quantize(w, "mxfp4"),
+    # nf4/32+dq: mxfp4's block size with nf4 codes, to tell the cost of block 32 from the format's
+    qs = {"nf4+dq": qengine.quantize(w, "nf4", 64, double_quant=True),
+          "nf4/32+dq": qengine.quantize(w, "nf4", 32, double_quant=True), "mxfp4": qengine.quantize(w, "mxfp4"),
           "nvfp4": qengine.quantize(w, "nvfp4")}
     xs = {dt: [(torch.randn(1, k).to(dt),) for _ in range(3)] for dt in (torch.bfloat16, torch.float32)}
     times: dict = {}

@@ -3,6 +3,7 @@
 // float32 buffer and dots it with every input row; threads split the output rows. The
 // transposed product (backward for x) splits the columns instead.
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "cpu/common/thread_pool.h"
@@ -154,12 +155,12 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
   BlockScales scales = scales_;
   float* y = y_;
   int64_t o0 = n0, o1 = n1;
-  std::vector<float> plain;
+  std::unique_ptr<float[]> plain;  // every element written by the decode: not zeroed first
   if (planes_) {
     const int64_t per_row = K_ / blocksize_;
-    plain.resize(static_cast<size_t>((n1 - n0) * per_row));
-    decode_nested_scales_vbmi(scales_, *planes_, n0 * per_row, (n1 - n0) * per_row, plain.data());
-    scales = BlockScales{plain.data(), nullptr, nullptr, nullptr, 1, 0.0f, 0};
+    plain.reset(new float[static_cast<size_t>((n1 - n0) * per_row)]);
+    decode_nested_scales_vbmi(scales_, *planes_, n0 * per_row, (n1 - n0) * per_row, plain.get());
+    scales = BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0};
     packed += n0 * K_ / 2;
     y += n0;
     o0 = 0;

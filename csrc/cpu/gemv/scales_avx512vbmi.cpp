@@ -11,17 +11,61 @@
 namespace qengine::cpu {
 
 #if defined(__x86_64__) || defined(_M_X64)
+namespace {
+
+// lookup64 (byte_planes_vbmi.h) with the 16 plane vectors held in registers across calls.
+struct PlaneRegs {
+  __m512i v[4][4];
+  explicit PlaneRegs(const ScalePlanes& t) {
+    for (int p = 0; p < 4; ++p) {
+      for (int q = 0; q < 4; ++q) v[p][q] = _mm512_load_si512(t.bytes + p * 256 + q * 64);
+    }
+  }
+  void lookup64(__m512i codes, const __m512i order, __m512i out[4]) const {
+    codes = _mm512_permutexvar_epi8(order, codes);
+    const __mmask64 high = _mm512_movepi8_mask(codes);  // entries 128..255
+    __m512i b[4];
+    for (int p = 0; p < 4; ++p) {
+      const __m512i lo = _mm512_permutex2var_epi8(v[p][0], codes, v[p][1]);
+      const __m512i hi = _mm512_permutex2var_epi8(v[p][2], codes, v[p][3]);
+      b[p] = _mm512_mask_blend_epi8(high, lo, hi);
+    }
+    const __m512i w01_lo = _mm512_unpacklo_epi8(b[0], b[1]), w01_hi = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i w23_lo = _mm512_unpacklo_epi8(b[2], b[3]), w23_hi = _mm512_unpackhi_epi8(b[2], b[3]);
+    out[0] = _mm512_unpacklo_epi16(w01_lo, w23_lo);
+    out[1] = _mm512_unpackhi_epi16(w01_lo, w23_lo);
+    out[2] = _mm512_unpacklo_epi16(w01_hi, w23_hi);
+    out[3] = _mm512_unpackhi_epi16(w01_hi, w23_hi);
+  }
+};
+
+}  // namespace
+
 void decode_nested_scales_vbmi(const BlockScales& s, const ScalePlanes& planes, int64_t b_lo, int64_t count,
                                float* out) {
+  const PlaneRegs regs(planes);
   const __m512i order = unpack_order();
   const __m512 mean = _mm512_set1_ps(s.mean);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m128i shift = _mm_cvtsi32_si128(s.nested_shift);
-  for (int64_t i = 0; i < count; i += 64) {
+  int64_t i = 0;
+  // Whole groups of 64 blocks inside one nested block (almost all of them): one broadcast
+  // absmax, unmasked stores.
+  for (; i + 64 <= count; i += 64) {
+    const int64_t first = b_lo + i;
+    if ((first >> s.nested_shift) != ((first + 63) >> s.nested_shift)) break;
+    __m512i values[4];
+    regs.lookup64(_mm512_loadu_si512(s.codes + first), order, values);
+    const __m512 av = _mm512_set1_ps(s.absmax[first >> s.nested_shift]);
+    for (int k = 0; k < 4; ++k) {
+      _mm512_storeu_ps(out + i + 16 * k, _mm512_add_ps(_mm512_mul_ps(_mm512_castsi512_ps(values[k]), av), mean));
+    }
+  }
+  for (; i < count; i += 64) {
     const int64_t n = count - i < 64 ? count - i : 64;
     const __mmask64 live = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
     __m512i values[4];
-    lookup64(_mm512_maskz_loadu_epi8(live, s.codes + b_lo + i), planes, order, values);
+    regs.lookup64(_mm512_maskz_loadu_epi8(live, s.codes + b_lo + i), order, values);
     for (int k = 0; k * 16 < n; ++k) {
       const int64_t first = b_lo + i + 16 * k, m = n - 16 * k < 16 ? n - 16 * k : 16;
       const __mmask16 lanes = m == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << m) - 1u);
