@@ -23,24 +23,37 @@ inline __m512i unpack_order() {
   return _mm512_load_si512(idx);
 }
 
-// The 64 float32 table values of 64 codes, as 4 vectors of 16 in code order.
-inline void lookup64(__m512i codes, const ScalePlanes& t, const __m512i order, __m512i out[4]) {
-  codes = _mm512_permutexvar_epi8(order, codes);
-  const __mmask64 high = _mm512_movepi8_mask(codes);  // entries 128..255
-  __m512i b[4];
-  for (int p = 0; p < 4; ++p) {
-    const uint8_t* plane = t.bytes + p * 256;
-    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(plane), codes, _mm512_load_si512(plane + 64));
-    const __m512i hi =
-        _mm512_permutex2var_epi8(_mm512_load_si512(plane + 128), codes, _mm512_load_si512(plane + 192));
-    b[p] = _mm512_mask_blend_epi8(high, lo, hi);
+// A table's 16 byte-plane vectors, loaded once (a caller looking up many groups of 64 keeps them
+// in registers across calls).
+struct PlaneRegs {
+  __m512i v[4][4];
+  explicit PlaneRegs(const ScalePlanes& t) {
+    for (int p = 0; p < 4; ++p) {
+      for (int q = 0; q < 4; ++q) v[p][q] = _mm512_load_si512(t.bytes + p * 256 + q * 64);
+    }
   }
-  const __m512i w01_lo = _mm512_unpacklo_epi8(b[0], b[1]), w01_hi = _mm512_unpackhi_epi8(b[0], b[1]);
-  const __m512i w23_lo = _mm512_unpacklo_epi8(b[2], b[3]), w23_hi = _mm512_unpackhi_epi8(b[2], b[3]);
-  out[0] = _mm512_unpacklo_epi16(w01_lo, w23_lo);
-  out[1] = _mm512_unpackhi_epi16(w01_lo, w23_lo);
-  out[2] = _mm512_unpacklo_epi16(w01_hi, w23_hi);
-  out[3] = _mm512_unpackhi_epi16(w01_hi, w23_hi);
+  // The 64 float32 table values of 64 codes, as 4 vectors of 16 in code order.
+  void lookup64(__m512i codes, const __m512i order, __m512i out[4]) const {
+    codes = _mm512_permutexvar_epi8(order, codes);
+    const __mmask64 high = _mm512_movepi8_mask(codes);  // entries 128..255
+    __m512i b[4];
+    for (int p = 0; p < 4; ++p) {
+      const __m512i lo = _mm512_permutex2var_epi8(v[p][0], codes, v[p][1]);
+      const __m512i hi = _mm512_permutex2var_epi8(v[p][2], codes, v[p][3]);
+      b[p] = _mm512_mask_blend_epi8(high, lo, hi);
+    }
+    const __m512i w01_lo = _mm512_unpacklo_epi8(b[0], b[1]), w01_hi = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i w23_lo = _mm512_unpacklo_epi8(b[2], b[3]), w23_hi = _mm512_unpackhi_epi8(b[2], b[3]);
+    out[0] = _mm512_unpacklo_epi16(w01_lo, w23_lo);
+    out[1] = _mm512_unpackhi_epi16(w01_lo, w23_lo);
+    out[2] = _mm512_unpacklo_epi16(w01_hi, w23_hi);
+    out[3] = _mm512_unpackhi_epi16(w01_hi, w23_hi);
+  }
+};
+
+// One lookup of 64 codes (the planes loaded for it alone).
+inline void lookup64(__m512i codes, const ScalePlanes& t, const __m512i order, __m512i out[4]) {
+  PlaneRegs(t).lookup64(codes, order, out);
 }
 
 }  // namespace

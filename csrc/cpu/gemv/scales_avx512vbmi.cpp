@@ -11,36 +11,6 @@
 namespace qengine::cpu {
 
 #if defined(__x86_64__) || defined(_M_X64)
-namespace {
-
-// lookup64 (byte_planes_vbmi.h) with the 16 plane vectors held in registers across calls.
-struct PlaneRegs {
-  __m512i v[4][4];
-  explicit PlaneRegs(const ScalePlanes& t) {
-    for (int p = 0; p < 4; ++p) {
-      for (int q = 0; q < 4; ++q) v[p][q] = _mm512_load_si512(t.bytes + p * 256 + q * 64);
-    }
-  }
-  void lookup64(__m512i codes, const __m512i order, __m512i out[4]) const {
-    codes = _mm512_permutexvar_epi8(order, codes);
-    const __mmask64 high = _mm512_movepi8_mask(codes);  // entries 128..255
-    __m512i b[4];
-    for (int p = 0; p < 4; ++p) {
-      const __m512i lo = _mm512_permutex2var_epi8(v[p][0], codes, v[p][1]);
-      const __m512i hi = _mm512_permutex2var_epi8(v[p][2], codes, v[p][3]);
-      b[p] = _mm512_mask_blend_epi8(high, lo, hi);
-    }
-    const __m512i w01_lo = _mm512_unpacklo_epi8(b[0], b[1]), w01_hi = _mm512_unpackhi_epi8(b[0], b[1]);
-    const __m512i w23_lo = _mm512_unpacklo_epi8(b[2], b[3]), w23_hi = _mm512_unpackhi_epi8(b[2], b[3]);
-    out[0] = _mm512_unpacklo_epi16(w01_lo, w23_lo);
-    out[1] = _mm512_unpackhi_epi16(w01_lo, w23_lo);
-    out[2] = _mm512_unpacklo_epi16(w01_hi, w23_hi);
-    out[3] = _mm512_unpackhi_epi16(w01_hi, w23_hi);
-  }
-};
-
-}  // namespace
-
 void decode_nested_scales_vbmi(const BlockScales& s, const ScalePlanes& planes, int64_t b_lo, int64_t count,
                                float* out) {
   const PlaneRegs regs(planes);
