@@ -25,24 +25,27 @@ inline __m256 load8(const void* x, int64_t i) {
 }
 
 // float_to_bf16 on 8 lanes: round to nearest even, NaN -> quiet NaN; results in 16 bytes.
+template <bool kFinite = false>
 inline __m128i to_bf16(__m256 v) {
   __m256i u = _mm256_castps_si256(v);
   __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
-  __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  if constexpr (!kFinite) {  // as simd_avx512.h's to_bf16
+    __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  }
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
 // `stream`: non-temporal stores where aligned (large outputs not read back soon).
-template <int DT>
+template <int DT, bool kFinite = false>
 inline void store8(void* out, int64_t i, __m256 v, bool stream = false) {
   if constexpr (DT == kFloat32) {
     float* p = static_cast<float*>(out) + i;
     if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0) _mm256_stream_ps(p, v);
     else _mm256_storeu_ps(p, v);
   } else {
-    __m128i h = DT == kBFloat16 ? to_bf16(v) : _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m128i h = DT == kBFloat16 ? to_bf16<kFinite>(v) : _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     uint16_t* p = static_cast<uint16_t*>(out) + i;
     if (stream && (reinterpret_cast<uintptr_t>(p) & 15) == 0) _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
     else _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);

@@ -26,25 +26,29 @@ inline __m512 load16(const void* x, int64_t i) {
   }
 }
 
-// float_to_bf16 on 16 lanes: round to nearest even, NaN -> quiet NaN.
+// float_to_bf16 on 16 lanes: round to nearest even, NaN -> quiet NaN (kFinite: the caller's
+// values are never NaN, e.g. decoded weights, and the NaN fix-up is skipped; same bytes otherwise).
+template <bool kFinite = false>
 inline __m256i to_bf16(__m512 v) {
   __m512i u = _mm512_castps_si512(v);
   __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-  __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+  if constexpr (!kFinite) {
+    __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+  }
   return _mm512_cvtepi32_epi16(r);
 }
 
 // `stream`: non-temporal stores where aligned (large outputs not read back soon).
-template <int DT>
+template <int DT, bool kFinite = false>
 inline void store16(void* out, int64_t i, __m512 v, bool stream = false) {
   if constexpr (DT == kFloat32) {
     float* p = static_cast<float*>(out) + i;
     if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) _mm512_stream_ps(p, v);
     else _mm512_storeu_ps(p, v);
   } else {
-    __m256i h = DT == kBFloat16 ? to_bf16(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256i h = DT == kBFloat16 ? to_bf16<kFinite>(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     uint16_t* p = static_cast<uint16_t*>(out) + i;
     if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
     else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);

@@ -116,8 +116,8 @@ void decode4(const uint8_t* packed, int64_t first, int64_t len, const Codebook& 
     __m256 vl = lookup16(_mm256_and_si256(b, nib), tlo, thi);
     __m256 a = _mm256_unpacklo_ps(vh, vl);  // h0 l0 h1 l1 | h4 l4 h5 l5
     __m256 c = _mm256_unpackhi_ps(vh, vl);  // h2 l2 h3 l3 | h6 l6 h7 l7
-    store8<OUT>(out, i, apply_scale<RULE>(_mm256_permute2f128_ps(a, c, 0x20), sc, of), stream);
-    store8<OUT>(out, i + 8, apply_scale<RULE>(_mm256_permute2f128_ps(a, c, 0x31), sc, of), stream);
+    store8<OUT, true>(out, i, apply_scale<RULE>(_mm256_permute2f128_ps(a, c, 0x20), sc, of), stream);
+    store8<OUT, true>(out, i + 8, apply_scale<RULE>(_mm256_permute2f128_ps(a, c, 0x31), sc, of), stream);
   }
   decode_tail(packed, first, i, len, cb, scale, offset, RULE, out, OUT);
 }
@@ -129,7 +129,7 @@ void decode8(const uint8_t* packed, int64_t first, int64_t len, const Codebook& 
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
     __m256i q = load_codes8(packed + first + i);
-    store8<OUT>(out, i, apply_scale<RULE>(_mm256_i32gather_ps(cb.table, q, 4), sc, of), stream);
+    store8<OUT, true>(out, i, apply_scale<RULE>(_mm256_i32gather_ps(cb.table, q, 4), sc, of), stream);
   }
   decode_tail(packed, first, i, len, cb, scale, offset, RULE, out, OUT);
 }

@@ -90,8 +90,8 @@ inline void decode32(const uint8_t* src, __m512 tbl, __m512 sc, __m512 of, void*
   const __m512i b = load_codes16(src);
   const __m512 vh = lookup16(_mm512_srli_epi32(b, 4), tbl);
   const __m512 vl = lookup16(_mm512_and_si512(b, _mm512_set1_epi32(0x0f)), tbl);
-  store16<OUT>(out, i, apply_scale<RULE>(_mm512_permutex2var_ps(vh, lo_idx, vl), sc, of), stream);
-  store16<OUT>(out, i + 16, apply_scale<RULE>(_mm512_permutex2var_ps(vh, hi_idx, vl), sc, of), stream);
+  store16<OUT, true>(out, i, apply_scale<RULE>(_mm512_permutex2var_ps(vh, lo_idx, vl), sc, of), stream);
+  store16<OUT, true>(out, i + 16, apply_scale<RULE>(_mm512_permutex2var_ps(vh, hi_idx, vl), sc, of), stream);
 }
 
 template <int OUT, int RULE>
@@ -139,7 +139,7 @@ void decode8(const uint8_t* packed, int64_t first, int64_t len, const Codebook& 
   for (; i + 16 <= len; i += 16) {
     __m512i q = load_codes16(packed + first + i);
     __m512 v = _mm512_i32gather_ps(q, cb.table, 4);
-    store16<OUT>(out, i, apply_scale<RULE>(v, sc, of), stream);
+    store16<OUT, true>(out, i, apply_scale<RULE>(v, sc, of), stream);
   }
   decode_tail(packed, first, i, len, cb, scale, offset, RULE, out, OUT);
 }
