@@ -53,9 +53,12 @@ PYEOF
 if "$PY" - 2> "$WORK/canary.txt" <<'PYEOF'
 import torch, qengine
 from qengine import _C
+from qengine.ops.weight import native_weight
 packed, out, scales = torch.zeros(8, dtype=torch.uint8), torch.empty(4096), torch.ones(64)
 table = qengine.get_format("nf4").kernel_tables()[0]
-_C.dequantize_cpu(packed.data_ptr(), 4096, 64, table.data_ptr(), 4, 0, scales.data_ptr(), 0, out.data_ptr(), 0, False)
+weight = list(native_weight(packed, table, scales, None, None, 4, 64))
+weight[1] = 2048  # the WeightRef claims the 2048 bytes of 4096 codes; the buffer holds 8
+_C.dequantize_cpu(tuple(weight), 4096, out.data_ptr(), 0, False)
 PYEOF
 then
   echo "sanitize: an out-of-bounds read went unreported; the sanitizer is not active"; exit 1
