@@ -219,3 +219,17 @@ def test_loaded_gguf_saves_and_reloads_without_requantizing(tiny, tmp_path):
     ids = torch.randint(0, DIMS["vocab"], (2, 9))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_cli_generate_and_finetune_take_a_gguf_file(tiny, tmp_path, capsys):
+    """`qengine generate` and `qengine finetune` accept a .gguf path for --model (the byte
+    tokenizer when the file carries none, as for a directory without tokenizer files)."""
+    assert main(["generate", "--model", os.fspath(tiny), "--prompt", "ab", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+    data = tmp_path / "data.txt"
+    data.write_text("the cat sat on the mat. " * 40)
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", os.fspath(tiny), "--data", os.fspath(data), "--out", os.fspath(out),
+                 "--steps", "2", "--seq-len", "16", "--batch", "2", "--rank", "4"]) == 0
+    assert (out / "adapter.safetensors").is_file()
+    assert main(["generate", "--model", os.fspath(tmp_path / "missing.gguf"), "--prompt", "a"]) == 2

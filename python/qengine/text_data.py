@@ -26,7 +26,8 @@ class ByteTokenizer:
         return [self.bos_token_id, *ids] if add_bos else ids
 
     def decode(self, ids) -> str:
-        data = bytes(int(i) - self._offset for i in ids if int(i) >= self._offset)
+        # ids outside the 256 bytes (specials, or a model vocabulary larger than this tokenizer's) have no text
+        data = bytes(int(i) - self._offset for i in ids if 0 <= int(i) - self._offset < 256)
         return data.decode("utf-8", errors="replace")
 
 

@@ -228,11 +228,30 @@ def check_model_dir(model_dir: str) -> None:
             raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+def _load_gguf(path: str):
+    """A GGUF file's model as qengine.hf.load_model places it (already quantized: --format does
+    not apply), with the tokenizer the file carries, or the byte tokenizer when it has none."""
+    from ..hf import load_model
+
+    if not os.path.isfile(path):
+        raise ValueError(f"GGUF file {path!r} does not exist")
+    model = load_model(path)
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    except (OSError, ValueError, KeyError, TypeError):  # no tokenizer in the file's metadata
+        tok = load_tokenizer(None, model.config.vocab_size)
+    return model, tok
+
+
 def _load(model_dir: str, fmt: str):
     from safetensors import SafetensorError
 
     from ..hf.checkpoint import load_model
 
+    if model_dir.endswith(".gguf"):
+        return _load_gguf(model_dir)
     check_model_dir(model_dir)
     try:
         model = load_model(model_dir, format=fmt)
@@ -267,7 +286,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (float, or quantized by `qengine quantize`)")
+    p.add_argument("--model", required=True, help="model directory (float, or quantized by `qengine quantize`) or a .gguf file")
     p.add_argument("--data", required=True, help="training text: .txt, or .jsonl with a \"text\" field per line")
     p.add_argument("--out", required=True, help="output directory: adapter.safetensors, losses.json, loss.png (with "
                    "matplotlib), checkpoint/")
@@ -347,7 +366,7 @@ def add_lora_from_adapter(model, path: str, add_lora, load_adapter) -> None:
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (float or quantized)")
+    p.add_argument("--model", required=True, help="model directory (float or quantized) or a .gguf file")
     p.add_argument("--adapter", help="LoRA adapter written by `qengine finetune`")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
