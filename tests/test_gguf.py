@@ -171,7 +171,7 @@ def test_qlora_then_export_reads_back(tiny, tmp_path):
         torch.testing.assert_close(again(ids).logits, reference_model(out)(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("type_name", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("type_name", ["q4_0", "q4_1", "q8_0", "mxfp4"])
 def test_export_bytes_equal_gguf_quantize(tiny, tmp_path, type_name):
     model = load_model(tiny)
     out = tmp_path / "x.gguf"
@@ -184,6 +184,20 @@ def test_export_bytes_equal_gguf_quantize(tiny, tmp_path, type_name):
         assert np.array_equal(np.asarray(tensors[name].data), gguf.quants.quantize(dense, qtype)), name
     assert "output.weight" in tensors and tensors["output_norm.weight"].tensor_type == T.F32
     del model
+
+
+def test_mxfp4_model_exports_to_mxfp4_without_loss(tiny, tmp_path):
+    """A model quantized to qengine's mxfp4 (OCP MX rules) and exported as GGUF MXFP4 decodes, in
+    the gguf package, to exactly the values qengine holds: the same E8M0 exponents and E2M1 codes."""
+    model = reference_model(tiny)
+    qengine.quantize_model(model, format="mxfp4", progress=False)
+    out = tmp_path / "mx.gguf"
+    export_gguf(model, out, type="mxfp4")
+    _, tensors = _tensors(out)
+    assert tensors["blk.1.ffn_up.weight"].tensor_type == T.MXFP4
+    up = model.model.layers[1].mlp.up_proj
+    decoded = gguf.quants.dequantize(np.asarray(tensors["blk.1.ffn_up.weight"].data), T.MXFP4)
+    assert np.array_equal(decoded.reshape(up.out_features, up.in_features), up.dequantize(torch.float32).numpy())
 
 
 def test_unknown_tensor_type(tmp_path):

@@ -21,7 +21,7 @@ __all__ = ["EXPORT_TYPES", "export_gguf"]
 
 log = logging.getLogger("qengine")
 # --type -> GGML type: those gguf.quants.quantize implements (no K-quant quantizer there).
-EXPORT_TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "bf16", "f16", "f32")
+EXPORT_TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "mxfp4", "bf16", "f16", "f32")
 ARCHITECTURES = ("llama",)
 
 
@@ -82,7 +82,10 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, type: str = "q4_0") -
     modules = dict(model.named_modules())
     writer = gguf.GGUFWriter(os.fspath(path), arch)
     _metadata(writer, config, arch)
-    writer.add_file_type(int(getattr(gguf.LlamaFileType, f"MOSTLY_{type.upper()}", gguf.LlamaFileType.ALL_F32)))
+    file_type = gguf.LlamaFileType.ALL_F32 if type == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{type.upper()}",
+                                                                            None)
+    if file_type is not None:  # llama.cpp names no file type for an all-MXFP4 dense model
+        writer.add_file_type(int(file_type))
     merged, count = {}, 0
     tied = getattr(config, "tie_word_embeddings", False)
     for hf_name, gguf_name in names.items():
