@@ -59,6 +59,21 @@ def check_blocksize(blocksize: object) -> int:
     return blocksize
 
 
+# The smallest block of a stored layout (NVFP4's, and GGUF Q6_K's 16-weight sub-blocks): a
+# QuantLinear skeleton for a checkpoint may hold one; quantize() starts at MIN_BLOCKSIZE.
+MIN_STORED_BLOCKSIZE = 16
+
+
+def check_stored_blocksize(blocksize: object) -> int:
+    """Blocksize of an existing quantized layout: a power of two in [16, 4096]."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"blocksize must be an int or None, got {type(blocksize).__name__}")
+    if not (MIN_STORED_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE) or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two from {MIN_STORED_BLOCKSIZE} to {MAX_BLOCKSIZE} (or None "
+                         f"for per-row), got {blocksize}")
+    return blocksize
+
+
 def check_positive_int(name: str, v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")

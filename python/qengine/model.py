@@ -15,7 +15,7 @@ from .adapters import (add_lora, adapter_state_dict, load_adapter, load_adapter_
                        mark_only_lora_trainable, save_adapter)
 from .formats import Format, get_format
 from .moe import quantize_experts
-from .nn import LoRAExperts, LoRALinear, QuantExpertsWeight, QuantLinear
+from .nn import LoRAExperts, LoRALinear, QuantEmbedding, QuantExpertsWeight, QuantLinear
 
 # add_lora and the adapter helpers stay importable from here, where they used to live.
 __all__ = ["quantize_model", "memory_report", "add_lora", "lora_parameters", "mark_only_lora_trainable",
@@ -329,7 +329,7 @@ def memory_report(model: nn.Module) -> dict:
                     add("quantized", t, params=0)
             continue
         kind = ("lora" if isinstance(mod, (LoRALinear, LoRAExperts)) else "linear" if isinstance(mod, nn.Linear)
-                else "embedding" if isinstance(mod, nn.Embedding) else "other")
+                else "embedding" if isinstance(mod, (nn.Embedding, QuantEmbedding)) else "other")
         if own:
             kinds[kind]["modules"] += 1
         for t in own.values():

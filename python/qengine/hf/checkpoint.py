@@ -10,6 +10,8 @@ QuantLinear stores it (`<module>.weight.<part>` flat tensors plus `<module>.bias
 loading only checks these fields' types. A model whose layers differ (quantize_model(plan=...))
 adds "plan": {module: {"format", "blocksize", "double_quant", "method"} or "float16"}, one entry
 per planned module; "format", "blocksize" and "double_quant" then give the most common setting.
+Quantized embeddings (QuantEmbedding, e.g. a GGUF token_embd) add "embeddings": [module names];
+their state is the same flat layout under `<module>.weight.`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .._targets import linear_targets, parent_of
 from ..formats import get_format
 from ..functional import quantize
 from ..moe import is_experts_module, is_float_expert_weight, quantize_experts
-from ..nn import QuantExpertsWeight, QuantLinear
+from ..nn import QuantEmbedding, QuantExpertsWeight, QuantLinear
 from .gpt_oss import is_mxfp4_config, load_mxfp4_experts
 from .qconfig import CALIBRATION_KEYS, QUANT_METHOD, check_plan_entries, check_quantization_config
 
@@ -203,12 +205,29 @@ def _skeleton(model: nn.Module, qc: dict) -> None:
         lin = configured_linear(model, name)
         setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, format=fmt,
                                           blocksize=bs, double_quant=bool(entry["double_quant"])))
+    _embedding_skeletons(model, qc.get("embeddings") or [])
     for mod in model.modules():
         for pname, p in list(mod._parameters.items()):
             if p is not None and p.device.type == "meta":
                 mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
     for experts in experts_modules:
         quantize_experts(experts)  # both weights are quantized already: records the layout and the implementation
+
+
+def _embedding_skeletons(model: nn.Module, names: object) -> None:
+    """Replaces the embeddings a quantization_config's "embeddings" names by empty QuantEmbedding
+    layers, which take whatever quantized layout the checkpoint holds."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"quantization_config's embeddings must be a list of module names, got {names!r}")
+    for name in names:
+        try:
+            emb = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantization_config names embedding {name!r}, which this model does not have") from None
+        if not isinstance(emb, nn.Embedding):
+            raise ValueError(f"quantization_config names {name!r}, a {type(emb).__name__}, not an nn.Embedding")
+        parent, attr = parent_of(model, name)
+        setattr(parent, attr, QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx))
 
 
 def load_model(model_dir: str | os.PathLike, format: Optional[str] = None, blocksize: Optional[int] = 64,
@@ -269,13 +288,17 @@ def _save_tensors(tensors: dict, out_dir: str, metadata: dict) -> None:
 
 
 def _quantization_config(fmt: str, blocksize, double_quant: bool, modules: list[str],
-                         record: Optional[dict] = None, plan: Optional[dict] = None) -> dict:
+                         record: Optional[dict] = None, plan: Optional[dict] = None,
+                         embeddings: Optional[list[str]] = None) -> dict:
     """`record`: how the codes were chosen ({"method", ...}; quantize_model leaves it on the model
-    as _qengine_method); default round-to-nearest. `plan`: per-module entries (layer_settings)."""
+    as _qengine_method); default round-to-nearest. `plan`: per-module entries (layer_settings).
+    `embeddings`: the QuantEmbedding modules' names."""
     qc = {"quant_method": QUANT_METHOD, "format": fmt, "blocksize": blocksize, "double_quant": double_quant,
           "modules": modules, "qengine_version": __version__, "method": "rtn", **(record or {})}
     if plan is not None:
         qc["plan"] = plan
+    if embeddings:
+        qc["embeddings"] = embeddings
     return qc
 
 
@@ -294,8 +317,10 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike) -> None:
         state[key] = t.detach().contiguous().cpu()
     os.makedirs(out_dir, exist_ok=True)
     _save_tensors(state, out_dir, {"format": "pt"})
+    embeddings = [n for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]
     _write_config(model.config, out_dir, _quantization_config(fmt, bs, dq, [n for n, _ in layers],
-                                                              getattr(model, "_qengine_method", None), plan))
+                                                              getattr(model, "_qengine_method", None), plan,
+                                                              embeddings))
 
 
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: str = "nf4",

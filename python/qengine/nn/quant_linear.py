@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._bnb_layout import from_bnb_state_dict, to_bnb_state_dict
-from .._checks import FLOAT_DTYPES, check_blocksize
+from .._checks import FLOAT_DTYPES, check_stored_blocksize
 from ..formats import Format, get_format
 from ..functional import matmul, quantize
 from ..microscaling import tensor_scale_blocksize
@@ -57,8 +57,8 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         self.quant_storage = quant_storage
-        if blocksize is not None:
-            check_blocksize(blocksize)
+        if blocksize is not None:  # a skeleton may hold a stored layout's smaller block (GGUF Q6_K: 16)
+            check_stored_blocksize(blocksize)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         # A zero weight of the right layout: a skeleton for load_state_dict (no dense allocation).

@@ -12,9 +12,12 @@ is loaded without this module falls back to the stored codebook, which is the sa
 - ``_gguf_u4``: 4-bit minmax, values q / 16; Q4_1 (scale 16 * d, offset m) and Q4_K
   (per 32: scale 16 * d * sc, offset -dmin * m; 6-bit sc and m).
 - ``_gguf_u5``: 8-bit minmax holding 32 values q / 32 (Q5_K's 5-bit codes, one a byte).
+- ``_gguf_q6``: 8-bit absmax holding 64 values (q - 32) / 32 (Q6_K's 6-bit codes, one a byte),
+  block size 16 (Q6_K's sub-block); scale = 32 * d * sc with sc Q6_K's int8 sub-block scale.
 
 Every product code * scale is exact in float32 (an fp16 d has 11 significant bits, a 6-bit
-sub-block scale 6, a code at most 8), so the decode equals gguf.quants.dequantize bit for bit.
+sub-block scale 6 (Q6_K: an int8, 7), a code at most 8 (Q6_K's q - 32: 5)), so the decode
+equals gguf.quants.dequantize bit for bit.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ _TABLES = {
     "_gguf_q8_0": (8, tuple((c - 128) / 128 for c in range(256)), "absmax", "GGUF Q8_0 codes: q / 128"),
     "_gguf_u4": (4, tuple(q / 16 for q in range(16)), "minmax", "GGUF Q4_1 / Q4_K codes: q / 16"),
     "_gguf_u5": (8, tuple(q / 32 for q in range(32)), "minmax", "GGUF Q5_K codes: q / 32, one a byte"),
+    "_gguf_q6": (8, tuple((q - 32) / 32 for q in range(64)), "absmax", "GGUF Q6_K codes: (q - 32) / 32, one a byte"),
 }
 
 
@@ -109,12 +113,25 @@ def _q5_k(raw):
     return (low | (high << 4)).reshape(-1), scales, offsets, "_gguf_u5", 32
 
 
+def _q6_k(raw):
+    # Block: ql (128 bytes: low nibbles), qh (64: 2-bit high parts), 16 int8 scales, fp16 d.
+    nb = raw.shape[0]
+    shifts = torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    low = ((raw[:, :128].reshape(nb, 2, 1, 64) >> shifts) & 0x0F).reshape(nb, 8, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    high = ((raw[:, 128:192].reshape(nb, 2, 1, 32) >> shifts) & 0x03).reshape(nb, 8, 32)
+    sc = raw[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    # d * sc first (as gguf), then the power of two that undoes the table's 1 / 32: both exact.
+    scales = (_f16(raw, 208)[:, None] * sc) * 32
+    return (low | (high << 4)).reshape(-1), scales.reshape(-1), None, "_gguf_q6", 16
+
+
 # GGML type name -> (block size in elements, bytes per block, decoder).
 EXACT_TYPES = {"Q4_0": (32, 18, _q4_0), "Q8_0": (32, 34, _q8_0), "Q4_1": (32, 20, _q4_1),
-               "Q4_K": (256, 144, _q4_k), "Q5_K": (256, 176, _q5_k)}
-# Decoded to float (exactly, by gguf.quants.dequantize): Q6_K's 16-element sub-blocks are below
-# qengine's smallest block (32), so one float32 scale per 32 cannot hold its two int8 scales.
-FALLBACK_TYPES = ("Q6_K",)
+               "Q4_K": (256, 144, _q4_k), "Q5_K": (256, 176, _q5_k), "Q6_K": (256, 210, _q6_k)}
+# Quantized types decoded to float (exactly, by gguf.quants.dequantize) where a Linear weight is
+# kept: none today (every loadable quantized type has an exact layout); kept for future types.
+FALLBACK_TYPES = ()
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 

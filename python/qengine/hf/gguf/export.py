@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...nn import QuantLinear
+from ...nn import QuantEmbedding, QuantLinear
 from ...nn.lora import LoRALinear
 from ..checkpoint import build_model
 from .load import qk_row_index, require_gguf
@@ -34,7 +34,7 @@ def _dense(module: nn.Module) -> tuple[torch.Tensor, bool]:
     """(float32 weight, had an adapter) of a linear: LoRA merged in float into the dequantized base."""
     if isinstance(module, LoRALinear):
         return module.merged_linear(torch.float32).weight.detach(), True
-    if isinstance(module, QuantLinear):
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
         return module.dequantize(torch.float32), False
     if hasattr(module, "base_layer") and hasattr(module, "merge"):  # a PEFT LoRA layer
         raise ValueError("export a PEFT-wrapped model after merging it (model.merge_and_unload()), or use "
@@ -95,7 +95,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, type: str = "q4_0") -
         module = modules.get(mod_name)
         if module is None:
             raise ValueError(f"the model has no {mod_name!r} (expected by the {arch} GGUF layout)")
-        if attr == "weight" and isinstance(module, (nn.Linear, QuantLinear, LoRALinear)):
+        if attr == "weight" and isinstance(module, (nn.Linear, QuantLinear, LoRALinear, QuantEmbedding)):
             w, adapted = _dense(module)
         else:
             w, adapted = getattr(module, attr).detach().to(torch.float32), False

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...formats import get_format
-from ...nn import QuantLinear
+from ...nn import QuantEmbedding, QuantLinear
 from ..checkpoint import build_model, require_transformers
 from .codec import EXACT_TYPES, FALLBACK_TYPES, FLOAT_TYPES, decode_blocks, permute_rows, supported_types
 
@@ -122,13 +122,15 @@ def _set_param(module: nn.Module, attr: str, value: torch.Tensor, hf_name: str) 
 def load_gguf(path: str | os.PathLike, fallback: str = "float32", skip: tuple = ()) -> nn.Module:
     """A causal LM from a GGUF file (see docs/gguf.md).
 
-    Linear weights of the exact types (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K) become QuantLinear layers
-    holding the file's codes and scales. Float tensors (F32/F16/BF16) load as float32 with
-    their exact values; a quantized tensor of a non-Linear parameter (e.g. a Q4_K embedding)
-    is decoded to float32 exactly. Q6_K linears (and linears named in `skip`, e.g. "lm_head")
-    follow `fallback`: "float32" (a dense nn.Linear of the exactly decoded weight) or a qengine
-    format name (re-quantized from the float32 decode, block size 64, no double quant: lossy,
-    and said so in a warning)."""
+    Linear weights of the exact types (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) become QuantLinear
+    layers holding the file's codes and scales; an embedding of those types becomes a
+    QuantEmbedding (unless the output head is tied to it: then it is decoded to float32, as the
+    head shares it). Float tensors (F32/F16/BF16) load as float32 with their exact values;
+    another quantized tensor of a non-Linear parameter is decoded to float32 exactly, and so is
+    a linear named in `skip` (e.g. "lm_head"). A quantized Linear weight of a type without an
+    exact layout (FALLBACK_TYPES; none today) follows `fallback`: "float32" (a dense nn.Linear
+    of the exactly decoded weight) or a qengine format name (re-quantized from the float32
+    decode, block size 64, no double quant: lossy, and said so in a warning)."""
     gguf = require_gguf()
     path = os.fspath(path)
     reader = open_gguf(path)
@@ -163,6 +165,11 @@ def load_gguf(path: str | os.PathLike, fallback: str = "float32", skip: tuple = 
             index = qk_row_index(config, t.name, shape[0]) if len(shape) == 2 else None
             quantize_here = isinstance(module, nn.Linear) and attr == "weight" and not any(
                 mod_name == s or mod_name.endswith("." + s) for s in skip)
+            if _quantized_embedding(module, attr, type_name, config):
+                layer = QuantEmbedding.from_quantized(decode_blocks(raw, type_name, shape), module.padding_idx)
+                _replace(model, mod_name, layer)
+                modules[mod_name] = layer
+                continue
             if quantize_here and type_name in EXACT_TYPES:
                 q = decode_blocks(raw, type_name, shape)
                 q = permute_rows(q, index) if index is not None else q
@@ -197,6 +204,13 @@ def load_gguf(path: str | os.PathLike, fallback: str = "float32", skip: tuple = 
     if missing:
         raise ValueError(f"{path!r} has no tensor for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     return model.eval()
+
+
+def _quantized_embedding(module: nn.Module, attr: str, type_name: str, config) -> bool:
+    """Whether a GGUF tensor stays quantized as a QuantEmbedding: an embedding table of an exact
+    type, not tied to the output head (a tied head would need the float weight)."""
+    return (isinstance(module, nn.Embedding) and attr == "weight" and type_name in EXACT_TYPES
+            and not getattr(config, "tie_word_embeddings", False))
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
