@@ -263,7 +263,8 @@ def test_inference_mode_then_training_with_double_quant():
 def test_vbmi_scale_decode_equals_the_gather_path():
     """Double-quantized scales decoded in bulk with VBMI byte permutes give the kernels the same
     float32 scales as the per-row gathers: outputs equal bit for bit to a process run with
-    QENGINE_NO_VBMI=1, over shapes whose nested groups straddle rows and output chunks."""
+    QENGINE_NO_VBMI=1, over shapes whose nested groups straddle rows and output chunks, and
+    NVFP4 rows longer than one K tile."""
     import os
     import subprocess
     import sys
@@ -272,9 +273,11 @@ def test_vbmi_scale_decode_equals_the_gather_path():
 import sys, torch, qengine
 torch.manual_seed(0)
 out = []
-for n, k, bs in [(67, 384, 64), (130, 256, 128), (9, 640, 64), (200, 128, 32), (300, 4096, 64)]:
+# nf4 + double quant, and nvfp4 (block 16, E4M3 scale codes; 8448 = 66 chunks: three K tiles)
+for fmt, n, k, bs in [("nf4", 67, 384, 64), ("nf4", 130, 256, 128), ("nf4", 9, 640, 64), ("nf4", 200, 128, 32),
+                      ("nf4", 300, 4096, 64), ("nvfp4", 24, 8448, None), ("nvfp4", 40, 512, None)]:
     w = torch.randn(n, k) * torch.logspace(-3, 1, n).unsqueeze(1)
-    q = qengine.quantize(w, "nf4", bs, double_quant=True)
+    q = qengine.quantize(w, fmt, bs, double_quant=True) if bs else qengine.quantize(w, fmt)
     for m in (1, 3, 8, 16):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(m, k).to(dtype)
@@ -289,7 +292,7 @@ torch.save(out, sys.argv[1])
         for path, env in zip(paths, [{}, {"QENGINE_NO_VBMI": "1"}]):
             subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=300)
         a, b = (torch.load(p) for p in paths)
-    assert len(a) == len(b) == 40
+    assert len(a) == len(b) == 56
     for ya, yb in zip(a, b):
         assert torch.equal(ya, yb)
 

@@ -216,6 +216,23 @@ def test_kernels_against_float64(fmt, shape):
     assert torch.allclose(x.grad.to(torch.float64), w64.sum(0).expand(5, -1), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nvfp4_rows_longer_than_a_tile(dtype, isa_restore):
+    """The fused GEMV's K tile holds 256 block scales: 32 chunks of 128 codes at NVFP4's block 16,
+    so rows of 66 chunks take three tiles whose partial sums must add up, on every ISA."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(24, 66 * 128, generator=g)
+    q = qengine.quantize(w, "nvfp4")
+    w64 = decode64(q)
+    x = torch.randn(3, w.shape[1], generator=g).to(dtype)
+    ref = x.to(torch.float64) @ w64.T
+    for isa in ISAS:
+        qengine.set_cpu_isa(isa)
+        y = qengine.matmul(x, q).to(torch.float64)
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        assert (y - ref).abs().max() <= tol * ref.abs().max() + tol, isa
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_isas_equal_scalar(fmt, isa_restore):
     g = torch.Generator().manual_seed(8)

@@ -117,14 +117,18 @@ inline const float* tile_scales(const BlockScales& s, int64_t b_lo, int64_t coun
 }
 
 // Scales of the 16 lanes of 128-code chunk c (lane i covers codes 8i..8i+7), from the tile's
-// scales rs (block b is rs[b]); blocksize is a power of two >= 32.
+// scales rs (block b is rs[b]); blocksize is a power of two >= 16.
 inline __m512 chunk_scales(const float* rs, int64_t c, int log2_blocksize) {
   const int64_t b = (c * 128) >> log2_blocksize;
   if (log2_blocksize >= 7) return _mm512_set1_ps(rs[b]);
   if (log2_blocksize == 6) return _mm512_insertf32x8(_mm512_set1_ps(rs[b]), _mm256_set1_ps(rs[b + 1]), 1);
-  // blocksize 32: lanes 4j..4j+3 belong to block b + j
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(rs + b)));
+  if (log2_blocksize == 5) {  // lanes 4j..4j+3 belong to block b + j
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(rs + b)));
+  }
+  // blocksize 16 (NVFP4): lanes 2j, 2j+1 belong to block b + j
+  const __m512i spread = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  return _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_loadu_ps(rs + b)));
 }
 
 // How far ahead of the decode the packed codes are prefetched (a few DRAM latencies' worth

@@ -19,10 +19,10 @@ struct GemvKernels {
   void (*axpy_rows)(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K, float* acc, int64_t lda);
   // Optional fast path (null where absent): y[m * ldy + o] += dot(x[m], W[o]) for m < M <= 8 and
   // rows o in [o0, o1) of a 4-bit absmax weight with K % 128 == 0, K % blocksize == 0 and
-  // blocksize a power of two >= 32, decoding in registers (no dense row is written anywhere).
+  // blocksize a power of two >= 16, decoding in registers (no dense row is written anywhere).
   // xr holds the M rows of x interleaved in nibble order (nibble_order_x in matmul.cpp).
   // Adds the dot products over the 128-element chunks [c0, c1) of each row to y (K tiles keep
-  // the slice of x in L1); c1 - c0 <= 64.
+  // the slice of x in L1); c1 - c0 <= 64 and the tile spans at most 256 blocks.
   void (*gemv4)(const float* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize, const float* table,
                 const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y,
                 int64_t ldy) = nullptr;

@@ -21,6 +21,9 @@ namespace {
 constexpr int64_t kGemvChunk = 128;
 constexpr int kNibbleOrder[8] = {1, 0, 3, 2, 5, 4, 7, 6};
 
+// The smallest block the fused kernels scale per chunk (chunk_scales in simd_avx512.h): NVFP4's 16.
+constexpr int64_t kMinFusedBlocksize = 16;
+
 // Groups of up to kGemvRows rows of x share each decoded weight (the kernel's limit).
 constexpr int64_t kGemvRows = 8;
 
@@ -109,7 +112,7 @@ RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t
   // Enough rows per thread that the decode of a row dominates the bookkeeping.
   min_rows_ = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
   const bool fused = k.gemv4 != nullptr && cb.bits == 4 && rule == kAbsmax && K % kGemvChunk == 0 &&
-                     K % blocksize == 0 && blocksize >= 32 && power_of_two(blocksize);
+                     K % blocksize == 0 && blocksize >= kMinFusedBlocksize && power_of_two(blocksize);
   if (fused && x_dtype == kBFloat16 && k.gemv4_bf16 != nullptr) {
     path_ = Path::kFusedBf16;
     xb_ = bf16_pair_order_x(static_cast<const uint16_t*>(x), M, K, ldx);
@@ -143,12 +146,12 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
     return;
   }
   // Groups of up to kGemvRows rows of x share each decoded weight. K tiles span at most 256
-  // blocks of scales (the kernels' per-tile buffer; 64 chunks at block 32). The float32 kernel's
+  // blocks of scales (the kernels' per-tile buffer; 64 chunks at block 32, 32 at block 16). The float32 kernel's
   // tiles keep a group's slice of x in L1 (~24 KiB) while all rows pass; the bfloat16 kernel
   // reads x from L2 at no measurable cost, so it takes the longest tiles (each tile ends in a
   // horizontal sum per row of x and of W, which short tiles would repeat).
   constexpr int64_t kL1Bytes = 24576;
-  constexpr int64_t kMaxTileChunks = 64;
+  const int64_t max_chunks = std::min<int64_t>(64, blocksize_ * 256 / kGemvChunk);  // 256: kMaxTileBlocks
   const int64_t chunks = K_ / kGemvChunk;
   // With the scales decoded here, the kernels see rows [n0, n1) as rows [0, n1 - n0).
   const uint8_t* packed = packed_;
@@ -167,8 +170,9 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
     o1 = n1 - n0;
   }
   const auto tile = [&](int64_t mb) {
-    return path_ == Path::kFusedBf16 ? kMaxTileChunks
-                                     : std::min<int64_t>(48, std::max<int64_t>(1, kL1Bytes / (mb * kGemvChunk * 4)));
+    return path_ == Path::kFusedBf16
+               ? max_chunks
+               : std::min<int64_t>({48, max_chunks, std::max<int64_t>(1, kL1Bytes / (mb * kGemvChunk * 4))});
   };
   for_row_groups_and_tiles(M_, chunks, tile, [&](int64_t m, int64_t mb, int64_t c0, int64_t c1) {
     if (path_ == Path::kFusedBf16) {
