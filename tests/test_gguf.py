@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 import qengine  # noqa: E402
 from qengine.cli import main  # noqa: E402
-from qengine.hf import export_gguf, load_model  # noqa: E402
+from qengine.hf import export_gguf, load_model, save_quantized  # noqa: E402
 from qengine.hf.gguf import EXACT_TYPES, decode_blocks  # noqa: E402
-from qengine.nn import QuantLinear  # noqa: E402
+from qengine.nn import QuantEmbedding, QuantLinear  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 LAYER_TYPES = [dict(q=T.Q4_0, k=T.Q8_0, v=T.Q4_1, o=T.Q4_K, gate=T.Q5_K, up=T.Q4_K, down=T.Q6_K),
@@ -46,8 +46,9 @@ def weights(rng, rows, cols, qtype):
     return random_blocks(rng, rows, cols, qtype)
 
 
-def write_llama(path, layer_types=LAYER_TYPES, output=T.Q6_K, seed=0, truncate=0):
-    """A tiny Llama GGUF file; truncate > 0 cuts that many bytes off its end, < 0 keeps only -truncate bytes."""
+def write_llama(path, layer_types=LAYER_TYPES, output=T.Q6_K, seed=0, truncate=0, embd=T.F16):
+    """A tiny Llama GGUF file; truncate > 0 cuts that many bytes off its end, < 0 keeps only -truncate bytes;
+    output=None writes no output.weight (the head tied to token_embd)."""
     d = DIMS
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(os.fspath(path), "llama")
@@ -70,7 +71,7 @@ def write_llama(path, layer_types=LAYER_TYPES, output=T.Q6_K, seed=0, truncate=0
             w.add_tensor(name, weights(rng, rows, cols, qtype), raw_dtype=qtype)
 
     h, kvd = d["hidden"], d["kv"] * d["hidden"] // d["heads"]
-    add("token_embd.weight", d["vocab"], h, T.F16)
+    add("token_embd.weight", d["vocab"], h, embd)
     for i in range(d["layers"]):
         ty = layer_types[i % len(layer_types)]
         add(f"blk.{i}.attn_norm.weight", 1, h, T.F32)
@@ -81,7 +82,8 @@ def write_llama(path, layer_types=LAYER_TYPES, output=T.Q6_K, seed=0, truncate=0
         add(f"blk.{i}.ffn_up.weight", d["inter"], h, ty["up"])
         add(f"blk.{i}.ffn_down.weight", h, d["inter"], ty["down"])
     add("output_norm.weight", 1, h, T.F32)
-    add("output.weight", d["vocab"], h, output)
+    if output is not None:
+        add("output.weight", d["vocab"], h, output)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -103,8 +105,12 @@ def reference_model(path):
                                                              dtype=torch.float32).eval()
 
 
+@pytest.mark.parametrize("chunk", [None, 500], ids=["whole", "chunked"])
 @pytest.mark.parametrize("name", list(EXACT_TYPES))
-def test_decode_equals_gguf_dequantize(name):
+def test_decode_equals_gguf_dequantize(name, chunk, monkeypatch):
+    """Bit for bit, decoded in one piece or a few blocks at a time (as the loader reads a file)."""
+    if chunk is not None:
+        monkeypatch.setattr("qengine.hf.gguf.codec.CHUNK_BYTES", chunk)
     rng = np.random.default_rng(1)
     qtype = T[name]
     rows, cols = 6, 512
@@ -249,3 +255,93 @@ def test_cli_generate_and_finetune_take_a_gguf_file(tiny, tmp_path, capsys):
                  "--steps", "2", "--seq-len", "16", "--batch", "2", "--rank", "4"]) == 0
     assert (out / "adapter.safetensors").is_file()
     assert main(["generate", "--model", os.fspath(tmp_path / "missing.gguf"), "--prompt", "a"]) == 2
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("name", list(EXACT_TYPES))
+def test_quant_embedding_equals_decode_then_index(name):
+    """A lookup decodes only the requested rows, bit for bit the rows of the whole decoded table
+    (repeated indices, an odd vocabulary, any index shape, float32 and bfloat16 outputs)."""
+    rng = np.random.default_rng(2)
+    rows, cols = 37, 512
+    raw = weights(rng, rows, cols, T[name])
+    q = decode_blocks(torch.from_numpy(raw.copy()).reshape(-1), name, (rows, cols))
+    emb = QuantEmbedding.from_quantized(q)
+    ids = torch.tensor([[0, 36, 5, 5], [36, 0, 17, 5]])
+    full = torch.from_numpy(gguf.quants.dequantize(raw, T[name]))
+    assert torch.equal(_bits(emb(ids)), _bits(full[ids]))
+    assert torch.equal(_bits(emb(ids.int()[0])), _bits(full[ids[0]]))
+    assert emb(torch.zeros(0, dtype=torch.long)).shape == (0, cols)
+    emb.to(torch.bfloat16)  # the output dtype follows; the stored scales are not rounded
+    assert emb.weight_scales.dtype == torch.float32
+    assert torch.equal(_bits(emb(ids)), _bits(q.dequantize(torch.bfloat16)[ids]))
+
+
+def test_quant_embedding_rejects_bad_indices():
+    q = decode_blocks(torch.from_numpy(weights(np.random.default_rng(3), 5, 64, T.Q8_0).copy()).reshape(-1), "Q8_0",
+                      (5, 64))
+    emb = QuantEmbedding.from_quantized(q)
+    for bad in ([0, 5], [-1, 2]):
+        with pytest.raises(IndexError, match=r"out of range for an embedding of 5 rows"):
+            emb(torch.tensor(bad))
+    with pytest.raises(TypeError, match="integer indices"):
+        emb(torch.tensor([0.0, 1.0]))
+    with pytest.raises(RuntimeError, match="holds no table"):
+        QuantEmbedding(5, 64)(torch.tensor([0]))
+
+
+@pytest.fixture(scope="module")
+def tiny_qembd(tmp_path_factory):
+    return write_llama(tmp_path_factory.mktemp("gguf") / "qembd.gguf", embd=T.Q4_K)
+
+
+def test_quantized_token_embd_stays_quantized(tiny_qembd, tmp_path):
+    """A Q4_K token_embd loads as a QuantEmbedding (the model's input embeddings), with logits equal
+    transformers' float load; it saves and reloads with identical logits, and QLoRA steps run."""
+    torch.manual_seed(0)
+    model = load_model(tiny_qembd)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, QuantEmbedding) and emb.format.name == "_gguf_u4"
+    assert qengine.memory_report(model)["embedding"]["bytes"] == emb.weight_nbytes
+    ids = torch.randint(0, DIMS["vocab"], (2, 11))
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, reference_model(tiny_qembd)(ids).logits, rtol=1e-5, atol=1e-5)
+    save_quantized(model, tmp_path / "saved")
+    again = load_model(tmp_path / "saved")
+    assert isinstance(again.get_input_embeddings(), QuantEmbedding)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)
+    qengine.add_lora(model, r=4, target_modules=["q_proj", "v_proj"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    out = tmp_path / "out.gguf"
+    export_gguf(model, out, type="q8_0")
+    _, tensors = _tensors(out)
+    src = _tensors(tiny_qembd)[1]["token_embd.weight"]
+    dense = gguf.quants.dequantize(np.asarray(src.data), src.tensor_type)
+    assert np.array_equal(np.asarray(tensors["token_embd.weight"].data), gguf.quants.quantize(dense, T.Q8_0))
+
+
+def test_tied_head_keeps_float_embedding(tmp_path):
+    """With no output.weight the head is tied to token_embd: the embedding is decoded to float32 (the
+    head shares it), as before, and the logits equal transformers'."""
+    path = write_llama(tmp_path / "tied.gguf", output=None, embd=T.Q4_0)
+    model = load_model(path)
+    if not model.config.tie_word_embeddings:
+        pytest.skip("transformers' GGUF config does not tie the head of a file without output.weight")
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    ids = torch.randint(0, DIMS["vocab"], (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference_model(path)(ids).logits, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,8 @@ from torch import nn
 from ...formats import get_format
 from ...nn import QuantEmbedding, QuantLinear
 from ..checkpoint import build_model, require_transformers
-from .codec import EXACT_TYPES, FALLBACK_TYPES, FLOAT_TYPES, decode_blocks, permute_rows, supported_types
+from .codec import (EXACT_TYPES, FALLBACK_TYPES, FLOAT_TYPES, decode_blocks, decode_read, permute_rows,
+                    supported_types)
 
 __all__ = ["require_gguf", "open_gguf", "gguf_config", "load_gguf", "qk_row_index", "ARCHITECTURES"]
 
@@ -86,12 +87,19 @@ def qk_row_index(config, name: str, rows: int) -> Optional[torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(index))
 
 
-def _read(f, t) -> torch.Tensor:
-    buf = torch.empty(int(t.n_bytes), dtype=torch.uint8)
-    f.seek(int(t.data_offset))
+def _read(f, t, start: int = 0, n: Optional[int] = None) -> torch.Tensor:
+    """Bytes start..start + n of tensor t (default: all of it), a plain file read."""
+    buf = torch.empty(int(t.n_bytes) if n is None else n, dtype=torch.uint8)
+    f.seek(int(t.data_offset) + start)
     if f.readinto(buf.numpy()) != buf.numel():
         raise ValueError(f"tensor {t.name!r}: the file ended early (truncated)")
     return buf
+
+
+def _decode(f, t, type_name: str, shape: tuple[int, ...]):
+    """The QuantizedTensor of an EXACT_TYPES tensor, read and decoded a chunk at a time (the
+    tensor's whole bytes are never held beside its codes)."""
+    return decode_read(lambda start, n: _read(f, t, start, n), type_name, shape)
 
 
 def _float(raw: torch.Tensor, type_name: str, shape: tuple[int, ...], gguf) -> torch.Tensor:
@@ -159,19 +167,18 @@ def load_gguf(path: str | os.PathLike, fallback: str = "float32", skip: tuple = 
                 continue
             type_name = t.tensor_type.name
             shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists the fastest dimension first
-            raw = _read(f, t)
             mod_name, attr = hf_name.rsplit(".", 1)
             module = modules[mod_name]
             index = qk_row_index(config, t.name, shape[0]) if len(shape) == 2 else None
             quantize_here = isinstance(module, nn.Linear) and attr == "weight" and not any(
                 mod_name == s or mod_name.endswith("." + s) for s in skip)
             if _quantized_embedding(module, attr, type_name, config):
-                layer = QuantEmbedding.from_quantized(decode_blocks(raw, type_name, shape), module.padding_idx)
+                layer = QuantEmbedding.from_quantized(_decode(f, t, type_name, shape), module.padding_idx)
                 _replace(model, mod_name, layer)
                 modules[mod_name] = layer
                 continue
             if quantize_here and type_name in EXACT_TYPES:
-                q = decode_blocks(raw, type_name, shape)
+                q = _decode(f, t, type_name, shape)
                 q = permute_rows(q, index) if index is not None else q
                 layer = QuantLinear.from_quantized(q)
                 if module.bias is not None:
@@ -179,6 +186,7 @@ def load_gguf(path: str | os.PathLike, fallback: str = "float32", skip: tuple = 
                 _replace(model, mod_name, layer)
                 modules[mod_name] = layer
                 continue
+            raw = _read(f, t)
             w = _float(raw, type_name, shape, gguf)
             w = w[index] if index is not None else w
             if quantize_here and type_name not in FLOAT_TYPES:
