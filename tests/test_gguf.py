@@ -345,3 +345,25 @@ def test_tied_head_keeps_float_embedding(tmp_path):
     ids = torch.randint(0, DIMS["vocab"], (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference_model(path)(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fallback", ["float32", "int8"])
+def test_fallback_for_a_type_without_exact_layout(tiny, monkeypatch, caplog, fallback):
+    """`fallback=` still serves a quantized Linear type with no exact layout (none today: Q6_K is
+    made one here by hiding its layout), with the warning naming the tensors."""
+    import qengine.hf.gguf.load as gguf_load
+
+    monkeypatch.setattr(gguf_load, "EXACT_TYPES", {k: v for k, v in EXACT_TYPES.items() if k != "Q6_K"})
+    monkeypatch.setattr(gguf_load, "FALLBACK_TYPES", ("Q6_K",))
+    with caplog.at_level("WARNING", logger="qengine"):
+        model = load_model(tiny, fallback=fallback)
+    assert "blk.0.ffn_down.weight (Q6_K)" in caplog.text and "output.weight (Q6_K)" in caplog.text
+    down = model.model.layers[0].mlp.down_proj
+    if fallback == "float32":
+        assert type(down) is torch.nn.Linear
+        torch.manual_seed(0)
+        ids = torch.randint(0, DIMS["vocab"], (2, 11))
+        with torch.no_grad():  # float rounding of the kernels' sums against torch's
+            torch.testing.assert_close(model(ids).logits, reference_model(tiny)(ids).logits, rtol=1e-4, atol=1e-4)
+    else:
+        assert isinstance(down, QuantLinear) and down.format.name == "int8"
