@@ -313,6 +313,8 @@ def test_quantized_token_embd_stays_quantized(tiny_qembd, tmp_path):
     save_quantized(model, tmp_path / "saved")
     again = load_model(tmp_path / "saved")
     assert isinstance(again.get_input_embeddings(), QuantEmbedding)
+    with pytest.raises(ValueError, match="quantized embeddings.*qengine.hf.load_model"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     with torch.no_grad():
         assert torch.equal(again(ids).logits, logits)
     qengine.add_lora(model, r=4, target_modules=["q_proj", "v_proj", "up_proj"])

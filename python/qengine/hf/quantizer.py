@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from .._checks import check_blocksize
+from .._checks import check_blocksize, check_stored_blocksize
 from ..formats import get_format
 from ..functional import quantize
 from .._targets import experts_targets, parent_of
@@ -80,6 +80,9 @@ class QEngineConfig(QuantizationConfigMixin):
                  modules: Optional[Sequence[str]] = None, qengine_version: Optional[str] = None, method: str = "rtn",
                  plan=None, **kwargs):
         kwargs.pop("quant_method", None)
+        # Quantized embeddings (a GGUF token_embd saved by save_quantized): loaded by
+        # qengine.hf.load_model only; kept here so the error below can say so.
+        self.embeddings = kwargs.pop("embeddings", None)
         if plan is not None and not isinstance(plan, dict):
             to_dict = getattr(plan, "to_dict", None)
             if to_dict is None:
@@ -98,8 +101,8 @@ class QEngineConfig(QuantizationConfigMixin):
         self.method = method
         self.quant_method = QUANT_METHOD
         self.format = get_format(format).name  # ValueError naming the available formats
-        if blocksize is not None:
-            check_blocksize(blocksize)
+        if blocksize is not None:  # a saved layout may use a smaller block (GGUF Q6_K: 16)
+            (check_blocksize if modules is None else check_stored_blocksize)(blocksize)
         self.blocksize = blocksize
         if not isinstance(double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
@@ -126,7 +129,8 @@ class QEngineConfig(QuantizationConfigMixin):
         return {"quant_method": QUANT_METHOD, "format": self.format, "blocksize": self.blocksize,
                 "double_quant": self.double_quant, "modules": self.modules, "qengine_version": self.qengine_version,
                 "compute_dtype": self.compute_dtype, "skip": list(self.skip), "method": self.method,
-                **self.calibration, **({} if self.plan is None else {"plan": self.plan})}
+                **self.calibration, **({} if self.plan is None else {"plan": self.plan}),
+                **({"embeddings": self.embeddings} if self.embeddings else {})}
 
     def entry(self, name: str) -> tuple:
         """(format, blocksize, double_quant, method) of one module: its plan entry or the config's."""
@@ -264,6 +268,10 @@ class QEngineHfQuantizer(HfQuantizer):
                 self._expert_params.update(f"{name}.{a}" for a in expert_weight_names(experts))
             return model
         check_quantization_config(cfg.to_dict(), "quantization_config")
+        if cfg.embeddings:
+            raise ValueError(f"this qengine checkpoint holds quantized embeddings ({', '.join(cfg.embeddings)}: a GGUF "
+                             "token_embd kept quantized), which transformers' from_pretrained cannot place; load it "
+                             "with qengine.hf.load_model(path)")
         self._files = list(checkpoint_files or [])
         for name in cfg.modules:
             parent, attr = parent_of(model, name)
