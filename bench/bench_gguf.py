@@ -144,8 +144,8 @@ def main() -> None:
             rows.append({"mode": mode, "peak_minus_baseline_bytes": used, **r})
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"file_bytes": size, "largest_tensor_stored_bytes": stored, "largest_tensor_float32_bytes": 4 * elements,
-                   "target_bytes": target, "target_float32_count_bytes": target_f32,
+        json.dump({"file_bytes": size, "largest_tensor_stored_bytes": stored,
+                   "largest_tensor_float32_bytes": 4 * elements, "target_bytes": target, "target_float32_count_bytes": target_f32,
                    "args": vars(args), "rows": rows}, f, indent=1)
 
 
