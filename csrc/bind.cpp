@@ -82,6 +82,21 @@ int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N
   return s;
 }
 
+// True when a large-batch kernel computed y; false (y untouched) where none applies.
+bool matmul_large_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight,
+                      addr y) {
+  const WeightRef w = weight_ref(weight, N * K);
+  bool done = false;
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::matmul_large_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.blocksize,
+                                  w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(), ptr<float>(y), &done);
+  }
+  raise_on_error(s);
+  return done;
+}
+
 int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr gx) {
   const WeightRef w = weight_ref(weight, N * K);
   int s;
@@ -240,6 +255,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("dequantize_cpu", &dequantize_cpu);  // releases the GIL itself
   m.def("dequantize_range_cpu", &dequantize_range_cpu);  // releases the GIL itself
   m.def("matmul_cpu", &matmul_cpu);  // releases the GIL itself
+  m.def("matmul_large_cpu", &matmul_large_cpu);  // releases the GIL itself
   m.def("matmul_t_cpu", &matmul_t_cpu);  // releases the GIL itself
   m.def("lora_epilogue_cpu", &lora_epilogue_cpu, release());
   m.def("cast_float_cpu", &cast_float_cpu, release());

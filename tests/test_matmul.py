@@ -297,7 +297,7 @@ torch.save(out, sys.argv[1])
         assert torch.equal(ya, yb)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bfloat16 x may take the native GEMM (test_gemm)
 def test_large_batch_tiles_match_the_whole_layer_product(monkeypatch, dtype):
     """More than 16 rows: W is dequantized a tile of rows at a time (tiles of 7 rows here, the
     last one short), each tile's columns one GEMM over all of K: within the GEMM's own rounding
@@ -309,7 +309,7 @@ def test_large_batch_tiles_match_the_whole_layer_product(monkeypatch, dtype):
     whole = x @ q.dequantize(dtype).t()
     monkeypatch.setattr(_ops, "DENSE_TILE_BYTES", 7 * 200 * x.element_size())
     y = qengine.matmul(x, q)
-    tol = 1e-5 if dtype == torch.float32 else 2.0**-7
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-10
     assert torch.allclose(y.float(), whole.float(), rtol=tol, atol=tol * 10)
     x64, w64 = x.to(torch.float64), q.dequantize().to(torch.float64)
     assert ((y.to(torch.float64) - x64 @ w64.t()).abs() <= matmul_bound(x64, w64, dtype)).all()

@@ -32,6 +32,16 @@ int matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, in
                int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
                float* y);
 
+// matmul_cpu for large batches (rows of x beyond the GEMV regime): the weight decoded a panel at
+// a time straight into a blocked GEMM's layout (bfloat16 weights, as dense bfloat16 F.linear
+// has them; float32 accumulation). Sets *done = false, writing nothing, where no kernel of the
+// active ISA applies (gemm_applies: today bfloat16 x on an AVX512-BF16 CPU, 4-bit absmax codes,
+// a power-of-two blocksize >= 16 dividing K, K % 32 == 0); the caller then takes its own path.
+bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets);
+int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
+                     int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
+                     float* y, bool* done);
+
 // gx[M, K] (float32) = g[M, N] (float32) @ W, the transposed problem of matmul_cpu (backward).
 int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
                  const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* gx);

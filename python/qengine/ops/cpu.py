@@ -119,6 +119,18 @@ def _small_batch_product(kernel, x2, n, weight, lora_a, lora_b, lora_scale):
     return small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale)
 
 
+def _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale):
+    """x2 [M, K] @ W^T by the native blocked GEMM (_C.matmul_large_cpu: W decoded panel by panel
+    into the micro-kernel's layout) into float32, the LoRA side path added in float32, then one
+    rounding to x2's dtype; None where that kernel does not apply (the caller's fallback)."""
+    m, k = x2.shape
+    xc = x2.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    if not _C.matmul_large_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, k, n, weight, y.data_ptr()):
+        return None
+    return mm.add_lora_side(y, xc, lora_a, lora_b, lora_scale).to(x2.dtype)
+
+
 def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
     """x2 [M, K] @ W^T for the quantized W [N, K] (float32 scales), W dequantized into x2's dtype
     a tile of rows at a time; each tile's output columns come from one GEMM over all of K."""
@@ -140,13 +152,15 @@ def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_fea
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
                              lora_b)
     x2 = x.reshape(-1, k)
+    weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize)
     if x2.shape[0] <= mm.SMALL_BATCH_ROWS:
-        weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize)
         y = _small_batch_product(_C.matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
     else:
-        flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
-        y = _tiled_product(x2, packed, table, flat_scales, offsets, bits, blocksize, n)
-        y = mm.add_lora_side(y, x2, lora_a, lora_b, lora_scale)
+        y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale)
+        if y is None:  # no native large-batch kernel for this dtype / format / shape / CPU
+            flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
+            y = _tiled_product(x2, packed, table, flat_scales, offsets, bits, blocksize, n)
+            y = mm.add_lora_side(y, x2, lora_a, lora_b, lora_scale)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -1,0 +1,56 @@
+// CPU dequantize-matmul for large batches: threads over groups of output rows, each running
+// the active ISA's blocked kernel (kernels.h). Where no kernel applies (the dtype of x, the
+// format, the shape) the caller keeps its dequantize-tiles-then-GEMM path.
+#include "cpu/gemm/kernels.h"
+
+#include <algorithm>
+
+#include "cpu/common/isa.h"
+#include "cpu/common/thread_pool.h"
+#include "qengine/dtype.h"
+#include "qengine/ops.h"
+#include "qengine/status.h"
+
+namespace qengine {
+namespace cpu {
+
+const GemmKernels& gemm_kernels() {
+  static constexpr GemmKernels kNone{};
+  static constexpr IsaRows<GemmKernels> kRows = {
+      .scalar = &kNone,
+#if defined(__x86_64__) || defined(_M_X64)
+      .avx512_bf16 = &kGemmAvx512Bf16,
+#endif
+  };
+  return kRows.active();
+}
+
+}  // namespace cpu
+
+bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets) {
+  return cpu::gemm_kernels().bf16_4bit != nullptr && x_dtype == kBFloat16 && cb.bits == 4 && rule == kAbsmax &&
+         offsets == nullptr && blocksize >= 16 && (blocksize & (blocksize - 1)) == 0 && K % 32 == 0 &&
+         K % blocksize == 0;
+}
+
+int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
+                     int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
+                     float* y, bool* done) {
+  *done = false;
+  if (M < 0 || K < 0 || N < 0 || ldx < K || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
+  if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets)) return kOk;
+  *done = true;
+  if (M == 0 || N == 0) return kOk;
+  if (K == 0) {
+    std::fill(y, y + M * N, 0.0f);
+    return kOk;
+  }
+  const cpu::GemmKernels& k = cpu::gemm_kernels();
+  const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
+  cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
+    k.bf16_4bit(static_cast<const uint16_t*>(x), M, K, ldx, N, packed, blocksize, cb.table, scales, n0, n1, y);
+  });
+  return kOk;
+}
+
+}  // namespace qengine

@@ -1,0 +1,161 @@
+// AVX512-BF16 large-batch dequantize-matmul: the bf16_4bit of the gemm family's avx512_bf16
+// row. The weight is decoded from its packed codes straight into vdpbf16ps's operand layout
+// (kernels.h), 32 output columns by 512 inputs a panel, and a 12 x 32 register tile of y
+// accumulates over it: no dense weight tile is written to memory, and nothing is repacked.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+
+#include "cpu/common/ladder.h"
+#include "cpu/common/simd_avx512.h"
+#include "cpu/gemm/kernels.h"
+
+namespace qengine::cpu {
+namespace {
+
+// Words of one panel: kPanelK / 2 input pairs of kPanelRows columns, two words each.
+constexpr int64_t kPanelWords = kPanelK * kPanelRows;
+
+// r[c] := dword c of every r[i] (lane i): a 16 x 16 transpose of 32-bit elements.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+struct PanelSource {
+  const uint8_t* packed;
+  int64_t K;
+  int log2_blocksize;
+  __m512 table;  // the 16 code values, float32
+  const BlockScales* scales;
+};
+
+// panel[(k - k0) / 2][n - n0][2] = bfloat16(table[code] * scale) of W[n][k], W[n][k + 1] for
+// rows n in [n0, n0 + 32) (zeros from n_end on) and inputs [k0, k0 + kc), kc % 32 == 0. Each
+// weight is rounded once from its float32 value: the bytes dequantize() writes for bfloat16.
+void decode_panel(const PanelSource& w, int64_t n0, int64_t n_end, int64_t k0, int64_t kc, uint16_t* panel) {
+  const __m512i low4 = _mm512_set1_epi32(0x0f);
+  // vpermw reads index bits 0-4: bit 4 picks the table's upper 16 words, which hold the scale of
+  // inputs 16..31 of a 32-input segment (another block only at blocksize 16).
+  const __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1);
+  const bool two_blocks = w.log2_blocksize == 4;
+  const int64_t per_row = w.K >> w.log2_blocksize;
+  const int64_t b_first = k0 >> w.log2_blocksize;
+  const int64_t b_count = ((k0 + kc - 1) >> w.log2_blocksize) + 1 - b_first;
+  alignas(64) float scale_buf[16][kPanelK / 16];
+  for (int64_t half = 0; half < 2; ++half) {
+    const int64_t first = n0 + 16 * half;
+    const int64_t rows = std::clamp<int64_t>(n_end - first, 0, 16);
+    const float* rs[16];  // rs[i][b]: scale of block b of row first + i
+    for (int64_t i = 0; i < rows; ++i) {
+      rs[i] = tile_scales(*w.scales, (first + i) * per_row + b_first, b_count, scale_buf[i]) - b_first;
+    }
+    for (int64_t k = k0; k < k0 + kc; k += 32) {
+      __m512i r[16];
+      const int64_t b = k >> w.log2_blocksize;
+      for (int64_t i = 0; i < 16; ++i) {
+        if (i >= rows) {
+          r[i] = _mm512_setzero_si512();
+          continue;
+        }
+        const __m512 lo = _mm512_mul_ps(w.table, _mm512_set1_ps(rs[i][b]));
+        const __m512 hi = two_blocks ? _mm512_mul_ps(w.table, _mm512_set1_ps(rs[i][b + 1])) : lo;
+        const __m512i tbl = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        // Byte d of the segment holds inputs 2d (high nibble) and 2d + 1 (low): dword d's words.
+        const __m512i v = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + (((first + i) * w.K + k) >> 1))));
+        __m512i idx = _mm512_or_si512(_mm512_srli_epi32(v, 4), _mm512_slli_epi32(_mm512_and_si512(v, low4), 16));
+        if (two_blocks) idx = _mm512_or_si512(idx, upper);
+        r[i] = _mm512_permutexvar_epi16(idx, tbl);
+      }
+      transpose16(r);  // r[c]: input pair c of the segment, for the 16 rows
+      uint16_t* dst = panel + ((k - k0) / 2) * (2 * kPanelRows) + 2 * 16 * half;
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * 2 * kPanelRows, r[c]);
+    }
+  }
+}
+
+// y[m][0..32) (+)= x[m][0..2 * pairs) . panel for m < MR (x rows ldx apart, y rows ldy apart);
+// the columns outside the masks are neither read nor written.
+template <int MR>
+void tile(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t pairs, float* y, int64_t ldy, bool add,
+          __mmask16 mask0, __mmask16 mask1) {
+  __m512 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kPanelRows);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kPanelRows + 32);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * ldx + 2 * p, sizeof(pair));
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float* ym = y + m * ldy;
+    if (add) {
+      acc[m][0] = _mm512_add_ps(acc[m][0], _mm512_maskz_loadu_ps(mask0, ym));
+      acc[m][1] = _mm512_add_ps(acc[m][1], _mm512_maskz_loadu_ps(mask1, ym + 16));
+    }
+    _mm512_mask_storeu_ps(ym, mask0, acc[m][0]);
+    _mm512_mask_storeu_ps(ym + 16, mask1, acc[m][1]);
+  }
+}
+
+void bf16_4bit(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
+               int64_t blocksize, const float* table, const BlockScales& scales, int64_t n0, int64_t n1, float* y) {
+  PanelSource w{packed, K, 0, _mm512_loadu_ps(table), &scales};
+  while ((int64_t{1} << w.log2_blocksize) < blocksize) ++w.log2_blocksize;
+  std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
+  for (int64_t g = n0; g < n1; g += kPanelRows * kGroupPanels) {
+    const int64_t g_end = std::min(n1, g + kPanelRows * kGroupPanels);
+    const int64_t count = (g_end - g + kPanelRows - 1) / kPanelRows;
+    for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
+      const int64_t kc = std::min(kPanelK, K - k0);
+      for (int64_t p = 0; p < count; ++p) decode_panel(w, g + p * kPanelRows, g_end, k0, kc, panels.get() + p * kPanelWords);
+      for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+        with_rows<static_cast<int>(kTileRows)>(std::min(kTileRows, M - m0), [&](auto rows) {
+          for (int64_t p = 0; p < count; ++p) {
+            const int64_t n = g + p * kPanelRows;
+            const int64_t cols = std::min(kPanelRows, g_end - n);
+            tile<rows>(x + m0 * ldx + k0, ldx, panels.get() + p * kPanelWords, kc / 2, y + m0 * N + n, N, k0 > 0,
+                       lanes_below(cols), lanes_below(std::max<int64_t>(0, cols - 16)));
+          }
+        });
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const GemmKernels kGemmAvx512Bf16 = {.bf16_4bit = bf16_4bit};
+
+}  // namespace qengine::cpu
+#endif

@@ -1,0 +1,36 @@
+// The gemm family: the large-batch dequantize-matmul (rows of x beyond the GEMV regime). Its
+// per-ISA table (gemm.cpp fills it by field name) and the blocking every row shares.
+#pragma once
+#include <cstdint>
+
+#include "qengine/quant_math.h"
+
+namespace qengine::cpu {
+
+// Blocking of the large-batch product y = x @ W^T. W is decoded a panel at a time into the
+// micro-kernel's layout: kPanelRows output rows (W rows) by kPanelK inputs as bfloat16 pairs,
+// panel[k / 2][n][2] (the operand order of vdpbf16ps), never as a dense row-major tile. A task
+// decodes kGroupPanels panels of one K block, then runs every kTileRows rows of x over them
+// (the rows of x stay in L1 across the panels, the panels in L2 across the rows of x).
+constexpr int64_t kPanelRows = 32;
+constexpr int64_t kPanelK = 512;
+constexpr int64_t kGroupPanels = 4;
+constexpr int64_t kTileRows = 12;
+
+struct GemmKernels {
+  // y[M, N] (float32, row stride N) = x[M, K] (bfloat16, row stride ldx) @ W^T for output rows
+  // [n0, n1) of W [N, K]: 4-bit absmax codes, blocksize a power of two >= 16 dividing K, K % 32
+  // == 0 (gemm_applies). Null where the ISA has no such kernel.
+  void (*bf16_4bit)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
+                    int64_t blocksize, const float* table, const BlockScales& scales, int64_t n0, int64_t n1,
+                    float* y) = nullptr;
+};
+
+#if defined(__x86_64__) || defined(_M_X64)
+extern const GemmKernels kGemmAvx512Bf16;
+#endif
+
+// The row of the active ISA (isa.h).
+const GemmKernels& gemm_kernels();
+
+}  // namespace qengine::cpu

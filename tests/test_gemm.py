@@ -1,0 +1,128 @@
+"""The native large-batch product (csrc/cpu/gemm: W decoded panel by panel into a blocked
+GEMM's layout): against float64 on shapes with every kind of tail (rows of x beyond a 12-row
+tile, output rows beyond a 32-column panel and a 128-row group, inputs beyond a 512-input
+block), every block size and scale encoding it takes, the formats it leaves to the fallback,
+thread counts, and the ISAs without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qengine
+from qengine import _C
+from qengine._checks import DTYPE_CODES
+from qengine.ops.weight import native_weight
+from support import matmul_bound
+
+HAS_KERNEL = "avx512_bf16" in qengine.build_info()["supported_cpu_isas"]
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="this CPU has no AVX512-BF16 (the gemm kernel's ISA)")
+
+
+def quantized(n, k, fmt, blocksize, dq, seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    if fmt in ("mxfp4", "nvfp4"):
+        return qengine.quantize(w, fmt)
+    return qengine.quantize(w, fmt, blocksize, double_quant=dq)
+
+
+def large_product(x, q):
+    """(done, float32 y) of _C.matmul_large_cpu for x [M, K] and the QuantizedTensor q [N, K]."""
+    kw = q.kernel_weight()
+    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize)
+    m, k = x.shape
+    n = q.shape[0]
+    y = torch.full((m, n), float("nan"))
+    done = _C.matmul_large_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], m, k, k, n, weight, y.data_ptr())
+    return done, y
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,m", [(96, 512, 17), (33, 96, 12), (129, 544, 25), (300, 1056, 40), (32, 1024, 64)])
+@pytest.mark.parametrize("fmt,blocksize,dq", [("nf4", 64, True), ("nf4", 32, False), ("fp4", 256, True),
+                                              ("int4", 1024, False), ("mxfp4", None, None), ("nvfp4", None, None)])
+def test_against_float64(n, k, m, fmt, blocksize, dq, isa_restore):
+    """Each weight is rounded once to bfloat16 from its float32 dequantized value (the bytes
+    dequantize() writes, the weight dense bfloat16 F.linear multiplies); then float32
+    accumulation: against that model only the accumulation error is left."""
+    if blocksize is not None and k % blocksize:
+        pytest.skip("the block size does not divide K")
+    qengine.set_cpu_isa("avx512_bf16")
+    q = quantized(n, k, fmt, blocksize, dq)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    done, y = large_product(x, q)
+    assert done
+    x64 = x.to(torch.float64)
+    w_model = q.dequantize(torch.bfloat16).to(torch.float64)
+    ref = x64 @ w_model.t()
+    mag = x64.abs() @ w_model.abs().t()
+    assert ((y.to(torch.float64) - ref).abs() <= 8 * k ** 0.5 * 2.0**-24 * mag).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [17, 64, 129])
+def test_public_matmul_takes_it_with_lora(m, isa_restore):
+    """qengine.matmul with more than 16 bfloat16 rows: the same product plus the LoRA side path,
+    rounded once to bfloat16, within the float64 bound; and the fallback (an ISA without the
+    kernel) agrees within the same bound."""
+    q = quantized(160, 640, "nf4", 64, True)
+    x = torch.randn(m, 640).to(torch.bfloat16)
+    a, b = torch.randn(8, 640) * 0.05, torch.randn(160, 8) * 0.05
+    w64 = q.dequantize().to(torch.float64)
+    x64 = x.to(torch.float64)
+    side = 0.5 * (x64 @ a.to(torch.float64).t()) @ b.to(torch.float64).t()
+    ref = x64 @ w64.t() + side
+    bound = matmul_bound(x64, w64, torch.bfloat16, extra=side.abs())
+    for isa in ("avx512_bf16", "avx512"):
+        qengine.set_cpu_isa(isa)
+        y = qengine.matmul(x, q, lora=(a, b, 0.5))
+        assert y.dtype == torch.bfloat16 and y.shape == (m, 160)
+        assert ((y.to(torch.float64) - ref).abs() <= bound).all(), isa
+
+
+@needs_kernel
+def test_same_bits_at_any_thread_count(threads_restore, isa_restore):
+    """Each output element is summed by one task in one order, however the rows are shared."""
+    qengine.set_cpu_isa("avx512_bf16")
+    q = quantized(1000, 1024, "nf4", 64, True)
+    x = torch.randn(50, 1024).to(torch.bfloat16)
+    outs = []
+    for threads in (1, 2, 3):
+        qengine.set_num_threads(threads)
+        outs.append(large_product(x, q)[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("case", ["float32 x", "float16 x", "minmax codes", "8-bit codes", "K % 32", "row blocks"])
+def test_leaves_what_it_does_not_take_to_the_fallback(case):
+    """Where the kernel does not apply it reports so and writes nothing; qengine.matmul then
+    takes the tiled path, still within the float64 bound."""
+    fmt, n, k, bs, dtype = "nf4", 40, 256, 64, torch.bfloat16
+    if case == "float32 x":
+        dtype = torch.float32
+    elif case == "float16 x":
+        dtype = torch.float16
+    elif case == "minmax codes":
+        fmt = "uint4"
+    elif case == "8-bit codes":
+        fmt = "int8"
+    elif case == "K % 32":
+        k, bs = 200, 32  # blocks straddle rows
+    elif case == "row blocks":
+        k = 320  # one block per row, 320 inputs: not a power of two
+    q = qengine.quantize(torch.randn(n, k), fmt, None if case == "row blocks" else bs)
+    x = torch.randn(20, k).to(dtype)
+    done, y = large_product(x, q)
+    assert not done and y.isnan().all()
+    w64 = q.dequantize().to(torch.float64)
+    x64 = x.to(torch.float64)
+    assert ((qengine.matmul(x, q).to(torch.float64) - x64 @ w64.t()).abs() <= matmul_bound(x64, w64, dtype)).all()
+
+
+@needs_kernel
+def test_empty_dimensions(isa_restore):
+    qengine.set_cpu_isa("avx512_bf16")
+    q = quantized(8, 64, "nf4", 64, True)
+    assert qengine.matmul(torch.zeros(0, 64, dtype=torch.bfloat16), q).shape == (0, 8)
+    done, y = large_product(torch.randn(20, 64).to(torch.bfloat16), q)
+    assert done and torch.isfinite(y).all()
