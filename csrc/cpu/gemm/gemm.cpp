@@ -4,6 +4,7 @@
 #include "cpu/gemm/kernels.h"
 
 #include <algorithm>
+#include <memory>
 
 #include "cpu/common/isa.h"
 #include "cpu/common/thread_pool.h"
@@ -46,9 +47,15 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
     return kOk;
   }
   const cpu::GemmKernels& k = cpu::gemm_kernels();
+  std::unique_ptr<cpu::ScalePlanes> planes;
+  if (scales.values == nullptr && scales.nested_shift >= 0 && N * (K / blocksize) < (int64_t{1} << 30) &&
+      cpu::vbmi_scales_available()) {
+    planes = std::make_unique<cpu::ScalePlanes>(scales.table);
+  }
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
-    k.bf16_4bit(static_cast<const uint16_t*>(x), M, K, ldx, N, packed, blocksize, cb.table, scales, n0, n1, y);
+    k.bf16_4bit(static_cast<const uint16_t*>(x), M, K, ldx, N, packed, blocksize, cb.table, scales, planes.get(), n0,
+                n1, y);
   });
   return kOk;
 }

@@ -12,6 +12,7 @@
 #include "cpu/common/ladder.h"
 #include "cpu/common/simd_avx512.h"
 #include "cpu/gemm/kernels.h"
+#include "cpu/gemv/kernels.h"  // decode_nested_scales_vbmi
 
 namespace qengine::cpu {
 namespace {
@@ -50,8 +51,9 @@ struct PanelSource {
   const uint8_t* packed;
   int64_t K;
   int log2_blocksize;
-  __m512 table;  // the 16 code values, float32
-  const BlockScales* scales;
+  __m512 table;         // the 16 code values, float32
+  const float* scales;  // float32 scales of the group's rows, the first row's first block at index 0
+  int64_t group_first;  // the group's first row
 };
 
 // panel[(k - k0) / 2][n - n0][2] = bfloat16(table[code] * scale) of W[n][k], W[n][k + 1] for
@@ -64,16 +66,11 @@ void decode_panel(const PanelSource& w, int64_t n0, int64_t n_end, int64_t k0, i
   const __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1);
   const bool two_blocks = w.log2_blocksize == 4;
   const int64_t per_row = w.K >> w.log2_blocksize;
-  const int64_t b_first = k0 >> w.log2_blocksize;
-  const int64_t b_count = ((k0 + kc - 1) >> w.log2_blocksize) + 1 - b_first;
-  alignas(64) float scale_buf[16][kPanelK / 16];
   for (int64_t half = 0; half < 2; ++half) {
     const int64_t first = n0 + 16 * half;
     const int64_t rows = std::clamp<int64_t>(n_end - first, 0, 16);
     const float* rs[16];  // rs[i][b]: scale of block b of row first + i
-    for (int64_t i = 0; i < rows; ++i) {
-      rs[i] = tile_scales(*w.scales, (first + i) * per_row + b_first, b_count, scale_buf[i]) - b_first;
-    }
+    for (int64_t i = 0; i < rows; ++i) rs[i] = w.scales + (first + i - w.group_first) * per_row;
     for (int64_t k = k0; k < k0 + kc; k += 32) {
       __m512i r[16];
       const int64_t b = k >> w.log2_blocksize;
@@ -128,14 +125,33 @@ void tile(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t pairs, 
   }
 }
 
+// The float32 scales of blocks [b_lo, b_lo + count): the plain ones in place, or the double-
+// quantized ones decoded into buf, in bulk with byte permutes where the CPU has VBMI.
+const float* group_scales(const BlockScales& s, const ScalePlanes* planes, int64_t b_lo, int64_t count,
+                          std::unique_ptr<float[]>& buf) {
+  if (s.values != nullptr) return s.values + b_lo;
+  buf.reset(new float[static_cast<size_t>(count)]);
+  if (planes != nullptr) {
+    decode_nested_scales_vbmi(s, *planes, b_lo, count, buf.get());
+  } else {
+    tile_scales(s, b_lo, count, buf.get());
+  }
+  return buf.get();
+}
+
 void bf16_4bit(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
-               int64_t blocksize, const float* table, const BlockScales& scales, int64_t n0, int64_t n1, float* y) {
-  PanelSource w{packed, K, 0, _mm512_loadu_ps(table), &scales};
+               int64_t blocksize, const float* table, const BlockScales& scales, const ScalePlanes* planes, int64_t n0,
+               int64_t n1, float* y) {
+  PanelSource w{packed, K, 0, _mm512_loadu_ps(table), nullptr, 0};
   while ((int64_t{1} << w.log2_blocksize) < blocksize) ++w.log2_blocksize;
+  const int64_t per_row = K >> w.log2_blocksize;
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
+  std::unique_ptr<float[]> scale_buf;
   for (int64_t g = n0; g < n1; g += kPanelRows * kGroupPanels) {
     const int64_t g_end = std::min(n1, g + kPanelRows * kGroupPanels);
     const int64_t count = (g_end - g + kPanelRows - 1) / kPanelRows;
+    w.scales = group_scales(scales, planes, g * per_row, (g_end - g) * per_row, scale_buf);
+    w.group_first = g;
     for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
       const int64_t kc = std::min(kPanelK, K - k0);
       for (int64_t p = 0; p < count; ++p) decode_panel(w, g + p * kPanelRows, g_end, k0, kc, panels.get() + p * kPanelWords);

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/common/byte_planes.h"
 #include "qengine/quant_math.h"
 
 namespace qengine::cpu {
@@ -21,9 +22,10 @@ struct GemmKernels {
   // y[M, N] (float32, row stride N) = x[M, K] (bfloat16, row stride ldx) @ W^T for output rows
   // [n0, n1) of W [N, K]: 4-bit absmax codes, blocksize a power of two >= 16 dividing K, K % 32
   // == 0 (gemm_applies). Null where the ISA has no such kernel.
+  // planes: the nested scale table's byte planes where the CPU has VBMI (else null).
   void (*bf16_4bit)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
-                    int64_t blocksize, const float* table, const BlockScales& scales, int64_t n0, int64_t n1,
-                    float* y) = nullptr;
+                    int64_t blocksize, const float* table, const BlockScales& scales, const ScalePlanes* planes,
+                    int64_t n0, int64_t n1, float* y) = nullptr;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -128,7 +128,10 @@ def _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale):
     y = torch.empty(m, n, dtype=torch.float32)
     if not _C.matmul_large_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, k, n, weight, y.data_ptr()):
         return None
-    return mm.add_lora_side(y, xc, lora_a, lora_b, lora_scale).to(x2.dtype)
+    y = mm.add_lora_side(y, xc, lora_a, lora_b, lora_scale)
+    out = torch.empty(m, n, dtype=xc.dtype)  # rounded natively: see small_batch_epilogue on torch's workers
+    _C.cast_float_cpu(y.data_ptr(), m * n, out.data_ptr(), DTYPE_CODES[xc.dtype])
+    return out
 
 
 def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
