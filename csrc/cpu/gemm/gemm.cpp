@@ -52,10 +52,12 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
       cpu::vbmi_scales_available()) {
     planes = std::make_unique<cpu::ScalePlanes>(scales.table);
   }
+  const int64_t tiles = (M + cpu::kTileRows - 1) / cpu::kTileRows;
+  std::unique_ptr<int32_t[]> xp(new int32_t[static_cast<size_t>(tiles * cpu::kTileRows * (K / 2))]);
+  k.pack_x(static_cast<const uint16_t*>(x), M, K, ldx, xp.get());
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
-    k.bf16_4bit(static_cast<const uint16_t*>(x), M, K, ldx, N, packed, blocksize, cb.table, scales, planes.get(), n0,
-                n1, y);
+    k.bf16_4bit(xp.get(), M, K, N, packed, blocksize, cb.table, scales, planes.get(), n0, n1, y);
   });
   return kOk;
 }

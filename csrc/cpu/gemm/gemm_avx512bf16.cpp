@@ -96,20 +96,38 @@ void decode_panel(const PanelSource& w, int64_t n0, int64_t n_end, int64_t k0, i
   }
 }
 
-// y[m][0..32) (+)= x[m][0..2 * pairs) . panel for m < MR (x rows ldx apart, y rows ldy apart);
-// the columns outside the masks are neither read nor written.
+// x's rows as the tiles read them: rows [m0, m0 + kTileRows) of x as input pairs, xp[(m0 /
+// kTileRows) * K * kTileRows / 2 + p * kTileRows + m] = the pair p of row m0 + m (zeros past M), so
+// a tile's broadcasts of x come from one sequential stream.
+void pack_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int32_t* xp) {
+  const int64_t pairs = K / 2;
+  for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+    int32_t* dst = xp + (m0 / kTileRows) * pairs * kTileRows;
+    for (int64_t m = 0; m < kTileRows; ++m) {
+      if (m0 + m >= M) {
+        for (int64_t p = 0; p < pairs; ++p) dst[p * kTileRows + m] = 0;
+        continue;
+      }
+      const uint16_t* row = x + (m0 + m) * ldx;
+      for (int64_t p = 0; p < pairs; ++p) std::memcpy(dst + p * kTileRows + m, row + 2 * p, sizeof(int32_t));
+    }
+  }
+}
+
+// y[m][0..32) (+)= x[m] . panel over `pairs` input pairs for m < MR (x packed by pack_x, from
+// the tile's first pair; y rows ldy apart); the columns outside the masks are neither read nor
+// written.
 template <int MR>
-void tile(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t pairs, float* y, int64_t ldy, bool add,
+void tile(const int32_t* xp, const uint16_t* panel, int64_t pairs, float* y, int64_t ldy, bool add,
           __mmask16 mask0, __mmask16 mask1) {
   __m512 acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kPanelRows);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kPanelRows + 32);
+    const int32_t* xq = xp + p * kTileRows;
     for (int m = 0; m < MR; ++m) {
-      int32_t pair;
-      std::memcpy(&pair, x + m * ldx + 2 * p, sizeof(pair));
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xq[m]);
       acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
     }
@@ -139,9 +157,9 @@ const float* group_scales(const BlockScales& s, const ScalePlanes* planes, int64
   return buf.get();
 }
 
-void bf16_4bit(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
-               int64_t blocksize, const float* table, const BlockScales& scales, const ScalePlanes* planes, int64_t n0,
-               int64_t n1, float* y) {
+void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, int64_t blocksize,
+               const float* table, const BlockScales& scales, const ScalePlanes* planes, int64_t n0, int64_t n1,
+               float* y) {
   PanelSource w{packed, K, 0, _mm512_loadu_ps(table), nullptr, 0};
   while ((int64_t{1} << w.log2_blocksize) < blocksize) ++w.log2_blocksize;
   const int64_t per_row = K >> w.log2_blocksize;
@@ -160,7 +178,8 @@ void bf16_4bit(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t N, 
           for (int64_t p = 0; p < count; ++p) {
             const int64_t n = g + p * kPanelRows;
             const int64_t cols = std::min(kPanelRows, g_end - n);
-            tile<rows>(x + m0 * ldx + k0, ldx, panels.get() + p * kPanelWords, kc / 2, y + m0 * N + n, N, k0 > 0,
+            tile<rows>(xp + m0 * (K / 2) + k0 / 2 * kTileRows, panels.get() + p * kPanelWords, kc / 2, y + m0 * N + n, N,
+                       k0 > 0,
                        lanes_below(cols), lanes_below(std::max<int64_t>(0, cols - 16)));
           }
         });
@@ -171,7 +190,7 @@ void bf16_4bit(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t N, 
 
 }  // namespace
 
-const GemmKernels kGemmAvx512Bf16 = {.bf16_4bit = bf16_4bit};
+const GemmKernels kGemmAvx512Bf16 = {.pack_x = pack_x, .bf16_4bit = bf16_4bit};
 
 }  // namespace qengine::cpu
 #endif

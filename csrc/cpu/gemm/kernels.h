@@ -19,13 +19,17 @@ constexpr int64_t kGroupPanels = 4;
 constexpr int64_t kTileRows = 12;
 
 struct GemmKernels {
-  // y[M, N] (float32, row stride N) = x[M, K] (bfloat16, row stride ldx) @ W^T for output rows
+  // y[M, N] (float32, row stride N) = x[M, K] (bfloat16) @ W^T for output rows
   // [n0, n1) of W [N, K]: 4-bit absmax codes, blocksize a power of two >= 16 dividing K, K % 32
   // == 0 (gemm_applies). Null where the ISA has no such kernel.
-  // planes: the nested scale table's byte planes where the CPU has VBMI (else null).
-  void (*bf16_4bit)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
-                    int64_t blocksize, const float* table, const BlockScales& scales, const ScalePlanes* planes,
-                    int64_t n0, int64_t n1, float* y) = nullptr;
+  // x (bfloat16 [M, K], row stride ldx) as bf16_4bit reads it: ceil(M / kTileRows) * kTileRows *
+  // K / 2 input pairs into xp.
+  void (*pack_x)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int32_t* xp) = nullptr;
+  // xp: x packed by pack_x; planes: the nested scale table's byte planes where the CPU has VBMI
+  // (else null).
+  void (*bf16_4bit)(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, int64_t blocksize,
+                    const float* table, const BlockScales& scales, const ScalePlanes* planes, int64_t n0, int64_t n1,
+                    float* y) = nullptr;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)
