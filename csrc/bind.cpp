@@ -97,6 +97,20 @@ bool matmul_large_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, in
   return done;
 }
 
+// True when a large-batch kernel computed gx; false (gx untouched) where none applies.
+bool matmul_t_large_cpu(addr g, int g_dtype, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr gx) {
+  const WeightRef w = weight_ref(weight, N * K);
+  bool done = false;
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::matmul_t_large_cpu(ptr<const void>(g), g_dtype, M, N, K, w.packed_ptr(), w.blocksize, w.codebook(),
+                                    w.rule, w.block_scales(), w.offsets_ptr(), ptr<float>(gx), &done);
+  }
+  raise_on_error(s);
+  return done;
+}
+
 int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr gx) {
   const WeightRef w = weight_ref(weight, N * K);
   int s;
@@ -257,6 +271,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul_cpu", &matmul_cpu);  // releases the GIL itself
   m.def("matmul_large_cpu", &matmul_large_cpu);  // releases the GIL itself
   m.def("matmul_t_cpu", &matmul_t_cpu);  // releases the GIL itself
+  m.def("matmul_t_large_cpu", &matmul_t_large_cpu);  // releases the GIL itself
   m.def("lora_epilogue_cpu", &lora_epilogue_cpu, release());
   m.def("cast_float_cpu", &cast_float_cpu, release());
   m.def("kmeans_accumulate_cpu", &kmeans_accumulate_cpu, release());

@@ -37,6 +37,17 @@ def large_product(x, q):
     return done, y
 
 
+def large_product_t(g, q):
+    """(done, float32 gx) of _C.matmul_t_large_cpu for g [M, N] and the QuantizedTensor q [N, K]."""
+    kw = q.kernel_weight()
+    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize)
+    m, n = g.shape
+    k = q.shape[1]
+    gx = torch.full((m, k), float("nan"))
+    done = _C.matmul_t_large_cpu(g.data_ptr(), DTYPE_CODES[g.dtype], m, n, k, weight, gx.data_ptr())
+    return done, gx
+
+
 @needs_kernel
 @pytest.mark.parametrize("n,k,m", [(96, 512, 17), (33, 96, 12), (129, 544, 25), (300, 1056, 40), (32, 1024, 64)])
 @pytest.mark.parametrize("fmt,blocksize,dq", [("nf4", 64, True), ("nf4", 32, False), ("fp4", 256, True),
@@ -57,6 +68,55 @@ def test_against_float64(n, k, m, fmt, blocksize, dq, isa_restore):
     ref = x64 @ w_model.t()
     mag = x64.abs() @ w_model.abs().t()
     assert ((y.to(torch.float64) - ref).abs() <= 8 * k ** 0.5 * 2.0**-24 * mag).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,m", [(96, 512, 17), (34, 96, 12), (130, 544, 25), (1030, 160, 40), (512, 1024, 64)])
+@pytest.mark.parametrize("fmt,blocksize,dq", [("nf4", 64, True), ("nf4", 32, False), ("int4", 1024, False),
+                                              ("nvfp4", None, None)])
+def test_transposed_against_float64(n, k, m, fmt, blocksize, dq, isa_restore):
+    """gx = g @ W (the backward's product for x), with the reduction over W's rows in blocks of
+    512 (1030 rows: a short last block) and output columns in groups of 128 (tails at 96, 160,
+    544): against the same bfloat16-weight model as the forward."""
+    if blocksize is not None and k % blocksize:
+        pytest.skip("the block size does not divide K")
+    qengine.set_cpu_isa("avx512_bf16")
+    q = quantized(n, k, fmt, blocksize, dq, seed=1)
+    g = torch.randn(m, n).to(torch.bfloat16)
+    done, gx = large_product_t(g, q)
+    assert done
+    g64 = g.to(torch.float64)
+    w_model = q.dequantize(torch.bfloat16).to(torch.float64)
+    ref = g64 @ w_model
+    mag = g64.abs() @ w_model.abs()
+    assert ((gx.to(torch.float64) - ref).abs() <= 8 * n ** 0.5 * 2.0**-24 * mag).all()
+
+
+@needs_kernel
+def test_transposed_leaves_odd_rows_to_the_fallback(isa_restore):
+    qengine.set_cpu_isa("avx512_bf16")
+    q = quantized(33, 128, "nf4", 64, True)
+    done, gx = large_product_t(torch.randn(20, 33).to(torch.bfloat16), q)
+    assert not done and gx.isnan().all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [96, 33])  # 33 rows: the transposed product falls back
+def test_backward_takes_it(n, isa_restore):
+    """The gradient of x through qengine.matmul with more than 16 bfloat16 rows, on the native
+    kernel and on an ISA without it, within the float64 bound of g @ W."""
+    q = quantized(n, 256, "nf4", 64, True)
+    g = torch.randn(40, n).to(torch.bfloat16)
+    w64 = q.dequantize().to(torch.float64)
+    g64 = g.to(torch.float64)
+    ref = g64 @ w64
+    bound = 8 * n ** 0.5 * 2.0**-24 * (g64.abs() @ w64.abs()) + 2.0**-8 * (g64.abs() @ w64.abs())
+    for isa in ("avx512_bf16", "avx512"):
+        qengine.set_cpu_isa(isa)
+        x = torch.randn(40, 256).to(torch.bfloat16).requires_grad_()
+        qengine.matmul(x, q).backward(g)
+        assert x.grad.dtype == torch.bfloat16
+        assert ((x.grad.to(torch.float64) - ref).abs() <= bound).all(), isa
 
 
 @needs_kernel

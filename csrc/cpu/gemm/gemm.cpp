@@ -34,6 +34,27 @@ bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb,
          K % blocksize == 0;
 }
 
+namespace {
+
+// The byte planes of a nested scale table where the CPU decodes it with VBMI (else null).
+std::unique_ptr<cpu::ScalePlanes> scale_planes(const BlockScales& scales, int64_t nblocks) {
+  if (scales.values == nullptr && scales.nested_shift >= 0 && nblocks < (int64_t{1} << 30) &&
+      cpu::vbmi_scales_available()) {
+    return std::make_unique<cpu::ScalePlanes>(scales.table);
+  }
+  return nullptr;
+}
+
+// rows of [M, K] bfloat16 packed into the tiles' pair order.
+std::unique_ptr<int32_t[]> packed_rows(const cpu::GemmKernels& k, const void* x, int64_t M, int64_t K, int64_t ldx) {
+  const int64_t tiles = (M + cpu::kTileRows - 1) / cpu::kTileRows;
+  std::unique_ptr<int32_t[]> xp(new int32_t[static_cast<size_t>(tiles * cpu::kTileRows * (K / 2))]);
+  k.pack_x(static_cast<const uint16_t*>(x), M, K, ldx, xp.get());
+  return xp;
+}
+
+}  // namespace
+
 int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
                      int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
                      float* y, bool* done) {
@@ -47,17 +68,39 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
     return kOk;
   }
   const cpu::GemmKernels& k = cpu::gemm_kernels();
-  std::unique_ptr<cpu::ScalePlanes> planes;
-  if (scales.values == nullptr && scales.nested_shift >= 0 && N * (K / blocksize) < (int64_t{1} << 30) &&
-      cpu::vbmi_scales_available()) {
-    planes = std::make_unique<cpu::ScalePlanes>(scales.table);
-  }
-  const int64_t tiles = (M + cpu::kTileRows - 1) / cpu::kTileRows;
-  std::unique_ptr<int32_t[]> xp(new int32_t[static_cast<size_t>(tiles * cpu::kTileRows * (K / 2))]);
-  k.pack_x(static_cast<const uint16_t*>(x), M, K, ldx, xp.get());
+  const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, N * (K / blocksize));
+  const std::unique_ptr<int32_t[]> xp = packed_rows(k, x, M, K, ldx);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
     k.bf16_4bit(xp.get(), M, K, N, packed, blocksize, cb.table, scales, planes.get(), n0, n1, y);
+  });
+  return kOk;
+}
+
+}  // namespace qengine
+
+namespace qengine {
+
+int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
+                       int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
+                       const float* offsets, float* gx, bool* done) {
+  *done = false;
+  if (M < 0 || K < 0 || N < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
+  const cpu::GemmKernels& k = cpu::gemm_kernels();
+  if (!gemm_applies(g_dtype, K, blocksize, cb, rule, offsets) || k.bf16_4bit_t == nullptr || N % 2 != 0) return kOk;
+  *done = true;
+  if (M == 0 || K == 0) return kOk;
+  if (N == 0) {
+    std::fill(gx, gx + M * K, 0.0f);
+    return kOk;
+  }
+  const int64_t nblocks = N * (K / blocksize);
+  std::unique_ptr<float[]> buf;
+  const float* all_scales = k.decode_scales(scales, scale_planes(scales, nblocks).get(), nblocks, buf);
+  const std::unique_ptr<int32_t[]> gp = packed_rows(k, g, M, N, N);
+  const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
+  cpu::parallel_chunks(0, K, group, [&](int64_t k0, int64_t k1) {
+    k.bf16_4bit_t(gp.get(), M, N, K, packed, blocksize, cb.table, all_scales, k0, k1, gx);
   });
   return kOk;
 }

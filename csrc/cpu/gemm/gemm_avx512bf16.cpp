@@ -20,6 +20,12 @@ namespace {
 // Words of one panel: kPanelK / 2 input pairs of kPanelRows columns, two words each.
 constexpr int64_t kPanelWords = kPanelK * kPanelRows;
 
+int log2_of(int64_t power_of_two) {
+  int l = 0;
+  while ((int64_t{1} << l) < power_of_two) ++l;
+  return l;
+}
+
 // r[c] := dword c of every r[i] (lane i): a 16 x 16 transpose of 32-bit elements.
 inline void transpose16(__m512i r[16]) {
   __m512i t[16];
@@ -47,52 +53,77 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+// Inputs [k, k + 32) of one row of W as 32 bfloat16 words in input order, each
+// bfloat16(table[code] * scale) rounded once from its float32 value: the bytes dequantize()
+// writes for bfloat16 (k % 32 == 0).
+struct SegmentDecoder {
+  __m512 table;  // the 16 code values, float32
+  int log2_blocksize;
+  __m512i low4 = _mm512_set1_epi32(0x0f);
+  // vpermw reads index bits 0-4: bit 4 picks the table's upper 16 words, which hold the scale of
+  // inputs 16..31 (another block only at blocksize 16).
+  __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1);
+
+  // codes: the row's packed codes; rs[b]: the scale of the row's block b.
+  __m512i operator()(const uint8_t* codes, const float* rs, int64_t k) const {
+    const int64_t b = k >> log2_blocksize;
+    const __m512 lo = _mm512_mul_ps(table, _mm512_set1_ps(rs[b]));
+    const __m512 hi = log2_blocksize == 4 ? _mm512_mul_ps(table, _mm512_set1_ps(rs[b + 1])) : lo;
+    const __m512i tbl = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    // Byte d of the segment holds inputs 2d (high nibble) and 2d + 1 (low): dword d's words.
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (k >> 1))));
+    __m512i idx = _mm512_or_si512(_mm512_srli_epi32(v, 4), _mm512_slli_epi32(_mm512_and_si512(v, low4), 16));
+    if (log2_blocksize == 4) idx = _mm512_or_si512(idx, upper);
+    return _mm512_permutexvar_epi16(idx, tbl);
+  }
+};
+
 struct PanelSource {
   const uint8_t* packed;
   int64_t K;
-  int log2_blocksize;
-  __m512 table;         // the 16 code values, float32
-  const float* scales;  // float32 scales of the group's rows, the first row's first block at index 0
-  int64_t group_first;  // the group's first row
+  SegmentDecoder segment;
+  const float* scales;  // float32 block scales, row first_row's first block at index 0
+  int64_t first_row;
 };
 
-// panel[(k - k0) / 2][n - n0][2] = bfloat16(table[code] * scale) of W[n][k], W[n][k + 1] for
-// rows n in [n0, n0 + 32) (zeros from n_end on) and inputs [k0, k0 + kc), kc % 32 == 0. Each
-// weight is rounded once from its float32 value: the bytes dequantize() writes for bfloat16.
+// For y = x @ W^T: panel[(k - k0) / 2][n - n0][2] = W[n][k], W[n][k + 1] (bfloat16) for rows n in
+// [n0, n0 + 32) (zeros from n_end on) and inputs [k0, k0 + kc), kc % 32 == 0.
 void decode_panel(const PanelSource& w, int64_t n0, int64_t n_end, int64_t k0, int64_t kc, uint16_t* panel) {
-  const __m512i low4 = _mm512_set1_epi32(0x0f);
-  // vpermw reads index bits 0-4: bit 4 picks the table's upper 16 words, which hold the scale of
-  // inputs 16..31 of a 32-input segment (another block only at blocksize 16).
-  const __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1);
-  const bool two_blocks = w.log2_blocksize == 4;
-  const int64_t per_row = w.K >> w.log2_blocksize;
+  const int64_t per_row = w.K >> w.segment.log2_blocksize;
   for (int64_t half = 0; half < 2; ++half) {
     const int64_t first = n0 + 16 * half;
     const int64_t rows = std::clamp<int64_t>(n_end - first, 0, 16);
-    const float* rs[16];  // rs[i][b]: scale of block b of row first + i
-    for (int64_t i = 0; i < rows; ++i) rs[i] = w.scales + (first + i - w.group_first) * per_row;
     for (int64_t k = k0; k < k0 + kc; k += 32) {
       __m512i r[16];
-      const int64_t b = k >> w.log2_blocksize;
       for (int64_t i = 0; i < 16; ++i) {
-        if (i >= rows) {
-          r[i] = _mm512_setzero_si512();
-          continue;
-        }
-        const __m512 lo = _mm512_mul_ps(w.table, _mm512_set1_ps(rs[i][b]));
-        const __m512 hi = two_blocks ? _mm512_mul_ps(w.table, _mm512_set1_ps(rs[i][b + 1])) : lo;
-        const __m512i tbl = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-        // Byte d of the segment holds inputs 2d (high nibble) and 2d + 1 (low): dword d's words.
-        const __m512i v = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + (((first + i) * w.K + k) >> 1))));
-        __m512i idx = _mm512_or_si512(_mm512_srli_epi32(v, 4), _mm512_slli_epi32(_mm512_and_si512(v, low4), 16));
-        if (two_blocks) idx = _mm512_or_si512(idx, upper);
-        r[i] = _mm512_permutexvar_epi16(idx, tbl);
+        const int64_t n = first + i;
+        r[i] = i < rows ? w.segment(w.packed + ((n * w.K) >> 1), w.scales + (n - w.first_row) * per_row, k)
+                        : _mm512_setzero_si512();
       }
       transpose16(r);  // r[c]: input pair c of the segment, for the 16 rows
       uint16_t* dst = panel + ((k - k0) / 2) * (2 * kPanelRows) + 2 * 16 * half;
       for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * 2 * kPanelRows, r[c]);
     }
+  }
+}
+
+// For gx = g @ W: panel[(n - n0) / 2][k - k0][2] = W[n][k], W[n + 1][k] (bfloat16) for the row
+// pairs of [n0, n0 + nc) (nc even) and columns [k0, k0 + 32).
+void decode_panel_t(const PanelSource& w, int64_t n0, int64_t nc, int64_t k0, uint16_t* panel) {
+  const int64_t per_row = w.K >> w.segment.log2_blocksize;
+  // Word j of a pair's low / high vector: word j / 2 (+ 16) of row n (j even) or of row n + 1.
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int j = 0; j < 32; ++j) {
+    lo_idx[j] = static_cast<uint16_t>((j / 2) + (j % 2) * 32);
+    hi_idx[j] = static_cast<uint16_t>(16 + (j / 2) + (j % 2) * 32);
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (int64_t n = n0; n < n0 + nc; n += 2) {
+    const __m512i a = w.segment(w.packed + ((n * w.K) >> 1), w.scales + (n - w.first_row) * per_row, k0);
+    const __m512i b = w.segment(w.packed + (((n + 1) * w.K) >> 1), w.scales + (n + 1 - w.first_row) * per_row, k0);
+    uint16_t* dst = panel + ((n - n0) / 2) * (2 * kPanelRows);
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
+    _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
   }
 }
 
@@ -157,40 +188,67 @@ const float* group_scales(const BlockScales& s, const ScalePlanes* planes, int64
   return buf.get();
 }
 
+// Rows [m0, m0 + kTileRows) of y (row stride ldy, columns from the panels' first) (+)= the
+// packed rows of x times `count` panels of `pairs` input pairs; cols: y's columns left at the
+// first panel (the last panel may be partial).
+void tiles_over_panels(const int32_t* xp, int64_t M, int64_t total_pairs, const uint16_t* panels, int64_t count,
+                       int64_t pairs, int64_t pair0, float* y, int64_t ldy, int64_t cols, bool add) {
+  for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+    with_rows<static_cast<int>(kTileRows)>(std::min(kTileRows, M - m0), [&](auto rows) {
+      for (int64_t p = 0; p < count; ++p) {
+        const int64_t left = cols - p * kPanelRows;
+        tile<rows>(xp + m0 * total_pairs + pair0 * kTileRows, panels + p * kPanelWords, pairs,
+                   y + m0 * ldy + p * kPanelRows, ldy, add, lanes_below(left),
+                   lanes_below(std::max<int64_t>(0, left - 16)));
+      }
+    });
+  }
+}
+
 void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, int64_t blocksize,
                const float* table, const BlockScales& scales, const ScalePlanes* planes, int64_t n0, int64_t n1,
                float* y) {
-  PanelSource w{packed, K, 0, _mm512_loadu_ps(table), nullptr, 0};
-  while ((int64_t{1} << w.log2_blocksize) < blocksize) ++w.log2_blocksize;
-  const int64_t per_row = K >> w.log2_blocksize;
+  PanelSource w{packed, K, SegmentDecoder{_mm512_loadu_ps(table), log2_of(blocksize)}, nullptr, 0};
+  const int64_t per_row = K >> w.segment.log2_blocksize;
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
   std::unique_ptr<float[]> scale_buf;
   for (int64_t g = n0; g < n1; g += kPanelRows * kGroupPanels) {
     const int64_t g_end = std::min(n1, g + kPanelRows * kGroupPanels);
     const int64_t count = (g_end - g + kPanelRows - 1) / kPanelRows;
     w.scales = group_scales(scales, planes, g * per_row, (g_end - g) * per_row, scale_buf);
-    w.group_first = g;
+    w.first_row = g;
     for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
       const int64_t kc = std::min(kPanelK, K - k0);
       for (int64_t p = 0; p < count; ++p) decode_panel(w, g + p * kPanelRows, g_end, k0, kc, panels.get() + p * kPanelWords);
-      for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
-        with_rows<static_cast<int>(kTileRows)>(std::min(kTileRows, M - m0), [&](auto rows) {
-          for (int64_t p = 0; p < count; ++p) {
-            const int64_t n = g + p * kPanelRows;
-            const int64_t cols = std::min(kPanelRows, g_end - n);
-            tile<rows>(xp + m0 * (K / 2) + k0 / 2 * kTileRows, panels.get() + p * kPanelWords, kc / 2, y + m0 * N + n, N,
-                       k0 > 0,
-                       lanes_below(cols), lanes_below(std::max<int64_t>(0, cols - 16)));
-          }
-        });
-      }
+      tiles_over_panels(xp, M, K / 2, panels.get(), count, kc / 2, k0 / 2, y + g, N, g_end - g, k0 > 0);
     }
   }
 }
 
+void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
+                 const float* table, const float* scales, int64_t k0, int64_t k1, float* gx) {
+  const PanelSource w{packed, K, SegmentDecoder{_mm512_loadu_ps(table), log2_of(blocksize)}, scales, 0};
+  std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
+  for (int64_t g = k0; g < k1; g += kPanelRows * kGroupPanels) {
+    const int64_t g_end = std::min(k1, g + kPanelRows * kGroupPanels);
+    const int64_t count = (g_end - g) / kPanelRows;  // K % 32 == 0: whole panels
+    for (int64_t n0 = 0; n0 < N; n0 += kPanelK) {
+      const int64_t nc = std::min(kPanelK, N - n0);
+      for (int64_t p = 0; p < count; ++p) decode_panel_t(w, n0, nc, g + p * kPanelRows, panels.get() + p * kPanelWords);
+      tiles_over_panels(gp, M, N / 2, panels.get(), count, nc / 2, n0 / 2, gx + g, K, g_end - g, n0 > 0);
+    }
+  }
+}
+
+const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int64_t count,
+                           std::unique_ptr<float[]>& buf) {
+  return group_scales(s, planes, 0, count, buf);
+}
+
 }  // namespace
 
-const GemmKernels kGemmAvx512Bf16 = {.pack_x = pack_x, .bf16_4bit = bf16_4bit};
+const GemmKernels kGemmAvx512Bf16 = {
+    .pack_x = pack_x, .bf16_4bit = bf16_4bit, .bf16_4bit_t = bf16_4bit_t, .decode_scales = decode_scales};
 
 }  // namespace qengine::cpu
 #endif

@@ -134,6 +134,19 @@ def _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale):
     return out
 
 
+def _large_batch_product_t(g2, k, weight):
+    """g2 [M, N] @ W by the native blocked GEMM (_C.matmul_t_large_cpu), rounded once to g2's
+    dtype; None where that kernel does not apply."""
+    m, n = g2.shape
+    gc = g2.contiguous()
+    gx = torch.empty(m, k, dtype=torch.float32)
+    if not _C.matmul_t_large_cpu(gc.data_ptr(), DTYPE_CODES[gc.dtype], m, n, k, weight, gx.data_ptr()):
+        return None
+    out = torch.empty(m, k, dtype=gc.dtype)
+    _C.cast_float_cpu(gx.data_ptr(), m * k, out.data_ptr(), DTYPE_CODES[gc.dtype])
+    return out
+
+
 def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
     """x2 [M, K] @ W^T for the quantized W [N, K] (float32 scales), W dequantized into x2's dtype
     a tile of rows at a time; each tile's output columns come from one GEMM over all of K."""
@@ -181,11 +194,14 @@ def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_feat
                             gx.data_ptr())
         gx = gx.to(g.dtype)
     else:
-        flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
-        w = torch.empty(n, k, dtype=g.dtype)
-        dequantize_into(packed, table, flat_scales, offsets, bits, blocksize, n * k, w)
-        gx = g2 @ w
-        del w
+        gx = _large_batch_product_t(g2, k, native_weight(packed, table, scales, scales_nested, offsets, bits,
+                                                         blocksize))
+        if gx is None:  # no native large-batch kernel: a dense copy of W for one torch GEMM
+            flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
+            w = torch.empty(n, k, dtype=g.dtype)
+            dequantize_into(packed, table, flat_scales, offsets, bits, blocksize, n * k, w)
+            gx = g2 @ w
+            del w
     return gx.reshape(*g.shape[:-1], k)
 
 
