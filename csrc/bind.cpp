@@ -83,15 +83,17 @@ int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N
 }
 
 // True when a large-batch kernel computed y; false (y untouched) where none applies.
+// lora_r = 0: no side path (a, b, ab_dtype and lora_scale unused).
 bool matmul_large_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight,
-                      addr y) {
+                      addr a, addr b, int ab_dtype, int64_t lora_r, float lora_scale, addr y) {
   const WeightRef w = weight_ref(weight, N * K);
+  const qengine::LoraArgs lora{ptr<const void>(a), ptr<const void>(b), ab_dtype, lora_r, lora_scale};
   bool done = false;
   int s;
   {
     py::gil_scoped_release release;
     s = qengine::matmul_large_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.blocksize,
-                                  w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(), ptr<float>(y), &done);
+                                  w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(), lora, ptr<float>(y), &done);
   }
   raise_on_error(s);
   return done;

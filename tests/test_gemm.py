@@ -33,7 +33,7 @@ def large_product(x, q):
     m, k = x.shape
     n = q.shape[0]
     y = torch.full((m, n), float("nan"))
-    done = _C.matmul_large_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], m, k, k, n, weight, y.data_ptr())
+    done = _C.matmul_large_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], m, k, k, n, weight, 0, 0, 0, 0, 0.0, y.data_ptr())
     return done, y
 
 
@@ -138,6 +138,25 @@ def test_public_matmul_takes_it_with_lora(m, isa_restore):
         y = qengine.matmul(x, q, lora=(a, b, 0.5))
         assert y.dtype == torch.bfloat16 and y.shape == (m, 160)
         assert ((y.to(torch.float64) - ref).abs() <= bound).all(), isa
+
+
+@needs_kernel
+@pytest.mark.parametrize("r", [1, 5, 16, 19])
+@pytest.mark.parametrize("ab_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lora_side_path_in_the_epilogue(r, ab_dtype, isa_restore):
+    """y = x @ W^T + s (x @ A^T) @ B^T with the side path summed in the kernel's float32 epilogue
+    (ranks that do and do not fill its groups of 8), then one rounding: within the float64 bound
+    of the whole sum, columns past a panel's end included (N = 70)."""
+    qengine.set_cpu_isa("avx512_bf16")
+    q = quantized(70, 320, "nf4", 64, True)
+    x = torch.randn(30, 320).to(torch.bfloat16)
+    a = (torch.randn(r, 320) * 0.1).to(ab_dtype)
+    b = (torch.randn(70, r) * 0.1).to(ab_dtype)
+    y = qengine.matmul(x, q, lora=(a, b, 0.75))
+    x64, w64 = x.to(torch.float64), q.dequantize().to(torch.float64)
+    side = 0.75 * (x64 @ a.to(torch.float64).t()) @ b.to(torch.float64).t()
+    ref = x64 @ w64.t() + side
+    assert ((y.to(torch.float64) - ref).abs() <= matmul_bound(x64, w64, torch.bfloat16, extra=side.abs())).all()
 
 
 @needs_kernel

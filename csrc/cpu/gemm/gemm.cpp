@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <vector>
 
 #include "cpu/common/isa.h"
 #include "cpu/common/thread_pool.h"
@@ -53,26 +54,62 @@ std::unique_ptr<int32_t[]> packed_rows(const cpu::GemmKernels& k, const void* x,
   return xp;
 }
 
+bool valid_float_dtype(int dtype) { return dtype == kFloat32 || dtype == kBFloat16 || dtype == kFloat16; }
+
+// src[0..n) (dtype) as float32.
+std::vector<float> as_float(const void* src, int dtype, int64_t n) {
+  std::vector<float> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out[i] = load_as_float(src, dtype, i);
+  return out;
+}
+
+// src [rows, cols] (dtype, contiguous) transposed into float32 [cols, rows].
+std::vector<float> transposed_float(const void* src, int dtype, int64_t rows, int64_t cols) {
+  std::vector<float> out(static_cast<size_t>(rows * cols));
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = load_as_float(src, dtype, i * cols + j);
+  }
+  return out;
+}
+
 }  // namespace
 
 int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
                      int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
-                     float* y, bool* done) {
+                     const LoraArgs& lora, float* y, bool* done) {
   *done = false;
-  if (M < 0 || K < 0 || N < 0 || ldx < K || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
+  if (M < 0 || K < 0 || N < 0 || ldx < K || blocksize < 1 || (cb.bits != 4 && cb.bits != 8) || lora.r < 0 ||
+      (lora.r > 0 && !valid_float_dtype(lora.dtype))) {
+    return kInvalidArgument;
+  }
   if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets)) return kOk;
   *done = true;
   if (M == 0 || N == 0) return kOk;
-  if (K == 0) {
+  if (K == 0) {  // x @ W^T and the side path are both zero
     std::fill(y, y + M * N, 0.0f);
     return kOk;
   }
   const cpu::GemmKernels& k = cpu::gemm_kernels();
+  const auto* xb = static_cast<const uint16_t*>(x);
+  // The side path: t = scale * x @ A^T now (threads over rows of x), B^T as float32 for the epilogue.
+  std::vector<float> t, bt;
+  cpu::LoraSide side{nullptr, nullptr, lora.r, N};
+  if (lora.r > 0) {
+    const std::vector<float> a = as_float(lora.a, lora.dtype, lora.r * K);
+    t.resize(static_cast<size_t>(M * lora.r));
+    bt = transposed_float(lora.b, lora.dtype, N, lora.r);
+    cpu::parallel_for(0, M, 16, 1, [&](int64_t m0, int64_t m1) {
+      k.lora_down(xb, K, ldx, a.data(), lora.r, lora.scale, m0, m1, t.data());
+    });
+    side.t = t.data();
+    side.bt = bt.data();
+  }
   const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, N * (K / blocksize));
   const std::unique_ptr<int32_t[]> xp = packed_rows(k, x, M, K, ldx);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
-    k.bf16_4bit(xp.get(), M, K, N, packed, blocksize, cb.table, scales, planes.get(), n0, n1, y);
+    k.bf16_4bit(xp.get(), M, K, N, packed, blocksize, cb.table, scales, planes.get(), lora.r > 0 ? &side : nullptr,
+                n0, n1, y);
   });
   return kOk;
 }

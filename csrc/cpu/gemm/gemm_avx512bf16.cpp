@@ -150,7 +150,7 @@ void pack_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int32_t* xp) {
 // written.
 template <int MR>
 void tile(const int32_t* xp, const uint16_t* panel, int64_t pairs, float* y, int64_t ldy, bool add,
-          __mmask16 mask0, __mmask16 mask1) {
+          __mmask16 mask0, __mmask16 mask1, const LoraSide* lora, int64_t m0, int64_t n) {
   __m512 acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
@@ -161,6 +161,17 @@ void tile(const int32_t* xp, const uint16_t* panel, int64_t pairs, float* y, int
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(xq[m]);
       acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
+    }
+  }
+  if (lora != nullptr) {  // the side path's r multiply-adds per output, in the same float32 sum
+    for (int64_t j = 0; j < lora->r; ++j) {
+      const float* bj = lora->bt + j * lora->ldbt + n;
+      const __m512 b0 = _mm512_maskz_loadu_ps(mask0, bj), b1 = _mm512_maskz_loadu_ps(mask1, bj + 16);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 tv = _mm512_set1_ps(lora->t[(m0 + m) * lora->r + j]);
+        acc[m][0] = _mm512_fmadd_ps(tv, b0, acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(tv, b1, acc[m][1]);
+      }
     }
   }
   for (int m = 0; m < MR; ++m) {
@@ -191,23 +202,27 @@ const float* group_scales(const BlockScales& s, const ScalePlanes* planes, int64
 // Rows [m0, m0 + kTileRows) of y (row stride ldy, columns from the panels' first) (+)= the
 // packed rows of x times `count` panels of `pairs` input pairs; cols: y's columns left at the
 // first panel (the last panel may be partial).
+// Rows [m0, m0 + kTileRows) of y (row stride ldy; output column c0 at y[0]) (+)= the packed
+// rows of x times `count` panels of `pairs` input pairs; cols: y's columns left at the first
+// panel (the last panel may be partial). lora: the side path to add (the last input block only).
 void tiles_over_panels(const int32_t* xp, int64_t M, int64_t total_pairs, const uint16_t* panels, int64_t count,
-                       int64_t pairs, int64_t pair0, float* y, int64_t ldy, int64_t cols, bool add) {
+                       int64_t pairs, int64_t pair0, float* y, int64_t ldy, int64_t c0, int64_t cols, bool add,
+                       const LoraSide* lora) {
   for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
     with_rows<static_cast<int>(kTileRows)>(std::min(kTileRows, M - m0), [&](auto rows) {
       for (int64_t p = 0; p < count; ++p) {
         const int64_t left = cols - p * kPanelRows;
         tile<rows>(xp + m0 * total_pairs + pair0 * kTileRows, panels + p * kPanelWords, pairs,
                    y + m0 * ldy + p * kPanelRows, ldy, add, lanes_below(left),
-                   lanes_below(std::max<int64_t>(0, left - 16)));
+                   lanes_below(std::max<int64_t>(0, left - 16)), lora, m0, c0 + p * kPanelRows);
       }
     });
   }
 }
 
 void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, int64_t blocksize,
-               const float* table, const BlockScales& scales, const ScalePlanes* planes, int64_t n0, int64_t n1,
-               float* y) {
+               const float* table, const BlockScales& scales, const ScalePlanes* planes, const LoraSide* lora,
+               int64_t n0, int64_t n1, float* y) {
   PanelSource w{packed, K, SegmentDecoder{_mm512_loadu_ps(table), log2_of(blocksize)}, nullptr, 0};
   const int64_t per_row = K >> w.segment.log2_blocksize;
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
@@ -220,7 +235,8 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
     for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
       const int64_t kc = std::min(kPanelK, K - k0);
       for (int64_t p = 0; p < count; ++p) decode_panel(w, g + p * kPanelRows, g_end, k0, kc, panels.get() + p * kPanelWords);
-      tiles_over_panels(xp, M, K / 2, panels.get(), count, kc / 2, k0 / 2, y + g, N, g_end - g, k0 > 0);
+      tiles_over_panels(xp, M, K / 2, panels.get(), count, kc / 2, k0 / 2, y + g, N, g, g_end - g, k0 > 0,
+                        k0 + kc == K ? lora : nullptr);
     }
   }
 }
@@ -235,7 +251,30 @@ void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8
     for (int64_t n0 = 0; n0 < N; n0 += kPanelK) {
       const int64_t nc = std::min(kPanelK, N - n0);
       for (int64_t p = 0; p < count; ++p) decode_panel_t(w, n0, nc, g + p * kPanelRows, panels.get() + p * kPanelWords);
-      tiles_over_panels(gp, M, N / 2, panels.get(), count, nc / 2, n0 / 2, gx + g, K, g_end - g, n0 > 0);
+      tiles_over_panels(gp, M, N / 2, panels.get(), count, nc / 2, n0 / 2, gx + g, K, g, g_end - g, n0 > 0, nullptr);
+    }
+  }
+}
+
+// t[m * r + j] = scale * (x[m] . a[j]) for the rows [m0, m1) of x (bfloat16, row stride ldx) and
+// the r rows of a (float32 [r, K]): the side path's first product.
+void lora_down(const uint16_t* x, int64_t K, int64_t ldx, const float* a, int64_t r, float scale, int64_t m0,
+               int64_t m1, float* t) {
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t j0 = 0; j0 < r; j0 += 8) {
+      const int64_t jn = std::min<int64_t>(8, r - j0);
+      __m512 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
+        const __m512 xv = load16<kBFloat16>(x + m * ldx, k);
+        for (int64_t j = 0; j < jn; ++j) acc[j] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a + (j0 + j) * K + k), acc[j]);
+      }
+      for (int64_t j = 0; j < jn; ++j) {
+        float sum = _mm512_reduce_add_ps(acc[j]);
+        for (int64_t kk = k; kk < K; ++kk) sum += bf16_to_float(x[m * ldx + kk]) * a[(j0 + j) * K + kk];
+        t[m * r + j0 + j] = scale * sum;
+      }
     }
   }
 }
@@ -248,7 +287,11 @@ const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int6
 }  // namespace
 
 const GemmKernels kGemmAvx512Bf16 = {
-    .pack_x = pack_x, .bf16_4bit = bf16_4bit, .bf16_4bit_t = bf16_4bit_t, .decode_scales = decode_scales};
+    .pack_x = pack_x,
+    .bf16_4bit = bf16_4bit,
+    .bf16_4bit_t = bf16_4bit_t,
+    .decode_scales = decode_scales,
+    .lora_down = lora_down};
 
 }  // namespace qengine::cpu
 #endif

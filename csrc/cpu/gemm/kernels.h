@@ -19,6 +19,14 @@ constexpr int64_t kPanelK = 512;
 constexpr int64_t kGroupPanels = 4;
 constexpr int64_t kTileRows = 12;
 
+// The LoRA side path in the epilogue: y[m][n] += sum_j t[m * r + j] * bt[j * ldbt + n], t the
+// scaled first product (lora_down), bt = B^T (float32 [r, N]).
+struct LoraSide {
+  const float* t;
+  const float* bt;
+  int64_t r, ldbt;
+};
+
 struct GemmKernels {
   // y[M, N] (float32, row stride N) = x[M, K] (bfloat16) @ W^T for output rows
   // [n0, n1) of W [N, K]: 4-bit absmax codes, blocksize a power of two >= 16 dividing K, K % 32
@@ -28,9 +36,10 @@ struct GemmKernels {
   void (*pack_x)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int32_t* xp) = nullptr;
   // xp: x packed by pack_x; planes: the nested scale table's byte planes where the CPU has VBMI
   // (else null).
+  // lora: the side path added before the single store of y (null: none).
   void (*bf16_4bit)(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, int64_t blocksize,
-                    const float* table, const BlockScales& scales, const ScalePlanes* planes, int64_t n0, int64_t n1,
-                    float* y) = nullptr;
+                    const float* table, const BlockScales& scales, const ScalePlanes* planes, const LoraSide* lora,
+                    int64_t n0, int64_t n1, float* y) = nullptr;
   // gx[M, K] (float32, row stride K) = g[M, N] (bfloat16, packed by pack_x over N, N even) @ W
   // for the output columns [k0, k1) (multiples of 32), W as bf16_4bit takes it; scales: W's
   // float32 block scales (decode_scales).
@@ -39,6 +48,9 @@ struct GemmKernels {
   // The float32 scales of blocks [0, count): the plain ones in place, else decoded into buf.
   const float* (*decode_scales)(const BlockScales& s, const ScalePlanes* planes, int64_t count,
                                 std::unique_ptr<float[]>& buf) = nullptr;
+  // t[m * r + j] = scale * (x[m] . a[j]) for m in [m0, m1): x bfloat16 (row stride ldx), a float32 [r, K].
+  void (*lora_down)(const uint16_t* x, int64_t K, int64_t ldx, const float* a, int64_t r, float scale, int64_t m0,
+                    int64_t m1, float* t) = nullptr;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)

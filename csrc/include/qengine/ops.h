@@ -37,10 +37,19 @@ int matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, in
 // has them; float32 accumulation). Sets *done = false, writing nothing, where no kernel of the
 // active ISA applies (gemm_applies: today bfloat16 x on an AVX512-BF16 CPU, 4-bit absmax codes,
 // a power-of-two blocksize >= 16 dividing K, K % 32 == 0); the caller then takes its own path.
+// lora (r = 0: none): y += scale * (x @ a^T) @ b^T, a [r, K] and b [N, R] contiguous of dtype,
+// accumulated in the same float32 sum before y is stored.
+struct LoraArgs {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  int dtype = 0;
+  int64_t r = 0;
+  float scale = 0.0f;
+};
 bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets);
 int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
                      int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
-                     float* y, bool* done);
+                     const LoraArgs& lora, float* y, bool* done);
 // matmul_t_cpu for large batches, as matmul_large_cpu: gx[M, K] (float32) = g[M, N] (g_dtype,
 // contiguous) @ W; also needs N even.
 int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,

@@ -121,14 +121,21 @@ def _small_batch_product(kernel, x2, n, weight, lora_a, lora_b, lora_scale):
 
 def _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale):
     """x2 [M, K] @ W^T by the native blocked GEMM (_C.matmul_large_cpu: W decoded panel by panel
-    into the micro-kernel's layout) into float32, the LoRA side path added in float32, then one
+    into the micro-kernel's layout) with the LoRA side path in its epilogue, in float32, then one
     rounding to x2's dtype; None where that kernel does not apply (the caller's fallback)."""
     m, k = x2.shape
     xc = x2.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    if not _C.matmul_large_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, k, n, weight, y.data_ptr()):
+    a = b = None
+    if lora_a is not None:  # the side path in the kernel's epilogue (no torch op: see small_batch_epilogue)
+        a = lora_a.contiguous()
+        b = lora_b.to(a.dtype).contiguous()
+    done = _C.matmul_large_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, k, n, weight,
+                               a.data_ptr() if a is not None else 0, b.data_ptr() if b is not None else 0,
+                               DTYPE_CODES[a.dtype] if a is not None else 0, a.shape[0] if a is not None else 0,
+                               float(lora_scale) if a is not None else 0.0, y.data_ptr())
+    if not done:
         return None
-    y = mm.add_lora_side(y, xc, lora_a, lora_b, lora_scale)
     out = torch.empty(m, n, dtype=xc.dtype)  # rounded natively: see small_batch_epilogue on torch's workers
     _C.cast_float_cpu(y.data_ptr(), m * n, out.data_ptr(), DTYPE_CODES[xc.dtype])
     return out
