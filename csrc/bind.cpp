@@ -286,6 +286,8 @@ PYBIND11_MODULE(_C, m) {
         "optimizer states; off: QENGINE_NO_VBMI=1).");
   m.def("set_isa", &set_isa);
   m.def("num_threads", &qengine::cpu::num_threads);
+  m.def("use_openmp_runtime", [](const std::string& path) { return qengine::cpu::use_openmp_runtime(path.c_str()); });
+  m.def("openmp_runtime", [] { return std::string(qengine::cpu::openmp_runtime()); });
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("qengine: num_threads must be >= 1");
     qengine::cpu::set_num_threads(n);

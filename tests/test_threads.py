@@ -115,3 +115,49 @@ def test_isa_and_thread_count_changes_while_running(isa_restore, threads_restore
     stop.set()
     changer.join()
     assert not errors, errors
+
+
+def test_torch_openmp_runtime_is_shared_and_gives_the_same_bytes(tmp_path):
+    """Where torch runs on OpenMP, qengine's parallel regions run on torch's OpenMP team
+    (thread_pool.h); QENGINE_OWN_THREADS=1 keeps the own pool. Both give the same bytes for
+    threaded quantize, dequantize, the small- and large-batch products and the 8-bit step."""
+    import os
+    import subprocess
+    import sys
+
+    script = r'''
+import sys, torch, qengine
+torch.manual_seed(0)
+out = {"runtime": qengine._C.openmp_runtime()}
+w = torch.randn(1024, 512)
+q = qengine.quantize(w, "nf4", 64, double_quant=True)
+out["packed"] = q.packed
+out["deq"] = q.dequantize(torch.bfloat16)
+for m in (3, 40):
+    out[f"mm{m}"] = qengine.matmul(torch.randn(m, 512).to(torch.bfloat16), q)
+p = torch.nn.Parameter(torch.randn(70000))
+opt = qengine.optim.PagedAdamW8bit([p], lr=1e-2)
+p.grad = torch.randn(70000)
+opt.step()
+out["param"] = p.detach().clone()
+torch.save(out, sys.argv[1])
+'''
+    results = []
+    for own in ("", "1"):
+        path = tmp_path / f"own{own or 0}.pt"
+        env = {**os.environ, "QENGINE_OWN_THREADS": own, "QENGINE_NUM_THREADS": "2"}
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=300)
+        results.append(torch.load(path))
+    shared, own = results
+    assert own["runtime"] == ""
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert "omp" in os.path.basename(shared["runtime"])
+    for key in shared:
+        if key != "runtime":
+            assert torch.equal(shared[key], own[key]), key
+
+
+def test_unknown_openmp_runtime_is_refused_and_changes_nothing():
+    before = qengine._C.openmp_runtime()
+    assert not qengine._C.use_openmp_runtime("/nonexistent/libgomp.so.1")
+    assert qengine._C.openmp_runtime() == before

@@ -131,6 +131,31 @@ def _check_num_threads_env() -> None:
 _check_num_threads_env()
 
 
+def _share_torch_openmp() -> None:
+    """Runs the native kernels' parallel regions on torch's OpenMP threads where torch uses
+    OpenMP (csrc/cpu/common/thread_pool.h: torch's workers spin between its operators, and a
+    second set of threads would compete with them for the cores). QENGINE_OWN_THREADS=1 keeps
+    qengine's own pool; so does a torch without an OpenMP runtime qengine can find."""
+    import glob
+    import os
+
+    import torch
+
+    if os.environ.get("QENGINE_OWN_THREADS", "").strip() == "1":
+        return
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    bundled = [p for pattern in ("libgomp*.so*", "libiomp5*.so*", "libomp*.so*")
+               for p in sorted(glob.glob(os.path.join(libdir, pattern)))]
+    for path in bundled + ["libgomp.so.1", "libiomp5.so", "libomp.so"]:  # then a system runtime, by name
+        if _C.use_openmp_runtime(path):
+            return
+
+
+_share_torch_openmp()
+
+
 def __getattr__(name):
     # qengine.hf, qengine.peft and qengine.compat (compat.peft, compat.bnb) import lazily: they
     # reach into transformers / peft when present.

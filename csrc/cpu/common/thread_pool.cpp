@@ -1,5 +1,6 @@
-// A small fork-join pool: parallel_for hands each worker one contiguous range and waits;
-// parallel_chunks lets the threads claim ranges as they go.
+// A small fork-join pool, or a loaded OpenMP runtime's team (use_openmp_runtime): parallel_for
+// hands each thread one contiguous range and waits; parallel_chunks lets the threads claim
+// ranges as they go.
 #include "cpu/common/thread_pool.h"
 
 #include <algorithm>
@@ -8,8 +9,13 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <dlfcn.h>
+#endif
 
 namespace qengine::cpu {
 namespace {
@@ -123,6 +129,33 @@ class Pool {
   bool stop_ = false;
 };
 
+// The entry points of a loaded OpenMP runtime (libgomp's ABI; LLVM's and Intel's runtimes export
+// it too). GOMP_parallel(fn, data, n, 0) runs fn(data) on a team of n threads, the caller
+// among them, and returns when all are done.
+struct OpenMp {
+  void (*parallel)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) = nullptr;
+  int (*thread_num)() = nullptr;
+  int (*team_size)() = nullptr;
+  std::string path;
+};
+
+std::mutex omp_mu;
+OpenMp omp;  // guarded by omp_mu when written; read through a copy taken under it
+
+struct OmpRegion {
+  const std::function<void(int)>* task;
+  int count;
+  const OpenMp* rt;
+};
+
+// Each team member runs the indices congruent to its number: all of them when the runtime
+// gave a smaller team (a region nested inside another gets one thread).
+void omp_trampoline(void* data) {
+  const auto* r = static_cast<const OmpRegion*>(data);
+  const int me = r->rt->thread_num(), size = std::max(1, r->rt->team_size());
+  for (int i = me; i < r->count; i += size) (*r->task)(i);
+}
+
 Pool& pool() {
   // Leaked on purpose: joining threads from a static destructor at interpreter exit can
   // deadlock; the OS reclaims them.
@@ -130,10 +163,54 @@ Pool& pool() {
   return *p;
 }
 
+// Runs task(i) for i in [0, count) on the registered OpenMP runtime's team, or the own pool.
+void run_region(int count, const std::function<void(int)>& task) {
+  OpenMp rt;
+  {
+    std::lock_guard<std::mutex> lock(omp_mu);
+    rt = omp;
+  }
+  if (rt.parallel == nullptr) {
+    pool().run(count, task);
+    return;
+  }
+  OmpRegion region{&task, count, &rt};
+  rt.parallel(omp_trampoline, &region, static_cast<unsigned>(count), 0);
+}
+
 }  // namespace
 
 int num_threads() { return pool().threads(); }
 void set_num_threads(int n) { pool().set_threads(n); }
+
+bool use_openmp_runtime(const char* path) {
+  OpenMp rt;
+  if (path != nullptr && path[0] != '\0') {
+#if defined(__linux__)
+    // RTLD_NOLOAD: only a runtime the process already has (never a second copy).
+    void* lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (lib == nullptr) return false;
+    rt.parallel = reinterpret_cast<decltype(rt.parallel)>(dlsym(lib, "GOMP_parallel"));
+    rt.thread_num = reinterpret_cast<decltype(rt.thread_num)>(dlsym(lib, "omp_get_thread_num"));
+    rt.team_size = reinterpret_cast<decltype(rt.team_size)>(dlsym(lib, "omp_get_num_threads"));
+    dlclose(lib);  // drops our reference only: the library stays loaded by its owner
+    if (rt.parallel == nullptr || rt.thread_num == nullptr || rt.team_size == nullptr) return false;
+    rt.path = path;
+#else
+    return false;
+#endif
+  }
+  std::lock_guard<std::mutex> lock(omp_mu);
+  omp = rt;
+  return true;
+}
+
+const char* openmp_runtime() {
+  std::lock_guard<std::mutex> lock(omp_mu);
+  static thread_local std::string copy;
+  copy = omp.path;
+  return copy.c_str();
+}
 
 void parallel_for(int64_t begin, int64_t end, int64_t min_chunk, int64_t align,
                   const std::function<void(int64_t, int64_t)>& fn) {
@@ -155,7 +232,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t min_chunk, int64_t align,
     bounds[p] = std::min(begin + b, end);
   }
   bounds[parts] = end;
-  pool().run(static_cast<int>(parts), [&](int p) {
+  run_region(static_cast<int>(parts), [&](int p) {
     int64_t lo = bounds[p], hi = bounds[p + 1];
     if (lo < hi) fn(lo, hi);
   });

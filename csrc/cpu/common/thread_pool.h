@@ -1,5 +1,6 @@
-// The one parallel_for of the CPU backend: a persistent pool of worker threads (no OpenMP,
-// so the module does not bring a second OpenMP runtime next to torch's).
+// The one parallel_for of the CPU backend: the threads of an OpenMP runtime already loaded in
+// the process (torch's, registered by use_openmp_runtime), else a persistent pool of our own
+// worker threads. The module never links an OpenMP runtime of its own.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -10,6 +11,17 @@ namespace qengine::cpu {
 // QENGINE_NUM_THREADS).
 int num_threads();
 void set_num_threads(int n);
+
+// Runs every later parallel region on the threads of the OpenMP runtime at `path` (a library the
+// process has already loaded, e.g. torch's libgomp), through its GOMP_parallel entry point.
+// Those are the threads torch's operators keep spinning between their regions: regions of ours
+// in between then find them awake, instead of a second set of threads competing with them for
+// the cores (measured: a QLoRA step's quantized products ran ~1.7x slower beside spinning
+// OpenMP threads). Returns false (and keeps the own pool) where the library is not loaded or
+// lacks the entry points. An empty path goes back to the own pool.
+bool use_openmp_runtime(const char* path);
+// The path registered by use_openmp_runtime ("" for the own pool).
+const char* openmp_runtime();
 
 // Calls fn(lo, hi) on disjoint contiguous ranges covering [begin, end), at most one range per
 // thread; every range but the first starts at a multiple of `align` (relative to begin), and
