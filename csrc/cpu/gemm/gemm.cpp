@@ -50,7 +50,9 @@ std::unique_ptr<cpu::ScalePlanes> scale_planes(const BlockScales& scales, int64_
 std::unique_ptr<int32_t[]> packed_rows(const cpu::GemmKernels& k, const void* x, int64_t M, int64_t K, int64_t ldx) {
   const int64_t tiles = (M + cpu::kTileRows - 1) / cpu::kTileRows;
   std::unique_ptr<int32_t[]> xp(new int32_t[static_cast<size_t>(tiles * cpu::kTileRows * (K / 2))]);
-  k.pack_x(static_cast<const uint16_t*>(x), M, K, ldx, xp.get());
+  cpu::parallel_for(0, tiles, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), 1, [&](int64_t t0, int64_t t1) {
+    k.pack_x(static_cast<const uint16_t*>(x), M, K, ldx, t0, t1, xp.get());
+  });
   return xp;
 }
 

@@ -129,25 +129,28 @@ void decode_panel_t(const PanelSource& w, int64_t n0, int64_t nc, int64_t k0, ui
 
 // x's rows as the tiles read them: rows [m0, m0 + kTileRows) of x as input pairs, xp[(m0 /
 // kTileRows) * K * kTileRows / 2 + p * kTileRows + m] = the pair p of row m0 + m (zeros past M), so
-// a tile's broadcasts of x come from one sequential stream.
-void pack_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int32_t* xp) {
+// a tile's broadcasts of x come from one sequential stream. Packs the tiles [t0, t1), 16 pairs
+// of every row at a time through one 16 x 16 transpose.
+void pack_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t t0, int64_t t1, int32_t* xp) {
   const int64_t pairs = K / 2;
-  for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
-    int32_t* dst = xp + (m0 / kTileRows) * pairs * kTileRows;
-    for (int64_t m = 0; m < kTileRows; ++m) {
-      if (m0 + m >= M) {
-        for (int64_t p = 0; p < pairs; ++p) dst[p * kTileRows + m] = 0;
-        continue;
+  const __mmask16 tile_lanes = lanes_below(kTileRows);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t m0 = t * kTileRows;
+    int32_t* dst = xp + t * pairs * kTileRows;
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      const __mmask16 live = lanes_below(pairs - p0);
+      __m512i r[16];
+      for (int64_t m = 0; m < 16; ++m) {
+        r[m] = m < kTileRows && m0 + m < M ? _mm512_maskz_loadu_epi32(live, x + (m0 + m) * ldx + 2 * p0)
+                                           : _mm512_setzero_si512();
       }
-      const uint16_t* row = x + (m0 + m) * ldx;
-      for (int64_t p = 0; p < pairs; ++p) std::memcpy(dst + p * kTileRows + m, row + 2 * p, sizeof(int32_t));
+      transpose16(r);  // r[c]: pair p0 + c of the 16 rows
+      const int64_t n = std::min<int64_t>(16, pairs - p0);
+      for (int64_t c = 0; c < n; ++c) _mm512_mask_storeu_epi32(dst + (p0 + c) * kTileRows, tile_lanes, r[c]);
     }
   }
 }
 
-// y[m][0..32) (+)= x[m] . panel over `pairs` input pairs for m < MR (x packed by pack_x, from
-// the tile's first pair; y rows ldy apart); the columns outside the masks are neither read nor
-// written.
 template <int MR>
 void tile(const int32_t* xp, const uint16_t* panel, int64_t pairs, float* y, int64_t ldy, bool add,
           __mmask16 mask0, __mmask16 mask1, const LoraSide* lora, int64_t m0, int64_t n) {

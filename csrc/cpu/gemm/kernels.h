@@ -31,9 +31,10 @@ struct GemmKernels {
   // y[M, N] (float32, row stride N) = x[M, K] (bfloat16) @ W^T for output rows
   // [n0, n1) of W [N, K]: 4-bit absmax codes, blocksize a power of two >= 16 dividing K, K % 32
   // == 0 (gemm_applies). Null where the ISA has no such kernel.
-  // x (bfloat16 [M, K], row stride ldx) as bf16_4bit reads it: ceil(M / kTileRows) * kTileRows *
-  // K / 2 input pairs into xp.
-  void (*pack_x)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int32_t* xp) = nullptr;
+  // x (bfloat16 [M, K], row stride ldx) as bf16_4bit reads it: tiles [t0, t1) of kTileRows rows
+  // (of ceil(M / kTileRows)), K / 2 input pairs a row, into xp.
+  void (*pack_x)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t t0, int64_t t1,
+                 int32_t* xp) = nullptr;
   // xp: x packed by pack_x; planes: the nested scale table's byte planes where the CPU has VBMI
   // (else null).
   // lora: the side path added before the single store of y (null: none).

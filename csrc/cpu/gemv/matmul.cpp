@@ -153,34 +153,36 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
   constexpr int64_t kL1Bytes = 24576;
   const int64_t max_chunks = std::min<int64_t>(64, blocksize_ * 256 / kGemvChunk);  // 256: kMaxTileBlocks
   const int64_t chunks = K_ / kGemvChunk;
-  // With the scales decoded here, the kernels see rows [n0, n1) as rows [0, n1 - n0).
-  const uint8_t* packed = packed_;
-  BlockScales scales = scales_;
-  float* y = y_;
-  int64_t o0 = n0, o1 = n1;
-  std::unique_ptr<float[]> plain;  // every element written by the decode: not zeroed first
-  if (planes_) {
-    const int64_t per_row = K_ / blocksize_;
-    plain.reset(new float[static_cast<size_t>((n1 - n0) * per_row)]);
-    decode_nested_scales_vbmi(scales_, *planes_, n0 * per_row, (n1 - n0) * per_row, plain.get());
-    scales = BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0};
-    packed += n0 * K_ / 2;
-    y += n0;
-    o0 = 0;
-    o1 = n1 - n0;
-  }
   const auto tile = [&](int64_t mb) {
     return path_ == Path::kFusedBf16
                ? max_chunks
                : std::min<int64_t>({48, max_chunks, std::max<int64_t>(1, kL1Bytes / (mb * kGemvChunk * 4))});
   };
-  for_row_groups_and_tiles(M_, chunks, tile, [&](int64_t m, int64_t mb, int64_t c0, int64_t c1) {
-    if (path_ == Path::kFusedBf16) {
-      k.gemv4_bf16(xb_.data() + m * K_, mb, K_, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y + m * N_, N_);
-    } else {
-      k.gemv4(xf_.data() + m * K_, mb, K_, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y + m * N_, N_);
-    }
-  });
+  // Rows [o0, o1) of W (the kernels' row numbers) against every row of x.
+  const auto rows = [&](const uint8_t* packed, const BlockScales& scales, int64_t o0, int64_t o1, float* y) {
+    for_row_groups_and_tiles(M_, chunks, tile, [&](int64_t m, int64_t mb, int64_t c0, int64_t c1) {
+      if (path_ == Path::kFusedBf16) {
+        k.gemv4_bf16(xb_.data() + m * K_, mb, K_, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y + m * N_,
+                     N_);
+      } else {
+        k.gemv4(xf_.data() + m * K_, mb, K_, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y + m * N_, N_);
+      }
+    });
+  };
+  if (!planes_) {
+    rows(packed_, scales_, n0, n1, y_);
+    return;
+  }
+  // The scales decoded here a few rows at a time (16 KiB: they stay in L1 while the kernel reads
+  // them; NVFP4 has 256 a row), the kernels seeing those rows as rows [0, count).
+  const int64_t per_row = K_ / blocksize_;
+  const int64_t step = std::max<int64_t>(1, 4096 / per_row);
+  std::unique_ptr<float[]> plain(new float[static_cast<size_t>(step * per_row)]);  // written before read
+  for (int64_t a = n0; a < n1; a += step) {
+    const int64_t b = std::min(n1, a + step);
+    decode_nested_scales_vbmi(scales_, *planes_, a * per_row, (b - a) * per_row, plain.get());
+    rows(packed_ + a * K_ / 2, BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0}, 0, b - a, y_ + a);
+  }
 }
 
 }  // namespace cpu
