@@ -31,7 +31,7 @@ TOLERANCE_NOTE = ("matmul family: |y - y_ref| <= tol * (|x| @ |W|^T) elementwise
 SHAPE = (37, 200)  # 7400 elements: partial last block at every block size, per-row blocks of 200
 LAYERS = ((37, 200), (24, 256))  # K = 200: blocks straddle rows; K = 256: the aligned path
 CONFIGS = ((64, False), (32, True), (None, False))  # (blocksize, double_quant); None = per row
-SMALL_M, LARGE_M = 3, 33  # rows of x: the fused small-batch kernels (<= 16) and the dense path
+SMALL_M, LARGE_M = 3, 33  # rows of x: the fused small-batch kernels (<= 16) and the large-batch paths
 
 FORMATS = {
     "nf4": "nf4", "fp4": "fp4", "int4": "int4", "int8": "int8", "uint4": "uint4", "uint8": "uint8",
@@ -293,8 +293,8 @@ KERNEL_NOTES = {
     "quantize": "packed codes, scales, nested state: bytes",
     "dequantize": "3 dtypes and out=: bytes",
     "matmul": f"fused small batch (m={SMALL_M}): tol",
-    "matmul_large": f"dense path (m={LARGE_M}): tol",
-    "matmul_t": "backward for x (transposed kernel): tol",
+    "matmul_large": f"large batch (m={LARGE_M}): the blocked GEMM, or dequantized tiles: tol",
+    "matmul_t": "backward for x (transposed kernels, small and large batch): tol",
     "matmul_lora": "LoRA + bias forward and gradients: tol",
     "fake_quantize": "QAT fake quantization: bytes",
     "sparse24_quantize": "2:4 selection, codes, positions: bytes",

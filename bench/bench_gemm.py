@@ -1,0 +1,87 @@
+# The large-batch products against dense bfloat16 torch, interleaved: y = x @ W^T (qengine.matmul
+# against F.linear) and the backward's gx = g @ W (torch.ops.qengine.matmul_t against g @ W),
+# for an NF4 + double-quant weight and bfloat16 activations.
+"""Usage: python bench/bench_gemm.py [--rounds 7] [--shape 11008x4096] [--batches 64,512]
+                                [--threads N] [--json PATH]
+
+Each round times every case once in turn (median of 5 calls after a warm-up); the table gives
+each case's median over rounds and the median over rounds of its per-round ratio to the dense
+reference (the machine's drift hits both sides of a ratio alike)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _harness as H  # noqa: E402
+
+import qengine  # noqa: E402
+
+
+def ms(fn, reps=5):
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--shape", default="11008x4096")
+    ap.add_argument("--batches", default="64,512")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "gemm.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        qengine.set_num_threads(args.threads)
+    n, k = (int(v) for v in args.shape.split("x"))
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    q = qengine.quantize(w, "nf4", 64, double_quant=True)
+    kw = q.kernel_weight()
+    wb = w.to(torch.bfloat16)
+    cases = {}
+    for m in (int(b) for b in args.batches.split(",")):
+        x = torch.randn(m, k).to(torch.bfloat16)
+        g = torch.randn(m, n).to(torch.bfloat16)
+        cases[f"forward M={m}"] = (lambda x=x: qengine.matmul(x, q), lambda x=x: F.linear(x, wb))
+        cases[f"backward (x) M={m}"] = (
+            lambda g=g: torch.ops.qengine.matmul_t(g, kw.packed, kw.table, kw.scales, kw.nested, None, 4, 64, k),
+            lambda g=g: g @ wb)
+    times = {name: ([], []) for name in cases}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for name, (ours, dense) in cases.items():
+                times[name][0].append(ms(ours))
+                times[name][1].append(ms(dense))
+    print(H.machine_line() if hasattr(H, "machine_line") else "", end="")
+    print(f"{n}x{k} NF4 + double quant, bfloat16 activations, {args.rounds} interleaved rounds, "
+          f"{torch.get_num_threads()} threads, qengine build {qengine.build_info()['cpu_isa']}, "
+          f"OpenMP runtime {qengine._C.openmp_runtime() or '(own pool)'}")
+    print(f"{'case':<22} {'qengine ms':>11} {'dense bf16 ms':>14} {'qengine / dense':>16}")
+    result = {}
+    for name, (ours, dense) in times.items():
+        ratio = statistics.median(a / b for a, b in zip(ours, dense))
+        print(f"{name:<22} {statistics.median(ours):>11.2f} {statistics.median(dense):>14.2f} {ratio:>16.3f}")
+        result[name] = {"qengine_ms": ours, "dense_ms": dense, "ratio": ratio}
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
