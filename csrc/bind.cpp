@@ -31,6 +31,7 @@ using qengine::bind::codebook;
 using qengine::bind::ptr;
 using qengine::bind::raise_on_error;
 using qengine::bind::weight_ref;
+using qengine::bind::weight_ref_any_layout;
 using qengine::bind::WeightRef;
 using qengine::BlockScales;
 
@@ -84,16 +85,18 @@ int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N
 
 // True when a large-batch kernel computed y; false (y untouched) where none applies.
 // lora_r = 0: no side path (a, b, ab_dtype and lora_scale unused).
+// A 2:4 weight (its WeightRef with positions) holds N * K / 2 codes.
 bool matmul_large_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight,
                       addr a, addr b, int ab_dtype, int64_t lora_r, float lora_scale, addr y) {
-  const WeightRef w = weight_ref(weight, N * K);
+  const WeightRef w = weight_ref_any_layout(weight, N * K);
   const qengine::LoraArgs lora{ptr<const void>(a), ptr<const void>(b), ab_dtype, lora_r, lora_scale};
   bool done = false;
   int s;
   {
     py::gil_scoped_release release;
-    s = qengine::matmul_large_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.blocksize,
-                                  w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(), lora, ptr<float>(y), &done);
+    s = qengine::matmul_large_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.positions_ptr(),
+                                  w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(), lora,
+                                  ptr<float>(y), &done);
   }
   raise_on_error(s);
   return done;
@@ -101,13 +104,14 @@ bool matmul_large_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, in
 
 // True when a large-batch kernel computed gx; false (gx untouched) where none applies.
 bool matmul_t_large_cpu(addr g, int g_dtype, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr gx) {
-  const WeightRef w = weight_ref(weight, N * K);
+  const WeightRef w = weight_ref_any_layout(weight, N * K);
   bool done = false;
   int s;
   {
     py::gil_scoped_release release;
-    s = qengine::matmul_t_large_cpu(ptr<const void>(g), g_dtype, M, N, K, w.packed_ptr(), w.blocksize, w.codebook(),
-                                    w.rule, w.block_scales(), w.offsets_ptr(), ptr<float>(gx), &done);
+    s = qengine::matmul_t_large_cpu(ptr<const void>(g), g_dtype, M, N, K, w.packed_ptr(), w.positions_ptr(),
+                                    w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(),
+                                    ptr<float>(gx), &done);
   }
   raise_on_error(s);
   return done;

@@ -132,6 +132,13 @@ inline WeightRef weight_ref(const pybind11::tuple& t, int64_t stored) {
   return w;
 }
 
+// weight_ref for W [N, K] (dense_count = N * K) in either layout: a 2:4 weight (positions given,
+// field 16) stores half the values.
+inline WeightRef weight_ref_any_layout(const pybind11::tuple& t, int64_t dense_count) {
+  const bool sparse24 = t.size() == kWeightRefFields && t[16].cast<addr>() != 0;
+  return weight_ref(t, sparse24 ? dense_count / 2 : dense_count);
+}
+
 inline void raise_on_error(int status) {
   if (status == kOk) return;
 #if defined(QENGINE_WITH_CUDA)

@@ -29,7 +29,7 @@ def quantized(n, k, fmt, blocksize, dq, seed=0):
 def large_product(x, q):
     """(done, float32 y) of _C.matmul_large_cpu for x [M, K] and the QuantizedTensor q [N, K]."""
     kw = q.kernel_weight()
-    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize)
+    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize, kw.positions)
     m, k = x.shape
     n = q.shape[0]
     y = torch.full((m, n), float("nan"))
@@ -205,3 +205,38 @@ def test_empty_dimensions(isa_restore):
     assert qengine.matmul(torch.zeros(0, 64, dtype=torch.bfloat16), q).shape == (0, 8)
     done, y = large_product(torch.randn(20, 64).to(torch.bfloat16), q)
     assert done and torch.isfinite(y).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,m", [(40, 256, 17), (33, 512, 40), (130, 768, 25)])
+@pytest.mark.parametrize("blocksize,dq", [(64, True), (32, False), (128, True)])
+def test_sparse24_against_its_dequantized_weight(n, k, m, blocksize, dq, isa_restore):
+    """The 2:4 layout through the same GEMM: each 32-input segment rebuilt from the chunk's
+    interleaved codes and 2-bit positions (zeros where nothing is stored) equals
+    sparse24_dequantize's bfloat16 weight, so the product is within the accumulation bound of
+    x @ that weight; and the public op agrees, LoRA included."""
+    qengine.set_cpu_isa("avx512_bf16")
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    q = qengine.quantize(w, "nf4", blocksize, double_quant=dq, sparsity="2:4")
+    x = torch.randn(m, k).to(torch.bfloat16)
+    done, y = large_product(x, q)
+    assert done
+    x64 = x.to(torch.float64)
+    w_model = q.dequantize(torch.bfloat16).to(torch.float64)
+    assert ((w_model.reshape(n, k // 4, 4) != 0).sum(-1) <= 2).all()
+    ref = x64 @ w_model.t()
+    mag = x64.abs() @ w_model.abs().t()
+    assert ((y.to(torch.float64) - ref).abs() <= 8 * k ** 0.5 * 2.0**-24 * mag).all()
+    a, b = torch.randn(4, k) * 0.05, torch.randn(n, 4) * 0.05
+    side = 0.5 * (x64 @ a.to(torch.float64).t()) @ b.to(torch.float64).t()
+    yl = qengine.matmul(x, q, lora=(a, b, 0.5)).to(torch.float64)
+    w64 = q.dequantize().to(torch.float64)
+    assert ((yl - (x64 @ w64.t() + side)).abs() <= matmul_bound(x64, w64, torch.bfloat16, extra=side.abs())).all()
+
+
+@needs_kernel
+def test_sparse24_rows_not_a_multiple_of_256_fall_back(isa_restore):
+    qengine.set_cpu_isa("avx512_bf16")
+    q = qengine.quantize(torch.randn(24, 384), "nf4", 64, sparsity="2:4")
+    done, y = large_product(torch.randn(20, 384).to(torch.bfloat16), q)
+    assert not done and y.isnan().all()

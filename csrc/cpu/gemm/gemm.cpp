@@ -29,10 +29,12 @@ const GemmKernels& gemm_kernels() {
 
 }  // namespace cpu
 
-bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets) {
+bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets,
+                  bool sparse24) {
+  const bool layout = sparse24 ? K % 256 == 0 && blocksize >= 32 && (K / 2) % blocksize == 0
+                               : K % 32 == 0 && K % blocksize == 0;
   return cpu::gemm_kernels().bf16_4bit != nullptr && x_dtype == kBFloat16 && cb.bits == 4 && rule == kAbsmax &&
-         offsets == nullptr && blocksize >= 16 && (blocksize & (blocksize - 1)) == 0 && K % 32 == 0 &&
-         K % blocksize == 0;
+         offsets == nullptr && blocksize >= 16 && (blocksize & (blocksize - 1)) == 0 && layout;
 }
 
 namespace {
@@ -77,14 +79,14 @@ std::vector<float> transposed_float(const void* src, int dtype, int64_t rows, in
 }  // namespace
 
 int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
-                     int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
-                     const LoraArgs& lora, float* y, bool* done) {
+                     const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
+                     const BlockScales& scales, const float* offsets, const LoraArgs& lora, float* y, bool* done) {
   *done = false;
   if (M < 0 || K < 0 || N < 0 || ldx < K || blocksize < 1 || (cb.bits != 4 && cb.bits != 8) || lora.r < 0 ||
       (lora.r > 0 && !valid_float_dtype(lora.dtype))) {
     return kInvalidArgument;
   }
-  if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets)) return kOk;
+  if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr)) return kOk;
   *done = true;
   if (M == 0 || N == 0) return kOk;
   if (K == 0) {  // x @ W^T and the side path are both zero
@@ -106,12 +108,13 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
     side.t = t.data();
     side.bt = bt.data();
   }
-  const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, N * (K / blocksize));
+  const int64_t stored = positions != nullptr ? K / 2 : K;  // codes a row
+  const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, N * (stored / blocksize));
   const std::unique_ptr<int32_t[]> xp = packed_rows(k, x, M, K, ldx);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
-    k.bf16_4bit(xp.get(), M, K, N, packed, blocksize, cb.table, scales, planes.get(), lora.r > 0 ? &side : nullptr,
-                n0, n1, y);
+    k.bf16_4bit(xp.get(), M, K, N, packed, positions, blocksize, cb.table, scales, planes.get(),
+                lora.r > 0 ? &side : nullptr, n0, n1, y);
   });
   return kOk;
 }
@@ -121,25 +124,28 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
 namespace qengine {
 
 int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                       int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
-                       const float* offsets, float* gx, bool* done) {
+                       const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
+                       const BlockScales& scales, const float* offsets, float* gx, bool* done) {
   *done = false;
   if (M < 0 || K < 0 || N < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
   const cpu::GemmKernels& k = cpu::gemm_kernels();
-  if (!gemm_applies(g_dtype, K, blocksize, cb, rule, offsets) || k.bf16_4bit_t == nullptr || N % 2 != 0) return kOk;
+  if (!gemm_applies(g_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) || k.bf16_4bit_t == nullptr ||
+      N % 2 != 0) {
+    return kOk;
+  }
   *done = true;
   if (M == 0 || K == 0) return kOk;
   if (N == 0) {
     std::fill(gx, gx + M * K, 0.0f);
     return kOk;
   }
-  const int64_t nblocks = N * (K / blocksize);
+  const int64_t nblocks = N * ((positions != nullptr ? K / 2 : K) / blocksize);
   std::unique_ptr<float[]> buf;
   const float* all_scales = k.decode_scales(scales, scale_planes(scales, nblocks).get(), nblocks, buf);
   const std::unique_ptr<int32_t[]> gp = packed_rows(k, g, M, N, N);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, K, group, [&](int64_t k0, int64_t k1) {
-    k.bf16_4bit_t(gp.get(), M, N, K, packed, blocksize, cb.table, all_scales, k0, k1, gx);
+    k.bf16_4bit_t(gp.get(), M, N, K, packed, positions, blocksize, cb.table, all_scales, k0, k1, gx);
   });
   return kOk;
 }

@@ -78,18 +78,93 @@ struct SegmentDecoder {
   }
 };
 
+// Inputs [k, k + 32) of one row of a 2:4 weight (sparse/sparse24.h: 2 of every 4 weights
+// stored, in 128-value chunks of 256 inputs whose storage order interleaves four steps) as 32
+// bfloat16 words in input order, zeros where nothing is stored; each stored weight rounded once
+// from table[code] * scale, as sparse24_dequantize writes it (k % 32 == 0, the row's length a
+// multiple of 256).
+struct Sparse24Segment {
+  __m512 table;
+  int log2_blocksize;
+  // Word w of the segment belongs to group w / 4, at position w % 4; its group's two stored
+  // values are words 2 (w / 4) and 2 (w / 4) + 1 of the 16.
+  __m512i first = words([](int w) { return 2 * (w / 4); });
+  __m512i second = words([](int w) { return 2 * (w / 4) + 1; });
+  __m512i slot = words([](int w) { return w % 4; });
+
+  template <class F>
+  static __m512i words(F f) {
+    alignas(64) uint16_t v[32];
+    for (int w = 0; w < 32; ++w) v[w] = static_cast<uint16_t>(f(w));
+    return _mm512_load_si512(v);
+  }
+
+  // codes / positions: the row's packed codes and position bytes; rs[b]: the scale of the
+  // row's stored block b.
+  __m512i operator()(const uint8_t* codes, const uint8_t* positions, const float* rs, int64_t k) const {
+    const int64_t c = k >> 8, s = (k >> 5) & 7;  // the 256-input chunk and the segment in it
+    const int j = static_cast<int>(s >> 1), i0 = static_cast<int>(16 * (s & 1));
+    // Stored value t < 16 of the segment is v = 32 j + i0 + t of the chunk: storage element
+    // e = 4 (i0 + t) + (j ^ 1), i.e. byte 2 (i0 + t) + ((j ^ 1) >> 1), high nibble when e is even.
+    const int r = j ^ 1;
+    const __m512i word16 = _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 64 + 2 * i0)));
+    const __m512i code = _mm512_and_si512(_mm512_srl_epi32(word16, _mm_cvtsi32_si128(8 * (r >> 1) + ((r & 1) ? 0 : 4))),
+                                          _mm512_set1_epi32(0x0f));
+    // Its position: bits 2j..2j+1 of position byte i0 + t of the chunk.
+    const __m512i pbyte = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(positions + c * 32 + i0)));
+    const __m512i pos = _mm512_and_si512(_mm512_srl_epi32(pbyte, _mm_cvtsi32_si128(2 * j)), _mm512_set1_epi32(3));
+    // Its scale: stored block (128 c + e) >> log2_blocksize; lanes 8..15 reach the next block at
+    // blocksize 32 only.
+    const int64_t b = (128 * c + 4 * i0 + r) >> log2_blocksize;
+    const __m512 scale = log2_blocksize == 5
+                             ? _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(rs[b]), _mm512_set1_ps(rs[b + 1]))
+                             : _mm512_set1_ps(rs[b]);
+    const __m256i values = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_permutexvar_ps(code, table), scale));
+    const __m512i vz = _mm512_castsi256_si512(values);
+    const __m512i pz = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(pos));
+    const __mmask32 at_first = _mm512_cmpeq_epi16_mask(_mm512_permutexvar_epi16(first, pz), slot);
+    const __mmask32 at_second = _mm512_cmpeq_epi16_mask(_mm512_permutexvar_epi16(second, pz), slot);
+    return _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(at_first, _mm512_permutexvar_epi16(first, vz)), at_second,
+                                 _mm512_permutexvar_epi16(second, vz));
+  }
+};
+
+// Where a panel decoder finds row n of W: its codes, (2:4) positions and block scales.
 struct PanelSource {
   const uint8_t* packed;
+  const uint8_t* positions;  // null: the dense layout
   int64_t K;
-  SegmentDecoder segment;
+  SegmentDecoder dense;
+  Sparse24Segment sparse;
   const float* scales;  // float32 block scales, row first_row's first block at index 0
   int64_t first_row;
+
+  PanelSource(const uint8_t* packed_, const uint8_t* positions_, int64_t K_, const float* table, int64_t blocksize)
+      : packed(packed_),
+        positions(positions_),
+        K(K_),
+        dense{_mm512_loadu_ps(table), log2_of(blocksize)},
+        sparse{_mm512_loadu_ps(table), log2_of(blocksize)},
+        scales(nullptr),
+        first_row(0) {}
+
+  // Codes (and scales) a row: all K, or the K / 2 the 2:4 layout stores.
+  int64_t stored_per_row() const { return positions == nullptr ? K : K / 2; }
+  int64_t blocks_per_row() const { return stored_per_row() >> dense.log2_blocksize; }
+
+  // Inputs [k, k + 32) of row n as 32 bfloat16 words.
+  __m512i segment(int64_t n, int64_t k) const {
+    const int64_t stored = stored_per_row();
+    const float* rs = scales + (n - first_row) * blocks_per_row();
+    if (positions == nullptr) return dense(packed + ((n * stored) >> 1), rs, k);
+    return sparse(packed + ((n * stored) >> 1), positions + ((n * stored) >> 2), rs, k);
+  }
 };
 
 // For y = x @ W^T: panel[(k - k0) / 2][n - n0][2] = W[n][k], W[n][k + 1] (bfloat16) for rows n in
 // [n0, n0 + 32) (zeros from n_end on) and inputs [k0, k0 + kc), kc % 32 == 0.
 void decode_panel(const PanelSource& w, int64_t n0, int64_t n_end, int64_t k0, int64_t kc, uint16_t* panel) {
-  const int64_t per_row = w.K >> w.segment.log2_blocksize;
   for (int64_t half = 0; half < 2; ++half) {
     const int64_t first = n0 + 16 * half;
     const int64_t rows = std::clamp<int64_t>(n_end - first, 0, 16);
@@ -97,8 +172,7 @@ void decode_panel(const PanelSource& w, int64_t n0, int64_t n_end, int64_t k0, i
       __m512i r[16];
       for (int64_t i = 0; i < 16; ++i) {
         const int64_t n = first + i;
-        r[i] = i < rows ? w.segment(w.packed + ((n * w.K) >> 1), w.scales + (n - w.first_row) * per_row, k)
-                        : _mm512_setzero_si512();
+        r[i] = i < rows ? w.segment(n, k) : _mm512_setzero_si512();
       }
       transpose16(r);  // r[c]: input pair c of the segment, for the 16 rows
       uint16_t* dst = panel + ((k - k0) / 2) * (2 * kPanelRows) + 2 * 16 * half;
@@ -110,7 +184,6 @@ void decode_panel(const PanelSource& w, int64_t n0, int64_t n_end, int64_t k0, i
 // For gx = g @ W: panel[(n - n0) / 2][k - k0][2] = W[n][k], W[n + 1][k] (bfloat16) for the row
 // pairs of [n0, n0 + nc) (nc even) and columns [k0, k0 + 32).
 void decode_panel_t(const PanelSource& w, int64_t n0, int64_t nc, int64_t k0, uint16_t* panel) {
-  const int64_t per_row = w.K >> w.segment.log2_blocksize;
   // Word j of a pair's low / high vector: word j / 2 (+ 16) of row n (j even) or of row n + 1.
   alignas(64) uint16_t lo_idx[32], hi_idx[32];
   for (int j = 0; j < 32; ++j) {
@@ -119,8 +192,7 @@ void decode_panel_t(const PanelSource& w, int64_t n0, int64_t nc, int64_t k0, ui
   }
   const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
   for (int64_t n = n0; n < n0 + nc; n += 2) {
-    const __m512i a = w.segment(w.packed + ((n * w.K) >> 1), w.scales + (n - w.first_row) * per_row, k0);
-    const __m512i b = w.segment(w.packed + (((n + 1) * w.K) >> 1), w.scales + (n + 1 - w.first_row) * per_row, k0);
+    const __m512i a = w.segment(n, k0), b = w.segment(n + 1, k0);
     uint16_t* dst = panel + ((n - n0) / 2) * (2 * kPanelRows);
     _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
     _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
@@ -223,11 +295,11 @@ void tiles_over_panels(const int32_t* xp, int64_t M, int64_t total_pairs, const 
   }
 }
 
-void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, int64_t blocksize,
-               const float* table, const BlockScales& scales, const ScalePlanes* planes, const LoraSide* lora,
-               int64_t n0, int64_t n1, float* y) {
-  PanelSource w{packed, K, SegmentDecoder{_mm512_loadu_ps(table), log2_of(blocksize)}, nullptr, 0};
-  const int64_t per_row = K >> w.segment.log2_blocksize;
+void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, const uint8_t* positions,
+               int64_t blocksize, const float* table, const BlockScales& scales, const ScalePlanes* planes,
+               const LoraSide* lora, int64_t n0, int64_t n1, float* y) {
+  PanelSource w(packed, positions, K, table, blocksize);
+  const int64_t per_row = w.blocks_per_row();
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
   std::unique_ptr<float[]> scale_buf;
   for (int64_t g = n0; g < n1; g += kPanelRows * kGroupPanels) {
@@ -244,9 +316,10 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
   }
 }
 
-void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
-                 const float* table, const float* scales, int64_t k0, int64_t k1, float* gx) {
-  const PanelSource w{packed, K, SegmentDecoder{_mm512_loadu_ps(table), log2_of(blocksize)}, scales, 0};
+void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed, const uint8_t* positions,
+                 int64_t blocksize, const float* table, const float* scales, int64_t k0, int64_t k1, float* gx) {
+  PanelSource w(packed, positions, K, table, blocksize);
+  w.scales = scales;
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
   for (int64_t g = k0; g < k1; g += kPanelRows * kGroupPanels) {
     const int64_t g_end = std::min(k1, g + kPanelRows * kGroupPanels);

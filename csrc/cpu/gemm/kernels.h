@@ -38,14 +38,16 @@ struct GemmKernels {
   // xp: x packed by pack_x; planes: the nested scale table's byte planes where the CPU has VBMI
   // (else null).
   // lora: the side path added before the single store of y (null: none).
-  void (*bf16_4bit)(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, int64_t blocksize,
-                    const float* table, const BlockScales& scales, const ScalePlanes* planes, const LoraSide* lora,
-                    int64_t n0, int64_t n1, float* y) = nullptr;
+  // positions: the 2:4 layout's (sparse/sparse24.h; K % 256 == 0, blocksize >= 32), or null.
+  void (*bf16_4bit)(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed,
+                    const uint8_t* positions, int64_t blocksize, const float* table, const BlockScales& scales,
+                    const ScalePlanes* planes, const LoraSide* lora, int64_t n0, int64_t n1, float* y) = nullptr;
   // gx[M, K] (float32, row stride K) = g[M, N] (bfloat16, packed by pack_x over N, N even) @ W
   // for the output columns [k0, k1) (multiples of 32), W as bf16_4bit takes it; scales: W's
   // float32 block scales (decode_scales).
-  void (*bf16_4bit_t)(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
-                      const float* table, const float* scales, int64_t k0, int64_t k1, float* gx) = nullptr;
+  void (*bf16_4bit_t)(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
+                      const uint8_t* positions, int64_t blocksize, const float* table, const float* scales, int64_t k0,
+                      int64_t k1, float* gx) = nullptr;
   // The float32 scales of blocks [0, count): the plain ones in place, else decoded into buf.
   const float* (*decode_scales)(const BlockScales& s, const ScalePlanes* planes, int64_t count,
                                 std::unique_ptr<float[]>& buf) = nullptr;

@@ -46,15 +46,18 @@ struct LoraArgs {
   int64_t r = 0;
   float scale = 0.0f;
 };
-bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets);
+// positions: a 2:4 weight's (sparse/sparse24.h; then K % 256 == 0 and blocksize >= 32 dividing
+// K / 2), or null for the dense layout.
+bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets,
+                  bool sparse24);
 int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
-                     int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
-                     const LoraArgs& lora, float* y, bool* done);
+                     const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
+                     const BlockScales& scales, const float* offsets, const LoraArgs& lora, float* y, bool* done);
 // matmul_t_cpu for large batches, as matmul_large_cpu: gx[M, K] (float32) = g[M, N] (g_dtype,
 // contiguous) @ W; also needs N even.
 int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                       int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
-                       const float* offsets, float* gx, bool* done);
+                       const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
+                       const BlockScales& scales, const float* offsets, float* gx, bool* done);
 
 // gx[M, K] (float32) = g[M, N] (float32) @ W, the transposed problem of matmul_cpu (backward).
 int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,

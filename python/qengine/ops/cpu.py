@@ -230,14 +230,16 @@ def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
                              lora_b, positions)
     x2 = x.reshape(-1, k)
+    weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, positions)
     if x2.shape[0] <= mm.SMALL_BATCH_ROWS:
-        weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, positions)
         y = _small_batch_product(_C.sparse24_matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
     else:
-        w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n, k,
-                                       x.dtype)
-        y = mm.add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
-        del w  # the dense copy lives only for this product
+        y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale)
+        if y is None:  # no native large-batch kernel: a dense copy of W for one torch GEMM
+            w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize,
+                                           n, k, x.dtype)
+            y = mm.add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
+            del w  # the dense copy lives only for this product
     return y.reshape(*x.shape[:-1], n)
 
 
