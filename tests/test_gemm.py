@@ -240,3 +240,22 @@ def test_sparse24_rows_not_a_multiple_of_256_fall_back(isa_restore):
     q = qengine.quantize(torch.randn(24, 384), "nf4", 64, sparsity="2:4")
     done, y = large_product(torch.randn(20, 384).to(torch.bfloat16), q)
     assert not done and y.isnan().all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,m", [(96, 40), (130, 17)])
+def test_sparse24_backward_takes_it(n, m, isa_restore):
+    """The gradient of x through a 2:4 weight with more than 16 bfloat16 rows (the transposed
+    GEMM on 2:4 panels; 130 rows: pairs of rows to the last), on the native kernel and on an
+    ISA without it, within the float64 bound of g @ W."""
+    q = qengine.quantize(torch.randn(n, 512), "nf4", 64, double_quant=True, sparsity="2:4")
+    g = torch.randn(m, n).to(torch.bfloat16)
+    w64 = q.dequantize().to(torch.float64)
+    g64 = g.to(torch.float64)
+    mag = g64.abs() @ w64.abs()
+    bound = 8 * n ** 0.5 * 2.0**-24 * mag + 2.0**-8 * mag
+    for isa in ("avx512_bf16", "avx512"):
+        qengine.set_cpu_isa(isa)
+        x = torch.randn(m, 512).to(torch.bfloat16).requires_grad_()
+        qengine.matmul(x, q).backward(g)
+        assert ((x.grad.to(torch.float64) - g64 @ w64).abs() <= bound).all(), isa

@@ -161,6 +161,9 @@ def test_opcheck_sparse_ops():
     torch.library.opcheck(torch.ops.qengine.sparse24_dequantize.default,
                           (q.packed, q.positions, table, q._block_values(q.scales), None, 4, 64, w.numel(),
                            torch.bfloat16))
+    for g in (torch.randn(2, 8), torch.randn(20, 8).to(torch.bfloat16)):  # the small and large-batch paths
+        torch.library.opcheck(torch.ops.qengine.sparse24_matmul_t.default,
+                              (g, q.packed, q.positions, table, scales, nested, None, 4, 64, 256))
 
 
 def test_compile_fullgraph():

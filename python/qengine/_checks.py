@@ -284,10 +284,15 @@ def check_matmul_args(x, packed, table, scales, nested, offsets, bits, blocksize
     return k, n
 
 
-def check_matmul_t_args(g, packed, table, scales, nested, offsets, bits, blocksize, in_features) -> tuple[int, int]:
-    """The arguments of matmul_t; returns (N, K) of the weight [N, K]."""
+def check_matmul_t_args(g, packed, table, scales, nested, offsets, bits, blocksize, in_features,
+                        positions=None) -> tuple[int, int]:
+    """The arguments of matmul_t, or of sparse24_matmul_t when positions (the 2:4 weight's) is
+    given; returns (N, K) of the weight [N, K]."""
     check_float("g", g)
     n, k = g.shape[-1], in_features
-    check_weight(packed, table, scales, nested, offsets, bits, blocksize, n * k)
+    if positions is None:
+        check_weight(packed, table, scales, nested, offsets, bits, blocksize, n * k)
+    else:
+        check_sparse_weight(packed, positions, table, scales, nested, offsets, bits, blocksize, n * k)
     check_same_device(g.device, packed=packed)
     return n, k

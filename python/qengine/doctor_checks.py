@@ -243,6 +243,13 @@ def _sparse_matmul(inputs, fmt, dev, out):
                 x64 = x.to(torch.float64)
                 out.close(f"bs={bs} dq={dq} m={m} {DTYPE_IDS[dtype]}", matmul(x.to(dev), qd),
                           _abs_product(x64, w64.t()), x64 @ w64.t())
+        for m in (SMALL_M, 20):  # the backward for x: sparse24_matmul_t
+            g = inputs.randn((m, SHAPE[0]), torch.bfloat16, "g")
+            x = torch.zeros(m, SHAPE[1], dtype=torch.bfloat16, device=dev, requires_grad=True)
+            with torch.enable_grad():
+                (gx,) = torch.autograd.grad(matmul(x, qd), x, g.to(dev))
+            g64 = g.to(torch.float64)
+            out.close(f"bs={bs} dq={dq} m={m} grad x", gx, _abs_product(g64, w64), g64 @ w64)
 
 
 # ---------------------------------------------------------------------------- MoE, optimizers
@@ -299,7 +306,7 @@ KERNEL_NOTES = {
     "fake_quantize": "QAT fake quantization: bytes",
     "sparse24_quantize": "2:4 selection, codes, positions: bytes",
     "sparse24_dequantize": "2:4 dequantize: bytes",
-    "sparse24_matmul": "2:4 matmul (m=3 and 20): tol",
+    "sparse24_matmul": "2:4 matmul and its backward for x (m=3 and 20): tol",
     "moe_experts": "torch.ops.qengine.moe_experts: tol",
     "adamw": "PagedAdamW 3 steps: params and states bytes",
     "adamw8bit": "PagedAdamW8bit 3 steps: params and states bytes",

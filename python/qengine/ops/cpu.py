@@ -243,6 +243,23 @@ def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
     return y.reshape(*x.shape[:-1], n)
 
 
+@sparse.sparse24_matmul_t.register_kernel("cpu")
+def _(g, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, in_features):
+    n, k = check_matmul_t_args(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_features,
+                               positions)
+    g2 = g.reshape(-1, n)
+    gx = None
+    if g2.shape[0] > mm.SMALL_BATCH_ROWS:
+        gx = _large_batch_product_t(g2, k, native_weight(packed, table, scales, scales_nested, offsets, bits,
+                                                         blocksize, positions))
+    if gx is None:  # a dense copy of W for one torch GEMM
+        w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n,
+                                       k, g.dtype)
+        gx = g2 @ w
+        del w
+    return gx.reshape(*g.shape[:-1], k)
+
+
 # --------------------------------------------------------------------------- Mixture of Experts
 def _expert_matrix(state, offsets, bits, blocksize, N, K, bias, lora_a, lora_b, lora_scale) -> tuple:
     """One stacked expert matrix as moe_experts_cpu takes it: (WeightRef, N, K, bias, bias dtype,

@@ -166,6 +166,18 @@ def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
     return y.reshape(*x.shape[:-1], n)
 
 
+@_register(sparse.sparse24_matmul_t)
+def _(g, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, in_features):
+    """The dense path: W decoded once, one GEMM."""
+    n, k = check_matmul_t_args(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_features,
+                               positions)
+    w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n, k,
+                                   g.dtype)
+    gx = g.reshape(-1, n) @ w
+    del w
+    return gx.reshape(*g.shape[:-1], k)
+
+
 # --------------------------------------------------------------------------- Mixture of Experts
 @_register(moe.moe_experts)
 def _(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias, up_lora_a, up_lora_b,

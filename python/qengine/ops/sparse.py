@@ -4,6 +4,8 @@ csrc/cpu/sparse/sparse24.h; kernels per device in cpu.py and cuda.py):
   qengine::sparse24_dequantize(packed, positions, table, scales, offsets?, bits, blocksize, numel, dtype) -> [numel]
   qengine::sparse24_matmul(x, packed, positions, table, scales, scales_nested, offsets?, bits, blocksize,
                            out_features, lora_a?, lora_b?, lora_scale) -> [..., out_features]
+  qengine::sparse24_matmul_t(g, packed, positions, table, scales, scales_nested, offsets?, bits, blocksize,
+                             in_features) -> [..., in_features]
 The stored values (numel / 2 of them) are quantized blockwise over their storage order, so
 `packed`, `scales` and `offsets` are those of a dense quantized tensor of numel / 2 elements.
 """
@@ -53,6 +55,20 @@ def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+@torch.library.custom_op("qengine::sparse24_matmul_t", mutates_args=())
+def sparse24_matmul_t(g: torch.Tensor, packed: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+                      scales: torch.Tensor, scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor],
+                      bits: int, blocksize: int, in_features: int) -> torch.Tensor:
+    """gx[..., K] = g[..., N] @ W for the 2:4 sparse W [N, K] (the backward of sparse24_matmul
+    for x); arguments as qengine::matmul_t plus positions."""
+    reject_device("g", g)
+
+
+@sparse24_matmul_t.register_fake
+def _(g, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, in_features):
+    return g.new_empty(*g.shape[:-1], in_features)
+
+
 def dense_sparse_weight(packed, positions, table, scales, nested, offsets, bits, blocksize, n, k, dtype):
     """The 2:4 weight decoded to dense [n, k] in dtype (one layer's weight, freed by the caller)."""
     flat_scales = KernelWeight.decode_nested(scales, nested) if nested else scales
@@ -72,11 +88,9 @@ def _backward(ctx, grad):
     x, lora_a, lora_b, packed, positions, table, scales, offsets, *nested = ctx.saved_tensors
     bits, blocksize, k, n, s, x_dtype = ctx.meta
     gx = ga = gb = None
-    if ctx.needs_input_grad[0]:
-        # The weight is frozen; the transposed product runs on the dequantized layer (freed at once).
-        w = dense_sparse_weight(packed, positions, table, scales, nested, offsets, bits, blocksize, n, k, grad.dtype)
-        gx = (grad.reshape(-1, n) @ w).reshape(*grad.shape[:-1], k).to(x_dtype)
-        del w
+    if ctx.needs_input_grad[0]:  # the weight is frozen: only x's gradient goes through it
+        gx = torch.ops.qengine.sparse24_matmul_t(grad, packed, positions, table, scales, nested, offsets, bits,
+                                                 blocksize, k).to(x_dtype)
     if lora_a is not None:
         gx, ga, gb = lora_backward(grad, x, lora_a, lora_b, s, gx, ctx.needs_input_grad[10], ctx.needs_input_grad[11])
     return gx, None, None, None, None, [None] * len(nested), None, None, None, None, ga, gb, None
