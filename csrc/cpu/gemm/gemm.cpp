@@ -140,7 +140,7 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
     return kOk;
   }
   const int64_t nblocks = N * ((positions != nullptr ? K / 2 : K) / blocksize);
-  std::unique_ptr<float[]> buf;
+  std::vector<float> buf;
   const float* all_scales = k.decode_scales(scales, scale_planes(scales, nblocks).get(), nblocks, buf);
   const std::unique_ptr<int32_t[]> gp = packed_rows(k, g, M, N, N);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;

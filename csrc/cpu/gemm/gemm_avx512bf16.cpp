@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "cpu/common/ladder.h"
 #include "cpu/common/simd_avx512.h"
@@ -55,7 +56,8 @@ inline void transpose16(__m512i r[16]) {
 
 // Inputs [k, k + 32) of one row of W as 32 bfloat16 words in input order, each
 // bfloat16(table[code] * scale) rounded once from its float32 value: the bytes dequantize()
-// writes for bfloat16 (k % 32 == 0).
+// writes for bfloat16, but for subnormals, which the conversion flushes to zero as vdpbf16ps
+// would treat them anyway (k % 32 == 0).
 struct SegmentDecoder {
   __m512 table;  // the 16 code values, float32
   int log2_blocksize;
@@ -262,16 +264,17 @@ void tile(const int32_t* xp, const uint16_t* panel, int64_t pairs, float* y, int
 
 // The float32 scales of blocks [b_lo, b_lo + count): the plain ones in place, or the double-
 // quantized ones decoded into buf, in bulk with byte permutes where the CPU has VBMI.
+// buf: kept between calls and grown when count needs more (a task decodes group after group).
 const float* group_scales(const BlockScales& s, const ScalePlanes* planes, int64_t b_lo, int64_t count,
-                          std::unique_ptr<float[]>& buf) {
+                          std::vector<float>& buf) {
   if (s.values != nullptr) return s.values + b_lo;
-  buf.reset(new float[static_cast<size_t>(count)]);
+  if (static_cast<int64_t>(buf.size()) < count) buf.resize(static_cast<size_t>(count));
   if (planes != nullptr) {
-    decode_nested_scales_vbmi(s, *planes, b_lo, count, buf.get());
+    decode_nested_scales_vbmi(s, *planes, b_lo, count, buf.data());
   } else {
-    tile_scales(s, b_lo, count, buf.get());
+    tile_scales(s, b_lo, count, buf.data());
   }
-  return buf.get();
+  return buf.data();
 }
 
 // Rows [m0, m0 + kTileRows) of y (row stride ldy, columns from the panels' first) (+)= the
@@ -301,7 +304,7 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
   PanelSource w(packed, positions, K, table, blocksize);
   const int64_t per_row = w.blocks_per_row();
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
-  std::unique_ptr<float[]> scale_buf;
+  std::vector<float> scale_buf;
   for (int64_t g = n0; g < n1; g += kPanelRows * kGroupPanels) {
     const int64_t g_end = std::min(n1, g + kPanelRows * kGroupPanels);
     const int64_t count = (g_end - g + kPanelRows - 1) / kPanelRows;
@@ -355,8 +358,7 @@ void lora_down(const uint16_t* x, int64_t K, int64_t ldx, const float* a, int64_
   }
 }
 
-const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int64_t count,
-                           std::unique_ptr<float[]>& buf) {
+const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int64_t count, std::vector<float>& buf) {
   return group_scales(s, planes, 0, count, buf);
 }
 

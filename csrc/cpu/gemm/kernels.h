@@ -2,7 +2,7 @@
 // per-ISA table (gemm.cpp fills it by field name) and the blocking every row shares.
 #pragma once
 #include <cstdint>
-#include <memory>
+#include <vector>
 
 #include "cpu/common/byte_planes.h"
 #include "qengine/quant_math.h"
@@ -50,7 +50,7 @@ struct GemmKernels {
                       int64_t k1, float* gx) = nullptr;
   // The float32 scales of blocks [0, count): the plain ones in place, else decoded into buf.
   const float* (*decode_scales)(const BlockScales& s, const ScalePlanes* planes, int64_t count,
-                                std::unique_ptr<float[]>& buf) = nullptr;
+                                std::vector<float>& buf) = nullptr;
   // t[m * r + j] = scale * (x[m] . a[j]) for m in [m0, m1): x bfloat16 (row stride ldx), a float32 [r, K].
   void (*lora_down)(const uint16_t* x, int64_t K, int64_t ldx, const float* a, int64_t r, float scale, int64_t m0,
                     int64_t m1, float* t) = nullptr;
