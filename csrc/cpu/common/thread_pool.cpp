@@ -136,11 +136,11 @@ struct OpenMp {
   void (*parallel)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) = nullptr;
   int (*thread_num)() = nullptr;
   int (*team_size)() = nullptr;
-  std::string path;
 };
 
 std::mutex omp_mu;
-OpenMp omp;  // guarded by omp_mu when written; read through a copy taken under it
+OpenMp omp;            // guarded by omp_mu; a region copies the three pointers under it
+std::string omp_path;  // guarded by omp_mu: where they came from ("" for the own pool)
 
 struct OmpRegion {
   const std::function<void(int)>* task;
@@ -195,20 +195,20 @@ bool use_openmp_runtime(const char* path) {
     rt.team_size = reinterpret_cast<decltype(rt.team_size)>(dlsym(lib, "omp_get_num_threads"));
     dlclose(lib);  // drops our reference only: the library stays loaded by its owner
     if (rt.parallel == nullptr || rt.thread_num == nullptr || rt.team_size == nullptr) return false;
-    rt.path = path;
 #else
     return false;
 #endif
   }
   std::lock_guard<std::mutex> lock(omp_mu);
   omp = rt;
+  omp_path = rt.parallel != nullptr ? path : "";
   return true;
 }
 
 const char* openmp_runtime() {
   std::lock_guard<std::mutex> lock(omp_mu);
   static thread_local std::string copy;
-  copy = omp.path;
+  copy = omp_path;
   return copy.c_str();
 }
 
