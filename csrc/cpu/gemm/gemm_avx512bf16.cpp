@@ -109,22 +109,20 @@ struct Sparse24Segment {
     // Stored value t < 16 of the segment is v = 32 j + i0 + t of the chunk: storage element
     // e = 4 (i0 + t) + (j ^ 1), i.e. byte 2 (i0 + t) + ((j ^ 1) >> 1), high nibble when e is even.
     const int r = j ^ 1;
-    const __m512i word16 = _mm512_cvtepu16_epi32(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 64 + 2 * i0)));
-    const __m512i code = _mm512_and_si512(_mm512_srl_epi32(word16, _mm_cvtsi32_si128(8 * (r >> 1) + ((r & 1) ? 0 : 4))),
-                                          _mm512_set1_epi32(0x0f));
+    const __m256i word16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 64 + 2 * i0));
+    __m256i code = _mm256_and_si256(_mm256_srl_epi16(word16, _mm_cvtsi32_si128(8 * (r >> 1) + ((r & 1) ? 0 : 4))),
+                                    _mm256_set1_epi16(0x0f));
     // Its position: bits 2j..2j+1 of position byte i0 + t of the chunk.
-    const __m512i pbyte = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(positions + c * 32 + i0)));
-    const __m512i pos = _mm512_and_si512(_mm512_srl_epi32(pbyte, _mm_cvtsi32_si128(2 * j)), _mm512_set1_epi32(3));
-    // Its scale: stored block (128 c + e) >> log2_blocksize; lanes 8..15 reach the next block at
-    // blocksize 32 only.
+    const __m256i pbyte = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(positions + c * 32 + i0)));
+    const __m256i pos = _mm256_and_si256(_mm256_srl_epi16(pbyte, _mm_cvtsi32_si128(2 * j)), _mm256_set1_epi16(3));
+    // Its scale: stored block (128 c + e) >> log2_blocksize; values 8..15 reach the next block at
+    // blocksize 32 only, and then look up the table's upper half (vpermw index bit 4).
     const int64_t b = (128 * c + 4 * i0 + r) >> log2_blocksize;
-    const __m512 scale = log2_blocksize == 5
-                             ? _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(rs[b]), _mm512_set1_ps(rs[b + 1]))
-                             : _mm512_set1_ps(rs[b]);
-    const __m256i values = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_permutexvar_ps(code, table), scale));
-    const __m512i vz = _mm512_castsi256_si512(values);
-    const __m512i pz = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(pos));
+    const __m512 lo = _mm512_mul_ps(table, _mm512_set1_ps(rs[b]));
+    const __m512 hi = log2_blocksize == 5 ? _mm512_mul_ps(table, _mm512_set1_ps(rs[b + 1])) : lo;
+    if (log2_blocksize == 5) code = _mm256_or_si256(code, _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16));
+    const __m512i vz = _mm512_permutexvar_epi16(_mm512_castsi256_si512(code), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    const __m512i pz = _mm512_castsi256_si512(pos);
     const __mmask32 at_first = _mm512_cmpeq_epi16_mask(_mm512_permutexvar_epi16(first, pz), slot);
     const __mmask32 at_second = _mm512_cmpeq_epi16_mask(_mm512_permutexvar_epi16(second, pz), slot);
     return _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(at_first, _mm512_permutexvar_epi16(first, vz)), at_second,
