@@ -67,7 +67,7 @@ def main() -> None:
             for name, (ours, dense) in cases.items():
                 times[name][0].append(ms(ours))
                 times[name][1].append(ms(dense))
-    print(H.machine_line() if hasattr(H, "machine_line") else "", end="")
+    print(f"{H.machine_info()['cpu_model']}, {os.cpu_count()} CPUs")
     print(f"{n}x{k} NF4 + double quant, bfloat16 activations, {args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} threads, qengine build {qengine.build_info()['cpu_isa']}, "
           f"OpenMP runtime {qengine._C.openmp_runtime() or '(own pool)'}")

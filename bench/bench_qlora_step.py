@@ -153,7 +153,7 @@ def main() -> None:
             step()
             times[name].append(time.perf_counter() - t)
     ref = "qengine nf4+dq"
-    print(f"{H.machine_line() if hasattr(H, 'machine_line') else ''}")
+    print(f"{H.machine_info()['cpu_model']}, {os.cpu_count()} CPUs")
     print(f"Llama {n_params / 1e6:.0f}M parameters ({args.layers} layers, hidden {args.hidden}), seq {args.seq}, "
           f"LoRA r={args.rank} on {', '.join(PROJECTIONS)}; {args.rounds} interleaved rounds, threads "
           f"{torch.get_num_threads()}")

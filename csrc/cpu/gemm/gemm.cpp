@@ -9,6 +9,7 @@
 
 #include "cpu/common/isa.h"
 #include "cpu/common/thread_pool.h"
+#include "cpu/gemv/kernels.h"  // float_rows
 #include "qengine/dtype.h"
 #include "qengine/ops.h"
 #include "qengine/status.h"
@@ -60,13 +61,6 @@ std::unique_ptr<int32_t[]> packed_rows(const cpu::GemmKernels& k, const void* x,
 
 bool valid_float_dtype(int dtype) { return dtype == kFloat32 || dtype == kBFloat16 || dtype == kFloat16; }
 
-// src[0..n) (dtype) as float32.
-std::vector<float> as_float(const void* src, int dtype, int64_t n) {
-  std::vector<float> out(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) out[i] = load_as_float(src, dtype, i);
-  return out;
-}
-
 // src [rows, cols] (dtype, contiguous) transposed into float32 [cols, rows].
 std::vector<float> transposed_float(const void* src, int dtype, int64_t rows, int64_t cols) {
   std::vector<float> out(static_cast<size_t>(rows * cols));
@@ -99,11 +93,12 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   std::vector<float> t, bt;
   cpu::LoraSide side{nullptr, nullptr, lora.r, N};
   if (lora.r > 0) {
-    const std::vector<float> a = as_float(lora.a, lora.dtype, lora.r * K);
+    std::vector<float> a_buf;
+    const float* a = cpu::float_rows(lora.a, lora.dtype, lora.r, K, K, a_buf);  // a view when float32
     t.resize(static_cast<size_t>(M * lora.r));
     bt = transposed_float(lora.b, lora.dtype, N, lora.r);
     cpu::parallel_for(0, M, 16, 1, [&](int64_t m0, int64_t m1) {
-      k.lora_down(xb, K, ldx, a.data(), lora.r, lora.scale, m0, m1, t.data());
+      k.lora_down(xb, K, ldx, a, lora.r, lora.scale, m0, m1, t.data());
     });
     side.t = t.data();
     side.bt = bt.data();

@@ -88,6 +88,17 @@ def kmeans_accumulate(x: torch.Tensor, blocksize: int, table: torch.Tensor, midp
 
 
 # --------------------------------------------------------------------------- matmul
+def rounded_to(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float32 kernel output y (contiguous) in dtype, rounded natively (y itself for float32):
+    torch's cast would start OpenMP workers beside the next kernel call (see small_batch_epilogue)."""
+    if dtype == torch.float32:
+        return y
+    out = torch.empty(y.shape, dtype=dtype)
+    if y.numel():
+        _C.cast_float_cpu(y.data_ptr(), y.numel(), out.data_ptr(), DTYPE_CODES[dtype])
+    return out
+
+
 def small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale):
     """After a small-batch kernel wrote y (float32 [M, N]) for x (xc, contiguous [M, K]): adds
     the LoRA side path into the same float32 output, then rounds once to x's dtype. Both
@@ -100,12 +111,7 @@ def small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale):
         bf = lora_b.to(af.dtype).contiguous()
         _C.lora_epilogue_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, af.data_ptr(), bf.data_ptr(),
                              DTYPE_CODES[af.dtype], af.shape[0], n, float(lora_scale), y.data_ptr())
-    if xc.dtype == torch.float32:
-        return y
-    out = torch.empty(m, n, dtype=xc.dtype)
-    if m and n:
-        _C.cast_float_cpu(y.data_ptr(), m * n, out.data_ptr(), DTYPE_CODES[xc.dtype])
-    return out
+    return rounded_to(y, xc.dtype)
 
 
 def _small_batch_product(kernel, x2, n, weight, lora_a, lora_b, lora_scale):
@@ -134,11 +140,7 @@ def _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale):
                                a.data_ptr() if a is not None else 0, b.data_ptr() if b is not None else 0,
                                DTYPE_CODES[a.dtype] if a is not None else 0, a.shape[0] if a is not None else 0,
                                float(lora_scale) if a is not None else 0.0, y.data_ptr())
-    if not done:
-        return None
-    out = torch.empty(m, n, dtype=xc.dtype)  # rounded natively: see small_batch_epilogue on torch's workers
-    _C.cast_float_cpu(y.data_ptr(), m * n, out.data_ptr(), DTYPE_CODES[xc.dtype])
-    return out
+    return rounded_to(y, xc.dtype) if done else None
 
 
 def _large_batch_product_t(g2, k, weight):
@@ -149,9 +151,7 @@ def _large_batch_product_t(g2, k, weight):
     gx = torch.empty(m, k, dtype=torch.float32)
     if not _C.matmul_t_large_cpu(gc.data_ptr(), DTYPE_CODES[gc.dtype], m, n, k, weight, gx.data_ptr()):
         return None
-    out = torch.empty(m, k, dtype=gc.dtype)
-    _C.cast_float_cpu(gx.data_ptr(), m * k, out.data_ptr(), DTYPE_CODES[gc.dtype])
-    return out
+    return rounded_to(gx, gc.dtype)
 
 
 def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
@@ -311,12 +311,7 @@ def _(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias
         except ValueError:
             moe.check_index_range(idx, E)  # the usual cause, named; anything else re-raised as is
             raise
-    if xc.dtype == torch.float32:
-        return y
-    out = torch.empty(T, H, dtype=xc.dtype)
-    if T:
-        _C.cast_float_cpu(y.data_ptr(), T * H, out.data_ptr(), DTYPE_CODES[xc.dtype])
-    return out
+    return rounded_to(y, xc.dtype)
 
 
 # --------------------------------------------------------------------------- AdamW
