@@ -365,3 +365,14 @@ def test_dead_inputs_are_rounded_to_nearest():
     live = held_out.clone()
     live[:, dead] = 0
     assert output_error(live, w, q) < 0.85 * output_error(live, w, rtn)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "fp8_e4m3"])
+def test_calibrated_methods_refuse_formats_with_their_own_rules(fmt):
+    # Their scales are E8M0 / E4M3 codes or their codes FP8 bits: a float32-scale search would
+    # store something else under the format's name.
+    w = torch.randn(16, 128)
+    with pytest.raises(ValueError, match="method 'rtn'"):
+        gptq_quantize(w, torch.eye(128), fmt, 32)
+    with pytest.raises(ValueError, match="method 'rtn'"):
+        qengine.calibrate.search_scales(w, fmt, 32)

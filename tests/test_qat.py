@@ -25,6 +25,33 @@ def test_forward_equals_dequantize_quantize(fmt, dtype, double_quant):
         assert got.dtype == dtype and torch.equal(got, expect)
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_own_rule_formats_fake_quantize_as_stored(fmt, dtype):
+    # These formats fix their scale codes (E8M0, E4M3) or code rule (FP8 bits): the fake
+    # weights are the stored format's, with the identity gradient.
+    w = make_input((24, 128), dtype).requires_grad_()
+    bs = {"mxfp4": 32, "nvfp4": 16, "fp8_e4m3": None}[fmt]
+    got = qat.fake_quantize(w, fmt, bs)
+    assert got.dtype == dtype and torch.equal(got, qengine.quantize(w.detach(), fmt, bs).dequantize())
+    g = torch.randn(24, 128, dtype=dtype)
+    got.backward(g)
+    assert torch.equal(w.grad, g)
+    with pytest.raises(ValueError, match="clip"):
+        qat.fake_quantize(w, fmt, bs, clip=0.9)
+
+
+@pytest.mark.parametrize("fmt,bs", [("mxfp4", 32), ("nvfp4", 16), ("fp8_e4m3", None)])
+def test_own_rule_formats_prepare_and_convert(fmt, bs):
+    torch.manual_seed(0)
+    model = qat.prepare(nn.Sequential(nn.Linear(128, 40)), format=fmt, blocksize=bs)
+    x = torch.randn(3, 128)
+    y = model(x)
+    converted = qat.convert(model)
+    assert converted[0].format.name == fmt
+    torch.testing.assert_close(converted[0](x), y, rtol=1e-5, atol=1e-5)  # the same weights, another sum order
+
+
 def test_forward_matches_float64_reference():
     w = make_input((7, 64), torch.float32)
     got = qat.fake_quantize(w, "int4", 32)

@@ -97,6 +97,18 @@ def e4m3_values() -> tuple[float, ...]:
     return tuple(math.ldexp(c & 7, -9) if c >> 3 == 0 else math.ldexp(8 + (c & 7), (c >> 3) - 10) for c in range(127))
 
 
+# FP8 E4M3 (OCP "fn": bias 7, no infinities, S.1111.111 NaN, max 448) codes whose bits hold no
+# value; the fp8_e4m3 table holds 0.0 there, its quantizer never produces them and loading refuses them.
+E4M3_NAN_CODES = (0x7F, 0xFF)
+
+
+def fp8_e4m3_values() -> tuple[float, ...]:
+    """The 256 FP8 E4M3 values in bit order (code = s eeee mmm; the raw values, not normalised):
+    codes 0..126 as e4m3_values(), 128..254 their negatives (0x80 is -0.0); 0.0 at the NaN codes."""
+    pos = e4m3_values()
+    return pos + (0.0,) + tuple(-v for v in pos) + (0.0,)
+
+
 def _state8_code(form: tuple[int, int, int, int]) -> tuple[float, ...]:
     """The 256 sorted values of a state code (see STATE8_SIGNED_FORM)."""
     top_bits, top_binades, low_bits, zero_code = form
@@ -133,6 +145,11 @@ class Format:
     scale_format: str = ""
     # False: the table is a constant of the format's specification (not counted in nbytes).
     stored_table: bool = True
+    # "e4m3": the codes are a minifloat's own bits (fp8_e4m3), quantized by qengine/fp8.py, not by
+    # the kernels' nearest-code search; "" for the others.
+    quantizer: str = ""
+    # Codes that decode to no value (E4M3's NaNs): never produced, refused when a state dict loads.
+    invalid_codes: tuple[int, ...] = ()
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -290,6 +307,11 @@ for _fmt in (
     Format("nvfp4", 4, E2M1_VALUES, "absmax",
            "NVIDIA NVFP4: E2M1 elements, an E4M3 scale per 16 times a float32 tensor scale",
            fixed_blocksize=16, scale_format="_e4m3", stored_table=False),
+    # FP8 weight-only (torchao / llm-compressor / vLLM): E4M3 codes in bit order (raw values up to
+    # 448, scale = amax / 448 per block or row); the table is the spec's, not stored per tensor.
+    Format("fp8_e4m3", 8, fp8_e4m3_values(), "absmax",
+           "FP8 E4M3 (OCP fn) codes, a float32 scale amax / 448 per block or row (torchao / vLLM FP8 weight-only)",
+           stored_table=False, quantizer="e4m3", invalid_codes=E4M3_NAN_CODES),
     Format("_e8m0", 8, e8m0_values(), "absmax", "E8M0 block scales (mxfp4): 2**(code - 127)", stored_table=False),
     Format("_e4m3", 8, e4m3_values(), "absmax", "FP8 E4M3 block scales (nvfp4), times the tensor scale",
            stored_table=False),

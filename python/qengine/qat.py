@@ -22,6 +22,7 @@ from torch import nn
 
 from ._checks import check_blocksize, check_contiguous, check_float
 from .formats import Format, get_format
+from .functional import dequantize, quantize
 from .prune import is_skipped
 from .tensor import NestedScales
 
@@ -97,7 +98,12 @@ _fake_quantize.register_autograd(_backward, setup_context=_setup_context)
 
 def _resolve(w_shape, format, blocksize, clip) -> tuple[Format, int]:
     fmt = get_format(format)
-    bs = (w_shape[-1] if len(w_shape) else 1) if blocksize is None else check_blocksize(blocksize)
+    if blocksize is None:
+        bs = w_shape[-1] if len(w_shape) else 1
+    elif fmt.fixed_blocksize and blocksize == fmt.fixed_blocksize and not isinstance(blocksize, bool):
+        bs = blocksize  # nvfp4's 16, below what the other formats take
+    else:
+        bs = check_blocksize(blocksize)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (0.0 < clip <= 1.0) or math.isnan(clip):
         raise ValueError(f"clip must be in (0, 1], got {clip!r}")
     if clip < 1.0 and fmt.rule != "absmax":
@@ -116,10 +122,35 @@ def fake_quantize(w: torch.Tensor, format: str | Format = "int4", blocksize: Opt
         clip: absmax formats only: scale = clip * block max |w| (values beyond are clamped).
     """
     check_float("w", w)
-    fmt, bs = _resolve(w.shape, format, blocksize, clip)
+    fmt = get_format(format)
+    if fmt.scale_format or fmt.quantizer:  # quantize checks the block size these formats take
+        return _fake_quantize_own_rule(w, fmt, blocksize, double_quant, clip)
+    fmt, bs = _resolve(w.shape, fmt, blocksize, clip)
     table, mids, order, grid = fmt.kernel_tables(w.device)
     return _fake_quantize(w.contiguous(), table, mids, order, grid, fmt.bits, bs, fmt.rule_code, fmt.identity_order,
                           bool(double_quant), float(clip))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """q in the forward, the gradient passed to w unchanged (every weight is inside its block's
+    range: the scale is the block's own max |w|)."""
+
+    @staticmethod
+    def forward(ctx, w, q):
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _fake_quantize_own_rule(w, fmt: Format, blocksize, double_quant, clip) -> torch.Tensor:
+    """mxfp4 / nvfp4 / fp8_e4m3, whose scales or codes follow the format's own rules rather than
+    the nearest-code kernel's: the real quantizer and dequantize (bit for bit), straight through."""
+    if clip != 1.0:
+        raise ValueError(f"clip < 1 is not supported for {fmt.name!r}: its scale rule is fixed by the format")
+    q = dequantize(quantize(w.detach().contiguous(), fmt, blocksize, bool(double_quant)))
+    return _StraightThrough.apply(w, q.to(w.dtype).reshape(w.shape))
 
 
 class FakeQuantLinear(nn.Module):

@@ -13,6 +13,7 @@ from ._checks import FLOAT_DTYPES, check_contiguous, check_float, check_same_dev
 from ._state_dict import (DTYPE_NAMES, LAYOUTS, STATE_VERSION, check_codes, get_tensor, json_tensor, parse_meta,
                           read_positions)
 from .formats import Format, get_format
+from .fp8 import quantize_e4m3
 from .ops import KernelWeight
 
 __all__ = ["QuantizedTensor", "NestedScales", "PackedParameter"]
@@ -145,6 +146,9 @@ class QuantizedTensor:
     # ------------------------------------------------------------------ construction
     @staticmethod
     def _quantize_flat(x: torch.Tensor, fmt: Format, blocksize: int) -> "QuantizedTensor":
+        if fmt.quantizer == "e4m3":  # fp8_e4m3: the codes are E4M3 bits (fp8.py), decoded by every kernel
+            packed, scales = quantize_e4m3(x, blocksize)
+            return QuantizedTensor(packed, scales, None, fmt, x.shape, x.dtype, blocksize)
         table, mids, order, grid = fmt.kernel_tables(x.device)
         packed, scales, offsets = torch.ops.qengine.quantize_blockwise(
             x.reshape(-1), table, mids, order, grid, fmt.bits, blocksize, fmt.rule_code, fmt.identity_order)
@@ -358,6 +362,9 @@ class QuantizedTensor:
         q = cls(packed.contiguous(), scales, offsets, fmt, shape, dtype, blocksize, bool(meta.get("per_row", False)),
                 layout, positions, mask)
         check_codes(q.packed, fmt, stored, prefix)
+        if fmt.invalid_codes and bool(torch.isin(q.packed, torch.tensor(fmt.invalid_codes, device=q.device)).any()):
+            raise ValueError(f"{prefix}packed contains {fmt.name} codes with no value "
+                             f"({', '.join(f'0x{c:02X}' for c in fmt.invalid_codes)}: NaN; corrupt data)")
         # Negative float32 block scales are data, not corruption: a GGUF Q4_0/Q8_0 block's
         # scale d is signed (qengine.hf.load_gguf keeps it), and the kernels simply multiply.
         return q

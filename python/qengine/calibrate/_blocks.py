@@ -27,6 +27,12 @@ class Encoder:
     for a block of stored parameters (so RTN's own scales give RTN's own codes)."""
 
     def __init__(self, fmt: Format, device: torch.device):
+        if fmt.scale_format or fmt.quantizer:
+            # The methods choose float32 block scales and the nearest codes under them; these
+            # formats fix their own scale codes (mxfp4, nvfp4) or code rule (fp8_e4m3).
+            raise ValueError(f"format {fmt.name!r} quantizes by its own scale and rounding rules; the calibrated "
+                             "methods (gptq, search, codebook fitting) take codebook formats such as nf4, int4, "
+                             f"int8: quantize {fmt.name!r} with method 'rtn'")
         table, mids, order, grid = fmt.kernel_tables(device)
         n = len(fmt.values)
         self.fmt = fmt

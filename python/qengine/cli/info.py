@@ -55,7 +55,8 @@ def bits_per_param(fmt, shape: tuple[int, ...], blocksize: int, double_quant: bo
         part = nblocks + 4 * -(-nblocks // NESTED_BLOCKSIZE) + 4 * len(get_format(NESTED_FORMAT).values) + 4
     else:
         part = 4 * nblocks
-    nbytes = -(-numel * fmt.bits // 8) + 4 * len(fmt.values) + (2 if fmt.rule == "minmax" else 1) * part
+    table = 4 * len(fmt.values) if fmt.stored_table else 0  # fp8_e4m3's table is the spec's, not stored
+    nbytes = -(-numel * fmt.bits // 8) + table + (2 if fmt.rule == "minmax" else 1) * part
     return 8.0 * nbytes / numel
 
 
