@@ -1,7 +1,7 @@
 """GGUF in and out (qengine.hf.gguf): a tiny Llama written by the gguf package (no download) with
-Q4_0, Q8_0, Q4_1, Q4_K, Q5_K and Q6_K tensors -> load -> logits vs transformers' own GGUF load ->
-QLoRA steps -> export -> read back; every decode against gguf.quants.dequantize bit for bit;
-exported bytes against gguf.quants.quantize; bad files."""
+Q4_0, Q8_0, Q4_1, Q4_K, Q5_K, Q6_K, IQ4_NL, MXFP4 and NVFP4 tensors -> load -> logits vs
+transformers' own GGUF load -> QLoRA steps -> export -> read back; every decode against
+gguf.quants.dequantize bit for bit; exported bytes against gguf.quants.quantize; bad files."""
 
 import os
 
@@ -16,16 +16,18 @@ import qengine  # noqa: E402
 from qengine.cli import main  # noqa: E402
 from qengine.hf import export_gguf, load_model, save_quantized  # noqa: E402
 from qengine.hf.gguf import EXACT_TYPES, decode_blocks  # noqa: E402
+from qengine.hf.gguf.codec import MICROSCALING_TYPES  # noqa: E402
 from qengine.nn import QuantEmbedding, QuantLinear  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 LAYER_TYPES = [dict(q=T.Q4_0, k=T.Q8_0, v=T.Q4_1, o=T.Q4_K, gate=T.Q5_K, up=T.Q4_K, down=T.Q6_K),
-               dict(q=T.Q4_K, k=T.Q6_K, v=T.Q8_0, o=T.Q4_1, gate=T.Q4_0, up=T.Q5_K, down=T.Q4_K)]
+               dict(q=T.NVFP4, k=T.MXFP4, v=T.IQ4_NL, o=T.Q4_1, gate=T.Q4_0, up=T.Q5_K, down=T.Q4_K)]
 DIMS = dict(hidden=256, inter=512, heads=4, kv=2, layers=2, vocab=288)
 
 
 def random_blocks(rng, rows, cols, qtype):
-    """Random bytes of a K-quant (the gguf package has no K-quant quantizer), with sane fp16 factors."""
+    """Random bytes of a type the gguf package cannot quantize (K-quants, IQ4_NL, NVFP4), with sane
+    fp16 factors (NVFP4: E4M3 block scales 2**-9 .. 0.06, subnormals included)."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
     b = raw.reshape(-1, size)
@@ -35,13 +37,17 @@ def random_blocks(rng, rows, cols, qtype):
 
     if qtype == T.Q6_K:
         b[:, -2:] = f16(0.0005, 0.002)
+    elif qtype == T.IQ4_NL:  # a signed d, as Q4_0's
+        b[:, 0:2] = f16(-0.0005, 0.0005)
+    elif qtype == T.NVFP4:
+        b[:, 0:4] = rng.integers(1, 25, (b.shape[0], 4))
     else:
         b[:, 0:2], b[:, 2:4] = f16(0.0005, 0.002), f16(0.0, 0.002)
     return raw
 
 
 def weights(rng, rows, cols, qtype):
-    if qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0):
+    if qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.MXFP4):
         return gguf.quants.quantize((rng.standard_normal((rows, cols)) * 0.05).astype(np.float32), qtype)
     return random_blocks(rng, rows, cols, qtype)
 
@@ -52,16 +58,11 @@ def write_llama(path, layer_types=LAYER_TYPES, output=T.Q6_K, seed=0, truncate=0
     d = DIMS
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(os.fspath(path), "llama")
-    w.add_context_length(128)
-    w.add_block_count(d["layers"])
-    w.add_feed_forward_length(d["inter"])
-    w.add_embedding_length(d["hidden"])
-    w.add_rope_dimension_count(d["hidden"] // d["heads"])
-    w.add_rope_freq_base(10000.0)
-    w.add_head_count(d["heads"])
-    w.add_head_count_kv(d["kv"])
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(d["vocab"])
+    for key, value in (("context_length", 128), ("block_count", d["layers"]), ("feed_forward_length", d["inter"]),
+                       ("embedding_length", d["hidden"]), ("rope_dimension_count", d["hidden"] // d["heads"]),
+                       ("rope_freq_base", 10000.0), ("head_count", d["heads"]), ("head_count_kv", d["kv"]),
+                       ("layer_norm_rms_eps", 1e-5), ("vocab_size", d["vocab"])):
+        getattr(w, "add_" + key)(value)
 
     def add(name, rows, cols, qtype):
         if qtype in (T.F32, T.F16):
@@ -111,14 +112,36 @@ def test_decode_equals_gguf_dequantize(name, chunk, monkeypatch):
     """Bit for bit, decoded in one piece or a few blocks at a time (as the loader reads a file)."""
     if chunk is not None:
         monkeypatch.setattr("qengine.hf.gguf.codec.CHUNK_BYTES", chunk)
-    rng = np.random.default_rng(1)
-    qtype = T[name]
-    rows, cols = 6, 512
-    raw = weights(rng, rows, cols, qtype)
-    q = decode_blocks(torch.from_numpy(raw.copy()).reshape(-1), name, (rows, cols))
-    ours = q.dequantize(torch.float32).numpy()
+    qtype, rows, cols = T[name], 7, 512  # an odd row count
+    raw = weights(np.random.default_rng(1), rows, cols, qtype)
+    ours = decode_blocks(torch.from_numpy(raw.copy()).reshape(-1), name, (rows, cols)).dequantize(torch.float32).numpy()
     ref = gguf.quants.dequantize(raw, qtype)
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))  # bit for bit, signed zeros included
+
+
+@pytest.mark.parametrize("name, scale_bytes, bad", [
+    ("MXFP4", [0, 1, 2, 3, 100, 127, 128, 200, 253, 254], [0xFF]),  # 2**-127 (subnormal results) .. 2**127 (Inf)
+    ("NVFP4", list(range(127)) + [0], [0x7F, 0x80, 0xFE, 0xFF]),  # every E4M3 scale, subnormals included
+], ids=["mxfp4", "nvfp4"])
+def test_fp4_every_code_and_scale_byte(name, scale_bytes, bad):
+    """Every E2M1 code (-0 included, which gguf decodes as +0) under every edge scale byte equals
+    gguf.quants.dequantize bit for bit (Inf where gguf overflows too); a scale byte with no value
+    is a ValueError naming it."""
+    c, per = np.arange(16, dtype=np.uint8), 1 if name == "MXFP4" else 4  # per: scale bytes a GGUF block
+    # All 16 codes in each half block (MXFP4: low nibbles elements j, high j + 16; NVFP4: per 16, 0..7 and 8..15).
+    qs = c | c[::-1] << 4 if per == 1 else np.concatenate([c[:8] | c[8:] << 4, c[8:] | c[:8] << 4] * 2)
+    raw = np.concatenate([np.reshape(scale_bytes, (-1, per)).astype(np.uint8),
+                          np.tile(qs, (len(scale_bytes) // per, 1))], axis=1).reshape(2, -1)
+    shape = (2, len(scale_bytes) * (16 if per == 1 else 8))
+    q = decode_blocks(torch.from_numpy(raw.copy()).reshape(-1), name, shape)
+    with np.errstate(over="ignore"):
+        ref = gguf.quants.dequantize(raw, T[name])
+    assert q.format.name == name.lower() and np.array_equal(q.dequantize(torch.float32).numpy().view(np.uint32),
+                                                            ref.view(np.uint32))
+    for byte in bad:
+        raw[1, 0] = byte
+        with pytest.raises(ValueError, match=f"{name} tensor has an? (E8M0|UE4M3) block scale byte.*corrupt"):
+            decode_blocks(torch.from_numpy(raw.copy()).reshape(-1), name, shape)
 
 
 def test_load_logits_equal_transformers(tiny, caplog):
@@ -132,6 +155,9 @@ def test_load_logits_equal_transformers(tiny, caplog):
     down = model.model.layers[0].mlp.down_proj  # Q6_K: 8-bit codes, a float32 scale per 16
     assert isinstance(down, QuantLinear) and down.format.name == "_gguf_q6" and down.blocksize == 16
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.format.name == "_gguf_q6"
+    attn = model.model.layers[1].self_attn  # NVFP4 / MXFP4 in qengine's own formats, q/k rows permuted
+    assert (attn.q_proj.format.name, attn.q_proj.blocksize, attn.k_proj.format.name) == ("nvfp4", 16, "mxfp4")
+    assert attn.v_proj.format.name == "_gguf_iq4_nl"
     ref = reference_model(tiny)
     ids = torch.randint(0, DIMS["vocab"], (2, 11))
     with torch.no_grad():
@@ -208,9 +234,17 @@ def test_mxfp4_model_exports_to_mxfp4_without_loss(tiny, tmp_path):
     assert np.array_equal(decoded.reshape(up.out_features, up.in_features), up.dequantize(torch.float32).numpy())
 
 
-def test_unknown_tensor_type(tmp_path):
+def test_unknown_tensor_type_or_corrupt_scale(tmp_path):
+    """An unsupported type, and an MXFP4 block scale byte 0xFF (E8M0's NaN), name the tensor."""
     path = write_llama(tmp_path / "q2k.gguf", [dict(LAYER_TYPES[0], o=T.Q2_K)])
     with pytest.raises(ValueError, match=r"blk\.0\.attn_output\.weight.*Q2_K.*supported: Q4_0"):
+        load_model(path)
+    path = write_llama(tmp_path / "bad.gguf")
+    t = _tensors(path)[1]["blk.1.attn_k.weight"]
+    with open(path, "r+b") as f:
+        f.seek(int(t.data_offset) + 17 * 5)  # the E8M0 byte of MXFP4 block 5
+        f.write(b"\xff")
+    with pytest.raises(ValueError, match=r"'blk\.1\.attn_k\.weight'.*E8M0 block scale byte 0xFF"):
         load_model(path)
 
 
@@ -261,7 +295,7 @@ def _bits(t):
     return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
-@pytest.mark.parametrize("name", list(EXACT_TYPES))
+@pytest.mark.parametrize("name", [n for n in EXACT_TYPES if n not in MICROSCALING_TYPES])
 def test_quant_embedding_equals_decode_then_index(name):
     """A lookup decodes only the requested rows, bit for bit the rows of the whole decoded table
     (repeated indices, an odd vocabulary, any index shape, float32 and bfloat16 outputs)."""
@@ -336,18 +370,23 @@ def test_quantized_token_embd_stays_quantized(tiny_qembd, tmp_path):
     assert np.array_equal(np.asarray(tensors["token_embd.weight"].data), gguf.quants.quantize(dense, T.Q8_0))
 
 
-def test_tied_head_keeps_float_embedding(tmp_path):
-    """With no output.weight the head is tied to token_embd: the embedding is decoded to float32 (the
-    head shares it), as before, and the logits equal transformers'."""
-    path = write_llama(tmp_path / "tied.gguf", output=None, embd=T.Q4_0)
-    model = load_model(path)
-    if not model.config.tie_word_embeddings:
+@pytest.mark.parametrize("embd, output", [(T.Q4_0, None), (T.MXFP4, T.Q6_K), (T.NVFP4, T.Q6_K)],
+                         ids=["tied", "mxfp4", "nvfp4"])
+def test_float_embedding_when_tied_or_microscaling(tmp_path, embd, output):
+    """With no output.weight the head is tied to token_embd, and an MXFP4 / NVFP4 token_embd has
+    nested scale codes (which QuantEmbedding does not gather): either way the embedding is decoded
+    to float32, bit for bit transformers' table, and the logits equal transformers'."""
+    path = write_llama(tmp_path / "embd.gguf", output=output, embd=embd)
+    model, ref = load_model(path), reference_model(path)
+    if output is None and not model.config.tie_word_embeddings:
         pytest.skip("transformers' GGUF config does not tie the head of a file without output.weight")
     assert type(model.get_input_embeddings()) is torch.nn.Embedding
-    assert model.lm_head.weight is model.get_input_embeddings().weight
-    ids = torch.randint(0, DIMS["vocab"], (2, 7))
+    assert torch.equal(model.get_input_embeddings().weight, ref.get_input_embeddings().weight)
+    assert output is not None or model.lm_head.weight is model.get_input_embeddings().weight
+    torch.manual_seed(0)
+    ids = torch.randint(0, DIMS["vocab"], (2, 11))  # as test_load_logits_equal_transformers
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, reference_model(path)(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fallback", ["float32", "int8"])

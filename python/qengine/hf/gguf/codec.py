@@ -14,10 +14,21 @@ is loaded without this module falls back to the stored codebook, which is the sa
 - ``_gguf_u5``: 8-bit minmax holding 32 values q / 32 (Q5_K's 5-bit codes, one a byte).
 - ``_gguf_q6``: 8-bit absmax holding 64 values (q - 32) / 32 (Q6_K's 6-bit codes, one a byte),
   block size 16 (Q6_K's sub-block); scale = 32 * d * sc with sc Q6_K's int8 sub-block scale.
+- ``_gguf_iq4_nl``: 4-bit absmax, values k / 128 with k = IQ4_NL's kvalues (-127 .. 113, sorted);
+  scale = 128 * d (IQ4_NL's w = d * k).
 
 Every product code * scale is exact in float32 (an fp16 d has 11 significant bits, a 6-bit
-sub-block scale 6 (Q6_K: an int8, 7), a code at most 8 (Q6_K's q - 32: 5)), so the decode
-equals gguf.quants.dequantize bit for bit.
+sub-block scale 6 (Q6_K: an int8, 7), a code at most 8 (Q6_K's q - 32: 5)), or (IQ4_NL) is
+the one rounding of d * k that gguf makes too, so the decode equals gguf.quants.dequantize bit
+for bit.
+
+MXFP4 and NVFP4 go into qengine's own ``mxfp4`` / ``nvfp4`` (E2M1 codes, nested E8M0 / E4M3
+scale codes): GGUF's kvalues are the E2M1 values doubled in the same code order, and its scale
+halved (MXFP4: 2**(e - 128); NVFP4: ue4m3 / 2), so w = E2M1[code] * 2**(e - 127) (MXFP4) and
+E2M1[code] * e4m3 (NVFP4, tensor scale 1.0: the GGUF block has none), exact in float32. The
+codes and scale bytes move unchanged, except E2M1's -0 (code 8), which gguf decodes as +0:
+it becomes code 0. A scale byte with no value (E8M0 0xFF; E4M3 0x7F or >= 0x80) is a
+ValueError.
 """
 
 from __future__ import annotations
@@ -28,9 +39,11 @@ from typing import Callable
 import torch
 
 from ...formats import Format, get_format, register_format
-from ...tensor import QuantizedTensor
+from ...microscaling import tensor_scale_blocksize
+from ...tensor import NestedScales, QuantizedTensor
 
-__all__ = ["EXACT_TYPES", "FALLBACK_TYPES", "FLOAT_TYPES", "decode_blocks", "decode_read", "supported_types"]
+__all__ = ["EXACT_TYPES", "MICROSCALING_TYPES", "FALLBACK_TYPES", "FLOAT_TYPES", "decode_blocks", "decode_read",
+           "supported_types"]
 
 _TABLES = {
     "_gguf_q4_0": (4, tuple((q - 8) / 8 for q in range(16)), "absmax", "GGUF Q4_0 codes: (q - 8) / 8"),
@@ -38,6 +51,9 @@ _TABLES = {
     "_gguf_u4": (4, tuple(q / 16 for q in range(16)), "minmax", "GGUF Q4_1 / Q4_K codes: q / 16"),
     "_gguf_u5": (8, tuple(q / 32 for q in range(32)), "minmax", "GGUF Q5_K codes: q / 32, one a byte"),
     "_gguf_q6": (8, tuple((q - 32) / 32 for q in range(64)), "absmax", "GGUF Q6_K codes: (q - 32) / 32, one a byte"),
+    # gguf.quants.IQ4_NL.kvalues (llama.cpp's kvalues_iq4nl), over 128: a power of two, exact.
+    "_gguf_iq4_nl": (4, tuple(k / 128 for k in (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
+                                                  113)), "absmax", "GGUF IQ4_NL codes: kvalues / 128"),
 }
 
 
@@ -129,9 +145,43 @@ def _q6_k(raw):
     return (low | (high << 4)).reshape(-1), scales.reshape(-1), None, "_gguf_q6", 16
 
 
+def _iq4_nl(raw):
+    codes = _nibbles(raw[:, 2:], 16)  # Q4_0's nibble order; the code indexes the sorted kvalues
+    return _pack4(codes), _f16(raw, 0) * 128, None, "_gguf_iq4_nl", 32
+
+
+def _e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8) with -0 (code 8, which gguf's integer kvalues decode as +0) made +0."""
+    return torch.where(codes == 8, torch.zeros_like(codes), codes)
+
+
+def _mxfp4(raw):
+    # Block: an E8M0 byte e, then Q4_0's nibble layout; gguf's d = 2**(e - 128) times doubled
+    # E2M1 values is qengine's E8M0 code e (2**(e - 127)) times E2M1.
+    e = raw[:, 0].contiguous()
+    if bool((e == 0xFF).any()):
+        raise ValueError("MXFP4 tensor has an E8M0 block scale byte 0xFF (NaN in OCP MX, not a scale): corrupt data")
+    return _pack4(_e2m1(_nibbles(raw[:, 1:], 16))), e, None, "mxfp4", 32
+
+
+def _nvfp4(raw):
+    # Super-block of 64: 4 UE4M3 bytes (one per 16), then per 16 eight bytes, low nibbles the
+    # first 8 elements; gguf's d = ue4m3 / 2 times doubled E2M1 values is E4M3 code times E2M1.
+    nb = raw.shape[0]
+    s = raw[:, :4].reshape(-1).contiguous()
+    if bool((s >= 0x7F).any()):
+        raise ValueError("NVFP4 tensor has a UE4M3 block scale byte 0x7F (NaN) or >= 0x80 (sign bit set), "
+                         "not a scale: corrupt data")
+    return _pack4(_e2m1(_nibbles(raw[:, 4:].reshape(nb * 4, 8), 8))), s, None, "nvfp4", 16
+
+
 # GGML type name -> (block size in elements, bytes per block, decoder).
 EXACT_TYPES = {"Q4_0": (32, 18, _q4_0), "Q8_0": (32, 34, _q8_0), "Q4_1": (32, 20, _q4_1),
-               "Q4_K": (256, 144, _q4_k), "Q5_K": (256, 176, _q5_k), "Q6_K": (256, 210, _q6_k)}
+               "Q4_K": (256, 144, _q4_k), "Q5_K": (256, 176, _q5_k), "Q6_K": (256, 210, _q6_k),
+               "IQ4_NL": (32, 18, _iq4_nl), "MXFP4": (32, 17, _mxfp4), "NVFP4": (64, 36, _nvfp4)}
+# Exact types held in a microscaling format (nested scale codes): QuantEmbedding, which gathers
+# plain float32 block scales, does not take them.
+MICROSCALING_TYPES = ("MXFP4", "NVFP4")
 # Quantized types decoded to float (exactly, by gguf.quants.dequantize) where a Linear weight is
 # kept: none today (every loadable quantized type has an exact layout); kept for future types.
 FALLBACK_TYPES = ()
@@ -176,7 +226,8 @@ def decode_read(read: Callable[[int, int], torch.Tensor], type_name: str,
     for b0 in range(0, nblocks, step):
         nb = min(step, nblocks - b0)
         packed, scales, offsets, fmt, bs = fn(read(b0 * size, nb * size).reshape(nb, size))
-        if not (torch.isfinite(scales).all() and (offsets is None or torch.isfinite(offsets).all())):
+        finite = scales.dtype != torch.float32 or bool(torch.isfinite(scales).all())  # microscaling: codes
+        if not (finite and (offsets is None or torch.isfinite(offsets).all())):
             raise ValueError(f"{type_name} tensor has NaN or Inf block scales (corrupt data)")
         if out is None:  # each GGUF block gives the same number of code bytes and scales
             out = [None if t is None else t.new_empty(nblocks * (t.numel() // nb)) for t in (packed, scales, offsets)]
@@ -185,7 +236,20 @@ def decode_read(read: Callable[[int, int], torch.Tensor], type_name: str,
                 per = t.numel() // nb
                 dst[b0 * per:(b0 + nb) * per] = t
     packed, scales, offsets = out
-    return QuantizedTensor(packed, scales, offsets, _format(fmt), torch.Size(shape), torch.float32, bs)
+    fmt = _format(fmt)
+    if fmt.scale_format:  # microscaling: uint8 scale codes, nested as quantize_microscaling makes them
+        scales = _nested(scales, fmt.scale_format)
+    return QuantizedTensor(packed, scales, offsets, fmt, torch.Size(shape), torch.float32, bs)
+
+
+def _nested(codes: torch.Tensor, scale_format: str, tensor_scale: torch.Tensor | None = None) -> NestedScales:
+    """Scale codes (uint8 [nblocks]) as a microscaling weight's NestedScales: one nested block,
+    absmax = the tensor scale (1.0: GGUF blocks carry none), mean 0.0."""
+    n = codes.numel()
+    tensor_scale = torch.ones(1, dtype=torch.float32) if tensor_scale is None else tensor_scale
+    inner = QuantizedTensor(codes, tensor_scale, None, get_format(scale_format), torch.Size([n]), torch.float32,
+                            tensor_scale_blocksize(n))
+    return NestedScales(inner, torch.zeros((), dtype=torch.float32))
 
 
 def permute_rows(q: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
@@ -196,4 +260,9 @@ def permute_rows(q: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
     def take(t):
         return None if t is None else t.reshape(rows, -1)[index].reshape(-1).contiguous()
 
-    return QuantizedTensor(take(q.packed), take(q.scales), take(q.offsets), q.format, q.shape, q.dtype, q.blocksize)
+    if isinstance(q.scales, NestedScales):  # microscaling: the scale codes move, the tensor scale stays
+        inner = q.scales.quantized
+        scales = _nested(take(inner.packed), inner.format.name, inner.scales)
+    else:
+        scales = take(q.scales)
+    return QuantizedTensor(take(q.packed), scales, take(q.offsets), q.format, q.shape, q.dtype, q.blocksize)

@@ -20,7 +20,7 @@ from .load import qk_row_index, require_gguf
 __all__ = ["EXPORT_TYPES", "export_gguf"]
 
 log = logging.getLogger("qengine")
-# --type -> GGML type: those gguf.quants.quantize implements (no K-quant quantizer there).
+# --type -> GGML type: those gguf.quants.quantize implements (no K-quant, IQ4_NL or NVFP4 quantizer there).
 EXPORT_TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "mxfp4", "bf16", "f16", "f32")
 ARCHITECTURES = ("llama",)
 
@@ -68,7 +68,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, type: str = "q4_0") -
     type = str(type).lower()
     if type not in EXPORT_TYPES:
         raise ValueError(f"unknown GGUF type {type!r}; export writes {', '.join(EXPORT_TYPES)} (the gguf package "
-                         "has no K-quant quantizer)")
+                         "has no K-quant, IQ4_NL or NVFP4 quantizer)")
     qtype = gguf.GGMLQuantizationType[type.upper()]
     model = _unwrap(model)
     config = getattr(model, "config", None)

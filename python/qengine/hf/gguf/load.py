@@ -18,8 +18,8 @@ from torch import nn
 from ...formats import get_format
 from ...nn import QuantEmbedding, QuantLinear
 from ..checkpoint import build_model, require_transformers
-from .codec import (EXACT_TYPES, FALLBACK_TYPES, FLOAT_TYPES, decode_blocks, decode_read, permute_rows,
-                    supported_types)
+from .codec import (EXACT_TYPES, FALLBACK_TYPES, FLOAT_TYPES, MICROSCALING_TYPES, decode_blocks, decode_read,
+                    permute_rows, supported_types)
 
 __all__ = ["require_gguf", "open_gguf", "gguf_config", "load_gguf", "qk_row_index", "ARCHITECTURES"]
 
@@ -98,8 +98,11 @@ def _read(f, t, start: int = 0, n: Optional[int] = None) -> torch.Tensor:
 
 def _decode(f, t, type_name: str, shape: tuple[int, ...]):
     """The QuantizedTensor of an EXACT_TYPES tensor, read and decoded a chunk at a time (the
-    tensor's whole bytes are never held beside its codes)."""
-    return decode_read(lambda start, n: _read(f, t, start, n), type_name, shape)
+    tensor's whole bytes are never held beside its codes); a corrupt block names the tensor."""
+    try:
+        return decode_read(lambda start, n: _read(f, t, start, n), type_name, shape)
+    except ValueError as e:
+        raise ValueError(f"GGUF tensor {t.name!r}: {e}") from None
 
 
 def _float(raw: torch.Tensor, type_name: str, shape: tuple[int, ...], gguf) -> torch.Tensor:
@@ -130,8 +133,9 @@ def _set_param(module: nn.Module, attr: str, value: torch.Tensor, hf_name: str) 
 def load_gguf(path: str | os.PathLike, fallback: str = "float32", skip: tuple = ()) -> nn.Module:
     """A causal LM from a GGUF file (see docs/gguf.md).
 
-    Linear weights of the exact types (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) become QuantLinear
-    layers holding the file's codes and scales; an embedding of those types becomes a
+    Linear weights of the exact types (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, MXFP4, NVFP4)
+    become QuantLinear layers holding the file's codes and scales; an embedding of those types
+    (but MXFP4 / NVFP4, whose nested scale codes QuantEmbedding does not gather) becomes a
     QuantEmbedding (unless the output head is tied to it: then it is decoded to float32, as the
     head shares it). Float tensors (F32/F16/BF16) load as float32 with their exact values;
     another quantized tensor of a non-Linear parameter is decoded to float32 exactly, and so is
@@ -216,9 +220,10 @@ def load_gguf(path: str | os.PathLike, fallback: str = "float32", skip: tuple = 
 
 def _quantized_embedding(module: nn.Module, attr: str, type_name: str, config) -> bool:
     """Whether a GGUF tensor stays quantized as a QuantEmbedding: an embedding table of an exact
-    type, not tied to the output head (a tied head would need the float weight)."""
+    type with plain float32 block scales (not MXFP4 / NVFP4), not tied to the output head (a
+    tied head would need the float weight)."""
     return (isinstance(module, nn.Embedding) and attr == "weight" and type_name in EXACT_TYPES
-            and not getattr(config, "tie_word_embeddings", False))
+            and type_name not in MICROSCALING_TYPES and not getattr(config, "tie_word_embeddings", False))
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
