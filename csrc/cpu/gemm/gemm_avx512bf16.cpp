@@ -125,8 +125,10 @@ struct Sparse24Segment {
     const __m512i pz = _mm512_castsi256_si512(pos);
     const __mmask32 at_first = _mm512_cmpeq_epi16_mask(_mm512_permutexvar_epi16(first, pz), slot);
     const __mmask32 at_second = _mm512_cmpeq_epi16_mask(_mm512_permutexvar_epi16(second, pz), slot);
-    return _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(at_first, _mm512_permutexvar_epi16(first, vz)), at_second,
-                                 _mm512_permutexvar_epi16(second, vz));
+    // One permute of the values: word w takes the group's second value where its position is
+    // w's slot (the second wins when both are), else the first where that one is, else 0.
+    const __m512i from = _mm512_mask_blend_epi16(at_second, first, second);
+    return _mm512_maskz_permutexvar_epi16(_kor_mask32(at_first, at_second), from, vz);
   }
 };
 
