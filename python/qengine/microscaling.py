@@ -32,9 +32,14 @@ import torch
 from .formats import Format, get_format
 from .tensor import NESTED_BLOCKSIZE, NestedScales, QuantizedTensor
 
-__all__ = ["quantize_microscaling", "round_to_table", "tensor_scale_blocksize"]
+__all__ = ["block_scale_codes", "e2m1_codes", "microscaling_tensor", "nvfp4_tensor_scale", "quantize_microscaling",
+           "round_to_table", "scale_values", "tensor_scale_blocksize", "tensor_scale_of"]
 
 _CHUNK = 1 << 22  # elements per float64 pass (bounds the temporary memory)
+# Up to this many value x midpoint comparisons round_to_table compares with every midpoint:
+# torch.searchsorted wakes its worker threads even for a few values (milliseconds a call on a
+# busy machine), and GPTQ's sweep rounds one column of a few hundred values at a time.
+_COMPARE_MAX = 1 << 20
 
 
 def tensor_scale_blocksize(nblocks: int) -> int:
@@ -48,15 +53,74 @@ def round_to_table(v: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     float64, the code = the index, mantissa in the low bit): nearest, ties to the even code
     (round-to-nearest-even for E2M1 and E4M3), saturating at the last value."""
     mids = (values[:-1] + values[1:]) / 2
-    idx = torch.searchsorted(mids, v, side="left")  # midpoints strictly below v: ties go low
+    if v.numel() * len(mids) <= _COMPARE_MAX:  # the same count, without searchsorted's thread start-up
+        idx = (v.unsqueeze(-1) > mids).sum(-1)
+    else:
+        idx = torch.searchsorted(mids, v, side="left")  # midpoints strictly below v: ties go low
     tie = (idx < len(mids)) & (mids[idx.clamp(max=len(mids) - 1)] == v) & (idx % 2 == 1)
     return idx + tie.to(idx.dtype)
 
 
-def _e2m1_codes(ratio: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+def e2m1_codes(ratio: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """4-bit E2M1 codes of the float64 ratios (sign bit 3; the sign of -0.0 kept)."""
     mag = round_to_table(ratio.abs(), positive)
     return mag | (torch.signbit(ratio).to(mag.dtype) << 3)
+
+
+def nvfp4_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
+    """nvfp4's float32 tensor scale g [1] of a tensor whose float32 max |x| is `amax` (a
+    0-d tensor): amax / (448 * 6), 1.0 for an all-zero tensor, the smallest positive float32
+    for a subnormal amax below 2688 * 2**-149."""
+    g = amax / 2688.0 if bool(amax > 0) else torch.ones((), device=amax.device)
+    if not bool(g > 0):
+        g = torch.tensor(torch.finfo(torch.float32).tiny * 2**-23, device=amax.device)
+    return g.reshape(1).to(torch.float32)
+
+
+def tensor_scale_of(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The float32 tensor scale [1] of x in `fmt`: 1.0 for mxfp4, nvfp4_tensor_scale for nvfp4."""
+    if fmt.scale_format == "_e8m0":
+        return torch.ones(1, dtype=torch.float32, device=x.device)
+    return nvfp4_tensor_scale(x.detach().abs().amax().to(torch.float32))
+
+
+def scale_values(scale_codes: torch.Tensor, fmt: Format, tensor_scale: torch.Tensor) -> torch.Tensor:
+    """float32 block scales of the int64 scale codes, exactly as the kernels decode them:
+    mxfp4 2**(code - 127); nvfp4 float32 E4M3[code] * tensor_scale (one rounding)."""
+    if fmt.scale_format == "_e8m0":
+        return torch.ldexp(torch.ones_like(scale_codes, dtype=torch.float64), scale_codes - 127).to(torch.float32)
+    table = get_format(fmt.scale_format).kernel_tables(scale_codes.device)[0]  # float32, storage order
+    return table.take(scale_codes) * tensor_scale
+
+
+def block_scale_codes(amax: torch.Tensor, fmt: Format, tensor_scale: torch.Tensor) -> torch.Tensor:
+    """The format's scale codes (int64) of blocks whose max |x| is the float32 `amax` [nb]
+    (see the module docstring): mxfp4 floor(log2 amax) - 2 + 127, 0 for an all-zero block;
+    nvfp4 E4M3(amax / 6 / g), rounded to nearest even, saturating."""
+    if fmt.scale_format == "_e8m0":
+        _, exp = torch.frexp(amax.to(torch.float64))  # amax = m * 2**exp, m in [0.5, 1)
+        shared = (exp.to(torch.int64) - 1 - 2).clamp(min=-127)
+        return torch.where(amax > 0, shared + 127, torch.zeros_like(shared))
+    table = torch.tensor(get_format(fmt.scale_format).values, dtype=torch.float64, device=amax.device)
+    # amax / 6 / g: float32 operands, the quotient in float64 (a tie in E4M3 is then exact).
+    return round_to_table(amax.to(torch.float64) / 6.0 / tensor_scale.to(torch.float64), table)
+
+
+def microscaling_tensor(codes: torch.Tensor, scale_codes: torch.Tensor, tensor_scale: torch.Tensor, fmt: Format,
+                        shape: torch.Size, dtype: torch.dtype) -> QuantizedTensor:
+    """The QuantizedTensor of a microscaling weight from its E2M1 storage codes (int, flat
+    [numel]), its scale codes (int, [nblocks]) and float32 tensor scale [1] (1.0 for mxfp4):
+    codes packed two per byte (code 2k in the high nibble, an odd count padded with 0), the
+    scale codes nested under the tensor scale (see the module docstring)."""
+    codes = codes.reshape(-1).to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    packed = ((codes[0::2] << 4) | codes[1::2]).contiguous()
+    nblocks = scale_codes.numel()
+    inner = QuantizedTensor(scale_codes.to(torch.uint8).contiguous(), tensor_scale, None, get_format(fmt.scale_format),
+                            torch.Size([nblocks]), torch.float32, tensor_scale_blocksize(nblocks))
+    scales = NestedScales(inner, torch.zeros((), dtype=torch.float32, device=codes.device))
+    return QuantizedTensor(packed, scales, None, fmt, shape, dtype, fmt.fixed_blocksize)
 
 
 def quantize_microscaling(x: torch.Tensor, fmt: Format | str) -> QuantizedTensor:
@@ -75,39 +139,16 @@ def quantize_microscaling(x: torch.Tensor, fmt: Format | str) -> QuantizedTensor
         flat = torch.cat([flat, flat.new_zeros(pad)])
     blocks = flat.reshape(nblocks, bs)
     amax = blocks.abs().amax(dim=1)
-    device = x.device
-    positive = torch.tensor(fmt.values[:8], dtype=torch.float64, device=device)
-    scale_fmt = get_format(fmt.scale_format)
-    if fmt.scale_format == "_e8m0":
-        _, exp = torch.frexp(amax.to(torch.float64))  # amax = m * 2**exp, m in [0.5, 1)
-        shared = (exp.to(torch.int64) - 1 - 2).clamp(min=-127)
-        scale_codes = torch.where(amax > 0, shared + 127, torch.zeros_like(shared))
-        tensor_scale = torch.ones(1, dtype=torch.float32, device=device)
-        block_scale = torch.ldexp(torch.ones_like(amax, dtype=torch.float64), scale_codes - 127)
-    else:
-        total = amax.max()
-        g = total / 2688.0 if bool(total > 0) else torch.ones((), device=device)
-        if not bool(g > 0):  # a subnormal tensor amax below 2688 * 2**-149
-            g = torch.tensor(torch.finfo(torch.float32).tiny * 2**-23, device=device)
-        tensor_scale = g.reshape(1).to(torch.float32)
-        table = torch.tensor(scale_fmt.values, dtype=torch.float64, device=device)
-        # amax / 6 / g: float32 operands, the quotient in float64 (a tie in E4M3 is then exact).
-        scale_codes = round_to_table(amax.to(torch.float64) / 6.0 / tensor_scale.to(torch.float64), table)
-        # The decoded scale exactly as the kernels form it: float32 e4m3 * g.
-        block_scale = (table[scale_codes].to(torch.float32) * tensor_scale).to(torch.float64)
-    codes = torch.empty(nblocks * bs, dtype=torch.int64, device=device)
+    positive = torch.tensor(fmt.values[:8], dtype=torch.float64, device=x.device)
+    tensor_scale = tensor_scale_of(flat, fmt)
+    scale_codes = block_scale_codes(amax, fmt, tensor_scale)
+    block_scale = scale_values(scale_codes, fmt, tensor_scale).to(torch.float64)
+    codes = torch.empty(nblocks * bs, dtype=torch.int64, device=x.device)
     rows = max(1, _CHUNK // bs)
     for b0 in range(0, nblocks, rows):
         b1 = min(nblocks, b0 + rows)
         sc = block_scale[b0:b1, None]
         ratio = blocks[b0:b1].to(torch.float64) / torch.where(sc > 0, sc, torch.ones_like(sc))
         ratio = torch.where(sc > 0, ratio, torch.copysign(torch.zeros_like(ratio), ratio))
-        codes[b0 * bs:b1 * bs] = _e2m1_codes(ratio, positive).reshape(-1)
-    codes = codes[:numel].to(torch.uint8)
-    if numel % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
-    packed = ((codes[0::2] << 4) | codes[1::2]).contiguous()
-    inner = QuantizedTensor(scale_codes.to(torch.uint8).contiguous(), tensor_scale, None, scale_fmt,
-                            torch.Size([nblocks]), torch.float32, tensor_scale_blocksize(nblocks))
-    scales = NestedScales(inner, torch.zeros((), dtype=torch.float32, device=device))
-    return QuantizedTensor(packed, scales, None, fmt, x.shape, x.dtype, bs)
+        codes[b0 * bs:b1 * bs] = e2m1_codes(ratio, positive).reshape(-1)
+    return microscaling_tensor(codes[:numel], scale_codes, tensor_scale, fmt, x.shape, x.dtype)

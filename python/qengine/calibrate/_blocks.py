@@ -27,12 +27,14 @@ class Encoder:
     for a block of stored parameters (so RTN's own scales give RTN's own codes)."""
 
     def __init__(self, fmt: Format, device: torch.device):
-        if fmt.scale_format or fmt.quantizer:
-            # The methods choose float32 block scales and the nearest codes under them; these
-            # formats fix their own scale codes (mxfp4, nvfp4) or code rule (fp8_e4m3).
+        if fmt.quantizer:
+            # The methods choose block scales and the nearest codes under them; fp8_e4m3 has
+            # no block scale and its codes are the minifloat's own bits (fp8.py).
             raise ValueError(f"format {fmt.name!r} quantizes by its own scale and rounding rules; the calibrated "
                              "methods (gptq, search, codebook fitting) take codebook formats such as nf4, int4, "
-                             f"int8: quantize {fmt.name!r} with method 'rtn'")
+                             f"int8 and the microscaling mxfp4, nvfp4: quantize {fmt.name!r} with method 'rtn'")
+        if fmt.scale_format:  # mxfp4, nvfp4: scales on the format's grid (calibrate/_microscaling.py)
+            raise ValueError(f"format {fmt.name!r} takes a MicroscalingEncoder (make_encoder)")
         table, mids, order, grid = fmt.kernel_tables(device)
         n = len(fmt.values)
         self.fmt = fmt
@@ -95,6 +97,10 @@ class Encoder:
         if self.minmax:
             return codes, (t.double() * params[:, 0].double() + params[:, 1].double()).float()
         return codes, t * params[:, 0]
+
+    def rtn_block_params(self, x: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Round-to-nearest's (scale, offset) of blocks x [nb, bs]: see rtn_params."""
+        return rtn_params(x, partial, self.fmt)
 
     def sorted_index(self, v: torch.Tensor) -> torch.Tensor:
         """Number of midpoints strictly below float32 v (ties go to the lower code), int64.
@@ -192,7 +198,10 @@ def assemble(codes: torch.Tensor, scales, offsets, enc: Encoder, shape: torch.Si
              blocksize: int, per_row: bool) -> QuantizedTensor:
     """A QuantizedTensor from storage codes (int, flat [numel] in the tensor's layout), block
     scales and offsets (float32 [nblocks] or NestedScales): codes packed as the kernels pack
-    them (4 bits: code 2k in the high nibble of byte k, an odd count padded with the code of 0.0)."""
+    them (4 bits: code 2k in the high nibble of byte k, an odd count padded with the code of 0.0).
+    Microscaling formats: float32 grid scales, stored as the format's scale codes."""
+    if enc.fmt.scale_format:  # mxfp4, nvfp4: the scales become the format's nested scale codes
+        return enc.assemble_microscaling(codes, scales, shape, dtype)
     codes = codes.reshape(-1).to(torch.uint8)
     if enc.fmt.bits == 4:
         if codes.numel() % 2:

@@ -3,7 +3,10 @@ by column along the input dimension, each column's rounding error spread over th
 yet rounded through the upper Cholesky factor U of the damped inverse Hessian, with lazy
 updates of `block_columns` columns at a time. Any qengine format, scale rule, block size and
 double quantization; the result is an ordinary QuantizedTensor (RTN's layout and bytes per
-parameter), so every kernel and export takes it.
+parameter), so every kernel and export takes it. mxfp4 / nvfp4 keep their fixed block and
+their scale grids (E8M0 powers of two; E4M3 times nvfp4's tensor scale, from the original
+weights): a block's scale is the quantizer's grid scale of its updated weights (search=True:
+the best of a few neighbouring grid scales), see calibrate/_microscaling.py.
 
     >>> H = X.T @ X                    # X [samples, in_features]: the layer's calibration inputs
     >>> q = qengine.calibrate.gptq_quantize(w, H, "nf4", blocksize=64, double_quant=True)
@@ -48,10 +51,10 @@ import torch
 
 from .._checks import check_contiguous, check_float, check_positive_int
 from ..formats import Format, get_format
-from .._fit import resolve_blocksize
 from ..tensor import QuantizedTensor
-from ._blocks import Encoder, Geometry, assemble, nest, rtn_params
+from ._blocks import Encoder, Geometry, assemble, nest
 from ._hessian import check_hessian, inverse_factor
+from ._microscaling import make_encoder, resolve_format_blocksize
 from .scale_search import DEFAULT_GRID, DEFAULT_REFINE, check_grid, search_block_params
 
 __all__ = ["gptq_quantize", "gptq_quantize_experts"]
@@ -72,7 +75,8 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, format: str | Format = "nf4"
             does not matter), on w's device; not modified. Inputs with H_jj == 0 (never active
             in calibration) are rounded to nearest and feed no error to the others.
         format, blocksize, double_quant: as in qengine.quantize; the result has the layout and
-            bits_per_param of ``qengine.quantize(w, format, blocksize, double_quant)``.
+            bits_per_param of ``qengine.quantize(w, format, blocksize, double_quant)`` (mxfp4,
+            nvfp4: blocksize their block or 64, double_quant ignored, as there).
         damp: added to H's diagonal as a fraction of its mean (GPTQ's percdamp); raise it if
             the Cholesky factorisation fails (ValueError says so).
         block_columns: columns per lazy batch update (speed only; the result is the same up
@@ -99,17 +103,18 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, format: str | Format = "nf4"
         raise TypeError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     grid = check_grid(grid)
     fmt = get_format(format)
-    bs, per_row = resolve_blocksize(w, blocksize)
+    bs, per_row = resolve_format_blocksize(w, fmt, blocksize)
+    double_quant = double_quant and not fmt.scale_format  # mxfp4, nvfp4: the scales are always codes
     rows, cols = w.shape
     importance, perm, U = _factor(H, cols, w.device, damp, act_order, compute_dtype, factor_cache)
-    enc = Encoder(fmt, w.device)
+    enc = make_encoder(fmt, w)
     geo = Geometry(rows, cols, bs, w.device)
     if search:
         def choose(x, weight, partial):
             return search_block_params(x, weight, partial, enc, grid, DEFAULT_REFINE)
     else:
         def choose(x, weight, partial):
-            return rtn_params(x, partial, enc.fmt)
+            return enc.rtn_block_params(x, partial)
 
     W = w.detach().to(compute_dtype)
     sweep = _Sweep(geo, enc, U, block_columns, importance)
@@ -257,10 +262,11 @@ def gptq_quantize_experts(w: torch.Tensor, hessians: Sequence[tuple], format: st
     E, N, K = w.shape
     fmt = get_format(format)
     flat = w.detach().reshape(E * N, K).to(torch.float32).contiguous()
-    bs, per_row = resolve_blocksize(flat, blocksize)
+    bs, per_row = resolve_format_blocksize(flat, fmt, blocksize)
+    double_quant = double_quant and not fmt.scale_format
     if (N * K) % bs:
         raise ValueError(f"blocksize {bs} does not divide one expert's {N}x{K} weight")
-    enc = Encoder(fmt, w.device)
+    enc = make_encoder(fmt, flat)
     geo = Geometry(N, K, bs, w.device)  # one expert: no partial block
     x = flat.reshape(E * geo.nblocks, bs)
     ones = torch.ones(K, device=w.device)
@@ -272,7 +278,7 @@ def gptq_quantize_experts(w: torch.Tensor, hessians: Sequence[tuple], format: st
         scales = torch.cat([f[0] for f in found])
         offsets = torch.cat([f[1] for f in found]) if enc.minmax else None
     else:
-        scales, offsets = rtn_params(x, geo.partial.new_zeros(E * geo.nblocks), fmt)
+        scales, offsets = enc.rtn_block_params(x, geo.partial.new_zeros(E * geo.nblocks))
     stored_s, stored_o = scales, offsets
     if double_quant:
         stored_s, scales = nest(scales)

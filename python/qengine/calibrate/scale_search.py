@@ -18,9 +18,9 @@ import torch
 
 from .._checks import check_contiguous, check_float, check_tensor
 from ..formats import Format, get_format
-from .._fit import resolve_blocksize
 from ..tensor import QuantizedTensor
-from ._blocks import Encoder, Geometry, assemble, nest, rtn_params
+from ._blocks import Encoder, Geometry, assemble, nest
+from ._microscaling import MicroscalingEncoder, make_encoder, resolve_format_blocksize
 
 __all__ = ["search_scales", "search_block_params", "DEFAULT_GRID"]
 
@@ -84,7 +84,13 @@ def search_block_params(x: torch.Tensor, weight: torch.Tensor, partial: torch.Te
             Ratio 1.0 is always tried (round-to-nearest's parameters), so the weighted error is
             never above round-to-nearest's (up to how the search rounds exact ties).
         refine: rounds of least-squares refit of (scale, offset) to the chosen codes.
+
+    mxfp4 / nvfp4 (a MicroscalingEncoder): the scale stays on the format's grid, chosen among
+    a few grid scales around round-to-nearest's (MicroscalingEncoder.search_block_scales);
+    grid and refine do not apply.
     """
+    if isinstance(enc, MicroscalingEncoder):
+        return enc.search_block_scales(x, weight), None
     out_s, out_o = [], []
     step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
     for i in range(0, x.shape[0], step):
@@ -95,7 +101,7 @@ def search_block_params(x: torch.Tensor, weight: torch.Tensor, partial: torch.Te
 
 
 def _search_chunk(x, weight, partial, enc, grid, refine):
-    base_s, base_o = rtn_params(x, partial, enc.fmt)
+    base_s, base_o = enc.rtn_block_params(x, partial)
     best_s, best_o = base_s, base_o
     best_err, codes = _error(x, weight, base_s, base_o, enc)
     for r in grid:
@@ -156,7 +162,8 @@ def search_scales(w: torch.Tensor, format: str | Format = "nf4", blocksize: Opti
     Args:
         w: float32/float16/bfloat16 [..., in_features], contiguous, finite; not modified.
         format, blocksize, double_quant: as in qengine.quantize (double quantization nests
-            the searched scales, then picks each code for the scale the kernels will decode).
+            the searched scales, then picks each code for the scale the kernels will decode;
+            mxfp4 / nvfp4 fix their block and store their scale codes: see search_block_params).
         importance: None (every weight counts the same), float [in_features] (the energy of
             each input channel, e.g. ``H.diagonal()`` or the mean of x^2 over calibration
             inputs), or the Hessian [in_features, in_features] (its diagonal is used).
@@ -174,9 +181,10 @@ def search_scales(w: torch.Tensor, format: str | Format = "nf4", blocksize: Opti
         raise ValueError(f"refine must be an int >= 0, got {refine!r}")
     grid = check_grid(grid)
     fmt = get_format(format)
-    bs, per_row = resolve_blocksize(w, blocksize)
+    bs, per_row = resolve_format_blocksize(w, fmt, blocksize)
+    double_quant = double_quant and not fmt.scale_format  # mxfp4, nvfp4: the scales are always codes
     cols = w.shape[-1]
-    enc = Encoder(fmt, w.device)
+    enc = make_encoder(fmt, w)
     geo = Geometry(w.numel() // cols, cols, bs, w.device)
     h = torch.ones(cols, device=w.device) if importance is None else check_importance(importance, cols, w.device)
     x = geo.all_blocks(w.detach().reshape(-1).to(torch.float32))
