@@ -11,7 +11,6 @@ reference (the machine's drift hits both sides of a ratio alike)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -77,10 +76,7 @@ def main() -> None:
         ratio = statistics.median(a / b for a, b in zip(ours, dense))
         print(f"{name:<22} {statistics.median(ours):>11.2f} {statistics.median(dense):>14.2f} {ratio:>16.3f}")
         result[name] = {"qengine_ms": ours, "dense_ms": dense, "ratio": ratio}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.json}")
+    H.write_json(args.json, [{"case": name, **r} for name, r in result.items()])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -167,11 +166,8 @@ def main() -> None:
     print("\nqengine step, self CPU time by category (torch.profiler, one step):")
     for k, v in share.items():
         print(f"  {k:<32} {100 * v:5.1f} %")
-    result["breakdown"] = share
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nwrote {args.json}")
+    H.write_json(args.json, [{"config": name, **r} for name, r in result.pop("configs").items()], **result,
+                 breakdown=share)
 
 
 if __name__ == "__main__":

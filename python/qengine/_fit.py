@@ -16,6 +16,18 @@ def resolve_blocksize(x: torch.Tensor, blocksize: Optional[int]) -> tuple[int, b
     return check_blocksize(blocksize), False
 
 
+def finite_blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """x flattened to float32 and cut into blocks [ceil(numel / blocksize), blocksize], the last
+    padded with zeros; ValueError if x holds NaN or Inf (a non-finite weight has no faithful code)."""
+    flat = x.detach().reshape(-1).to(torch.float32)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("x contains NaN or Inf values; a non-finite weight has no faithful code")
+    pad = -flat.numel() % blocksize
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.reshape(-1, blocksize)
+
+
 def quantile_init(x: torch.Tensor, blocksize: int, rule: str, k: int, sample: int, seed: int) -> list[float]:
     """Quantiles of the block-normalised values of a random sample of blocks."""
     flat = x.reshape(-1)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from ._fit import finite_blocks
+
 __all__ = ["E4M3_MAX", "quantize_e4m3"]
 
 E4M3_MAX = 448.0  # (1 + 6/8) * 2**8: exponent field 15 with mantissa 111 is NaN, so 110 is the top
@@ -39,15 +41,8 @@ def quantize_e4m3(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.
         (codes, scales): codes uint8 [numel], one E4M3 byte per element in x's flat order;
         scales float32 [ceil(numel / blocksize)], amax / 448 of each block.
     """
-    flat = x.detach().reshape(-1).to(torch.float32)
-    if not bool(torch.isfinite(flat).all()):
-        raise ValueError("qengine: input contains NaN or Inf values; qengine does not quantize non-finite weights")
-    numel = flat.numel()
-    nblocks = -(-numel // blocksize)
-    pad = nblocks * blocksize - numel
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    blocks = flat.reshape(nblocks, blocksize)
+    blocks = finite_blocks(x, blocksize)
+    numel, nblocks = x.numel(), blocks.shape[0]
     scales = blocks.abs().amax(dim=1) / E4M3_MAX  # float32 / float32: one correctly rounded division
     codes = torch.empty(nblocks * blocksize, dtype=torch.uint8, device=x.device)
     rows = max(1, _CHUNK // blocksize)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from ._fit import finite_blocks
 from .formats import Format, get_format
 from .tensor import NESTED_BLOCKSIZE, NestedScales, QuantizedTensor
 
@@ -129,15 +130,8 @@ def quantize_microscaling(x: torch.Tensor, fmt: Format | str) -> QuantizedTensor
     if fmt.scale_format not in ("_e8m0", "_e4m3"):
         raise ValueError(f"{fmt.name!r} is not a microscaling format")
     bs = fmt.fixed_blocksize
-    flat = x.detach().reshape(-1).to(torch.float32)
-    if not bool(torch.isfinite(flat).all()):
-        raise ValueError("x contains NaN or Inf values; a non-finite weight has no faithful code")
-    numel = flat.numel()
-    nblocks = -(-numel // bs)
-    pad = nblocks * bs - numel
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    blocks = flat.reshape(nblocks, bs)
+    blocks = finite_blocks(x, bs)
+    numel, nblocks, flat = x.numel(), blocks.shape[0], blocks.reshape(-1)
     amax = blocks.abs().amax(dim=1)
     positive = torch.tensor(fmt.values[:8], dtype=torch.float64, device=x.device)
     tensor_scale = tensor_scale_of(flat, fmt)
