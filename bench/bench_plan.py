@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200, help="training steps of distillation and QLoRA")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--kd-temperature", type=float, default=2.0)
+    p.add_argument("--kd-mix", type=float, default=0.5,
+                   help="also distil with this kd_alpha (KL share; the rest LM loss); 1 or more skips that run")
     p.add_argument("--no-train", action="store_true", help="skip distillation and QLoRA")
     p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "out", "plan_real_lm.json"))
     args = p.parse_args(argv)
@@ -204,12 +206,15 @@ def main(argv=None) -> int:
                    checkpoint_every=10**9, log_every=max(args.steps // 4, 1), gradient_checkpointing=False,
                    kd_temperature=args.kd_temperature)
         out["training"] = {**cfg, "data": train_txt, "teacher_dtype": "bfloat16", "start": "rtn nf4/64/dq"}
-        runs = [("rtn + QLoRA (LM loss)", rtn_model, None, rtn_s), ("rtn + distillation", rtn_model, lm.path, rtn_s)]
+        runs = [("rtn + QLoRA (LM loss)", rtn_model, None, rtn_s, 1.0),
+                ("rtn + distillation", rtn_model, lm.path, rtn_s, 1.0)]
+        if args.kd_mix < 1.0:
+            runs.append((f"rtn + distillation (kd_alpha {args.kd_mix:g})", rtn_model, lm.path, rtn_s, args.kd_mix))
         if corrected is not None:
-            runs.append((corrected[2] + " + distillation", corrected[0], lm.path, corrected[1]))
-        for label, start, teacher, s0 in runs:
+            runs.append((corrected[2] + " + distillation", corrected[0], lm.path, corrected[1], 1.0))
+        for label, start, teacher, s0, alpha in runs:
             student = copy.deepcopy(start)
-            c = FinetuneConfig(**cfg)
+            c = FinetuneConfig(**cfg, kd_alpha=alpha)
             with tempfile.TemporaryDirectory() as tmp:
                 t = time.perf_counter()
                 res = finetune(student, lm.tokenizer, train_txt, tmp, c, teacher=teacher,
@@ -220,6 +225,9 @@ def main(argv=None) -> int:
             rows[-1]["train_seconds"] = train_s
             rows[-1]["tokens_per_s"] = res["tokens_per_s"]
         compare(f"rtn + distillation {args.steps} steps", f"rtn + QLoRA (LM loss) {args.steps} steps")
+        if args.kd_mix < 1.0:
+            compare(f"rtn + distillation (kd_alpha {args.kd_mix:g}) {args.steps} steps",
+                    f"rtn + QLoRA (LM loss) {args.steps} steps")
         if corrected is not None:
             compare(f"{corrected[2]} + distillation {args.steps} steps", corrected[2])
     out["rows"] = rows
