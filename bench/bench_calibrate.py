@@ -63,6 +63,30 @@ def quantized_model(model, Hs, fmt, method, blocksize, double_quant):
     return m
 
 
+def corrected_row(model, qm, r, lm, ctx, args, base_tok, fmt, method, rtn_nll, qs) -> dict:
+    """qm + the error-correcting side path at rank args.correct_rank (frozen), scored paired
+    against float and against qm itself (the share of what the method left that it closes)."""
+    calib = lm.calib_tokens[: args.calib_windows * ctx].reshape(args.calib_windows, ctx)
+    cm = copy.deepcopy(qm)
+    t = time.perf_counter()
+    qengine.add_lora(cm, r=args.correct_rank, init="correct", calibration=calib, reference=model)
+    fit_s = time.perf_counter() - t
+    rc = quality.perplexity(cm.eval(), lm.test_tokens, ctx, return_token_nll=True)
+    nll = rc.pop("token_nll")
+    d, se = quality.paired_delta(nll, base_tok)
+    gain, gain_se = quality.paired_delta(nll, r["token_nll"])
+    left = quality.paired_delta(r["token_nll"], base_tok)[0]
+    closed = None if rtn_nll in (None, 0) else 1 - d / rtn_nll
+    row = {"format": fmt, "method": f"{method} + correction r{args.correct_rank}",
+           "bits_per_param": quality.bits_per_param(qm), "ppl": rc["ppl"], "delta_nll": d, "delta_nll_se": se,
+           "gap_closed_vs_rtn": closed, "vs_method": gain, "vs_method_se": gain_se,
+           "share_of_remaining_closed": None if left <= 0 else -gain / left, "quantize_s": round(qs + fit_s, 2)}
+    print(f"{fmt:7s} {row['method']:24s} {row['bits_per_param']:6.3f} {rc['ppl']:8.3f} {d:8.5f} {se:7.5f} "
+          f"{'' if closed is None else f'{100 * closed:9.1f}%'} {qs + fit_s:8.1f}   vs {method}: {gain:+.5f} ± "
+          f"{gain_se:.5f}", flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", default="nf4,fp4,int4,uint4")
@@ -71,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--double-quant", action="store_true")
     p.add_argument("--calib-windows", type=int, default=64, help="calibration windows of ctx tokens")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--correct-rank", type=int, default=0,
+                   help="also each method + add_lora(init='correct') at this rank, frozen (0: no)")
     p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "out", "calibrate_real_lm.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -95,7 +121,7 @@ def main(argv=None) -> int:
             qm = quantized_model(model, Hs, fmt, method, args.blocksize, args.double_quant)
             qs = time.perf_counter() - t
             r = quality.perplexity(qm, lm.test_tokens, ctx, return_token_nll=True)
-            d, se = quality.paired_delta(r.pop("token_nll"), base_tok)
+            d, se = quality.paired_delta(r["token_nll"], base_tok)
             if method == "rtn":
                 rtn_nll = d
             closed = None if rtn_nll in (None, 0) else 1 - d / rtn_nll
@@ -104,10 +130,13 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{fmt:7s} {method:24s} {row['bits_per_param']:6.3f} {r['ppl']:8.3f} {d:8.5f} {se:7.5f} "
                   f"{'' if closed is None else f'{100 * closed:9.1f}%'} {qs:8.1f}", flush=True)
+            if args.correct_rank:
+                rows.append(corrected_row(model, qm, r, lm, ctx, args, base_tok, fmt, method, rtn_nll, qs))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"machine": quality._machine(), "float": base, "calib_tokens": args.calib_windows * ctx,
-                   "blocksize": args.blocksize, "double_quant": args.double_quant, "rows": rows}, f, indent=1)
+                   "blocksize": args.blocksize, "double_quant": args.double_quant, "rows": rows}, f, indent=1,
+                  default=str)
     print(f"wrote {args.json}")
     return 0
 
