@@ -83,11 +83,12 @@ int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N
   return s;
 }
 
-// True when a large-batch kernel computed y; false (y untouched) where none applies.
+// True when a large-batch kernel computed y (y_dtype: float32, or bfloat16 rounded once by the
+// kernel); false (y untouched) where none applies.
 // lora_r = 0: no side path (a, b, ab_dtype and lora_scale unused).
 // A 2:4 weight (its WeightRef with positions) holds N * K / 2 codes.
 bool matmul_large_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight,
-                      addr a, addr b, int ab_dtype, int64_t lora_r, float lora_scale, addr y) {
+                      addr a, addr b, int ab_dtype, int64_t lora_r, float lora_scale, addr y, int y_dtype) {
   const WeightRef w = weight_ref_any_layout(weight, N * K);
   const qengine::LoraArgs lora{ptr<const void>(a), ptr<const void>(b), ab_dtype, lora_r, lora_scale};
   bool done = false;
@@ -96,14 +97,15 @@ bool matmul_large_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, in
     py::gil_scoped_release release;
     s = qengine::matmul_large_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.positions_ptr(),
                                   w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(), lora,
-                                  ptr<float>(y), &done);
+                                  ptr<void>(y), y_dtype, &done);
   }
   raise_on_error(s);
   return done;
 }
 
 // True when a large-batch kernel computed gx; false (gx untouched) where none applies.
-bool matmul_t_large_cpu(addr g, int g_dtype, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr gx) {
+bool matmul_t_large_cpu(addr g, int g_dtype, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr gx,
+                        int gx_dtype) {
   const WeightRef w = weight_ref_any_layout(weight, N * K);
   bool done = false;
   int s;
@@ -111,7 +113,7 @@ bool matmul_t_large_cpu(addr g, int g_dtype, int64_t M, int64_t N, int64_t K, co
     py::gil_scoped_release release;
     s = qengine::matmul_t_large_cpu(ptr<const void>(g), g_dtype, M, N, K, w.packed_ptr(), w.positions_ptr(),
                                     w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(),
-                                    ptr<float>(gx), &done);
+                                    ptr<void>(gx), gx_dtype, &done);
   }
   raise_on_error(s);
   return done;

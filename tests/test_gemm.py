@@ -26,25 +26,32 @@ def quantized(n, k, fmt, blocksize, dq, seed=0):
     return qengine.quantize(w, fmt, blocksize, double_quant=dq)
 
 
-def large_product(x, q):
-    """(done, float32 y) of _C.matmul_large_cpu for x [M, K] and the QuantizedTensor q [N, K]."""
+def large_product(x, q, out_dtype=torch.float32, lora=None):
+    """(done, y) of _C.matmul_large_cpu for x [M, K] and the QuantizedTensor q [N, K]: y float32,
+    or out_dtype; lora = (a, b, scale) or None."""
     kw = q.kernel_weight()
     weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize, kw.positions)
     m, k = x.shape
     n = q.shape[0]
-    y = torch.full((m, n), float("nan"))
-    done = _C.matmul_large_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], m, k, k, n, weight, 0, 0, 0, 0, 0.0, y.data_ptr())
+    y = torch.full((m, n), float("nan"), dtype=out_dtype)
+    a, b, scale = lora if lora is not None else (None, None, 0.0)
+    done = _C.matmul_large_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], m, k, k, n, weight,
+                               a.data_ptr() if a is not None else 0, b.data_ptr() if b is not None else 0,
+                               DTYPE_CODES[a.dtype] if a is not None else 0, a.shape[0] if a is not None else 0,
+                               float(scale), y.data_ptr(), DTYPE_CODES[y.dtype])
     return done, y
 
 
-def large_product_t(g, q):
-    """(done, float32 gx) of _C.matmul_t_large_cpu for g [M, N] and the QuantizedTensor q [N, K]."""
+def large_product_t(g, q, out_dtype=torch.float32):
+    """(done, gx) of _C.matmul_t_large_cpu for g [M, N] and the QuantizedTensor q [N, K]: gx
+    float32, or out_dtype."""
     kw = q.kernel_weight()
     weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize)
     m, n = g.shape
     k = q.shape[1]
-    gx = torch.full((m, k), float("nan"))
-    done = _C.matmul_t_large_cpu(g.data_ptr(), DTYPE_CODES[g.dtype], m, n, k, weight, gx.data_ptr())
+    gx = torch.full((m, k), float("nan"), dtype=out_dtype)
+    done = _C.matmul_t_large_cpu(g.data_ptr(), DTYPE_CODES[g.dtype], m, n, k, weight, gx.data_ptr(),
+                                 DTYPE_CODES[gx.dtype])
     return done, gx
 
 
@@ -196,6 +203,39 @@ def test_leaves_what_it_does_not_take_to_the_fallback(case):
     w64 = q.dequantize().to(torch.float64)
     x64 = x.to(torch.float64)
     assert ((qengine.matmul(x, q).to(torch.float64) - x64 @ w64.t()).abs() <= matmul_bound(x64, w64, dtype)).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,m", [(96, 512, 17), (130, 1088, 25), (300, 576, 40)])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_bfloat16_output_is_the_float32_sum_rounded_once(n, k, m, sparse, with_lora, isa_restore):
+    """The bfloat16 output the public path takes (no float32 copy of y) equals the float32
+    output rounded by torch, bit for bit: inputs in one block (512) or several (partial sums kept
+    per task, the last block rounding), column tails, 2:4, the LoRA epilogue."""
+    qengine.set_cpu_isa("avx512_bf16")
+    if sparse and k % 256:
+        k = 256 * (k // 256 + 1)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    q = qengine.quantize(w, "nf4", 64, double_quant=True, sparsity="2:4" if sparse else None)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    lora = (torch.randn(5, k) * 0.1, torch.randn(n, 5) * 0.1, 0.5) if with_lora else None
+    done32, y32 = large_product(x, q, lora=lora)
+    done16, y16 = large_product(x, q, torch.bfloat16, lora=lora)
+    assert done32 and done16
+    assert torch.equal(y16.view(torch.int16), y32.to(torch.bfloat16).view(torch.int16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,m", [(96, 512, 17), (1030, 160, 40), (514, 288, 13)])
+def test_transposed_bfloat16_output_is_the_float32_sum_rounded_once(n, k, m, isa_restore):
+    qengine.set_cpu_isa("avx512_bf16")
+    q = quantized(n, k, "nf4", 32, True, seed=2)
+    g = torch.randn(m, n).to(torch.bfloat16)
+    done32, gx32 = large_product_t(g, q)
+    done16, gx16 = large_product_t(g, q, torch.bfloat16)
+    assert done32 and done16
+    assert torch.equal(gx16.view(torch.int16), gx32.to(torch.bfloat16).view(torch.int16))
 
 
 @needs_kernel

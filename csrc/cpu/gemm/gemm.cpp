@@ -61,6 +61,14 @@ std::unique_ptr<int32_t[]> packed_rows(const cpu::GemmKernels& k, const void* x,
 
 bool valid_float_dtype(int dtype) { return dtype == kFloat32 || dtype == kBFloat16 || dtype == kFloat16; }
 
+// The large-batch products write float32 sums or bfloat16 (x's dtype: each sum rounded once).
+bool valid_output_dtype(int dtype) { return dtype == kFloat32 || dtype == kBFloat16; }
+
+void fill_zero(void* out, int dtype, int64_t n) {
+  if (dtype == kFloat32) std::fill(static_cast<float*>(out), static_cast<float*>(out) + n, 0.0f);
+  else std::fill(static_cast<uint16_t*>(out), static_cast<uint16_t*>(out) + n, uint16_t{0});
+}
+
 // src [rows, cols] (dtype, contiguous) transposed into float32 [cols, rows].
 std::vector<float> transposed_float(const void* src, int dtype, int64_t rows, int64_t cols) {
   std::vector<float> out(static_cast<size_t>(rows * cols));
@@ -74,17 +82,19 @@ std::vector<float> transposed_float(const void* src, int dtype, int64_t rows, in
 
 int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
                      const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
-                     const BlockScales& scales, const float* offsets, const LoraArgs& lora, float* y, bool* done) {
+                     const BlockScales& scales, const float* offsets, const LoraArgs& lora, void* y, int y_dtype,
+                     bool* done) {
   *done = false;
   if (M < 0 || K < 0 || N < 0 || ldx < K || blocksize < 1 || (cb.bits != 4 && cb.bits != 8) || lora.r < 0 ||
       (lora.r > 0 && !valid_float_dtype(lora.dtype))) {
     return kInvalidArgument;
   }
   if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr)) return kOk;
+  if (!valid_output_dtype(y_dtype)) return kInvalidArgument;
   *done = true;
   if (M == 0 || N == 0) return kOk;
   if (K == 0) {  // x @ W^T and the side path are both zero
-    std::fill(y, y + M * N, 0.0f);
+    fill_zero(y, y_dtype, M * N);
     return kOk;
   }
   const cpu::GemmKernels& k = cpu::gemm_kernels();
@@ -109,7 +119,7 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
     k.bf16_4bit(xp.get(), M, K, N, packed, positions, blocksize, cb.table, scales, planes.get(),
-                lora.r > 0 ? &side : nullptr, n0, n1, y);
+                lora.r > 0 ? &side : nullptr, n0, n1, y, y_dtype);
   });
   return kOk;
 }
@@ -120,7 +130,7 @@ namespace qengine {
 
 int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
                        const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
-                       const BlockScales& scales, const float* offsets, float* gx, bool* done) {
+                       const BlockScales& scales, const float* offsets, void* gx, int gx_dtype, bool* done) {
   *done = false;
   if (M < 0 || K < 0 || N < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
   const cpu::GemmKernels& k = cpu::gemm_kernels();
@@ -128,10 +138,11 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
       N % 2 != 0) {
     return kOk;
   }
+  if (!valid_output_dtype(gx_dtype)) return kInvalidArgument;
   *done = true;
   if (M == 0 || K == 0) return kOk;
   if (N == 0) {
-    std::fill(gx, gx + M * K, 0.0f);
+    fill_zero(gx, gx_dtype, M * K);
     return kOk;
   }
   const int64_t nblocks = N * ((positions != nullptr ? K / 2 : K) / blocksize);
@@ -140,7 +151,7 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   const std::unique_ptr<int32_t[]> gp = packed_rows(k, g, M, N, N);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, K, group, [&](int64_t k0, int64_t k1) {
-    k.bf16_4bit_t(gp.get(), M, N, K, packed, positions, blocksize, cb.table, all_scales, k0, k1, gx);
+    k.bf16_4bit_t(gp.get(), M, N, K, packed, positions, blocksize, cb.table, all_scales, k0, k1, gx, gx_dtype);
   });
   return kOk;
 }

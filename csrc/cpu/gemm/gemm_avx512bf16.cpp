@@ -225,9 +225,25 @@ void pack_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t t0, in
   }
 }
 
+// Where a tile's sums go: added to the float32 partial sums at part (row stride ldp) when add;
+// then stored there, or, when out16 is set (the last input block of a bfloat16 output), rounded
+// to bfloat16 into out16 (row stride ldo).
+struct TileOut {
+  float* part;
+  int64_t ldp;
+  bool add;
+  uint16_t* out16;
+  int64_t ldo;
+
+  TileOut at(int64_t m0, int64_t c) const {
+    return TileOut{part != nullptr ? part + m0 * ldp + c : nullptr, ldp, add,
+                   out16 != nullptr ? out16 + m0 * ldo + c : nullptr, ldo};
+  }
+};
+
 template <int MR>
-void tile(const int32_t* xp, const uint16_t* panel, int64_t pairs, float* y, int64_t ldy, bool add,
-          __mmask16 mask0, __mmask16 mask1, const LoraSide* lora, int64_t m0, int64_t n) {
+void tile(const int32_t* xp, const uint16_t* panel, int64_t pairs, const TileOut& o, __mmask16 mask0, __mmask16 mask1,
+          const LoraSide* lora, int64_t m0, int64_t n) {
   __m512 acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
@@ -252,13 +268,19 @@ void tile(const int32_t* xp, const uint16_t* panel, int64_t pairs, float* y, int
     }
   }
   for (int m = 0; m < MR; ++m) {
-    float* ym = y + m * ldy;
-    if (add) {
-      acc[m][0] = _mm512_add_ps(acc[m][0], _mm512_maskz_loadu_ps(mask0, ym));
-      acc[m][1] = _mm512_add_ps(acc[m][1], _mm512_maskz_loadu_ps(mask1, ym + 16));
+    float* pm = o.part + m * o.ldp;
+    if (o.add) {
+      acc[m][0] = _mm512_add_ps(acc[m][0], _mm512_maskz_loadu_ps(mask0, pm));
+      acc[m][1] = _mm512_add_ps(acc[m][1], _mm512_maskz_loadu_ps(mask1, pm + 16));
     }
-    _mm512_mask_storeu_ps(ym, mask0, acc[m][0]);
-    _mm512_mask_storeu_ps(ym + 16, mask1, acc[m][1]);
+    if (o.out16 != nullptr) {  // the whole sum: rounded once, as float_to_bf16
+      uint16_t* ym = o.out16 + m * o.ldo;
+      _mm256_mask_storeu_epi16(ym, mask0, to_bf16(acc[m][0]));
+      _mm256_mask_storeu_epi16(ym + 16, mask1, to_bf16(acc[m][1]));
+    } else {
+      _mm512_mask_storeu_ps(pm, mask0, acc[m][0]);
+      _mm512_mask_storeu_ps(pm + 16, mask1, acc[m][1]);
+    }
   }
 }
 
@@ -277,34 +299,55 @@ const float* group_scales(const BlockScales& s, const ScalePlanes* planes, int64
   return buf.data();
 }
 
-// Rows [m0, m0 + kTileRows) of y (row stride ldy, columns from the panels' first) (+)= the
-// packed rows of x times `count` panels of `pairs` input pairs; cols: y's columns left at the
-// first panel (the last panel may be partial).
-// Rows [m0, m0 + kTileRows) of y (row stride ldy; output column c0 at y[0]) (+)= the packed
-// rows of x times `count` panels of `pairs` input pairs; cols: y's columns left at the first
-// panel (the last panel may be partial). lora: the side path to add (the last input block only).
+// Rows [m0, m0 + kTileRows) of the output (column c0 at out's column 0) (+)= the packed rows
+// of x times `count` panels of `pairs` input pairs; cols: the columns left at the first panel
+// (the last panel may be partial). lora: the side path to add (the last input block only).
 void tiles_over_panels(const int32_t* xp, int64_t M, int64_t total_pairs, const uint16_t* panels, int64_t count,
-                       int64_t pairs, int64_t pair0, float* y, int64_t ldy, int64_t c0, int64_t cols, bool add,
+                       int64_t pairs, int64_t pair0, const TileOut& out, int64_t c0, int64_t cols,
                        const LoraSide* lora) {
   for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
     with_rows<static_cast<int>(kTileRows)>(std::min(kTileRows, M - m0), [&](auto rows) {
       for (int64_t p = 0; p < count; ++p) {
         const int64_t left = cols - p * kPanelRows;
         tile<rows>(xp + m0 * total_pairs + pair0 * kTileRows, panels + p * kPanelWords, pairs,
-                   y + m0 * ldy + p * kPanelRows, ldy, add, lanes_below(left),
-                   lanes_below(std::max<int64_t>(0, left - 16)), lora, m0, c0 + p * kPanelRows);
+                   out.at(m0, p * kPanelRows), lanes_below(left), lanes_below(std::max<int64_t>(0, left - 16)), lora,
+                   m0, c0 + p * kPanelRows);
       }
     });
   }
 }
 
+// Where one task's output columns [c, c + width) go for one input block: float32 partial sums
+// in y itself (float32 output) or in the task's scratch [M, width] (bfloat16 output, whose last
+// block rounds the whole sum straight into y).
+struct GroupOut {
+  float* y32;
+  uint16_t* y16;
+  int64_t ld;  // y's row stride
+  std::vector<float>* scratch;
+
+  TileOut block(int64_t M, int64_t c, int64_t width, bool first, bool last) const {
+    if (y32 != nullptr) return TileOut{y32 + c, ld, !first, nullptr, 0};
+    if (!(first && last) && static_cast<int64_t>(scratch->size()) < M * width) {
+      scratch->resize(static_cast<size_t>(M * width));
+    }
+    return TileOut{scratch->empty() ? nullptr : scratch->data(), width, !first, last ? y16 + c : nullptr, ld};
+  }
+};
+
+GroupOut group_out(void* y, int dtype, int64_t ld, std::vector<float>& scratch) {
+  if (dtype == kFloat32) return GroupOut{static_cast<float*>(y), nullptr, ld, &scratch};
+  return GroupOut{nullptr, static_cast<uint16_t*>(y), ld, &scratch};
+}
+
 void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, const uint8_t* positions,
                int64_t blocksize, const float* table, const BlockScales& scales, const ScalePlanes* planes,
-               const LoraSide* lora, int64_t n0, int64_t n1, float* y) {
+               const LoraSide* lora, int64_t n0, int64_t n1, void* y, int y_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   const int64_t per_row = w.blocks_per_row();
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
-  std::vector<float> scale_buf;
+  std::vector<float> scale_buf, scratch;
+  const GroupOut out = group_out(y, y_dtype, N, scratch);
   for (int64_t g = n0; g < n1; g += kPanelRows * kGroupPanels) {
     const int64_t g_end = std::min(n1, g + kPanelRows * kGroupPanels);
     const int64_t count = (g_end - g + kPanelRows - 1) / kPanelRows;
@@ -313,24 +356,29 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
     for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
       const int64_t kc = std::min(kPanelK, K - k0);
       for (int64_t p = 0; p < count; ++p) decode_panel(w, g + p * kPanelRows, g_end, k0, kc, panels.get() + p * kPanelWords);
-      tiles_over_panels(xp, M, K / 2, panels.get(), count, kc / 2, k0 / 2, y + g, N, g, g_end - g, k0 > 0,
-                        k0 + kc == K ? lora : nullptr);
+      const bool last = k0 + kc == K;
+      tiles_over_panels(xp, M, K / 2, panels.get(), count, kc / 2, k0 / 2, out.block(M, g, g_end - g, k0 == 0, last),
+                        g, g_end - g, last ? lora : nullptr);
     }
   }
 }
 
 void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed, const uint8_t* positions,
-                 int64_t blocksize, const float* table, const float* scales, int64_t k0, int64_t k1, float* gx) {
+                 int64_t blocksize, const float* table, const float* scales, int64_t k0, int64_t k1, void* gx,
+                 int gx_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   w.scales = scales;
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
+  std::vector<float> scratch;
+  const GroupOut out = group_out(gx, gx_dtype, K, scratch);
   for (int64_t g = k0; g < k1; g += kPanelRows * kGroupPanels) {
     const int64_t g_end = std::min(k1, g + kPanelRows * kGroupPanels);
     const int64_t count = (g_end - g) / kPanelRows;  // K % 32 == 0: whole panels
     for (int64_t n0 = 0; n0 < N; n0 += kPanelK) {
       const int64_t nc = std::min(kPanelK, N - n0);
       for (int64_t p = 0; p < count; ++p) decode_panel_t(w, n0, nc, g + p * kPanelRows, panels.get() + p * kPanelWords);
-      tiles_over_panels(gp, M, N / 2, panels.get(), count, nc / 2, n0 / 2, gx + g, K, g, g_end - g, n0 > 0, nullptr);
+      tiles_over_panels(gp, M, N / 2, panels.get(), count, nc / 2, n0 / 2,
+                        out.block(M, g, g_end - g, n0 == 0, n0 + nc == N), g, g_end - g, nullptr);
     }
   }
 }

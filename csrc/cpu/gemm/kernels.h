@@ -28,7 +28,8 @@ struct LoraSide {
 };
 
 struct GemmKernels {
-  // y[M, N] (float32, row stride N) = x[M, K] (bfloat16) @ W^T for output rows
+  // y[M, N] (row stride N; y_dtype float32, or bfloat16: the float32 sum rounded once as
+  // float_to_bf16) = x[M, K] (bfloat16) @ W^T for output rows
   // [n0, n1) of W [N, K]: 4-bit absmax codes, blocksize a power of two >= 16 dividing K, K % 32
   // == 0 (gemm_applies). Null where the ISA has no such kernel.
   // x (bfloat16 [M, K], row stride ldx) as bf16_4bit reads it: tiles [t0, t1) of kTileRows rows
@@ -41,13 +42,14 @@ struct GemmKernels {
   // positions: the 2:4 layout's (sparse/sparse24.h; K % 256 == 0, blocksize >= 32), or null.
   void (*bf16_4bit)(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed,
                     const uint8_t* positions, int64_t blocksize, const float* table, const BlockScales& scales,
-                    const ScalePlanes* planes, const LoraSide* lora, int64_t n0, int64_t n1, float* y) = nullptr;
-  // gx[M, K] (float32, row stride K) = g[M, N] (bfloat16, packed by pack_x over N, N even) @ W
+                    const ScalePlanes* planes, const LoraSide* lora, int64_t n0, int64_t n1, void* y,
+                    int y_dtype) = nullptr;
+  // gx[M, K] (row stride K; gx_dtype float32 or bfloat16 as y above) = g[M, N] (bfloat16, packed by pack_x over N, N even) @ W
   // for the output columns [k0, k1) (multiples of 32), W as bf16_4bit takes it; scales: W's
   // float32 block scales (decode_scales).
   void (*bf16_4bit_t)(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
                       const uint8_t* positions, int64_t blocksize, const float* table, const float* scales, int64_t k0,
-                      int64_t k1, float* gx) = nullptr;
+                      int64_t k1, void* gx, int gx_dtype) = nullptr;
   // The float32 scales of blocks [0, count): the plain ones in place, else decoded into buf.
   const float* (*decode_scales)(const BlockScales& s, const ScalePlanes* planes, int64_t count,
                                 std::vector<float>& buf) = nullptr;

@@ -52,12 +52,14 @@ bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb,
                   bool sparse24);
 int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
                      const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
-                     const BlockScales& scales, const float* offsets, const LoraArgs& lora, float* y, bool* done);
-// matmul_t_cpu for large batches, as matmul_large_cpu: gx[M, K] (float32) = g[M, N] (g_dtype,
-// contiguous) @ W; also needs N even.
+                     const BlockScales& scales, const float* offsets, const LoraArgs& lora, void* y, int y_dtype,
+                     bool* done);
+// matmul_t_cpu for large batches, as matmul_large_cpu: gx[M, K] = g[M, N] (g_dtype, contiguous)
+// @ W; also needs N even. y / gx: y_dtype / gx_dtype kFloat32 (the float32 sums) or kBFloat16
+// (each sum rounded once, as float_to_bf16: x's dtype, with no float32 copy of the output).
 int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
                        const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
-                       const BlockScales& scales, const float* offsets, float* gx, bool* done);
+                       const BlockScales& scales, const float* offsets, void* gx, int gx_dtype, bool* done);
 
 // gx[M, K] (float32) = g[M, N] (float32) @ W, the transposed problem of matmul_cpu (backward).
 int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,

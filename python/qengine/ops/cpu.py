@@ -127,11 +127,12 @@ def _small_batch_product(kernel, x2, n, weight, lora_a, lora_b, lora_scale):
 
 def _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale):
     """x2 [M, K] @ W^T by the native blocked GEMM (_C.matmul_large_cpu: W decoded panel by panel
-    into the micro-kernel's layout) with the LoRA side path in its epilogue, in float32, then one
-    rounding to x2's dtype; None where that kernel does not apply (the caller's fallback)."""
+    into the micro-kernel's layout) with the LoRA side path in its epilogue, summed in float32 and
+    rounded once into x2's dtype by the kernel; None where that kernel does not apply (the
+    caller's fallback)."""
     m, k = x2.shape
     xc = x2.contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
+    y = torch.empty(m, n, dtype=xc.dtype)  # bfloat16 wherever the kernel applies
     a = b = None
     if lora_a is not None:  # the side path in the kernel's epilogue (no torch op: see small_batch_epilogue)
         a = lora_a.contiguous()
@@ -139,19 +140,20 @@ def _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale):
     done = _C.matmul_large_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], m, k, k, n, weight,
                                a.data_ptr() if a is not None else 0, b.data_ptr() if b is not None else 0,
                                DTYPE_CODES[a.dtype] if a is not None else 0, a.shape[0] if a is not None else 0,
-                               float(lora_scale) if a is not None else 0.0, y.data_ptr())
-    return rounded_to(y, xc.dtype) if done else None
+                               float(lora_scale) if a is not None else 0.0, y.data_ptr(), DTYPE_CODES[y.dtype])
+    return y if done else None
 
 
 def _large_batch_product_t(g2, k, weight):
     """g2 [M, N] @ W by the native blocked GEMM (_C.matmul_t_large_cpu), rounded once to g2's
-    dtype; None where that kernel does not apply."""
+    dtype by the kernel; None where that kernel does not apply."""
     m, n = g2.shape
     gc = g2.contiguous()
-    gx = torch.empty(m, k, dtype=torch.float32)
-    if not _C.matmul_t_large_cpu(gc.data_ptr(), DTYPE_CODES[gc.dtype], m, n, k, weight, gx.data_ptr()):
+    gx = torch.empty(m, k, dtype=gc.dtype)  # bfloat16 wherever the kernel applies
+    if not _C.matmul_t_large_cpu(gc.data_ptr(), DTYPE_CODES[gc.dtype], m, n, k, weight, gx.data_ptr(),
+                                 DTYPE_CODES[gx.dtype]):
         return None
-    return rounded_to(gx, gc.dtype)
+    return gx
 
 
 def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
