@@ -116,3 +116,17 @@ def matmul_bound(x64, w64, dtype, extra=0.0):
     mag = x64.abs() @ w64.abs().t() + extra
     eps_out = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
     return 8 * math.sqrt(k) * 2.0**-24 * mag + eps_out * mag
+
+
+# ---------------------------------------------------------------------------- a tiny transformers Llama
+def tiny_llama(hidden=256, inter=384, layers=2, heads=4, kv=2, vocab=320, seed=0):
+    """A float transformers LlamaForCausalLM with random weights (its own init, seeded), untied head;
+    built from a config, no download. inter=384 gives down_proj rows of 384 weights, which no
+    256-weight super-block divides (the GGUF export writes those F16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()

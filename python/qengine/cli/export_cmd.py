@@ -37,6 +37,6 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory (float or qengine-quantized) or a .gguf file")
     p.add_argument("out", help="the GGUF file to write")
     p.add_argument("--type", default="q4_0", help="GGUF tensor type of the 2-D weights: q4_0 (default), q4_1, q8_0, "
-                   "q5_0, q5_1, mxfp4, bf16, f16, f32")
+                   "q5_0, q5_1, q4_k, q5_k, q6_k, mxfp4, bf16, f16, f32")
     p.add_argument("--adapter", help="LoRA adapter written by `qengine finetune`, merged before quantizing")
     p.set_defaults(func=cmd_export)

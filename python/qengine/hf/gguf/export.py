@@ -1,7 +1,8 @@
 """Writes a transformers Llama model (float, qengine-quantized, with or without LoRA adapters)
 as a GGUF file through the gguf package: LoRA merged in float into the dequantized base, then
-each 2-D weight quantized by gguf.quants.quantize (so the bytes are the reference quantizer's)
-and written with GGUFWriter, the metadata through transformers' GGUF_CONFIG_MAPPING reversed."""
+each 2-D weight quantized by gguf.quants.quantize (so the bytes are the reference quantizer's;
+K-quants, which gguf cannot quantize, by qengine's own search in kquants.py) and written with
+GGUFWriter, the metadata through transformers' GGUF_CONFIG_MAPPING reversed."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from torch import nn
 from ...nn import QuantEmbedding, QuantLinear
 from ...nn.lora import LoRALinear
 from ..checkpoint import build_model
+from .kquants import KQUANT_TYPES, quantize_k
 from .load import qk_row_index, require_gguf
 
 __all__ = ["EXPORT_TYPES", "export_gguf"]
 
 log = logging.getLogger("qengine")
-# --type -> GGML type: those gguf.quants.quantize implements (no K-quant, IQ4_NL or NVFP4 quantizer there).
-EXPORT_TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "mxfp4", "bf16", "f16", "f32")
+# --type -> GGML type: those gguf.quants.quantize implements (no K-quant, IQ4_NL or NVFP4 quantizer
+# there), and the K-quants, quantized by qengine's kquants.quantize_k (gguf only dequantizes them).
+EXPORT_TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "mxfp4", "bf16", "f16", "f32")
 ARCHITECTURES = ("llama",)
 
 
@@ -62,13 +65,13 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, type: str = "q4_0") -
     """Writes `model` (a transformers Llama, float or qengine-quantized, with qengine LoRA
     adapters merged first) to the GGUF file `path`. 2-D weights are written as `type` (see
     EXPORT_TYPES), 1-D ones (norms) as F32; a weight whose row length is not a multiple of the
-    type's block size is written F16. Returns {"tensors": count, "type": type, "merged":
-    {module: relative error ||W - dequantize(quantize(W))|| / ||W|| of each merged weight}}."""
+    type's block size (K-quants: 256) is written F16. Returns {"tensors": count, "type": type,
+    "merged": {module: relative error ||W - dequantize(quantize(W))|| / ||W|| of each merged weight}}."""
     gguf = require_gguf()
     type = str(type).lower()
     if type not in EXPORT_TYPES:
-        raise ValueError(f"unknown GGUF type {type!r}; export writes {', '.join(EXPORT_TYPES)} (the gguf package "
-                         "has no K-quant, IQ4_NL or NVFP4 quantizer)")
+        raise ValueError(f"unknown GGUF type {type!r}; export writes {', '.join(EXPORT_TYPES)} (no IQ4_NL, NVFP4 "
+                         "or other K-quant quantizer)")
     qtype = gguf.GGMLQuantizationType[type.upper()]
     model = _unwrap(model)
     config = getattr(model, "config", None)
@@ -84,7 +87,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, type: str = "q4_0") -
     _metadata(writer, config, arch)
     file_type = gguf.LlamaFileType.ALL_F32 if type == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{type.upper()}",
                                                                             None)
-    if file_type is not None:  # llama.cpp names no file type for an all-MXFP4 dense model
+    if file_type is not None:  # llama.cpp names none for all-MXFP4, all-Q4_K or all-Q5_K (only _S / _M mixes)
         writer.add_file_type(int(file_type))
     merged, count = {}, 0
     tied = getattr(config, "tie_word_embeddings", False)
@@ -109,7 +112,10 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, type: str = "q4_0") -
         elif w.shape[-1] % block:
             writer.add_tensor(gguf_name, data.astype(np.float16))
         else:
-            q = gguf.quants.quantize(data, qtype)
+            try:
+                q = quantize_k(w, type) if type in KQUANT_TYPES else gguf.quants.quantize(data, qtype)
+            except ValueError as e:  # a non-finite or fp16-overflowing weight: name the tensor
+                raise ValueError(f"{gguf_name}: {e}") from None
             writer.add_tensor(gguf_name, q, raw_dtype=None if type in ("f32", "f16") else qtype)
             if adapted:
                 back = torch.from_numpy(np.asarray(gguf.quants.dequantize(q, qtype))).reshape(w.shape)
