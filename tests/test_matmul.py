@@ -275,10 +275,13 @@ torch.manual_seed(0)
 out = []
 # nf4 + double quant, and nvfp4 (block 16, E4M3 scale codes; 8448 = 66 chunks: three K tiles)
 for fmt, n, k, bs in [("nf4", 67, 384, 64), ("nf4", 130, 256, 128), ("nf4", 9, 640, 64), ("nf4", 200, 128, 32),
-                      ("nf4", 300, 4096, 64), ("nvfp4", 24, 8448, None), ("nvfp4", 40, 512, None)]:
-    w = torch.randn(n, k) * torch.logspace(-3, 1, n).unsqueeze(1)
-    q = qengine.quantize(w, fmt, bs, double_quant=True) if bs else qengine.quantize(w, fmt)
-    for m in (1, 3, 8, 16):
+                      ("nf4", 300, 4096, 64), ("nvfp4", 24, 8448, None), ("nvfp4", 40, 512, None),
+                      ("nvfp4", 64, 1024, "wide")]:
+    # "wide": rows spanning 10**-7..10 under one tensor scale, so E4M3 block scales reach the
+    # subnormal codes 1..7 and 0 (the computed E4M3 decode hands those groups to the table)
+    w = torch.randn(n, k) * torch.logspace(-7 if bs == "wide" else -3, 1, n).unsqueeze(1)
+    q = qengine.quantize(w, fmt, bs, double_quant=True) if isinstance(bs, int) else qengine.quantize(w, fmt)
+    for m in (1, 3, 8, 16, 40):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(m, k).to(dtype)
             with torch.no_grad():
@@ -292,7 +295,7 @@ torch.save(out, sys.argv[1])
         for path, env in zip(paths, [{}, {"QENGINE_NO_VBMI": "1"}]):
             subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=300)
         a, b = (torch.load(p) for p in paths)
-    assert len(a) == len(b) == 56
+    assert len(a) == len(b) == 80
     for ya, yb in zip(a, b):
         assert torch.equal(ya, yb)
 
