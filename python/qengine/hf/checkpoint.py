@@ -171,16 +171,16 @@ def layer_settings(model: nn.Module) -> tuple:
     return (*common, entries)
 
 
-def configured_linear(model: nn.Module, name: str) -> nn.Linear:
-    """The nn.Linear that a quantization_config's `modules` names `name`: a ValueError where the
-    model has no such module, or where it is not an nn.Linear."""
+def configured_module(model: nn.Module, name: str, kind: type = nn.Linear, what: str = "module") -> nn.Module:
+    """The `kind` module (nn.Linear; nn.Embedding for "embeddings") that a quantization_config
+    names `name`: a ValueError where the model has no such module, or where it is another kind."""
     try:
-        lin = model.get_submodule(name)
+        module = model.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"quantization_config names module {name!r}, which this model does not have") from None
-    if not isinstance(lin, nn.Linear):
-        raise ValueError(f"quantization_config names {name!r}, a {type(lin).__name__}, not an nn.Linear")
-    return lin
+        raise ValueError(f"quantization_config names {what} {name!r}, which this model does not have") from None
+    if not isinstance(module, kind):
+        raise ValueError(f"quantization_config names {name!r}, a {type(module).__name__}, not an nn.{kind.__name__}")
+    return module
 
 
 def _skeleton(model: nn.Module, qc: dict) -> None:
@@ -199,10 +199,10 @@ def _skeleton(model: nn.Module, qc: dict) -> None:
             N, K = (b, a) if parent.is_transposed else (a, b)
             delattr(parent, attr)
             setattr(parent, attr, QuantExpertsWeight(E, N, K, format=fmt, blocksize=bs,
-                                                     double_quant=bool(qc["double_quant"])))
+                                                     double_quant=bool(entry["double_quant"])))
             experts_modules.add(parent)
             continue
-        lin = configured_linear(model, name)
+        lin = configured_module(model, name)
         setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, format=fmt,
                                           blocksize=bs, double_quant=bool(entry["double_quant"])))
     _embedding_skeletons(model, qc.get("embeddings") or [])
@@ -220,12 +220,7 @@ def _embedding_skeletons(model: nn.Module, names: object) -> None:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"quantization_config's embeddings must be a list of module names, got {names!r}")
     for name in names:
-        try:
-            emb = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"quantization_config names embedding {name!r}, which this model does not have") from None
-        if not isinstance(emb, nn.Embedding):
-            raise ValueError(f"quantization_config names {name!r}, a {type(emb).__name__}, not an nn.Embedding")
+        emb = configured_module(model, name, nn.Embedding, "embedding")
         parent, attr = parent_of(model, name)
         setattr(parent, attr, QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx))
 

@@ -30,7 +30,7 @@ from ..tensor import QuantizedTensor
 from ..calibrate.driver import METHODS
 from ..calibrate.scale_search import search_scales
 from ._files import page_out, read_tensor, safetensors_index
-from .checkpoint import configured_linear, layer_settings, quantizable_linears
+from .checkpoint import configured_module, layer_settings, quantizable_linears
 from .expert_keys import keep_quantized_expert_keys
 from .qconfig import CALIBRATION_KEYS, QUANT_METHOD, check_plan_entries, check_quantization_config
 
@@ -280,7 +280,7 @@ class QEngineHfQuantizer(HfQuantizer):
                 delattr(parent, attr)
                 setattr(parent, attr, _ExpertSlot(weight, bool(parent.is_transposed)))
                 continue
-            setattr(parent, attr, _Slot(configured_linear(model, name)))
+            setattr(parent, attr, _Slot(configured_module(model, name)))
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
         model._keys_to_ignore_on_load_unexpected = ignore | {_QUANT_KEYS}
         return model
