@@ -309,3 +309,14 @@ def bits_per_param_formula(numel: int, bits: int, blocksize: int, ncodes: int, d
         else:
             total += 4 * nblocks
     return 8.0 * total / numel
+
+
+def e4m3(code: int) -> float:
+    """OCP FP8 E4M3 ("fn") from its bits, in float64: sign bit 7, 4 exponent bits (bias 7), 3
+    mantissa bits, no infinities, S.1111.111 NaN (the spec, written here once for the fp8 and
+    microscaling tests)."""
+    e, m = (code >> 3) & 15, code & 7
+    if e == 15 and m == 7:
+        return math.nan
+    mag = (m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
+    return -mag if code >> 7 else mag

@@ -15,7 +15,7 @@ from torch import nn
 
 import qengine
 from qengine.nn import QuantLinear
-from reference import same_bits
+from reference import e4m3, same_bits
 from support import matmul_bound
 
 FMT = "fp8_e4m3"
@@ -23,16 +23,6 @@ ISAS = qengine.build_info()["supported_cpu_isas"]
 
 
 # ------------------------------------------------------------------ the spec, from bits, in float64
-def e4m3(code: int) -> float:
-    """OCP FP8 E4M3 ("fn"): sign bit 7, 4 exponent bits (bias 7), 3 mantissa bits, no infinities,
-    S.1111.111 NaN."""
-    e, m = (code >> 3) & 15, code & 7
-    if e == 15 and m == 7:
-        return math.nan
-    mag = (m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
-    return -mag if code >> 7 else mag
-
-
 E4M3 = [e4m3(c) for c in range(256)]
 POS = torch.tensor(E4M3[:127], dtype=torch.float64)  # sorted magnitudes; index = code, mantissa parity = code parity
 MIDS = (POS[:-1] + POS[1:]) / 2

@@ -15,6 +15,7 @@ import torch
 
 import qengine
 from qengine.nn import QuantLinear
+from reference import e4m3
 
 FORMATS = ("mxfp4", "nvfp4")
 ISAS = qengine.build_info()["supported_cpu_isas"]
@@ -31,15 +32,6 @@ def e2m1(code: int) -> float:
 def e8m0(code: int) -> float:
     """OCP E8M0: 2**(code - 127); 0xff is NaN."""
     return math.nan if code == 255 else 2.0 ** (code - 127)
-
-
-def e4m3(code: int) -> float:
-    """OCP FP8 E4M3 (bias 7, no infinities, S.1111.111 NaN), non-negative codes."""
-    e, m = (code >> 3) & 15, code & 7
-    if e == 15 and m == 7:
-        return math.nan
-    mag = (m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
-    return -mag if code >> 7 else mag
 
 
 E2M1 = [e2m1(c) for c in range(16)]
