@@ -225,6 +225,47 @@ def test_nvfp4_rows_longer_than_a_tile(dtype, isa_restore):
         assert (y - ref).abs().max() <= tol * ref.abs().max() + tol, isa
 
 
+def _table_read_twin(kw):
+    """kw with its nested mean -0.0 instead of +0.0: the same scales to the bit (adding -0.0
+    changes no value, and +0.0 + -0.0 is +0.0), but the kernels then read the table (the
+    computed E4M3 scales need a +0.0 mean)."""
+    table, absmax, mean, nbs = kw.nested
+    assert float(mean) == 0.0 and not math.copysign(1.0, float(mean)) < 0
+    return kw._replace(nested=[table, absmax, torch.full_like(mean, -0.0), nbs])
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_nvfp4_computed_scales_equal_the_table(flush_denormal, isa_restore):
+    """The fused GEMV computes NVFP4's E4M3 block scales from their codes (simd_avx512.h,
+    E4m3Scales) instead of reading the table: outputs equal, bit for bit, those of the same
+    weight with the nested mean -0.0 (the table read, by VBMI bulk decode or gathers), on rows
+    whose scales reach E4M3's subnormal codes and zero, over three K tiles, 1 to 16 rows of x;
+    also where a row holds scale codes the computation does not cover (0x7F and up: that row
+    reads the table) and with denormal inputs flushed (the computed path needs them kept)."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(40, 66 * 128, generator=g) * torch.logspace(-7, 1, 40).unsqueeze(1)
+    kw = qengine.quantize(w, "nvfp4").kernel_weight()
+    codes = kw.scales.clone()
+    codes[5 * 66 * 8 + 17] = 0x90  # a negative E4M3 code in row 5 (its table entry: 0.0)
+    odd = kw._replace(scales=codes)
+    assert (kw.scales < 8).any() and (kw.scales == 0).any()  # subnormal and zero scale codes
+    previous = torch.get_num_threads()
+    try:
+        torch.set_flush_denormal(flush_denormal)
+        for isa in ISAS:
+            qengine.set_cpu_isa(isa)
+            for weight in (kw, odd):
+                twin = _table_read_twin(weight)
+                for m in (1, 3, 8, 16):
+                    for dtype in (torch.float32, torch.bfloat16):
+                        x = torch.randn(m, w.shape[1], generator=g).to(dtype)
+                        with torch.no_grad():
+                            assert torch.equal(weight.matmul(x), twin.matmul(x)), (isa, m, dtype)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_isas_equal_scalar(fmt, isa_restore):
     g = torch.Generator().manual_seed(8)

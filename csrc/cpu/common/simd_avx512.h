@@ -7,6 +7,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "qengine/dtype.h"
@@ -131,6 +132,42 @@ inline __m512 chunk_scales(const float* rs, int64_t c, int log2_blocksize) {
   return _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_loadu_ps(rs + b)));
 }
 
+// Block-16 scales computed from E4M3 codes in the chunk loop (NVFP4: no decoded copy written
+// and read back). A row qualifies when the table is E4M3 below code 0x7F (BlockScales hint),
+// its tile's codes are all below 0x7F, one nested absmax a >= +0 covers the tile with a * 2**120
+// finite, the mean is +0.0 (adding it changes no bit of a non-negative product) and the CPU
+// keeps subnormal inputs (MXCSR.DAZ clear). c << 20 read as float32 is E4M3(c) * 2**-120
+// exactly (codes 0-7 a float32 subnormal), so one multiply by a * 2**120 rounds
+// E4M3(c) * a once: block_scale's bits.
+struct E4m3Scales {
+  bool usable;  // for this call: the table, the block size, the mean, the CPU
+  explicit E4m3Scales(const BlockScales& s, int log2_blocksize)
+      : usable(s.values == nullptr && s.e4m3_below_nan && log2_blocksize == 4 && s.nested_shift >= 0 &&
+               s.mean == 0.0f && !std::signbit(s.mean) && (_mm_getcsr() & 0x40) == 0) {}
+  // Whether blocks [b, b + count) of the whole tensor qualify; a_2p120 := the factor.
+  static bool row(const BlockScales& s, int64_t b, int64_t count, __m256& a_2p120) {
+    const int64_t nb = b >> s.nested_shift;
+    if (nb != ((b + count - 1) >> s.nested_shift)) return false;
+    const float a = s.absmax[nb];
+    if (std::signbit(a) || !std::isfinite(a * 0x1p120f)) return false;
+    const __m512i nan_or_negative = _mm512_set1_epi8(0x7F);
+    __mmask64 bad = 0;
+    for (int64_t i = 0; i < count; i += 64) {
+      const __mmask64 live = count - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (count - i)) - 1;
+      bad |= _mm512_mask_cmpge_epu8_mask(live, _mm512_maskz_loadu_epi8(live, s.codes + b + i), nan_or_negative);
+    }
+    a_2p120 = _mm256_set1_ps(a * 0x1p120f);
+    return bad == 0;
+  }
+  // The 16 lanes' scales of 128-code chunk c (lanes 2j, 2j+1: block 8c + j) from row codes rc.
+  static __m512 chunk(const uint8_t* rc, int64_t c, __m256 a_2p120) {
+    const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rc + 8 * c)));
+    const __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(codes, 20)), a_2p120);
+    const __m512i spread = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    return _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(v));
+  }
+};
+
 // How far ahead of the decode the packed codes are prefetched (a few DRAM latencies' worth
 // at the one-row decode rate, ~15 cycles per 64 bytes).
 constexpr int64_t kPrefetchBytes = 4096;
@@ -170,16 +207,27 @@ template <int M, class Chunk>
 inline void gemv_rows(const TileGeometry& g, const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0,
                       int64_t c1, float* y, int64_t ldy, Chunk&& chunk) {
   alignas(64) float scale_buf[kMaxTileBlocks];
+  const E4m3Scales e4m3(scales, g.log2_blocksize);
   for (int64_t o = o0; o < o1; ++o) {
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    // rs[b] is the scale of the row's block b (b in the tile's range).
-    const float* rs = tile_scales(scales, o * g.blocks_per_row + g.rb_lo, g.rb_count, scale_buf) - g.rb_lo;
-    for (int64_t c = c0; c < c1; ++c) {
-      __m512 t[M];
-      chunk(o, c, t);
-      const __m512 sc = chunk_scales(rs, c, g.log2_blocksize);
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(t[m], sc, acc[m]);
+    const auto run = [&](auto chunk_scale) {
+      for (int64_t c = c0; c < c1; ++c) {
+        __m512 t[M];
+        chunk(o, c, t);
+        const __m512 sc = chunk_scale(c);
+        for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(t[m], sc, acc[m]);
+      }
+    };
+    const int64_t first = o * g.blocks_per_row + g.rb_lo;
+    __m256 a_2p120;
+    if (e4m3.usable && E4m3Scales::row(scales, first, g.rb_count, a_2p120)) {
+      const uint8_t* rc = scales.codes + o * g.blocks_per_row;
+      run([&](int64_t c) { return E4m3Scales::chunk(rc, c, a_2p120); });
+    } else {
+      // rs[b] is the scale of the row's block b (b in the tile's range).
+      const float* rs = tile_scales(scales, first, g.rb_count, scale_buf) - g.rb_lo;
+      run([&](int64_t c) { return chunk_scales(rs, c, g.log2_blocksize); });
     }
     for (int m = 0; m < M; ++m) y[m * ldy + o] += _mm512_reduce_add_ps(acc[m]);
   }

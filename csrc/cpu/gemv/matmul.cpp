@@ -127,7 +127,12 @@ RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t
     }
   }
   const bool nested = scales.values == nullptr && scales.nested_shift >= 0;
-  if (path_ != Path::kDecodeRows && nested && N * (K / blocksize) < (int64_t{1} << 30) && vbmi_scales_available()) {
+  // NVFP4's E4M3 block-16 scales: the fused kernels compute them per chunk (E4m3Scales in
+  // simd_avx512.h), faster than decoding 256 scales a row in bulk and reading them back.
+  scales_.e4m3_below_nan = nested && table_is_e4m3_below_nan(scales.table);
+  const bool computed_scales = scales_.e4m3_below_nan && blocksize == 16;
+  if (path_ != Path::kDecodeRows && nested && !computed_scales && N * (K / blocksize) < (int64_t{1} << 30) &&
+      vbmi_scales_available()) {
     planes_ = std::make_unique<ScalePlanes>(scales.table);
   }
 }

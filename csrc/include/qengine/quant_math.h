@@ -8,7 +8,9 @@
 // float32 midpoints between sorted codebook neighbours that lie strictly below the
 // normalised value (so a tie goes to the lower code, as bitsandbytes' torch.bucketize does).
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "qengine/dtype.h"
 
@@ -147,7 +149,26 @@ struct BlockScales {
   int64_t nested_blocksize;
   float mean;
   int nested_shift;        // log2(nested_blocksize) when a power of two, else -1 (divide)
+  // A hint the CPU GEMV driver sets (never the caller): table[c] is FP8 E4M3's value of c for
+  // every code c < 0x7F (NVFP4's scales), so the kernels may compute those codes' scales.
+  bool e4m3_below_nan = false;
 };
+
+// FP8 E4M3's value of code c < 0x7F (bias 7; exponent field 0: subnormal, m * 2**-9).
+inline float e4m3_value(int c) {
+  const int e = c >> 3, m = c & 7;
+  return e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(static_cast<float>(8 + m), e - 10);
+}
+
+// Whether table[c] has e4m3_value(c)'s bits for every c < 0x7F (BlockScales::e4m3_below_nan;
+// bits, so that a -0.0 entry does not pass for code 0's +0.0).
+inline bool table_is_e4m3_below_nan(const float* table) {
+  for (int c = 0; c < 0x7F; ++c) {
+    const float v = e4m3_value(c);
+    if (std::memcmp(&v, table + c, sizeof v) != 0) return false;
+  }
+  return true;
+}
 
 QE_HD float block_scale(const BlockScales& s, int64_t b) {
   if (s.values != nullptr) return s.values[b];
