@@ -227,29 +227,31 @@ def test_nvfp4_rows_longer_than_a_tile(dtype, isa_restore):
 
 def _table_read_twin(kw):
     """kw with its nested mean -0.0 instead of +0.0: the same scales to the bit (adding -0.0
-    changes no value, and +0.0 + -0.0 is +0.0), but the kernels then read the table (the
-    computed E4M3 scales need a +0.0 mean)."""
+    changes no value, and +0.0 + -0.0 is +0.0), but the kernels then read the table (computed
+    scales need a +0.0 mean)."""
     table, absmax, mean, nbs = kw.nested
     assert float(mean) == 0.0 and not math.copysign(1.0, float(mean)) < 0
     return kw._replace(nested=[table, absmax, torch.full_like(mean, -0.0), nbs])
 
 
 @pytest.mark.parametrize("flush_denormal", [False, True])
-def test_nvfp4_computed_scales_equal_the_table(flush_denormal, isa_restore):
-    """The fused GEMV computes NVFP4's E4M3 block scales from their codes (simd_avx512.h,
-    E4m3Scales) instead of reading the table: outputs equal, bit for bit, those of the same
-    weight with the nested mean -0.0 (the table read, by VBMI bulk decode or gathers), on rows
-    whose scales reach E4M3's subnormal codes and zero, over three K tiles, 1 to 16 rows of x;
-    also where a row holds scale codes the computation does not cover (0x7F and up: that row
-    reads the table) and with denormal inputs flushed (the computed path needs them kept)."""
+@pytest.mark.parametrize("fmt, uncovered", [("nvfp4", 0x90), ("mxfp4", 0xFF)])
+def test_computed_scales_equal_the_table(fmt, uncovered, flush_denormal, isa_restore):
+    """The fused GEMV computes NVFP4's E4M3 and MXFP4's E8M0 block scales from their codes
+    (simd_avx512.h, ComputedScales) instead of reading the table: outputs equal, bit for bit,
+    those of the same weight with the nested mean -0.0 (the table read, by VBMI bulk decode or
+    gathers), on rows whose scales reach the subnormal codes and zero, over three K tiles, 1 to
+    16 rows of x; also where a row holds a scale code the computation does not cover (a
+    negative E4M3, E8M0's NaN code: that row reads the table) and with denormal inputs flushed
+    (the computed scales need them kept)."""
     g = torch.Generator().manual_seed(11)
     w = torch.randn(40, 66 * 128, generator=g) * torch.logspace(-7, 1, 40).unsqueeze(1)
-    kw = qengine.quantize(w, "nvfp4").kernel_weight()
+    w[3, 64:128] = 0.0  # all-zero blocks: scale code 0 (E8M0's subnormal 2**-127)
+    kw = qengine.quantize(w, fmt).kernel_weight()
+    assert (kw.scales == 0).any() and (fmt == "mxfp4" or ((kw.scales > 0) & (kw.scales < 8)).any())
     codes = kw.scales.clone()
-    codes[5 * 66 * 8 + 17] = 0x90  # a negative E4M3 code in row 5 (its table entry: 0.0)
+    codes[5 * codes.numel() // 40 + 17] = uncovered  # in row 5
     odd = kw._replace(scales=codes)
-    assert (kw.scales < 8).any() and (kw.scales == 0).any()  # subnormal and zero scale codes
-    previous = torch.get_num_threads()
     try:
         torch.set_flush_denormal(flush_denormal)
         for isa in ISAS:
@@ -263,7 +265,6 @@ def test_nvfp4_computed_scales_equal_the_table(flush_denormal, isa_restore):
                             assert torch.equal(weight.matmul(x), twin.matmul(x)), (isa, m, dtype)
     finally:
         torch.set_flush_denormal(False)
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

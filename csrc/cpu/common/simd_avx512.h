@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "qengine/dtype.h"
 #include "qengine/quant_math.h"
@@ -132,39 +133,56 @@ inline __m512 chunk_scales(const float* rs, int64_t c, int log2_blocksize) {
   return _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_loadu_ps(rs + b)));
 }
 
-// Block-16 scales computed from E4M3 codes in the chunk loop (NVFP4: no decoded copy written
-// and read back). A row qualifies when the table is E4M3 below code 0x7F (BlockScales hint),
-// its tile's codes are all below 0x7F, one nested absmax a >= +0 covers the tile with a * 2**120
-// finite, the mean is +0.0 (adding it changes no bit of a non-negative product) and the CPU
-// keeps subnormal inputs (MXCSR.DAZ clear). c << 20 read as float32 is E4M3(c) * 2**-120
-// exactly (codes 0-7 a float32 subnormal), so one multiply by a * 2**120 rounds
-// E4M3(c) * a once: block_scale's bits.
-struct E4m3Scales {
-  bool usable;  // for this call: the table, the block size, the mean, the CPU
-  explicit E4m3Scales(const BlockScales& s, int log2_blocksize)
-      : usable(s.values == nullptr && s.e4m3_below_nan && log2_blocksize == 4 && s.nested_shift >= 0 &&
-               s.mean == 0.0f && !std::signbit(s.mean) && (_mm_getcsr() & 0x40) == 0) {}
-  // Whether blocks [b, b + count) of the whole tensor qualify; a_2p120 := the factor.
-  static bool row(const BlockScales& s, int64_t b, int64_t count, __m256& a_2p120) {
+// Minifloat block scales computed in the chunk loop from their codes (no decoded copy written
+// and read back): NVFP4's E4M3 at block 16, MXFP4's E8M0 at block 32. A row qualifies when the
+// table is such a minifloat (BlockScales::table_kind), its tile's codes are all below the
+// minifloat's NaN, one nested absmax a >= +0 covers the tile, the mean is +0.0 (adding it changes
+// no bit of a non-negative product) and the CPU keeps subnormal inputs (MXCSR.DAZ clear). Each
+// scale is then float32(value(c) * a) with one rounding: block_scale's bits.
+//   E4M3: c << 20 read as float32 is value(c) * 2**-120 exactly (codes 0-7 a float32
+//         subnormal): one multiply by a * 2**120 (kept finite).
+//   E8M0: vscalefps(a, c - 127) is a * 2**(c - 127) rounded once.
+struct ComputedScales {
+  int kind = kTableRead;  // for this call: the table, the block size, the mean, the CPU
+  ComputedScales(const BlockScales& s, int log2_blocksize) {
+    const bool plain = s.values == nullptr && s.nested_shift >= 0 && s.mean == 0.0f && !std::signbit(s.mean) &&
+                       (_mm_getcsr() & 0x40) == 0;
+    if (plain && ((s.table_kind == kTableE4m3 && log2_blocksize == 4) ||
+                  (s.table_kind == kTableE8m0 && log2_blocksize == 5))) {
+      kind = s.table_kind;
+    }
+  }
+  // Whether blocks [b, b + count) of the whole tensor qualify; factor := a * 2**120 (E4M3) or a.
+  bool row(const BlockScales& s, int64_t b, int64_t count, __m256& factor) const {
     const int64_t nb = b >> s.nested_shift;
     if (nb != ((b + count - 1) >> s.nested_shift)) return false;
-    const float a = s.absmax[nb];
-    if (std::signbit(a) || !std::isfinite(a * 0x1p120f)) return false;
-    const __m512i nan_or_negative = _mm512_set1_epi8(0x7F);
+    const float a = kind == kTableE4m3 ? s.absmax[nb] * 0x1p120f : s.absmax[nb];
+    if (std::signbit(a) || !std::isfinite(a)) return false;
+    const __m512i nan = _mm512_set1_epi8(static_cast<char>(kind == kTableE4m3 ? 0x7F : 0xFF));
     __mmask64 bad = 0;
     for (int64_t i = 0; i < count; i += 64) {
       const __mmask64 live = count - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (count - i)) - 1;
-      bad |= _mm512_mask_cmpge_epu8_mask(live, _mm512_maskz_loadu_epi8(live, s.codes + b + i), nan_or_negative);
+      bad |= _mm512_mask_cmpge_epu8_mask(live, _mm512_maskz_loadu_epi8(live, s.codes + b + i), nan);
     }
-    a_2p120 = _mm256_set1_ps(a * 0x1p120f);
+    factor = _mm256_set1_ps(a);
     return bad == 0;
   }
-  // The 16 lanes' scales of 128-code chunk c (lanes 2j, 2j+1: block 8c + j) from row codes rc.
-  static __m512 chunk(const uint8_t* rc, int64_t c, __m256 a_2p120) {
+  // The 16 lanes' scales of 128-code chunk c from row codes rc: lanes 2j, 2j+1 take block 8c + j.
+  static __m512 e4m3_chunk(const uint8_t* rc, int64_t c, __m256 a_2p120) {
     const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rc + 8 * c)));
     const __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(codes, 20)), a_2p120);
     const __m512i spread = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     return _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(v));
+  }
+  // Lanes 4j..4j+3 take block 4c + j.
+  static __m512 e8m0_chunk(const uint8_t* rc, int64_t c, __m256 a) {
+    int32_t four;
+    std::memcpy(&four, rc + 4 * c, 4);
+    const __m128i codes = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(four));
+    const __m128 exponent = _mm_cvtepi32_ps(_mm_sub_epi32(codes, _mm_set1_epi32(127)));
+    const __m128 v = _mm_scalef_ps(_mm256_castps256_ps128(a), exponent);
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(v));
   }
 };
 
@@ -207,7 +225,7 @@ template <int M, class Chunk>
 inline void gemv_rows(const TileGeometry& g, const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0,
                       int64_t c1, float* y, int64_t ldy, Chunk&& chunk) {
   alignas(64) float scale_buf[kMaxTileBlocks];
-  const E4m3Scales e4m3(scales, g.log2_blocksize);
+  const ComputedScales computed(scales, g.log2_blocksize);
   for (int64_t o = o0; o < o1; ++o) {
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
@@ -220,10 +238,11 @@ inline void gemv_rows(const TileGeometry& g, const BlockScales& scales, int64_t 
       }
     };
     const int64_t first = o * g.blocks_per_row + g.rb_lo;
-    __m256 a_2p120;
-    if (e4m3.usable && E4m3Scales::row(scales, first, g.rb_count, a_2p120)) {
+    __m256 factor;
+    if (computed.kind != kTableRead && computed.row(scales, first, g.rb_count, factor)) {
       const uint8_t* rc = scales.codes + o * g.blocks_per_row;
-      run([&](int64_t c) { return E4m3Scales::chunk(rc, c, a_2p120); });
+      if (computed.kind == kTableE4m3) run([&](int64_t c) { return ComputedScales::e4m3_chunk(rc, c, factor); });
+      else run([&](int64_t c) { return ComputedScales::e8m0_chunk(rc, c, factor); });
     } else {
       // rs[b] is the scale of the row's block b (b in the tile's range).
       const float* rs = tile_scales(scales, first, g.rb_count, scale_buf) - g.rb_lo;

@@ -127,10 +127,12 @@ RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t
     }
   }
   const bool nested = scales.values == nullptr && scales.nested_shift >= 0;
-  // NVFP4's E4M3 block-16 scales: the fused kernels compute them per chunk (E4m3Scales in
-  // simd_avx512.h), faster than decoding 256 scales a row in bulk and reading them back.
-  scales_.e4m3_below_nan = nested && table_is_e4m3_below_nan(scales.table);
-  const bool computed_scales = scales_.e4m3_below_nan && blocksize == 16;
+  // NVFP4's E4M3 block-16 and MXFP4's E8M0 block-32 scales: the fused kernels compute them per
+  // chunk (ComputedScales in simd_avx512.h), faster than decoding 8 or 4 scales per 128 codes
+  // in bulk and reading them back.
+  scales_.table_kind = nested ? scale_table_kind(scales.table) : kTableRead;
+  const bool computed_scales = (scales_.table_kind == kTableE4m3 && blocksize == 16) ||
+                               (scales_.table_kind == kTableE8m0 && blocksize == 32);
   if (path_ != Path::kDecodeRows && nested && !computed_scales && N * (K / blocksize) < (int64_t{1} << 30) &&
       vbmi_scales_available()) {
     planes_ = std::make_unique<ScalePlanes>(scales.table);

@@ -149,10 +149,15 @@ struct BlockScales {
   int64_t nested_blocksize;
   float mean;
   int nested_shift;        // log2(nested_blocksize) when a power of two, else -1 (divide)
-  // A hint the CPU GEMV driver sets (never the caller): table[c] is FP8 E4M3's value of c for
-  // every code c < 0x7F (NVFP4's scales), so the kernels may compute those codes' scales.
-  bool e4m3_below_nan = false;
+  // A hint the CPU GEMV driver sets (never the caller): the nested table is a minifloat the
+  // kernels may compute instead of reading (ScaleTable).
+  uint8_t table_kind = 0;
 };
+
+// What a nested scale table holds, as far as a kernel may compute a code's value instead of
+// reading it: E4M3 on every code below its NaN 0x7F (NVFP4's scales), E8M0 (2**(c - 127)) on
+// every code below its NaN 0xFF (MXFP4's), or anything else (read the table).
+enum ScaleTable : uint8_t { kTableRead = 0, kTableE4m3 = 1, kTableE8m0 = 2 };
 
 // FP8 E4M3's value of code c < 0x7F (bias 7; exponent field 0: subnormal, m * 2**-9).
 inline float e4m3_value(int c) {
@@ -160,14 +165,18 @@ inline float e4m3_value(int c) {
   return e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(static_cast<float>(8 + m), e - 10);
 }
 
-// Whether table[c] has e4m3_value(c)'s bits for every c < 0x7F (BlockScales::e4m3_below_nan;
-// bits, so that a -0.0 entry does not pass for code 0's +0.0).
-inline bool table_is_e4m3_below_nan(const float* table) {
-  for (int c = 0; c < 0x7F; ++c) {
-    const float v = e4m3_value(c);
-    if (std::memcmp(&v, table + c, sizeof v) != 0) return false;
-  }
-  return true;
+// The table's kind, comparing bits (a -0.0 entry does not pass for E4M3 code 0's +0.0).
+inline ScaleTable scale_table_kind(const float* table) {
+  const auto matches = [table](int count, auto value) {
+    for (int c = 0; c < count; ++c) {
+      const float v = value(c);
+      if (std::memcmp(&v, table + c, sizeof v) != 0) return false;
+    }
+    return true;
+  };
+  if (matches(0x7F, e4m3_value)) return kTableE4m3;
+  if (matches(0xFF, [](int c) { return std::ldexp(1.0f, c - 127); })) return kTableE8m0;
+  return kTableRead;
 }
 
 QE_HD float block_scale(const BlockScales& s, int64_t b) {
