@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "qengine/dtype.h"
 
@@ -90,6 +91,61 @@ inline __m256 lookup16(__m256i idx, __m256 lo, __m256 hi) {
 inline __m256i load_codes8(const uint8_t* q) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
 }
+
+// The low byte of each of 8 int32 lanes, stored as 8 bytes.
+inline void store_low_bytes(uint8_t* dst, __m256i v) {
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  __m256i b = _mm256_shuffle_epi8(v, pick);
+  uint32_t lo = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_castsi256_si128(b)));
+  uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(b, 4));
+  std::memcpy(dst, &lo, 4);
+  std::memcpy(dst + 4, &hi, 4);
+}
+
+// The vector type loops written once for every ISA take (F32x16 in simd_avx512.h has the same
+// members): float32 lanes F, int32 lanes I, and the operations those loops use.
+struct F32x8 {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+  template <int DT>
+  static F load(const void* x, int64_t i) { return load8<DT>(x, i); }
+  // Values that are never NaN (decoded weights): the bfloat16 NaN fix-up skipped.
+  template <int DT>
+  static void store_finite(void* out, int64_t i, F v, bool stream) { store8<DT, true>(out, i, v, stream); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static float reduce_min(F v) { return hmin(v); }
+  static float reduce_max(F v) { return hmax(v); }
+  static bool any_nan(F v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
+  static I iset1(int v) { return _mm256_set1_epi32(v); }
+  static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  // a + step in the lanes where v > t (ordered), a elsewhere.
+  static I add_where_greater(I a, F v, F t, int step) {
+    const I gt = _mm256_castps_si256(_mm256_cmp_ps(v, t, _CMP_GT_OQ));
+    return _mm256_add_epi32(a, _mm256_and_si256(gt, _mm256_set1_epi32(step)));
+  }
+  static I load_codes(const uint8_t* q) { return load_codes8(q); }
+  static void store_codes(uint8_t* dst, I codes) { store_low_bytes(dst, codes); }
+  static F gather(const float* base, I idx) { return _mm256_i32gather_ps(base, idx, 4); }
+  // A 16-entry table of floats (or of int32 codes, as their bits) in registers.
+  struct Table16 {
+    F lo, hi;
+  };
+  static Table16 table16(const float* t) { return {_mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)}; }
+  static Table16 code_table16(const uint8_t* c) {
+    return {_mm256_castsi256_ps(load_codes8(c)), _mm256_castsi256_ps(load_codes8(c + 8))};
+  }
+  static F lookup(I idx, const Table16& t) { return lookup16(idx, t.lo, t.hi); }
+  static I lookup_code(I idx, const Table16& t) { return _mm256_castps_si256(lookup16(idx, t.lo, t.hi)); }
+};
 
 }  // namespace
 }  // namespace qengine::cpu

@@ -79,6 +79,45 @@ inline __m512i bf16_table32(const float* table) {
   return _mm512_load_si512(t);
 }
 
+// The vector type loops written once for every ISA take (see F32x8 in simd_avx2.h).
+struct F32x16 {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kLanes = 16;
+  template <int DT>
+  static F load(const void* x, int64_t i) { return load16<DT>(x, i); }
+  template <int DT>
+  static void store_finite(void* out, int64_t i, F v, bool stream) { store16<DT, true>(out, i, v, stream); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static float reduce_min(F v) { return _mm512_reduce_min_ps(v); }
+  static float reduce_max(F v) { return _mm512_reduce_max_ps(v); }
+  static bool any_nan(F v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
+  static I iset1(int v) { return _mm512_set1_epi32(v); }
+  static I iadd(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I add_where_greater(I a, F v, F t, int step) {
+    return _mm512_mask_add_epi32(a, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), a, _mm512_set1_epi32(step));
+  }
+  static I load_codes(const uint8_t* q) { return load_codes16(q); }
+  static void store_codes(uint8_t* dst, I codes) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(codes));
+  }
+  static F gather(const float* base, I idx) { return _mm512_i32gather_ps(idx, base, 4); }
+  struct Table16 {
+    F v;
+  };
+  static Table16 table16(const float* t) { return {_mm512_loadu_ps(t)}; }
+  static Table16 code_table16(const uint8_t* c) { return {_mm512_castsi512_ps(load_codes16(c))}; }
+  static F lookup(I idx, const Table16& t) { return _mm512_permutexvar_ps(idx, t.v); }
+  static I lookup_code(I idx, const Table16& t) { return _mm512_permutexvar_epi32(idx, _mm512_castps_si512(t.v)); }
+};
+
 inline __mmask16 lanes_below(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
 }

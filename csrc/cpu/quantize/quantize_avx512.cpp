@@ -10,77 +10,11 @@
 #include "cpu/common/ladder.h"
 #include "cpu/common/simd_avx512.h"
 #include "cpu/quantize/kernels.h"
+#include "cpu/quantize/quantize_loops.h"
 #include "qengine/status.h"
 
 namespace qengine::cpu {
 namespace {
-
-template <int DT>
-void stats_impl(const void* x, int64_t len, BlockStats* out) {
-  const float inf = std::numeric_limits<float>::infinity();
-  __m512 mn = _mm512_set1_ps(inf), mx = _mm512_set1_ps(-inf);
-  __m512 poison = _mm512_setzero_ps();  // becomes NaN once x*0 meets a NaN or Inf
-  const __m512 zero = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    __m512 v = load16<DT>(x, i);
-    mn = _mm512_min_ps(mn, v);
-    mx = _mm512_max_ps(mx, v);
-    poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
-  }
-  BlockStats s;
-  s.min = _mm512_reduce_min_ps(mn);
-  s.max = _mm512_reduce_max_ps(mx);
-  s.nonfinite = _mm512_cmp_ps_mask(poison, poison, _CMP_UNORD_Q) != 0;
-  s.absmax = std::fmax(std::fabs(s.min), std::fabs(s.max));  // +0 for an all-zero block
-  block_stats_tail(x, DT, i, len, &s);
-  *out = s;
-}
-
-void block_stats(const void* x, int dtype, int64_t len, BlockStats* out) {
-  with_dtype(dtype, [&](auto dt) { stats_impl<dt>(x, len, out); });
-}
-
-template <int DT, int RULE, bool DIVIDE, int BITS>
-void encode_impl(const void* x, int64_t len, const BlockNorm& norm, const Codebook& cb, uint8_t* codes) {
-  const __m512 inv = _mm512_set1_ps(norm.inv), div = _mm512_set1_ps(norm.div);
-  const __m512 off = _mm512_set1_ps(norm.offset);
-  __m512 mids16 = BITS == 4 ? _mm512_loadu_ps(cb.midpoints) : _mm512_setzero_ps();
-  // sorted_to_code may be null for identity-ordered tables (k-means).
-  __m512i map16 = (BITS == 4 && !cb.identity_order)
-                      ? load_codes16(cb.sorted_to_code)
-                      : _mm512_setzero_si512();
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    __m512 v = load16<DT>(x, i);
-    if constexpr (RULE == kMinmax) v = _mm512_sub_ps(v, off);
-    v = DIVIDE ? _mm512_div_ps(v, div) : _mm512_mul_ps(v, inv);
-    __m512i pos = _mm512_setzero_si512();
-    for (int step = 1 << (BITS - 1); step > 0; step >>= 1) {
-      __m512i probe = _mm512_add_epi32(pos, _mm512_set1_epi32(step - 1));
-      __m512 t = BITS == 4 ? _mm512_permutexvar_ps(probe, mids16) : _mm512_i32gather_ps(probe, cb.midpoints, 4);
-      __mmask16 gt = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
-      pos = _mm512_mask_add_epi32(pos, gt, pos, _mm512_set1_epi32(step));
-    }
-    if (BITS == 4 && !cb.identity_order) pos = _mm512_permutexvar_epi32(pos, map16);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(pos));
-    if (BITS == 8 && !cb.identity_order) {
-      for (int k = 0; k < 16; ++k) codes[i + k] = cb.sorted_to_code[codes[i + k]];
-    }
-  }
-  encode_tail(x, DT, i, len, norm, RULE, cb, codes);
-}
-
-void encode(const void* x, int dtype, int64_t len, const BlockNorm& n, int rule, const Codebook& cb, uint8_t* codes) {
-  with_encode_params(dtype, rule, n.divide, cb.bits, [&](auto dt, auto r, auto divide, auto bits) {
-    encode_impl<dt, r, divide, bits>(x, len, n, cb, codes);
-  });
-}
-
-template <int RULE>
-inline __m512 apply_scale(__m512 q, __m512 scale, __m512 offset) {
-  return RULE == kMinmax ? _mm512_fmadd_ps(q, scale, offset) : _mm512_mul_ps(q, scale);
-}
 
 // 32 codes from 16 packed bytes (high nibble first), scaled, into out[i .. i + 32).
 template <int OUT, int RULE>
@@ -90,23 +24,21 @@ inline void decode32(const uint8_t* src, __m512 tbl, __m512 sc, __m512 of, void*
   const __m512i b = load_codes16(src);
   const __m512 vh = lookup16(_mm512_srli_epi32(b, 4), tbl);
   const __m512 vl = lookup16(_mm512_and_si512(b, _mm512_set1_epi32(0x0f)), tbl);
-  store16<OUT, true>(out, i, apply_scale<RULE>(_mm512_permutex2var_ps(vh, lo_idx, vl), sc, of), stream);
-  store16<OUT, true>(out, i + 16, apply_scale<RULE>(_mm512_permutex2var_ps(vh, hi_idx, vl), sc, of), stream);
+  store16<OUT, true>(out, i, apply_scale<F32x16, RULE>(_mm512_permutex2var_ps(vh, lo_idx, vl), sc, of), stream);
+  store16<OUT, true>(out, i + 16, apply_scale<F32x16, RULE>(_mm512_permutex2var_ps(vh, hi_idx, vl), sc, of), stream);
 }
 
-template <int OUT, int RULE>
-void decode4(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
-             float offset, void* out, bool stream) {
-  int64_t i = 0;
-  if (first & 1) {  // odd start: the low nibble of a shared byte
-    scalar_decode(packed, first, 1, cb, scale, offset, RULE, out, OUT, false);
-    i = 1;
+// The 4-bit decode's main loop (decode4 in quantize_loops.h): 16 bytes give 32 codes a step.
+struct Nibbles {
+  template <int OUT, int RULE>
+  static int64_t run(const uint8_t* packed, int64_t first, int64_t i, int64_t len, const Codebook& cb, float scale,
+                     float offset, void* out, bool stream) {
+    const __m512 tbl = _mm512_loadu_ps(cb.table);
+    const __m512 sc = _mm512_set1_ps(scale), of = _mm512_set1_ps(offset);
+    for (; i + 32 <= len; i += 32) decode32<OUT, RULE>(packed + ((first + i) >> 1), tbl, sc, of, out, i, stream);
+    return i;
   }
-  const __m512 tbl = _mm512_loadu_ps(cb.table);
-  const __m512 sc = _mm512_set1_ps(scale), of = _mm512_set1_ps(offset);
-  for (; i + 32 <= len; i += 32) decode32<OUT, RULE>(packed + ((first + i) >> 1), tbl, sc, of, out, i, stream);
-  decode_tail(packed, first, i, len, cb, scale, offset, RULE, out, OUT);
-}
+};
 
 // Whole 4-bit blocks with the block loop inside: the table and permutation constants stay in
 // registers across blocks, and only the scale (and offset) change.
@@ -128,27 +60,6 @@ void decode_blocks4(const uint8_t* packed, int64_t first_block, int64_t count, i
                     int rule, const float* scales, const float* offsets, void* out, int out_dtype, bool stream) {
   with_decode_params(out_dtype, rule, [&](auto dt, auto r) {
     decode_blocks4_impl<dt, r>(packed, first_block, count, blocksize, table, scales, offsets, out, stream);
-  });
-}
-
-template <int OUT, int RULE>
-void decode8(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
-             float offset, void* out, bool stream) {
-  const __m512 sc = _mm512_set1_ps(scale), of = _mm512_set1_ps(offset);
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    __m512i q = load_codes16(packed + first + i);
-    __m512 v = _mm512_i32gather_ps(q, cb.table, 4);
-    store16<OUT, true>(out, i, apply_scale<RULE>(v, sc, of), stream);
-  }
-  decode_tail(packed, first, i, len, cb, scale, offset, RULE, out, OUT);
-}
-
-void decode(const uint8_t* packed, int64_t first, int64_t len, const Codebook& cb, float scale,
-            float offset, int rule, void* out, int out_dtype, bool stream) {
-  with_decode_params(out_dtype, rule, [&](auto dt, auto r) {
-    if (cb.bits == 4) decode4<dt, r>(packed, first, len, cb, scale, offset, out, stream);
-    else decode8<dt, r>(packed, first, len, cb, scale, offset, out, stream);
   });
 }
 
@@ -229,9 +140,9 @@ int quantize_blocks4(const void* x, int dtype, int64_t bs, int64_t b0, int64_t b
 }  // namespace
 
 const QuantizeKernels kQuantizeAvx512 = {
-    .block_stats = block_stats,
-    .encode = encode,
-    .decode = decode,
+    .block_stats = block_stats<F32x16>,
+    .encode = encode<F32x16>,
+    .decode = decode<F32x16, Nibbles>,
     .decode_blocks4 = decode_blocks4,
     .quantize_blocks4 = quantize_blocks4,
 };
