@@ -58,8 +58,8 @@ def add_lora_side(y: torch.Tensor, x2: torch.Tensor, lora_a, lora_b, lora_scale:
     dtype (the large-batch paths; the small-batch kernels fuse it)."""
     if lora_a is None:
         return y
-    side = (x2.to(torch.float32) @ lora_a.to(torch.float32).t()) @ lora_b.to(torch.float32).t()
-    return y + (lora_scale * side).to(y.dtype)
+    side = (lora_scale * (x2.to(torch.float32) @ lora_a.to(torch.float32).t())) @ lora_b.to(torch.float32).t()
+    return y + side.to(y.dtype)
 
 
 def lora_backward(grad, x, lora_a, lora_b, s: float, gx, need_a: bool, need_b: bool):
@@ -69,14 +69,16 @@ def lora_backward(grad, x, lora_a, lora_b, s: float, gx, need_a: bool, need_b: b
     g2 = grad.reshape(-1, grad.shape[-1]).to(torch.float32)
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
     a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
-    gb_t = g2 @ b32  # [M, r]
+    # s applied to the [M, r] products, the small end: a pass over [M, K] or [N, r] saved (the
+    # QLoRA step of a 134M Llama at 512 rows: 1.034x -> 1.020x a bf16 PEFT step, interleaved).
+    sgb = s * (g2 @ b32)  # [M, r]
     ga = gb = None
     if gx is not None:
-        gx = gx + (s * (gb_t @ a32)).reshape(gx.shape).to(gx.dtype)
+        gx = gx + (sgb @ a32).reshape(gx.shape).to(gx.dtype)
     if need_a:
-        ga = (s * (gb_t.t() @ x2)).to(lora_a.dtype)
+        ga = (sgb.t() @ x2).to(lora_a.dtype)
     if need_b:
-        gb = (s * (g2.t() @ (x2 @ a32.t()))).to(lora_b.dtype)
+        gb = (g2.t() @ (s * (x2 @ a32.t()))).to(lora_b.dtype)
     return gx, ga, gb
 
 
