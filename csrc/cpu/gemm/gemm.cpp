@@ -69,11 +69,14 @@ void fill_zero(void* out, int dtype, int64_t n) {
   else std::fill(static_cast<uint16_t*>(out), static_cast<uint16_t*>(out) + n, uint16_t{0});
 }
 
-// src [rows, cols] (dtype, contiguous) transposed into float32 [cols, rows].
+// src [rows, cols] (dtype, contiguous) transposed into float32 [cols, rows] (widened a row at a
+// time first, so the transposing loop has no per-element dtype switch).
 std::vector<float> transposed_float(const void* src, int dtype, int64_t rows, int64_t cols) {
+  std::vector<float> buf;
+  const float* f = cpu::float_rows(src, dtype, rows, cols, cols, buf);  // a view when float32
   std::vector<float> out(static_cast<size_t>(rows * cols));
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = load_as_float(src, dtype, i * cols + j);
+    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = f[i * cols + j];
   }
   return out;
 }

@@ -384,23 +384,35 @@ void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8
 }
 
 // t[m * r + j] = scale * (x[m] . a[j]) for the rows [m0, m1) of x (bfloat16, row stride ldx) and
-// the r rows of a (float32 [r, K]): the side path's first product.
+// the r rows of a (float32 [r, K]): the side path's first product. Blocks of 4 rows of x by 4
+// rows of a share every load (16 accumulators): A (48-128 KiB at r = 16) is read from L2 once per
+// 4 rows of x instead of once per row (at 512 rows, K = 2048: 0.38 -> 0.19 ms).
 void lora_down(const uint16_t* x, int64_t K, int64_t ldx, const float* a, int64_t r, float scale, int64_t m0,
                int64_t m1, float* t) {
-  for (int64_t m = m0; m < m1; ++m) {
-    for (int64_t j0 = 0; j0 < r; j0 += 8) {
-      const int64_t jn = std::min<int64_t>(8, r - j0);
-      __m512 acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
-      int64_t k = 0;
-      for (; k + 16 <= K; k += 16) {
-        const __m512 xv = load16<kBFloat16>(x + m * ldx, k);
-        for (int64_t j = 0; j < jn; ++j) acc[j] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a + (j0 + j) * K + k), acc[j]);
+  constexpr int kR = 4, kJ = 4;
+  const int64_t K16 = K & ~int64_t{15};
+  for (int64_t m = m0; m < m1; m += kR) {
+    const int64_t rows = std::min<int64_t>(kR, m1 - m);
+    for (int64_t j0 = 0; j0 < r; j0 += kJ) {
+      const int64_t jn = std::min<int64_t>(kJ, r - j0);
+      __m512 acc[kR][kJ];
+      for (int i = 0; i < kR; ++i) {
+        for (int j = 0; j < kJ; ++j) acc[i][j] = _mm512_setzero_ps();
       }
-      for (int64_t j = 0; j < jn; ++j) {
-        float sum = _mm512_reduce_add_ps(acc[j]);
-        for (int64_t kk = k; kk < K; ++kk) sum += bf16_to_float(x[m * ldx + kk]) * a[(j0 + j) * K + kk];
-        t[m * r + j0 + j] = scale * sum;
+      for (int64_t k = 0; k < K16; k += 16) {
+        __m512 xv[kR], av[kJ];
+        for (int i = 0; i < kR; ++i) xv[i] = i < rows ? load16<kBFloat16>(x + (m + i) * ldx, k) : _mm512_setzero_ps();
+        for (int j = 0; j < kJ; ++j) av[j] = j < jn ? _mm512_loadu_ps(a + (j0 + j) * K + k) : _mm512_setzero_ps();
+        for (int i = 0; i < kR; ++i) {
+          for (int j = 0; j < kJ; ++j) acc[i][j] = _mm512_fmadd_ps(xv[i], av[j], acc[i][j]);
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < jn; ++j) {
+          float sum = _mm512_reduce_add_ps(acc[i][j]);
+          for (int64_t kk = K16; kk < K; ++kk) sum += bf16_to_float(x[(m + i) * ldx + kk]) * a[(j0 + j) * K + kk];
+          t[(m + i) * r + j0 + j] = scale * sum;
+        }
       }
     }
   }
