@@ -257,8 +257,7 @@ void tile(const int32_t* xp, const uint16_t* panel, int64_t pairs, const TileOut
     }
   }
   if (lora != nullptr) {  // the side path's r multiply-adds per output, in the same float32 sum
-    // Its fields in locals: read through the pointer in the loop, they kept GCC from holding
-    // acc in registers (every accumulator stored back each step: 3x the side path's time).
+    // Its fields read once, before the loop.
     const int64_t r = lora->r, ldbt = lora->ldbt;
     const float* bt = lora->bt + n;
     const float* t = lora->t + m0 * r;
