@@ -5,6 +5,7 @@ Both must end with the same adapters as one process training on the whole batch.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -75,6 +76,7 @@ def _run(mode, rank):
 
 def _worker(rank, store_path, out_path):
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
+    exits = dist.FileStore(store_path + ".exit", WORLD)
     try:
         torch.set_num_threads(1)
         qengine.set_num_threads(1)
@@ -82,9 +84,14 @@ def _worker(rank, store_path, out_path):
         if rank == 0:
             torch.save(results, out_path)
         # Tear down only once both ranks are past their last collective: a rank that closes its
-        # gloo connections while the other still talks to it can abort the other process. (A
-        # rank that failed skips this; spawn then terminates the one left waiting.)
+        # gloo connections while the other still talks to it can abort the other process
+        # ("terminate called without an active exception"). The barrier's last message may still
+        # be in flight when one rank returns from it, so each rank then also waits, through a
+        # file store (no gloo traffic), until the other has returned too. (A rank that failed
+        # skips this; spawn then terminates the one left waiting.)
         dist.barrier()
+        exits.set(f"past_barrier{rank}", "1")
+        exits.wait([f"past_barrier{r}" for r in range(WORLD)], timedelta(seconds=120))
     finally:
         dist.destroy_process_group()
 
