@@ -131,6 +131,23 @@ int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weigh
   return s;
 }
 
+// True when the native kernels ran (lora_backward_cpu in ops.h; a zero address: that output is
+// not wanted); false, nothing written, where the CPU has none. Sizes are checked by the caller
+// (qengine/ops/cpu.py), which allocates every buffer from them.
+bool lora_backward_cpu(addr g, addr x, int64_t M, int64_t N, int64_t K, addr a, addr b, int64_t r, float scale,
+                       addr gx_in, addr gx_out, addr ga, addr gb) {
+  bool done = false;
+  int s;
+  {
+    py::gil_scoped_release release;
+    s = qengine::lora_backward_cpu(ptr<const void>(g), ptr<const void>(x), M, N, K, ptr<const float>(a),
+                                   ptr<const float>(b), r, scale, ptr<const void>(gx_in), ptr<void>(gx_out),
+                                   ptr<float>(ga), ptr<float>(gb), &done);
+  }
+  raise_on_error(s);
+  return done;
+}
+
 int lora_epilogue_cpu(addr x, int x_dtype, int64_t M, int64_t K, addr a, addr b, int ab_dtype, int64_t R, int64_t N,
                       float scale, addr y) {
   int s = qengine::lora_epilogue_cpu(ptr<const void>(x), x_dtype, M, K, ptr<const void>(a), ptr<const void>(b),
@@ -281,6 +298,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul_t_cpu", &matmul_t_cpu);  // releases the GIL itself
   m.def("matmul_t_large_cpu", &matmul_t_large_cpu);  // releases the GIL itself
   m.def("lora_epilogue_cpu", &lora_epilogue_cpu, release());
+  m.def("lora_backward_cpu", &lora_backward_cpu);  // releases the GIL itself
   m.def("cast_float_cpu", &cast_float_cpu, release());
   m.def("kmeans_accumulate_cpu", &kmeans_accumulate_cpu, release());
   m.def("sparse24_dequantize_cpu", &sparse24_dequantize_cpu);  // releases the GIL itself

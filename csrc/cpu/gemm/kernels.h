@@ -56,6 +56,14 @@ struct GemmKernels {
   // t[m * r + j] = scale * (x[m] . a[j]) for m in [m0, m1): x bfloat16 (row stride ldx), a float32 [r, K].
   void (*lora_down)(const uint16_t* x, int64_t K, int64_t ldx, const float* a, int64_t r, float scale, int64_t m0,
                     int64_t m1, float* t) = nullptr;
+  // The LoRA backward (lora_backward_cpu): out[j * ldo + n] = sum_m u[m * ru + j] * g[m * ldg + n] for
+  // j < 16 (u's row stride ru >= 16) and n in [n0, n1); g bfloat16 [M, >= n1].
+  void (*lora_reduce)(const uint16_t* g, int64_t M, int64_t ldg, const float* u, int64_t ru, int64_t n0, int64_t n1,
+                      float* out, int64_t ldo) = nullptr;
+  // gx[m][k] = bfloat16(gx_in[m][k] + sum_{j < r} u[m * ru + j] * a[j * K + k]) for m in [m0, m1)
+  // (gx, gx_in bfloat16 [M, K]; a float32 [r, K]), each sum rounded once.
+  void (*lora_up_add)(const float* u, int64_t ru, int64_t r, const float* a, int64_t K, const uint16_t* gx_in,
+                      uint16_t* gx, int64_t m0, int64_t m1) = nullptr;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)

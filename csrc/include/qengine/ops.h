@@ -61,6 +61,14 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
                        const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
                        const BlockScales& scales, const float* offsets, void* gx, int gx_dtype, bool* done);
 
+// The LoRA side path's share of the backward of y = x @ W^T + scale * (x @ A^T) @ B^T, for
+// bfloat16 g [M, N] and x [M, K] (contiguous), float32 A [r, K] and B [N, r]. Where not null:
+// gx_out = bfloat16(gx_in + scale * (g @ B) @ A) (bfloat16 [M, K], one rounding),
+// ga = scale * (g @ B)^T @ x (float32 [r, K]), gb = scale * g^T @ (x @ A^T) (float32 [N, r]).
+// *done = false, nothing written, where the active ISA has no such kernels.
+int lora_backward_cpu(const void* g, const void* x, int64_t M, int64_t N, int64_t K, const float* a, const float* b,
+                      int64_t r, float scale, const void* gx_in, void* gx_out, float* ga, float* gb, bool* done);
+
 // gx[M, K] (float32) = g[M, N] (float32) @ W, the transposed problem of matmul_cpu (backward).
 int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
                  const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* gx);

@@ -214,6 +214,35 @@ def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_feat
     return gx.reshape(*g.shape[:-1], k)
 
 
+@mm.lora_backward_op.register_kernel("cpu")
+def _(grad, x, lora_a, lora_b, lora_scale, gx, need_a, need_b):
+    """Native (_C.lora_backward_cpu) for bfloat16 grad and x with float32 adapters, the QLoRA
+    training step's case; every other case, and a CPU without the kernels, runs the composite."""
+    k, n, r = x.shape[-1], grad.shape[-1], lora_a.shape[0]
+    native = (grad.dtype == x.dtype == torch.bfloat16 and lora_a.dtype == lora_b.dtype == torch.float32
+              and (gx is None or (gx.dtype == torch.bfloat16 and gx.shape[-1] == k))
+              and lora_a.shape == (r, k) and lora_b.shape == (n, r) and r > 0 and n > 0 and k > 0
+              and grad.numel() // n == x.numel() // k and (gx is None or gx.numel() == x.numel()))
+    if native:
+        m = x.numel() // k
+        g2, x2 = grad.reshape(m, n).contiguous(), x.reshape(m, k).contiguous()
+        a, b = lora_a.contiguous(), lora_b.contiguous()
+        gx_in = gx.reshape(m, k).contiguous() if gx is not None else None
+        gx_out = torch.empty_like(gx_in) if gx is not None else x.new_empty(0)
+        ga = torch.empty_like(a) if need_a else a.new_empty(0)
+        gb = torch.empty_like(b) if need_b else b.new_empty(0)
+        if m == 0:  # the products over no rows are zero
+            ga.zero_()
+            gb.zero_()
+            return (gx_out.reshape(gx.shape) if gx is not None else gx_out), ga, gb
+        if _C.lora_backward_cpu(g2.data_ptr(), x2.data_ptr(), m, n, k, a.data_ptr(), b.data_ptr(), r,
+                                float(lora_scale), gx_in.data_ptr() if gx is not None else 0,
+                                gx_out.data_ptr() if gx is not None else 0, ga.data_ptr() if need_a else 0,
+                                gb.data_ptr() if need_b else 0):
+            return (gx_out.reshape(gx.shape) if gx is not None else gx_out), ga, gb
+    return mm.lora_backward_composite(grad, x, lora_a, lora_b, lora_scale, gx, need_a, need_b)
+
+
 # --------------------------------------------------------------------------- 2:4 sparse
 @sparse.sparse24_dequantize.register_kernel("cpu")
 def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):

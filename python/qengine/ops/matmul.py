@@ -5,6 +5,8 @@ in cpu.py and cuda.py):
                   lora_a?, lora_b?, lora_scale) -> [..., out_features]
   qengine::matmul_t(g, packed, table, scales, scales_nested, offsets?, bits, blocksize, in_features)
       -> [..., in_features]    (the backward of matmul for x; its double backward: functional.py)
+  qengine::lora_backward(grad, x, lora_a, lora_b, lora_scale, gx?, need_a, need_b) -> (gx, ga, gb)
+      (the LoRA side path's share of both products' backward)
 """
 
 from __future__ import annotations
@@ -62,24 +64,53 @@ def add_lora_side(y: torch.Tensor, x2: torch.Tensor, lora_a, lora_b, lora_scale:
     return y + side.to(y.dtype)
 
 
-def lora_backward(grad, x, lora_a, lora_b, s: float, gx, need_a: bool, need_b: bool):
-    """The LoRA side path's share of the backward of y = x @ W^T + s * (x @ A^T) @ B^T (matmul,
-    sparse24_matmul), in float32: (gx plus the side path's input gradient, or None where gx is
-    None; the gradient of A where need_a, else None; that of B where need_b, else None)."""
+def lora_backward_composite(grad, x, lora_a, lora_b, lora_scale: float, gx, need_a: bool, need_b: bool):
+    """qengine::lora_backward in torch ops, float32 throughout: what every device runs unless it
+    registers a kernel, and the CPU kernel's fallback."""
     g2 = grad.reshape(-1, grad.shape[-1]).to(torch.float32)
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
     a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
     # s applied to the [M, r] products, the small end: a pass over [M, K] or [N, r] saved (the
     # QLoRA step of a 134M Llama at 512 rows: 1.034x -> 1.020x a bf16 PEFT step, interleaved).
-    sgb = s * (g2 @ b32)  # [M, r]
-    ga = gb = None
-    if gx is not None:
-        gx = gx + (sgb @ a32).reshape(gx.shape).to(gx.dtype)
-    if need_a:
-        ga = (sgb.t() @ x2).to(lora_a.dtype)
-    if need_b:
-        gb = (g2.t() @ (s * (x2 @ a32.t()))).to(lora_b.dtype)
-    return gx, ga, gb
+    sgb = lora_scale * (g2 @ b32)  # [M, r]
+    gx_out = gx + (sgb @ a32).reshape(gx.shape).to(gx.dtype) if gx is not None else x.new_empty(0)
+    ga = (sgb.t() @ x2).to(lora_a.dtype) if need_a else lora_a.new_empty(0)
+    gb = (g2.t() @ (lora_scale * (x2 @ a32.t()))).to(lora_b.dtype) if need_b else lora_b.new_empty(0)
+    return gx_out, ga, gb
+
+
+@torch.library.custom_op("qengine::lora_backward", mutates_args=())
+def lora_backward_op(grad: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, lora_scale: float,
+                     gx: Optional[torch.Tensor], need_a: bool, need_b: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LoRA side path's share of the backward of y = x @ W^T + s * (x @ A^T) @ B^T (matmul,
+    sparse24_matmul): (gx plus the side path's input gradient in gx's dtype, the gradient of A
+    where need_a, that of B where need_b), each summed in float32; an empty tensor stands for each
+    one not asked for (gx None, need_a or need_b False). Kernels: the composite below on every
+    device, the CPU's own in cpu.py (native for bfloat16 x and grad with float32 A and B)."""
+    return lora_backward_composite(grad, x, lora_a, lora_b, lora_scale, gx, need_a, need_b)
+
+
+@lora_backward_op.register_fake
+def _(grad, x, lora_a, lora_b, lora_scale, gx, need_a, need_b):
+    return (gx.new_empty(gx.shape) if gx is not None else x.new_empty(0),
+            lora_a.new_empty(lora_a.shape if need_a else (0,)), lora_b.new_empty(lora_b.shape if need_b else (0,)))
+
+
+def _lora_backward_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "qengine.matmul with a LoRA side path does not support double backward: the gradient of its "
+        "gradients (torch.autograd.grad(..., create_graph=True) followed by another backward) is not implemented.")
+
+
+lora_backward_op.register_autograd(_lora_backward_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def lora_backward(grad, x, lora_a, lora_b, s: float, gx, need_a: bool, need_b: bool):
+    """qengine::lora_backward with None for each output not asked for: (gx plus the side path's
+    input gradient, or None where gx is None; the gradient of A or None; that of B or None)."""
+    gx_out, ga, gb = torch.ops.qengine.lora_backward(grad, x, lora_a, lora_b, float(s), gx, need_a, need_b)
+    return (gx_out if gx is not None else None, ga if need_a else None, gb if need_b else None)
 
 
 def _setup_context(ctx, inputs, output):
