@@ -92,8 +92,8 @@ def breakdown(step) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    cats = {"quantized matmul forward": 0.0, "quantized matmul backward (x)": 0.0, "attention": 0.0,
-            "other matmuls (LoRA, lm_head)": 0.0, "optimizer": 0.0, "rest": 0.0}
+    cats = {"quantized matmul forward": 0.0, "quantized matmul backward (x)": 0.0, "LoRA backward": 0.0,
+            "attention": 0.0, "other matmuls (lm_head, torch LoRA)": 0.0, "optimizer": 0.0, "rest": 0.0}
     for e in prof.key_averages():
         name, t = e.key, e.self_cpu_time_total
         # custom_op's autograd wrapper (GeneratedBackwardFor_qengine_<op>_default) holds the
@@ -103,10 +103,12 @@ def breakdown(step) -> dict:
             cats["quantized matmul forward"] += t
         elif name == "qengine::matmul_t":
             cats["quantized matmul backward (x)"] += t
+        elif name == "qengine::lora_backward":
+            cats["LoRA backward"] += t
         elif "scaled_dot_product" in name or "flash_attention" in name:
             cats["attention"] += t
         elif name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"):
-            cats["other matmuls (LoRA, lm_head)"] += t
+            cats["other matmuls (lm_head, torch LoRA)"] += t
         elif "adamw" in name.lower() or "_foreach" in name:
             cats["optimizer"] += t
         else:
