@@ -14,6 +14,8 @@ import qengine
 from qengine.nn import LoRALinear, QuantLinear
 from qengine.ops.matmul import lora_backward
 
+from cases import TORCH_JIT_DEPRECATION
+
 HAS_KERNEL = "avx512_bf16" in qengine.build_info()["supported_cpu_isas"]
 ISAS = ["avx512_bf16", "avx512"] if HAS_KERNEL else [qengine.build_info()["cpu_isa"]]
 
@@ -155,3 +157,25 @@ def test_through_quant_linear(isa, isa_restore):
     assert ((x.grad.double() - x64.grad).abs() <= 2.0**-7 * mag + 1e-6).all()
     for got, want in ((layer.lora_A.grad, a64.grad), (layer.lora_B.grad, b64.grad)):
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.filterwarnings(TORCH_JIT_DEPRECATION)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_opcheck(dtype):
+    """Schema, fake and dispatch of qengine::lora_backward: native (bfloat16) and composite."""
+    g, x, a, b, gx = inputs(20, 96, 40, 4, seed=6)
+    g, x, gx = g.to(dtype), x.to(dtype), gx.to(dtype)
+    for args in ((g, x, a, b, 0.5, gx, True, True), (g, x, a, b, 0.5, None, True, False),
+                 (g, x, a, b, 0.5, gx, False, False)):
+        torch.library.opcheck(torch.ops.qengine.lora_backward.default, args)
+
+
+def test_double_backward_is_refused_clearly():
+    """A second backward through the LoRA side path's gradients says what is not supported."""
+    layer = LoRALinear(QuantLinear.from_linear(torch.nn.Linear(64, 32)), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 64)
+    (ga,) = torch.autograd.grad(layer(x).square().sum(), layer.lora_A, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        ga.sum().backward()
