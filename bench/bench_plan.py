@@ -11,8 +11,10 @@ Calibration: the first --calib-windows windows of 256 tokens of the calibration 
 the test split (never seen by training or calibration), scored paired against the float model.
 Prints a table and writes bench/out/plan_real_lm.json.
 
-Training (distillation, QLoRA) reads the training split (train.txt of the model directory), never
-the calibration or held-out text; adamw, batch 4 x 256 tokens, no activation checkpointing.
+Training (distillation, QLoRA) reads the training split (train.txt of the model directory), or
+with --train-text calib the calibration split (calib.txt: ~25k tokens, the setting of recovering a
+quantized model from little data), never the held-out text; adamw, batch 4 x 256 tokens, no
+activation checkpointing.
 
     python bench/bench_plan.py [--budget 4.25] [--no-loss-plan] [--no-correct] [--steps 200 | --no-train]
 """
@@ -76,6 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--kd-mix", type=float, default=0.5,
                    help="also distil with this kd_alpha (KL share; the rest LM loss); 1 or more skips that run")
     p.add_argument("--no-train", action="store_true", help="skip distillation and QLoRA")
+    p.add_argument("--train-text", choices=["train", "calib"], default="train",
+                   help="what distillation and QLoRA train on: the training split (the teacher's own "
+                        "pretraining text) or the small calibration split (recovery with little data)")
     p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "out", "plan_real_lm.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -201,7 +206,7 @@ def main(argv=None) -> int:
         row(label, rc, rtn_s + time.perf_counter() - t)
         compare(label, "rtn nf4/64/dq")
     if not args.no_train:
-        train_txt = os.path.join(lm.path or real_lm.model_dir(), "train.txt")
+        train_txt = os.path.join(lm.path or real_lm.model_dir(), f"{args.train_text}.txt")
         cfg = dict(steps=args.steps, lr=args.lr, rank=args.rank, batch=4, seq_len=ctx, optim="adamw",
                    checkpoint_every=10**9, log_every=max(args.steps // 4, 1), gradient_checkpointing=False,
                    kd_temperature=args.kd_temperature)
