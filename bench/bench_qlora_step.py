@@ -2,7 +2,7 @@
 # one) against a bfloat16 PEFT LoRA step and bitsandbytes' 4-bit QLoRA step on the same model,
 # interleaved, plus where qengine's step spends its time (torch.profiler).
 """Usage: python bench/bench_qlora_step.py [--rounds 5] [--seq 512] [--rank 16] [--threads N]
-                                      [--no-bnb] [--json PATH]
+                                      [--no-bnb] [--with-peft-on-qengine] [--json PATH]
 
 Each config: the model in bfloat16, LoRA rank r (alpha 2r, no dropout) on every projection
 (q/k/v/o/gate/up/down), float32 adapters (PEFT's default), AdamW on the adapters, batch 1 of
@@ -45,6 +45,17 @@ def qengine_model(base, r):
     qengine.quantize_model(model, "nf4", double_quant=True, progress=False)
     qengine.add_lora(model, r=r, alpha=2 * r)
     return model, qengine.lora_parameters(model)
+
+
+def qengine_peft_model(base, r):
+    """qengine's quantized model under PEFT's own LoRA (what TRL's trainers build from a
+    LoraConfig): one active adapter, so LoraQuantLinear fuses its side path into the kernel."""
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(base)
+    qengine.quantize_model(model, "nf4", double_quant=True, progress=False)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=PROJECTIONS))
+    return model, [p for p in model.parameters() if p.requires_grad]
 
 
 def peft_model(base, r):
@@ -125,6 +136,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
+    ap.add_argument("--with-peft-on-qengine", action="store_true",
+                    help="also time PEFT's LoRA (LoraConfig) on the qengine-quantized model")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
                                                     "qlora_step.json"))
     args = ap.parse_args()
@@ -135,6 +148,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(1))
     builders = {"qengine nf4+dq": qengine_model, "bf16 PEFT LoRA": peft_model}
+    if args.with_peft_on_qengine:
+        builders["qengine nf4+dq, PEFT LoRA"] = qengine_peft_model
     if not args.no_bnb:
         try:
             import bitsandbytes  # noqa: F401

@@ -129,6 +129,79 @@ def test_plain_dora_config():
     assert any("lora_magnitude_vector" in k and not torch.equal(v, before[k]) for k, v in pm.state_dict().items())
 
 
+# ---------------------------------------------------------------------------- the fused side path
+def _peft_layer(**config):
+    config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **config})
+    pm = peft.get_peft_model(_model(), config)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        for b in layer.lora_B.values():
+            b.weight.normal_(0, 0.2)
+    return pm, layer
+
+
+def _peft_own(layer, x, **kwargs):
+    """PEFT's own forward of the layer (the side path beside the quantized matmul)."""
+    return super(LoraQuantLinear, layer).forward(x, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, 40])  # the small-batch kernel, the large-batch path
+def test_one_adapter_runs_fused_and_matches_peft(dtype, rows):
+    """One active vanilla adapter: the side path fused into QuantLinear's kernel, within float
+    rounding of PEFT's own forward; gradients of x, A and B likewise."""
+    pm, layer = _peft_layer(lora_dropout=0.1)
+    layer.eval()  # dropout in eval is the identity: fused
+    x = torch.randn(2, rows, 64).to(dtype)
+    assert layer._fused_forward(x, (), {}) is not None
+    outs, grads = [], []
+    for run in (layer, lambda t: _peft_own(layer, t)):
+        xi = x.clone().requires_grad_()
+        y = run(xi)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        y.backward(g)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        outs.append(y.detach().double())
+        grads.append([xi.grad.double(), a.grad.double().clone(), b.grad.double().clone()])
+        a.grad = b.grad = None
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-7
+    assert outs[0].dtype == outs[1].dtype
+    assert torch.allclose(outs[0], outs[1], rtol=tol, atol=tol * outs[1].abs().max().item())
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")  # peft's note on a base without bias
+def test_peft_forward_runs_where_fusing_does_not_apply():
+    """Every case the fused path does not cover runs PEFT's own forward, bit for bit."""
+    x = torch.randn(2, 5, 64)
+    pm, layer = _peft_layer(lora_dropout=0.5)  # dropout while training
+    layer.train()
+    assert layer._fused_forward(x, (), {}) is None
+    pm, layer = _peft_layer(lora_bias=True)
+    assert layer._fused_forward(x, (), {}) is None
+    pm, layer = _peft_layer(use_dora=True)
+    assert layer._fused_forward(x, (), {}) is None
+    pm, layer = _peft_layer()
+    assert layer._fused_forward(x, (), {}) is not None
+    assert layer._fused_forward(x, (), {"adapter_names": ["default"] * 2}) is None
+    with pm.disable_adapter():
+        assert layer._fused_forward(x, (), {}) is None
+        assert torch.equal(layer(x), layer.base_layer(x))
+    pm.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    layer.set_adapter(["default", "other"])
+    assert layer._fused_forward(x, (), {}) is None
+    with torch.no_grad():
+        assert torch.equal(layer(x), _peft_own(layer, x))
+    layer.set_adapter("default")
+    handle = layer.lora_A["default"].register_forward_hook(lambda m, i, o: None)
+    assert layer._fused_forward(x, (), {}) is None
+    handle.remove()
+    assert layer._fused_forward(x, (), {}) is not None
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_saved_adapter_loads_onto_quantized_model(tmp_path):
     # PeftModel.from_pretrained builds its LoraConfig from JSON: no register() could reach it.

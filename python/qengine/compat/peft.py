@@ -16,9 +16,11 @@ PEFT's per-config custom-module mechanism, is kept for code written before and f
 internals ``install`` does not recognise (it then logs a warning that names register).
 
 The adapters are PEFT's own (``lora_A`` / ``lora_B`` nn.Linear per adapter name), so PEFT's
-save_pretrained / load, multiple adapters and disabling work as for any layer. Their side path
-runs as PEFT computes it, beside the quantized matmul (not fused into it: use qengine.add_lora
-for the fused path). Merging into the 4-bit base is refused, as in qengine.nn.LoRALinear.
+save_pretrained / load, multiple adapters and disabling work as for any layer. With one active
+vanilla adapter (the usual training and inference case) its side path runs fused into the
+quantized matmul, as ``qengine.add_lora``'s does (LoraQuantLinear._fused_forward); anything else
+(several adapters, mixed-batch adapter_names, DoRA, dropout in training, LoRA biases, hooks) runs
+PEFT's own forward. Merging into the 4-bit base is refused, as in qengine.nn.LoRALinear.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import functools
 import inspect
 import logging
 import sys
+
+import torch
 
 __all__ = ["register", "install", "dispatch_qengine", "LoraQuantLinear"]
 
@@ -46,6 +50,35 @@ if _PeftLoraLinear is not None:
             if isinstance(module, QuantLinear):
                 return module.in_features, module.out_features
             return super()._get_in_out_features(module)
+
+        def forward(self, x, *args, **kwargs):
+            fused = self._fused_forward(x, args, kwargs)
+            return fused if fused is not None else super().forward(x, *args, **kwargs)
+
+        def _fused_forward(self, x, args, kwargs):
+            """PEFT's forward with the adapter's side path fused into QuantLinear's kernel (as
+            qengine.add_lora runs it: one rounding, the native LoRA backward), or None where
+            PEFT's own forward must run: extra arguments (adapter_names, variant kwargs), disabled
+            or merged adapters, other than exactly one active adapter, DoRA or another variant,
+            dropout that is not an identity here, LoRA biases, or forward hooks on the pieces."""
+            if args or kwargs or self.disable_adapters or self.merged:
+                return None
+            active = [a for a in self.active_adapters if a in self.lora_A]
+            if len(active) != 1:
+                return None
+            name = active[0]
+            if name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False):
+                return None
+            lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            identity = isinstance(dropout, torch.nn.Identity) or (
+                type(dropout) is torch.nn.Dropout and (dropout.p == 0 or not dropout.training))
+            base = self.get_base_layer()
+            if (not identity or type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear
+                    or lora_a.bias is not None or lora_b.bias is not None or not isinstance(base, QuantLinear)
+                    or any(m._forward_hooks or m._forward_pre_hooks for m in (base, lora_a, lora_b, dropout))):
+                return None
+            self._check_forward_args(x)
+            return base(x, lora=(lora_a.weight, lora_b.weight, self.scaling[name]))
 
         def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
             raise TypeError("merging a LoRA adapter into a 4-bit QuantLinear would re-quantize it silently; "
