@@ -109,12 +109,19 @@ struct F32x8 {
   using F = __m256;
   using I = __m256i;
   static constexpr int kLanes = 8;
+  static constexpr int kRegisters = 16;  // vector registers of the ISA
   template <int DT>
   static F load(const void* x, int64_t i) { return load8<DT>(x, i); }
   // Values that are never NaN (decoded weights): the bfloat16 NaN fix-up skipped.
   template <int DT>
   static void store_finite(void* out, int64_t i, F v, bool stream) { store8<DT, true>(out, i, v, stream); }
+  template <int DT>
+  static void store(void* out, int64_t i, F v) { store8<DT>(out, i, v); }
+  static F loadu(const float* x) { return _mm256_loadu_ps(x); }
+  static void storeu(float* out, F v) { _mm256_storeu_ps(out, v); }
   static F set1(float v) { return _mm256_set1_ps(v); }
+  static F neg(F a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+  static F sqrt(F a) { return _mm256_sqrt_ps(a); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -127,6 +134,11 @@ struct F32x8 {
   static bool any_nan(F v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
   static I iset1(int v) { return _mm256_set1_epi32(v); }
   static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  // Running maxima of float bits as int32 lanes (acc starts at 0): of |x| (every NaN above
+  // +inf), and of x itself (negatives never win); the largest lane, a signed max.
+  static I max_abs_bits(I acc, F x) { return ::qengine::cpu::max_abs_bits(acc, x); }
+  static I max_pos_bits(I acc, F x) { return _mm256_max_epi32(acc, _mm256_castps_si256(x)); }
+  static uint32_t reduce_max_bits(I acc) { return hmax_bits(acc); }
   // a + step in the lanes where v > t (ordered), a elsewhere.
   static I add_where_greater(I a, F v, F t, int step) {
     const I gt = _mm256_castps_si256(_mm256_cmp_ps(v, t, _CMP_GT_OQ));

@@ -84,11 +84,18 @@ struct F32x16 {
   using F = __m512;
   using I = __m512i;
   static constexpr int kLanes = 16;
+  static constexpr int kRegisters = 32;  // vector registers of the ISA
   template <int DT>
   static F load(const void* x, int64_t i) { return load16<DT>(x, i); }
   template <int DT>
   static void store_finite(void* out, int64_t i, F v, bool stream) { store16<DT, true>(out, i, v, stream); }
+  template <int DT>
+  static void store(void* out, int64_t i, F v) { store16<DT>(out, i, v); }
+  static F loadu(const float* x) { return _mm512_loadu_ps(x); }
+  static void storeu(float* out, F v) { _mm512_storeu_ps(out, v); }
   static F set1(float v) { return _mm512_set1_ps(v); }
+  static F neg(F a) { return _mm512_xor_ps(a, _mm512_set1_ps(-0.0f)); }
+  static F sqrt(F a) { return _mm512_sqrt_ps(a); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -101,6 +108,9 @@ struct F32x16 {
   static bool any_nan(F v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
   static I iset1(int v) { return _mm512_set1_epi32(v); }
   static I iadd(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I max_abs_bits(I acc, F x) { return ::qengine::cpu::max_abs_bits(acc, x); }
+  static I max_pos_bits(I acc, F x) { return _mm512_max_epi32(acc, _mm512_castps_si512(x)); }
+  static uint32_t reduce_max_bits(I acc) { return static_cast<uint32_t>(_mm512_reduce_max_epi32(acc)); }
   static I add_where_greater(I a, F v, F t, int step) {
     return _mm512_mask_add_epi32(a, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), a, _mm512_set1_epi32(step));
   }

@@ -30,8 +30,8 @@ struct MinifloatCodec16 {
   __m512i zero_code16, first_top16, offset_top16, offset_low16;
   __m128i half_shift_top, half_shift_low;
 
-  explicit MinifloatCodec16(const MinifloatForm& f) {
-    const MinifloatCodecConstants k = minifloat_codec_constants(f, kSigned);
+  explicit MinifloatCodec16(const StateCode& c) {
+    const MinifloatCodecConstants k = minifloat_codec_constants(c.minifloat, kSigned);
     shift_top = _mm512_set1_epi32(k.shift_top);
     shift_low = _mm512_set1_epi32(k.shift_low);
     round_top = _mm512_set1_epi32(k.round_top);
@@ -47,8 +47,10 @@ struct MinifloatCodec16 {
     half_shift_low = _mm_cvtsi32_si128(k.half_shift_low);
   }
 
+  static constexpr int64_t kRun = 64;  // codes per encode
+
   // 32 codes q[0..31] decoded and scaled: out[0] holds elements 0-15, out[1] 16-31.
-  void decode32(const uint8_t* q, __m512 scale, __m512 out[2]) const {
+  void decode2(const uint8_t* q, __m512 scale, __m512 out[2]) const {
     // Words ordered 0-3 16-19 | 4-7 20-23 | ...: the in-lane unpacks below then restore order.
     alignas(64) static const uint16_t kOrder[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
                                                     8,  9,  10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
@@ -93,7 +95,7 @@ struct MinifloatCodec16 {
   }
 
   // out[0..63]: the codes of x[i] * inv (x 64-byte aligned).
-  void encode64(const float* x, __m512 inv, uint8_t* out) const {
+  void encode(const float* x, __m512 inv, uint8_t* out) const {
     __m512i c[4];
     for (int k = 0; k < 4; ++k) c[k] = encode(_mm512_mul_ps(_mm512_load_ps(x + 16 * k), inv));
     _mm512_storeu_si512(out, pack64(c[0], c[1], c[2], c[3]));

@@ -20,7 +20,9 @@
 
 #include "cpu/common/byte_planes_vbmi.h"
 #include "cpu/common/isa.h"
+#include "cpu/common/simd_avx512.h"
 #include "cpu/optim/adamw_avx512.h"
+#include "cpu/optim/adamw_loops.h"
 #include "cpu/optim/kernels.h"
 
 namespace qengine::cpu {
@@ -111,7 +113,7 @@ template <int DT, bool kMaximize, bool kSmall>
 void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, const StateCode& c1,
             const StateCode& c2) {
   const auto [p, g, dt, m, v, q1, q2, a1, a2] = TaskArrays(t);
-  const Hyper16 h(hs);
+  const AdamConstants<F32x16> h(hs);
   const auto* e1 = static_cast<const StateEncoder*>(c1.cpu_encoder);
   const auto* e2 = static_cast<const StateEncoder*>(c2.cpu_encoder);
   const bool encoders = e1 != nullptr && e2 != nullptr;
@@ -152,13 +154,13 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
     for (int64_t i = 0; i < kOptimBlock; i += 16) {
       __m512 pv = load16<DT>(p, b0 + i);
       __m512 mv = _mm512_load_ps(s.m + i), vv = _mm512_load_ps(s.v + i);
-      update16<kMaximize, kSmall>(load16<DT>(g, b0 + i), pv, mv, vv, h);
+      adam_update<F32x16, kMaximize, kSmall>(load16<DT>(g, b0 + i), pv, mv, vv, h);
       store16<DT>(p, b0 + i, pv);
       _mm512_store_ps(s.m + i, mv);
       _mm512_store_ps(s.v + i, vv);
-      n1 = max_abs_bits(n1, mv);
-      p1 = max_pos_bits(p1, mv);
-      n2 = max_abs_bits(n2, vv);
+      n1 = F32x16::max_abs_bits(n1, mv);
+      p1 = F32x16::max_pos_bits(p1, mv);
+      n2 = F32x16::max_abs_bits(n2, vv);
       // The byte-shuffle work of the neighbouring blocks, between the divider-bound updates.
       const int j = static_cast<int>(i >> 5);
       if ((i & 16) == 0) {
@@ -167,7 +169,8 @@ void adamw8(const OptimTask& t, int64_t lo, int64_t hi, const AdamHyper& hs, con
         encode_piece(k - 1, j);
       }
     }
-    const float m1 = reduce_m_scale(n1, p1), m2 = reduce_absmax(n2);
+    const float m1 = m_signed_scale(reduced_absmax<F32x16>(n1), bits_float(F32x16::reduce_max_bits(p1)));
+    const float m2 = reduced_absmax<F32x16>(n2);
     a1[b] = m1;
     a2[b] = m2;
     const __m512 i1 = _mm512_set1_ps(state_inv_scale(m1)), i2 = _mm512_set1_ps(state_inv_scale(m2));
