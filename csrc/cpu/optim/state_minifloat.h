@@ -27,7 +27,7 @@ uint32_t minifloat_value_bits(int code, const MinifloatForm& f, const MinifloatP
 // kernels compute these same integer steps on 8 or 16 lanes.
 int minifloat_encode(float x, const MinifloatForm& f, const MinifloatPieces& p);
 
-// The integer constants of the SIMD codecs (optim_avx2.cpp, minifloat_avx512_inl.h), broadcast
+// The integer constants of the SIMD codecs (optim_avx2.cpp, minifloat_avx512.h), broadcast
 // into their vectors. is_signed: a code with 0.0 and negatives (zero_code >= 0); else one
 // without either (zero_code == -1), whose code is magnitude - 1: that -1 is folded into the
 // offsets below, so codes come out of the same steps.
