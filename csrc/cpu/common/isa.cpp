@@ -5,6 +5,12 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace qengine::cpu {
 namespace {
 
@@ -34,6 +40,31 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+// AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22), the OS saving the tile state (XCR0
+// bits 17 and 18), and Linux's permission for this process to use tile data, which it grants on
+// request (arch_prctl ARCH_REQ_XCOMP_PERM, feature 18) and which every thread then shares.
+// Asked once; a refusal (e.g. a signal stack too small for the tile state) leaves AMX off.
+bool amx_permitted() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+  if ((d & (1u << 24)) == 0 || (d & (1u << 22)) == 0) return false;
+  if (__get_cpuid(1, &a, &b, &c, &d) == 0 || (c & (1u << 27)) == 0) return false;  // OSXSAVE
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+bool cpu_has_amx() {
+  static const bool has = cpu_has_avx512_bf16() && amx_permitted();
+  return has;
+}
+#else
+bool cpu_has_amx() { return false; }
+#endif
+
 struct Named {
   const char* name;
   Isa isa;
@@ -46,7 +77,8 @@ bool always() { return true; }
 constexpr Named kIsas[] = {{"scalar", Isa::kScalar, always},
                            {"avx2", Isa::kAvx2, cpu_has_avx2},
                            {"avx512", Isa::kAvx512, cpu_has_avx512},
-                           {"avx512_bf16", Isa::kAvx512Bf16, cpu_has_avx512_bf16}};
+                           {"avx512_bf16", Isa::kAvx512Bf16, cpu_has_avx512_bf16},
+                           {"amx", Isa::kAmx, cpu_has_amx}};
 
 const Named* find(const char* name) {
   for (const Named& n : kIsas) {
@@ -87,6 +119,7 @@ bool set_isa(const char* name) {
 }
 
 const char* supported_isas() {
+  if (cpu_has_amx()) return "scalar,avx2,avx512,avx512_bf16,amx";
   if (cpu_has_avx512_bf16()) return "scalar,avx2,avx512,avx512_bf16";
   if (cpu_has_avx512()) return "scalar,avx2,avx512";
   if (cpu_has_avx2()) return "scalar,avx2";

@@ -5,7 +5,7 @@
 
 namespace qengine::cpu {
 
-enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
+enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16, kAmx };
 
 Isa active_isa();
 const char* isa_name();
@@ -18,16 +18,20 @@ const char* supported_isas();
 bool vbmi_scales_available();
 
 // A family's table rows by ISA, filled by name; a row left out falls back to the next lower
-// ISA's (avx512_bf16 -> avx512 -> avx2 -> scalar), so a family lists only the ISAs it has.
+// ISA's (amx -> avx512_bf16 -> avx512 -> avx2 -> scalar), so a family lists only the ISAs it has.
 template <class Table>
 struct IsaRows {
   const Table* scalar = nullptr;
   const Table* avx2 = nullptr;
   const Table* avx512 = nullptr;
   const Table* avx512_bf16 = nullptr;
+  const Table* amx = nullptr;
 
   const Table& active() const {
     switch (active_isa()) {
+      case Isa::kAmx:
+        if (amx != nullptr) return *amx;
+        [[fallthrough]];
       case Isa::kAvx512Bf16:
         if (avx512_bf16 != nullptr) return *avx512_bf16;
         [[fallthrough]];

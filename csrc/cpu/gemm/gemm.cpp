@@ -23,6 +23,7 @@ const GemmKernels& gemm_kernels() {
       .scalar = &kNone,
 #if defined(__x86_64__) || defined(_M_X64)
       .avx512_bf16 = &kGemmAvx512Bf16,
+      .amx = &kGemmAmx,
 #endif
   };
   return kRows.active();
@@ -38,6 +39,8 @@ bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb,
          offsets == nullptr && blocksize >= 16 && (blocksize & (blocksize - 1)) == 0 && layout;
 }
 
+int64_t gemm_min_rows() { return cpu::gemm_kernels().min_rows; }
+
 namespace {
 
 // The byte planes of a nested scale table where the CPU decodes it with VBMI (else null).
@@ -49,12 +52,14 @@ std::unique_ptr<cpu::ScalePlanes> scale_planes(const BlockScales& scales, int64_
   return nullptr;
 }
 
-// rows of [M, K] bfloat16 packed into the tiles' pair order.
-std::unique_ptr<int32_t[]> packed_rows(const cpu::GemmKernels& k, const void* x, int64_t M, int64_t K, int64_t ldx) {
-  const int64_t tiles = (M + cpu::kTileRows - 1) / cpu::kTileRows;
-  std::unique_ptr<int32_t[]> xp(new int32_t[static_cast<size_t>(tiles * cpu::kTileRows * (K / 2))]);
+// rows of [M, K] bfloat16 packed into the tiles' pair order (room for rows padded to 32 inputs).
+// pack: the kernel row's pack_x or pack_g.
+std::unique_ptr<int32_t[]> packed_rows(const cpu::GemmKernels& k, decltype(cpu::GemmKernels::pack_x) pack,
+                                       const void* x, int64_t M, int64_t K, int64_t ldx) {
+  const int64_t tiles = (M + k.tile_rows - 1) / k.tile_rows;
+  std::unique_ptr<int32_t[]> xp(new int32_t[static_cast<size_t>(tiles * k.tile_rows * ((K + 31) / 32 * 16))]);
   cpu::parallel_for(0, tiles, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), 1, [&](int64_t t0, int64_t t1) {
-    k.pack_x(static_cast<const uint16_t*>(x), M, K, ldx, t0, t1, xp.get());
+    pack(static_cast<const uint16_t*>(x), M, K, ldx, t0, t1, xp.get());
   });
   return xp;
 }
@@ -118,7 +123,7 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   }
   const int64_t stored = positions != nullptr ? K / 2 : K;  // codes a row
   const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, N * (stored / blocksize));
-  const std::unique_ptr<int32_t[]> xp = packed_rows(k, x, M, K, ldx);
+  const std::unique_ptr<int32_t[]> xp = packed_rows(k, k.pack_x, x, M, K, ldx);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
     k.bf16_4bit(xp.get(), M, K, N, packed, positions, blocksize, cb.table, scales, planes.get(),
@@ -151,7 +156,7 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   const int64_t nblocks = N * ((positions != nullptr ? K / 2 : K) / blocksize);
   std::vector<float> buf;
   const float* all_scales = k.decode_scales(scales, scale_planes(scales, nblocks).get(), nblocks, buf);
-  const std::unique_ptr<int32_t[]> gp = packed_rows(k, g, M, N, N);
+  const std::unique_ptr<int32_t[]> gp = packed_rows(k, k.pack_g != nullptr ? k.pack_g : k.pack_x, g, M, N, N);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, K, group, [&](int64_t k0, int64_t k1) {
     k.bf16_4bit_t(gp.get(), M, N, K, packed, positions, blocksize, cb.table, all_scales, k0, k1, gx, gx_dtype);

@@ -13,193 +13,10 @@
 #include "cpu/common/ladder.h"
 #include "cpu/common/simd_avx512.h"
 #include "cpu/gemm/kernels.h"
-#include "cpu/gemv/kernels.h"  // decode_nested_scales_vbmi
+#include "cpu/gemm/panels_avx512bf16.h"
 
 namespace qengine::cpu {
 namespace {
-
-// Words of one panel: kPanelK / 2 input pairs of kPanelRows columns, two words each.
-constexpr int64_t kPanelWords = kPanelK * kPanelRows;
-
-int log2_of(int64_t power_of_two) {
-  int l = 0;
-  while ((int64_t{1} << l) < power_of_two) ++l;
-  return l;
-}
-
-// r[c] := dword c of every r[i] (lane i): a 16 x 16 transpose of 32-bit elements.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
-  }
-}
-
-// Inputs [k, k + 32) of one row of W as 32 bfloat16 words in input order, each
-// bfloat16(table[code] * scale) rounded once from its float32 value: the bytes dequantize()
-// writes for bfloat16, but for subnormals, which the conversion flushes to zero as vdpbf16ps
-// would treat them anyway (k % 32 == 0).
-struct SegmentDecoder {
-  __m512 table;  // the 16 code values, float32
-  int log2_blocksize;
-  __m512i low4 = _mm512_set1_epi32(0x0f);
-  // vpermw reads index bits 0-4: bit 4 picks the table's upper 16 words, which hold the scale of
-  // inputs 16..31 (another block only at blocksize 16).
-  __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1);
-
-  // codes: the row's packed codes; rs[b]: the scale of the row's block b.
-  __m512i operator()(const uint8_t* codes, const float* rs, int64_t k) const {
-    const int64_t b = k >> log2_blocksize;
-    const __m512 lo = _mm512_mul_ps(table, _mm512_set1_ps(rs[b]));
-    const __m512 hi = log2_blocksize == 4 ? _mm512_mul_ps(table, _mm512_set1_ps(rs[b + 1])) : lo;
-    const __m512i tbl = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-    // Byte d of the segment holds inputs 2d (high nibble) and 2d + 1 (low): dword d's words.
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (k >> 1))));
-    __m512i idx = _mm512_or_si512(_mm512_srli_epi32(v, 4), _mm512_slli_epi32(_mm512_and_si512(v, low4), 16));
-    if (log2_blocksize == 4) idx = _mm512_or_si512(idx, upper);
-    return _mm512_permutexvar_epi16(idx, tbl);
-  }
-};
-
-// Inputs [k, k + 32) of one row of a 2:4 weight (sparse/sparse24.h: 2 of every 4 weights
-// stored, in 128-value chunks of 256 inputs whose storage order interleaves four steps) as 32
-// bfloat16 words in input order, zeros where nothing is stored; each stored weight rounded once
-// from table[code] * scale, as sparse24_dequantize writes it (k % 32 == 0, the row's length a
-// multiple of 256).
-struct Sparse24Segment {
-  __m512 table;
-  int log2_blocksize;
-  // Word w of the segment belongs to group w / 4, at position w % 4; its group's two stored
-  // values are words 2 (w / 4) and 2 (w / 4) + 1 of the 16.
-  __m512i first = words([](int w) { return 2 * (w / 4); });
-  __m512i second = words([](int w) { return 2 * (w / 4) + 1; });
-  __m512i slot = words([](int w) { return w % 4; });
-
-  template <class F>
-  static __m512i words(F f) {
-    alignas(64) uint16_t v[32];
-    for (int w = 0; w < 32; ++w) v[w] = static_cast<uint16_t>(f(w));
-    return _mm512_load_si512(v);
-  }
-
-  // codes / positions: the row's packed codes and position bytes; rs[b]: the scale of the
-  // row's stored block b.
-  __m512i operator()(const uint8_t* codes, const uint8_t* positions, const float* rs, int64_t k) const {
-    const int64_t c = k >> 8, s = (k >> 5) & 7;  // the 256-input chunk and the segment in it
-    const int j = static_cast<int>(s >> 1), i0 = static_cast<int>(16 * (s & 1));
-    // Stored value t < 16 of the segment is v = 32 j + i0 + t of the chunk: storage element
-    // e = 4 (i0 + t) + (j ^ 1), i.e. byte 2 (i0 + t) + ((j ^ 1) >> 1), high nibble when e is even.
-    const int r = j ^ 1;
-    const __m256i word16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 64 + 2 * i0));
-    __m256i code = _mm256_and_si256(_mm256_srl_epi16(word16, _mm_cvtsi32_si128(8 * (r >> 1) + ((r & 1) ? 0 : 4))),
-                                    _mm256_set1_epi16(0x0f));
-    // Its position: bits 2j..2j+1 of position byte i0 + t of the chunk.
-    const __m256i pbyte = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(positions + c * 32 + i0)));
-    const __m256i pos = _mm256_and_si256(_mm256_srl_epi16(pbyte, _mm_cvtsi32_si128(2 * j)), _mm256_set1_epi16(3));
-    // Its scale: stored block (128 c + e) >> log2_blocksize; values 8..15 reach the next block at
-    // blocksize 32 only, and then look up the table's upper half (vpermw index bit 4).
-    const int64_t b = (128 * c + 4 * i0 + r) >> log2_blocksize;
-    const __m512 lo = _mm512_mul_ps(table, _mm512_set1_ps(rs[b]));
-    const __m512 hi = log2_blocksize == 5 ? _mm512_mul_ps(table, _mm512_set1_ps(rs[b + 1])) : lo;
-    if (log2_blocksize == 5) code = _mm256_or_si256(code, _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16));
-    const __m512i vz = _mm512_permutexvar_epi16(_mm512_castsi256_si512(code), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    const __m512i pz = _mm512_castsi256_si512(pos);
-    const __mmask32 at_first = _mm512_cmpeq_epi16_mask(_mm512_permutexvar_epi16(first, pz), slot);
-    const __mmask32 at_second = _mm512_cmpeq_epi16_mask(_mm512_permutexvar_epi16(second, pz), slot);
-    // One permute of the values: word w takes the group's second value where its position is
-    // w's slot (the second wins when both are), else the first where that one is, else 0.
-    const __m512i from = _mm512_mask_blend_epi16(at_second, first, second);
-    return _mm512_maskz_permutexvar_epi16(_kor_mask32(at_first, at_second), from, vz);
-  }
-};
-
-// Where a panel decoder finds row n of W: its codes, (2:4) positions and block scales.
-struct PanelSource {
-  const uint8_t* packed;
-  const uint8_t* positions;  // null: the dense layout
-  int64_t K;
-  SegmentDecoder dense;
-  Sparse24Segment sparse;
-  const float* scales;  // float32 block scales, row first_row's first block at index 0
-  int64_t first_row;
-
-  PanelSource(const uint8_t* packed_, const uint8_t* positions_, int64_t K_, const float* table, int64_t blocksize)
-      : packed(packed_),
-        positions(positions_),
-        K(K_),
-        dense{_mm512_loadu_ps(table), log2_of(blocksize)},
-        sparse{_mm512_loadu_ps(table), log2_of(blocksize)},
-        scales(nullptr),
-        first_row(0) {}
-
-  // Codes (and scales) a row: all K, or the K / 2 the 2:4 layout stores.
-  int64_t stored_per_row() const { return positions == nullptr ? K : K / 2; }
-  int64_t blocks_per_row() const { return stored_per_row() >> dense.log2_blocksize; }
-
-  // Inputs [k, k + 32) of row n as 32 bfloat16 words.
-  __m512i segment(int64_t n, int64_t k) const {
-    const int64_t stored = stored_per_row();
-    const float* rs = scales + (n - first_row) * blocks_per_row();
-    if (positions == nullptr) return dense(packed + ((n * stored) >> 1), rs, k);
-    return sparse(packed + ((n * stored) >> 1), positions + ((n * stored) >> 2), rs, k);
-  }
-};
-
-// For y = x @ W^T: panel[(k - k0) / 2][n - n0][2] = W[n][k], W[n][k + 1] (bfloat16) for rows n in
-// [n0, n0 + 32) (zeros from n_end on) and inputs [k0, k0 + kc), kc % 32 == 0.
-void decode_panel(const PanelSource& w, int64_t n0, int64_t n_end, int64_t k0, int64_t kc, uint16_t* panel) {
-  for (int64_t half = 0; half < 2; ++half) {
-    const int64_t first = n0 + 16 * half;
-    const int64_t rows = std::clamp<int64_t>(n_end - first, 0, 16);
-    for (int64_t k = k0; k < k0 + kc; k += 32) {
-      __m512i r[16];
-      for (int64_t i = 0; i < 16; ++i) {
-        const int64_t n = first + i;
-        r[i] = i < rows ? w.segment(n, k) : _mm512_setzero_si512();
-      }
-      transpose16(r);  // r[c]: input pair c of the segment, for the 16 rows
-      uint16_t* dst = panel + ((k - k0) / 2) * (2 * kPanelRows) + 2 * 16 * half;
-      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * 2 * kPanelRows, r[c]);
-    }
-  }
-}
-
-// For gx = g @ W: panel[(n - n0) / 2][k - k0][2] = W[n][k], W[n + 1][k] (bfloat16) for the row
-// pairs of [n0, n0 + nc) (nc even) and columns [k0, k0 + 32).
-void decode_panel_t(const PanelSource& w, int64_t n0, int64_t nc, int64_t k0, uint16_t* panel) {
-  // Word j of a pair's low / high vector: word j / 2 (+ 16) of row n (j even) or of row n + 1.
-  alignas(64) uint16_t lo_idx[32], hi_idx[32];
-  for (int j = 0; j < 32; ++j) {
-    lo_idx[j] = static_cast<uint16_t>((j / 2) + (j % 2) * 32);
-    hi_idx[j] = static_cast<uint16_t>(16 + (j / 2) + (j % 2) * 32);
-  }
-  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
-  for (int64_t n = n0; n < n0 + nc; n += 2) {
-    const __m512i a = w.segment(n, k0), b = w.segment(n + 1, k0);
-    uint16_t* dst = panel + ((n - n0) / 2) * (2 * kPanelRows);
-    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
-    _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
-  }
-}
 
 // x's rows as the tiles read them: rows [m0, m0 + kTileRows) of x as input pairs, xp[(m0 /
 // kTileRows) * K * kTileRows / 2 + p * kTileRows + m] = the pair p of row m0 + m (zeros past M), so
@@ -292,21 +109,6 @@ void tile(const int32_t* xp, const uint16_t* panel, int64_t pairs, const TileOut
   }
 }
 
-// The float32 scales of blocks [b_lo, b_lo + count): the plain ones in place, or the double-
-// quantized ones decoded into buf, in bulk with byte permutes where the CPU has VBMI.
-// buf: kept between calls and grown when count needs more (a task decodes group after group).
-const float* group_scales(const BlockScales& s, const ScalePlanes* planes, int64_t b_lo, int64_t count,
-                          std::vector<float>& buf) {
-  if (s.values != nullptr) return s.values + b_lo;
-  if (static_cast<int64_t>(buf.size()) < count) buf.resize(static_cast<size_t>(count));
-  if (planes != nullptr) {
-    decode_nested_scales_vbmi(s, *planes, b_lo, count, buf.data());
-  } else {
-    tile_scales(s, b_lo, count, buf.data());
-  }
-  return buf.data();
-}
-
 // Rows [m0, m0 + kTileRows) of the output (column c0 at out's column 0) (+)= the packed rows
 // of x times `count` panels of `pairs` input pairs; cols: the columns left at the first panel
 // (the last panel may be partial). lora: the side path to add (the last input block only).
@@ -390,6 +192,11 @@ void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8
     }
   }
 }
+
+}  // namespace
+
+// The LoRA kernels and the scale decode, shared with the amx row (kernels.h).
+namespace avx512bf16 {
 
 // t[m * r + j] = scale * (x[m] . a[j]) for the rows [m0, m1) of x (bfloat16, row stride ldx) and
 // the r rows of a (float32 [r, K]): the side path's first product. Blocks of 4 rows of x by 4
@@ -500,16 +307,16 @@ const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int6
   return group_scales(s, planes, 0, count, buf);
 }
 
-}  // namespace
+}  // namespace avx512bf16
 
 const GemmKernels kGemmAvx512Bf16 = {
     .pack_x = pack_x,
     .bf16_4bit = bf16_4bit,
     .bf16_4bit_t = bf16_4bit_t,
-    .decode_scales = decode_scales,
-    .lora_down = lora_down,
-    .lora_reduce = lora_reduce,
-    .lora_up_add = lora_up_add};
+    .decode_scales = avx512bf16::decode_scales,
+    .lora_down = avx512bf16::lora_down,
+    .lora_reduce = avx512bf16::lora_reduce,
+    .lora_up_add = avx512bf16::lora_up_add};
 
 }  // namespace qengine::cpu
 #endif

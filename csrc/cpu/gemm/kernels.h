@@ -28,14 +28,22 @@ struct LoraSide {
 };
 
 struct GemmKernels {
+  // Rows of x a tile of pack_x's layout holds.
+  int64_t tile_rows = kTileRows;
+  // The fewest rows of x for which this row's product beats the small-batch GEMV (gemv/), when
+  // both apply; measured (bench/bench_matmul.py).
+  int64_t min_rows = 17;
   // y[M, N] (row stride N; y_dtype float32, or bfloat16: the float32 sum rounded once as
   // float_to_bf16) = x[M, K] (bfloat16) @ W^T for output rows
   // [n0, n1) of W [N, K]: 4-bit absmax codes, blocksize a power of two >= 16 dividing K, K % 32
   // == 0 (gemm_applies). Null where the ISA has no such kernel.
-  // x (bfloat16 [M, K], row stride ldx) as bf16_4bit reads it: tiles [t0, t1) of kTileRows rows
-  // (of ceil(M / kTileRows)), K / 2 input pairs a row, into xp.
+  // x (bfloat16 [M, K], row stride ldx) as bf16_4bit reads it: tiles [t0, t1) of tile_rows rows
+  // (of ceil(M / tile_rows)), K / 2 input pairs a row, into xp.
   void (*pack_x)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t t0, int64_t t1,
                  int32_t* xp) = nullptr;
+  // g (bfloat16 [M, N]) as bf16_4bit_t reads it, as pack_x (null: pack_x's layout).
+  void (*pack_g)(const uint16_t* g, int64_t M, int64_t N, int64_t ldg, int64_t t0, int64_t t1,
+                 int32_t* gp) = nullptr;
   // xp: x packed by pack_x; planes: the nested scale table's byte planes where the CPU has VBMI
   // (else null).
   // lora: the side path added before the single store of y (null: none).
@@ -44,7 +52,7 @@ struct GemmKernels {
                     const uint8_t* positions, int64_t blocksize, const float* table, const BlockScales& scales,
                     const ScalePlanes* planes, const LoraSide* lora, int64_t n0, int64_t n1, void* y,
                     int y_dtype) = nullptr;
-  // gx[M, K] (row stride K; gx_dtype float32 or bfloat16 as y above) = g[M, N] (bfloat16, packed by pack_x over N, N even) @ W
+  // gx[M, K] (row stride K; gx_dtype float32 or bfloat16 as y above) = g[M, N] (bfloat16, packed by pack_g over N, N even) @ W
   // for the output columns [k0, k1) (multiples of 32), W as bf16_4bit takes it; scales: W's
   // float32 block scales (decode_scales).
   void (*bf16_4bit_t)(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
@@ -68,6 +76,19 @@ struct GemmKernels {
 
 #if defined(__x86_64__) || defined(_M_X64)
 extern const GemmKernels kGemmAvx512Bf16;
+extern const GemmKernels kGemmAmx;
+
+// The avx512_bf16 row's LoRA kernels and scale decode (GemmKernels' fields of the same names),
+// which the amx row shares.
+namespace avx512bf16 {
+const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int64_t count, std::vector<float>& buf);
+void lora_down(const uint16_t* x, int64_t K, int64_t ldx, const float* a, int64_t r, float scale, int64_t m0,
+               int64_t m1, float* t);
+void lora_reduce(const uint16_t* g, int64_t M, int64_t ldg, const float* u, int64_t ru, int64_t n0, int64_t n1,
+                 float* out, int64_t ldo);
+void lora_up_add(const float* u, int64_t ru, int64_t r, const float* a, int64_t K, const uint16_t* gx_in,
+                 uint16_t* gx, int64_t m0, int64_t m1);
+}  // namespace avx512bf16
 #endif
 
 // The row of the active ISA (isa.h).

@@ -35,7 +35,7 @@ int matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, in
 // matmul_cpu for large batches (rows of x beyond the GEMV regime): the weight decoded a panel at
 // a time straight into a blocked GEMM's layout (bfloat16 weights, as dense bfloat16 F.linear
 // has them; float32 accumulation). Sets *done = false, writing nothing, where no kernel of the
-// active ISA applies (gemm_applies: today bfloat16 x on an AVX512-BF16 CPU, 4-bit absmax codes,
+// active ISA applies (gemm_applies: today bfloat16 x on an AVX512-BF16 or AMX CPU, 4-bit absmax codes,
 // a power-of-two blocksize >= 16 dividing K, K % 32 == 0); the caller then takes its own path.
 // lora (r = 0: none): y += scale * (x @ a^T) @ b^T, a [r, K] and b [N, R] contiguous of dtype,
 // accumulated in the same float32 sum before y is stored.
@@ -50,6 +50,9 @@ struct LoraArgs {
 // K / 2), or null for the dense layout.
 bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets,
                   bool sparse24);
+// The fewest rows of x from which the active ISA's large-batch kernel beats matmul_cpu (both
+// applying): 17 on AVX512-BF16, a few on AMX.
+int64_t gemm_min_rows();
 int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
                      const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
                      const BlockScales& scales, const float* offsets, const LoraArgs& lora, void* y, int y_dtype,

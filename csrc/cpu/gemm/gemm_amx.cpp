@@ -1,0 +1,602 @@
+// AMX large-batch dequantize-matmul: the gemm family's amx row. The AMX unit multiplies 16 x 32
+// bfloat16 tiles into 16 x 16 float32 tiles so fast that, from a few rows of x on, the product
+// costs little more than decoding W once; the decode is what this file keeps cheap.
+// - y = x @ W^T is computed as y^T = W x^T: W is the tiles' A operand, whose rows are 32
+//   consecutive inputs of one row of W, exactly what one 4-bit segment decode yields
+//   (panels_avx512bf16.h), so W is decoded with no transpose; x^T is the B operand (pairs of
+//   inputs by 16 rows of x), packed once per call.
+// - gx = g @ W (the backward) keeps g as the A operand and decodes W into the pair-interleaved B
+//   layout (decode_panel_t, as the avx512_bf16 row).
+// The LoRA side path, the transpose of y^T's tiles and the rounding to bfloat16 run on AVX-512
+// in the epilogue.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "cpu/common/ladder.h"  // IntC
+#include "cpu/common/simd_avx512.h"
+#include "cpu/gemm/kernels.h"
+#include "cpu/gemm/panels_avx512bf16.h"
+
+namespace qengine::cpu {
+namespace {
+
+// Rows of x in one AMX tile; pack_x pads x to whole tiles.
+constexpr int64_t kAmxRows = 16;
+// Inputs a tile row holds (64 bytes of bfloat16): pack_x pads each row of x to a multiple.
+constexpr int64_t kAmxK = 32;
+// Output columns of one task's group: kGroupPanels panels.
+constexpr int64_t kGroupCols = kPanelRows * kGroupPanels;
+
+int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// Palette 1, every tile 16 rows of 64 bytes. Tiles 0-3 accumulate a 32 x 32 block of y (tile
+// 2 i + j: rows 16 i.., columns 16 j..), tiles 4 and 5 hold 16 rows of x each, 6 and 7 the two
+// 16-column halves of a panel's 16 input pairs.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tiles configured on the calling thread for one task, and released at its end (a thread
+// holding no tile state saves and restores less at every context switch).
+class Tiles {
+ public:
+  Tiles() {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = 16;
+    }
+    _tile_loadconfig(&c);
+  }
+  ~Tiles() { _tile_release(); }
+  Tiles(const Tiles&) = delete;
+  Tiles& operator=(const Tiles&) = delete;
+};
+
+// The order in which the forward walks each whole 128-input chunk of K (a tail of K past the last
+// whole chunk stays in input order): step j of 4 holds the 32 inputs 4w + kStepOrder[j], w = 0..31,
+// the order vpermw yields them from the chunk's 64 bytes of codes read as 32 words of 4 nibbles and
+// shifted 4 bits a step (byte d holds input 2d in its high nibble, 2d + 1 in its low one). x^T is
+// packed in the same order, so every sum is still over the same products.
+constexpr int kStepOrder[4] = {1, 0, 3, 2};
+
+// A chunk's 4 steps from its 128 inputs in order (v[s]: inputs 32 s..32 s + 31).
+struct ChunkOrder {
+  __m512i idx[4];  // word w of step j: element 4 (w % 16) + kStepOrder[j] of v[0]|v[1] (w < 16) or v[2]|v[3]
+
+  ChunkOrder() {
+    for (int j = 0; j < 4; ++j) {
+      alignas(64) uint16_t words[32];
+      for (int w = 0; w < 32; ++w) words[w] = static_cast<uint16_t>(4 * (w % 16) + kStepOrder[j]);
+      idx[j] = _mm512_load_si512(words);
+    }
+  }
+
+  void operator()(const __m512i v[4], __m512i steps[4]) const {
+    for (int j = 0; j < 4; ++j) {
+      const __m512i lo = _mm512_permutex2var_epi16(v[0], idx[j], v[1]);
+      const __m512i hi = _mm512_permutex2var_epi16(v[2], idx[j], v[3]);
+      steps[j] = _mm512_mask_blend_epi16(0xFFFF0000u, lo, hi);
+    }
+  }
+};
+
+// x as the forward's B tiles load it: x^T in pairs, input steps in the chunk order above,
+// xt[((m / 16) * (K / 2) + p) * 16 + m % 16] = the words 2p, 2p + 1 of row m's steps (zeros past
+// M), for the row tiles [t0, t1); a B tile (16 pairs by 16 rows) is 1 KiB of contiguous words.
+// K % 32 == 0.
+void pack_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t t0, int64_t t1, int32_t* xt) {
+  const int64_t pairs = K / 2, whole = K / 128 * 128;
+  const ChunkOrder order;
+  alignas(64) uint16_t steps[4][16][32];  // a chunk's steps for the tile's 16 rows
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t m0 = t * kAmxRows;
+    int32_t* dst = xt + t * pairs * kAmxRows;
+    for (int64_t k = 0; k < K; k += 128) {
+      const int64_t n_steps = k < whole ? 4 : (K - k) / kAmxK;
+      for (int64_t m = 0; m < 16; ++m) {
+        __m512i v[4], out[4];
+        for (int s = 0; s < 4; ++s) {
+          v[s] = m0 + m < M && s < n_steps ? _mm512_loadu_si512(x + (m0 + m) * ldx + k + 32 * s) : _mm512_setzero_si512();
+        }
+        if (k < whole) {
+          order(v, out);
+        } else {
+          for (int s = 0; s < 4; ++s) out[s] = v[s];
+        }
+        for (int s = 0; s < 4; ++s) _mm512_store_si512(steps[s][m], out[s]);
+      }
+      for (int64_t s = 0; s < n_steps; ++s) {
+        __m512i r[16];
+        for (int m = 0; m < 16; ++m) r[m] = _mm512_load_si512(steps[s][m]);
+        transpose16(r);  // r[c]: pair c of the step, the 16 rows
+        const int64_t p0 = (k + 32 * s) / 2;
+        for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + (p0 + c) * kAmxRows, r[c]);
+      }
+    }
+  }
+}
+
+// One row's whole 128-input chunk of a dense 4-bit weight decoded into its 4 steps, each weight
+// bfloat16(table[code] * scale) rounded once (as SegmentDecoder), for blocksize >= 32: the block
+// scales are folded into vpermw's 32-word table, whose index bit 4 (the next nibble's low bit as
+// loaded) is set to the word's block where a chunk spans two blocks; blocksize 32 (four blocks)
+// looks up two tables and blends them.
+struct ChunkDecoder {
+  __m512 table;
+  int log2_blocksize;
+  __m512i bit4 = _mm512_set1_epi16(0x10);
+  // Words 16-31 (inputs 64..127) index the table's upper half.
+  __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(0x10), 1);
+
+  __m512i scaled(const float* rs, int64_t b_lo, int64_t b_hi) const {
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(rs[b_hi])),
+                                        _mm512_mul_ps(table, _mm512_set1_ps(rs[b_lo])));
+  }
+
+  // codes: the row's packed codes; rs[b]: the scale of its block b; k % 128 == 0. kLog2: the
+  // block size's log2 capped at 7 (one block a chunk), known at compile time in the hot loop.
+  template <int kLog2>
+  void decode(const uint8_t* codes, const float* rs, int64_t k, __m512i steps[4]) const {
+    __m512i d = _mm512_loadu_si512(codes + (k >> 1));
+    const int64_t b = k >> log2_blocksize;
+    if constexpr (kLog2 >= 7) {  // one block: both halves of the table equal, bit 4 ignored
+      const __m512i tbl = scaled(rs, b, b);
+      for (int j = 0; j < 4; ++j, d = _mm512_srli_epi16(d, 4)) steps[j] = _mm512_permutexvar_epi16(d, tbl);
+    } else if constexpr (kLog2 == 6) {
+      const __m512i tbl = scaled(rs, b, b + 1);
+      for (int j = 0; j < 4; ++j, d = _mm512_srli_epi16(d, 4)) {
+        steps[j] = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(d, bit4, upper, 0xB8), tbl);
+      }
+    } else {  // blocksize 32: words 0-7, 8-15, 16-23, 24-31 in blocks b..b + 3
+      const __m512i even = scaled(rs, b, b + 2), odd = scaled(rs, b + 1, b + 3);
+      for (int j = 0; j < 4; ++j, d = _mm512_srli_epi16(d, 4)) {
+        const __m512i idx = _mm512_ternarylogic_epi32(d, bit4, upper, 0xB8);
+        steps[j] = _mm512_mask_blend_epi16(0xFF00FF00u, _mm512_permutexvar_epi16(idx, even),
+                                           _mm512_permutexvar_epi16(idx, odd));
+      }
+    }
+  }
+
+  void operator()(const uint8_t* codes, const float* rs, int64_t k, __m512i steps[4]) const {
+    if (log2_blocksize >= 7) {
+      decode<7>(codes, rs, k, steps);
+    } else if (log2_blocksize == 6) {
+      decode<6>(codes, rs, k, steps);
+    } else {
+      decode<5>(codes, rs, k, steps);
+    }
+  }
+};
+
+// g as the backward's A tiles load it: bfloat16 rows [t0 * 16, t1 * 16) of a [tiles * 16,
+// round_up(N, 32)] row-major copy (zeros past M and past N), so every tile load reads whole
+// rows in bounds.
+void pack_g(const uint16_t* g, int64_t M, int64_t N, int64_t ldg, int64_t t0, int64_t t1, int32_t* gp) {
+  const int64_t ld = round_up(N, kAmxK);
+  auto* rows = reinterpret_cast<unsigned char*>(gp);
+  for (int64_t m = t0 * kAmxRows; m < t1 * kAmxRows; ++m) {
+    unsigned char* row = rows + m * ld * 2;
+    const int64_t copied = m < M ? N : 0;
+    if (copied > 0) std::memcpy(row, g + m * ldg, static_cast<size_t>(copied * 2));
+    std::memset(row + copied * 2, 0, static_cast<size_t>((ld - copied) * 2));
+  }
+}
+
+// For y^T = W x^T: rows [n0, n0 + 32) of W (zeros from n_end on), inputs [k0, k0 + kc) (k0 % 128
+// == 0, kc % 32 == 0) in the forward's step order, as A tiles: panel[((h * steps + s) * 16 + i) *
+// 32 + j] = word j of step s of row n0 + 16 h + i (steps = kc / 32): each 16-row by 32-input tile
+// is 1 KiB of contiguous words, a step of one row a tile row. Dense codes at blocksize >= 32 go
+// through ChunkDecoder; the rest (blocksize 16, 2:4) decode in input order and are reordered.
+void decode_rows(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOrder& order, int64_t n0,
+                 int64_t n_end, int64_t k0, int64_t kc, uint16_t* panel) {
+  const int64_t steps = kc / kAmxK, whole = k0 + (kc / 128) * 128;
+  const bool fast = w.positions == nullptr && chunks.log2_blocksize >= 5;
+  for (int64_t i = 0; i < kPanelRows; ++i) {
+    const int64_t n = n0 + i;
+    uint16_t* row = panel + ((i / 16) * steps * 16 + i % 16) * kAmxK;
+    const auto put = [&](int64_t s, __m512i v) { _mm512_storeu_si512(row + s * 16 * kAmxK, v); };
+    if (n >= n_end) {
+      for (int64_t s = 0; s < steps; ++s) put(s, _mm512_setzero_si512());
+      continue;
+    }
+    const uint8_t* codes = w.packed + ((n * w.K) >> 1);
+    const float* rs = w.scales + (n - w.first_row) * w.blocks_per_row();
+    for (int64_t k = k0; k < whole; k += 128) {
+      __m512i st[4];
+      if (fast) {
+        chunks(codes, rs, k, st);
+      } else {
+        __m512i v[4];
+        for (int s = 0; s < 4; ++s) v[s] = w.segment(n, k + 32 * s);
+        order(v, st);
+      }
+      for (int j = 0; j < 4; ++j) put((k - k0) / kAmxK + j, st[j]);
+    }
+    for (int64_t k = whole; k < k0 + kc; k += kAmxK) put((k - k0) / kAmxK, w.segment(n, k));
+  }
+}
+
+// The float32 sums of rows [m0, m0 + 16 * (1 + kTwo)) by one panel's 32 columns (+)= x's rows
+// (xr: row m0's first input of the block, row stride ldx elements) times the panel's `pairs`
+// input pairs (a multiple of 16). The sums live in c (row stride ldc floats): read first when
+// add, else started from zero; written back at the end.
+template <bool kTwo>
+void block(const uint16_t* xr, int64_t ldx, const uint16_t* panel, int64_t pairs, float* c, int64_t ldc, bool add) {
+  const int sx = static_cast<int>(ldx * 2), sc = static_cast<int>(ldc * 4), sp = static_cast<int>(kPanelRows * 4);
+  if (add) {
+    _tile_loadd(0, c, sc);
+    _tile_loadd(1, c + 16, sc);
+    if constexpr (kTwo) {
+      _tile_loadd(2, c + 16 * ldc, sc);
+      _tile_loadd(3, c + 16 * ldc + 16, sc);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (kTwo) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  }
+  for (int64_t p = 0; p < pairs; p += 16) {
+    const uint16_t* b = panel + p * 2 * kPanelRows;
+    _tile_loadd(6, b, sp);
+    _tile_loadd(7, b + 32, sp);
+    _tile_loadd(4, xr + 2 * p, sx);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kTwo) {
+      _tile_loadd(5, xr + 16 * ldx + 2 * p, sx);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  _tile_stored(1, c + 16, sc);
+  if constexpr (kTwo) {
+    _tile_stored(2, c + 16 * ldc, sc);
+    _tile_stored(3, c + 16 * ldc + 16, sc);
+  }
+}
+
+// Where a product's rows go: y [M, ldy] float32, or bfloat16 (each whole sum rounded once, as
+// float_to_bf16), plus the LoRA side path (null: none).
+struct Output {
+  void* y;
+  int dtype;
+  int64_t ldy;
+  const LoraSide* lora;
+};
+
+// y's rows [m0, m1) at columns [c, c + 32) (lanes per mask0 / mask1) = the float32 sums s (row
+// stride lds, row m0 first) plus the side path's r products, stored once.
+void store_rows(const float* s, int64_t lds, int64_t m0, int64_t m1, int64_t c, __mmask16 mask0, __mmask16 mask1,
+                const Output& out) {
+  const LoraSide* lora = out.lora;
+  for (int64_t m = m0; m < m1; ++m) {
+    __m512 a0 = _mm512_maskz_loadu_ps(mask0, s + (m - m0) * lds);
+    __m512 a1 = _mm512_maskz_loadu_ps(mask1, s + (m - m0) * lds + 16);
+    if (lora != nullptr) {
+      const float* t = lora->t + m * lora->r;
+      const float* bt = lora->bt + c;
+      for (int64_t j = 0; j < lora->r; ++j) {
+        const __m512 tv = _mm512_set1_ps(t[j]);
+        a0 = _mm512_fmadd_ps(tv, _mm512_maskz_loadu_ps(mask0, bt + j * lora->ldbt), a0);
+        a1 = _mm512_fmadd_ps(tv, _mm512_maskz_loadu_ps(mask1, bt + j * lora->ldbt + 16), a1);
+      }
+    }
+    if (out.dtype == kFloat32) {
+      float* ym = static_cast<float*>(out.y) + m * out.ldy + c;
+      _mm512_mask_storeu_ps(ym, mask0, a0);
+      _mm512_mask_storeu_ps(ym + 16, mask1, a1);
+    } else {
+      uint16_t* ym = static_cast<uint16_t*>(out.y) + m * out.ldy + c;
+      _mm256_mask_storeu_epi16(ym, mask0, to_bf16(a0));
+      _mm256_mask_storeu_epi16(ym + 16, mask1, to_bf16(a1));
+    }
+  }
+}
+
+// One input block of a group: for each of `count` decoded panels (columns c0 + 32 p of y, cols
+// columns in all), every 32-row block of the packed rows xp (M rows, row stride ldx, the block's
+// first input at pair0 * 2) into the group's float32 sums (first: started from zero); on the last
+// block the sums go to y. Panel-major: a panel (32 KiB) stays in L1 across the rows.
+void group_block(const uint16_t* xp, int64_t M, int64_t ldx, const uint16_t* panels, int64_t count, int64_t pairs,
+                 int64_t pair0, float* sums, bool first, bool last, int64_t c0, int64_t cols, const Output& out) {
+  const int64_t Mp = round_up(M, kAmxRows);
+  for (int64_t p = 0; p < count; ++p) {
+    const uint16_t* panel = panels + p * kPanelWords;
+    const int64_t left = cols - p * kPanelRows;
+    const __mmask16 mask0 = lanes_below(left), mask1 = lanes_below(std::max<int64_t>(0, left - 16));
+    for (int64_t m0 = 0; m0 < Mp; m0 += 2 * kAmxRows) {
+      const uint16_t* xr = xp + m0 * ldx + 2 * pair0;
+      float* c = sums + m0 * kGroupCols + p * kPanelRows;
+      if (Mp - m0 >= 2 * kAmxRows) {
+        block<true>(xr, ldx, panel, pairs, c, kGroupCols, !first);
+      } else {
+        block<false>(xr, ldx, panel, pairs, c, kGroupCols, !first);
+      }
+      if (last) store_rows(c, kGroupCols, m0, std::min(M, m0 + 2 * kAmxRows), c0 + p * kPanelRows, mask0, mask1, out);
+    }
+  }
+}
+
+// A task's buffers: the group's decoded panels and float32 sums (rows padded to whole tiles).
+struct Scratch {
+  std::unique_ptr<uint16_t[]> panels;
+  std::vector<float> sums;
+
+  explicit Scratch(int64_t M)
+      : panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]),
+        sums(static_cast<size_t>(round_up(M, kAmxRows) * kGroupCols)) {}
+};
+
+// The forward's accumulators: tiles 0-3 hold y^T's float32 sums for one panel's rows [n, n + 32)
+// (tiles 0, 2: rows n..n + 15; 1, 3: n + 16..) by columns [m, m + 16 (1 + kTwo)) (rows of x; tiles
+// 2 and 3 the second 16). In memory at c (row stride ldc floats): loaded when add, else zeroed.
+template <bool kTwo>
+void sums_start(const float* c, int64_t ldc, bool add) {
+  const int sc = static_cast<int>(ldc * 4);
+  if (add) {
+    _tile_loadd(0, c, sc);
+    _tile_loadd(1, c + 16 * ldc, sc);
+    if constexpr (kTwo) {
+      _tile_loadd(2, c + 16, sc);
+      _tile_loadd(3, c + 16 * ldc + 16, sc);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (kTwo) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  }
+}
+
+template <bool kTwo>
+void sums_store(float* c, int64_t ldc) {
+  const int sc = static_cast<int>(ldc * 4);
+  _tile_stored(0, c, sc);
+  _tile_stored(1, c + 16 * ldc, sc);
+  if constexpr (kTwo) {
+    _tile_stored(2, c + 16, sc);
+    _tile_stored(3, c + 16 * ldc + 16, sc);
+  }
+}
+
+// The accumulators (+)= the panel's A tiles (`steps` of 32 inputs, decode_rows' layout) times
+// x^T's B tiles (xt: the first pair of the block in row tile m; the next row tile tile_step
+// words on).
+template <bool kTwo>
+void sums_add(const uint16_t* panel, int64_t steps, const int32_t* xt, int64_t tile_step) {
+  constexpr int64_t kTileWords = 16 * kAmxK;  // bfloat16 words of one tile
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, panel + s * kTileWords, 64);
+    _tile_loadd(5, panel + (steps + s) * kTileWords, 64);
+    _tile_loadd(6, xt + s * kTileWords / 2, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if constexpr (kTwo) {
+      _tile_loadd(7, xt + tile_step + s * kTileWords / 2, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+// y's rows [m, min(m + 16, M)) at columns [c, c + 16) (lanes per mask) = the 16 x 16 block of
+// y^T's float32 sums at s (row stride lds) transposed, plus the side path's r products; stored once.
+void store_transposed(const float* s, int64_t lds, int64_t m, int64_t M, int64_t c, __mmask16 mask,
+                      const Output& out) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(s + i * lds);
+  transpose16(r);  // r[j]: row m + j of y, 16 columns
+  const LoraSide* lora = out.lora;
+  const int64_t rows = std::min<int64_t>(16, M - m);
+  for (int64_t j = 0; j < rows; ++j) {
+    __m512 v = _mm512_castsi512_ps(r[j]);
+    if (lora != nullptr) {
+      const float* t = lora->t + (m + j) * lora->r;
+      for (int64_t q = 0; q < lora->r; ++q) {
+        v = _mm512_fmadd_ps(_mm512_set1_ps(t[q]), _mm512_maskz_loadu_ps(mask, lora->bt + q * lora->ldbt + c), v);
+      }
+    }
+    if (out.dtype == kFloat32) {
+      _mm512_mask_storeu_ps(static_cast<float*>(out.y) + (m + j) * out.ldy + c, mask, v);
+    } else {
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + (m + j) * out.ldy + c, mask, to_bf16(v));
+    }
+  }
+}
+
+// Chunks of codes prefetched ahead of the decode in the streaming loop below: far enough that a
+// row's next lines arrive before their turn, near enough to stay in L2 (measured on a Xeon with
+// AMX: 8 chunks, into L2, beat 1-4 and 16-32 and hints into L1).
+constexpr int64_t kPrefetchChunks = 8;
+
+// The accumulators (+)= rows [col, col + 32) of a dense 4-bit weight (blocksize >= 32; zeros from
+// n_end on) over all of K times x^T's first one or two (two) row tiles, the weight decoded a
+// 128-input chunk at a time into one of two small buffers (8 KiB each: a decode need not wait for
+// the tile loads of the one before) just before its products, so decode and TDPBF16PS overlap.
+// Each row's codes are prefetched kPrefetchChunks chunks ahead, the stream running on into the
+// same row of the next panel (col + 32, below rows_end).
+void stream_panel(const PanelSource& w, const ChunkDecoder& chunks, int64_t col, int64_t n_end, int64_t rows_end,
+                  uint16_t* bufs, const int32_t* xt, bool two, int64_t tile_step) {
+  const int64_t K = w.K, whole = K / 128 * 128;
+  const int64_t rows = std::min<int64_t>(kPanelRows, n_end - col);
+  const int64_t rows_next = std::clamp<int64_t>(rows_end - col - kPanelRows, 0, kPanelRows);
+  const uint8_t* codes[kPanelRows];
+  const float* rs[kPanelRows];
+  for (int64_t i = 0; i < rows; ++i) {
+    codes[i] = w.packed + (((col + i) * K) >> 1);
+    rs[i] = w.scales + (col + i - w.first_row) * w.blocks_per_row();
+  }
+  const auto run = [&](auto log2) {
+    for (int64_t k = 0, it = 0; k < K; k += 128, ++it) {
+      uint16_t* panel = bufs + (it & 1) * kPanelRows * 128;
+      const int64_t kc = std::min<int64_t>(128, K - k), steps = kc / kAmxK;
+      // The prefetch target: this row ahead, or the next panel's row past the end of this one.
+      const int64_t ahead = k + kPrefetchChunks * 128;
+      const int64_t pf_rows = ahead < K ? rows : rows_next;
+      const int64_t pf_off = ahead < K ? ahead >> 1 : (kPanelRows * K + ahead - K) >> 1;
+      for (int64_t i = 0; i < kPanelRows; ++i) {
+        uint16_t* row = panel + ((i / 16) * steps * 16 + i % 16) * kAmxK;
+        if (i < pf_rows) _mm_prefetch(reinterpret_cast<const char*>(codes[i] + pf_off), _MM_HINT_T1);
+        __m512i st[4];
+        if (i >= rows) {
+          for (int j = 0; j < 4; ++j) st[j] = _mm512_setzero_si512();
+        } else if (k < whole) {
+          chunks.decode<decltype(log2)::value>(codes[i], rs[i], k, st);
+        } else {  // the tail past the last whole chunk, in input order
+          for (int64_t j = 0; j < steps; ++j) st[j] = w.segment(col + i, k + j * kAmxK);
+        }
+        for (int64_t j = 0; j < steps; ++j) _mm512_storeu_si512(row + j * 16 * kAmxK, st[j]);
+      }
+      const int32_t* x = xt + (k / 2) * kAmxRows;
+      two ? sums_add<true>(panel, steps, x, tile_step) : sums_add<false>(panel, steps, x, tile_step);
+    }
+  };
+  if (chunks.log2_blocksize >= 7) {
+    run(IntC<7>{});
+  } else if (chunks.log2_blocksize == 6) {
+    run(IntC<6>{});
+  } else {
+    run(IntC<5>{});
+  }
+}
+
+// The finished sums of one panel (c: y^T's rows [col, col + 32) by columns [m0, m0 + 16 (1 +
+// two)), row stride ldc) into y's rows and columns [col, min(col + 32, col_end)).
+void store_panel(const float* c, int64_t ldc, int64_t m0, bool two, int64_t M, int64_t col, int64_t col_end,
+                 const Output& out) {
+  for (int64_t i = 0; i < 2 && col + 16 * i < col_end; ++i) {
+    for (int64_t j = 0; j < (two ? 2 : 1); ++j) {
+      store_transposed(c + 16 * i * ldc + 16 * j, ldc, m0 + 16 * j, M, col + 16 * i, lanes_below(col_end - col - 16 * i),
+                       out);
+    }
+  }
+}
+
+void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, const uint8_t* positions,
+               int64_t blocksize, const float* table, const BlockScales& scales, const ScalePlanes* planes,
+               const LoraSide* lora, int64_t n0, int64_t n1, void* y, int y_dtype) {
+  PanelSource w(packed, positions, K, table, blocksize);
+  const ChunkDecoder chunks{_mm512_loadu_ps(table), log2_of(blocksize)};
+  const ChunkOrder order;
+  const int64_t per_row = w.blocks_per_row();
+  const int64_t Mp = round_up(M, kAmxRows), pairs = K / 2, tile_step = pairs * kAmxRows;
+  const Output out{y, y_dtype, N, lora};
+  Scratch buf(M);
+  float* sums = buf.sums.data();  // y^T's: [kGroupCols, Mp]
+  std::vector<float> scale_buf;
+  const Tiles tiles;
+  for (int64_t g = n0; g < n1; g += kGroupCols) {
+    const int64_t g_end = std::min(n1, g + kGroupCols);
+    const int64_t count = (g_end - g + kPanelRows - 1) / kPanelRows;
+    w.scales = group_scales(scales, planes, g * per_row, (g_end - g) * per_row, scale_buf);
+    w.first_row = g;
+    if (Mp <= 2 * kAmxRows) {
+      // One block of rows: a panel's sums stay in the tiles over all of K.
+      const bool two = Mp > kAmxRows;
+      for (int64_t p = 0; p < count; ++p) {
+        const int64_t col = g + p * kPanelRows;
+        two ? sums_start<true>(sums, Mp, false) : sums_start<false>(sums, Mp, false);
+        if (positions == nullptr && chunks.log2_blocksize >= 5) {
+          stream_panel(w, chunks, col, g_end, n1, buf.panels.get(), xp, two, tile_step);
+        } else {
+          for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
+            const int64_t kc = std::min(kPanelK, K - k0);
+            decode_rows(w, chunks, order, col, g_end, k0, kc, buf.panels.get());
+            const int32_t* xt = xp + (k0 / 2) * kAmxRows;
+            two ? sums_add<true>(buf.panels.get(), kc / kAmxK, xt, tile_step)
+                : sums_add<false>(buf.panels.get(), kc / kAmxK, xt, tile_step);
+          }
+        }
+        two ? sums_store<true>(sums, Mp) : sums_store<false>(sums, Mp);
+        store_panel(sums, Mp, 0, two, M, col, g_end, out);
+      }
+      continue;
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {  // K % 32 == 0: whole tiles
+      const int64_t kc = std::min(kPanelK, K - k0), steps = kc / kAmxK;
+      const bool first = k0 == 0, last = k0 + kc == K;
+      for (int64_t p = 0; p < count; ++p) {
+        decode_rows(w, chunks, order, g + p * kPanelRows, g_end, k0, kc, buf.panels.get() + p * kPanelWords);
+      }
+      // Panel-major: a panel (32 KiB) stays in L1 across the rows of x.
+      for (int64_t p = 0; p < count; ++p) {
+        const uint16_t* panel = buf.panels.get() + p * kPanelWords;
+        for (int64_t m0 = 0; m0 < Mp; m0 += 2 * kAmxRows) {
+          const int32_t* xt = xp + ((m0 / kAmxRows) * pairs + k0 / 2) * kAmxRows;
+          float* c = sums + p * kPanelRows * Mp + m0;
+          const bool two = Mp - m0 >= 2 * kAmxRows;
+          if (two) {
+            sums_start<true>(c, Mp, !first);
+            sums_add<true>(panel, steps, xt, tile_step);
+            sums_store<true>(c, Mp);
+          } else {
+            sums_start<false>(c, Mp, !first);
+            sums_add<false>(panel, steps, xt, tile_step);
+            sums_store<false>(c, Mp);
+          }
+          if (last) store_panel(c, Mp, m0, two, M, g + p * kPanelRows, g_end, out);
+        }
+      }
+    }
+  }
+}
+
+void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed, const uint8_t* positions,
+                 int64_t blocksize, const float* table, const float* scales, int64_t k0, int64_t k1, void* gx,
+                 int gx_dtype) {
+  PanelSource w(packed, positions, K, table, blocksize);
+  w.scales = scales;
+  const auto* g = reinterpret_cast<const uint16_t*>(gp);
+  const int64_t ldg = round_up(N, kAmxK);  // pack_x's row stride
+  const Output out{gx, gx_dtype, K, nullptr};
+  Scratch buf(M);
+  const Tiles tiles;
+  for (int64_t c = k0; c < k1; c += kGroupCols) {
+    const int64_t c_end = std::min(k1, c + kGroupCols);
+    const int64_t count = (c_end - c) / kPanelRows;  // K % 32 == 0: whole panels
+    for (int64_t n0 = 0; n0 < N; n0 += kPanelK) {
+      const int64_t nc = std::min(kPanelK, N - n0);
+      const int64_t pairs = round_up(nc, kAmxK) / 2;  // the tail's pairs past N: zeros, as g's padding
+      for (int64_t p = 0; p < count; ++p) {
+        uint16_t* panel = buf.panels.get() + p * kPanelWords;
+        decode_panel_t(w, n0, nc, c + p * kPanelRows, panel);
+        std::memset(panel + nc * kPanelRows, 0, static_cast<size_t>((pairs * 2 - nc) * kPanelRows * 2));
+      }
+      group_block(g, M, ldg, buf.panels.get(), count, pairs, n0 / 2, buf.sums.data(), n0 == 0, n0 + nc == N, c,
+                  c_end - c, out);
+    }
+  }
+}
+
+}  // namespace
+
+const GemmKernels kGemmAmx = {
+    .tile_rows = kAmxRows,
+    .min_rows = 5,
+    .pack_x = pack_x,
+    .pack_g = pack_g,
+    .bf16_4bit = bf16_4bit,
+    .bf16_4bit_t = bf16_4bit_t,
+    .decode_scales = avx512bf16::decode_scales,
+    .lora_down = avx512bf16::lora_down,
+    .lora_reduce = avx512bf16::lora_reduce,
+    .lora_up_add = avx512bf16::lora_up_add};
+
+}  // namespace qengine::cpu
+#endif
