@@ -17,6 +17,15 @@ from support import matmul_bound
 
 HAS_KERNEL = "avx512_bf16" in qengine.build_info()["supported_cpu_isas"]
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="this CPU has no AVX512-BF16 (the gemm kernel's ISA)")
+# The ISAs with a gemm row on this CPU: AVX512-BF16's vdpbf16ps tiles, and AMX's where present.
+GEMM_ISAS = [isa for isa in ("avx512_bf16", "amx") if isa in qengine.build_info()["supported_cpu_isas"]]
+
+
+@pytest.fixture(params=GEMM_ISAS)
+def gemm_isa(request, isa_restore):
+    """Each gemm row in turn as the active ISA (restored after the test)."""
+    qengine.set_cpu_isa(request.param)
+    return request.param
 
 
 def quantized(n, k, fmt, blocksize, dq, seed=0):
@@ -59,13 +68,12 @@ def large_product_t(g, q, out_dtype=torch.float32):
 @pytest.mark.parametrize("n,k,m", [(96, 512, 17), (33, 96, 12), (129, 544, 25), (300, 1056, 40), (32, 1024, 64)])
 @pytest.mark.parametrize("fmt,blocksize,dq", [("nf4", 64, True), ("nf4", 32, False), ("fp4", 256, True),
                                               ("int4", 1024, False), ("mxfp4", None, None), ("nvfp4", None, None)])
-def test_against_float64(n, k, m, fmt, blocksize, dq, isa_restore):
+def test_against_float64(n, k, m, fmt, blocksize, dq, gemm_isa):
     """Each weight is rounded once to bfloat16 from its float32 dequantized value (the bytes
     dequantize() writes, the weight dense bfloat16 F.linear multiplies); then float32
     accumulation: against that model only the accumulation error is left."""
     if blocksize is not None and k % blocksize:
         pytest.skip("the block size does not divide K")
-    qengine.set_cpu_isa("avx512_bf16")
     q = quantized(n, k, fmt, blocksize, dq)
     x = torch.randn(m, k).to(torch.bfloat16)
     done, y = large_product(x, q)
@@ -81,13 +89,12 @@ def test_against_float64(n, k, m, fmt, blocksize, dq, isa_restore):
 @pytest.mark.parametrize("n,k,m", [(96, 512, 17), (34, 96, 12), (130, 544, 25), (1030, 160, 40), (512, 1024, 64)])
 @pytest.mark.parametrize("fmt,blocksize,dq", [("nf4", 64, True), ("nf4", 32, False), ("int4", 1024, False),
                                               ("nvfp4", None, None)])
-def test_transposed_against_float64(n, k, m, fmt, blocksize, dq, isa_restore):
+def test_transposed_against_float64(n, k, m, fmt, blocksize, dq, gemm_isa):
     """gx = g @ W (the backward's product for x), with the reduction over W's rows in blocks of
     512 (1030 rows: a short last block) and output columns in groups of 128 (tails at 96, 160,
     544): against the same bfloat16-weight model as the forward."""
     if blocksize is not None and k % blocksize:
         pytest.skip("the block size does not divide K")
-    qengine.set_cpu_isa("avx512_bf16")
     q = quantized(n, k, fmt, blocksize, dq, seed=1)
     g = torch.randn(m, n).to(torch.bfloat16)
     done, gx = large_product_t(g, q)
@@ -100,8 +107,7 @@ def test_transposed_against_float64(n, k, m, fmt, blocksize, dq, isa_restore):
 
 
 @needs_kernel
-def test_transposed_leaves_odd_rows_to_the_fallback(isa_restore):
-    qengine.set_cpu_isa("avx512_bf16")
+def test_transposed_leaves_odd_rows_to_the_fallback(gemm_isa):
     q = quantized(33, 128, "nf4", 64, True)
     done, gx = large_product_t(torch.randn(20, 33).to(torch.bfloat16), q)
     assert not done and gx.isnan().all()
@@ -118,7 +124,7 @@ def test_backward_takes_it(n, isa_restore):
     g64 = g.to(torch.float64)
     ref = g64 @ w64
     bound = 8 * n ** 0.5 * 2.0**-24 * (g64.abs() @ w64.abs()) + 2.0**-8 * (g64.abs() @ w64.abs())
-    for isa in ("avx512_bf16", "avx512"):
+    for isa in (*GEMM_ISAS, "avx512"):
         qengine.set_cpu_isa(isa)
         x = torch.randn(40, 256).to(torch.bfloat16).requires_grad_()
         qengine.matmul(x, q).backward(g)
@@ -140,7 +146,7 @@ def test_public_matmul_takes_it_with_lora(m, isa_restore):
     side = 0.5 * (x64 @ a.to(torch.float64).t()) @ b.to(torch.float64).t()
     ref = x64 @ w64.t() + side
     bound = matmul_bound(x64, w64, torch.bfloat16, extra=side.abs())
-    for isa in ("avx512_bf16", "avx512"):
+    for isa in (*GEMM_ISAS, "avx512"):
         qengine.set_cpu_isa(isa)
         y = qengine.matmul(x, q, lora=(a, b, 0.5))
         assert y.dtype == torch.bfloat16 and y.shape == (m, 160)
@@ -150,11 +156,10 @@ def test_public_matmul_takes_it_with_lora(m, isa_restore):
 @needs_kernel
 @pytest.mark.parametrize("r", [1, 5, 16, 19])
 @pytest.mark.parametrize("ab_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_lora_side_path_in_the_epilogue(r, ab_dtype, isa_restore):
+def test_lora_side_path_in_the_epilogue(r, ab_dtype, gemm_isa):
     """y = x @ W^T + s (x @ A^T) @ B^T with the side path summed in the kernel's float32 epilogue
     (ranks that do and do not fill its groups of 8), then one rounding: within the float64 bound
     of the whole sum, columns past a panel's end included (N = 70)."""
-    qengine.set_cpu_isa("avx512_bf16")
     q = quantized(70, 320, "nf4", 64, True)
     x = torch.randn(30, 320).to(torch.bfloat16)
     a = (torch.randn(r, 320) * 0.1).to(ab_dtype)
@@ -167,9 +172,8 @@ def test_lora_side_path_in_the_epilogue(r, ab_dtype, isa_restore):
 
 
 @needs_kernel
-def test_same_bits_at_any_thread_count(threads_restore, isa_restore):
+def test_same_bits_at_any_thread_count(threads_restore, gemm_isa):
     """Each output element is summed by one task in one order, however the rows are shared."""
-    qengine.set_cpu_isa("avx512_bf16")
     q = quantized(1000, 1024, "nf4", 64, True)
     x = torch.randn(50, 1024).to(torch.bfloat16)
     outs = []
@@ -209,11 +213,10 @@ def test_leaves_what_it_does_not_take_to_the_fallback(case):
 @pytest.mark.parametrize("n,k,m", [(96, 512, 17), (130, 1088, 25), (300, 576, 40)])
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("with_lora", [False, True])
-def test_bfloat16_output_is_the_float32_sum_rounded_once(n, k, m, sparse, with_lora, isa_restore):
+def test_bfloat16_output_is_the_float32_sum_rounded_once(n, k, m, sparse, with_lora, gemm_isa):
     """The bfloat16 output the public path takes (no float32 copy of y) equals the float32
     output rounded by torch, bit for bit: inputs in one block (512) or several (partial sums kept
     per task, the last block rounding), column tails, 2:4, the LoRA epilogue."""
-    qengine.set_cpu_isa("avx512_bf16")
     if sparse and k % 256:
         k = 256 * (k // 256 + 1)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
@@ -228,8 +231,7 @@ def test_bfloat16_output_is_the_float32_sum_rounded_once(n, k, m, sparse, with_l
 
 @needs_kernel
 @pytest.mark.parametrize("n,k,m", [(96, 512, 17), (1030, 160, 40), (514, 288, 13)])
-def test_transposed_bfloat16_output_is_the_float32_sum_rounded_once(n, k, m, isa_restore):
-    qengine.set_cpu_isa("avx512_bf16")
+def test_transposed_bfloat16_output_is_the_float32_sum_rounded_once(n, k, m, gemm_isa):
     q = quantized(n, k, "nf4", 32, True, seed=2)
     g = torch.randn(m, n).to(torch.bfloat16)
     done32, gx32 = large_product_t(g, q)
@@ -239,8 +241,7 @@ def test_transposed_bfloat16_output_is_the_float32_sum_rounded_once(n, k, m, isa
 
 
 @needs_kernel
-def test_empty_dimensions(isa_restore):
-    qengine.set_cpu_isa("avx512_bf16")
+def test_empty_dimensions(gemm_isa):
     q = quantized(8, 64, "nf4", 64, True)
     assert qengine.matmul(torch.zeros(0, 64, dtype=torch.bfloat16), q).shape == (0, 8)
     done, y = large_product(torch.randn(20, 64).to(torch.bfloat16), q)
@@ -250,12 +251,11 @@ def test_empty_dimensions(isa_restore):
 @needs_kernel
 @pytest.mark.parametrize("n,k,m", [(40, 256, 17), (33, 512, 40), (130, 768, 25)])
 @pytest.mark.parametrize("blocksize,dq", [(64, True), (32, False), (128, True)])
-def test_sparse24_against_its_dequantized_weight(n, k, m, blocksize, dq, isa_restore):
+def test_sparse24_against_its_dequantized_weight(n, k, m, blocksize, dq, gemm_isa):
     """The 2:4 layout through the same GEMM: each 32-input segment rebuilt from the chunk's
     interleaved codes and 2-bit positions (zeros where nothing is stored) equals
     sparse24_dequantize's bfloat16 weight, so the product is within the accumulation bound of
     x @ that weight; and the public op agrees, LoRA included."""
-    qengine.set_cpu_isa("avx512_bf16")
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
     q = qengine.quantize(w, "nf4", blocksize, double_quant=dq, sparsity="2:4")
     x = torch.randn(m, k).to(torch.bfloat16)
@@ -275,8 +275,7 @@ def test_sparse24_against_its_dequantized_weight(n, k, m, blocksize, dq, isa_res
 
 
 @needs_kernel
-def test_sparse24_rows_not_a_multiple_of_256_fall_back(isa_restore):
-    qengine.set_cpu_isa("avx512_bf16")
+def test_sparse24_rows_not_a_multiple_of_256_fall_back(gemm_isa):
     q = qengine.quantize(torch.randn(24, 384), "nf4", 64, sparsity="2:4")
     done, y = large_product(torch.randn(20, 384).to(torch.bfloat16), q)
     assert not done and y.isnan().all()
@@ -294,7 +293,7 @@ def test_sparse24_backward_takes_it(n, m, isa_restore):
     g64 = g.to(torch.float64)
     mag = g64.abs() @ w64.abs()
     bound = 8 * n ** 0.5 * 2.0**-24 * mag + 2.0**-8 * mag
-    for isa in ("avx512_bf16", "avx512"):
+    for isa in (*GEMM_ISAS, "avx512"):
         qengine.set_cpu_isa(isa)
         x = torch.randn(m, 512).to(torch.bfloat16).requires_grad_()
         qengine.matmul(x, q).backward(g)

@@ -588,7 +588,7 @@ void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8
 
 const GemmKernels kGemmAmx = {
     .tile_rows = kAmxRows,
-    .min_rows = 5,
+    .min_rows = 4,
     .pack_x = pack_x,
     .pack_g = pack_g,
     .bf16_4bit = bf16_4bit,

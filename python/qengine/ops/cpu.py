@@ -172,20 +172,28 @@ def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
     return y
 
 
+def _large_batch_first(m: int) -> bool:
+    """Whether m rows go to the native large-batch kernel first: always beyond SMALL_BATCH_ROWS,
+    and from the active ISA's measured crossover on (_C.gemm_min_rows: a few rows on AMX, whose
+    tiles beat the small-batch GEMV there); the small-batch kernels otherwise, and wherever the
+    large-batch kernel does not apply."""
+    return m > mm.SMALL_BATCH_ROWS or m >= _C.gemm_min_rows()
+
+
 @direct_cpu_kernel("matmul")
 def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
                              lora_b)
     x2 = x.reshape(-1, k)
+    m = x2.shape[0]
     weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize)
-    if x2.shape[0] <= mm.SMALL_BATCH_ROWS:
+    y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale) if _large_batch_first(m) else None
+    if y is None and m <= mm.SMALL_BATCH_ROWS:
         y = _small_batch_product(_C.matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
-    else:
-        y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale)
-        if y is None:  # no native large-batch kernel for this dtype / format / shape / CPU
-            flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
-            y = _tiled_product(x2, packed, table, flat_scales, offsets, bits, blocksize, n)
-            y = mm.add_lora_side(y, x2, lora_a, lora_b, lora_scale)
+    elif y is None:  # no native large-batch kernel for this dtype / format / shape / CPU
+        flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
+        y = _tiled_product(x2, packed, table, flat_scales, offsets, bits, blocksize, n)
+        y = mm.add_lora_side(y, x2, lora_a, lora_b, lora_scale)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -194,23 +202,20 @@ def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_feat
     n, k = check_matmul_t_args(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_features)
     g2 = g.reshape(-1, n)
     m = g2.shape[0]
-    if m <= mm.SMALL_BATCH_ROWS:
+    weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize)
+    gx = _large_batch_product_t(g2, k, weight) if _large_batch_first(m) else None
+    if gx is None and m <= mm.SMALL_BATCH_ROWS:
         gf = g2.to(torch.float32).contiguous()
         gx = torch.empty(m, k, dtype=torch.float32)
         if m and k:
-            _C.matmul_t_cpu(gf.data_ptr(), m, n, k,
-                            native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize),
-                            gx.data_ptr())
+            _C.matmul_t_cpu(gf.data_ptr(), m, n, k, weight, gx.data_ptr())
         gx = gx.to(g.dtype)
-    else:
-        gx = _large_batch_product_t(g2, k, native_weight(packed, table, scales, scales_nested, offsets, bits,
-                                                         blocksize))
-        if gx is None:  # no native large-batch kernel: a dense copy of W for one torch GEMM
-            flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
-            w = torch.empty(n, k, dtype=g.dtype)
-            dequantize_into(packed, table, flat_scales, offsets, bits, blocksize, n * k, w)
-            gx = g2 @ w
-            del w
+    elif gx is None:  # no native large-batch kernel: a dense copy of W for one torch GEMM
+        flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
+        w = torch.empty(n, k, dtype=g.dtype)
+        dequantize_into(packed, table, flat_scales, offsets, bits, blocksize, n * k, w)
+        gx = g2 @ w
+        del w
     return gx.reshape(*g.shape[:-1], k)
 
 
@@ -261,16 +266,16 @@ def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
                              lora_b, positions)
     x2 = x.reshape(-1, k)
+    m = x2.shape[0]
     weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, positions)
-    if x2.shape[0] <= mm.SMALL_BATCH_ROWS:
+    y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale) if _large_batch_first(m) else None
+    if y is None and m <= mm.SMALL_BATCH_ROWS:
         y = _small_batch_product(_C.sparse24_matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
-    else:
-        y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale)
-        if y is None:  # no native large-batch kernel: a dense copy of W for one torch GEMM
-            w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize,
-                                           n, k, x.dtype)
-            y = mm.add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
-            del w  # the dense copy lives only for this product
+    elif y is None:  # no native large-batch kernel: a dense copy of W for one torch GEMM
+        w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize,
+                                       n, k, x.dtype)
+        y = mm.add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
+        del w  # the dense copy lives only for this product
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -280,7 +285,7 @@ def _(g, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
                                positions)
     g2 = g.reshape(-1, n)
     gx = None
-    if g2.shape[0] > mm.SMALL_BATCH_ROWS:
+    if _large_batch_first(g2.shape[0]):
         gx = _large_batch_product_t(g2, k, native_weight(packed, table, scales, scales_nested, offsets, bits,
                                                          blocksize, positions))
     if gx is None:  # a dense copy of W for one torch GEMM

@@ -1,0 +1,140 @@
+"""The gemm family's amx row (csrc/cpu/gemm/gemm_amx.cpp) beyond what test_gemm.py runs on every
+gemm ISA: rows 1-600 (one 16-row tile, two, the streaming path's limit of 32 and the blocked
+path past it), inputs past the last whole 128-input chunk (which keep input order), every block
+size (16, nvfp4's, and 2:4 decode in input order and are reordered; 32 blends two tables; 64 and up fold
+the scales into one), the crossover to the small-batch GEMV, and agreement with the
+avx512_bf16 row: both multiply the same bfloat16 weights (each rounded once from its float32
+dequantized value), so they differ only by float32 summation order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qengine
+from qengine import _C
+from test_gemm import large_product, large_product_t
+
+HAS_AMX = "amx" in qengine.build_info()["supported_cpu_isas"]
+pytestmark = pytest.mark.skipif(not HAS_AMX, reason="this CPU (or its OS) gives no AMX tiles")
+
+
+def weight(n, k, blocksize, dq=True, sparse=False, fmt="nf4", seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    if fmt in ("mxfp4", "nvfp4"):
+        return qengine.quantize(w, fmt)
+    return qengine.quantize(w, fmt, blocksize, double_quant=dq, sparsity="2:4" if sparse else None)
+
+
+def assert_model_bound(y, x, q, transposed=False, rounded=False):
+    """Within float32 accumulation error of x @ W_bf16^T (or x @ W_bf16), W_bf16 the weight
+    dequantize() writes for bfloat16; plus half a bfloat16 unit where y was rounded to it."""
+    x64 = x.to(torch.float64)
+    w = q.dequantize(torch.bfloat16).to(torch.float64)
+    w = w if transposed else w.t()
+    ref, mag = x64 @ w, x64.abs() @ w.abs()
+    bound = 8 * x.shape[1] ** 0.5 * 2.0**-24 * mag + (2.0**-8 * ref.abs() if rounded else 0)
+    assert ((y.to(torch.float64) - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 15, 16, 17, 31, 32, 33, 48, 63, 100, 257, 600])
+def test_rows_1_to_600(m, isa_restore):
+    qengine.set_cpu_isa("amx")
+    q = weight(200, 640, 64)
+    x = torch.randn(m, 640).to(torch.bfloat16)
+    done, y = large_product(x, q)
+    assert done
+    assert_model_bound(y, x, q)
+
+
+@pytest.mark.parametrize("k", [32, 96, 160, 544, 1056])  # K % 128: 32, 96, 32, 32, 32
+@pytest.mark.parametrize("m", [3, 40])
+@pytest.mark.parametrize("fmt,blocksize", [("nvfp4", 16), ("nf4", 32), ("nf4", 64), ("nf4", 128), ("nf4", 256)])
+def test_inputs_past_the_last_whole_chunk(k, m, fmt, blocksize, isa_restore):
+    if k % blocksize:
+        pytest.skip("the block size does not divide K")
+    qengine.set_cpu_isa("amx")
+    q = weight(70, k, blocksize, dq=blocksize != 128, fmt=fmt)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    done, y = large_product(x, q)
+    assert done
+    assert_model_bound(y, x, q)
+
+
+@pytest.mark.parametrize("fmt,blocksize", [("nf4", 32), ("fp4", 64), ("int4", 512), ("mxfp4", None),
+                                           ("nvfp4", None)])
+@pytest.mark.parametrize("m", [4, 24, 70])
+def test_agrees_with_the_avx512_bf16_row(fmt, blocksize, m, isa_restore):
+    """The same bfloat16 weights times the same bfloat16 x: the two rows' float32 sums differ by
+    summation order only (a few float32 units of the magnitude)."""
+    q = weight(130, 1024, blocksize, fmt=fmt, seed=4)
+    x = torch.randn(m, 1024).to(torch.bfloat16)
+    qengine.set_cpu_isa("amx")
+    done_a, ya = large_product(x, q)
+    qengine.set_cpu_isa("avx512_bf16")
+    done_b, yb = large_product(x, q)
+    assert done_a and done_b
+    mag = x.to(torch.float64).abs() @ q.dequantize(torch.bfloat16).to(torch.float64).abs().t()
+    assert ((ya.to(torch.float64) - yb.to(torch.float64)).abs() <= 16 * 1024 ** 0.5 * 2.0**-24 * mag).all()
+
+
+@pytest.mark.parametrize("m", [1, 7, 20, 64])
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_sparse24(m, blocksize, isa_restore):
+    qengine.set_cpu_isa("amx")
+    q = weight(96, 768, blocksize, sparse=True)
+    x = torch.randn(m, 768).to(torch.bfloat16)
+    done, y = large_product(x, q)
+    assert done
+    assert_model_bound(y, x, q)
+
+
+@pytest.mark.parametrize("n", [2, 34, 512, 546])  # pairs of W rows past a 32-row tile step: zero padded
+@pytest.mark.parametrize("m", [1, 16, 33])
+def test_transposed_rows_of_w_not_filling_a_tile(n, m, isa_restore):
+    qengine.set_cpu_isa("amx")
+    q = weight(n, 224, 32, seed=5)
+    g = torch.randn(m, n).to(torch.bfloat16)
+    done, gx = large_product_t(g, q)
+    assert done
+    assert_model_bound(gx, g, q, transposed=True)
+
+
+def test_nonfinite_x_stays_in_its_row(isa_restore):
+    """Rows of x are padded to whole tiles with zeros, never with another row's values: an inf in
+    one row reaches that row's outputs only."""
+    qengine.set_cpu_isa("amx")
+    q = weight(64, 256, 64)
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    x[2, 7] = float("inf")
+    done, y = large_product(x, q)
+    assert done
+    assert not torch.isfinite(y[2]).all()
+    assert torch.isfinite(y[[0, 1, 3, 4]]).all()
+
+
+def test_public_matmul_takes_amx_from_the_crossover(isa_restore):
+    """From _C.gemm_min_rows() rows on, qengine.matmul runs the amx row (bfloat16 x): its result
+    is the kernel's, bit for bit; the float64 bound holds below it too (the small-batch GEMV)."""
+    qengine.set_cpu_isa("amx")
+    crossover = _C.gemm_min_rows()
+    assert 1 < crossover <= 16
+    q = weight(96, 512, 64)
+    for m in (crossover - 1, crossover, 16):
+        x = torch.randn(m, 512).to(torch.bfloat16)
+        y = qengine.matmul(x, q)
+        kernel = large_product(x, q, torch.bfloat16)[1]
+        if m >= crossover:
+            assert torch.equal(y.view(torch.int16), kernel.view(torch.int16))
+        assert_model_bound(y, x, q, rounded=True)
+    qengine.set_cpu_isa("avx512_bf16")
+    assert _C.gemm_min_rows() == 17
+
+
+def test_backward_at_few_rows_takes_it(isa_restore):
+    qengine.set_cpu_isa("amx")
+    q = weight(96, 256, 64)
+    x = torch.randn(6, 256).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(6, 96).to(torch.bfloat16)
+    qengine.matmul(x, q).backward(g)
+    assert torch.equal(x.grad.view(torch.int16), large_product_t(g, q, torch.bfloat16)[1].view(torch.int16))
