@@ -1,6 +1,7 @@
 """Helpers shared by several test modules (no test module imports another): a small language
 model and its LoRA training loop, the training loop of a transformers causal LM, and the matmul
-tests' quantized weight with its float64 reference and error bound."""
+tests' quantized weight with its float64 reference and error bound, and the native large-batch
+products called directly."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from torch import nn
 import qengine
 import reference as R
 from cases import fmt_of
+from qengine import _C
+from qengine._checks import DTYPE_CODES
+from qengine.ops.weight import native_weight
 
 
 # ---------------------------------------------------------------------------- a small model
@@ -130,3 +134,33 @@ def tiny_llama(hidden=256, inter=384, layers=2, heads=4, kv=2, vocab=320, seed=0
                          num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                          max_position_embeddings=128, tie_word_embeddings=False)
     return LlamaForCausalLM(config).eval()
+
+
+# The native large-batch products (csrc/cpu/gemm) called directly, for test_gemm*.py.
+def large_product(x, q, out_dtype=torch.float32, lora=None):
+    """(done, y) of _C.matmul_large_cpu for x [M, K] and the QuantizedTensor q [N, K]: y float32,
+    or out_dtype; lora = (a, b, scale) or None."""
+    kw = q.kernel_weight()
+    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize, kw.positions)
+    m, k = x.shape
+    n = q.shape[0]
+    y = torch.full((m, n), float("nan"), dtype=out_dtype)
+    a, b, scale = lora if lora is not None else (None, None, 0.0)
+    done = _C.matmul_large_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], m, k, k, n, weight,
+                               a.data_ptr() if a is not None else 0, b.data_ptr() if b is not None else 0,
+                               DTYPE_CODES[a.dtype] if a is not None else 0, a.shape[0] if a is not None else 0,
+                               float(scale), y.data_ptr(), DTYPE_CODES[y.dtype])
+    return done, y
+
+
+def large_product_t(g, q, out_dtype=torch.float32):
+    """(done, gx) of _C.matmul_t_large_cpu for g [M, N] and the QuantizedTensor q [N, K]: gx
+    float32, or out_dtype."""
+    kw = q.kernel_weight()
+    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize)
+    m, n = g.shape
+    k = q.shape[1]
+    gx = torch.full((m, k), float("nan"), dtype=out_dtype)
+    done = _C.matmul_t_large_cpu(g.data_ptr(), DTYPE_CODES[g.dtype], m, n, k, weight, gx.data_ptr(),
+                                 DTYPE_CODES[gx.dtype])
+    return done, gx

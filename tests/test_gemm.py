@@ -10,10 +10,7 @@ import pytest
 import torch
 
 import qengine
-from qengine import _C
-from qengine._checks import DTYPE_CODES
-from qengine.ops.weight import native_weight
-from support import matmul_bound
+from support import large_product, large_product_t, matmul_bound
 
 HAS_KERNEL = "avx512_bf16" in qengine.build_info()["supported_cpu_isas"]
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="this CPU has no AVX512-BF16 (the gemm kernel's ISA)")
@@ -33,35 +30,6 @@ def quantized(n, k, fmt, blocksize, dq, seed=0):
     if fmt in ("mxfp4", "nvfp4"):
         return qengine.quantize(w, fmt)
     return qengine.quantize(w, fmt, blocksize, double_quant=dq)
-
-
-def large_product(x, q, out_dtype=torch.float32, lora=None):
-    """(done, y) of _C.matmul_large_cpu for x [M, K] and the QuantizedTensor q [N, K]: y float32,
-    or out_dtype; lora = (a, b, scale) or None."""
-    kw = q.kernel_weight()
-    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize, kw.positions)
-    m, k = x.shape
-    n = q.shape[0]
-    y = torch.full((m, n), float("nan"), dtype=out_dtype)
-    a, b, scale = lora if lora is not None else (None, None, 0.0)
-    done = _C.matmul_large_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], m, k, k, n, weight,
-                               a.data_ptr() if a is not None else 0, b.data_ptr() if b is not None else 0,
-                               DTYPE_CODES[a.dtype] if a is not None else 0, a.shape[0] if a is not None else 0,
-                               float(scale), y.data_ptr(), DTYPE_CODES[y.dtype])
-    return done, y
-
-
-def large_product_t(g, q, out_dtype=torch.float32):
-    """(done, gx) of _C.matmul_t_large_cpu for g [M, N] and the QuantizedTensor q [N, K]: gx
-    float32, or out_dtype."""
-    kw = q.kernel_weight()
-    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize)
-    m, n = g.shape
-    k = q.shape[1]
-    gx = torch.full((m, k), float("nan"), dtype=out_dtype)
-    done = _C.matmul_t_large_cpu(g.data_ptr(), DTYPE_CODES[g.dtype], m, n, k, weight, gx.data_ptr(),
-                                 DTYPE_CODES[gx.dtype])
-    return done, gx
 
 
 @needs_kernel

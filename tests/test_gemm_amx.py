@@ -13,7 +13,7 @@ import torch
 
 import qengine
 from qengine import _C
-from test_gemm import large_product, large_product_t
+from support import large_product, large_product_t
 
 HAS_AMX = "amx" in qengine.build_info()["supported_cpu_isas"]
 pytestmark = pytest.mark.skipif(not HAS_AMX, reason="this CPU (or its OS) gives no AMX tiles")
