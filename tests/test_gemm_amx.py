@@ -1,6 +1,6 @@
 """The gemm family's amx row (csrc/cpu/gemm/gemm_amx.cpp) beyond what test_gemm.py runs on every
-gemm ISA: rows 1-600 (one 16-row tile, two, the streaming path's limit of 32 and the blocked
-path past it), inputs past the last whole 128-input chunk (which keep input order), every block
+gemm ISA: rows 1-600 (one 16-row tile, two, the streaming path's limit of 32, the blocked path
+past it, and the fallback past 256 rows), inputs past the last whole 128-input chunk (which keep input order), every block
 size (16, nvfp4's, and 2:4 decode in input order and are reordered; 32 blends two tables; 64 and up fold
 the scales into one), the crossover to the small-batch GEMV, and agreement with the
 avx512_bf16 row: both multiply the same bfloat16 weights (each rounded once from its float32
@@ -13,7 +13,7 @@ import torch
 
 import qengine
 from qengine import _C
-from support import large_product, large_product_t
+from support import large_product, large_product_t, matmul_bound
 
 HAS_AMX = "amx" in qengine.build_info()["supported_cpu_isas"]
 pytestmark = pytest.mark.skipif(not HAS_AMX, reason="this CPU (or its OS) gives no AMX tiles")
@@ -37,14 +37,27 @@ def assert_model_bound(y, x, q, transposed=False, rounded=False):
     assert ((y.to(torch.float64) - ref).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 15, 16, 17, 31, 32, 33, 48, 63, 100, 257, 600])
+@pytest.mark.parametrize("m", [1, 2, 5, 15, 16, 17, 31, 32, 33, 48, 63, 100, 255, 256, 257, 600])
 def test_rows_1_to_600(m, isa_restore):
+    """Up to the row's max_rows (256) the kernel takes the product; past it, it declines and writes
+    nothing, and qengine.matmul's fallback (dense bfloat16 tiles) gives it within the same bound."""
     qengine.set_cpu_isa("amx")
     q = weight(200, 640, 64)
     x = torch.randn(m, 640).to(torch.bfloat16)
     done, y = large_product(x, q)
-    assert done
-    assert_model_bound(y, x, q)
+    assert done == (m <= 256)
+    if done:
+        assert_model_bound(y, x, q)
+    else:
+        assert y.isnan().all()
+    g = torch.randn(m, 200).to(torch.bfloat16)
+    done_t, gx = large_product_t(g, q)
+    assert done_t == (m <= 256)
+    if done_t:
+        assert_model_bound(gx, g, q, transposed=True)
+    x64, w64 = x.to(torch.float64), q.dequantize().to(torch.float64)
+    y = qengine.matmul(x, q).to(torch.float64)
+    assert ((y - x64 @ w64.t()).abs() <= matmul_bound(x64, w64, torch.bfloat16)).all()
 
 
 @pytest.mark.parametrize("k", [32, 96, 160, 544, 1056])  # K % 128: 32, 96, 32, 32, 32

@@ -43,6 +43,12 @@ int64_t gemm_min_rows() { return cpu::gemm_kernels().min_rows; }
 
 namespace {
 
+// Whether the active row takes M rows of x (its max_rows).
+bool rows_apply(int64_t M) {
+  const int64_t most = cpu::gemm_kernels().max_rows;
+  return most == 0 || M <= most;
+}
+
 // The byte planes of a nested scale table where the CPU decodes it with VBMI (else null).
 std::unique_ptr<cpu::ScalePlanes> scale_planes(const BlockScales& scales, int64_t nblocks) {
   if (scales.values == nullptr && scales.nested_shift >= 0 && nblocks < (int64_t{1} << 30) &&
@@ -97,7 +103,7 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
       (lora.r > 0 && !valid_float_dtype(lora.dtype))) {
     return kInvalidArgument;
   }
-  if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr)) return kOk;
+  if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) || !rows_apply(M)) return kOk;
   if (!valid_output_dtype(y_dtype)) return kInvalidArgument;
   *done = true;
   if (M == 0 || N == 0) return kOk;
@@ -143,7 +149,7 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   if (M < 0 || K < 0 || N < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
   const cpu::GemmKernels& k = cpu::gemm_kernels();
   if (!gemm_applies(g_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) || k.bf16_4bit_t == nullptr ||
-      N % 2 != 0) {
+      N % 2 != 0 || !rows_apply(M)) {
     return kOk;
   }
   if (!valid_output_dtype(gx_dtype)) return kInvalidArgument;

@@ -33,6 +33,9 @@ struct GemmKernels {
   // The fewest rows of x for which this row's product beats the small-batch GEMV (gemv/), when
   // both apply; measured (bench/bench_matmul.py).
   int64_t min_rows = 17;
+  // The most rows of x it takes (0: any): beyond, torch's own bfloat16 GEMM on dequantized tiles
+  // measured faster (the caller's fallback).
+  int64_t max_rows = 0;
   // y[M, N] (row stride N; y_dtype float32, or bfloat16: the float32 sum rounded once as
   // float_to_bf16) = x[M, K] (bfloat16) @ W^T for output rows
   // [n0, n1) of W [N, K]: 4-bit absmax codes, blocksize a power of two >= 16 dividing K, K % 32
