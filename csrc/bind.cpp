@@ -295,8 +295,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("dequantize_range_cpu", &dequantize_range_cpu);  // releases the GIL itself
   m.def("matmul_cpu", &matmul_cpu);  // releases the GIL itself
   m.def("matmul_large_cpu", &matmul_large_cpu);  // releases the GIL itself
-  m.def("gemm_min_rows", &qengine::gemm_min_rows,
-        "The fewest rows of x from which the active ISA's large-batch kernel (matmul_large_cpu) beats the GEMV.");
+  m.def("gemm_min_rows", &qengine::gemm_min_rows, py::arg("sparse24") = false,
+        "The fewest rows of x from which the active ISA's large-batch kernel (matmul_large_cpu) beats the GEMV "
+        "(sparse24: of the 2:4 layout).");
   m.def("matmul_t_cpu", &matmul_t_cpu);  // releases the GIL itself
   m.def("matmul_t_large_cpu", &matmul_t_large_cpu);  // releases the GIL itself
   m.def("lora_epilogue_cpu", &lora_epilogue_cpu, release());

@@ -131,7 +131,7 @@ def test_public_matmul_takes_amx_from_the_crossover(isa_restore):
     is the kernel's, bit for bit; the float64 bound holds below it too (the small-batch GEMV)."""
     qengine.set_cpu_isa("amx")
     crossover = _C.gemm_min_rows()
-    assert 1 < crossover <= 16
+    assert 1 < crossover <= _C.gemm_min_rows(sparse24=True) <= 16
     q = weight(96, 512, 64)
     for m in (crossover - 1, crossover, 16):
         x = torch.randn(m, 512).to(torch.bfloat16)

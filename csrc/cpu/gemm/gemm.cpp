@@ -39,7 +39,9 @@ bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb,
          offsets == nullptr && blocksize >= 16 && (blocksize & (blocksize - 1)) == 0 && layout;
 }
 
-int64_t gemm_min_rows() { return cpu::gemm_kernels().min_rows; }
+int64_t gemm_min_rows(bool sparse24) {
+  return sparse24 ? cpu::gemm_kernels().min_rows_sparse24 : cpu::gemm_kernels().min_rows;
+}
 
 namespace {
 

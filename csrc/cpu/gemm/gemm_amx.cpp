@@ -589,6 +589,7 @@ void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8
 const GemmKernels kGemmAmx = {
     .tile_rows = kAmxRows,
     .min_rows = 4,
+    .min_rows_sparse24 = 12,
     // Past 256 rows the tiles' loads outweigh the decode saved: dense bfloat16 on dequantized
     // tiles (oneDNN's AMX GEMM in torch) measured faster at 512 rows, as fast at 256 for K <= 2048
     // and slower for 11008 x 4096 (bench/RESULTS.md).

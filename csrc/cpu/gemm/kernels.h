@@ -33,6 +33,8 @@ struct GemmKernels {
   // The fewest rows of x for which this row's product beats the small-batch GEMV (gemv/), when
   // both apply; measured (bench/bench_matmul.py).
   int64_t min_rows = 17;
+  // The same for the 2:4 layout (its decode costs more, its GEMV reads less).
+  int64_t min_rows_sparse24 = 17;
   // The most rows of x it takes (0: any): beyond, torch's own bfloat16 GEMM on dequantized tiles
   // measured faster (the caller's fallback).
   int64_t max_rows = 0;

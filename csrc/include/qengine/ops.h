@@ -50,9 +50,9 @@ struct LoraArgs {
 // K / 2), or null for the dense layout.
 bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets,
                   bool sparse24);
-// The fewest rows of x from which the active ISA's large-batch kernel beats matmul_cpu (both
-// applying): 17 on AVX512-BF16, a few on AMX.
-int64_t gemm_min_rows();
+// The fewest rows of x from which the active ISA's large-batch kernel beats matmul_cpu (sparse24:
+// the 2:4 layout's sparse24_matmul_cpu), both applying: 17 on AVX512-BF16, fewer on AMX.
+int64_t gemm_min_rows(bool sparse24);
 int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const uint8_t* packed,
                      const uint8_t* positions, int64_t blocksize, const Codebook& cb, int rule,
                      const BlockScales& scales, const float* offsets, const LoraArgs& lora, void* y, int y_dtype,

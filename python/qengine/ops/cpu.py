@@ -172,12 +172,12 @@ def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
     return y
 
 
-def _large_batch_first(m: int) -> bool:
+def _large_batch_first(m: int, sparse24: bool = False) -> bool:
     """Whether m rows go to the native large-batch kernel first: always beyond SMALL_BATCH_ROWS,
     and from the active ISA's measured crossover on (_C.gemm_min_rows: a few rows on AMX, whose
     tiles beat the small-batch GEMV there); the small-batch kernels otherwise, and wherever the
     large-batch kernel does not apply."""
-    return m > mm.SMALL_BATCH_ROWS or m >= _C.gemm_min_rows()
+    return m > mm.SMALL_BATCH_ROWS or m >= _C.gemm_min_rows(sparse24)
 
 
 @direct_cpu_kernel("matmul")
@@ -268,7 +268,7 @@ def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, positions)
-    y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale) if _large_batch_first(m) else None
+    y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale) if _large_batch_first(m, True) else None
     if y is None and m <= mm.SMALL_BATCH_ROWS:
         y = _small_batch_product(_C.sparse24_matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
     elif y is None:  # no native large-batch kernel: a dense copy of W for one torch GEMM
@@ -285,7 +285,7 @@ def _(g, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
                                positions)
     g2 = g.reshape(-1, n)
     gx = None
-    if _large_batch_first(g2.shape[0]):
+    if _large_batch_first(g2.shape[0], True):
         gx = _large_batch_product_t(g2, k, native_weight(packed, table, scales, scales_nested, offsets, bits,
                                                          blocksize, positions))
     if gx is None:  # a dense copy of W for one torch GEMM
