@@ -79,7 +79,7 @@ def build_info() -> dict:
 
 
 def set_cpu_isa(name: str) -> None:
-    """Selects the CPU kernel variant ('scalar', 'avx2', 'avx512', 'avx512_bf16'); for tests and benchmarks."""
+    """Selects the CPU kernel variant ('scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx'); for tests and benchmarks."""
     _C.set_isa(name)
 
 
