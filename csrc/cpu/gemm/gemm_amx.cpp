@@ -226,47 +226,57 @@ void decode_rows(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOr
   }
 }
 
-// The float32 sums of rows [m0, m0 + 16 * (1 + kTwo)) by one panel's 32 columns (+)= x's rows
-// (xr: row m0's first input of the block, row stride ldx elements) times the panel's `pairs`
-// input pairs (a multiple of 16). The sums live in c (row stride ldc floats): read first when
-// add, else started from zero; written back at the end.
-template <bool kTwo>
-void block(const uint16_t* xr, int64_t ldx, const uint16_t* panel, int64_t pairs, float* c, int64_t ldc, bool add) {
-  const int sx = static_cast<int>(ldx * 2), sc = static_cast<int>(ldc * 4), sp = static_cast<int>(kPanelRows * 4);
+// The accumulator tiles of both products: tile a + 2 b holds the float32 sums of A tile 4 + a
+// (16 rows) times B tile 6 + b (16 columns), kept in memory at c + 16 a ldc + 16 b (row stride
+// ldc floats). Tile 0 always; tile 1 (a second A tile) with kTwoA, tile 2 (a second B tile)
+// with kTwoB, tile 3 with both. Loaded when add, else zeroed.
+template <bool kTwoA, bool kTwoB>
+void sums_start(const float* c, int64_t ldc, bool add) {
+  const int sc = static_cast<int>(ldc * 4);
   if (add) {
     _tile_loadd(0, c, sc);
-    _tile_loadd(1, c + 16, sc);
-    if constexpr (kTwo) {
-      _tile_loadd(2, c + 16 * ldc, sc);
-      _tile_loadd(3, c + 16 * ldc + 16, sc);
-    }
+    if constexpr (kTwoA) _tile_loadd(1, c + 16 * ldc, sc);
+    if constexpr (kTwoB) _tile_loadd(2, c + 16, sc);
+    if constexpr (kTwoA && kTwoB) _tile_loadd(3, c + 16 * ldc + 16, sc);
   } else {
     _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (kTwo) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
+    if constexpr (kTwoA) _tile_zero(1);
+    if constexpr (kTwoB) _tile_zero(2);
+    if constexpr (kTwoA && kTwoB) _tile_zero(3);
   }
+}
+
+template <bool kTwoA, bool kTwoB>
+void sums_store(float* c, int64_t ldc) {
+  const int sc = static_cast<int>(ldc * 4);
+  _tile_stored(0, c, sc);
+  if constexpr (kTwoA) _tile_stored(1, c + 16 * ldc, sc);
+  if constexpr (kTwoB) _tile_stored(2, c + 16, sc);
+  if constexpr (kTwoA && kTwoB) _tile_stored(3, c + 16 * ldc + 16, sc);
+}
+
+// The float32 sums of rows [m0, m0 + 16 * (1 + kTwo)) of g by one panel's 32 columns (+)= g's
+// rows (gr: row m0's first pair of the block, row stride ldg elements; the A tiles) times the
+// panel's `pairs` input pairs (a multiple of 16; the B tiles). The sums live in c (row stride ldc
+// floats): read first when add, else started from zero; written back at the end.
+template <bool kTwo>
+void block(const uint16_t* gr, int64_t ldg, const uint16_t* panel, int64_t pairs, float* c, int64_t ldc, bool add) {
+  const int sg = static_cast<int>(ldg * 2), sp = static_cast<int>(kPanelRows * 4);
+  sums_start<kTwo, true>(c, ldc, add);
   for (int64_t p = 0; p < pairs; p += 16) {
     const uint16_t* b = panel + p * 2 * kPanelRows;
     _tile_loadd(6, b, sp);
     _tile_loadd(7, b + 32, sp);
-    _tile_loadd(4, xr + 2 * p, sx);
+    _tile_loadd(4, gr + 2 * p, sg);
     _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 4, 7);
     if constexpr (kTwo) {
-      _tile_loadd(5, xr + 16 * ldx + 2 * p, sx);
-      _tile_dpbf16ps(2, 5, 6);
+      _tile_loadd(5, gr + 16 * ldg + 2 * p, sg);
+      _tile_dpbf16ps(1, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, c, sc);
-  _tile_stored(1, c + 16, sc);
-  if constexpr (kTwo) {
-    _tile_stored(2, c + 16 * ldc, sc);
-    _tile_stored(3, c + 16 * ldc + 16, sc);
-  }
+  sums_store<kTwo, true>(c, ldc);
 }
 
 // Where a product's rows go: y [M, ldy] float32, or bfloat16 (each whole sum rounded once, as
@@ -341,43 +351,10 @@ struct Scratch {
         sums(static_cast<size_t>(round_up(M, kAmxRows) * kGroupCols)) {}
 };
 
-// The forward's accumulators: tiles 0-3 hold y^T's float32 sums for one panel's rows [n, n + 32)
-// (tiles 0, 2: rows n..n + 15; 1, 3: n + 16..) by columns [m, m + 16 (1 + kTwo)) (rows of x; tiles
-// 2 and 3 the second 16). In memory at c (row stride ldc floats): loaded when add, else zeroed.
-template <bool kTwo>
-void sums_start(const float* c, int64_t ldc, bool add) {
-  const int sc = static_cast<int>(ldc * 4);
-  if (add) {
-    _tile_loadd(0, c, sc);
-    _tile_loadd(1, c + 16 * ldc, sc);
-    if constexpr (kTwo) {
-      _tile_loadd(2, c + 16, sc);
-      _tile_loadd(3, c + 16 * ldc + 16, sc);
-    }
-  } else {
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (kTwo) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-  }
-}
-
-template <bool kTwo>
-void sums_store(float* c, int64_t ldc) {
-  const int sc = static_cast<int>(ldc * 4);
-  _tile_stored(0, c, sc);
-  _tile_stored(1, c + 16 * ldc, sc);
-  if constexpr (kTwo) {
-    _tile_stored(2, c + 16, sc);
-    _tile_stored(3, c + 16 * ldc + 16, sc);
-  }
-}
-
-// The accumulators (+)= the panel's A tiles (`steps` of 32 inputs, decode_rows' layout) times
-// x^T's B tiles (xt: the first pair of the block in row tile m; the next row tile tile_step
-// words on).
+// The forward's accumulators (sums_start<true, kTwo>: y^T's rows are W's, two 16-row A tiles;
+// its columns x's rows, one or two 16-row B tiles) (+)= the panel's A tiles (`steps` of 32
+// inputs, decode_rows' layout) times x^T's B tiles (xt: the first pair of the block in row tile
+// m; the next row tile tile_step words on).
 template <bool kTwo>
 void sums_add(const uint16_t* panel, int64_t steps, const int32_t* xt, int64_t tile_step) {
   constexpr int64_t kTileWords = 16 * kAmxK;  // bfloat16 words of one tile
@@ -511,7 +488,7 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
       const bool two = Mp > kAmxRows;
       for (int64_t p = 0; p < count; ++p) {
         const int64_t col = g + p * kPanelRows;
-        two ? sums_start<true>(sums, Mp, false) : sums_start<false>(sums, Mp, false);
+        two ? sums_start<true, true>(sums, Mp, false) : sums_start<true, false>(sums, Mp, false);
         if (positions == nullptr && chunks.log2_blocksize >= 5) {
           stream_panel(w, chunks, col, g_end, n1, buf.panels.get(), xp, two, tile_step);
         } else {
@@ -523,7 +500,7 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
                 : sums_add<false>(buf.panels.get(), kc / kAmxK, xt, tile_step);
           }
         }
-        two ? sums_store<true>(sums, Mp) : sums_store<false>(sums, Mp);
+        two ? sums_store<true, true>(sums, Mp) : sums_store<true, false>(sums, Mp);
         store_panel(sums, Mp, 0, two, M, col, g_end, out);
       }
       continue;
@@ -542,13 +519,13 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
           float* c = sums + p * kPanelRows * Mp + m0;
           const bool two = Mp - m0 >= 2 * kAmxRows;
           if (two) {
-            sums_start<true>(c, Mp, !first);
+            sums_start<true, true>(c, Mp, !first);
             sums_add<true>(panel, steps, xt, tile_step);
-            sums_store<true>(c, Mp);
+            sums_store<true, true>(c, Mp);
           } else {
-            sums_start<false>(c, Mp, !first);
+            sums_start<true, false>(c, Mp, !first);
             sums_add<false>(panel, steps, xt, tile_step);
-            sums_store<false>(c, Mp);
+            sums_store<true, false>(c, Mp);
           }
           if (last) store_panel(c, Mp, m0, two, M, g + p * kPanelRows, g_end, out);
         }
