@@ -3,14 +3,17 @@
 // parallel region of fused small-batch GEMVs (each decoded weight serves up to 8 of the
 // expert's rows), then the LoRA epilogues, the gate activation, the down projections (one
 // more region) and the weighted sum into the output. No dense weight copy, no per-expert
-// thread barrier.
+// thread barrier. Experts that receive enough bfloat16 rows for the gemm family's kernel (on AMX
+// from 4) run on it instead, in a region of their own.
 #include "qengine/moe.h"
 
 #include <cmath>
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
+#include "cpu/gemm/kernels.h"
 #include "cpu/gemv/kernels.h"
 #include "cpu/common/thread_pool.h"
 #include "qengine/dtype.h"
@@ -85,20 +88,55 @@ int expert_epilogue(const ExpertMatrices& m, int64_t e, const void* x, int x_dty
 // The products of every active expert with one matrix, in one parallel region: expert j's
 // rows are j*N .. j*N + N of a virtual stacked output, split across threads like one GEMV.
 // x holds the tokens' rows grouped by expert (expert e's from row start[e]); y likewise.
+// An expert on the gemm family's kernel: its rows of x packed by the row's pack_x.
+struct GemmExpert {
+  std::unique_ptr<int32_t[]> xp;
+  int64_t rows;
+  ExpertSlice s;
+  float* y;
+};
+
+// The gemm experts' products, threads over (expert, group of output rows) tasks.
+void gemm_products(const ExpertMatrices& m, const std::vector<GemmExpert>& experts) {
+  const cpu::GemmKernels& k = cpu::gemm_kernels();
+  const int64_t group = cpu::kPanelRows * cpu::kGroupPanels, groups = (m.N + group - 1) / group;
+  cpu::parallel_chunks(0, static_cast<int64_t>(experts.size()) * groups, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const GemmExpert& g = experts[t / groups];
+      const int64_t n0 = (t % groups) * group;
+      k.bf16_4bit(g.xp.get(), g.rows, m.K, m.N, g.s.packed, nullptr, m.blocksize, m.cb.table, g.s.scales, nullptr,
+                  nullptr, n0, std::min(m.N, n0 + group), g.y, kFloat32);
+    }
+  });
+}
+
 int grouped_products(const ExpertMatrices& m, const std::vector<int64_t>& active, const std::vector<int64_t>& start,
                      const char* x, int x_dtype, float* y) {
   const int64_t es = dtype_size(x_dtype);
   if (!cpu::valid_product(x_dtype, 1, m.K, m.K, m.N, m.blocksize, m.cb)) return kInvalidArgument;
+  const cpu::GemmKernels& k = cpu::gemm_kernels();
+  const bool gemm = gemm_applies(x_dtype, m.K, m.blocksize, m.cb, m.rule, m.offsets, false);
   std::vector<std::vector<float>> scale_bufs(active.size());
   std::vector<cpu::RowProduct> products;
+  std::vector<GemmExpert> gemm_experts;
   products.reserve(active.size());
   for (size_t j = 0; j < active.size(); ++j) {
     const int64_t e = active[j], rows = start[e + 1] - start[e];
     const ExpertSlice s = slice(m, e, scale_bufs[j]);
-    products.emplace_back(x + start[e] * m.K * es, x_dtype, rows, m.K, m.K, m.N, s.packed, m.blocksize, m.cb, m.rule,
-                          s.scales, s.offsets, y + start[e] * m.N);
+    const char* xe = x + start[e] * m.K * es;
+    if (gemm && rows >= gemm_min_rows(false)) {
+      const int64_t tiles = (rows + k.tile_rows - 1) / k.tile_rows;
+      GemmExpert g{std::unique_ptr<int32_t[]>(new int32_t[static_cast<size_t>(tiles * k.tile_rows * ((m.K + 31) / 32 * 16))]),
+                   rows, s, y + start[e] * m.N};
+      k.pack_x(reinterpret_cast<const uint16_t*>(xe), rows, m.K, m.K, 0, tiles, g.xp.get());
+      gemm_experts.push_back(std::move(g));
+      continue;
+    }
+    products.emplace_back(xe, x_dtype, rows, m.K, m.K, m.N, s.packed, m.blocksize, m.cb, m.rule, s.scales, s.offsets,
+                          y + start[e] * m.N);
   }
-  const int64_t total = static_cast<int64_t>(active.size()) * m.N;
+  if (!gemm_experts.empty()) gemm_products(m, gemm_experts);
+  const int64_t total = static_cast<int64_t>(products.size()) * m.N;
   if (total > 0) {
     cpu::parallel_for(0, total, products.front().min_rows(), 1, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1;) {
