@@ -31,6 +31,7 @@ constexpr int64_t kAmxRows = 16;
 constexpr int64_t kAmxK = 32;
 // Output columns of one task's group: kGroupPanels panels.
 constexpr int64_t kGroupCols = kPanelRows * kGroupPanels;
+static_assert(kGroupCols == 128, "a transposed group is one 128-column chunk (decode_chunk_t)");
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
@@ -317,12 +318,76 @@ void store_rows(const float* s, int64_t lds, int64_t m0, int64_t m1, int64_t c, 
   }
 }
 
+// For gx = g @ W on a whole 128-column chunk [c, c + 128) of a dense weight (blocksize >= 32):
+// rows [n0, n0 + nc) of W (nc even) decoded a chunk per row by ChunkDecoder and interleaved in
+// pairs of rows, so that panel j holds step j: panel_j[(n - n0) / 2][w][2] = W[n][c + 4 w +
+// kStepOrder[j]], W[n + 1][...] for w < 32. The 4 panels' columns are the chunk's in step order;
+// store_chunk_rows puts them back in order.
+void decode_chunk_t(const PanelSource& w, const ChunkDecoder& chunks, int64_t n0, int64_t nc, int64_t c,
+                    uint16_t* panels) {
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int j = 0; j < 32; ++j) {  // word j: word j / 2 (+ 16) of row n (j even) or of row n + 1
+    lo_idx[j] = static_cast<uint16_t>((j / 2) + (j % 2) * 32);
+    hi_idx[j] = static_cast<uint16_t>(16 + (j / 2) + (j % 2) * 32);
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  const int64_t per_row = w.blocks_per_row();
+  for (int64_t n = n0; n < n0 + nc; n += 2) {
+    __m512i a[4], b[4];
+    chunks(w.packed + ((n * w.K) >> 1), w.scales + n * per_row, c, a);
+    chunks(w.packed + (((n + 1) * w.K) >> 1), w.scales + (n + 1) * per_row, c, b);
+    for (int j = 0; j < 4; ++j) {
+      uint16_t* dst = panels + j * kPanelWords + ((n - n0) / 2) * (2 * kPanelRows);
+      _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a[j], lo, b[j]));
+      _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a[j], hi, b[j]));
+    }
+  }
+}
+
+// gx's rows [0, M) at columns [c, c + 128) from the float32 sums of a chunked group (row stride
+// kGroupCols, panel j's 32 columns at 32 j: step j's columns c + 4 w + kStepOrder[j]), each
+// stored once: output lanes [16 q, 16 q + 16) gather from the two halves of the panels at half
+// q / 4 (two two-source permutes and a blend).
+void store_chunk_rows(const float* sums, int64_t M, int64_t c, const Output& out) {
+  __m512i idx[4];  // lane t of output vector q: lane 4 (q % 4) + t / 4 of the step kStepOrder[t % 4]
+  __mmask16 from_23 = 0;
+  for (int q = 0; q < 4; ++q) {
+    alignas(64) int32_t v[16];
+    for (int t = 0; t < 16; ++t) {
+      const int j = kStepOrder[t % 4];
+      v[t] = (j & 1) * 16 + 4 * q + t / 4;
+      if (q == 0 && j >= 2) from_23 = static_cast<__mmask16>(from_23 | (1u << t));
+    }
+    idx[q] = _mm512_load_si512(v);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = sums + m * kGroupCols;
+    for (int q = 0; q < 8; ++q) {
+      const int half = (q / 4) * 16;
+      const __m512 p01 = _mm512_permutex2var_ps(_mm512_loadu_ps(row + half), idx[q % 4],
+                                                _mm512_loadu_ps(row + kPanelRows + half));
+      const __m512 p23 = _mm512_permutex2var_ps(_mm512_loadu_ps(row + 2 * kPanelRows + half), idx[q % 4],
+                                                _mm512_loadu_ps(row + 3 * kPanelRows + half));
+      const __m512 v = _mm512_mask_blend_ps(from_23, p01, p23);
+      if (out.dtype == kFloat32) {
+        _mm512_storeu_ps(static_cast<float*>(out.y) + m * out.ldy + c + 16 * q, v);
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out.y) + m * out.ldy + c + 16 * q),
+                            to_bf16(v));
+      }
+    }
+  }
+}
+
 // One input block of a group: for each of `count` decoded panels (columns c0 + 32 p of y, cols
 // columns in all), every 32-row block of the packed rows xp (M rows, row stride ldx, the block's
 // first input at pair0 * 2) into the group's float32 sums (first: started from zero); on the last
 // block the sums go to y. Panel-major: a panel (32 KiB) stays in L1 across the rows.
+// chunked: the group's 4 panels hold the 4 steps of one 128-column chunk (decode_chunk_t), and the
+// last block's sums go to y through store_chunk_rows.
 void group_block(const uint16_t* xp, int64_t M, int64_t ldx, const uint16_t* panels, int64_t count, int64_t pairs,
-                 int64_t pair0, float* sums, bool first, bool last, int64_t c0, int64_t cols, const Output& out) {
+                 int64_t pair0, float* sums, bool first, bool last, int64_t c0, int64_t cols, const Output& out,
+                 bool chunked) {
   const int64_t Mp = round_up(M, kAmxRows);
   for (int64_t p = 0; p < count; ++p) {
     const uint16_t* panel = panels + p * kPanelWords;
@@ -336,9 +401,12 @@ void group_block(const uint16_t* xp, int64_t M, int64_t ldx, const uint16_t* pan
       } else {
         block<false>(xr, ldx, panel, pairs, c, kGroupCols, !first);
       }
-      if (last) store_rows(c, kGroupCols, m0, std::min(M, m0 + 2 * kAmxRows), c0 + p * kPanelRows, mask0, mask1, out);
+      if (last && !chunked) {
+        store_rows(c, kGroupCols, m0, std::min(M, m0 + 2 * kAmxRows), c0 + p * kPanelRows, mask0, mask1, out);
+      }
     }
   }
+  if (last && chunked) store_chunk_rows(sums, M, c0, out);
 }
 
 // A task's buffers: the group's decoded panels and float32 sums (rows padded to whole tiles).
@@ -539,6 +607,8 @@ void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8
                  int gx_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   w.scales = scales;
+  const ChunkDecoder chunks{_mm512_loadu_ps(table), log2_of(blocksize)};
+  const bool fast = positions == nullptr && chunks.log2_blocksize >= 5;
   const auto* g = reinterpret_cast<const uint16_t*>(gp);
   const int64_t ldg = round_up(N, kAmxK);  // pack_x's row stride
   const Output out{gx, gx_dtype, K, nullptr};
@@ -550,13 +620,15 @@ void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8
     for (int64_t n0 = 0; n0 < N; n0 += kPanelK) {
       const int64_t nc = std::min(kPanelK, N - n0);
       const int64_t pairs = round_up(nc, kAmxK) / 2;  // the tail's pairs past N: zeros, as g's padding
+      const bool chunked = fast && c_end - c == kGroupCols;  // a whole 128-column chunk
+      if (chunked) decode_chunk_t(w, chunks, n0, nc, c, buf.panels.get());
       for (int64_t p = 0; p < count; ++p) {
         uint16_t* panel = buf.panels.get() + p * kPanelWords;
-        decode_panel_t(w, n0, nc, c + p * kPanelRows, panel);
+        if (!chunked) decode_panel_t(w, n0, nc, c + p * kPanelRows, panel);
         std::memset(panel + nc * kPanelRows, 0, static_cast<size_t>((pairs * 2 - nc) * kPanelRows * 2));
       }
       group_block(g, M, ldg, buf.panels.get(), count, pairs, n0 / 2, buf.sums.data(), n0 == 0, n0 + nc == N, c,
-                  c_end - c, out);
+                  c_end - c, out, chunked);
     }
   }
 }
