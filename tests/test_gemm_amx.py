@@ -92,7 +92,7 @@ def test_agrees_with_the_avx512_bf16_row(fmt, blocksize, m, isa_restore):
     assert ((ya.to(torch.float64) - yb.to(torch.float64)).abs() <= 16 * 1024 ** 0.5 * 2.0**-24 * mag).all()
 
 
-@pytest.mark.parametrize("m", [1, 7, 20, 64])
+@pytest.mark.parametrize("m", [1, 7, 20, 64, 300])  # 300: past the dense layout's 256-row limit
 @pytest.mark.parametrize("blocksize", [32, 64])
 def test_sparse24(m, blocksize, isa_restore):
     qengine.set_cpu_isa("amx")

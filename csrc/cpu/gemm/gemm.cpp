@@ -45,9 +45,10 @@ int64_t gemm_min_rows(bool sparse24) {
 
 namespace {
 
-// Whether the active row takes M rows of x (its max_rows).
-bool rows_apply(int64_t M) {
-  const int64_t most = cpu::gemm_kernels().max_rows;
+// Whether the active row takes M rows of x (its max_rows, or max_rows_sparse24 for the 2:4 layout).
+bool rows_apply(int64_t M, bool sparse24) {
+  const cpu::GemmKernels& k = cpu::gemm_kernels();
+  const int64_t most = sparse24 ? k.max_rows_sparse24 : k.max_rows;
   return most == 0 || M <= most;
 }
 
@@ -105,7 +106,7 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
       (lora.r > 0 && !valid_float_dtype(lora.dtype))) {
     return kInvalidArgument;
   }
-  if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) || !rows_apply(M)) return kOk;
+  if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) || !rows_apply(M, positions != nullptr)) return kOk;
   if (!valid_output_dtype(y_dtype)) return kInvalidArgument;
   *done = true;
   if (M == 0 || N == 0) return kOk;
@@ -151,7 +152,7 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   if (M < 0 || K < 0 || N < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
   const cpu::GemmKernels& k = cpu::gemm_kernels();
   if (!gemm_applies(g_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) || k.bf16_4bit_t == nullptr ||
-      N % 2 != 0 || !rows_apply(M)) {
+      N % 2 != 0 || !rows_apply(M, positions != nullptr)) {
     return kOk;
   }
   if (!valid_output_dtype(gx_dtype)) return kInvalidArgument;

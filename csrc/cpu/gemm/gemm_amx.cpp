@@ -643,6 +643,9 @@ const GemmKernels kGemmAmx = {
     // tiles (oneDNN's AMX GEMM in torch) measured faster at 512 rows, as fast at 256 for K <= 2048
     // and slower for 11008 x 4096 (bench/RESULTS.md).
     .max_rows = 256,
+    // None for 2:4: its fallback (a dense copy of W, then torch) took 142 ms at 512 rows of
+    // 11008 x 4096 where these tiles took 41-90 ms in the same minutes.
+    .max_rows_sparse24 = 0,
     .pack_x = pack_x,
     .pack_g = pack_g,
     .bf16_4bit = bf16_4bit,

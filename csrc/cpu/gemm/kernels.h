@@ -38,6 +38,8 @@ struct GemmKernels {
   // The most rows of x it takes (0: any): beyond, torch's own bfloat16 GEMM on dequantized tiles
   // measured faster (the caller's fallback).
   int64_t max_rows = 0;
+  // The same for the 2:4 layout, whose fallback builds a dense copy of W.
+  int64_t max_rows_sparse24 = 0;
   // y[M, N] (row stride N; y_dtype float32, or bfloat16: the float32 sum rounded once as
   // float_to_bf16) = x[M, K] (bfloat16) @ W^T for output rows
   // [n0, n1) of W [N, K]: 4-bit absmax codes, blocksize a power of two >= 16 dividing K, K % 32
