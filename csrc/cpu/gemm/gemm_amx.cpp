@@ -1,12 +1,12 @@
 // AMX large-batch dequantize-matmul: the gemm family's amx row. The AMX unit multiplies 16 x 32
 // bfloat16 tiles into 16 x 16 float32 tiles so fast that, from a few rows of x on, the product
 // costs little more than decoding W once; the decode is what this file keeps cheap.
-// - y = x @ W^T is computed as y^T = W x^T: W is the tiles' A operand, whose rows are 32
-//   consecutive inputs of one row of W, exactly what one 4-bit segment decode yields
-//   (panels_avx512bf16.h), so W is decoded with no transpose; x^T is the B operand (pairs of
-//   inputs by 16 rows of x), packed once per call.
+// - y = x @ W^T is computed as y^T = W x^T: W is the tiles' A operand, a tile row 32 inputs of
+//   one row of W, exactly what one vpermw step over 64 bytes of codes yields (ChunkDecoder), so
+//   W is decoded with no transpose; x^T is the B operand (pairs of inputs by 16 rows of x),
+//   packed once per call in the same input order.
 // - gx = g @ W (the backward) keeps g as the A operand and decodes W into the pair-interleaved B
-//   layout (decode_panel_t, as the avx512_bf16 row).
+//   layout of the avx512_bf16 row's panels (decode_chunk_t; decode_panel_t for tails and 2:4).
 // The LoRA side path, the transpose of y^T's tiles and the rounding to bfloat16 run on AVX-512
 // in the epilogue.
 #if defined(__x86_64__) || defined(_M_X64)
@@ -35,9 +35,8 @@ static_assert(kGroupCols == 128, "a transposed group is one 128-column chunk (de
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
-// Palette 1, every tile 16 rows of 64 bytes. Tiles 0-3 accumulate a 32 x 32 block of y (tile
-// 2 i + j: rows 16 i.., columns 16 j..), tiles 4 and 5 hold 16 rows of x each, 6 and 7 the two
-// 16-column halves of a panel's 16 input pairs.
+// Palette 1, every tile 16 rows of 64 bytes: tiles 0-3 accumulate (sums_start), 4 and 5 hold
+// A operands, 6 and 7 B operands.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -45,6 +44,11 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
+
+// GCC's AMX intrinsics are asm statements that do not tell the compiler which memory they read
+// or write. This barrier orders the plain stores of a decode or a pack before the tile loads that
+// read them, and the tile stores of the sums before the plain loads that read them back.
+inline void memory_barrier() { asm volatile("" ::: "memory"); }
 
 // The tiles configured on the calling thread for one task, and released at its end (a thread
 // holding no tile state saves and restores less at every context switch).
@@ -56,7 +60,9 @@ class Tiles {
       c.colsb[t] = 64;
       c.rows[t] = 16;
     }
-    _tile_loadconfig(&c);
+    // ldtilecfg with the whole 64-byte configuration as its operand (_tile_loadconfig names only
+    // its first 8 bytes, so the compiler could drop the stores above).
+    asm volatile("ldtilecfg\t%X0" : : "m"(c) : "memory");
   }
   ~Tiles() { _tile_release(); }
   Tiles(const Tiles&) = delete;
@@ -233,7 +239,7 @@ void decode_rows(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOr
 // with kTwoB, tile 3 with both. Loaded when add, else zeroed.
 template <bool kTwoA, bool kTwoB>
 void sums_start(const float* c, int64_t ldc, bool add) {
-  const int sc = static_cast<int>(ldc * 4);
+  const int64_t sc = ldc * 4;  // tile strides in bytes
   if (add) {
     _tile_loadd(0, c, sc);
     if constexpr (kTwoA) _tile_loadd(1, c + 16 * ldc, sc);
@@ -249,11 +255,12 @@ void sums_start(const float* c, int64_t ldc, bool add) {
 
 template <bool kTwoA, bool kTwoB>
 void sums_store(float* c, int64_t ldc) {
-  const int sc = static_cast<int>(ldc * 4);
+  const int64_t sc = ldc * 4;  // tile strides in bytes
   _tile_stored(0, c, sc);
   if constexpr (kTwoA) _tile_stored(1, c + 16 * ldc, sc);
   if constexpr (kTwoB) _tile_stored(2, c + 16, sc);
   if constexpr (kTwoA && kTwoB) _tile_stored(3, c + 16 * ldc + 16, sc);
+  memory_barrier();
 }
 
 // The float32 sums of rows [m0, m0 + 16 * (1 + kTwo)) of g by one panel's 32 columns (+)= g's
@@ -262,8 +269,9 @@ void sums_store(float* c, int64_t ldc) {
 // floats): read first when add, else started from zero; written back at the end.
 template <bool kTwo>
 void block(const uint16_t* gr, int64_t ldg, const uint16_t* panel, int64_t pairs, float* c, int64_t ldc, bool add) {
-  const int sg = static_cast<int>(ldg * 2), sp = static_cast<int>(kPanelRows * 4);
+  const int64_t sg = ldg * 2, sp = kPanelRows * 4;
   sums_start<kTwo, true>(c, ldc, add);
+  memory_barrier();
   for (int64_t p = 0; p < pairs; p += 16) {
     const uint16_t* b = panel + p * 2 * kPanelRows;
     _tile_loadd(6, b, sp);
@@ -425,6 +433,7 @@ struct Scratch {
 // m; the next row tile tile_step words on).
 template <bool kTwo>
 void sums_add(const uint16_t* panel, int64_t steps, const int32_t* xt, int64_t tile_step) {
+  memory_barrier();
   constexpr int64_t kTileWords = 16 * kAmxK;  // bfloat16 words of one tile
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(4, panel + s * kTileWords, 64);
