@@ -157,7 +157,7 @@ def large_product_t(g, q, out_dtype=torch.float32):
     """(done, gx) of _C.matmul_t_large_cpu for g [M, N] and the QuantizedTensor q [N, K]: gx
     float32, or out_dtype."""
     kw = q.kernel_weight()
-    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize)
+    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize, kw.positions)
     m, n = g.shape
     k = q.shape[1]
     gx = torch.full((m, k), float("nan"), dtype=out_dtype)

@@ -1,8 +1,8 @@
 """The gemm family's amx row (csrc/cpu/gemm/gemm_amx.cpp) beyond what test_gemm.py runs on every
 gemm ISA: rows 1-600 (one 16-row tile, two, the streaming path's limit of 32, the blocked path
 past it, and the fallback past 256 rows), inputs past the last whole 128-input chunk (which keep input order), every block
-size (16, nvfp4's, and 2:4 decode in input order and are reordered; 32 blends two tables; 64 and up fold
-the scales into one), the crossover to the small-batch GEMV, and agreement with the
+size (16 and nvfp4's decode in input order and are reordered; 32 blends two tables; 64 and up fold
+the scales into one), the 2:4 layout's chunks, the crossover to the small-batch GEMV, and agreement with the
 avx512_bf16 row: both multiply the same bfloat16 weights (each rounded once from its float32
 dequantized value), so they differ only by float32 summation order."""
 
@@ -92,15 +92,42 @@ def test_agrees_with_the_avx512_bf16_row(fmt, blocksize, m, isa_restore):
     assert ((ya.to(torch.float64) - yb.to(torch.float64)).abs() <= 16 * 1024 ** 0.5 * 2.0**-24 * mag).all()
 
 
-@pytest.mark.parametrize("m", [1, 7, 20, 64, 300])  # 300: past the dense layout's 256-row limit
-@pytest.mark.parametrize("blocksize", [32, 64])
+@pytest.mark.parametrize("m", [1, 7, 12, 20, 32, 64, 300])  # 300: past the dense layout's 256-row limit
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
 def test_sparse24(m, blocksize, isa_restore):
+    """2:4 weights: whole 256-input chunks decoded from their stored values and positions (the
+    streaming path to 32 rows, the blocked one past it, K = 768 leaving a 256-input block), both
+    products within the float64 bound."""
     qengine.set_cpu_isa("amx")
     q = weight(96, 768, blocksize, sparse=True)
     x = torch.randn(m, 768).to(torch.bfloat16)
     done, y = large_product(x, q)
     assert done
     assert_model_bound(y, x, q)
+    g = torch.randn(m, 96).to(torch.bfloat16)
+    done_t, gx = large_product_t(g, q)
+    assert done_t  # the 2:4 layout has no row limit
+    assert_model_bound(gx, g, q, transposed=True)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128])  # the 640 stored values of a row: whole blocks
+@pytest.mark.parametrize("m", [12, 24, 70])
+def test_sparse24_agrees_with_the_avx512_bf16_row(blocksize, m, isa_restore):
+    """The 2:4 layout on the tiles and on the avx512_bf16 row's panels: the same bfloat16 weights
+    (zeros where nothing is stored), so both products differ by float32 summation order only."""
+    q = weight(160, 1280, blocksize, sparse=True, seed=7)
+    x = torch.randn(m, 1280).to(torch.bfloat16)
+    g = torch.randn(m, 160).to(torch.bfloat16)
+    results = {}
+    for isa in ("amx", "avx512_bf16"):
+        qengine.set_cpu_isa(isa)
+        results[isa] = large_product(x, q), large_product_t(g, q)
+    (fa, ta), (fb, tb) = results["amx"], results["avx512_bf16"]
+    assert fa[0] and fb[0] and ta[0] and tb[0]
+    w = q.dequantize(torch.bfloat16).to(torch.float64)
+    for (ya, yb, a, b) in ((fa[1], fb[1], x, w.t()), (ta[1], tb[1], g, w)):
+        mag = a.to(torch.float64).abs() @ b.abs()
+        assert ((ya.to(torch.float64) - yb.to(torch.float64)).abs() <= 16 * 1280 ** 0.5 * 2.0**-24 * mag).all()
 
 
 @pytest.mark.parametrize("n", [2, 34, 512, 546])  # pairs of W rows past a 32-row tile step: zero padded

@@ -6,7 +6,7 @@
 //   W is decoded with no transpose; x^T is the B operand (pairs of inputs by 16 rows of x),
 //   packed once per call in the same input order.
 // - gx = g @ W (the backward) keeps g as the A operand and decodes W into the pair-interleaved B
-//   layout of the avx512_bf16 row's panels (decode_chunk_t; decode_panel_t for tails and 2:4).
+//   layout of the avx512_bf16 row's panels (decode_chunk_t; decode_panel_t for tails).
 // The LoRA side path, the transpose of y^T's tiles and the rounding to bfloat16 run on AVX-512
 // in the epilogue.
 #if defined(__x86_64__) || defined(_M_X64)
@@ -133,54 +133,127 @@ void pack_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t t0, in
   }
 }
 
-// One row's whole 128-input chunk of a dense 4-bit weight decoded into its 4 steps, each weight
+// One row's whole 128-input chunk of a 4-bit weight decoded into its 4 steps, each weight
 // bfloat16(table[code] * scale) rounded once (as SegmentDecoder), for blocksize >= 32: the block
 // scales are folded into vpermw's 32-word table, whose index bit 4 (the next nibble's low bit as
 // loaded) is set to the word's block where a chunk spans two blocks; blocksize 32 (four blocks)
-// looks up two tables and blends them.
+// looks up two tables and blends them. The dense layout's chunk is 64 bytes of codes (decode);
+// the 2:4 layout's 256-input chunk stores its 128 values in the same 64-byte order, and each
+// half of it is decoded from those values and the position bytes (decode24).
 struct ChunkDecoder {
   __m512 table;
   int log2_blocksize;
   __m512i bit4 = _mm512_set1_epi16(0x10);
   // Words 16-31 (inputs 64..127) index the table's upper half.
   __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(0x10), 1);
+  // 2:4: word w of a half is group w's first (second) stored value: word 2 (w % 16) (+ 1) of the
+  // first (w < 16) or second of its two decoded steps, and the same position byte.
+  __m512i first = words([](int w) { return 2 * (w % 16) + (w >= 16 ? 32 : 0); });
+  __m512i second = words([](int w) { return 2 * (w % 16) + 1 + (w >= 16 ? 32 : 0); });
+  __m512i first_byte = words([](int w) { return 2 * (w % 16); });
+  __m512i second_byte = words([](int w) { return 2 * (w % 16) + 1; });
+  // A position byte holds step j's position in bits 2j..2j + 1: half h's words read step 2h + (w >= 16).
+  __m512i position_shift[2] = {words([](int w) { return w >= 16 ? 2 : 0; }),
+                               words([](int w) { return w >= 16 ? 6 : 4; })};
+
+  template <class F>
+  static __m512i words(F f) {
+    alignas(64) uint16_t v[32];
+    for (int w = 0; w < 32; ++w) v[w] = static_cast<uint16_t>(f(w));
+    return _mm512_load_si512(v);
+  }
 
   __m512i scaled(const float* rs, int64_t b_lo, int64_t b_hi) const {
     return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(rs[b_hi])),
                                         _mm512_mul_ps(table, _mm512_set1_ps(rs[b_lo])));
   }
 
-  // codes: the row's packed codes; rs[b]: the scale of its block b; k % 128 == 0. kLog2: the
-  // block size's log2 capped at 7 (one block a chunk), known at compile time in the hot loop.
+  // The tables of the chunk whose first code is block b's; kLog2: the block size's log2 capped
+  // at 7 (one block a chunk), known at compile time in the hot loops.
   template <int kLog2>
-  void decode(const uint8_t* codes, const float* rs, int64_t k, __m512i steps[4]) const {
-    __m512i d = _mm512_loadu_si512(codes + (k >> 1));
-    const int64_t b = k >> log2_blocksize;
+  void tables(const float* rs, int64_t b, __m512i tbl[2]) const {
     if constexpr (kLog2 >= 7) {  // one block: both halves of the table equal, bit 4 ignored
-      const __m512i tbl = scaled(rs, b, b);
-      for (int j = 0; j < 4; ++j, d = _mm512_srli_epi16(d, 4)) steps[j] = _mm512_permutexvar_epi16(d, tbl);
+      tbl[0] = scaled(rs, b, b);
     } else if constexpr (kLog2 == 6) {
-      const __m512i tbl = scaled(rs, b, b + 1);
-      for (int j = 0; j < 4; ++j, d = _mm512_srli_epi16(d, 4)) {
-        steps[j] = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(d, bit4, upper, 0xB8), tbl);
-      }
+      tbl[0] = scaled(rs, b, b + 1);
     } else {  // blocksize 32: words 0-7, 8-15, 16-23, 24-31 in blocks b..b + 3
-      const __m512i even = scaled(rs, b, b + 2), odd = scaled(rs, b + 1, b + 3);
-      for (int j = 0; j < 4; ++j, d = _mm512_srli_epi16(d, 4)) {
-        const __m512i idx = _mm512_ternarylogic_epi32(d, bit4, upper, 0xB8);
-        steps[j] = _mm512_mask_blend_epi16(0xFF00FF00u, _mm512_permutexvar_epi16(idx, even),
-                                           _mm512_permutexvar_epi16(idx, odd));
-      }
+      tbl[0] = scaled(rs, b, b + 2);
+      tbl[1] = scaled(rs, b + 1, b + 3);
     }
   }
 
-  void operator()(const uint8_t* codes, const float* rs, int64_t k, __m512i steps[4]) const {
-    if (log2_blocksize >= 7) {
-      decode<7>(codes, rs, k, steps);
-    } else if (log2_blocksize == 6) {
-      decode<6>(codes, rs, k, steps);
+  // The 32 values whose codes are the low nibbles of d's words.
+  template <int kLog2>
+  __m512i step(__m512i d, const __m512i tbl[2]) const {
+    if constexpr (kLog2 >= 7) return _mm512_permutexvar_epi16(d, tbl[0]);
+    const __m512i idx = _mm512_ternarylogic_epi32(d, bit4, upper, 0xB8);
+    if constexpr (kLog2 == 6) return _mm512_permutexvar_epi16(idx, tbl[0]);
+    return _mm512_mask_blend_epi16(0xFF00FF00u, _mm512_permutexvar_epi16(idx, tbl[0]),
+                                   _mm512_permutexvar_epi16(idx, tbl[1]));
+  }
+
+  // The dense layout. codes: the row's packed codes; rs[b]: the scale of its block b; k % 128 == 0.
+  template <int kLog2>
+  void decode(const uint8_t* codes, const float* rs, int64_t k, __m512i steps[4]) const {
+    __m512i d = _mm512_loadu_si512(codes + (k >> 1)), tbl[2];
+    tables<kLog2>(rs, k >> log2_blocksize, tbl);
+    for (int j = 0; j < 4; ++j, d = _mm512_srli_epi16(d, 4)) steps[j] = step<kLog2>(d, tbl);
+  }
+
+  // The 2:4 layout (sparse/sparse24.h), kHalves 128-input halves of one row from input k (k %
+  // 128 == 0; k % 256 == 0 for both halves of a chunk): codes and positions its stored values'
+  // codes and position bytes, rs[b] the scale of its stored block b. Group w of half h (inputs
+  // 4w..4w + 3 of the half) keeps stored values 2w and 2w + 1 of the half, at word 2 (w % 16)
+  // (+ 1) of the chunk's decoded step 2h + (w >= 16); step j's word w is the kept value whose
+  // position is kStepOrder[j], else 0. A group's two positions increase (checked where a 2:4
+  // state is loaded), so position 0 can only be the first kept value and 3 only the second.
+  template <int kLog2, int kHalves>
+  void decode24(const uint8_t* codes, const uint8_t* positions, const float* rs, int64_t k,
+                __m512i steps[4 * kHalves]) const {
+    const int64_t c = k >> 8;
+    const __m512i d = _mm512_loadu_si512(codes + 64 * c);
+    __m512i tbl[2];
+    tables<kLog2>(rs, (128 * c) >> log2_blocksize, tbl);
+    const __m512i p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(positions + 32 * c)));
+    const __m512i p0 = _mm512_permutexvar_epi16(first_byte, p), p1 = _mm512_permutexvar_epi16(second_byte, p);
+    const __m512i three = _mm512_set1_epi16(3);
+    for (int half = 0; half < kHalves; ++half) {
+      const int h = kHalves == 2 ? half : static_cast<int>((k >> 7) & 1);
+      const __m512i dh = _mm512_srli_epi16(d, 8 * h);
+      const __m512i v0 = step<kLog2>(dh, tbl), v1 = step<kLog2>(_mm512_srli_epi16(dh, 4), tbl);
+      const __m512i kept0 = _mm512_permutex2var_epi16(v0, first, v1);
+      const __m512i kept1 = _mm512_permutex2var_epi16(v0, second, v1);
+      const __m512i pos0 = _mm512_and_si512(_mm512_srlv_epi16(p0, position_shift[h]), three);
+      const __m512i pos1 = _mm512_and_si512(_mm512_srlv_epi16(p1, position_shift[h]), three);
+      const auto at = [](__m512i pos, int q) { return _mm512_cmpeq_epi16_mask(pos, _mm512_set1_epi16(static_cast<int16_t>(q))); };
+      static_assert(kStepOrder[0] == 1 && kStepOrder[1] == 0 && kStepOrder[2] == 3 && kStepOrder[3] == 2);
+      __m512i* out = steps + 4 * half;
+      out[0] = _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(at(pos0, 1), kept0), at(pos1, 1), kept1);
+      out[1] = _mm512_maskz_mov_epi16(at(pos0, 0), kept0);
+      out[2] = _mm512_maskz_mov_epi16(at(pos1, 3), kept1);
+      out[3] = _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(at(pos0, 2), kept0), at(pos1, 2), kept1);
+    }
+  }
+
+  // Either layout: kHalves * 128 inputs of row n of w (its scales rs) from input k.
+  template <int kLog2, int kHalves = 1>
+  void row(const PanelSource& w, int64_t n, const float* rs, int64_t k, __m512i steps[4 * kHalves]) const {
+    const int64_t stored = w.stored_per_row();
+    if (w.positions != nullptr) {
+      decode24<kLog2, kHalves>(w.packed + ((n * stored) >> 1), w.positions + ((n * stored) >> 2), rs, k, steps);
     } else {
-      decode<5>(codes, rs, k, steps);
+      for (int half = 0; half < kHalves; ++half) decode<kLog2>(w.packed + ((n * stored) >> 1), rs, k + 128 * half, steps + 4 * half);
+    }
+  }
+
+  template <int kHalves = 1>
+  void decode_row(const PanelSource& w, int64_t n, const float* rs, int64_t k, __m512i steps[4 * kHalves]) const {
+    if (log2_blocksize >= 7) {
+      row<7, kHalves>(w, n, rs, k, steps);
+    } else if (log2_blocksize == 6) {
+      row<6, kHalves>(w, n, rs, k, steps);
+    } else {
+      row<5, kHalves>(w, n, rs, k, steps);
     }
   }
 };
@@ -202,12 +275,12 @@ void pack_g(const uint16_t* g, int64_t M, int64_t N, int64_t ldg, int64_t t0, in
 // For y^T = W x^T: rows [n0, n0 + 32) of W (zeros from n_end on), inputs [k0, k0 + kc) (k0 % 128
 // == 0, kc % 32 == 0) in the forward's step order, as A tiles: panel[((h * steps + s) * 16 + i) *
 // 32 + j] = word j of step s of row n0 + 16 h + i (steps = kc / 32): each 16-row by 32-input tile
-// is 1 KiB of contiguous words, a step of one row a tile row. Dense codes at blocksize >= 32 go
-// through ChunkDecoder; the rest (blocksize 16, 2:4) decode in input order and are reordered.
+// is 1 KiB of contiguous words, a step of one row a tile row. Blocksize >= 32 (every 2:4 weight)
+// goes through ChunkDecoder; dense blocksize 16 decodes in input order and is reordered.
 void decode_rows(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOrder& order, int64_t n0,
                  int64_t n_end, int64_t k0, int64_t kc, uint16_t* panel) {
   const int64_t steps = kc / kAmxK, whole = k0 + (kc / 128) * 128;
-  const bool fast = w.positions == nullptr && chunks.log2_blocksize >= 5;
+  const bool fast = chunks.log2_blocksize >= 5;
   for (int64_t i = 0; i < kPanelRows; ++i) {
     const int64_t n = n0 + i;
     uint16_t* row = panel + ((i / 16) * steps * 16 + i % 16) * kAmxK;
@@ -216,18 +289,22 @@ void decode_rows(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOr
       for (int64_t s = 0; s < steps; ++s) put(s, _mm512_setzero_si512());
       continue;
     }
-    const uint8_t* codes = w.packed + ((n * w.K) >> 1);
     const float* rs = w.scales + (n - w.first_row) * w.blocks_per_row();
-    for (int64_t k = k0; k < whole; k += 128) {
-      __m512i st[4];
-      if (fast) {
-        chunks(codes, rs, k, st);
-      } else {
+    for (int64_t k = k0; k < whole;) {
+      __m512i st[8];
+      int count = 4;
+      if (!fast) {
         __m512i v[4];
         for (int s = 0; s < 4; ++s) v[s] = w.segment(n, k + 32 * s);
         order(v, st);
+      } else if (w.positions != nullptr && k + 256 <= whole) {  // a whole 2:4 chunk at once
+        chunks.decode_row<2>(w, n, rs, k, st);
+        count = 8;
+      } else {
+        chunks.decode_row(w, n, rs, k, st);
       }
-      for (int j = 0; j < 4; ++j) put((k - k0) / kAmxK + j, st[j]);
+      for (int j = 0; j < count; ++j) put((k - k0) / kAmxK + j, st[j]);
+      k += 32 * count;
     }
     for (int64_t k = whole; k < k0 + kc; k += kAmxK) put((k - k0) / kAmxK, w.segment(n, k));
   }
@@ -326,7 +403,7 @@ void store_rows(const float* s, int64_t lds, int64_t m0, int64_t m1, int64_t c, 
   }
 }
 
-// For gx = g @ W on a whole 128-column chunk [c, c + 128) of a dense weight (blocksize >= 32):
+// For gx = g @ W on a whole 128-column chunk [c, c + 128) of W (blocksize >= 32, either layout):
 // rows [n0, n0 + nc) of W (nc even) decoded a chunk per row by ChunkDecoder and interleaved in
 // pairs of rows, so that panel j holds step j: panel_j[(n - n0) / 2][w][2] = W[n][c + 4 w +
 // kStepOrder[j]], W[n + 1][...] for w < 32. The 4 panels' columns are the chunk's in step order;
@@ -342,8 +419,8 @@ void decode_chunk_t(const PanelSource& w, const ChunkDecoder& chunks, int64_t n0
   const int64_t per_row = w.blocks_per_row();
   for (int64_t n = n0; n < n0 + nc; n += 2) {
     __m512i a[4], b[4];
-    chunks(w.packed + ((n * w.K) >> 1), w.scales + n * per_row, c, a);
-    chunks(w.packed + (((n + 1) * w.K) >> 1), w.scales + (n + 1) * per_row, c, b);
+    chunks.decode_row(w, n, w.scales + n * per_row, c, a);
+    chunks.decode_row(w, n + 1, w.scales + (n + 1) * per_row, c, b);
     for (int j = 0; j < 4; ++j) {
       uint16_t* dst = panels + j * kPanelWords + ((n - n0) / 2) * (2 * kPanelRows);
       _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a[j], lo, b[j]));
@@ -479,39 +556,52 @@ void store_transposed(const float* s, int64_t lds, int64_t m, int64_t M, int64_t
 // AMX: 8 chunks, into L2, beat 1-4 and 16-32 and hints into L1).
 constexpr int64_t kPrefetchChunks = 8;
 
-// The accumulators (+)= rows [col, col + 32) of a dense 4-bit weight (blocksize >= 32; zeros from
+// The accumulators (+)= rows [col, col + 32) of a 4-bit weight (blocksize >= 32; zeros from
 // n_end on) over all of K times x^T's first one or two (two) row tiles, the weight decoded a
-// 128-input chunk at a time into one of two small buffers (8 KiB each: a decode need not wait for
-// the tile loads of the one before) just before its products, so decode and TDPBF16PS overlap.
-// Each row's codes are prefetched kPrefetchChunks chunks ahead, the stream running on into the
-// same row of the next panel (col + 32, below rows_end).
+// chunk at a time (128 inputs dense, a whole 256-input chunk of the 2:4 layout) into one of two
+// small buffers (8 or 16 KiB: a decode need not wait for the tile loads of the one before) just
+// before its products, so decode and TDPBF16PS overlap. Each row's codes (and positions) are
+// prefetched kPrefetchChunks 128-input chunks ahead, the stream running on into the same row of
+// the next panel (col + 32, below rows_end).
 void stream_panel(const PanelSource& w, const ChunkDecoder& chunks, int64_t col, int64_t n_end, int64_t rows_end,
                   uint16_t* bufs, const int32_t* xt, bool two, int64_t tile_step) {
   const int64_t K = w.K, whole = K / 128 * 128;
+  const bool sparse = w.positions != nullptr;
+  const int code_shift = sparse ? 2 : 1;  // input index -> code byte (the 2:4 layout stores half)
   const int64_t rows = std::min<int64_t>(kPanelRows, n_end - col);
   const int64_t rows_next = std::clamp<int64_t>(rows_end - col - kPanelRows, 0, kPanelRows);
   const uint8_t* codes[kPanelRows];
+  const uint8_t* positions[kPanelRows];
   const float* rs[kPanelRows];
   for (int64_t i = 0; i < rows; ++i) {
-    codes[i] = w.packed + (((col + i) * K) >> 1);
+    codes[i] = w.packed + (((col + i) * K) >> code_shift);
+    positions[i] = sparse ? w.positions + (((col + i) * K) >> 3) : nullptr;
     rs[i] = w.scales + (col + i - w.first_row) * w.blocks_per_row();
   }
-  const auto run = [&](auto log2) {
-    for (int64_t k = 0, it = 0; k < K; k += 128, ++it) {
-      uint16_t* panel = bufs + (it & 1) * kPanelRows * 128;
-      const int64_t kc = std::min<int64_t>(128, K - k), steps = kc / kAmxK;
+  const auto run = [&](auto log2, auto halves) {
+    constexpr int kLog2 = decltype(log2)::value, kHalves = decltype(halves)::value;
+    constexpr int64_t kWidth = 128 * kHalves;
+    for (int64_t k = 0, it = 0; k < K; k += kWidth, ++it) {
+      uint16_t* panel = bufs + (it & 1) * kPanelRows * kWidth;
+      const int64_t kc = std::min<int64_t>(kWidth, K - k), steps = kc / kAmxK;
       // The prefetch target: this row ahead, or the next panel's row past the end of this one.
       const int64_t ahead = k + kPrefetchChunks * 128;
       const int64_t pf_rows = ahead < K ? rows : rows_next;
-      const int64_t pf_off = ahead < K ? ahead >> 1 : (kPanelRows * K + ahead - K) >> 1;
+      const int64_t pf_in = ahead < K ? ahead : kPanelRows * K + ahead - K;  // inputs past the row's first
+      const bool pf_positions = sparse && (ahead & 511) == 0;  // a 64-byte line of positions: 512 inputs
       for (int64_t i = 0; i < kPanelRows; ++i) {
         uint16_t* row = panel + ((i / 16) * steps * 16 + i % 16) * kAmxK;
-        if (i < pf_rows) _mm_prefetch(reinterpret_cast<const char*>(codes[i] + pf_off), _MM_HINT_T1);
-        __m512i st[4];
+        if (i < pf_rows) {
+          _mm_prefetch(reinterpret_cast<const char*>(codes[i] + (pf_in >> code_shift)), _MM_HINT_T1);
+          if (pf_positions) _mm_prefetch(reinterpret_cast<const char*>(positions[i] + (pf_in >> 3)), _MM_HINT_T1);
+        }
+        __m512i st[4 * kHalves];
         if (i >= rows) {
-          for (int j = 0; j < 4; ++j) st[j] = _mm512_setzero_si512();
+          for (int j = 0; j < 4 * kHalves; ++j) st[j] = _mm512_setzero_si512();
+        } else if (sparse) {
+          chunks.decode24<kLog2, kHalves>(codes[i], positions[i], rs[i], k, st);
         } else if (k < whole) {
-          chunks.decode<decltype(log2)::value>(codes[i], rs[i], k, st);
+          chunks.decode<kLog2>(codes[i], rs[i], k, st);
         } else {  // the tail past the last whole chunk, in input order
           for (int64_t j = 0; j < steps; ++j) st[j] = w.segment(col + i, k + j * kAmxK);
         }
@@ -521,12 +611,13 @@ void stream_panel(const PanelSource& w, const ChunkDecoder& chunks, int64_t col,
       two ? sums_add<true>(panel, steps, x, tile_step) : sums_add<false>(panel, steps, x, tile_step);
     }
   };
+  const auto with_halves = [&](auto log2) { sparse ? run(log2, IntC<2>{}) : run(log2, IntC<1>{}); };
   if (chunks.log2_blocksize >= 7) {
-    run(IntC<7>{});
+    with_halves(IntC<7>{});
   } else if (chunks.log2_blocksize == 6) {
-    run(IntC<6>{});
+    with_halves(IntC<6>{});
   } else {
-    run(IntC<5>{});
+    with_halves(IntC<5>{});
   }
 }
 
@@ -566,7 +657,7 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
       for (int64_t p = 0; p < count; ++p) {
         const int64_t col = g + p * kPanelRows;
         two ? sums_start<true, true>(sums, Mp, false) : sums_start<true, false>(sums, Mp, false);
-        if (positions == nullptr && chunks.log2_blocksize >= 5) {
+        if (chunks.log2_blocksize >= 5) {
           stream_panel(w, chunks, col, g_end, n1, buf.panels.get(), xp, two, tile_step);
         } else {
           for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
@@ -617,7 +708,7 @@ void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8
   PanelSource w(packed, positions, K, table, blocksize);
   w.scales = scales;
   const ChunkDecoder chunks{_mm512_loadu_ps(table), log2_of(blocksize)};
-  const bool fast = positions == nullptr && chunks.log2_blocksize >= 5;
+  const bool fast = chunks.log2_blocksize >= 5;
   const auto* g = reinterpret_cast<const uint16_t*>(gp);
   const int64_t ldg = round_up(N, kAmxK);  // pack_x's row stride
   const Output out{gx, gx_dtype, K, nullptr};
@@ -647,7 +738,9 @@ void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8
 const GemmKernels kGemmAmx = {
     .tile_rows = kAmxRows,
     .min_rows = 4,
-    .min_rows_sparse24 = 12,
+    // The 2:4 chunks decode from stored values and positions: level with the 2:4 GEMV at 4 rows
+    // of 11008 x 4096, ahead from 5 (bench/RESULTS.md).
+    .min_rows_sparse24 = 5,
     // Past 256 rows the tiles' loads outweigh the decode saved: dense bfloat16 on dequantized
     // tiles (oneDNN's AMX GEMM in torch) measured faster at 512 rows, as fast at 256 for K <= 2048
     // and slower for 11008 x 4096 (bench/RESULTS.md).
