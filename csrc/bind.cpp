@@ -48,10 +48,11 @@ int quantize_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, ad
 // bind_args.h (checked against the values it will read), then releases the GIL.
 int dequantize_cpu(const py::tuple& weight, int64_t n, addr out, int out_dtype, bool stream) {
   const WeightRef w = weight_ref(weight, n);
+  const float* scales = w.float_scales("dequantize");  // before the GIL is released: it may throw
   int s;
   {
     py::gil_scoped_release release;
-    s = qengine::dequantize_cpu(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, ptr<const float>(w.scales),
+    s = qengine::dequantize_cpu(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, scales,
                                 w.offsets_ptr(), ptr<void>(out), out_dtype, stream);
   }
   raise_on_error(s);
@@ -61,11 +62,12 @@ int dequantize_cpu(const py::tuple& weight, int64_t n, addr out, int out_dtype, 
 int dequantize_range_cpu(const py::tuple& weight, int64_t first, int64_t count, addr out, int out_dtype) {
   if (first < 0 || count < 0) throw py::value_error("qengine: dequantize_range: negative first or count");
   const WeightRef w = weight_ref(weight, first + count);
+  const float* scales = w.float_scales("dequantize_range");  // before the GIL is released: it may throw
   int s;
   {
     py::gil_scoped_release release;
     s = qengine::dequantize_range_cpu(w.packed_ptr(), first, count, w.blocksize, w.codebook(), w.rule,
-                                      ptr<const float>(w.scales), w.offsets_ptr(), ptr<void>(out), out_dtype);
+                                      scales, w.offsets_ptr(), ptr<void>(out), out_dtype);
   }
   raise_on_error(s);
   return s;
@@ -175,11 +177,12 @@ double kmeans_accumulate_cpu(addr x, int dtype, int64_t n, int64_t blocksize, ad
 int sparse24_dequantize_cpu(const py::tuple& weight, int64_t S, addr out, int out_dtype) {
   const WeightRef w = weight_ref(weight, S);
   if (S > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
+  const float* scales = w.float_scales("sparse24_dequantize");  // before the GIL is released: it may throw
   int s;
   {
     py::gil_scoped_release release;
     s = qengine::sparse24_dequantize_cpu(w.packed_ptr(), w.positions_ptr(), S, w.blocksize, w.codebook(), w.rule,
-                                         ptr<const float>(w.scales), w.offsets_ptr(), ptr<void>(out), out_dtype);
+                                         scales, w.offsets_ptr(), ptr<void>(out), out_dtype);
   }
   raise_on_error(s);
   return s;
@@ -216,10 +219,11 @@ int cuda_device_count() {
 
 int dequantize_cuda(const py::tuple& weight, int64_t n, addr out, int out_dtype, addr stream) {
   const WeightRef w = weight_ref(weight, n);
+  const float* scales = w.float_scales("dequantize");  // before the GIL is released: it may throw
   int s;
   {
     py::gil_scoped_release release;
-    s = qengine::dequantize_cuda(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, ptr<const float>(w.scales),
+    s = qengine::dequantize_cuda(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, scales,
                                  w.offsets_ptr(), ptr<void>(out), out_dtype, ptr<void>(stream));
   }
   raise_on_error(s);
@@ -273,11 +277,12 @@ int matmul_t_cuda(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weig
 int sparse24_dequantize_cuda(const py::tuple& weight, int64_t S, addr out, int out_dtype, addr stream) {
   const WeightRef w = weight_ref(weight, S);
   if (S > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
+  const float* scales = w.float_scales("sparse24_dequantize");  // before the GIL is released: it may throw
   int s;
   {
     py::gil_scoped_release release;
     s = qengine::sparse24_dequantize_cuda(w.packed_ptr(), w.positions_ptr(), S, w.blocksize, w.codebook(), w.rule,
-                                          ptr<const float>(w.scales), w.offsets_ptr(), ptr<void>(out), out_dtype,
+                                          scales, w.offsets_ptr(), ptr<void>(out), out_dtype,
                                           ptr<void>(stream));
   }
   raise_on_error(s);

@@ -73,6 +73,15 @@ struct WeightRef {
   BlockScales block_scales() const {
     return bind::block_scales(scales, nested_table, nested_absmax, nested_blocksize, mean);
   }
+  // The scales as float32 values, for the ops that read no double-quantized codes (their callers
+  // decode those first): a weight with uint8 scale codes is refused, not read as floats.
+  const float* float_scales(const char* op) const {
+    if (nested_table != 0) {
+      throw pybind11::value_error(std::string("qengine: ") + op +
+                                  " takes float32 block scales: decode the double-quantized scales first");
+    }
+    return ptr<const float>(scales);
+  }
   const uint8_t* packed_ptr() const { return ptr<const uint8_t>(packed); }
   const float* offsets_ptr() const { return ptr<const float>(offsets); }
   const uint8_t* positions_ptr() const { return ptr<const uint8_t>(positions); }
