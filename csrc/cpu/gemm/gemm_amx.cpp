@@ -277,37 +277,41 @@ void pack_g(const uint16_t* g, int64_t M, int64_t N, int64_t ldg, int64_t t0, in
 // 32 + j] = word j of step s of row n0 + 16 h + i (steps = kc / 32): each 16-row by 32-input tile
 // is 1 KiB of contiguous words, a step of one row a tile row. Blocksize >= 32 (every 2:4 weight)
 // goes through ChunkDecoder; dense blocksize 16 decodes in input order and is reordered.
+// decode_row writes row i of the panel; decode_rows all 32.
+void decode_row(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOrder& order, int64_t n0,
+                int64_t n_end, int64_t k0, int64_t kc, int64_t i, uint16_t* panel) {
+  const int64_t steps = kc / kAmxK, whole = k0 + (kc / 128) * 128;
+  const int64_t n = n0 + i;
+  uint16_t* row = panel + ((i / 16) * steps * 16 + i % 16) * kAmxK;
+  const auto put = [&](int64_t s, __m512i v) { _mm512_storeu_si512(row + s * 16 * kAmxK, v); };
+  if (n >= n_end) {
+    for (int64_t s = 0; s < steps; ++s) put(s, _mm512_setzero_si512());
+    return;
+  }
+  const bool fast = chunks.log2_blocksize >= 5;
+  const float* rs = w.scales + (n - w.first_row) * w.blocks_per_row();
+  for (int64_t k = k0; k < whole;) {
+    __m512i st[8];
+    int count = 4;
+    if (!fast) {
+      __m512i v[4];
+      for (int s = 0; s < 4; ++s) v[s] = w.segment(n, k + 32 * s);
+      order(v, st);
+    } else if (w.positions != nullptr && k + 256 <= whole) {  // a whole 2:4 chunk at once
+      chunks.decode_row<2>(w, n, rs, k, st);
+      count = 8;
+    } else {
+      chunks.decode_row(w, n, rs, k, st);
+    }
+    for (int j = 0; j < count; ++j) put((k - k0) / kAmxK + j, st[j]);
+    k += 32 * count;
+  }
+  for (int64_t k = whole; k < k0 + kc; k += kAmxK) put((k - k0) / kAmxK, w.segment(n, k));
+}
+
 void decode_rows(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOrder& order, int64_t n0,
                  int64_t n_end, int64_t k0, int64_t kc, uint16_t* panel) {
-  const int64_t steps = kc / kAmxK, whole = k0 + (kc / 128) * 128;
-  const bool fast = chunks.log2_blocksize >= 5;
-  for (int64_t i = 0; i < kPanelRows; ++i) {
-    const int64_t n = n0 + i;
-    uint16_t* row = panel + ((i / 16) * steps * 16 + i % 16) * kAmxK;
-    const auto put = [&](int64_t s, __m512i v) { _mm512_storeu_si512(row + s * 16 * kAmxK, v); };
-    if (n >= n_end) {
-      for (int64_t s = 0; s < steps; ++s) put(s, _mm512_setzero_si512());
-      continue;
-    }
-    const float* rs = w.scales + (n - w.first_row) * w.blocks_per_row();
-    for (int64_t k = k0; k < whole;) {
-      __m512i st[8];
-      int count = 4;
-      if (!fast) {
-        __m512i v[4];
-        for (int s = 0; s < 4; ++s) v[s] = w.segment(n, k + 32 * s);
-        order(v, st);
-      } else if (w.positions != nullptr && k + 256 <= whole) {  // a whole 2:4 chunk at once
-        chunks.decode_row<2>(w, n, rs, k, st);
-        count = 8;
-      } else {
-        chunks.decode_row(w, n, rs, k, st);
-      }
-      for (int j = 0; j < count; ++j) put((k - k0) / kAmxK + j, st[j]);
-      k += 32 * count;
-    }
-    for (int64_t k = whole; k < k0 + kc; k += kAmxK) put((k - k0) / kAmxK, w.segment(n, k));
-  }
+  for (int64_t i = 0; i < kPanelRows; ++i) decode_row(w, chunks, order, n0, n_end, k0, kc, i, panel);
 }
 
 // The accumulator tiles of both products: tile a + 2 b holds the float32 sums of A tile 4 + a
@@ -508,22 +512,26 @@ struct Scratch {
 // its columns x's rows, one or two 16-row B tiles) (+)= the panel's A tiles (`steps` of 32
 // inputs, decode_rows' layout) times x^T's B tiles (xt: the first pair of the block in row tile
 // m; the next row tile tile_step words on).
+// step_add: step s alone.
+template <bool kTwo>
+inline void step_add(const uint16_t* panel, int64_t steps, const int32_t* xt, int64_t tile_step, int64_t s) {
+  constexpr int64_t kTileWords = 16 * kAmxK;  // bfloat16 words of one tile
+  _tile_loadd(4, panel + s * kTileWords, 64);
+  _tile_loadd(5, panel + (steps + s) * kTileWords, 64);
+  _tile_loadd(6, xt + s * kTileWords / 2, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 5, 6);
+  if constexpr (kTwo) {
+    _tile_loadd(7, xt + tile_step + s * kTileWords / 2, 64);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 template <bool kTwo>
 void sums_add(const uint16_t* panel, int64_t steps, const int32_t* xt, int64_t tile_step) {
   memory_barrier();
-  constexpr int64_t kTileWords = 16 * kAmxK;  // bfloat16 words of one tile
-  for (int64_t s = 0; s < steps; ++s) {
-    _tile_loadd(4, panel + s * kTileWords, 64);
-    _tile_loadd(5, panel + (steps + s) * kTileWords, 64);
-    _tile_loadd(6, xt + s * kTileWords / 2, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
-    if constexpr (kTwo) {
-      _tile_loadd(7, xt + tile_step + s * kTileWords / 2, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
+  for (int64_t s = 0; s < steps; ++s) step_add<kTwo>(panel, steps, xt, tile_step, s);
 }
 
 // y's rows [m, min(m + 16, M)) at columns [c, c + 16) (lanes per mask) = the 16 x 16 block of
@@ -673,30 +681,47 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
       }
       continue;
     }
-    for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {  // K % 32 == 0: whole tiles
-      const int64_t kc = std::min(kPanelK, K - k0), steps = kc / kAmxK;
-      const bool first = k0 == 0, last = k0 + kc == K;
-      for (int64_t p = 0; p < count; ++p) {
-        decode_rows(w, chunks, order, g + p * kPanelRows, g_end, k0, kc, buf.panels.get() + p * kPanelWords);
-      }
-      // Panel-major: a panel (32 KiB) stays in L1 across the rows of x.
-      for (int64_t p = 0; p < count; ++p) {
-        const uint16_t* panel = buf.panels.get() + p * kPanelWords;
-        for (int64_t m0 = 0; m0 < Mp; m0 += 2 * kAmxRows) {
-          const int32_t* xt = xp + ((m0 / kAmxRows) * pairs + k0 / 2) * kAmxRows;
-          float* c = sums + p * kPanelRows * Mp + m0;
-          const bool two = Mp - m0 >= 2 * kAmxRows;
-          if (two) {
-            sums_start<true, true>(c, Mp, !first);
-            sums_add<true>(panel, steps, xt, tile_step);
-            sums_store<true, true>(c, Mp);
-          } else {
-            sums_start<true, false>(c, Mp, !first);
-            sums_add<false>(panel, steps, xt, tile_step);
-            sums_store<true, false>(c, Mp);
-          }
-          if (last) store_panel(c, Mp, m0, two, M, g + p * kPanelRows, g_end, out);
+    // Past 32 rows: the group's panels one (512-input block, panel) item at a time, k-block
+    // major. An item's 32 rows of W are decoded (into one of two buffers) while the previous
+    // item's tiles run, a few rows after each of its tile steps: the AVX-512 decode and the AMX
+    // unit overlap instead of taking turns. A panel (32 KiB) stays in L1 across the rows of x.
+    const int64_t kblocks = (K + kPanelK - 1) / kPanelK, items = kblocks * count;
+    const int64_t m_blocks = (Mp + 2 * kAmxRows - 1) / (2 * kAmxRows);
+    const auto item_k0 = [&](int64_t t) { return (t / count) * kPanelK; };
+    const auto decode_item_row = [&](int64_t t, int64_t i, uint16_t* panel) {
+      const int64_t k0 = item_k0(t);
+      decode_row(w, chunks, order, g + (t % count) * kPanelRows, g_end, k0, std::min(kPanelK, K - k0), i, panel);
+    };
+    uint16_t* bufs[2] = {buf.panels.get(), buf.panels.get() + kPanelWords};
+    for (int64_t i = 0; i < kPanelRows; ++i) decode_item_row(0, i, bufs[0]);
+    for (int64_t t = 0; t < items; ++t) {
+      const uint16_t* panel = bufs[t & 1];
+      uint16_t* next = bufs[(t + 1) & 1];
+      const int64_t k0 = item_k0(t), p = t % count;
+      const int64_t kc = std::min(kPanelK, K - k0), steps = kc / kAmxK;  // K % 32 == 0: whole tiles
+      const bool first = k0 == 0, last = k0 + kc == K, more = t + 1 < items;
+      // Row r of the next item is decoded after tile step r * total / 32 of this one.
+      const int64_t total = m_blocks * steps;
+      int64_t done = 0, decoded = 0;
+      const auto decode_due = [&]() {
+        const int64_t due = more ? (done * kPanelRows + total - 1) / total : 0;
+        for (; decoded < due; ++decoded) decode_item_row(t + 1, decoded, next);
+      };
+      memory_barrier();  // this item's decode is written before its tiles load it
+      for (int64_t m0 = 0; m0 < Mp; m0 += 2 * kAmxRows) {
+        const int32_t* xt = xp + ((m0 / kAmxRows) * pairs + k0 / 2) * kAmxRows;
+        float* c = sums + p * kPanelRows * Mp + m0;
+        const bool two = Mp - m0 >= 2 * kAmxRows;
+        two ? sums_start<true, true>(c, Mp, !first) : sums_start<true, false>(c, Mp, !first);
+        for (int64_t s = 0; s < steps; ++s, ++done) {
+          two ? step_add<true>(panel, steps, xt, tile_step, s) : step_add<false>(panel, steps, xt, tile_step, s);
+          decode_due();
         }
+        two ? sums_store<true, true>(c, Mp) : sums_store<true, false>(c, Mp);
+        if (last) store_panel(c, Mp, m0, two, M, g + p * kPanelRows, g_end, out);
+      }
+      if (more) {
+        for (; decoded < kPanelRows; ++decoded) decode_item_row(t + 1, decoded, next);
       }
     }
   }
