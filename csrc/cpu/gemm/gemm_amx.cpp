@@ -225,7 +225,9 @@ struct ChunkDecoder {
       const __m512i kept1 = _mm512_permutex2var_epi16(v0, second, v1);
       const __m512i pos0 = _mm512_and_si512(_mm512_srlv_epi16(p0, position_shift[h]), three);
       const __m512i pos1 = _mm512_and_si512(_mm512_srlv_epi16(p1, position_shift[h]), three);
-      const auto at = [](__m512i pos, int q) { return _mm512_cmpeq_epi16_mask(pos, _mm512_set1_epi16(static_cast<int16_t>(q))); };
+      const auto at = [](__m512i pos, int q) {
+        return _mm512_cmpeq_epi16_mask(pos, _mm512_set1_epi16(static_cast<int16_t>(q)));
+      };
       static_assert(kStepOrder[0] == 1 && kStepOrder[1] == 0 && kStepOrder[2] == 3 && kStepOrder[3] == 2);
       __m512i* out = steps + 4 * half;
       out[0] = _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(at(pos0, 1), kept0), at(pos1, 1), kept1);
@@ -242,7 +244,9 @@ struct ChunkDecoder {
     if (w.positions != nullptr) {
       decode24<kLog2, kHalves>(w.packed + ((n * stored) >> 1), w.positions + ((n * stored) >> 2), rs, k, steps);
     } else {
-      for (int half = 0; half < kHalves; ++half) decode<kLog2>(w.packed + ((n * stored) >> 1), rs, k + 128 * half, steps + 4 * half);
+      for (int half = 0; half < kHalves; ++half) {
+        decode<kLog2>(w.packed + ((n * stored) >> 1), rs, k + 128 * half, steps + 4 * half);
+      }
     }
   }
 
