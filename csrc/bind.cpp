@@ -32,6 +32,7 @@ using qengine::bind::ptr;
 using qengine::bind::raise_on_error;
 using qengine::bind::weight_ref;
 using qengine::bind::weight_ref_any_layout;
+using qengine::bind::without_gil;
 using qengine::bind::WeightRef;
 using qengine::BlockScales;
 
@@ -49,40 +50,28 @@ int quantize_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, ad
 int dequantize_cpu(const py::tuple& weight, int64_t n, addr out, int out_dtype, bool stream) {
   const WeightRef w = weight_ref(weight, n);
   const float* scales = w.float_scales("dequantize");  // before the GIL is released: it may throw
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::dequantize_cpu(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, scales,
-                                w.offsets_ptr(), ptr<void>(out), out_dtype, stream);
-  }
-  raise_on_error(s);
-  return s;
+  return without_gil([&] {
+    return qengine::dequantize_cpu(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, scales,
+                                   w.offsets_ptr(), ptr<void>(out), out_dtype, stream);
+  });
 }
 
 int dequantize_range_cpu(const py::tuple& weight, int64_t first, int64_t count, addr out, int out_dtype) {
   if (first < 0 || count < 0) throw py::value_error("qengine: dequantize_range: negative first or count");
   const WeightRef w = weight_ref(weight, first + count);
   const float* scales = w.float_scales("dequantize_range");  // before the GIL is released: it may throw
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::dequantize_range_cpu(w.packed_ptr(), first, count, w.blocksize, w.codebook(), w.rule,
-                                      scales, w.offsets_ptr(), ptr<void>(out), out_dtype);
-  }
-  raise_on_error(s);
-  return s;
+  return without_gil([&] {
+    return qengine::dequantize_range_cpu(w.packed_ptr(), first, count, w.blocksize, w.codebook(), w.rule,
+                                         scales, w.offsets_ptr(), ptr<void>(out), out_dtype);
+  });
 }
 
 int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight, addr y) {
   const WeightRef w = weight_ref(weight, N * K);
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.blocksize, w.codebook(),
-                            w.rule, w.block_scales(), w.offsets_ptr(), ptr<float>(y));
-  }
-  raise_on_error(s);
-  return s;
+  return without_gil([&] {
+    return qengine::matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.blocksize, w.codebook(),
+                               w.rule, w.block_scales(), w.offsets_ptr(), ptr<float>(y));
+  });
 }
 
 // True when a large-batch kernel computed y (y_dtype: float32, or bfloat16 rounded once by the
@@ -94,14 +83,11 @@ bool matmul_large_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, in
   const WeightRef w = weight_ref_any_layout(weight, N * K);
   const qengine::LoraArgs lora{ptr<const void>(a), ptr<const void>(b), ab_dtype, lora_r, lora_scale};
   bool done = false;
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::matmul_large_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.positions_ptr(),
-                                  w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(), lora,
-                                  ptr<void>(y), y_dtype, &done);
-  }
-  raise_on_error(s);
+  without_gil([&] {
+    return qengine::matmul_large_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.positions_ptr(),
+                                     w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(), lora,
+                                     ptr<void>(y), y_dtype, &done);
+  });
   return done;
 }
 
@@ -110,27 +96,20 @@ bool matmul_t_large_cpu(addr g, int g_dtype, int64_t M, int64_t N, int64_t K, co
                         int gx_dtype) {
   const WeightRef w = weight_ref_any_layout(weight, N * K);
   bool done = false;
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::matmul_t_large_cpu(ptr<const void>(g), g_dtype, M, N, K, w.packed_ptr(), w.positions_ptr(),
-                                    w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(),
-                                    ptr<void>(gx), gx_dtype, &done);
-  }
-  raise_on_error(s);
+  without_gil([&] {
+    return qengine::matmul_t_large_cpu(ptr<const void>(g), g_dtype, M, N, K, w.packed_ptr(), w.positions_ptr(),
+                                       w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(),
+                                       ptr<void>(gx), gx_dtype, &done);
+  });
   return done;
 }
 
 int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr gx) {
   const WeightRef w = weight_ref(weight, N * K);
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::matmul_t_cpu(ptr<const float>(g), M, N, K, w.packed_ptr(), w.blocksize, w.codebook(), w.rule,
-                              w.block_scales(), w.offsets_ptr(), ptr<float>(gx));
-  }
-  raise_on_error(s);
-  return s;
+  return without_gil([&] {
+    return qengine::matmul_t_cpu(ptr<const float>(g), M, N, K, w.packed_ptr(), w.blocksize, w.codebook(), w.rule,
+                                 w.block_scales(), w.offsets_ptr(), ptr<float>(gx));
+  });
 }
 
 // True when the native kernels ran (lora_backward_cpu in ops.h; a zero address: that output is
@@ -139,14 +118,11 @@ int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weigh
 bool lora_backward_cpu(addr g, addr x, int64_t M, int64_t N, int64_t K, addr a, addr b, int64_t r, float scale,
                        addr gx_in, addr gx_out, addr ga, addr gb) {
   bool done = false;
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::lora_backward_cpu(ptr<const void>(g), ptr<const void>(x), M, N, K, ptr<const float>(a),
-                                   ptr<const float>(b), r, scale, ptr<const void>(gx_in), ptr<void>(gx_out),
-                                   ptr<float>(ga), ptr<float>(gb), &done);
-  }
-  raise_on_error(s);
+  without_gil([&] {
+    return qengine::lora_backward_cpu(ptr<const void>(g), ptr<const void>(x), M, N, K, ptr<const float>(a),
+                                      ptr<const float>(b), r, scale, ptr<const void>(gx_in), ptr<void>(gx_out),
+                                      ptr<float>(ga), ptr<float>(gb), &done);
+  });
   return done;
 }
 
@@ -178,29 +154,21 @@ int sparse24_dequantize_cpu(const py::tuple& weight, int64_t S, addr out, int ou
   const WeightRef w = weight_ref(weight, S);
   if (S > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
   const float* scales = w.float_scales("sparse24_dequantize");  // before the GIL is released: it may throw
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::sparse24_dequantize_cpu(w.packed_ptr(), w.positions_ptr(), S, w.blocksize, w.codebook(), w.rule,
-                                         scales, w.offsets_ptr(), ptr<void>(out), out_dtype);
-  }
-  raise_on_error(s);
-  return s;
+  return without_gil([&] {
+    return qengine::sparse24_dequantize_cpu(w.packed_ptr(), w.positions_ptr(), S, w.blocksize, w.codebook(), w.rule,
+                                            scales, w.offsets_ptr(), ptr<void>(out), out_dtype);
+  });
 }
 
 int sparse24_matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight,
                         addr y) {
   const WeightRef w = weight_ref(weight, N * K / 2);
   if (N * K > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::sparse24_matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.positions_ptr(),
-                                     w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(),
-                                     ptr<float>(y));
-  }
-  raise_on_error(s);
-  return s;
+  return without_gil([&] {
+    return qengine::sparse24_matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.positions_ptr(),
+                                        w.blocksize, w.codebook(), w.rule, w.block_scales(), w.offsets_ptr(),
+                                        ptr<float>(y));
+  });
 }
 
 void set_isa(const std::string& name) {
@@ -220,14 +188,10 @@ int cuda_device_count() {
 int dequantize_cuda(const py::tuple& weight, int64_t n, addr out, int out_dtype, addr stream) {
   const WeightRef w = weight_ref(weight, n);
   const float* scales = w.float_scales("dequantize");  // before the GIL is released: it may throw
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::dequantize_cuda(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, scales,
-                                 w.offsets_ptr(), ptr<void>(out), out_dtype, ptr<void>(stream));
-  }
-  raise_on_error(s);
-  return s;
+  return without_gil([&] {
+    return qengine::dequantize_cuda(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, scales,
+                                    w.offsets_ptr(), ptr<void>(out), out_dtype, ptr<void>(stream));
+  });
 }
 
 int quantize_cuda(addr x, int dtype, int64_t n, int64_t blocksize, addr table, addr midpoints, addr order, int bits,
@@ -247,15 +211,11 @@ int matmul_cuda(addr x, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::
   const WeightRef w = weight_ref(weight, N * K);
   BlockScales scales = w.block_scales();
   scales.mean = 0.0f;
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::matmul_cuda(ptr<const float>(x), M, K, ldx, N, w.packed_ptr(), w.blocksize, w.codebook(), w.rule,
-                             scales, ptr<const float>(w.mean_address), w.offsets_ptr(), ptr<float>(y),
-                             ptr<void>(stream));
-  }
-  raise_on_error(s);
-  return s;
+  return without_gil([&] {
+    return qengine::matmul_cuda(ptr<const float>(x), M, K, ldx, N, w.packed_ptr(), w.blocksize, w.codebook(), w.rule,
+                                scales, ptr<const float>(w.mean_address), w.offsets_ptr(), ptr<float>(y),
+                                ptr<void>(stream));
+  });
 }
 
 int matmul_t_cuda(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr workspace,
@@ -263,30 +223,22 @@ int matmul_t_cuda(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weig
   const WeightRef w = weight_ref(weight, N * K);
   BlockScales scales = w.block_scales();
   scales.mean = 0.0f;
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::matmul_t_cuda(ptr<const float>(g), M, N, K, w.packed_ptr(), w.blocksize, w.codebook(), w.rule,
-                               scales, ptr<const float>(w.mean_address), w.offsets_ptr(), ptr<float>(workspace),
-                               workspace_floats, ptr<float>(gx), ptr<void>(stream));
-  }
-  raise_on_error(s);
-  return s;
+  return without_gil([&] {
+    return qengine::matmul_t_cuda(ptr<const float>(g), M, N, K, w.packed_ptr(), w.blocksize, w.codebook(), w.rule,
+                                  scales, ptr<const float>(w.mean_address), w.offsets_ptr(), ptr<float>(workspace),
+                                  workspace_floats, ptr<float>(gx), ptr<void>(stream));
+  });
 }
 
 int sparse24_dequantize_cuda(const py::tuple& weight, int64_t S, addr out, int out_dtype, addr stream) {
   const WeightRef w = weight_ref(weight, S);
   if (S > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
   const float* scales = w.float_scales("sparse24_dequantize");  // before the GIL is released: it may throw
-  int s;
-  {
-    py::gil_scoped_release release;
-    s = qengine::sparse24_dequantize_cuda(w.packed_ptr(), w.positions_ptr(), S, w.blocksize, w.codebook(), w.rule,
-                                          scales, w.offsets_ptr(), ptr<void>(out), out_dtype,
-                                          ptr<void>(stream));
-  }
-  raise_on_error(s);
-  return s;
+  return without_gil([&] {
+    return qengine::sparse24_dequantize_cuda(w.packed_ptr(), w.positions_ptr(), S, w.blocksize, w.codebook(), w.rule,
+                                             scales, w.offsets_ptr(), ptr<void>(out), out_dtype,
+                                             ptr<void>(stream));
+  });
 }
 #endif
 

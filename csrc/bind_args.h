@@ -159,4 +159,17 @@ inline void raise_on_error(int status) {
   throw pybind11::value_error(std::string("qengine: ") + status_message(status));
 }
 
+// Runs a native call that returns a status with the GIL released (the call must not touch
+// Python objects), then raises on a failed status; returns the status.
+template <class Call>
+int without_gil(Call&& call) {
+  int status;
+  {
+    pybind11::gil_scoped_release release;
+    status = call();
+  }
+  raise_on_error(status);
+  return status;
+}
+
 }  // namespace qengine::bind

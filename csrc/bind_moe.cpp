@@ -47,14 +47,10 @@ qengine::ExpertMatrices expert_matrices(const py::tuple& t, int64_t E) {
 void moe_experts_cpu(addr x, int x_dtype, int64_t T, int64_t H, addr index, addr weights, int64_t topk, int64_t E,
                      const py::tuple& up, const py::tuple& down, int gate_layout, int activation, addr y) {
   const qengine::ExpertMatrices u = expert_matrices(up, E), d = expert_matrices(down, E);
-  int status;
-  {
-    py::gil_scoped_release release;
-    status = qengine::moe_experts_cpu(ptr<const void>(x), x_dtype, T, H, ptr<const int64_t>(index),
-                                      ptr<const float>(weights), topk, E, u, d, gate_layout, activation,
-                                      ptr<float>(y));
-  }
-  qengine::bind::raise_on_error(status);
+  qengine::bind::without_gil([&] {
+    return qengine::moe_experts_cpu(ptr<const void>(x), x_dtype, T, H, ptr<const int64_t>(index),
+                                    ptr<const float>(weights), topk, E, u, d, gate_layout, activation, ptr<float>(y));
+  });
 }
 
 }  // namespace
