@@ -29,6 +29,16 @@ const GemmKernels& gemm_kernels() {
   return kRows.active();
 }
 
+std::unique_ptr<int32_t[]> packed_rows(const GemmKernels& k, decltype(GemmKernels::pack_x) pack, const void* x,
+                                       int64_t M, int64_t K, int64_t ldx) {
+  const int64_t tiles = (M + k.tile_rows - 1) / k.tile_rows;
+  std::unique_ptr<int32_t[]> xp(new int32_t[static_cast<size_t>(tiles * k.tile_rows * ((K + 31) / 32 * 16))]);
+  parallel_for(0, tiles, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), 1, [&](int64_t t0, int64_t t1) {
+    pack(static_cast<const uint16_t*>(x), M, K, ldx, t0, t1, xp.get());
+  });
+  return xp;
+}
+
 }  // namespace cpu
 
 bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets,
@@ -59,18 +69,6 @@ std::unique_ptr<cpu::ScalePlanes> scale_planes(const BlockScales& scales, int64_
     return std::make_unique<cpu::ScalePlanes>(scales.table);
   }
   return nullptr;
-}
-
-// rows of [M, K] bfloat16 packed into the tiles' pair order (room for rows padded to 32 inputs).
-// pack: the kernel row's pack_x or pack_g.
-std::unique_ptr<int32_t[]> packed_rows(const cpu::GemmKernels& k, decltype(cpu::GemmKernels::pack_x) pack,
-                                       const void* x, int64_t M, int64_t K, int64_t ldx) {
-  const int64_t tiles = (M + k.tile_rows - 1) / k.tile_rows;
-  std::unique_ptr<int32_t[]> xp(new int32_t[static_cast<size_t>(tiles * k.tile_rows * ((K + 31) / 32 * 16))]);
-  cpu::parallel_for(0, tiles, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), 1, [&](int64_t t0, int64_t t1) {
-    pack(static_cast<const uint16_t*>(x), M, K, ldx, t0, t1, xp.get());
-  });
-  return xp;
 }
 
 bool valid_float_dtype(int dtype) { return dtype == kFloat32 || dtype == kBFloat16 || dtype == kFloat16; }
@@ -106,7 +104,10 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
       (lora.r > 0 && !valid_float_dtype(lora.dtype))) {
     return kInvalidArgument;
   }
-  if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) || !rows_apply(M, positions != nullptr)) return kOk;
+  if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) ||
+      !rows_apply(M, positions != nullptr)) {
+    return kOk;
+  }
   if (!valid_output_dtype(y_dtype)) return kInvalidArgument;
   *done = true;
   if (M == 0 || N == 0) return kOk;
@@ -132,7 +133,7 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   }
   const int64_t stored = positions != nullptr ? K / 2 : K;  // codes a row
   const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, N * (stored / blocksize));
-  const std::unique_ptr<int32_t[]> xp = packed_rows(k, k.pack_x, x, M, K, ldx);
+  const std::unique_ptr<int32_t[]> xp = cpu::packed_rows(k, k.pack_x, x, M, K, ldx);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
     k.bf16_4bit(xp.get(), M, K, N, packed, positions, blocksize, cb.table, scales, planes.get(),
@@ -165,7 +166,7 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   const int64_t nblocks = N * ((positions != nullptr ? K / 2 : K) / blocksize);
   std::vector<float> buf;
   const float* all_scales = k.decode_scales(scales, scale_planes(scales, nblocks).get(), nblocks, buf);
-  const std::unique_ptr<int32_t[]> gp = packed_rows(k, k.pack_g != nullptr ? k.pack_g : k.pack_x, g, M, N, N);
+  const std::unique_ptr<int32_t[]> gp = cpu::packed_rows(k, k.pack_g != nullptr ? k.pack_g : k.pack_x, g, M, N, N);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, K, group, [&](int64_t k0, int64_t k1) {
     k.bf16_4bit_t(gp.get(), M, N, K, packed, positions, blocksize, cb.table, all_scales, k0, k1, gx, gx_dtype);

@@ -2,6 +2,7 @@
 // per-ISA table (gemm.cpp fills it by field name) and the blocking every row shares.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "cpu/common/byte_planes.h"
@@ -100,5 +101,10 @@ void lora_up_add(const float* u, int64_t ru, int64_t r, const float* a, int64_t 
 
 // The row of the active ISA (isa.h).
 const GemmKernels& gemm_kernels();
+
+// Rows [0, M) of x [M, K] (bfloat16, row stride ldx) packed by pack (k's pack_x or pack_g) into a
+// new buffer, padded to whole tiles of k.tile_rows rows and 32 inputs; tiles packed in parallel.
+std::unique_ptr<int32_t[]> packed_rows(const GemmKernels& k, decltype(GemmKernels::pack_x) pack, const void* x,
+                                       int64_t M, int64_t K, int64_t ldx);
 
 }  // namespace qengine::cpu

@@ -125,11 +125,7 @@ int grouped_products(const ExpertMatrices& m, const std::vector<int64_t>& active
     const ExpertSlice s = slice(m, e, scale_bufs[j]);
     const char* xe = x + start[e] * m.K * es;
     if (gemm && rows >= gemm_min_rows(false)) {
-      const int64_t tiles = (rows + k.tile_rows - 1) / k.tile_rows;
-      GemmExpert g{std::unique_ptr<int32_t[]>(new int32_t[static_cast<size_t>(tiles * k.tile_rows * ((m.K + 31) / 32 * 16))]),
-                   rows, s, y + start[e] * m.N};
-      k.pack_x(reinterpret_cast<const uint16_t*>(xe), rows, m.K, m.K, 0, tiles, g.xp.get());
-      gemm_experts.push_back(std::move(g));
+      gemm_experts.push_back({cpu::packed_rows(k, k.pack_x, xe, rows, m.K, m.K), rows, s, y + start[e] * m.N});
       continue;
     }
     products.emplace_back(xe, x_dtype, rows, m.K, m.K, m.N, s.packed, m.blocksize, m.cb, m.rule, s.scales, s.offsets,
