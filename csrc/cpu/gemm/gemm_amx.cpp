@@ -688,7 +688,8 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
     // Past 32 rows: the group's panels one (512-input block, panel) item at a time, k-block
     // major. An item's 32 rows of W are decoded (into one of two buffers) while the previous
     // item's tiles run, a few rows after each of its tile steps: the AVX-512 decode and the AMX
-    // unit overlap instead of taking turns. A panel (32 KiB) stays in L1 across the rows of x.
+    // unit overlap instead of taking turns. The two panels (32 KiB each) stay in L1 or L2 across
+    // the rows of x.
     const int64_t kblocks = (K + kPanelK - 1) / kPanelK, items = kblocks * count;
     const int64_t m_blocks = (Mp + 2 * kAmxRows - 1) / (2 * kAmxRows);
     const auto item_k0 = [&](int64_t t) { return (t / count) * kPanelK; };
