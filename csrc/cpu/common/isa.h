@@ -28,24 +28,21 @@ struct IsaRows {
   const Table* amx = nullptr;
 
   const Table& active() const {
-    switch (active_isa()) {
-      case Isa::kAmx:
-        if (amx != nullptr) return *amx;
-        [[fallthrough]];
-      case Isa::kAvx512Bf16:
-        if (avx512_bf16 != nullptr) return *avx512_bf16;
-        [[fallthrough]];
-      case Isa::kAvx512:
-        if (avx512 != nullptr) return *avx512;
-        [[fallthrough]];
-      case Isa::kAvx2:
-        if (avx2 != nullptr) return *avx2;
-        [[fallthrough]];
-      case Isa::kScalar:
-        break;
+    static_assert(static_cast<int>(Isa::kAmx) == 4, "by_isa lists the rows in Isa's order");
+    const Table* const by_isa[] = {scalar, avx2, avx512, avx512_bf16, amx};  // Isa's order
+    for (int i = static_cast<int>(active_isa()); i > 0; --i) {
+      if (by_isa[i] != nullptr) return *by_isa[i];
     }
     return *scalar;
   }
 };
+
+// An IsaRows initializer's x86 rows, which exist only where they are compiled:
+// {.scalar = &kScalar, QENGINE_X86_ROWS(.avx2 = &kAvx2, .avx512 = &kAvx512)}.
+#if defined(__x86_64__) || defined(_M_X64)
+#define QENGINE_X86_ROWS(...) __VA_ARGS__
+#else
+#define QENGINE_X86_ROWS(...)
+#endif
 
 }  // namespace qengine::cpu

@@ -20,12 +20,14 @@ namespace cpu {
 const GemmKernels& gemm_kernels() {
   static constexpr GemmKernels kNone{};
   static constexpr IsaRows<GemmKernels> kRows = {
-      .scalar = &kNone,
-#if defined(__x86_64__) || defined(_M_X64)
-      .avx512_bf16 = &kGemmAvx512Bf16,
-      .amx = &kGemmAmx,
-#endif
-  };
+      .scalar = &kNone, QENGINE_X86_ROWS(.avx512_bf16 = &kGemmAvx512Bf16, .amx = &kGemmAmx)};
+  return kRows.active();
+}
+
+const GemmVectorKernels& gemm_vector_kernels() {
+  static constexpr GemmVectorKernels kNone{};
+  static constexpr IsaRows<GemmVectorKernels> kRows = {
+      .scalar = &kNone, QENGINE_X86_ROWS(.avx512_bf16 = &kGemmVectorAvx512Bf16)};
   return kRows.active();
 }
 
@@ -126,7 +128,7 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
     t.resize(static_cast<size_t>(M * lora.r));
     bt = transposed_float(lora.b, lora.dtype, N, lora.r);
     cpu::parallel_for(0, M, 16, 1, [&](int64_t m0, int64_t m1) {
-      k.lora_down(xb, K, ldx, a, lora.r, lora.scale, m0, m1, t.data());
+      cpu::gemm_vector_kernels().lora_down(xb, K, ldx, a, lora.r, lora.scale, m0, m1, t.data());
     });
     side.t = t.data();
     side.bt = bt.data();
@@ -165,7 +167,7 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   }
   const int64_t nblocks = N * ((positions != nullptr ? K / 2 : K) / blocksize);
   std::vector<float> buf;
-  const float* all_scales = k.decode_scales(scales, scale_planes(scales, nblocks).get(), nblocks, buf);
+  const float* all_scales = cpu::gemm_vector_kernels().decode_scales(scales, scale_planes(scales, nblocks).get(), nblocks, buf);
   const std::unique_ptr<int32_t[]> gp = cpu::packed_rows(k, k.pack_g != nullptr ? k.pack_g : k.pack_x, g, M, N, N);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, K, group, [&](int64_t k0, int64_t k1) {

@@ -782,10 +782,7 @@ const GemmKernels kGemmAmx = {
     .pack_g = pack_g,
     .bf16_4bit = bf16_4bit,
     .bf16_4bit_t = bf16_4bit_t,
-    .decode_scales = avx512bf16::decode_scales,
-    .lora_down = avx512bf16::lora_down,
-    .lora_reduce = avx512bf16::lora_reduce,
-    .lora_up_add = avx512bf16::lora_up_add};
+};
 
 }  // namespace qengine::cpu
 #endif

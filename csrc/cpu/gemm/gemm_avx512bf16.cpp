@@ -193,10 +193,7 @@ void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8
   }
 }
 
-}  // namespace
-
-// The LoRA kernels and the scale decode, shared with the amx row (kernels.h).
-namespace avx512bf16 {
+// The vector kernels (GemmVectorKernels, kernels.h): the LoRA side path and the scale decode.
 
 // t[m * r + j] = scale * (x[m] . a[j]) for the rows [m0, m1) of x (bfloat16, row stride ldx) and
 // the r rows of a (float32 [r, K]): the side path's first product. Blocks of 4 rows of x by 4
@@ -307,16 +304,20 @@ const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int6
   return group_scales(s, planes, 0, count, buf);
 }
 
-}  // namespace avx512bf16
+}  // namespace
 
 const GemmKernels kGemmAvx512Bf16 = {
     .pack_x = pack_x,
     .bf16_4bit = bf16_4bit,
     .bf16_4bit_t = bf16_4bit_t,
-    .decode_scales = avx512bf16::decode_scales,
-    .lora_down = avx512bf16::lora_down,
-    .lora_reduce = avx512bf16::lora_reduce,
-    .lora_up_add = avx512bf16::lora_up_add};
+};
+
+const GemmVectorKernels kGemmVectorAvx512Bf16 = {
+    .decode_scales = decode_scales,
+    .lora_down = lora_down,
+    .lora_reduce = lora_reduce,
+    .lora_up_add = lora_up_add,
+};
 
 }  // namespace qengine::cpu
 #endif

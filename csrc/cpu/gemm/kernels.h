@@ -62,10 +62,16 @@ struct GemmKernels {
                     int y_dtype) = nullptr;
   // gx[M, K] (row stride K; gx_dtype float32 or bfloat16 as y above) = g[M, N] (bfloat16, packed by pack_g over N, N even) @ W
   // for the output columns [k0, k1) (multiples of 32), W as bf16_4bit takes it; scales: W's
-  // float32 block scales (decode_scales).
+  // float32 block scales (GemmVectorKernels::decode_scales).
   void (*bf16_4bit_t)(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
                       const uint8_t* positions, int64_t blocksize, const float* table, const float* scales, int64_t k0,
                       int64_t k1, void* gx, int gx_dtype) = nullptr;
+};
+
+// The vector kernels around the products: the scale decode before the transposed product and
+// the LoRA side path (forward epilogue's first product, lora_backward_cpu). Their own table:
+// every ISA from avx512_bf16 up runs the same code (the amx row falls back to avx512_bf16's).
+struct GemmVectorKernels {
   // The float32 scales of blocks [0, count): the plain ones in place, else decoded into buf.
   const float* (*decode_scales)(const BlockScales& s, const ScalePlanes* planes, int64_t count,
                                 std::vector<float>& buf) = nullptr;
@@ -85,22 +91,12 @@ struct GemmKernels {
 #if defined(__x86_64__) || defined(_M_X64)
 extern const GemmKernels kGemmAvx512Bf16;
 extern const GemmKernels kGemmAmx;
-
-// The avx512_bf16 row's LoRA kernels and scale decode (GemmKernels' fields of the same names),
-// which the amx row shares.
-namespace avx512bf16 {
-const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int64_t count, std::vector<float>& buf);
-void lora_down(const uint16_t* x, int64_t K, int64_t ldx, const float* a, int64_t r, float scale, int64_t m0,
-               int64_t m1, float* t);
-void lora_reduce(const uint16_t* g, int64_t M, int64_t ldg, const float* u, int64_t ru, int64_t n0, int64_t n1,
-                 float* out, int64_t ldo);
-void lora_up_add(const float* u, int64_t ru, int64_t r, const float* a, int64_t K, const uint16_t* gx_in,
-                 uint16_t* gx, int64_t m0, int64_t m1);
-}  // namespace avx512bf16
+extern const GemmVectorKernels kGemmVectorAvx512Bf16;
 #endif
 
-// The row of the active ISA (isa.h).
+// The rows of the active ISA (isa.h).
 const GemmKernels& gemm_kernels();
+const GemmVectorKernels& gemm_vector_kernels();
 
 // Rows [0, M) of x [M, K] (bfloat16, row stride ldx) packed by pack (k's pack_x or pack_g) into a
 // new buffer, padded to whole tiles of k.tile_rows rows and 32 inputs; tiles packed in parallel.

@@ -21,7 +21,7 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // t = scale * rows @ w^T [M, r] (rows bfloat16 [M, K], w float32 [r, K]), stored with row stride rp
 // and zero columns r..rp (what lora_reduce reads in blocks of 16).
-std::vector<float> thin_product(const cpu::GemmKernels& k, const uint16_t* rows, int64_t M, int64_t K,
+std::vector<float> thin_product(const cpu::GemmVectorKernels& k, const uint16_t* rows, int64_t M, int64_t K,
                                 const float* w, int64_t r, int64_t rp, float scale) {
   std::vector<float> t(static_cast<size_t>(M * r));
   cpu::parallel_for(0, M, 16, 1, [&](int64_t m0, int64_t m1) { k.lora_down(rows, K, K, w, r, scale, m0, m1, t.data()); });
@@ -31,7 +31,7 @@ std::vector<float> thin_product(const cpu::GemmKernels& k, const uint16_t* rows,
 }
 
 // out[j * n_cols + n] = sum_m u[m * rp + j] * rows[m * n_cols + n] for j < rp (out float32 [rp, n_cols]).
-std::vector<float> reduce_rows(const cpu::GemmKernels& k, const uint16_t* rows, int64_t M, int64_t n_cols,
+std::vector<float> reduce_rows(const cpu::GemmVectorKernels& k, const uint16_t* rows, int64_t M, int64_t n_cols,
                                const std::vector<float>& u, int64_t rp) {
   std::vector<float> out(static_cast<size_t>(rp * n_cols));
   cpu::parallel_for(0, n_cols, 64, kLanes, [&](int64_t n0, int64_t n1) {
@@ -51,7 +51,7 @@ int lora_backward_cpu(const void* g, const void* x, int64_t M, int64_t N, int64_
       (gx_out != nullptr && gx_in == nullptr)) {
     return kInvalidArgument;
   }
-  const cpu::GemmKernels& k = cpu::gemm_kernels();
+  const cpu::GemmVectorKernels& k = cpu::gemm_vector_kernels();
   if (k.lora_down == nullptr || k.lora_reduce == nullptr || k.lora_up_add == nullptr) return kOk;
   *done = true;
   const auto* gb16 = static_cast<const uint16_t*>(g);

@@ -36,12 +36,7 @@ const GemvKernels kGemvScalar = {
 const GemvKernels& gemv_kernels() {
   static constexpr IsaRows<GemvKernels> kRows = {
       .scalar = &kGemvScalar,
-#if defined(__x86_64__) || defined(_M_X64)
-      .avx2 = &kGemvAvx2,
-      .avx512 = &kGemvAvx512,
-      .avx512_bf16 = &kGemvAvx512Bf16,
-#endif
-  };
+      QENGINE_X86_ROWS(.avx2 = &kGemvAvx2, .avx512 = &kGemvAvx512, .avx512_bf16 = &kGemvAvx512Bf16)};
   return kRows.active();
 }
 

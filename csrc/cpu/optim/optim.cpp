@@ -61,12 +61,7 @@ const OptimKernels kOptimScalar = {
 
 const OptimKernels& optim_kernels() {
   static constexpr IsaRows<OptimKernels> kRows = {
-      .scalar = &kOptimScalar,
-#if defined(__x86_64__) || defined(_M_X64)
-      .avx2 = &kOptimAvx2,
-      .avx512 = &kOptimAvx512,
-#endif
-  };
+      .scalar = &kOptimScalar, QENGINE_X86_ROWS(.avx2 = &kOptimAvx2, .avx512 = &kOptimAvx512)};
   return kRows.active();
 }
 

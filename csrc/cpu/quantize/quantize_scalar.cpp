@@ -47,12 +47,7 @@ const QuantizeKernels kQuantizeScalar = {
 
 const QuantizeKernels& quantize_kernels() {
   static constexpr IsaRows<QuantizeKernels> kRows = {
-      .scalar = &kQuantizeScalar,
-#if defined(__x86_64__) || defined(_M_X64)
-      .avx2 = &kQuantizeAvx2,
-      .avx512 = &kQuantizeAvx512,
-#endif
-  };
+      .scalar = &kQuantizeScalar, QENGINE_X86_ROWS(.avx2 = &kQuantizeAvx2, .avx512 = &kQuantizeAvx512)};
   return kRows.active();
 }
 

@@ -128,12 +128,7 @@ namespace cpu {
 const Sparse24Kernels& sparse24_kernels() {
   static constexpr Sparse24Kernels kNone = {};  // portable path only
   static constexpr IsaRows<Sparse24Kernels> kRows = {
-      .scalar = &kNone,
-#if defined(__x86_64__) || defined(_M_X64)
-      .avx512 = &kSparse24Avx512,
-      .avx512_bf16 = &kSparse24Avx512Bf16,
-#endif
-  };
+      .scalar = &kNone, QENGINE_X86_ROWS(.avx512 = &kSparse24Avx512, .avx512_bf16 = &kSparse24Avx512Bf16)};
   return kRows.active();
 }
 
