@@ -213,7 +213,7 @@ class QuantLinear(nn.Module):
         """The STATE tensor objects by identity (torch.export and stateless calls swap them
         without __setattr__): a cached kernel_weight() is valid only while these are its own."""
         params, buffers = self._parameters, self._buffers
-        return tuple(id(params.get(n, buffers.get(n))) for n in STATE_NAMES)
+        return tuple([id(params.get(n, buffers.get(n))) for n in STATE_NAMES])
 
     def _cache_kernel_weight(self) -> None:
         """Caches kernel_weight() after the state was set or moved. Only where the cache cannot

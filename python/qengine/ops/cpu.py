@@ -114,6 +114,12 @@ def small_batch_epilogue(xc, y, lora_a, lora_b, lora_scale):
     return rounded_to(y, xc.dtype)
 
 
+def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., k] as rows [M, k]: x itself when already 2-D (a reshape costs ~2 us of a ~20 us
+    batch-1 call)."""
+    return x if x.dim() == 2 else x.reshape(-1, k)
+
+
 def _small_batch_product(kernel, x2, n, weight, lora_a, lora_b, lora_scale):
     """x2 [M, K] @ W^T by a fused small-batch kernel (_C.matmul_cpu, _C.sparse24_matmul_cpu) for
     W's WeightRef `weight`, into float32; then small_batch_epilogue (LoRA, x2's dtype)."""
@@ -184,7 +190,7 @@ def _large_batch_first(m: int, sparse24: bool = False) -> bool:
 def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
                              lora_b)
-    x2 = x.reshape(-1, k)
+    x2 = as_rows(x, k)
     m = x2.shape[0]
     weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize)
     y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale) if _large_batch_first(m) else None
@@ -194,7 +200,7 @@ def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_fea
         flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
         y = _tiled_product(x2, packed, table, flat_scales, offsets, bits, blocksize, n)
         y = mm.add_lora_side(y, x2, lora_a, lora_b, lora_scale)
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 @mm.matmul_t.register_kernel("cpu")
@@ -265,7 +271,7 @@ def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
       lora_scale):
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
                              lora_b, positions)
-    x2 = x.reshape(-1, k)
+    x2 = as_rows(x, k)
     m = x2.shape[0]
     weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, positions)
     y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale) if _large_batch_first(m, True) else None
@@ -276,7 +282,7 @@ def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
                                        n, k, x.dtype)
         y = mm.add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
         del w  # the dense copy lives only for this product
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 @sparse.sparse24_matmul_t.register_kernel("cpu")
