@@ -317,3 +317,42 @@ def test_large_batch_tiles_match_the_whole_layer_product(monkeypatch, dtype):
     assert torch.allclose(y.float(), whole.float(), rtol=tol, atol=tol * 10)
     x64, w64 = x.to(torch.float64), q.dequantize().to(torch.float64)
     assert ((y.to(torch.float64) - x64 @ w64.t()).abs() <= matmul_bound(x64, w64, dtype)).all()
+
+
+@pytest.mark.filterwarnings(TORCH_JIT_DEPRECATION)
+@pytest.mark.parametrize("layout", ["dense", "2:4"])
+def test_nograd_twin_is_the_same_product(layout):
+    """With grad mode off the products run as their twins without autograd
+    (qengine::matmul_nograd, qengine::sparse24_matmul_nograd): bit for bit the op's result, seen
+    by a dispatch mode under its own name, and opcheck's schema / fake / AOT checks pass; with
+    grad mode on, the op with autograd runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    sparsity = "2:4" if layout == "2:4" else None
+    q = qengine.quantize(torch.randn(40, 256), "nf4", 64, double_quant=True, sparsity=sparsity)
+    kw = q.kernel_weight()
+    name = "sparse24_matmul" if layout == "2:4" else "matmul"
+    a, b = torch.randn(4, 256) * 0.1, torch.randn(40, 4) * 0.1
+    for rows, dtype, lora in ((1, torch.float32, False), (3, torch.bfloat16, True), (20, torch.bfloat16, False)):
+        x = torch.randn(rows, 256, dtype=dtype)
+        la, lb = (a, b) if lora else (None, None)
+        with torch.enable_grad(), Seen() as with_grad:
+            expected = kw.matmul(x, la, lb, 0.5)
+        with torch.no_grad(), Seen() as without:
+            got = kw.matmul(x, la, lb, 0.5)
+        assert torch.equal(got, expected)
+        assert f"qengine.{name}.default" in with_grad.ops and f"qengine.{name}_nograd.default" in without.ops
+        assert f"qengine.{name}.default" not in without.ops
+        twin = getattr(torch.ops.qengine, f"{name}_nograd").default
+        args = (x, kw.packed, *((kw.positions,) if layout == "2:4" else ()), kw.table, kw.scales, kw.nested,
+                kw.offsets, kw.bits, kw.blocksize, 40, la, lb, 0.5)
+        torch.library.opcheck(twin, args)

@@ -28,9 +28,10 @@ DENSE_TILE_BYTES = 16 << 20
 _LIB = torch.library.Library("qengine", "IMPL")
 
 
-def direct_cpu_kernel(op_name: str):
+def direct_cpu_kernel(*op_names: str):
     def register(fn):
-        _LIB.impl(op_name, fn, "CPU")
+        for name in op_names:
+            _LIB.impl(name, fn, "CPU")
         return fn
     return register
 
@@ -186,7 +187,7 @@ def _large_batch_first(m: int, sparse24: bool = False) -> bool:
     return m > mm.SMALL_BATCH_ROWS or m >= _C.gemm_min_rows(sparse24)
 
 
-@direct_cpu_kernel("matmul")
+@direct_cpu_kernel("matmul", mm.MATMUL_NOGRAD)
 def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
                              lora_b)
@@ -266,7 +267,7 @@ def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
     return out
 
 
-@direct_cpu_kernel("sparse24_matmul")
+@direct_cpu_kernel("sparse24_matmul", sparse.SPARSE24_MATMUL_NOGRAD)
 def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b,
       lora_scale):
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,

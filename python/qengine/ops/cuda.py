@@ -15,11 +15,14 @@ from .moe_dense import dense_experts
 from .weight import KernelWeight, native_weight
 
 
-def _register(op):
-    """Registers the decorated function as op's CUDA kernel when the CUDA kernels were compiled."""
+def _register(op, nograd_twin: str | None = None):
+    """Registers the decorated function as op's CUDA kernel (and its twin's, nograd.py) when the
+    CUDA kernels were compiled."""
     def deco(fn):
         if _C.cuda_compiled:
             op.register_kernel("cuda")(fn)
+            if nograd_twin is not None:
+                torch.library.register_kernel(f"qengine::{nograd_twin}", "cuda", fn)
         return fn
     return deco
 
@@ -109,7 +112,7 @@ def _small_batch_product_t(g2, k, weight):
     return gx.to(g2.dtype)
 
 
-@_register(mm.matmul)
+@_register(mm.matmul, mm.MATMUL_NOGRAD)
 def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
     k, n = check_matmul_args(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a,
                              lora_b)
@@ -152,7 +155,7 @@ def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
     return out
 
 
-@_register(sparse.sparse24_matmul)
+@_register(sparse.sparse24_matmul, sparse.SPARSE24_MATMUL_NOGRAD)
 def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b,
       lora_scale):
     """The dense path at every batch size: W decoded once, one GEMM."""

@@ -3,6 +3,7 @@ in cpu.py and cuda.py):
 
   qengine::matmul(x, packed, table, scales, scales_nested, offsets?, bits, blocksize, out_features,
                   lora_a?, lora_b?, lora_scale) -> [..., out_features]
+      (and qengine::matmul_nograd: the same without autograd, for grad mode off; nograd.py)
   qengine::matmul_t(g, packed, table, scales, scales_nested, offsets?, bits, blocksize, in_features)
       -> [..., in_features]    (the backward of matmul for x; its double backward: functional.py)
   qengine::lora_backward(grad, x, lora_a, lora_b, lora_scale, gx?, need_a, need_b) -> (gx, ga, gb)
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 
 from .._checks import reject_device
+from .nograd import define_nograd_twin
 
 # Up to this many rows of x use the fused small-batch kernel (decode in registers, each packed
 # byte read once); more rows dequantize the layer (a tile at a time on the CPU) into x's dtype
@@ -23,8 +25,7 @@ from .._checks import reject_device
 SMALL_BATCH_ROWS = 16
 
 
-@torch.library.custom_op("qengine::matmul", mutates_args=())
-def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+def _matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
            scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor], bits: int, blocksize: int,
            out_features: int, lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor],
            lora_scale: float) -> torch.Tensor:
@@ -37,9 +38,14 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: t
     reject_device("x", x)
 
 
-@matmul.register_fake
-def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b, lora_scale):
+def _matmul_fake(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b,
+                 lora_scale):
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+matmul = torch.library.custom_op("qengine::matmul", _matmul, mutates_args=())
+matmul.register_fake(_matmul_fake)
+MATMUL_NOGRAD = define_nograd_twin("matmul", _matmul, _matmul_fake)  # the same op without autograd (nograd.py)
 
 
 @torch.library.custom_op("qengine::matmul_t", mutates_args=())

@@ -4,6 +4,7 @@ csrc/cpu/sparse/sparse24.h; kernels per device in cpu.py and cuda.py):
   qengine::sparse24_dequantize(packed, positions, table, scales, offsets?, bits, blocksize, numel, dtype) -> [numel]
   qengine::sparse24_matmul(x, packed, positions, table, scales, scales_nested, offsets?, bits, blocksize,
                            out_features, lora_a?, lora_b?, lora_scale) -> [..., out_features]
+      (and qengine::sparse24_matmul_nograd, its twin without autograd; nograd.py)
   qengine::sparse24_matmul_t(g, packed, positions, table, scales, scales_nested, offsets?, bits, blocksize,
                              in_features) -> [..., in_features]
 The stored values (numel / 2 of them) are quantized blockwise over their storage order, so
@@ -18,6 +19,7 @@ import torch
 
 from .._checks import reject_device
 from .matmul import lora_backward
+from .nograd import define_nograd_twin
 from .weight import KernelWeight
 
 # Weights per group and kept per group of the layout.
@@ -37,8 +39,7 @@ def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
     return packed.new_empty(numel, dtype=dtype)
 
 
-@torch.library.custom_op("qengine::sparse24_matmul", mutates_args=())
-def sparse24_matmul(x: torch.Tensor, packed: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+def _sparse24_matmul(x: torch.Tensor, packed: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
                     scales: torch.Tensor, scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor],
                     bits: int, blocksize: int, out_features: int, lora_a: Optional[torch.Tensor],
                     lora_b: Optional[torch.Tensor], lora_scale: float) -> torch.Tensor:
@@ -49,10 +50,14 @@ def sparse24_matmul(x: torch.Tensor, packed: torch.Tensor, positions: torch.Tens
     reject_device("x", x)
 
 
-@sparse24_matmul.register_fake
-def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksize, out_features, lora_a, lora_b,
-      lora_scale):
+def _sparse24_matmul_fake(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksize,
+                          out_features, lora_a, lora_b, lora_scale):
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+sparse24_matmul = torch.library.custom_op("qengine::sparse24_matmul", _sparse24_matmul, mutates_args=())
+sparse24_matmul.register_fake(_sparse24_matmul_fake)
+SPARSE24_MATMUL_NOGRAD = define_nograd_twin("sparse24_matmul", _sparse24_matmul, _sparse24_matmul_fake)
 
 
 @torch.library.custom_op("qengine::sparse24_matmul_t", mutates_args=())

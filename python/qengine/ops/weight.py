@@ -93,12 +93,15 @@ class KernelWeight(NamedTuple):
                lora_scale: float = 0.0) -> torch.Tensor:
         """x [..., K] @ W^T (+ lora_scale * (x @ A^T) @ B^T) through the layout's op."""
         n = self.shape[0]
+        ops = torch.ops.qengine
+        grad = torch.is_grad_enabled()  # off: the ops' twins without autograd (ops/nograd.py)
         if self.layout == "2:4":
-            return torch.ops.qengine.sparse24_matmul(x, self.packed, self.positions, self.table, self.scales,
-                                                     self.nested, self.offsets, self.bits, self.blocksize, n, lora_a,
-                                                     lora_b, lora_scale)
-        return torch.ops.qengine.matmul(x, self.packed, self.table, self.scales, self.nested, self.offsets, self.bits,
-                                        self.blocksize, n, lora_a, lora_b, lora_scale)
+            op = ops.sparse24_matmul if grad else ops.sparse24_matmul_nograd
+            return op(x, self.packed, self.positions, self.table, self.scales, self.nested, self.offsets, self.bits,
+                      self.blocksize, n, lora_a, lora_b, lora_scale)
+        op = ops.matmul if grad else ops.matmul_nograd
+        return op(x, self.packed, self.table, self.scales, self.nested, self.offsets, self.bits, self.blocksize, n,
+                  lora_a, lora_b, lora_scale)
 
     def expert_state(self) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
         """([packed, table, scales (+ the 4 nested parts)], offsets) as qengine::moe_experts takes
