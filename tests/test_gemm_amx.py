@@ -27,11 +27,11 @@ def weight(n, k, blocksize, dq=True, sparse=False, fmt="nf4", seed=0):
     return qengine.quantize(w, fmt, blocksize, double_quant=dq, sparsity="2:4" if sparse else None)
 
 
-def assert_model_bound(y, x, q, transposed=False, rounded=False):
-    """Within float32 accumulation error of x @ W_bf16^T (or x @ W_bf16), W_bf16 the weight
-    dequantize() writes for bfloat16; plus half a bfloat16 unit where y was rounded to it."""
+def assert_model_bound(y, x, q, transposed=False, rounded=False, weight_dtype=torch.bfloat16):
+    """Within float32 accumulation error of x @ W^T (or x @ W), W the weight dequantize() writes
+    for weight_dtype (the tiles': bfloat16); plus half a bfloat16 unit where y was rounded to it."""
     x64 = x.to(torch.float64)
-    w = q.dequantize(torch.bfloat16).to(torch.float64)
+    w = q.dequantize(weight_dtype).to(torch.float64)
     w = w if transposed else w.t()
     ref, mag = x64 @ w, x64.abs() @ w.abs()
     bound = 8 * x.shape[1] ** 0.5 * 2.0**-24 * mag + (2.0**-8 * ref.abs() if rounded else 0)
@@ -156,7 +156,8 @@ def test_nonfinite_x_stays_in_its_row(isa_restore):
 
 def test_public_matmul_takes_amx_from_the_crossover(isa_restore):
     """From _C.gemm_min_rows() rows on, qengine.matmul runs the amx row (bfloat16 x): its result
-    is the kernel's, bit for bit; the float64 bound holds below it too (the small-batch GEMV)."""
+    is the kernel's, bit for bit; below it the small-batch GEMV (on AMX CPUs the float32 one:
+    W in float32) meets the same bound with its own weight."""
     qengine.set_cpu_isa("amx")
     crossover = _C.gemm_min_rows()
     assert 1 < crossover <= _C.gemm_min_rows(sparse24=True) <= 16
@@ -167,7 +168,7 @@ def test_public_matmul_takes_amx_from_the_crossover(isa_restore):
         kernel = large_product(x, q, torch.bfloat16)[1]
         if m >= crossover:
             assert torch.equal(y.view(torch.int16), kernel.view(torch.int16))
-        assert_model_bound(y, x, q, rounded=True)
+        assert_model_bound(y, x, q, rounded=True, weight_dtype=torch.bfloat16 if m >= crossover else torch.float32)
     qengine.set_cpu_isa("avx512_bf16")
     assert _C.gemm_min_rows() == 17
 
@@ -184,9 +185,9 @@ def test_backward_at_few_rows_takes_it(isa_restore):
 @pytest.mark.parametrize("tokens", [3, 40, 200])
 def test_moe_experts_with_many_rows_take_it(tokens, isa_restore):
     """QuantExperts with bfloat16 tokens: experts that receive at least the crossover's rows run on
-    the amx row (the rest on the GEMV); the output agrees with the avx512_bf16 ISA's (GEMVs and
-    its gemm, the same bfloat16 weights) to bfloat16 rounding of the intermediate and output, and
-    with LoRA on both matrices too."""
+    the amx row (the rest on the GEMV); the output agrees with the avx512_bf16 ISA's (its gemm,
+    the same bfloat16 weights) to bfloat16 rounding of the intermediate and output, and with LoRA
+    on both matrices too; on the GEMV, to the rounding of W to bfloat16 as well."""
     torch.manual_seed(0)
     E, H, inter = 4, 256, 128
     m = QuantExperts.from_weights(torch.randn(E, 2 * inter, H) * 0.1, torch.randn(E, H, inter) * 0.1,
@@ -196,9 +197,13 @@ def test_moe_experts_with_many_rows_take_it(tokens, isa_restore):
     w = torch.rand(tokens, 2).to(torch.bfloat16)
     with torch.no_grad():
         qengine.set_cpu_isa("amx")
+        crossover = _C.gemm_min_rows()
         ya = m(x, idx, w).to(torch.float64)
         qengine.set_cpu_isa("avx512_bf16")
         yb = m(x, idx, w).to(torch.float64)
     assert torch.isfinite(ya).all()
-    # measured 0 to 6e-5: bfloat16 roundings of float32 sums taken in another order
-    assert float((ya - yb).norm() / yb.norm()) < 1e-3
+    # 40 and 200 tokens (every expert on the tiles) measured 0 to 6e-5: bfloat16 roundings of
+    # float32 sums taken in another order. 3 tokens: every expert on the GEMV, whose amx row
+    # takes W in float32 and avx512_bf16's in bfloat16 (2^-9 relative a weight): 3.3e-3.
+    limit = 1e-2 if tokens < crossover else 1e-3  # an expert gets at most `tokens` rows
+    assert float((ya - yb).norm() / yb.norm()) < limit

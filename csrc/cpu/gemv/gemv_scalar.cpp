@@ -36,7 +36,11 @@ const GemvKernels kGemvScalar = {
 const GemvKernels& gemv_kernels() {
   static constexpr IsaRows<GemvKernels> kRows = {
       .scalar = &kGemvScalar,
-      QENGINE_X86_ROWS(.avx2 = &kGemvAvx2, .avx512 = &kGemvAvx512, .avx512_bf16 = &kGemvAvx512Bf16)};
+      // amx: the avx512 row, whose float32 GEMV (bfloat16 x widened once) measured 1.2-1.4x
+      // faster than the vdpbf16ps one on a Sapphire Rapids core for bfloat16 x of 1-3 rows
+      // (11008x4096 NF4, batch 1: 1.12-1.14 against 1.42-2.0 ms; bench/RESULTS.md).
+      QENGINE_X86_ROWS(.avx2 = &kGemvAvx2, .avx512 = &kGemvAvx512, .avx512_bf16 = &kGemvAvx512Bf16,
+                       .amx = &kGemvAvx512)};
   return kRows.active();
 }
 
