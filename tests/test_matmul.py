@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import qengine
 from cases import TORCH_JIT_DEPRECATION
@@ -219,12 +220,21 @@ def test_half_precision_lora_adapters(adapter_dtype, m):
     assert ((y.to(torch.float64) - ref).abs() <= matmul_bound(x64, w64, torch.bfloat16, extra)).all()
 
 
-def test_direct_call_matches_the_op_and_keeps_dispatch_visible():
-    """Without autograd, tracing or a dispatch mode, matmul calls the op's implementation
-    directly (no dispatcher layers): same result as the op; with any of them present the op
-    runs through the dispatcher, where a dispatch mode sees it."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class SeenOps(TorchDispatchMode):
+    """A dispatch mode that records the name of every op it sees."""
 
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_direct_call_matches_the_op_and_keeps_dispatch_visible():
+    """qengine.matmul under no_grad gives the op's result bit for bit, and always runs through
+    the dispatcher, where a dispatch mode sees it (there: the op's twin without autograd)."""
     q = qengine.quantize(torch.randn(40, 256), "nf4", 64, double_quant=True)
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     table = q.format.kernel_tables(q.device)[0]
@@ -234,16 +244,7 @@ def test_direct_call_matches_the_op_and_keeps_dispatch_visible():
         via_op = torch.ops.qengine.matmul(x, q.packed, table, scales, nested, None, 4, 64, 40, None, None, 0.0)
     assert torch.equal(direct, via_op)
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Seen() as seen:
+    with torch.no_grad(), SeenOps() as seen:
         qengine.matmul(x, q)
     assert any("qengine.matmul" in op for op in seen.ops)
 
@@ -326,17 +327,6 @@ def test_nograd_twin_is_the_same_product(layout):
     (qengine::matmul_nograd, qengine::sparse24_matmul_nograd): bit for bit the op's result, seen
     by a dispatch mode under its own name, and opcheck's schema / fake / AOT checks pass; with
     grad mode on, the op with autograd runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     sparsity = "2:4" if layout == "2:4" else None
     q = qengine.quantize(torch.randn(40, 256), "nf4", 64, double_quant=True, sparsity=sparsity)
     kw = q.kernel_weight()
@@ -345,9 +335,9 @@ def test_nograd_twin_is_the_same_product(layout):
     for rows, dtype, lora in ((1, torch.float32, False), (3, torch.bfloat16, True), (20, torch.bfloat16, False)):
         x = torch.randn(rows, 256, dtype=dtype)
         la, lb = (a, b) if lora else (None, None)
-        with torch.enable_grad(), Seen() as with_grad:
+        with torch.enable_grad(), SeenOps() as with_grad:
             expected = kw.matmul(x, la, lb, 0.5)
-        with torch.no_grad(), Seen() as without:
+        with torch.no_grad(), SeenOps() as without:
             got = kw.matmul(x, la, lb, 0.5)
         assert torch.equal(got, expected)
         assert f"qengine.{name}.default" in with_grad.ops and f"qengine.{name}_nograd.default" in without.ops
