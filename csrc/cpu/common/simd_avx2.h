@@ -133,6 +133,7 @@ struct F32x8 {
   static float reduce_max(F v) { return hmax(v); }
   static bool any_nan(F v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
   static I iset1(int v) { return _mm256_set1_epi32(v); }
+  static I iset1_16(int16_t v) { return _mm256_set1_epi16(v); }
   static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
   // Running maxima of float bits as int32 lanes (acc starts at 0): of |x| (every NaN above
   // +inf), and of x itself (negatives never win); the largest lane, a signed max.

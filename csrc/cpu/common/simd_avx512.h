@@ -107,6 +107,7 @@ struct F32x16 {
   static float reduce_max(F v) { return _mm512_reduce_max_ps(v); }
   static bool any_nan(F v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
   static I iset1(int v) { return _mm512_set1_epi32(v); }
+  static I iset1_16(int16_t v) { return _mm512_set1_epi16(v); }
   static I iadd(I a, I b) { return _mm512_add_epi32(a, b); }
   static I max_abs_bits(I acc, F x) { return ::qengine::cpu::max_abs_bits(acc, x); }
   static I max_pos_bits(I acc, F x) { return _mm512_max_epi32(acc, _mm512_castps_si512(x)); }

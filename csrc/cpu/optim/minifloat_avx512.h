@@ -7,6 +7,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include "cpu/common/simd_avx512.h"
+#include "cpu/optim/minifloat_vectors.h"
 #include "cpu/optim/state_minifloat.h"
 
 namespace qengine::cpu {
@@ -23,29 +25,9 @@ inline __m512i pack64(__m512i c0, __m512i c1, __m512i c2, __m512i c3) {
 // kSigned: a code with 0.0 and negatives (zero_code >= 0, m's); else one without either
 // (zero_code == -1, v's), whose magnitude is code + 1, folded into the offsets.
 template <bool kSigned>
-struct MinifloatCodec16 {
-  // The vectors of MinifloatCodecConstants (state_minifloat.h): encode in 32-bit lanes, decode
-  // in 16-bit ones.
-  __m512i shift_top, shift_low, round_top, round_low, zero_code, split, half_smallest;
-  __m512i zero_code16, first_top16, offset_top16, offset_low16;
-  __m128i half_shift_top, half_shift_low;
-
-  explicit MinifloatCodec16(const StateCode& c) {
-    const MinifloatCodecConstants k = minifloat_codec_constants(c.minifloat, kSigned);
-    shift_top = _mm512_set1_epi32(k.shift_top);
-    shift_low = _mm512_set1_epi32(k.shift_low);
-    round_top = _mm512_set1_epi32(k.round_top);
-    round_low = _mm512_set1_epi32(k.round_low);
-    zero_code = _mm512_set1_epi32(k.zero_code);
-    split = _mm512_set1_epi32(static_cast<int>(k.split_bits));
-    half_smallest = _mm512_set1_epi32(static_cast<int>(k.half_smallest));
-    zero_code16 = _mm512_set1_epi16(static_cast<int16_t>(k.zero_code));
-    first_top16 = _mm512_set1_epi16(static_cast<int16_t>(k.first_top));
-    offset_top16 = _mm512_set1_epi16(static_cast<int16_t>(k.offset_top));
-    offset_low16 = _mm512_set1_epi16(static_cast<int16_t>(k.offset_low));
-    half_shift_top = _mm_cvtsi32_si128(k.half_shift_top);
-    half_shift_low = _mm_cvtsi32_si128(k.half_shift_low);
-  }
+struct MinifloatCodec16 : MinifloatVectors<F32x16> {
+  explicit MinifloatCodec16(const StateCode& c)
+      : MinifloatVectors<F32x16>(minifloat_codec_constants(c.minifloat, kSigned)) {}
 
   static constexpr int64_t kRun = 64;  // codes per encode
 

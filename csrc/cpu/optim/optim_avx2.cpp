@@ -10,6 +10,7 @@
 #include "cpu/common/simd_avx2.h"
 #include "cpu/optim/adamw_loops.h"
 #include "cpu/optim/kernels.h"
+#include "cpu/optim/minifloat_vectors.h"
 #include "cpu/optim/state_minifloat.h"
 
 namespace qengine::cpu {
@@ -70,28 +71,8 @@ struct TableCodec {
 // (zero_code == -1), whose magnitude is code + 1, folded into the offsets. encode: finite |x| < 2.
 
 template <bool kSigned>
-struct MinifloatCodec {
-  // The vectors of MinifloatCodecConstants (state_minifloat.h): encode in 32-bit lanes, decode
-  // in 16-bit ones.
-  __m256i shift_top, shift_low, round_top, round_low, zero_code, split, half_smallest;
-  __m256i zero_code16, first_top16, offset_top16, offset_low16;
-  __m128i half_shift_top, half_shift_low;
-  explicit MinifloatCodec(const StateCode& c) {
-    const MinifloatCodecConstants k = minifloat_codec_constants(c.minifloat, kSigned);
-    shift_top = _mm256_set1_epi32(k.shift_top);
-    shift_low = _mm256_set1_epi32(k.shift_low);
-    round_top = _mm256_set1_epi32(k.round_top);
-    round_low = _mm256_set1_epi32(k.round_low);
-    zero_code = _mm256_set1_epi32(k.zero_code);
-    split = _mm256_set1_epi32(static_cast<int>(k.split_bits));
-    half_smallest = _mm256_set1_epi32(static_cast<int>(k.half_smallest));
-    zero_code16 = _mm256_set1_epi16(static_cast<int16_t>(k.zero_code));
-    first_top16 = _mm256_set1_epi16(static_cast<int16_t>(k.first_top));
-    offset_top16 = _mm256_set1_epi16(static_cast<int16_t>(k.offset_top));
-    offset_low16 = _mm256_set1_epi16(static_cast<int16_t>(k.offset_low));
-    half_shift_top = _mm_cvtsi32_si128(k.half_shift_top);
-    half_shift_low = _mm_cvtsi32_si128(k.half_shift_low);
-  }
+struct MinifloatCodec : MinifloatVectors<F32x8> {
+  explicit MinifloatCodec(const StateCode& c) : MinifloatVectors<F32x8>(minifloat_codec_constants(c.minifloat, kSigned)) {}
 
   static constexpr int64_t kRun = 16;  // codes per encode
 
