@@ -26,9 +26,9 @@ SMALL_BATCH_ROWS = 16
 
 
 def _matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
-           scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor], bits: int, blocksize: int,
-           out_features: int, lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor],
-           lora_scale: float) -> torch.Tensor:
+            scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor], bits: int, blocksize: int,
+            out_features: int, lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor],
+            lora_scale: float) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W^T (+ lora_scale * (x @ A^T) @ B^T) for the quantized W [N, K];
     float32 accumulation, x's dtype out.
 

@@ -40,9 +40,9 @@ def _(packed, positions, table, scales, offsets, bits, blocksize, numel, dtype):
 
 
 def _sparse24_matmul(x: torch.Tensor, packed: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
-                    scales: torch.Tensor, scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor],
-                    bits: int, blocksize: int, out_features: int, lora_a: Optional[torch.Tensor],
-                    lora_b: Optional[torch.Tensor], lora_scale: float) -> torch.Tensor:
+                     scales: torch.Tensor, scales_nested: list[torch.Tensor], offsets: Optional[torch.Tensor],
+                     bits: int, blocksize: int, out_features: int, lora_a: Optional[torch.Tensor],
+                     lora_b: Optional[torch.Tensor], lora_scale: float) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W^T (+ lora_scale * (x @ A^T) @ B^T) for the 2:4 sparse W [N, K];
     arguments as qengine::matmul plus positions uint8 [N*K/8]. Up to SMALL_BATCH_ROWS rows
     read only the compressed bytes (CPU); more rows, or CUDA tensors, dequantize W once and use a
