@@ -49,9 +49,8 @@ int quantize_cpu(addr x, int dtype, int64_t n, int64_t blocksize, addr table, ad
 // bind_args.h (checked against the values it will read), then releases the GIL.
 int dequantize_cpu(const py::tuple& weight, int64_t n, addr out, int out_dtype, bool stream) {
   const WeightRef w = weight_ref(weight, n);
-  const float* scales = w.float_scales("dequantize");  // before the GIL is released: it may throw
   return without_gil([&] {
-    return qengine::dequantize_cpu(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, scales,
+    return qengine::dequantize_cpu(w.packed_ptr(), n, w.blocksize, w.codebook(), w.rule, w.block_scales(),
                                    w.offsets_ptr(), ptr<void>(out), out_dtype, stream);
   });
 }
@@ -59,10 +58,9 @@ int dequantize_cpu(const py::tuple& weight, int64_t n, addr out, int out_dtype, 
 int dequantize_range_cpu(const py::tuple& weight, int64_t first, int64_t count, addr out, int out_dtype) {
   if (first < 0 || count < 0) throw py::value_error("qengine: dequantize_range: negative first or count");
   const WeightRef w = weight_ref(weight, first + count);
-  const float* scales = w.float_scales("dequantize_range");  // before the GIL is released: it may throw
   return without_gil([&] {
     return qengine::dequantize_range_cpu(w.packed_ptr(), first, count, w.blocksize, w.codebook(), w.rule,
-                                         scales, w.offsets_ptr(), ptr<void>(out), out_dtype);
+                                         w.block_scales(), w.offsets_ptr(), ptr<void>(out), out_dtype);
   });
 }
 
@@ -153,10 +151,9 @@ double kmeans_accumulate_cpu(addr x, int dtype, int64_t n, int64_t blocksize, ad
 int sparse24_dequantize_cpu(const py::tuple& weight, int64_t S, addr out, int out_dtype) {
   const WeightRef w = weight_ref(weight, S);
   if (S > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
-  const float* scales = w.float_scales("sparse24_dequantize");  // before the GIL is released: it may throw
   return without_gil([&] {
     return qengine::sparse24_dequantize_cpu(w.packed_ptr(), w.positions_ptr(), S, w.blocksize, w.codebook(), w.rule,
-                                            scales, w.offsets_ptr(), ptr<void>(out), out_dtype);
+                                            w.block_scales(), w.offsets_ptr(), ptr<void>(out), out_dtype);
   });
 }
 

@@ -269,26 +269,3 @@ def test_fit_codebook_does_not_modify_input():
 def test_fit_codebook_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         qengine.fit_codebook(torch.randn(64, 64), **kwargs)
-
-
-@pytest.mark.parametrize("op", ["dequantize_cpu", "dequantize_range_cpu"])
-def test_native_dequantize_refuses_scale_codes(op):
-    """The native dequantize entry points read float32 block scales: given a weight whose scales
-    are double-quantized uint8 codes, they raise instead of reading the codes as floats (4x past
-    the buffer)."""
-    from qengine import _C
-    from qengine._checks import DTYPE_CODES
-    from qengine.ops.weight import native_weight
-
-    q = qengine.quantize(torch.randn(64, 64), "nf4", 64, double_quant=True)
-    kw = q.kernel_weight()
-    assert kw.nested  # the scales are codes
-    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize)
-    out = torch.full((64 * 64,), 7.0)
-    args = (64 * 64, out.data_ptr(), DTYPE_CODES[out.dtype])
-    with pytest.raises(ValueError, match="float32 block scales"):
-        if op == "dequantize_cpu":
-            _C.dequantize_cpu(weight, *args, False)
-        else:
-            _C.dequantize_range_cpu(weight, 0, *args)
-    assert (out == 7.0).all()  # nothing written

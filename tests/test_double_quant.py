@@ -191,3 +191,31 @@ def test_scale_mean_overflow_is_named(fmt):
     with pytest.raises(ValueError, match="double quantization"):
         qengine.quantize(x, fmt, 64, double_quant=True)
     assert torch.equal(qengine.quantize(x, fmt, 64).packed, ref.quantize(x, fmt, 64).packed)
+
+
+@pytest.mark.parametrize("shape, blocksize", [((257, 33), 32), ((96, 1000), 64), ((40, 1024), 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "uint4", "int8", "uint8"])
+def test_native_dequantize_decodes_nested_scales(fmt, dtype, shape, blocksize):
+    """The native CPU dequantize takes the double-quantized scale codes themselves (what the
+    large-batch fallback and the backward hand it) and decodes them with the reference's bits:
+    whole tensors, and ranges that start and end inside blocks and cross the kernel's 256-block
+    scale batches and thread ranges."""
+    from qengine import _C
+    from qengine._checks import DTYPE_CODES
+    from qengine.ops.weight import native_weight
+
+    x = make_input(shape, torch.float32)
+    q = qengine.quantize(x, fmt, blocksize, double_quant=True)
+    expected = ref.dequantize(ref.quantize(x, fmt_of(fmt), blocksize, double_quant=True), dtype).reshape(-1)
+    kw = q.kernel_weight()
+    assert kw.nested  # the scales go in as codes
+    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize)
+    n = x.numel()
+    out = torch.empty(n, dtype=dtype)
+    _C.dequantize_cpu(weight, n, out.data_ptr(), DTYPE_CODES[dtype], False)
+    assert torch.equal(out, expected)
+    for first, count in [(0, n), (3 * blocksize, n - 3 * blocksize), (blocksize // 2 + 5, n // 2), (n - 7, 7)]:
+        part = torch.empty(count, dtype=dtype)
+        _C.dequantize_range_cpu(weight, first, count, part.data_ptr(), DTYPE_CODES[dtype])
+        assert torch.equal(part, expected[first:first + count]), (first, count)

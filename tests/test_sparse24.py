@@ -40,6 +40,25 @@ def test_dequantize_shapes_and_blocks(shape, blocksize, double_quant):
     assert torch.equal(q.dequantize(out=out), ref_sparse_dequantize(x, fmt, blocksize, double_quant, torch.float32))
 
 
+@pytest.mark.parametrize("fmt, blocksize", [("nf4", 64), ("int8", 32)])
+def test_native_dequantize_decodes_nested_scales(fmt, blocksize):
+    """_C.sparse24_dequantize_cpu takes the double-quantized scale codes themselves and decodes
+    them with the reference's bits."""
+    from qengine import _C
+    from qengine._checks import DTYPE_CODES
+    from qengine.ops.weight import native_weight
+
+    x = make_input((9, 1032), torch.float32)
+    q = qengine.quantize(x, fmt, blocksize, double_quant=True, sparsity="2:4")
+    kw = q.kernel_weight()
+    assert kw.nested  # the scales go in as codes
+    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize,
+                           positions=kw.positions)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    _C.sparse24_dequantize_cpu(weight, x.numel() // 2, out.data_ptr(), DTYPE_CODES[out.dtype])
+    assert torch.equal(out, ref_sparse_dequantize(x, fmt, blocksize, True, torch.bfloat16))
+
+
 @pytest.mark.parametrize("isa", SUPPORTED)
 def test_dequantize_every_isa(isa, isa_restore):
     qengine.set_cpu_isa(isa)

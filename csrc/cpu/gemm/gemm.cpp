@@ -127,8 +127,9 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
     const float* a = cpu::float_rows(lora.a, lora.dtype, lora.r, K, K, a_buf);  // a view when float32
     t.resize(static_cast<size_t>(M * lora.r));
     bt = transposed_float(lora.b, lora.dtype, N, lora.r);
+    const cpu::GemmVectorKernels& vk = cpu::gemm_vector_kernels();
     cpu::parallel_for(0, M, 16, 1, [&](int64_t m0, int64_t m1) {
-      cpu::gemm_vector_kernels().lora_down(xb, K, ldx, a, lora.r, lora.scale, m0, m1, t.data());
+      vk.lora_down(xb, K, ldx, a, lora.r, lora.scale, m0, m1, t.data());
     });
     side.t = t.data();
     side.bt = bt.data();
@@ -167,7 +168,8 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   }
   const int64_t nblocks = N * ((positions != nullptr ? K / 2 : K) / blocksize);
   std::vector<float> buf;
-  const float* all_scales = cpu::gemm_vector_kernels().decode_scales(scales, scale_planes(scales, nblocks).get(), nblocks, buf);
+  const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, nblocks);
+  const float* all_scales = cpu::gemm_vector_kernels().decode_scales(scales, planes.get(), nblocks, buf);
   const std::unique_ptr<int32_t[]> gp = cpu::packed_rows(k, k.pack_g != nullptr ? k.pack_g : k.pack_x, g, M, N, N);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, K, group, [&](int64_t k0, int64_t k1) {

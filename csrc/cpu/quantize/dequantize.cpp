@@ -37,12 +37,39 @@ void decode_span(const QuantizeKernels& k, const uint8_t* packed, int64_t first,
 constexpr int64_t kStreamBytes = 8 << 20;
 
 int dequantize_cpu(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
-                   const float* scales, const float* offsets, void* out, int out_dtype, bool stream) {
+                   const BlockScales& scales, const float* offsets, void* out, int out_dtype, bool stream) {
   return dequantize_range_cpu(packed, 0, n, blocksize, cb, rule, scales, offsets, out, out_dtype, stream);
 }
 
+namespace {
+
+// Whole blocks [b, b + count) into out by the ISA's block loop. Double-quantized scales are
+// decoded (block_scale's bits) into a small buffer first, kScaleBatch blocks at a time, and the
+// loop runs on that buffer from its block 0.
+constexpr int64_t kScaleBatch = 256;
+
+void decode_whole_blocks(const cpu::QuantizeKernels& k, const uint8_t* packed, int64_t b, int64_t count,
+                         int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
+                         const float* offsets, char* out, int out_dtype, bool stream) {
+  if (scales.values != nullptr) {
+    k.decode_blocks4(packed, b, count, blocksize, cb.table, rule, scales.values, offsets, out, out_dtype, stream);
+    return;
+  }
+  const int64_t block_bytes = static_cast<int64_t>(dtype_size(out_dtype)) * blocksize;
+  float decoded[kScaleBatch];
+  for (int64_t done = 0; done < count; done += kScaleBatch) {
+    const int64_t first = b + done;
+    const int64_t n = std::min(kScaleBatch, count - done);
+    for (int64_t i = 0; i < n; ++i) decoded[i] = block_scale(scales, first + i);
+    k.decode_blocks4(packed + ((first * blocksize) >> 1), 0, n, blocksize, cb.table, rule, decoded,
+                     offsets != nullptr ? offsets + first : nullptr, out + done * block_bytes, out_dtype, stream);
+  }
+}
+
+}  // namespace
+
 int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t n, int64_t blocksize, const Codebook& cb,
-                         int rule, const float* scales, const float* offsets, void* out, int out_dtype,
+                         int rule, const BlockScales& scales, const float* offsets, void* out, int out_dtype,
                          bool allow_stream) {
   if (n < 0 || first < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
   if (n == 0) return kOk;
@@ -58,13 +85,12 @@ int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t n, int64_
     if (k.decode_blocks4 != nullptr && cb.bits == 4 && blocksize % 32 == 0 && i % blocksize == 0) {
       const int64_t full = (first + hi) / blocksize - i / blocksize;  // whole blocks in the range
       if (full > 0) {
-        k.decode_blocks4(packed, i / blocksize, full, blocksize, cb.table, rule, scales, offsets,
-                         static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
+        decode_whole_blocks(k, packed, i / blocksize, full, blocksize, cb, rule, scales, offsets,
+                            static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
         i += full * blocksize;
       }
     }
-    const BlockScales plain{scales, nullptr, nullptr, nullptr, 1, 0.0f, 0};
-    cpu::decode_span(k, packed, i, first + hi - i, blocksize, cb, rule, plain, offsets,
+    cpu::decode_span(k, packed, i, first + hi - i, blocksize, cb, rule, scales, offsets,
                      static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
 #if defined(__x86_64__) || defined(_M_X64)
     if (stream) _mm_sfence();  // order the non-temporal stores before the caller reads

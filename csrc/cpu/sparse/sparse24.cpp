@@ -135,14 +135,13 @@ const Sparse24Kernels& sparse24_kernels() {
 }  // namespace cpu
 
 int sparse24_dequantize_cpu(const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t blocksize,
-                            const Codebook& cb, int rule, const float* scales, const float* offsets, void* out,
+                            const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, void* out,
                             int out_dtype) {
   if (S < 0 || S % 2 != 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8) || !valid_dtype(out_dtype)) {
     return kInvalidArgument;
   }
   if (S == 0) return kOk;
   const cpu::QuantizeKernels& k = cpu::quantize_kernels();
-  const BlockScales plain{scales, nullptr, nullptr, nullptr, 1, 0.0f, 0};
   const int64_t chunks = (S + kChunk24 - 1) / kChunk24;
   const int esz = dtype_size(out_dtype);
   // 64 chunks (16384 weights) per thread at least: enough work to pay for the wake-up.
@@ -150,7 +149,7 @@ int sparse24_dequantize_cpu(const uint8_t* packed, const uint8_t* positions, int
     std::vector<float> vals(static_cast<size_t>(kBatchChunks * kChunk24));
     for (int64_t c = c0; c < c1; c += kBatchChunks) {
       const int64_t ce = std::min(c1, c + kBatchChunks);
-      decode_chunks(k, packed, positions, S, c, ce, blocksize, cb, rule, plain, offsets,
+      decode_chunks(k, packed, positions, S, c, ce, blocksize, cb, rule, scales, offsets,
                     static_cast<char*>(out) + c * 2 * kChunk24 * esz, out_dtype, vals.data());
     }
   });

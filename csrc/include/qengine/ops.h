@@ -13,15 +13,17 @@ namespace qengine {
 int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
                  uint8_t* packed, float* scales, float* offsets);
 
-// out[0..n) (out_dtype) = decoded packed codes; scales/offsets one per block. `stream` allows
+// out[0..n) (out_dtype) = decoded packed codes; one scale per block (float32 values, or
+// double-quantized codes decoded with block_scale's bits) and, for minmax, one float32 offset
+// per block. `stream` allows
 // non-temporal stores for large outputs: right for a caller's buffer that is not in cache,
 // wrong for a fresh allocation whose pages the kernel has just zeroed through the cache.
 int dequantize_cpu(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
-                   const float* scales, const float* offsets, void* out, int out_dtype, bool stream);
+                   const BlockScales& scales, const float* offsets, void* out, int out_dtype, bool stream);
 
 // out[0..count) = decoded elements first..first+count (a flat range of the quantized tensor).
 int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t count, int64_t blocksize, const Codebook& cb,
-                         int rule, const float* scales, const float* offsets, void* out, int out_dtype,
+                         int rule, const BlockScales& scales, const float* offsets, void* out, int out_dtype,
                          bool stream = false);
 
 // y[M, N] (float32) = x[M, K] (x_dtype, row stride ldx) @ W^T, W the quantized [N, K] weight
@@ -98,7 +100,7 @@ int kmeans_accumulate_cpu(const void* x, int dtype, int64_t n, int64_t blocksize
 // stored values), plus ceil(S / 4) bytes of 2-bit positions. out[0 .. 2S) (out_dtype) =
 // the dense weights, exact zeros at the pruned positions.
 int sparse24_dequantize_cpu(const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t blocksize,
-                            const Codebook& cb, int rule, const float* scales, const float* offsets, void* out,
+                            const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, void* out,
                             int out_dtype);
 
 // y[M, N] (float32) = x[M, K] @ W^T for the 2:4 sparse W [N, K] (K % 4 == 0), as matmul_cpu.

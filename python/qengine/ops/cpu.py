@@ -14,7 +14,7 @@ from .._checks import (DTYPE_CODES, check_contiguous, check_dequantize_args, che
 from . import matmul as mm
 from . import moe, optim, quantize, sparse
 from .moe_dense import dense_experts
-from .weight import KernelWeight, native_weight
+from .weight import native_weight
 
 # The large-batch product dequantizes this many bytes of W at a time into one buffer, which
 # stays in the last-level cache between its decode and its GEMM (measured on 11008x4096, batch
@@ -163,14 +163,18 @@ def _large_batch_product_t(g2, k, weight):
     return gx
 
 
-def _tiled_product(x2, packed, table, scales, offsets, bits, blocksize, n):
-    """x2 [M, K] @ W^T for the quantized W [N, K] (float32 scales), W dequantized into x2's dtype
-    a tile of rows at a time; each tile's output columns come from one GEMM over all of K."""
+def _tiled_product(x2, weight, n):
+    """x2 [M, K] @ W^T for the quantized W [N, K] (its WeightRef `weight`; double-quantized scales
+    are decoded natively), W dequantized into x2's dtype a tile of rows at a time; each tile's
+    output columns come from one GEMM over all of K."""
     m, k = x2.shape
-    y = torch.empty(m, n, dtype=x2.dtype)
     rows = max(1, min(n, DENSE_TILE_BYTES // max(1, k * x2.element_size())))
     tile = torch.empty(rows, k, dtype=x2.dtype)
-    weight = native_weight(packed, table, scales, None, offsets, bits, blocksize)
+    if rows == n:  # one tile: the GEMM writes y itself
+        if k:
+            _C.dequantize_range_cpu(weight, 0, tile.numel(), tile.data_ptr(), DTYPE_CODES[x2.dtype])
+        return x2 @ tile.t()
+    y = torch.empty(m, n, dtype=x2.dtype)
     for first in range(0, n, rows):
         w = tile[: min(rows, n - first)]
         if k:
@@ -198,8 +202,7 @@ def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_fea
     if y is None and m <= mm.SMALL_BATCH_ROWS:
         y = _small_batch_product(_C.matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
     elif y is None:  # no native large-batch kernel for this dtype / format / shape / CPU
-        flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
-        y = _tiled_product(x2, packed, table, flat_scales, offsets, bits, blocksize, n)
+        y = _tiled_product(x2, weight, n)
         y = mm.add_lora_side(y, x2, lora_a, lora_b, lora_scale)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
@@ -218,9 +221,9 @@ def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_feat
             _C.matmul_t_cpu(gf.data_ptr(), m, n, k, weight, gx.data_ptr())
         gx = gx.to(g.dtype)
     elif gx is None:  # no native large-batch kernel: a dense copy of W for one torch GEMM
-        flat_scales = KernelWeight.decode_nested(scales, scales_nested) if scales_nested else scales
         w = torch.empty(n, k, dtype=g.dtype)
-        dequantize_into(packed, table, flat_scales, offsets, bits, blocksize, n * k, w)
+        if n and k:
+            _C.dequantize_cpu(weight, n * k, w.data_ptr(), DTYPE_CODES[w.dtype], False)
         gx = g2 @ w
         del w
     return gx.reshape(*g.shape[:-1], k)
