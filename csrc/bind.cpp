@@ -124,6 +124,18 @@ bool lora_backward_cpu(addr g, addr x, int64_t M, int64_t N, int64_t K, addr a, 
   return done;
 }
 
+// True when the native kernels ran (lora_add_cpu in ops.h); false, nothing written, where the
+// CPU has none. Sizes are checked by the caller (qengine/ops/cpu.py), which allocates y.
+bool lora_add_cpu(addr x, int64_t M, int64_t K, addr a, addr b, int64_t r, int64_t N, float scale, addr y_in,
+                  addr y_out) {
+  bool done = false;
+  without_gil([&] {
+    return qengine::lora_add_cpu(ptr<const void>(x), M, K, ptr<const float>(a), ptr<const float>(b), r, N, scale,
+                                 ptr<const void>(y_in), ptr<void>(y_out), &done);
+  });
+  return done;
+}
+
 int lora_epilogue_cpu(addr x, int x_dtype, int64_t M, int64_t K, addr a, addr b, int ab_dtype, int64_t R, int64_t N,
                       float scale, addr y) {
   int s = qengine::lora_epilogue_cpu(ptr<const void>(x), x_dtype, M, K, ptr<const void>(a), ptr<const void>(b),
@@ -256,6 +268,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul_t_large_cpu", &matmul_t_large_cpu);  // releases the GIL itself
   m.def("lora_epilogue_cpu", &lora_epilogue_cpu, release());
   m.def("lora_backward_cpu", &lora_backward_cpu);  // releases the GIL itself
+  m.def("lora_add_cpu", &lora_add_cpu);  // releases the GIL itself
   m.def("cast_float_cpu", &cast_float_cpu, release());
   m.def("kmeans_accumulate_cpu", &kmeans_accumulate_cpu, release());
   m.def("sparse24_dequantize_cpu", &sparse24_dequantize_cpu);  // releases the GIL itself

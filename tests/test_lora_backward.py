@@ -3,7 +3,8 @@ gemm family's kernels for bfloat16 x and gradients with float32 adapters, else t
 composite): every output against float64 on shapes with every kind of tail (ranks below, at
 and above one group of 16; columns that do not fill a 16- or 64-wide group; one row; none),
 each output on its own and together, both ISAs, through QuantLinear's autograd, and the inputs
-left as they were."""
+left as they were. And the side path's share of the forward where the product leaves it out
+(the large-batch fallback: _C.lora_add_cpu, on the same kernels)."""
 
 from __future__ import annotations
 
@@ -153,6 +154,63 @@ def test_through_quant_linear(isa, isa_restore):
     a64 = layer.lora_A.detach().to(torch.float64).requires_grad_()
     b64 = layer.lora_B.detach().to(torch.float64).requires_grad_()
     (x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t()).backward(g.to(torch.float64))
+    mag = g.double().abs() @ w64.abs() + 2.0 * (g.double().abs() @ b64.detach().abs()) @ a64.detach().abs()
+    assert ((x.grad.double() - x64.grad).abs() <= 2.0**-7 * mag + 1e-6).all()
+    for got, want in ((layer.lora_A.grad, a64.grad), (layer.lora_B.grad, b64.grad)):
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+def test_forward_side_add_against_float64(m, k, n, r, isa, isa_restore):
+    """y + s (x A^T) B^T for the large-batch fallback's output y (ops/cpu.py, _add_lora_side):
+    native where the ISA has the kernels (float32 sums, one rounding), else the torch composite
+    (two roundings); x, A and B left as they were."""
+    from qengine.ops.cpu import _add_lora_side
+
+    qengine.set_cpu_isa(isa)
+    g, x, a, b, _ = inputs(m, k, n, r, seed=6)
+    x2, y = x.reshape(m, k), g.reshape(m, n)  # g serves as a bfloat16 y [m, n]
+    kept = [t.clone() for t in (x2, a, b)]
+    want64 = y.double() + 0.37 * (x2.double() @ a.double().t()) @ b.double().t()
+    got = _add_lora_side(y.clone(), x2, a, b, 0.37)
+    for before, t in zip(kept, (x2, a, b)):
+        assert torch.equal(before, t)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    side_mag = 0.37 * (x2.double().abs() @ a.double().abs().t()) @ b.double().abs().t()
+    mag = y.double().abs() + side_mag
+    _, exponent = torch.frexp(want64)
+    half_unit = torch.ldexp(torch.ones_like(want64), exponent - 9)
+    if isa == "avx512_bf16":  # native: rounded once
+        bound = 2 * float32_bound(mag, k + r) + half_unit
+    else:  # composite: the side path rounded to bfloat16, then the sum
+        bound = float32_bound(mag, k + r) + 2.0**-8 * mag + half_unit
+    assert ((got.double() - want64).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_large_batch_fallback_with_lora(isa, isa_restore):
+    """A bfloat16 product with LoRA that no large-batch kernel takes (K = 40 is not a multiple
+    of 32): dequantized tiles, torch's GEMM, then the side path added; against float64 on the
+    dequantized weight, forward and gradients."""
+    qengine.set_cpu_isa(isa)
+    torch.manual_seed(7)
+    layer = LoRALinear(QuantLinear.from_linear(torch.nn.Linear(40, 72, bias=False).to(torch.bfloat16), blocksize=32),
+                       r=6, alpha=12)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.2)
+    x = torch.randn(300, 40).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(300, 72).to(torch.bfloat16)
+    y = layer(x)
+    y.backward(g)
+    w64 = layer.base_layer.dequantize(torch.float32).to(torch.float64)
+    x64 = x.detach().to(torch.float64).requires_grad_()
+    a64 = layer.lora_A.detach().to(torch.float64).requires_grad_()
+    b64 = layer.lora_B.detach().to(torch.float64).requires_grad_()
+    y64 = x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t()
+    y64.backward(g.to(torch.float64))
+    ymag = x64.detach().abs() @ w64.abs().t() + 2.0 * (x64.detach().abs() @ a64.detach().abs().t()) @ b64.detach().abs().t()
+    assert ((y.detach().double() - y64.detach()).abs() <= 2.0**-7 * ymag + 1e-6).all()
     mag = g.double().abs() @ w64.abs() + 2.0 * (g.double().abs() @ b64.detach().abs()) @ a64.detach().abs()
     assert ((x.grad.double() - x64.grad).abs() <= 2.0**-7 * mag + 1e-6).all()
     for got, want in ((layer.lora_A.grad, a64.grad), (layer.lora_B.grad, b64.grad)):

@@ -83,7 +83,7 @@ struct GemmVectorKernels {
   void (*lora_reduce)(const uint16_t* g, int64_t M, int64_t ldg, const float* u, int64_t ru, int64_t n0, int64_t n1,
                       float* out, int64_t ldo) = nullptr;
   // gx[m][k] = bfloat16(gx_in[m][k] + sum_{j < r} u[m * ru + j] * a[j * K + k]) for m in [m0, m1)
-  // (gx, gx_in bfloat16 [M, K]; a float32 [r, K]), each sum rounded once.
+  // (gx, gx_in bfloat16 [M, K]; a float32 [r, K]), each sum rounded once; gx may be gx_in.
   void (*lora_up_add)(const float* u, int64_t ru, int64_t r, const float* a, int64_t K, const uint16_t* gx_in,
                       uint16_t* gx, int64_t m0, int64_t m1) = nullptr;
 };

@@ -74,6 +74,13 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
 int lora_backward_cpu(const void* g, const void* x, int64_t M, int64_t N, int64_t K, const float* a, const float* b,
                       int64_t r, float scale, const void* gx_in, void* gx_out, float* ga, float* gb, bool* done);
 
+// Its share of the forward, for the products that leave it out (the large-batch fallback):
+// y_out = bfloat16(y_in + scale * (x @ A^T) @ B^T) for bfloat16 x [M, K] and y_in, y_out [M, N]
+// (contiguous; y_out may be y_in), float32 A [r, K] and B [N, r], one rounding. *done = false,
+// nothing written, where the active ISA has no such kernels.
+int lora_add_cpu(const void* x, int64_t M, int64_t K, const float* a, const float* b, int64_t r, int64_t N,
+                 float scale, const void* y_in, void* y_out, bool* done);
+
 // gx[M, K] (float32) = g[M, N] (float32) @ W, the transposed problem of matmul_cpu (backward).
 int matmul_t_cpu(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int64_t blocksize,
                  const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, float* gx);

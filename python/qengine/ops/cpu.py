@@ -183,6 +183,23 @@ def _tiled_product(x2, weight, n):
     return y
 
 
+def _add_lora_side(y, x2, lora_a, lora_b, lora_scale):
+    """y + lora_scale * (x2 @ A^T) @ B^T: natively in place (_C.lora_add_cpu: one rounding, no
+    float32 copies) for bfloat16 x2 and y with float32 adapters, else the torch composite."""
+    if lora_a is None:
+        return y
+    m, k = x2.shape
+    n, r = y.shape[1], lora_a.shape[0]
+    if (m and x2.dtype == y.dtype == torch.bfloat16 and lora_a.dtype == lora_b.dtype == torch.float32
+            and lora_a.shape == (r, k) and lora_b.shape == (n, r) and r > 0 and n > 0 and k > 0):
+        xc, yc = x2.contiguous(), y.contiguous()
+        a, b = lora_a.contiguous(), lora_b.contiguous()
+        if _C.lora_add_cpu(xc.data_ptr(), m, k, a.data_ptr(), b.data_ptr(), r, n, float(lora_scale), yc.data_ptr(),
+                           yc.data_ptr()):
+            return yc
+    return mm.add_lora_side(y, x2, lora_a, lora_b, lora_scale)
+
+
 def _large_batch_first(m: int, sparse24: bool = False) -> bool:
     """Whether m rows go to the native large-batch kernel first: always beyond SMALL_BATCH_ROWS,
     and from the active ISA's measured crossover on (_C.gemm_min_rows: a few rows on AMX, whose
@@ -202,8 +219,7 @@ def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_fea
     if y is None and m <= mm.SMALL_BATCH_ROWS:
         y = _small_batch_product(_C.matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
     elif y is None:  # no native large-batch kernel for this dtype / format / shape / CPU
-        y = _tiled_product(x2, weight, n)
-        y = mm.add_lora_side(y, x2, lora_a, lora_b, lora_scale)
+        y = _add_lora_side(_tiled_product(x2, weight, n), x2, lora_a, lora_b, lora_scale)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 

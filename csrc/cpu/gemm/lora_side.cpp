@@ -1,8 +1,9 @@
-// The LoRA side path's backward, natively, for bfloat16 x and gradients with float32 adapters
-// (the QLoRA training step): no float32 copies of x or of the output gradient, the input
-// gradient's share added into the quantized product's bfloat16 gradient with one rounding, and
-// the five thin products (M x r) run on FMA kernels instead of torch GEMMs sized for square
-// matrices. Where the active ISA has no such kernels the caller keeps its torch composite.
+// The LoRA side path's products, natively, for bfloat16 x and gradients with float32 adapters
+// (the QLoRA training step): its share of the backward (lora_backward_cpu) and, for the
+// large-batch products that run on torch's GEMM, its share of the forward (lora_add_cpu). No
+// float32 copies of x, of the output or of its gradient; each bfloat16 output rounded once; the
+// thin products (M x r) on FMA kernels instead of torch GEMMs sized for square matrices. Where
+// the active ISA has no such kernels the caller keeps its torch composite.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -42,6 +43,15 @@ std::vector<float> reduce_rows(const cpu::GemmVectorKernels& k, const uint16_t* 
   return out;
 }
 
+// t^T (float32 [r, n]) of t (float32 [n, r]).
+std::vector<float> transposed(const float* t, int64_t n, int64_t r) {
+  std::vector<float> out(static_cast<size_t>(r * n));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < r; ++j) out[j * n + i] = t[i * r + j];
+  }
+  return out;
+}
+
 }  // namespace
 
 int lora_backward_cpu(const void* g, const void* x, int64_t M, int64_t N, int64_t K, const float* a, const float* b,
@@ -59,10 +69,7 @@ int lora_backward_cpu(const void* g, const void* x, int64_t M, int64_t N, int64_
   const int64_t rp = round_up(r, kLanes);
   if (gx_out != nullptr || ga != nullptr) {
     // u = scale * g @ B [M, r]: the gradient at the side path's bottleneck.
-    std::vector<float> bt(static_cast<size_t>(r * N));
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t j = 0; j < r; ++j) bt[j * N + n] = b[n * r + j];
-    }
+    const std::vector<float> bt = transposed(b, N, r);
     const std::vector<float> u = thin_product(k, gb16, M, N, bt.data(), r, rp, scale);
     if (gx_out != nullptr) {
       cpu::parallel_for(0, M, 8, 4, [&](int64_t m0, int64_t m1) {
@@ -82,6 +89,28 @@ int lora_backward_cpu(const void* g, const void* x, int64_t M, int64_t N, int64_
       for (int64_t j = 0; j < r; ++j) gb[n * r + j] = gbt[j * N + n];
     }
   }
+  return kOk;
+}
+
+int lora_add_cpu(const void* x, int64_t M, int64_t K, const float* a, const float* b, int64_t r, int64_t N,
+                 float scale, const void* y_in, void* y_out, bool* done) {
+  *done = false;
+  if (M < 0 || N < 1 || K < 1 || r < 1 || x == nullptr || a == nullptr || b == nullptr || y_in == nullptr ||
+      y_out == nullptr) {
+    return kInvalidArgument;
+  }
+  const cpu::GemmVectorKernels& k = cpu::gemm_vector_kernels();
+  if (k.lora_down == nullptr || k.lora_up_add == nullptr) return kOk;
+  *done = true;
+  // t = scale * x @ A^T [M, r], then y_out = y_in + t @ B^T: the backward's input-gradient
+  // kernels, with x in the gradient's place and B^T in A's.
+  const int64_t rp = round_up(r, kLanes);
+  const std::vector<float> t = thin_product(k, static_cast<const uint16_t*>(x), M, K, a, r, rp, scale);
+  const std::vector<float> bt = transposed(b, N, r);
+  cpu::parallel_for(0, M, 8, 4, [&](int64_t m0, int64_t m1) {
+    k.lora_up_add(t.data(), rp, r, bt.data(), N, static_cast<const uint16_t*>(y_in), static_cast<uint16_t*>(y_out),
+                  m0, m1);
+  });
   return kOk;
 }
 
