@@ -15,9 +15,9 @@ int quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize, const C
 
 // out[0..n) (out_dtype) = decoded packed codes; one scale per block (float32 values, or
 // double-quantized codes decoded with block_scale's bits) and, for minmax, one float32 offset
-// per block. `stream` allows
-// non-temporal stores for large outputs: right for a caller's buffer that is not in cache,
-// wrong for a fresh allocation whose pages the kernel has just zeroed through the cache.
+// per block. `stream` allows non-temporal stores for large outputs: right for a caller's buffer
+// that is not in cache, wrong for a fresh allocation whose pages the kernel has just zeroed
+// through the cache.
 int dequantize_cpu(const uint8_t* packed, int64_t n, int64_t blocksize, const Codebook& cb, int rule,
                    const BlockScales& scales, const float* offsets, void* out, int out_dtype, bool stream);
 
