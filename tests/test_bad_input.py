@@ -269,3 +269,25 @@ def test_fit_codebook_does_not_modify_input():
 def test_fit_codebook_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         qengine.fit_codebook(torch.randn(64, 64), **kwargs)
+
+
+@pytest.mark.parametrize("op", ["dequantize_cpu", "dequantize_range_cpu", "sparse24_dequantize_cpu"])
+def test_native_dequantize_refuses_unknown_dtype_codes(op):
+    """An output dtype code the native side does not know raises before anything is written."""
+    from qengine import _C
+    from qengine.ops.weight import native_weight
+
+    q = qengine.quantize(torch.randn(16, 256), "nf4", 64, double_quant=True,
+                         sparsity="2:4" if op.startswith("sparse24") else None)
+    kw = q.kernel_weight()
+    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize,
+                           positions=kw.positions)
+    out = torch.full((16 * 256,), 7.0)
+    with pytest.raises(ValueError):
+        if op == "dequantize_cpu":
+            _C.dequantize_cpu(weight, out.numel(), out.data_ptr(), 3, False)
+        elif op == "dequantize_range_cpu":
+            _C.dequantize_range_cpu(weight, 0, out.numel(), out.data_ptr(), 3)
+        else:
+            _C.sparse24_dequantize_cpu(weight, out.numel() // 2, out.data_ptr(), 3)
+    assert (out == 7.0).all()  # nothing written

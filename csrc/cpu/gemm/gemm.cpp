@@ -73,8 +73,6 @@ std::unique_ptr<cpu::ScalePlanes> scale_planes(const BlockScales& scales, int64_
   return nullptr;
 }
 
-bool valid_float_dtype(int dtype) { return dtype == kFloat32 || dtype == kBFloat16 || dtype == kFloat16; }
-
 // The large-batch products write float32 sums or bfloat16 (x's dtype: each sum rounded once).
 bool valid_output_dtype(int dtype) { return dtype == kFloat32 || dtype == kBFloat16; }
 
@@ -103,7 +101,7 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
                      bool* done) {
   *done = false;
   if (M < 0 || K < 0 || N < 0 || ldx < K || blocksize < 1 || (cb.bits != 4 && cb.bits != 8) || lora.r < 0 ||
-      (lora.r > 0 && !valid_float_dtype(lora.dtype))) {
+      (lora.r > 0 && !valid_dtype(lora.dtype))) {
     return kInvalidArgument;
   }
   if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) ||

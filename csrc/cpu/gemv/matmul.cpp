@@ -65,8 +65,6 @@ std::vector<uint16_t> bf16_pair_order_x(const uint16_t* x, int64_t M, int64_t K,
   return interleave_x<4, uint16_t>(M, K, ldx, kPairOrder, [&](int64_t e) { return x[e]; });
 }
 
-bool valid_dtype(int dtype) { return dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16; }
-
 // src[first .. first + n) as float32: src itself when it is float32, else widened into buf.
 // One loop per dtype so the compiler vectorises the bfloat16 case (a shift).
 const float* float_row(const void* src, int dtype, int64_t first, int64_t n, float* buf) {

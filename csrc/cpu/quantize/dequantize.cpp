@@ -71,7 +71,9 @@ void decode_whole_blocks(const cpu::QuantizeKernels& k, const uint8_t* packed, i
 int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t n, int64_t blocksize, const Codebook& cb,
                          int rule, const BlockScales& scales, const float* offsets, void* out, int out_dtype,
                          bool allow_stream) {
-  if (n < 0 || first < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
+  if (n < 0 || first < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8) || !valid_dtype(out_dtype)) {
+    return kInvalidArgument;
+  }
   if (n == 0) return kOk;
   const cpu::QuantizeKernels& k = cpu::quantize_kernels();
   const int esz = dtype_size(out_dtype);

@@ -117,8 +117,6 @@ void decode_weights(const cpu::QuantizeKernels& k, const uint8_t* packed, const 
   }
 }
 
-bool valid_dtype(int dtype) { return dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16; }
-
 bool power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
 }  // namespace

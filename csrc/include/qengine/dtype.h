@@ -20,6 +20,10 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 static inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
+// Whether a code from the Python side names one of the element types above (the native entry
+// points check every dtype code they are handed).
+static inline bool valid_dtype(int dtype) { return dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16; }
+
 QE_HD uint32_t float_bits(float f) {
   uint32_t u;
 #if defined(__CUDA_ARCH__)
