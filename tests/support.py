@@ -1,7 +1,7 @@
 """Helpers shared by several test modules (no test module imports another): a small language
 model and its LoRA training loop, the training loop of a transformers causal LM, and the matmul
-tests' quantized weight with its float64 reference and error bound, and the native large-batch
-products called directly."""
+tests' quantized weight with its float64 reference and error bound, and the native entry points'
+WeightRef and large-batch products called directly."""
 
 from __future__ import annotations
 
@@ -136,12 +136,20 @@ def tiny_llama(hidden=256, inter=384, layers=2, heads=4, kv=2, vocab=320, seed=0
     return LlamaForCausalLM(config).eval()
 
 
+def native_ref(q):
+    """(kw, weight): q's KernelWeight and the WeightRef tuple the native entry points take, its
+    scales as stored (double-quantized codes included). The tuple holds only addresses: keep kw
+    alive while it is used (a minmax weight's offsets are decoded into a tensor only kw owns)."""
+    kw = q.kernel_weight()
+    return kw, native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize,
+                             kw.positions)
+
+
 # The native large-batch products (csrc/cpu/gemm) called directly, for test_gemm*.py.
 def large_product(x, q, out_dtype=torch.float32, lora=None):
     """(done, y) of _C.matmul_large_cpu for x [M, K] and the QuantizedTensor q [N, K]: y float32,
     or out_dtype; lora = (a, b, scale) or None."""
-    kw = q.kernel_weight()
-    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize, kw.positions)
+    kw, weight = native_ref(q)
     m, k = x.shape
     n = q.shape[0]
     y = torch.full((m, n), float("nan"), dtype=out_dtype)
@@ -156,8 +164,7 @@ def large_product(x, q, out_dtype=torch.float32, lora=None):
 def large_product_t(g, q, out_dtype=torch.float32):
     """(done, gx) of _C.matmul_t_large_cpu for g [M, N] and the QuantizedTensor q [N, K]: gx
     float32, or out_dtype."""
-    kw = q.kernel_weight()
-    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize, kw.positions)
+    kw, weight = native_ref(q)
     m, n = g.shape
     k = q.shape[1]
     gx = torch.full((m, k), float("nan"), dtype=out_dtype)

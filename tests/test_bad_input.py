@@ -275,13 +275,11 @@ def test_fit_codebook_bad_arguments(kwargs):
 def test_native_dequantize_refuses_unknown_dtype_codes(op):
     """An output dtype code the native side does not know raises before anything is written."""
     from qengine import _C
-    from qengine.ops.weight import native_weight
+    from support import native_ref
 
     q = qengine.quantize(torch.randn(16, 256), "nf4", 64, double_quant=True,
                          sparsity="2:4" if op.startswith("sparse24") else None)
-    kw = q.kernel_weight()
-    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize,
-                           positions=kw.positions)
+    kw, weight = native_ref(q)  # noqa: F841 (kw keeps the weight's tensors alive)
     out = torch.full((16 * 256,), 7.0)
     with pytest.raises(ValueError):
         if op == "dequantize_cpu":

@@ -203,14 +203,13 @@ def test_native_dequantize_decodes_nested_scales(fmt, dtype, shape, blocksize):
     scale batches and thread ranges."""
     from qengine import _C
     from qengine._checks import DTYPE_CODES
-    from qengine.ops.weight import native_weight
+    from support import native_ref
 
     x = make_input(shape, torch.float32)
     q = qengine.quantize(x, fmt, blocksize, double_quant=True)
     expected = ref.dequantize(ref.quantize(x, fmt_of(fmt), blocksize, double_quant=True), dtype).reshape(-1)
-    kw = q.kernel_weight()
+    kw, weight = native_ref(q)
     assert kw.nested  # the scales go in as codes
-    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize)
     n = x.numel()
     out = torch.empty(n, dtype=dtype)
     _C.dequantize_cpu(weight, n, out.data_ptr(), DTYPE_CODES[dtype], False)

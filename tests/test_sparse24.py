@@ -46,14 +46,12 @@ def test_native_dequantize_decodes_nested_scales(fmt, blocksize):
     them with the reference's bits."""
     from qengine import _C
     from qengine._checks import DTYPE_CODES
-    from qengine.ops.weight import native_weight
+    from support import native_ref
 
     x = make_input((9, 1032), torch.float32)
     q = qengine.quantize(x, fmt, blocksize, double_quant=True, sparsity="2:4")
-    kw = q.kernel_weight()
+    kw, weight = native_ref(q)
     assert kw.nested  # the scales go in as codes
-    weight = native_weight(kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits, kw.blocksize,
-                           positions=kw.positions)
     out = torch.empty(x.shape, dtype=torch.bfloat16)
     _C.sparse24_dequantize_cpu(weight, x.numel() // 2, out.data_ptr(), DTYPE_CODES[out.dtype])
     assert torch.equal(out, ref_sparse_dequantize(x, fmt, blocksize, True, torch.bfloat16))
