@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <string>
 
+#include <limits>
+
 #include "bind_args.h"
 #include "cpu/common/isa.h"
 #include "cpu/common/thread_pool.h"
@@ -61,6 +63,21 @@ int dequantize_range_cpu(const py::tuple& weight, int64_t first, int64_t count, 
   return without_gil([&] {
     return qengine::dequantize_range_cpu(w.packed_ptr(), first, count, w.blocksize, w.codebook(), w.rule,
                                          w.block_scales(), w.offsets_ptr(), ptr<void>(out), out_dtype);
+  });
+}
+
+int dequantize_columns_cpu(const py::tuple& weight, int64_t rows, int64_t K, int64_t k0, int64_t cols, addr out,
+                           int out_dtype) {
+  if (rows < 0 || K < 0 || k0 < 0 || cols < 0 || k0 > K || cols > K - k0) {
+    throw py::value_error("qengine: dequantize_columns: columns [k0, k0 + cols) outside the rows' K");
+  }
+  if (K > 0 && rows > std::numeric_limits<int64_t>::max() / K) {
+    throw py::value_error("qengine: dequantize_columns: rows * K overflows int64");
+  }
+  const WeightRef w = weight_ref(weight, rows * K);
+  return without_gil([&] {
+    return qengine::dequantize_columns_cpu(w.packed_ptr(), rows, K, k0, cols, w.blocksize, w.codebook(), w.rule,
+                                           w.block_scales(), w.offsets_ptr(), ptr<void>(out), out_dtype);
   });
 }
 
@@ -259,6 +276,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_cpu", &quantize_cpu, release());
   m.def("dequantize_cpu", &dequantize_cpu);  // releases the GIL itself
   m.def("dequantize_range_cpu", &dequantize_range_cpu);  // releases the GIL itself
+  m.def("dequantize_columns_cpu", &dequantize_columns_cpu);  // releases the GIL itself
   m.def("matmul_cpu", &matmul_cpu);  // releases the GIL itself
   m.def("matmul_large_cpu", &matmul_large_cpu);  // releases the GIL itself
   m.def("gemm_min_rows", &qengine::gemm_min_rows, py::arg("sparse24") = false,

@@ -271,7 +271,8 @@ def test_fit_codebook_bad_arguments(kwargs):
         qengine.fit_codebook(torch.randn(64, 64), **kwargs)
 
 
-@pytest.mark.parametrize("op", ["dequantize_cpu", "dequantize_range_cpu", "sparse24_dequantize_cpu"])
+@pytest.mark.parametrize("op", ["dequantize_cpu", "dequantize_range_cpu", "dequantize_columns_cpu",
+                                "sparse24_dequantize_cpu"])
 def test_native_dequantize_refuses_unknown_dtype_codes(op):
     """An output dtype code the native side does not know raises before anything is written."""
     from qengine import _C
@@ -286,6 +287,24 @@ def test_native_dequantize_refuses_unknown_dtype_codes(op):
             _C.dequantize_cpu(weight, out.numel(), out.data_ptr(), 3, False)
         elif op == "dequantize_range_cpu":
             _C.dequantize_range_cpu(weight, 0, out.numel(), out.data_ptr(), 3)
+        elif op == "dequantize_columns_cpu":
+            _C.dequantize_columns_cpu(weight, 16, 256, 0, 256, out.data_ptr(), 3)
         else:
             _C.sparse24_dequantize_cpu(weight, out.numel() // 2, out.data_ptr(), 3)
     assert (out == 7.0).all()  # nothing written
+
+
+@pytest.mark.parametrize("rows, k, k0, cols", [(16, 256, -1, 8), (16, 256, 0, -1), (16, 256, 250, 7), (16, 256, 257, 0),
+                                              (-1, 256, 0, 8), (17, 256, 0, 8), (1 << 62, 1 << 10, 0, 8)])
+def test_native_dequantize_columns_refuses_bad_ranges(rows, k, k0, cols):
+    """Columns outside [0, K), negative counts, more rows than the weight holds and a rows * K
+    that overflows raise ValueError before anything is written."""
+    from qengine import _C
+    from support import native_ref
+
+    q = qengine.quantize(torch.randn(16, 256), "nf4", 64, double_quant=True)
+    kw, weight = native_ref(q)  # noqa: F841 (kw keeps the weight's tensors alive)
+    out = torch.full((16 * 256,), 7.0)
+    with pytest.raises(ValueError):
+        _C.dequantize_columns_cpu(weight, rows, k, k0, cols, out.data_ptr(), 1)
+    assert (out == 7.0).all()

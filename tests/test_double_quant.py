@@ -218,3 +218,30 @@ def test_native_dequantize_decodes_nested_scales(fmt, dtype, shape, blocksize):
         part = torch.empty(count, dtype=dtype)
         _C.dequantize_range_cpu(weight, first, count, part.data_ptr(), DTYPE_CODES[dtype])
         assert torch.equal(part, expected[first:first + count]), (first, count)
+
+
+@pytest.mark.parametrize("shape, blocksize", [((257, 33), 32), ((96, 1000), 64), ((40, 1024), 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "uint4", "int8", "uint8"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_native_dequantize_columns(fmt, dtype, shape, blocksize, double_quant):
+    """_C.dequantize_columns_cpu (the backward's dense fallback, a tile of columns at a time):
+    columns [k0, k0 + cols) of every row, bit for bit the reference's, for column ranges that
+    start and end inside blocks, rows whose blocks run on into the next row (K not a multiple
+    of the block size), and the whole width."""
+    from qengine import _C
+    from qengine._checks import DTYPE_CODES
+    from support import native_ref
+
+    x = make_input(shape, torch.float32)
+    q = qengine.quantize(x, fmt, blocksize, double_quant=double_quant)
+    rq = ref.quantize(x, fmt_of(fmt), blocksize, double_quant=double_quant)
+    expected = ref.dequantize(rq, dtype).reshape(shape)
+    kw, weight = native_ref(q)  # noqa: F841 (kw keeps the weight's tensors alive)
+    rows, k = shape
+    inside = min(blocksize // 2 + 3, k // 3)  # a start inside the row's first block
+    second = min(blocksize, k - 1)
+    for k0, cols in [(0, k), (0, 1), (inside, k // 2), (k - 7, 7), (second, k - second), (k, 0)]:
+        tile = torch.full((rows, cols), float("nan"), dtype=dtype)
+        _C.dequantize_columns_cpu(weight, rows, k, k0, cols, tile.data_ptr(), DTYPE_CODES[dtype])
+        assert torch.equal(tile, expected[:, k0:k0 + cols]), (k0, cols)

@@ -320,6 +320,36 @@ def test_large_batch_tiles_match_the_whole_layer_product(monkeypatch, dtype):
     assert ((y.to(torch.float64) - x64 @ w64.t()).abs() <= matmul_bound(x64, w64, dtype)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bfloat16 g may take the native GEMM (test_gemm)
+@pytest.mark.parametrize("k", [200, 256])
+def test_backward_tiles_match_the_whole_layer_product(monkeypatch, dtype, k):
+    """The backward's dense fallback, more than 16 rows of g: W is dequantized a tile of columns
+    at a time (64 columns here, the last one short for K = 200, whose blocks run on into the next
+    row), every column of gx one GEMM over all of N: within the GEMM's own rounding of g @
+    dequantize(W), and within the float64 bound; the whole-width path gives the same."""
+    from qengine.ops import cpu as _ops
+
+    q = qengine.quantize(torch.randn(45, k), "nf4", 64, double_quant=True)
+    kw = q.kernel_weight()
+    g = torch.randn(2, 17, 45).to(dtype)
+
+    def backward():
+        return torch.ops.qengine.matmul_t(g, kw.packed, kw.table, kw.scales, kw.nested, kw.offsets, kw.bits,
+                                          kw.blocksize, k)
+
+    whole = backward()
+    monkeypatch.setattr(_ops, "DENSE_TILE_BYTES", 45 * 64 * g.element_size())
+    monkeypatch.setattr(_ops, "MIN_TILE_COLUMNS", 64)
+    gx = backward()
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-10
+    reference = g @ q.dequantize(dtype)
+    for out in (gx, whole):
+        assert out.shape == (2, 17, k) and out.dtype == dtype
+        assert torch.allclose(out.float(), reference.float(), rtol=tol, atol=tol * 10)
+    g64, w64 = g.to(torch.float64), q.dequantize().to(torch.float64)
+    assert ((gx.to(torch.float64) - g64 @ w64).abs() <= matmul_bound(g64, w64.t(), dtype)).all()
+
+
 @pytest.mark.filterwarnings(TORCH_JIT_DEPRECATION)
 @pytest.mark.parametrize("layout", ["dense", "2:4"])
 def test_nograd_twin_is_the_same_product(layout):

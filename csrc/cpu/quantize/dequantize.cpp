@@ -66,6 +66,27 @@ void decode_whole_blocks(const cpu::QuantizeKernels& k, const uint8_t* packed, i
   }
 }
 
+// Elements [i, end) into out: whole blocks by the batched path where the range reaches them,
+// the partial blocks at either end one block at a time.
+void decode_range(const cpu::QuantizeKernels& k, const uint8_t* packed, int64_t i, int64_t end, int64_t blocksize,
+                  const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, char* out,
+                  int out_dtype, bool stream) {
+  const int esz = dtype_size(out_dtype);
+  if (k.decode_blocks4 != nullptr && cb.bits == 4 && blocksize % 32 == 0) {
+    const int64_t head_end = std::min(end, (i + blocksize - 1) / blocksize * blocksize);
+    cpu::decode_span(k, packed, i, head_end - i, blocksize, cb, rule, scales, offsets, out, out_dtype, stream);
+    out += (head_end - i) * esz;
+    i = head_end;
+    const int64_t full = (end - i) / blocksize;  // whole blocks from i (a block boundary, or end)
+    if (full > 0) {
+      decode_whole_blocks(k, packed, i / blocksize, full, blocksize, cb, rule, scales, offsets, out, out_dtype, stream);
+      out += full * blocksize * esz;
+      i += full * blocksize;
+    }
+  }
+  cpu::decode_span(k, packed, i, end - i, blocksize, cb, rule, scales, offsets, out, out_dtype, stream);
+}
+
 }  // namespace
 
 int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t n, int64_t blocksize, const Codebook& cb,
@@ -83,20 +104,33 @@ int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t n, int64_
   // path), else on 64 elements: a whole byte and cache line.
   const int64_t align = (first == 0 && blocksize % 64 == 0) ? blocksize : 64;
   cpu::parallel_for(0, n, 32768, align, [&](int64_t lo, int64_t hi) {
-    int64_t i = first + lo;
-    if (k.decode_blocks4 != nullptr && cb.bits == 4 && blocksize % 32 == 0 && i % blocksize == 0) {
-      const int64_t full = (first + hi) / blocksize - i / blocksize;  // whole blocks in the range
-      if (full > 0) {
-        decode_whole_blocks(k, packed, i / blocksize, full, blocksize, cb, rule, scales, offsets,
-                            static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
-        i += full * blocksize;
-      }
-    }
-    cpu::decode_span(k, packed, i, first + hi - i, blocksize, cb, rule, scales, offsets,
-                     static_cast<char*>(out) + (i - first) * esz, out_dtype, stream);
+    decode_range(k, packed, first + lo, first + hi, blocksize, cb, rule, scales, offsets,
+                 static_cast<char*>(out) + lo * esz, out_dtype, stream);
 #if defined(__x86_64__) || defined(_M_X64)
     if (stream) _mm_sfence();  // order the non-temporal stores before the caller reads
 #endif
+  });
+  return kOk;
+}
+
+int dequantize_columns_cpu(const uint8_t* packed, int64_t rows, int64_t K, int64_t k0, int64_t cols,
+                           int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
+                           const float* offsets, void* out, int out_dtype) {
+  if (rows < 0 || K < 0 || k0 < 0 || cols < 0 || k0 > K || cols > K - k0 || blocksize < 1 ||
+      (cb.bits != 4 && cb.bits != 8) || !valid_dtype(out_dtype)) {
+    return kInvalidArgument;
+  }
+  if (rows == 0 || cols == 0) return kOk;
+  const cpu::QuantizeKernels& k = cpu::quantize_kernels();
+  const int esz = dtype_size(out_dtype);
+  // Rows to a thread task: at least ~32K elements each, as dequantize_range_cpu's ranges.
+  const int64_t grain = std::max<int64_t>(1, 32768 / cols);
+  cpu::parallel_for(0, rows, grain, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t first = r * K + k0;
+      decode_range(k, packed, first, first + cols, blocksize, cb, rule, scales, offsets,
+                   static_cast<char*>(out) + r * cols * esz, out_dtype, false);
+    }
   });
   return kOk;
 }

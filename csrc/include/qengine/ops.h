@@ -26,6 +26,12 @@ int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t count, in
                          int rule, const BlockScales& scales, const float* offsets, void* out, int out_dtype,
                          bool stream = false);
 
+// out[n * cols + j] = decoded element n * K + k0 + j for n < rows, j < cols (k0 + cols <= K):
+// columns [k0, k0 + cols) of the quantized [rows, K] tensor as a dense [rows, cols] tile.
+int dequantize_columns_cpu(const uint8_t* packed, int64_t rows, int64_t K, int64_t k0, int64_t cols,
+                           int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
+                           const float* offsets, void* out, int out_dtype);
+
 // y[M, N] (float32) = x[M, K] (x_dtype, row stride ldx) @ W^T, W the quantized [N, K] weight
 // (flat blocks over its row-major elements). Decodes each weight row once for all M rows;
 // float32 accumulation. bfloat16 x may use the bfloat16 dot-product kernel, whose weights
