@@ -76,7 +76,7 @@ run_tests() {
 # tests below, at sizes ASan makes slow).
 run_tests tests/test_functional.py tests/test_matmul.py tests/test_double_quant.py tests/test_bad_input.py \
   tests/test_tensor.py tests/test_corrupt.py tests/test_threads.py tests/property/test_prop_quantize.py \
-  tests/property/test_prop_matmul.py tests/test_moe_ops.py tests/test_gemm.py tests/test_gemm_amx.py \
+  tests/property/test_prop_matmul.py tests/test_moe_ops.py tests/test_gemm.py tests/test_gemm_amx.py tests/test_sparse24.py \
   -k "not compile and not opcheck and not large_matrix and not isas_match_scalar and not tiny_scales and not many_nested"
 # The fused optimizer step: both state codes' search tables (gather-free and gather) and
 # minifloat forms against the reference, the form check on malformed forms, non-finite blocks

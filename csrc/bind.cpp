@@ -186,6 +186,27 @@ int sparse24_dequantize_cpu(const py::tuple& weight, int64_t S, addr out, int ou
   });
 }
 
+int sparse24_dequantize_columns_cpu(const py::tuple& weight, int64_t row0, int64_t rows, int64_t N, int64_t K,
+                                    int64_t k0, int64_t cols, addr out, int out_dtype) {
+  if (row0 < 0 || rows < 0 || N < 0 || K < 0 || row0 > N || rows > N - row0 || k0 < 0 || cols < 0 || k0 > K ||
+      cols > K - k0) {
+    throw py::value_error("qengine: sparse24_dequantize_columns: rows or columns outside the [N, K] weight");
+  }
+  if (K > 0 && N > std::numeric_limits<int64_t>::max() / K) {
+    throw py::value_error("qengine: sparse24_dequantize_columns: N * K overflows int64");
+  }
+  if (K % 256 != 0 || k0 % 256 != 0 || cols % 256 != 0) {
+    throw py::value_error("qengine: sparse24_dequantize_columns: K, k0 and cols must be multiples of 256");
+  }
+  const WeightRef w = weight_ref(weight, N * K / 2);
+  if (N * K > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
+  return without_gil([&] {
+    return qengine::sparse24_dequantize_columns_cpu(w.packed_ptr(), w.positions_ptr(), N * K / 2, row0, rows, K, k0,
+                                                    cols, w.blocksize, w.codebook(), w.rule, w.block_scales(),
+                                                    w.offsets_ptr(), ptr<void>(out), out_dtype);
+  });
+}
+
 int sparse24_matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight,
                         addr y) {
   const WeightRef w = weight_ref(weight, N * K / 2);
@@ -290,6 +311,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cast_float_cpu", &cast_float_cpu, release());
   m.def("kmeans_accumulate_cpu", &kmeans_accumulate_cpu, release());
   m.def("sparse24_dequantize_cpu", &sparse24_dequantize_cpu);  // releases the GIL itself
+  m.def("sparse24_dequantize_columns_cpu", &sparse24_dequantize_columns_cpu);  // releases the GIL itself
   m.def("sparse24_matmul_cpu", &sparse24_matmul_cpu);  // releases the GIL itself
   m.def("cpu_isa", [] { return std::string(qengine::cpu::isa_name()); });
   m.def("supported_isas", [] { return std::string(qengine::cpu::supported_isas()); });

@@ -57,6 +57,58 @@ def test_native_dequantize_decodes_nested_scales(fmt, blocksize):
     assert torch.equal(out, ref_sparse_dequantize(x, fmt, blocksize, True, torch.bfloat16))
 
 
+@pytest.mark.parametrize("fmt, blocksize, double_quant", [("nf4", 64, True), ("int8", 32, False), ("uint4", 128, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_dequantize_columns(fmt, blocksize, double_quant, dtype):
+    """_C.sparse24_dequantize_columns_cpu (the fallback products' tiles): rows [row0, row0 + rows)
+    by columns [k0, k0 + cols), whole 256-weight chunks, bit for bit the reference's; a range
+    that is no whole chunks, or past the weight, raises ValueError and writes nothing."""
+    from qengine import _C
+    from qengine._checks import DTYPE_CODES
+    from support import native_ref
+
+    n, k = 7, 768
+    x = make_input((n, k), torch.float32)
+    q = qengine.quantize(x, fmt, blocksize, double_quant=double_quant, sparsity="2:4")
+    expected = ref_sparse_dequantize(x, fmt, blocksize, double_quant, dtype)
+    kw, weight = native_ref(q)  # noqa: F841 (kw keeps the weight's tensors alive)
+    code = DTYPE_CODES[dtype]
+    for row0, rows, k0, cols in [(0, n, 0, k), (2, 3, 0, k), (0, n, 256, 512), (6, 1, 512, 256), (3, 0, 0, k)]:
+        tile = torch.full((rows, cols), float("nan"), dtype=dtype)
+        _C.sparse24_dequantize_columns_cpu(weight, row0, rows, n, k, k0, cols, tile.data_ptr(), code)
+        assert torch.equal(tile, expected[row0:row0 + rows, k0:k0 + cols]), (row0, rows, k0, cols)
+    out = torch.full((n * k,), 7.0, dtype=dtype)
+    for row0, rows, k0, cols in [(0, n, 128, 256), (0, n, 0, 200), (5, 3, 0, k), (-1, 2, 0, k), (0, n, 512, 512)]:
+        with pytest.raises(ValueError):
+            _C.sparse24_dequantize_columns_cpu(weight, row0, rows, n, k, k0, cols, out.data_ptr(), code)
+    assert (out == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bfloat16 x may take the native GEMM
+def test_fallback_tiles_match_the_whole_layer_product(monkeypatch, dtype):
+    """More than 16 rows without the native GEMM: the forward takes W a tile of rows at a time
+    (3 rows here), the backward a tile of 256 columns at a time, each tile one GEMM: within the
+    GEMM's own rounding of the whole-layer products, and the gradient within the float64 bound."""
+    from qengine.ops import cpu as _ops
+    from support import matmul_bound
+
+    q = qengine.quantize(torch.randn(10, 768), "nf4", 64, double_quant=True, sparsity="2:4")
+    kw = q.kernel_weight()
+    x = torch.randn(20, 768).to(dtype)
+    g = torch.randn(20, 10).to(dtype)
+    w = q.dequantize(dtype)
+    monkeypatch.setattr(_ops, "DENSE_TILE_BYTES", 3 * 768 * x.element_size())
+    monkeypatch.setattr(_ops, "MIN_TILE_COLUMNS", 256)
+    y = qengine.matmul(x, q)
+    gx = torch.ops.qengine.sparse24_matmul_t(g, kw.packed, kw.positions, kw.table, kw.scales, kw.nested, kw.offsets,
+                                             kw.bits, kw.blocksize, 768)
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-10
+    assert torch.allclose(y.float(), (x @ w.t()).float(), rtol=tol, atol=tol * 10)
+    assert torch.allclose(gx.float(), (g @ w).float(), rtol=tol, atol=tol * 10)
+    g64, w64 = g.to(torch.float64), w.to(torch.float64)  # the weights the fallback multiplies, in dtype
+    assert ((gx.to(torch.float64) - g64 @ w64).abs() <= matmul_bound(g64, w64.t(), dtype)).all()
+
+
 @pytest.mark.parametrize("isa", SUPPORTED)
 def test_dequantize_every_isa(isa, isa_restore):
     qengine.set_cpu_isa(isa)

@@ -154,6 +154,38 @@ int sparse24_dequantize_cpu(const uint8_t* packed, const uint8_t* positions, int
   return kOk;
 }
 
+int sparse24_dequantize_columns_cpu(const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t row0,
+                                    int64_t rows, int64_t K, int64_t k0, int64_t cols, int64_t blocksize,
+                                    const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
+                                    void* out, int out_dtype) {
+  constexpr int64_t kChunkWeights = 2 * kChunk24;
+  if (S < 0 || row0 < 0 || rows < 0 || K < 0 || k0 < 0 || cols < 0 || K % kChunkWeights != 0 ||
+      k0 % kChunkWeights != 0 || cols % kChunkWeights != 0 || k0 > K || cols > K - k0 || blocksize < 1 ||
+      (cb.bits != 4 && cb.bits != 8) || !valid_dtype(out_dtype)) {
+    return kInvalidArgument;
+  }
+  if (rows == 0 || cols == 0) return kOk;
+  if (K == 0 || row0 > 2 * S / K || rows > 2 * S / K - row0) return kInvalidArgument;  // rows past the weight's
+  const cpu::QuantizeKernels& k = cpu::quantize_kernels();
+  const int esz = dtype_size(out_dtype);
+  const int64_t row_chunks = cols / kChunkWeights;
+  // Rows to a thread task: at least 64 chunks each, as sparse24_dequantize_cpu's.
+  const int64_t grain = std::max<int64_t>(1, 64 / row_chunks);
+  cpu::parallel_for(0, rows, grain, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> vals(static_cast<size_t>(kBatchChunks * kChunk24));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t first = ((row0 + r) * K + k0) / kChunkWeights;  // the row's first chunk in the tile
+      char* row_out = static_cast<char*>(out) + r * cols * esz;
+      for (int64_t c = 0; c < row_chunks; c += kBatchChunks) {
+        const int64_t ce = std::min(row_chunks, c + kBatchChunks);
+        decode_chunks(k, packed, positions, S, first + c, first + ce, blocksize, cb, rule, scales, offsets,
+                      row_out + c * kChunkWeights * esz, out_dtype, vals.data());
+      }
+    }
+  });
+  return kOk;
+}
+
 int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N,
                         const uint8_t* packed, const uint8_t* positions, int64_t blocksize, const Codebook& cb,
                         int rule, const BlockScales& scales, const float* offsets, float* y) {

@@ -116,6 +116,14 @@ int sparse24_dequantize_cpu(const uint8_t* packed, const uint8_t* positions, int
                             const Codebook& cb, int rule, const BlockScales& scales, const float* offsets, void* out,
                             int out_dtype);
 
+// Columns [k0, k0 + cols) of rows [row0, row0 + rows) of the 2:4 weight [N, K] (S = N * K / 2
+// stored values) as a dense [rows, cols] tile, whole 256-weight chunks only: K, k0 and cols
+// multiples of 256 (else kInvalidArgument).
+int sparse24_dequantize_columns_cpu(const uint8_t* packed, const uint8_t* positions, int64_t S, int64_t row0,
+                                    int64_t rows, int64_t K, int64_t k0, int64_t cols, int64_t blocksize,
+                                    const Codebook& cb, int rule, const BlockScales& scales, const float* offsets,
+                                    void* out, int out_dtype);
+
 // y[M, N] (float32) = x[M, K] @ W^T for the 2:4 sparse W [N, K] (K % 4 == 0), as matmul_cpu.
 int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N,
                         const uint8_t* packed, const uint8_t* positions, int64_t blocksize, const Codebook& cb,

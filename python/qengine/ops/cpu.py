@@ -167,24 +167,29 @@ def _large_batch_product_t(g2, k, weight):
     return gx
 
 
-def _tiled_product(x2, weight, n):
-    """x2 [M, K] @ W^T for the quantized W [N, K] (its WeightRef `weight`; double-quantized scales
-    are decoded natively), W dequantized into x2's dtype a tile of rows at a time; each tile's
-    output columns come from one GEMM over all of K."""
+def _tiled_product(x2, n, decode_rows):
+    """x2 [M, K] @ W^T for the quantized W [N, K], W dequantized into x2's dtype a tile of rows
+    at a time (decode_rows(first_row, tile): rows first_row.. into the contiguous tile); each
+    tile's output columns come from one GEMM over all of K."""
     m, k = x2.shape
     rows = max(1, min(n, DENSE_TILE_BYTES // max(1, k * x2.element_size())))
     tile = torch.empty(rows, k, dtype=x2.dtype)
     if rows == n:  # one tile: the GEMM writes y itself
         if k:
-            _C.dequantize_range_cpu(weight, 0, tile.numel(), tile.data_ptr(), DTYPE_CODES[x2.dtype])
+            decode_rows(0, tile)
         return x2 @ tile.t()
     y = torch.empty(m, n, dtype=x2.dtype)
     for first in range(0, n, rows):
         w = tile[: min(rows, n - first)]
         if k:
-            _C.dequantize_range_cpu(weight, first * k, w.numel(), w.data_ptr(), DTYPE_CODES[x2.dtype])
+            decode_rows(first, w)
         y[:, first:first + w.shape[0]] = x2 @ w.t()
     return y
+
+
+def _dense_rows(weight, k):
+    """decode_rows for _tiled_product: rows of the dense layout, a flat range of its elements."""
+    return lambda first, w: _C.dequantize_range_cpu(weight, first * k, w.numel(), w.data_ptr(), DTYPE_CODES[w.dtype])
 
 
 def _add_lora_side(y, x2, lora_a, lora_b, lora_scale):
@@ -223,7 +228,7 @@ def _(x, packed, table, scales, scales_nested, offsets, bits, blocksize, out_fea
     if y is None and m <= mm.SMALL_BATCH_ROWS:
         y = _small_batch_product(_C.matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
     elif y is None:  # no native large-batch kernel for this dtype / format / shape / CPU
-        y = _add_lora_side(_tiled_product(x2, weight, n), x2, lora_a, lora_b, lora_scale)
+        y = _add_lora_side(_tiled_product(x2, n, _dense_rows(weight, k)), x2, lora_a, lora_b, lora_scale)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
@@ -241,33 +246,44 @@ def _(g, packed, table, scales, scales_nested, offsets, bits, blocksize, in_feat
             _C.matmul_t_cpu(gf.data_ptr(), m, n, k, weight, gx.data_ptr())
         gx = gx.to(g.dtype)
     elif gx is None:  # no native large-batch kernel: W dequantized for torch's GEMM
-        gx = _tiled_product_t(g2, weight, n, k)
+        gx = _tiled_product_t(g2, n, k, _dense_columns(weight, n, k))
     return gx.reshape(*g.shape[:-1], k)
 
 
-def _tiled_product_t(g2, weight, n, k):
-    """g2 [M, N] @ W for the quantized W [N, K] (its WeightRef `weight`), W dequantized into
-    g2's dtype: whole where it fits DENSE_TILE_BYTES, else a tile of columns at a time (every
-    output column still one GEMM over all of N, so the sums are those of the whole product). A
-    fresh dense copy of a large W costs page faults on every call (11008x4096 bfloat16: 13.4 ms
-    against 7.3 into a reused tile) and holds the whole layer in memory at once."""
+def _tiled_product_t(g2, n, k, decode_columns, column_align=64):
+    """g2 [M, N] @ W for the quantized W [N, K], W dequantized into g2's dtype: whole where it
+    fits DENSE_TILE_BYTES, else a tile of columns at a time (decode_columns(k0, tile): columns
+    k0.. of every row into the contiguous tile; widths multiples of column_align), every output
+    column still one GEMM over all of N, so the sums are those of the whole product. A fresh
+    dense copy of a large W costs page faults on every call (11008x4096 bfloat16: 13.4 ms against
+    7.3 into a reused tile) and holds the whole layer in memory at once."""
     m, esize = g2.shape[0], g2.element_size()
     cols = k
     if n * k * esize > DENSE_TILE_BYTES:  # at least MIN_TILE_COLUMNS: torch's GEMM slows on narrow tiles
-        cols = max(MIN_TILE_COLUMNS, DENSE_TILE_BYTES // max(1, n * esize)) // 64 * 64
+        cols = max(MIN_TILE_COLUMNS, DENSE_TILE_BYTES // max(1, n * esize)) // column_align * column_align
     tile = torch.empty(n * min(cols, k), dtype=g2.dtype)
     if cols >= k:
         w = tile.view(n, k)
         if n and k:
-            _C.dequantize_cpu(weight, n * k, w.data_ptr(), DTYPE_CODES[w.dtype], False)
+            decode_columns(0, w)
         return g2 @ w
     gx = torch.empty(m, k, dtype=g2.dtype)
     for k0 in range(0, k, cols):
-        width = min(cols, k - k0)
-        w = tile[: n * width].view(n, width)
-        _C.dequantize_columns_cpu(weight, n, k, k0, width, w.data_ptr(), DTYPE_CODES[w.dtype])
-        gx[:, k0:k0 + width] = g2 @ w
+        w = tile[: n * min(cols, k - k0)].view(n, -1)
+        decode_columns(k0, w)
+        gx[:, k0:k0 + w.shape[1]] = g2 @ w
     return gx
+
+
+def _dense_columns(weight, n, k):
+    """decode_columns for _tiled_product_t: columns of the dense layout (the whole width as one
+    flat range)."""
+    def decode(k0, w):
+        if w.shape[1] == k:
+            _C.dequantize_cpu(weight, n * k, w.data_ptr(), DTYPE_CODES[w.dtype], False)
+        else:
+            _C.dequantize_columns_cpu(weight, n, k, k0, w.shape[1], w.data_ptr(), DTYPE_CODES[w.dtype])
+    return decode
 
 
 @mm.lora_backward_op.register_kernel("cpu")
@@ -322,12 +338,32 @@ def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
     y = _large_batch_product(x2, n, weight, lora_a, lora_b, lora_scale) if _large_batch_first(m, True) else None
     if y is None and m <= mm.SMALL_BATCH_ROWS:
         y = _small_batch_product(_C.sparse24_matmul_cpu, x2, n, weight, lora_a, lora_b, lora_scale)
-    elif y is None:  # no native large-batch kernel: a dense copy of W for one torch GEMM
+    elif y is None and k % SPARSE24_TILE_ALIGN == 0:  # no native large-batch kernel: W in tiles of rows
+        y = _add_lora_side(_tiled_product(x2, n, _sparse24_rows(weight, n, k)), x2, lora_a, lora_b, lora_scale)
+    elif y is None:  # rows that are no whole 2:4 chunks: a dense copy of W for one torch GEMM
         w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize,
                                        n, k, x.dtype)
         y = mm.add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
         del w  # the dense copy lives only for this product
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+# The 2:4 layout's tiles are whole 256-weight chunks (csrc/cpu/sparse/sparse24.h), so rows of K
+# weights tile it only when K is a multiple of 256.
+SPARSE24_TILE_ALIGN = 256
+
+
+def _sparse24_rows(weight, n, k):
+    """decode_rows for _tiled_product: whole rows of the 2:4 layout (K % 256 == 0)."""
+    return lambda first, w: _C.sparse24_dequantize_columns_cpu(weight, first, w.shape[0], n, k, 0, k, w.data_ptr(),
+                                                               DTYPE_CODES[w.dtype])
+
+
+def _sparse24_columns(weight, n, k):
+    """decode_columns for _tiled_product_t: columns of every row of the 2:4 layout (K, k0 and
+    the tile's width multiples of 256)."""
+    return lambda k0, w: _C.sparse24_dequantize_columns_cpu(weight, 0, n, n, k, k0, w.shape[1], w.data_ptr(),
+                                                            DTYPE_CODES[w.dtype])
 
 
 @sparse.sparse24_matmul_t.register_kernel("cpu")
@@ -339,7 +375,10 @@ def _(g, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
     if _large_batch_first(g2.shape[0], True):
         gx = _large_batch_product_t(g2, k, native_weight(packed, table, scales, scales_nested, offsets, bits,
                                                          blocksize, positions))
-    if gx is None:  # a dense copy of W for one torch GEMM
+    if gx is None and k % SPARSE24_TILE_ALIGN == 0:  # W in tiles of columns for torch's GEMM
+        weight = native_weight(packed, table, scales, scales_nested, offsets, bits, blocksize, positions)
+        gx = _tiled_product_t(g2, n, k, _sparse24_columns(weight, n, k), SPARSE24_TILE_ALIGN)
+    elif gx is None:  # rows that are no whole 2:4 chunks: a dense copy of W for one torch GEMM
         w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize, n,
                                        k, g.dtype)
         gx = g2 @ w
