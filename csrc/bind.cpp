@@ -7,8 +7,6 @@
 #include <cstdint>
 #include <string>
 
-#include <limits>
-
 #include "bind_args.h"
 #include "cpu/common/isa.h"
 #include "cpu/common/thread_pool.h"
@@ -31,6 +29,7 @@ using qengine::bind::addr;
 using qengine::bind::block_scales;
 using qengine::bind::codebook;
 using qengine::bind::ptr;
+using qengine::bind::element_count;
 using qengine::bind::raise_on_error;
 using qengine::bind::weight_ref;
 using qengine::bind::weight_ref_any_layout;
@@ -71,10 +70,7 @@ int dequantize_columns_cpu(const py::tuple& weight, int64_t rows, int64_t K, int
   if (rows < 0 || K < 0 || k0 < 0 || cols < 0 || k0 > K || cols > K - k0) {
     throw py::value_error("qengine: dequantize_columns: columns [k0, k0 + cols) outside the rows' K");
   }
-  if (K > 0 && rows > std::numeric_limits<int64_t>::max() / K) {
-    throw py::value_error("qengine: dequantize_columns: rows * K overflows int64");
-  }
-  const WeightRef w = weight_ref(weight, rows * K);
+  const WeightRef w = weight_ref(weight, element_count({rows, K}));
   return without_gil([&] {
     return qengine::dequantize_columns_cpu(w.packed_ptr(), rows, K, k0, cols, w.blocksize, w.codebook(), w.rule,
                                            w.block_scales(), w.offsets_ptr(), ptr<void>(out), out_dtype);
@@ -82,7 +78,7 @@ int dequantize_columns_cpu(const py::tuple& weight, int64_t rows, int64_t K, int
 }
 
 int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight, addr y) {
-  const WeightRef w = weight_ref(weight, N * K);
+  const WeightRef w = weight_ref(weight, element_count({N, K}));
   return without_gil([&] {
     return qengine::matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.blocksize, w.codebook(),
                                w.rule, w.block_scales(), w.offsets_ptr(), ptr<float>(y));
@@ -95,7 +91,7 @@ int matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N
 // A 2:4 weight (its WeightRef with positions) holds N * K / 2 codes.
 bool matmul_large_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight,
                       addr a, addr b, int ab_dtype, int64_t lora_r, float lora_scale, addr y, int y_dtype) {
-  const WeightRef w = weight_ref_any_layout(weight, N * K);
+  const WeightRef w = weight_ref_any_layout(weight, element_count({N, K}));
   const qengine::LoraArgs lora{ptr<const void>(a), ptr<const void>(b), ab_dtype, lora_r, lora_scale};
   bool done = false;
   without_gil([&] {
@@ -109,7 +105,7 @@ bool matmul_large_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, in
 // True when a large-batch kernel computed gx; false (gx untouched) where none applies.
 bool matmul_t_large_cpu(addr g, int g_dtype, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr gx,
                         int gx_dtype) {
-  const WeightRef w = weight_ref_any_layout(weight, N * K);
+  const WeightRef w = weight_ref_any_layout(weight, element_count({N, K}));
   bool done = false;
   without_gil([&] {
     return qengine::matmul_t_large_cpu(ptr<const void>(g), g_dtype, M, N, K, w.packed_ptr(), w.positions_ptr(),
@@ -120,7 +116,7 @@ bool matmul_t_large_cpu(addr g, int g_dtype, int64_t M, int64_t N, int64_t K, co
 }
 
 int matmul_t_cpu(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr gx) {
-  const WeightRef w = weight_ref(weight, N * K);
+  const WeightRef w = weight_ref(weight, element_count({N, K}));
   return without_gil([&] {
     return qengine::matmul_t_cpu(ptr<const float>(g), M, N, K, w.packed_ptr(), w.blocksize, w.codebook(), w.rule,
                                  w.block_scales(), w.offsets_ptr(), ptr<float>(gx));
@@ -192,13 +188,10 @@ int sparse24_dequantize_columns_cpu(const py::tuple& weight, int64_t row0, int64
       cols > K - k0) {
     throw py::value_error("qengine: sparse24_dequantize_columns: rows or columns outside the [N, K] weight");
   }
-  if (K > 0 && N > std::numeric_limits<int64_t>::max() / K) {
-    throw py::value_error("qengine: sparse24_dequantize_columns: N * K overflows int64");
-  }
   if (K % 256 != 0 || k0 % 256 != 0 || cols % 256 != 0) {
     throw py::value_error("qengine: sparse24_dequantize_columns: K, k0 and cols must be multiples of 256");
   }
-  const WeightRef w = weight_ref(weight, N * K / 2);
+  const WeightRef w = weight_ref(weight, element_count({N, K}) / 2);
   if (N * K > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
   return without_gil([&] {
     return qengine::sparse24_dequantize_columns_cpu(w.packed_ptr(), w.positions_ptr(), N * K / 2, row0, rows, K, k0,
@@ -209,7 +202,7 @@ int sparse24_dequantize_columns_cpu(const py::tuple& weight, int64_t row0, int64
 
 int sparse24_matmul_cpu(addr x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight,
                         addr y) {
-  const WeightRef w = weight_ref(weight, N * K / 2);
+  const WeightRef w = weight_ref(weight, element_count({N, K}) / 2);
   if (N * K > 0 && w.positions == 0) throw py::value_error("qengine: a 2:4 weight needs its positions");
   return without_gil([&] {
     return qengine::sparse24_matmul_cpu(ptr<const void>(x), x_dtype, M, K, ldx, N, w.packed_ptr(), w.positions_ptr(),
@@ -255,7 +248,7 @@ int quantize_cuda(addr x, int dtype, int64_t n, int64_t blocksize, addr table, a
 // As matmul_cpu, with the nested mean read from the weight's mean_address (a device float:
 // no host synchronisation) instead of its value.
 int matmul_cuda(addr x, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::tuple& weight, addr y, addr stream) {
-  const WeightRef w = weight_ref(weight, N * K);
+  const WeightRef w = weight_ref(weight, element_count({N, K}));
   BlockScales scales = w.block_scales();
   scales.mean = 0.0f;
   return without_gil([&] {
@@ -267,7 +260,7 @@ int matmul_cuda(addr x, int64_t M, int64_t K, int64_t ldx, int64_t N, const py::
 
 int matmul_t_cuda(addr g, int64_t M, int64_t N, int64_t K, const py::tuple& weight, addr workspace,
                   int64_t workspace_floats, addr gx, addr stream) {
-  const WeightRef w = weight_ref(weight, N * K);
+  const WeightRef w = weight_ref(weight, element_count({N, K}));
   BlockScales scales = w.block_scales();
   scales.mean = 0.0f;
   return without_gil([&] {

@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -91,6 +93,22 @@ constexpr size_t kWeightRefFields = 18;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The most values a weight may count: weight_ref multiplies the count by its bits (up to 8).
+constexpr int64_t kMaxWeightValues = std::numeric_limits<int64_t>::max() / 8;
+
+// The product of a weight's dimensions (N * K, E * N * K), refused with ValueError where one is
+// negative or the product passes kMaxWeightValues: a wrapped count would let weight_ref accept
+// buffers shorter than what the kernel then reads.
+inline int64_t element_count(std::initializer_list<int64_t> dims) {
+  int64_t n = 1;
+  for (const int64_t d : dims) {
+    if (d < 0) throw pybind11::value_error("qengine: a weight dimension is negative");
+    if (d != 0 && n > kMaxWeightValues / d) throw pybind11::value_error("qengine: the weight's element count overflows");
+    n *= d;
+  }
+  return n;
+}
+
 // Reads the tuple once and checks that every buffer covers `stored` quantized values (the
 // values from the weight's first; 2:4: the kept half): a kernel reading the weight never
 // reads past a buffer, whatever the Python side passed.
@@ -125,6 +143,7 @@ inline WeightRef weight_ref(const pybind11::tuple& t, int64_t stored) {
   if (w.blocksize < 1) fail("blocksize must be >= 1");
   if (w.rule != 0 && w.rule != 1) fail("rule must be 0 (absmax) or 1 (minmax)");
   if (stored < 0) fail("negative element count");
+  if (stored > kMaxWeightValues) fail("element count too large");
   if (stored == 0) return w;
   if (w.packed == 0 || w.table == 0 || w.scales == 0) fail("packed, table and scales must be given");
   if (w.packed_bytes < ceil_div(stored * w.bits, 8)) fail("packed is shorter than the weight");

@@ -308,3 +308,21 @@ def test_native_dequantize_columns_refuses_bad_ranges(rows, k, k0, cols):
     with pytest.raises(ValueError):
         _C.dequantize_columns_cpu(weight, rows, k, k0, cols, out.data_ptr(), 1)
     assert (out == 7.0).all()
+
+
+def test_native_products_refuse_dimensions_whose_product_overflows():
+    """N * K that would wrap int64 (or pass what the WeightRef checks can count) raises ValueError
+    in the binding: a wrapped count would let the weight's buffer checks pass a buffer shorter
+    than what the kernel reads."""
+    from qengine import _C
+    from support import native_ref
+
+    q = qengine.quantize(torch.randn(16, 256), "nf4", 64, double_quant=True)
+    kw, weight = native_ref(q)  # noqa: F841 (kw keeps the weight's tensors alive)
+    x, y = torch.zeros(1, 256), torch.full((16,), 7.0)
+    huge = 1 << 40
+    with pytest.raises(ValueError, match="overflows"):
+        _C.matmul_cpu(x.data_ptr(), 0, 1, huge, huge, huge, weight, y.data_ptr())
+    with pytest.raises(ValueError, match="overflows"):
+        _C.dequantize_columns_cpu(weight, huge, huge, 0, 8, y.data_ptr(), 0)
+    assert (y == 7.0).all()
