@@ -261,6 +261,7 @@ def _tiled_product_t(g2, n, k, decode_columns, column_align=64):
     cols = k
     if n * k * esize > DENSE_TILE_BYTES:  # at least MIN_TILE_COLUMNS: torch's GEMM slows on narrow tiles
         cols = max(MIN_TILE_COLUMNS, DENSE_TILE_BYTES // max(1, n * esize)) // column_align * column_align
+        cols = max(cols, column_align)
     tile = torch.empty(n * min(cols, k), dtype=g2.dtype)
     if cols >= k:
         w = tile.view(n, k)
