@@ -28,8 +28,8 @@ namespace {
 using qengine::bind::addr;
 using qengine::bind::block_scales;
 using qengine::bind::codebook;
-using qengine::bind::ptr;
 using qengine::bind::element_count;
+using qengine::bind::ptr;
 using qengine::bind::raise_on_error;
 using qengine::bind::weight_ref;
 using qengine::bind::weight_ref_any_layout;

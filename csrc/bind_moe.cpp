@@ -27,7 +27,8 @@ qengine::ExpertMatrices expert_matrices(const py::tuple& t, int64_t E) {
   m.N = i64(1);
   m.K = i64(2);
   if (E < 1 || m.N < 1 || m.K < 1) throw py::value_error("qengine: experts, N and K must be >= 1");
-  const qengine::bind::WeightRef w = qengine::bind::weight_ref(t[0].cast<py::tuple>(), qengine::bind::element_count({E, m.N, m.K}));
+  const qengine::bind::WeightRef w =
+      qengine::bind::weight_ref(t[0].cast<py::tuple>(), qengine::bind::element_count({E, m.N, m.K}));
   m.packed = w.packed_ptr();
   m.blocksize = w.blocksize;
   m.cb = w.codebook();

@@ -121,6 +121,7 @@ int dequantize_columns_cpu(const uint8_t* packed, int64_t rows, int64_t K, int64
     return kInvalidArgument;
   }
   if (rows == 0 || cols == 0) return kOk;
+  if (cols == K) return dequantize_range_cpu(packed, 0, rows * K, blocksize, cb, rule, scales, offsets, out, out_dtype);
   const cpu::QuantizeKernels& k = cpu::quantize_kernels();
   const int esz = dtype_size(out_dtype);
   // Rows to a thread task: at least ~32K elements each, as dequantize_range_cpu's ranges.

@@ -27,7 +27,8 @@ int dequantize_range_cpu(const uint8_t* packed, int64_t first, int64_t count, in
                          bool stream = false);
 
 // out[n * cols + j] = decoded element n * K + k0 + j for n < rows, j < cols (k0 + cols <= K):
-// columns [k0, k0 + cols) of the quantized [rows, K] tensor as a dense [rows, cols] tile.
+// columns [k0, k0 + cols) of the quantized [rows, K] tensor as a dense [rows, cols] tile (the
+// whole width: one flat range, as dequantize_range_cpu).
 int dequantize_columns_cpu(const uint8_t* packed, int64_t rows, int64_t K, int64_t k0, int64_t cols,
                            int64_t blocksize, const Codebook& cb, int rule, const BlockScales& scales,
                            const float* offsets, void* out, int out_dtype);

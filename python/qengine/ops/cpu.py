@@ -277,14 +277,8 @@ def _tiled_product_t(g2, n, k, decode_columns, column_align=64):
 
 
 def _dense_columns(weight, n, k):
-    """decode_columns for _tiled_product_t: columns of the dense layout (the whole width as one
-    flat range)."""
-    def decode(k0, w):
-        if w.shape[1] == k:
-            _C.dequantize_cpu(weight, n * k, w.data_ptr(), DTYPE_CODES[w.dtype], False)
-        else:
-            _C.dequantize_columns_cpu(weight, n, k, k0, w.shape[1], w.data_ptr(), DTYPE_CODES[w.dtype])
-    return decode
+    """decode_columns for _tiled_product_t: columns of every row of the dense layout."""
+    return lambda k0, w: _C.dequantize_columns_cpu(weight, n, k, k0, w.shape[1], w.data_ptr(), DTYPE_CODES[w.dtype])
 
 
 @mm.lora_backward_op.register_kernel("cpu")
@@ -344,7 +338,7 @@ def _(x, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
     elif y is None:  # rows that are no whole 2:4 chunks: a dense copy of W for one torch GEMM
         w = sparse.dense_sparse_weight(packed, positions, table, scales, scales_nested, offsets, bits, blocksize,
                                        n, k, x.dtype)
-        y = mm.add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
+        y = _add_lora_side(x2 @ w.t(), x2, lora_a, lora_b, lora_scale)
         del w  # the dense copy lives only for this product
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
