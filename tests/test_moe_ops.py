@@ -186,6 +186,45 @@ def test_gradients_against_float64_autograd(gate, act):
         assert err < 1e-4, (k, err)
 
 
+@pytest.mark.parametrize("format,dq", [("nf4", True), ("int8", False), ("uint4", True)])
+def test_gradients_past_the_small_batch_rows(format, dq):
+    """Expert 0 gets 20 rows (its products run on its own float32 copy), the others at most 16
+    (products on the codes): both kinds of expert against float64 autograd."""
+    m = _add_lora(_layer(4, 96, 32, bias=True, blocksize=32, format=format, dq=dq), "both")
+    idx = torch.stack([torch.tensor([0, 1 + t % 3]) for t in range(20)])
+    x = torch.randn(20, 96, requires_grad=True)
+    w = torch.rand(20, 2, requires_grad=True)
+    g = torch.randn(20, 96)
+    (m(x, idx, w) * g).sum().backward()
+    up, dn = _up(m), m.down_proj
+    params = {"x": x, "w": w, "up_A": up.lora_A, "up_B": up.lora_B, "down_A": dn.lora_A, "down_B": dn.lora_B,
+              "up_bias": m.gate_up_proj_bias, "down_bias": m.down_proj_bias}
+    got = {k: p.grad.clone() for k, p in params.items()}
+    d = {k: p.detach().double().requires_grad_() for k, p in params.items()}
+    ref = moe_reference(d["x"], idx, d["w"], up.base_layer.dequantize(torch.float32),
+                        dn.base_layer.dequantize(torch.float32), 32, "concatenated", "silu", d["up_bias"],
+                        d["down_bias"], (d["up_A"], d["up_B"]), (d["down_A"], d["down_B"]), up.scaling)
+    (ref * g.double()).sum().backward()
+    for k in params:
+        err = float((got[k].double() - d[k].grad).norm() / d[k].grad.norm())
+        assert err < 1e-4, (k, err)
+
+
+def test_backward_never_dequantizes_a_whole_stacked_matrix():
+    """The backward's largest allocation is one expert's float32 matrix (expert 0 has 40 rows,
+    past the small-batch rows), never the stacked [E, N, K] one (16 times that)."""
+    E, H, I = 16, 256, 128
+    m = _layer(E, H, I, blocksize=64)
+    x = torch.randn(40, H, requires_grad=True)
+    idx = torch.stack([torch.tensor([0, 1 + t % (E - 1)]) for t in range(40)])
+    y = m(x, idx, torch.rand(40, 2))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        y.sum().backward()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    one_expert = 2 * I * H * 4
+    assert one_expert <= largest < 2 * one_expert, (largest, one_expert)
+
+
 def test_gradients_bfloat16_inputs_keep_dtypes():
     m = _add_lora(_layer(4, 96, 32, blocksize=32), "both", torch.bfloat16)
     x = torch.randn(4, 96, dtype=torch.bfloat16, requires_grad=True)

@@ -297,7 +297,7 @@ def _experts_up(mod: nn.Module):
     dtype; their bias [E, n_up] or None; the gate function a [T, n_up] -> the down projection's
     input) of a transformers experts module."""
     from ..moe import expert_weight_names, experts_layout
-    from ..ops.moe_dense import ACTIVATION_FUNCTIONS, apply_gate
+    from ..ops.moe_torch import ACTIVATION_FUNCTIONS, apply_gate
 
     layout, code = experts_layout(mod)
     attr = expert_weight_names(mod)[0]

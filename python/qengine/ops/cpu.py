@@ -13,7 +13,7 @@ from .._checks import (DTYPE_CODES, check_contiguous, check_dequantize_args, che
                        check_sparse_weight, check_tables)
 from . import matmul as mm
 from . import moe, optim, quantize, sparse
-from .moe_dense import dense_experts
+from .moe_torch import torch_experts
 from .weight import native_weight
 
 # The large-batch product dequantizes this many bytes of W at a time into one buffer, which
@@ -413,7 +413,7 @@ def _(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias
     T, H = x.shape
     if act == moe.SWIGLU_OAI:  # gpt-oss's gate: no native kernel; per-expert small-batch products
         moe.check_index_range(top_k_index, E)
-        return dense_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias,
+        return torch_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias,
                              up_lora_a, up_lora_b, down_lora_a, down_lora_b, lora_scale, meta).to(x.dtype)
     xc = x.contiguous()
     idx = top_k_index.to(torch.int64).contiguous()

@@ -11,7 +11,7 @@ from .._checks import (DTYPE_CODES, check_dequantize_args, check_dequantize_out_
                        check_matmul_args, check_matmul_t_args, check_quantize_args, check_sparse_weight)
 from . import matmul as mm
 from . import moe, optim, quantize, sparse
-from .moe_dense import dense_experts
+from .moe_torch import torch_experts
 from .weight import KernelWeight, native_weight
 
 
@@ -189,7 +189,7 @@ def _(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias
     E = moe.check_moe_args(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias,
                            up_lora_a, up_lora_b, down_lora_a, down_lora_b, meta)[0]
     moe.check_index_range(top_k_index, E)
-    return dense_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias,
+    return torch_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias,
                          up_lora_a, up_lora_b, down_lora_a, down_lora_b, lora_scale, meta).to(x.dtype)
 
 

@@ -1,6 +1,6 @@
 """The grouped Mixture-of-Experts op: the schema of qengine::moe_experts (forward; kernels per
 device in cpu.py and cuda.py), its checks, fake implementation and autograd (through
-qengine::moe_experts_backward, in moe_dense.py).
+qengine::moe_experts_backward, in moe_torch.py).
 
     y [T, H] = sum_k top_k_weights[t, k] * expert_{top_k_index[t, k]}(x[t])
     expert(x) = down(act(gate(x)) * up(x))      (+ biases, + per-expert LoRA on both matrices)
@@ -27,7 +27,7 @@ ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "ge
                "gelu": 2, "relu": 3, "swiglu_oai": 4}
 # gpt-oss's gate (transformers' GptOssExperts._apply_gate), activation code 4: with gate g and up u,
 # (clamp(u, -L, L) + 1) * g' * sigmoid(ALPHA * g'), g' = clamp(g, max=L). No native kernel takes it:
-# the CPU path runs it in Python around the per-expert small-batch products (moe_dense.py).
+# the CPU path runs it in Python around the per-expert small-batch products (moe_torch.py).
 SWIGLU_OAI, SWIGLU_ALPHA, SWIGLU_LIMIT = 4, 1.702, 7.0
 _META_LEN = 8
 

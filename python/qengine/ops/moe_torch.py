@@ -1,4 +1,4 @@
-"""The Mixture-of-Experts computation in torch (float32, any device): dense_experts, the CUDA
+"""The Mixture-of-Experts computation in torch (float32, any device): torch_experts, the CUDA
 forward of qengine::moe_experts, and qengine::moe_experts_backward (its autograd formula, with
 its fake implementation). The schema of moe_experts, its checks and autograd are in moe.py."""
 
@@ -10,19 +10,11 @@ import torch
 
 from .moe import (GATE_CONCATENATED, GATE_INTERLEAVED, GRAD_INPUTS, NO_GATE, SWIGLU_ALPHA, SWIGLU_LIMIT, SWIGLU_OAI,
                   split_matrix, unpack_meta)
+from .matmul import SMALL_BATCH_ROWS
 from .weight import KernelWeight
 
 
-# --------------------------------------------------------------------------- dense path
-def _dense_matrix(state, offsets, bits, blocksize, E, N, K) -> torch.Tensor:
-    """All experts of one matrix as float32 [E, N, K] (one layer's weight at a time)."""
-    packed, table, scales, nested = split_matrix(state)
-    flat_scales = KernelWeight.decode_nested(scales, nested) if nested else scales
-    w = torch.ops.qengine.dequantize_blockwise(packed, table, flat_scales, offsets, bits, blocksize, E * N * K,
-                                               torch.float32)
-    return w.view(E, N, K)
-
-
+# --------------------------------------------------------------------------- expert products
 def expert_weight(state, offsets, bits: int, blocksize: int, N: int, K: int, e: int) -> KernelWeight:
     """Expert e of a stacked matrix as a KernelWeight [N, K] over views of the stored codes (no
     copy of the weight; double-quantized scales of an expert not aligned to a nested block are
@@ -48,22 +40,38 @@ def expert_weight(state, offsets, bits: int, blocksize: int, N: int, K: int, e: 
 
 class ExpertMatrix:
     """One stacked expert matrix [E, N, K] for the torch loops: products with expert e's weight,
-    v @ W_e^T (mm) and g @ W_e (mm_t). dense: the whole matrix dequantized once (float32);
-    else each product runs qengine::matmul / matmul_t on expert e's codes (never dequantized)."""
+    v @ W_e^T (mm) and g @ W_e (mm_t), one expert at a time. Nothing is decoded for an expert
+    no token chose. Up to SMALL_BATCH_ROWS rows run qengine::matmul / matmul_t on expert e's
+    codes; more rows multiply a float32 copy of expert e alone, decoded once and kept until
+    another expert is asked for (the backward's mm and mm_t of one expert share it), so at most
+    one expert of the matrix is ever dense (the whole float32 [E, N, K] would be E times that)."""
 
-    def __init__(self, state, offsets, bits, blocksize, E, N, K, dense: bool):
+    def __init__(self, state, offsets, bits, blocksize, N, K):
         self.state, self.offsets, self.bits, self.blocksize, self.N, self.K = state, offsets, bits, blocksize, N, K
-        self.w = _dense_matrix(state, offsets, bits, blocksize, E, N, K) if dense else None
+        self._dense_expert, self._dense = None, None
+
+    def weight(self, e: int) -> KernelWeight:
+        return expert_weight(self.state, self.offsets, self.bits, self.blocksize, self.N, self.K, e)
+
+    def dense(self, e: int) -> torch.Tensor:
+        """Expert e's weight as float32 [N, K] (the one cached copy)."""
+        if self._dense_expert != e:
+            self._dense_expert, self._dense = None, None  # the last expert's copy goes first
+            kw = self.weight(e)
+            w = torch.ops.qengine.dequantize_blockwise(kw.packed, kw.table, kw.dense_scales(), kw.offsets, kw.bits,
+                                                       kw.blocksize, self.N * self.K, torch.float32)
+            self._dense_expert, self._dense = e, w.view(self.N, self.K)
+        return self._dense
 
     def mm(self, e: int, v: torch.Tensor) -> torch.Tensor:
-        if self.w is not None:
-            return v @ self.w[e].t()
-        return expert_weight(self.state, self.offsets, self.bits, self.blocksize, self.N, self.K, e).matmul(v)
+        if v.shape[0] > SMALL_BATCH_ROWS:
+            return v @ self.dense(e).t()
+        return self.weight(e).matmul(v)
 
     def mm_t(self, e: int, g: torch.Tensor) -> torch.Tensor:
-        if self.w is not None:
-            return g @ self.w[e]
-        kw = expert_weight(self.state, self.offsets, self.bits, self.blocksize, self.N, self.K, e)
+        if g.shape[0] > SMALL_BATCH_ROWS:
+            return g @ self.dense(e)
+        kw = self.weight(e)
         return torch.ops.qengine.matmul_t(g.contiguous(), kw.packed, kw.table, kw.scales, kw.nested, kw.offsets,
                                           kw.bits, kw.blocksize, self.K)
 
@@ -102,18 +110,16 @@ def apply_gate(a: torch.Tensor, gate_layout: int, fn) -> torch.Tensor:
     return fn(g, u) if fn is swiglu_oai else fn(g) * u
 
 
-def dense_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias, up_lora_a,
+def torch_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias, up_lora_a,
                   up_lora_b, down_lora_a, down_lora_b, lora_scale, meta) -> torch.Tensor:
     """The same function in torch (float32, differentiable in x, weights, biases and adapters):
-    the CUDA forward, and the CPU forward of swiglu_oai (no native kernel takes it). Each matrix
-    is dequantized once, except for swiglu_oai, whose products run qengine::matmul per expert on
-    the stored codes (ExpertMatrix)."""
+    the CUDA forward, and the CPU forward of swiglu_oai (no native kernel takes it). The products
+    run per active expert through ExpertMatrix (its codes, or one expert's float32 copy)."""
     E, inter, up_bits, up_bs, down_bits, down_bs, gate_layout, act = unpack_meta(meta)
     T, H = x.shape
     n_up = inter if gate_layout == NO_GATE else 2 * inter
-    dense = act != SWIGLU_OAI
-    w_up = ExpertMatrix(up, up_offsets, up_bits, up_bs, E, n_up, H, dense)
-    w_down = ExpertMatrix(down, down_offsets, down_bits, down_bs, E, H, inter, dense)
+    w_up = ExpertMatrix(up, up_offsets, up_bits, up_bs, n_up, H)
+    w_down = ExpertMatrix(down, down_offsets, down_bits, down_bs, H, inter)
     k = top_k_index.shape[1]
     flat = top_k_index.reshape(-1).to(torch.int64)
     tokens = torch.arange(T, device=x.device).repeat_interleave(k)
@@ -164,15 +170,14 @@ def moe_experts_backward(grad: torch.Tensor, x: torch.Tensor, top_k_index: torch
                          down_lora_a: Optional[torch.Tensor], down_lora_b: Optional[torch.Tensor], lora_scale: float,
                          meta: list[int]) -> list[torch.Tensor]:
     """Gradients of moe_experts in the order of GRAD_INPUTS (each in its input's dtype; an
-    empty tensor for an absent input). Recomputes the active experts' forward in float32 with
-    the quantized weights dequantized once per matrix (frozen: they get no gradient), then
+    empty tensor for an absent input). Recomputes the active experts' forward in float32, each
+    expert's products through ExpertMatrix (the quantized weights are frozen: no gradient), then
     applies the chain rule by hand (a custom op runs below autograd)."""
     E, inter, up_bits, up_bs, down_bits, down_bs, gate_layout, act = unpack_meta(meta)
     T, H = x.shape
     n_up = inter if gate_layout == NO_GATE else 2 * inter
-    dense = act != SWIGLU_OAI  # swiglu_oai: products on the stored codes, no dequantized copy
-    w_up = ExpertMatrix(up, up_offsets, up_bits, up_bs, E, n_up, H, dense)
-    w_down = ExpertMatrix(down, down_offsets, down_bits, down_bs, E, H, inter, dense)
+    w_up = ExpertMatrix(up, up_offsets, up_bits, up_bs, n_up, H)
+    w_down = ExpertMatrix(down, down_offsets, down_bits, down_bs, H, inter)
     f32 = (lambda t: None if t is None else t.to(torch.float32))
     ua, ub, da, db = f32(up_lora_a), f32(up_lora_b), f32(down_lora_a), f32(down_lora_b)
     s = float(lora_scale)
