@@ -1,5 +1,6 @@
 # Dequantize-matmul of qengine (NF4) against dense F.linear, torch's int4 CPU kernel and bitsandbytes.
 """Usage: python bench/bench_matmul.py [--quick] [--json PATH] [--threads N] [--device cuda] [--microscaling]
+                                     [--odd-k]
 
 For each weight shape and batch: qengine.matmul on an NF4 weight (block 64, with and without
 double quant) with bfloat16 activations, against, in the same run: dense F.linear in bfloat16
@@ -12,6 +13,11 @@ With --device cuda: the same shapes and batches on the GPU, timed with CUDA even
 over 4 copies of each weight (more than the L2 cache) against dense F.linear in bfloat16 and
 float32 and bitsandbytes' CUDA Linear4bit (when installed), with the measured device copy
 bandwidth ('% copy': weight bytes per second over copy bytes per second).
+
+With --odd-k: gpt-oss's projection shapes, whose K = 2880 is not a multiple of the fused GEMV's
+128-code chunk, against a 3072-column weight (K % 128 == 0) of the same rows, NF4 + double quant
+and MXFP4, bfloat16 x at batch 1 and 8, interleaved rounds; 'G w/s' is weights per second, whose
+ratio to the 3072-column weight's is the cost of the last K % 128 codes of each row.
 """
 from __future__ import annotations
 
@@ -37,6 +43,8 @@ def parse_args():
     p.add_argument("--microscaling", action="store_true",
                    help="only batch-1 11008x4096: mxfp4, nvfp4 and nf4 block 32 against nf4 + double quant, "
                         "bfloat16 and float32 x, interleaved (issue 26's Done-when: within 1.15x of nf4)")
+    p.add_argument("--odd-k", action="store_true",
+                   help="only gpt-oss's shapes (K = 2880, not whole 128-code chunks) against K = 3072, batch 1 and 8")
     return p.parse_args()
 
 
@@ -70,6 +78,42 @@ def microscaling_main(args):
                        ("x_bf16", "/ nf4", ".2f"), ("f32", "f32 x ms", ".3f"), ("x_f32", "/ nf4", ".2f")],
                 title=f"batch-1 matmul 11008x4096, median of {args.rounds} interleaved rounds (ms; / nf4: time "
                       "over nf4+dq's)")
+    write_json(args.json, rows)
+
+
+def odd_k_main(args):
+    """Batch 1 and 8, bfloat16 x: N x 2880 (K % 128 = 64) against 5760 x 3072, nf4+dq and mxfp4,
+    with dense bfloat16 F.linear and bitsandbytes' Linear4bit (nf4) on the same weights."""
+    torch.manual_seed(0)
+    bnb, _ = quiet_import_bitsandbytes()
+    cases = []
+    for n, k in ((5760, 2880), (2880, 2880), (5760, 3072)):
+        w = torch.randn(n, k) * 0.02
+        layers = {"nf4+dq": qengine.quantize(w, "nf4", 64, double_quant=True), "mxfp4": qengine.quantize(w, "mxfp4")}
+        cases.append((n, k, w.to(torch.bfloat16), layers, bnb_layer(bnb, w)))
+    times: dict = {}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for n, k, wb, layers, bl in cases:
+                for m in (1, 8):
+                    xs = [(torch.randn(m, k, dtype=torch.bfloat16),) for _ in range(3)]
+                    runs = {name: (lambda x, q=q: qengine.matmul(x, q)) for name, q in layers.items()}
+                    runs["dense bf16"] = lambda x, wb=wb: F.linear(x, wb)
+                    if bl is not None:
+                        runs["bnb nf4"] = lambda x, bl=bl: bl(x)
+                    for name, fn in runs.items():
+                        times.setdefault((n, k, m, name), []).append(measure(fn, xs, budget_s=0.2).median)
+    med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+    rows = []
+    for (n, k, m, name), t in med.items():
+        rate = n * k / t / 1e9
+        base = 5760 * 3072 / med[(5760, 3072, m, name)] / 1e9
+        rows.append({"shape": f"{n}x{k}", "batch": m, "impl": name, "ms": t * 1e3, "gws": rate,
+                     "vs3072": rate / base})
+    print_table(rows, [("shape", "shape", ""), ("batch", "M", "d"), ("impl", "impl", ""), ("ms", "ms", ".3f"),
+                       ("gws", "G w/s", ".1f"), ("vs3072", "rate / 5760x3072's", ".2f")],
+                title=f"K not a multiple of 128 (gpt-oss shapes), bfloat16 x, median of {args.rounds} "
+                      "interleaved rounds")
     write_json(args.json, rows)
 
 
@@ -170,6 +214,12 @@ def main():
             torch.set_num_threads(args.threads)
             qengine.set_num_threads(args.threads)
         return microscaling_main(args)
+    if args.odd_k:
+        args.rounds = 3 if args.quick else 7
+        if args.threads:
+            torch.set_num_threads(args.threads)
+            qengine.set_num_threads(args.threads)
+        return odd_k_main(args)
     if args.device == "cuda":
         return cuda_main(args)
     if args.threads:

@@ -126,6 +126,30 @@ def test_bfloat16_kernel_precision_model(m, blocksize):
     assert ((y - ref).abs() <= 8 * math.sqrt(512) * 2.0**-24 * mag + 2.0**-8 * ref.abs()).all()
 
 
+# K not a multiple of the fused kernels' 128-code chunk: the last K % 128 codes of each row run
+# through the same kernels from a zero-padded copy (RowProduct::run_tail), in batches of 64 rows.
+@pytest.mark.parametrize("fmt,bs,dq,k", [("nf4", 32, True, 2880), ("nf4", 64, False, 2880), ("nf4", 32, False, 96),
+                                         ("mxfp4", 32, True, 2880), ("nvfp4", 16, True, 336), ("nvfp4", 16, True, 16)])
+@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_not_whole_chunks_every_isa(fmt, bs, dq, k, m, dtype):
+    n = 130  # two full batches of the tail's 64 rows and a short one
+    q = qengine.quantize(torch.randn(n, k), fmt, bs, double_quant=dq)
+    w64 = q.dequantize(torch.float32).to(torch.float64)  # (dequantize: tested against the reference)
+    x = torch.randn(m, k).to(dtype)
+    x64 = x.to(torch.float64)
+    ref = x64 @ w64.t()
+    bound = matmul_bound(x64, w64, dtype)
+    original = qengine.build_info()["cpu_isa"]
+    try:
+        for isa in qengine.build_info()["supported_cpu_isas"]:
+            qengine.set_cpu_isa(isa)
+            y = qengine.matmul(x, q).to(torch.float64)
+            assert ((y - ref).abs() <= bound).all(), (isa, float((y - ref).abs().max()))
+    finally:
+        qengine.set_cpu_isa(original)
+
+
 def test_inputs_not_modified_and_weight_frozen():
     q = qengine.quantize(torch.randn(16, 128), "nf4", 64)
     packed = q.packed.clone()

@@ -262,9 +262,10 @@ inline TileGeometry tile_geometry(int64_t codes_per_row, int64_t blocksize, int6
   while ((int64_t{1} << g.log2_blocksize) < blocksize) ++g.log2_blocksize;
   g.rb_lo = (c0 * 128) >> g.log2_blocksize;
   g.rb_count = (((c1 * 128) - 1) >> g.log2_blocksize) + 1 - g.rb_lo;
-  // A tile covering whole rows streams through memory: prefetch ahead in the stream. A partial
-  // tile jumps to the next row after c1: prefetch the next row's segment of this tile.
-  g.prefetch_ahead = (c0 == 0 && c1 * 128 == codes_per_row) ? kPrefetchBytes : (codes_per_row >> 1);
+  // A tile covering whole rows (all their whole chunks: a tail of K % 128 codes is read apart)
+  // streams through memory: prefetch ahead in the stream. A partial tile jumps to the next row
+  // after c1: prefetch the next row's segment of this tile.
+  g.prefetch_ahead = (c0 == 0 && c1 == codes_per_row / 128) ? kPrefetchBytes : (codes_per_row >> 1);
   return g;
 }
 

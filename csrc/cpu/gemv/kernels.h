@@ -74,6 +74,12 @@ class RowProduct {
 
  private:
   enum class Path { kFusedFloat, kFusedBf16, kDecodeRows };
+  // The active fused kernel on rows [o0, o1) of `packed` (codes_per_row codes a row), chunks
+  // [c0, c1), mb rows of x from xf_ / xb_ + x_offset, into y (row stride N).
+  void fused_kernel(int64_t x_offset, int64_t mb, int64_t codes_per_row, const uint8_t* packed,
+                    const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y) const;
+  // Adds the last K % 128 codes' share of rows [n0, n1) (fused paths, K not whole chunks).
+  void run_tail(int64_t n0, int64_t n1) const;
   Path path_;
   const void* x_;
   int x_dtype_;
@@ -86,6 +92,7 @@ class RowProduct {
   const float* offsets_;
   float* y_;
   int64_t min_rows_;
+  int64_t kp_ = 0;              // K rounded up to whole 128-code chunks (the fused kernels' x rows)
   std::vector<float> xf_;       // fused float32 kernel: x in nibble order; decode path: x as float32 rows
   std::vector<uint16_t> xb_;    // fused bfloat16 kernel: x in pair order
   // Fused kernels with double-quantized scales on a VBMI CPU: run() decodes a row range's scales

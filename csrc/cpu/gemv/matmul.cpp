@@ -3,6 +3,7 @@
 // float32 buffer and dots it with every input row; threads split the output rows. The
 // transposed product (backward for x) splits the columns instead.
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -31,23 +32,30 @@ constexpr int64_t kGemvRows = 8;
 // element 4i + kPairOrder[j] of the chunk.
 constexpr int kPairOrder[4] = {1, 0, 3, 2};
 
+// K rounded up to whole chunks: a row of x in a fused kernel's order (the last chunk padded).
+int64_t padded_k(int64_t K) { return (K + kGemvChunk - 1) / kGemvChunk * kGemvChunk; }
+
 // x copied into a fused kernel's order: for each group of mb <= kGemvRows rows starting at m0,
-// stored at xr + m0 * K, lane i of step j of chunk c (a chunk start) and row m holds
-//   xr[m0*K + c*mb + (j*mb + m)*kLanes + i] = x[m0 + m][c + kSteps*i + order[j]]
-// (kSteps * kLanes = 128). load(e) reads element e of x (row stride ldx).
+// stored at xr + m0 * Kp (Kp = padded_k(K)), lane i of step j of chunk c (a chunk start) and
+// row m holds
+//   xr[m0*Kp + c*mb + (j*mb + m)*kLanes + i] = x[m0 + m][c + kSteps*i + order[j]]
+// (kSteps * kLanes = 128), and zero past K. load(e) reads element e of x (row stride ldx).
 template <int kSteps, class T, class Load>
 std::vector<T> interleave_x(int64_t M, int64_t K, int64_t ldx, const int* order, Load load) {
   constexpr int kLanes = kGemvChunk / kSteps;
-  std::vector<T> xr(static_cast<size_t>(M * K));
+  const int64_t Kp = padded_k(K);
+  std::vector<T> xr(static_cast<size_t>(M * Kp));  // zeros (the padding)
   for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {
     const int64_t mb = std::min(kGemvRows, M - m0);
-    T* group = xr.data() + m0 * K;
+    T* group = xr.data() + m0 * Kp;
     for (int64_t c = 0; c < K; c += kGemvChunk) {
       for (int j = 0; j < kSteps; ++j) {
         for (int64_t m = 0; m < mb; ++m) {
-          const int64_t src = (m0 + m) * ldx + c + order[j];
           T* dst = group + c * mb + (j * mb + m) * kLanes;
-          for (int i = 0; i < kLanes; ++i) dst[i] = load(src + kSteps * i);
+          for (int i = 0; i < kLanes; ++i) {
+            const int64_t e = c + kSteps * i + order[j];
+            if (e < K) dst[i] = load((m0 + m) * ldx + e);
+          }
         }
       }
     }
@@ -109,8 +117,11 @@ RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t
   const GemvKernels& k = gemv_kernels();
   // Enough rows per thread that the decode of a row dominates the bookkeeping.
   min_rows_ = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
-  const bool fused = k.gemv4 != nullptr && cb.bits == 4 && rule == kAbsmax && K % kGemvChunk == 0 &&
-                     K % blocksize == 0 && blocksize >= kMinFusedBlocksize && power_of_two(blocksize);
+  // K need not be whole chunks: a block size dividing K then divides the tail (K % 128) too,
+  // which run_tail takes through the same kernel.
+  const bool fused = k.gemv4 != nullptr && cb.bits == 4 && rule == kAbsmax && K % blocksize == 0 &&
+                     blocksize >= kMinFusedBlocksize && power_of_two(blocksize);
+  kp_ = padded_k(K);
   if (fused && x_dtype == kBFloat16 && k.gemv4_bf16 != nullptr) {
     path_ = Path::kFusedBf16;
     xb_ = bf16_pair_order_x(static_cast<const uint16_t*>(x), M, K, ldx);
@@ -157,7 +168,7 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
   // horizontal sum per row of x and of W, which short tiles would repeat).
   constexpr int64_t kL1Bytes = 24576;
   const int64_t max_chunks = std::min<int64_t>(64, blocksize_ * 256 / kGemvChunk);  // 256: kMaxTileBlocks
-  const int64_t chunks = K_ / kGemvChunk;
+  const int64_t chunks = K_ / kGemvChunk;  // whole chunks (run_tail: the rest)
   const auto tile = [&](int64_t mb) {
     return path_ == Path::kFusedBf16
                ? max_chunks
@@ -166,27 +177,82 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
   // Rows [o0, o1) of W (the kernels' row numbers) against every row of x.
   const auto rows = [&](const uint8_t* packed, const BlockScales& scales, int64_t o0, int64_t o1, float* y) {
     for_row_groups_and_tiles(M_, chunks, tile, [&](int64_t m, int64_t mb, int64_t c0, int64_t c1) {
-      if (path_ == Path::kFusedBf16) {
-        k.gemv4_bf16(xb_.data() + m * K_, mb, K_, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y + m * N_,
-                     N_);
-      } else {
-        k.gemv4(xf_.data() + m * K_, mb, K_, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y + m * N_, N_);
-      }
+      fused_kernel(m * kp_, mb, K_, packed, scales, o0, o1, c0, c1, y + m * N_);
     });
   };
   if (!planes_) {
     rows(packed_, scales_, n0, n1, y_);
-    return;
+  } else {
+    // The scales decoded here a few rows at a time (16 KiB: they stay in L1 while the kernel
+    // reads them; NVFP4 has 256 a row), the kernels seeing those rows as rows [0, count).
+    const int64_t per_row = K_ / blocksize_;
+    const int64_t step = std::max<int64_t>(1, 4096 / per_row);
+    std::unique_ptr<float[]> plain(new float[static_cast<size_t>(step * per_row)]);  // written before read
+    for (int64_t a = n0; a < n1; a += step) {
+      const int64_t b = std::min(n1, a + step);
+      decode_nested_scales_vbmi(scales_, *planes_, a * per_row, (b - a) * per_row, plain.get());
+      rows(packed_ + a * K_ / 2, BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0}, 0, b - a, y_ + a);
+    }
   }
-  // The scales decoded here a few rows at a time (16 KiB: they stay in L1 while the kernel reads
-  // them; NVFP4 has 256 a row), the kernels seeing those rows as rows [0, count).
-  const int64_t per_row = K_ / blocksize_;
-  const int64_t step = std::max<int64_t>(1, 4096 / per_row);
-  std::unique_ptr<float[]> plain(new float[static_cast<size_t>(step * per_row)]);  // written before read
-  for (int64_t a = n0; a < n1; a += step) {
-    const int64_t b = std::min(n1, a + step);
-    decode_nested_scales_vbmi(scales_, *planes_, a * per_row, (b - a) * per_row, plain.get());
-    rows(packed_ + a * K_ / 2, BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0}, 0, b - a, y_ + a);
+  // After the whole chunks, whose stream brought the tails into cache.
+  if (K_ % kGemvChunk != 0) run_tail(n0, n1);
+}
+
+void RowProduct::fused_kernel(int64_t x_offset, int64_t mb, int64_t codes_per_row, const uint8_t* packed,
+                              const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
+                              float* y) const {
+  const GemvKernels& k = gemv_kernels();
+  if (path_ == Path::kFusedBf16) {
+    k.gemv4_bf16(xb_.data() + x_offset, mb, codes_per_row, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y,
+                 N_);
+  } else {
+    k.gemv4(xf_.data() + x_offset, mb, codes_per_row, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y, N_);
+  }
+}
+
+// The last t = K % 128 codes of rows [n0, n1) (t a multiple of the block size, so whole
+// blocks): copied a batch of rows at a time into zero-padded one-chunk rows (64 bytes each)
+// with their blocks' scales decoded beside them (0 for the padding's blocks), then multiplied
+// by the same fused kernel against x's padded last chunk (zeros past K), so the padding adds
+// exact zeros. The copy is t/2 bytes a row; the kernel then reads it from L1.
+void RowProduct::run_tail(int64_t n0, int64_t n1) const {
+  constexpr int64_t kBatch = 64;
+  constexpr int64_t kMaxChunkBlocks = kGemvChunk / kMinFusedBlocksize;
+  const int64_t full = K_ / kGemvChunk * kGemvChunk, tail = K_ - full;
+  const int64_t chunk_blocks = kGemvChunk / blocksize_, tail_blocks = tail / blocksize_;
+  const int64_t blocks_per_row = K_ / blocksize_, first_block = full / blocksize_;
+  alignas(64) uint8_t codes[kBatch * kGemvChunk / 2];
+  alignas(64) float scales[kBatch * kMaxChunkBlocks];
+  const BlockScales plain{scales, nullptr, nullptr, nullptr, 1, 0.0f, 0};
+  // A row's tail codes and scale bytes, fetched a batch ahead: rows far apart in memory (and,
+  // after a long run of rows, no longer in cache) would each wait for DRAM in the copy.
+  const auto prefetch_rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t o = r0; o < r1; ++o) {
+      __builtin_prefetch(packed_ + (o * K_ + full) / 2);
+      __builtin_prefetch(packed_ + (o * K_ + K_) / 2 - 1);
+      const int64_t b = o * blocks_per_row + first_block;
+      if (scales_.values != nullptr) __builtin_prefetch(scales_.values + b);
+      else __builtin_prefetch(scales_.codes + b);
+    }
+  };
+  prefetch_rows(n0, std::min(n1, n0 + kBatch));
+  for (int64_t a = n0; a < n1; a += kBatch) {
+    const int64_t count = std::min(kBatch, n1 - a);
+    std::fill(codes, codes + count * kGemvChunk / 2, uint8_t{0});
+    std::fill(scales, scales + count * chunk_blocks, 0.0f);
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t o = a + r;
+      std::memcpy(codes + r * kGemvChunk / 2, packed_ + (o * K_ + full) / 2, static_cast<size_t>(tail / 2));
+      for (int64_t b = 0; b < tail_blocks; ++b) {
+        scales[r * chunk_blocks + b] = block_scale(scales_, o * blocks_per_row + first_block + b);
+      }
+    }
+    prefetch_rows(a + count, std::min(n1, a + count + kBatch));
+    for (int64_t m = 0; m < M_; m += kGemvRows) {
+      const int64_t mb = std::min(kGemvRows, M_ - m);
+      // The group's padded last chunk of x (at chunk index full / 128) is the one chunk here.
+      fused_kernel(m * kp_ + full * mb, mb, kGemvChunk, codes, plain, 0, count, 0, 1, y_ + m * N_ + a);
+    }
   }
 }
 
