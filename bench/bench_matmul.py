@@ -41,7 +41,7 @@ def parse_args():
     p = bench_parser(__doc__, "matmul", "11008x4096 only, batches 1, 16, 512")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--microscaling", action="store_true",
-                   help="only batch-1 11008x4096: mxfp4, nvfp4 and nf4 block 32 against nf4 + double quant, "
+                   help="only batch-1 11008x4096: mxfp4, nvfp4, uint4 and nf4 block 32 against nf4 + double quant, "
                         "bfloat16 and float32 x, interleaved (issue 26's Done-when: within 1.15x of nf4)")
     p.add_argument("--odd-k", action="store_true",
                    help="only gpt-oss's shapes (K = 2880, not whole 128-code chunks) against K = 3072, batch 1 and 8")
@@ -49,7 +49,8 @@ def parse_args():
 
 
 def microscaling_main(args):
-    """Batch-1 matmul, 11008x4096: nf4 (block 64 and 32, double quant), mxfp4, nvfp4; each round times
+    """Batch-1 matmul, 11008x4096: nf4 (block 64 and 32, double quant), mxfp4, nvfp4, uint4 (the
+    minmax rule: GGUF Q4_1 / Q4_K load to it); each round times
     every (format, x dtype) for a short budget in turn, and the figure is the median over rounds."""
     torch.manual_seed(0)
     n, k = 11008, 4096
@@ -57,7 +58,7 @@ def microscaling_main(args):
     # nf4/32+dq: mxfp4's block size with nf4 codes, to tell the cost of block 32 from the format's
     qs = {"nf4+dq": qengine.quantize(w, "nf4", 64, double_quant=True),
           "nf4/32+dq": qengine.quantize(w, "nf4", 32, double_quant=True), "mxfp4": qengine.quantize(w, "mxfp4"),
-          "nvfp4": qengine.quantize(w, "nvfp4")}
+          "nvfp4": qengine.quantize(w, "nvfp4"), "uint4/64": qengine.quantize(w, "uint4", 64)}
     xs = {dt: [(torch.randn(1, k).to(dt),) for _ in range(3)] for dt in (torch.bfloat16, torch.float32)}
     times: dict = {}
     with torch.no_grad():
@@ -208,18 +209,12 @@ def cuda_main(args):
 
 def main():
     args = parse_args()
-    if args.microscaling:
+    if args.microscaling or args.odd_k:
         args.rounds = 3 if args.quick else 7
         if args.threads:
             torch.set_num_threads(args.threads)
             qengine.set_num_threads(args.threads)
-        return microscaling_main(args)
-    if args.odd_k:
-        args.rounds = 3 if args.quick else 7
-        if args.threads:
-            torch.set_num_threads(args.threads)
-            qengine.set_num_threads(args.threads)
-        return odd_k_main(args)
+        return microscaling_main(args) if args.microscaling else odd_k_main(args)
     if args.device == "cuda":
         return cuda_main(args)
     if args.threads:

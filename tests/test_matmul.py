@@ -136,10 +136,14 @@ def test_k_not_whole_chunks_every_isa(fmt, bs, dq, k, m, dtype):
     n = 130  # two full batches of the tail's 64 rows and a short one
     q = qengine.quantize(torch.randn(n, k), fmt, bs, double_quant=dq)
     w64 = q.dequantize(torch.float32).to(torch.float64)  # (dequantize: tested against the reference)
-    x = torch.randn(m, k).to(dtype)
+    _check_every_isa(q, w64, torch.randn(m, k).to(dtype))
+
+
+def _check_every_isa(q, w64, x):
+    """qengine.matmul(x, q) on every CPU ISA within matmul_bound of the float64 product."""
     x64 = x.to(torch.float64)
     ref = x64 @ w64.t()
-    bound = matmul_bound(x64, w64, dtype)
+    bound = matmul_bound(x64, w64, x.dtype)
     original = qengine.build_info()["cpu_isa"]
     try:
         for isa in qengine.build_info()["supported_cpu_isas"]:
@@ -148,6 +152,17 @@ def test_k_not_whole_chunks_every_isa(fmt, bs, dq, k, m, dtype):
             assert ((y - ref).abs() <= bound).all(), (isa, float((y - ref).abs().max()))
     finally:
         qengine.set_cpu_isa(original)
+
+
+# 4-bit minmax weights (uint4; GGUF Q4_1 / Q4_K import to the same rule) on the fused GEMV: each
+# weight decoded in registers as fma(table[q], scale, offset), exactly what dequantize gives.
+@pytest.mark.parametrize("k,bs", [(256, 32), (512, 128), (2880, 64), (96, 32)])
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_minmax_4bit_every_isa(k, bs, dq, m, dtype):
+    q, w64 = random_quantized(130, k, "uint4", bs, dq)
+    _check_every_isa(q, w64, torch.randn(m, k).to(dtype))
 
 
 def test_inputs_not_modified_and_weight_frozen():

@@ -18,14 +18,21 @@ struct GemvKernels {
   // acc[m * lda + k] += g[m * ldg] * w[k] for m < M, k < K (the transposed product).
   void (*axpy_rows)(const float* g, int64_t M, int64_t ldg, const float* w, int64_t K, float* acc, int64_t lda);
   // Optional fast path (null where absent): y[m * ldy + o] += dot(x[m], W[o]) for m < M <= 8 and
-  // rows o in [o0, o1) of a 4-bit absmax weight with K % 128 == 0, K % blocksize == 0 and
-  // blocksize a power of two >= 16, decoding in registers (no dense row is written anywhere).
-  // xr holds the M rows of x interleaved in nibble order (nibble_order_x in matmul.cpp).
-  // Adds the dot products over the 128-element chunks [c0, c1) of each row to y (K tiles keep
-  // the slice of x in L1); c1 - c0 <= 64 and the tile spans at most 256 blocks.
+  // rows o in [o0, o1) of a 4-bit absmax weight with K % blocksize == 0 and blocksize a power of
+  // two >= 16, decoding in registers (no dense row is written anywhere). xr holds the M rows of
+  // x interleaved in nibble order (nibble_order_x in matmul.cpp). Adds the dot products over the
+  // whole 128-element chunks [c0, c1) of each row to y (K tiles keep the slice of x in L1);
+  // c1 - c0 <= 64 and the tile spans at most 256 blocks. (RowProduct runs a row's last K % 128
+  // elements as one more chunk of a zero-padded copy.)
   void (*gemv4)(const float* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize, const float* table,
                 const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y,
                 int64_t ldy) = nullptr;
+  // Optional fast path (null where absent): gemv4 for a 4-bit minmax weight (uint4, GGUF Q4_1 /
+  // Q4_K), each weight decoded in registers as decode_value's fma(table[q], scale, offset);
+  // offsets[o * (K / blocksize) + b] is block b of row o.
+  void (*gemv4_affine)(const float* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize,
+                       const float* table, const BlockScales& scales, const float* offsets, int64_t o0, int64_t o1,
+                       int64_t c0, int64_t c1, float* y, int64_t ldy) = nullptr;
   // Optional fast path (null where absent): gemv4 for bfloat16 x, with the weights rounded to
   // bfloat16 once (the table values, or from three rows of x and blocksize >= 64 the dequantized
   // weights: the precision dense bfloat16 F.linear gives them) and float32 accumulation; xr
@@ -73,11 +80,13 @@ class RowProduct {
   int64_t min_rows() const { return min_rows_; }
 
  private:
-  enum class Path { kFusedFloat, kFusedBf16, kDecodeRows };
-  // The active fused kernel on rows [o0, o1) of `packed` (codes_per_row codes a row), chunks
+  enum class Path { kFusedFloat, kFusedAffine, kFusedBf16, kDecodeRows };
+  // The active fused kernel on rows [o0, o1) of `packed` (codes_per_row codes a row; offsets:
+  // the affine path's, row o's blocks from offsets + o * (codes_per_row / blocksize)), chunks
   // [c0, c1), mb rows of x from xf_ / xb_ + x_offset, into y (row stride N).
   void fused_kernel(int64_t x_offset, int64_t mb, int64_t codes_per_row, const uint8_t* packed,
-                    const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y) const;
+                    const BlockScales& scales, const float* offsets, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
+                    float* y) const;
   // Adds the last K % 128 codes' share of rows [n0, n1) (fused paths, K not whole chunks).
   void run_tail(int64_t n0, int64_t n1) const;
   Path path_;
@@ -93,7 +102,7 @@ class RowProduct {
   float* y_;
   int64_t min_rows_;
   int64_t kp_ = 0;              // K rounded up to whole 128-code chunks (the fused kernels' x rows)
-  std::vector<float> xf_;       // fused float32 kernel: x in nibble order; decode path: x as float32 rows
+  std::vector<float> xf_;       // fused float32 kernels: x in nibble order; decode path: x as float32 rows
   std::vector<uint16_t> xb_;    // fused bfloat16 kernel: x in pair order
   // Fused kernels with double-quantized scales on a VBMI CPU: run() decodes a row range's scales
   // in bulk (no gathers) and hands the kernels plain ones.

@@ -119,14 +119,16 @@ RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t
   min_rows_ = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
   // K need not be whole chunks: a block size dividing K then divides the tail (K % 128) too,
   // which run_tail takes through the same kernel.
-  const bool fused = k.gemv4 != nullptr && cb.bits == 4 && rule == kAbsmax && K % blocksize == 0 &&
-                     blocksize >= kMinFusedBlocksize && power_of_two(blocksize);
+  const bool blocks = cb.bits == 4 && K % blocksize == 0 && blocksize >= kMinFusedBlocksize &&
+                      power_of_two(blocksize);
+  const bool fused = blocks && rule == kAbsmax && k.gemv4 != nullptr;
+  const bool affine = blocks && rule == kMinmax && offsets != nullptr && k.gemv4_affine != nullptr;
   kp_ = padded_k(K);
   if (fused && x_dtype == kBFloat16 && k.gemv4_bf16 != nullptr) {
     path_ = Path::kFusedBf16;
     xb_ = bf16_pair_order_x(static_cast<const uint16_t*>(x), M, K, ldx);
-  } else if (fused) {
-    path_ = Path::kFusedFloat;
+  } else if (fused || affine) {
+    path_ = fused ? Path::kFusedFloat : Path::kFusedAffine;
     xf_ = nibble_order_x(x, x_dtype, M, K, ldx);
   } else {
     path_ = Path::kDecodeRows;
@@ -175,13 +177,14 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
                : std::min<int64_t>({48, max_chunks, std::max<int64_t>(1, kL1Bytes / (mb * kGemvChunk * 4))});
   };
   // Rows [o0, o1) of W (the kernels' row numbers) against every row of x.
-  const auto rows = [&](const uint8_t* packed, const BlockScales& scales, int64_t o0, int64_t o1, float* y) {
+  const auto rows = [&](const uint8_t* packed, const BlockScales& scales, const float* offsets, int64_t o0,
+                        int64_t o1, float* y) {
     for_row_groups_and_tiles(M_, chunks, tile, [&](int64_t m, int64_t mb, int64_t c0, int64_t c1) {
-      fused_kernel(m * kp_, mb, K_, packed, scales, o0, o1, c0, c1, y + m * N_);
+      fused_kernel(m * kp_, mb, K_, packed, scales, offsets, o0, o1, c0, c1, y + m * N_);
     });
   };
   if (!planes_) {
-    rows(packed_, scales_, n0, n1, y_);
+    rows(packed_, scales_, offsets_, n0, n1, y_);
   } else {
     // The scales decoded here a few rows at a time (16 KiB: they stay in L1 while the kernel
     // reads them; NVFP4 has 256 a row), the kernels seeing those rows as rows [0, count).
@@ -191,7 +194,8 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
     for (int64_t a = n0; a < n1; a += step) {
       const int64_t b = std::min(n1, a + step);
       decode_nested_scales_vbmi(scales_, *planes_, a * per_row, (b - a) * per_row, plain.get());
-      rows(packed_ + a * K_ / 2, BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0}, 0, b - a, y_ + a);
+      rows(packed_ + a * K_ / 2, BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0},
+           offsets_ ? offsets_ + a * per_row : nullptr, 0, b - a, y_ + a);
     }
   }
   // After the whole chunks, whose stream brought the tails into cache.
@@ -199,12 +203,15 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
 }
 
 void RowProduct::fused_kernel(int64_t x_offset, int64_t mb, int64_t codes_per_row, const uint8_t* packed,
-                              const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
-                              float* y) const {
+                              const BlockScales& scales, const float* offsets, int64_t o0, int64_t o1, int64_t c0,
+                              int64_t c1, float* y) const {
   const GemvKernels& k = gemv_kernels();
   if (path_ == Path::kFusedBf16) {
     k.gemv4_bf16(xb_.data() + x_offset, mb, codes_per_row, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y,
                  N_);
+  } else if (path_ == Path::kFusedAffine) {
+    k.gemv4_affine(xf_.data() + x_offset, mb, codes_per_row, packed, blocksize_, cb_.table, scales, offsets, o0, o1,
+                   c0, c1, y, N_);
   } else {
     k.gemv4(xf_.data() + x_offset, mb, codes_per_row, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y, N_);
   }
@@ -214,7 +221,8 @@ void RowProduct::fused_kernel(int64_t x_offset, int64_t mb, int64_t codes_per_ro
 // blocks): copied a batch of rows at a time into zero-padded one-chunk rows (64 bytes each)
 // with their blocks' scales decoded beside them (0 for the padding's blocks), then multiplied
 // by the same fused kernel against x's padded last chunk (zeros past K), so the padding adds
-// exact zeros. The copy is t/2 bytes a row; the kernel then reads it from L1.
+// exact zeros (the affine path's padding has offset 0 too). The copy is t/2 bytes a row; the
+// kernel then reads it from L1.
 void RowProduct::run_tail(int64_t n0, int64_t n1) const {
   constexpr int64_t kBatch = 64;
   constexpr int64_t kMaxChunkBlocks = kGemvChunk / kMinFusedBlocksize;
@@ -223,7 +231,9 @@ void RowProduct::run_tail(int64_t n0, int64_t n1) const {
   const int64_t blocks_per_row = K_ / blocksize_, first_block = full / blocksize_;
   alignas(64) uint8_t codes[kBatch * kGemvChunk / 2];
   alignas(64) float scales[kBatch * kMaxChunkBlocks];
+  alignas(64) float offsets[kBatch * kMaxChunkBlocks];  // the affine path's (0 in the padding too)
   const BlockScales plain{scales, nullptr, nullptr, nullptr, 1, 0.0f, 0};
+  const bool affine = path_ == Path::kFusedAffine;
   // A row's tail codes and scale bytes, fetched a batch ahead: rows far apart in memory (and,
   // after a long run of rows, no longer in cache) would each wait for DRAM in the copy.
   const auto prefetch_rows = [&](int64_t r0, int64_t r1) {
@@ -240,18 +250,20 @@ void RowProduct::run_tail(int64_t n0, int64_t n1) const {
     const int64_t count = std::min(kBatch, n1 - a);
     std::fill(codes, codes + count * kGemvChunk / 2, uint8_t{0});
     std::fill(scales, scales + count * chunk_blocks, 0.0f);
+    if (affine) std::fill(offsets, offsets + count * chunk_blocks, 0.0f);
     for (int64_t r = 0; r < count; ++r) {
       const int64_t o = a + r;
       std::memcpy(codes + r * kGemvChunk / 2, packed_ + (o * K_ + full) / 2, static_cast<size_t>(tail / 2));
       for (int64_t b = 0; b < tail_blocks; ++b) {
         scales[r * chunk_blocks + b] = block_scale(scales_, o * blocks_per_row + first_block + b);
+        if (affine) offsets[r * chunk_blocks + b] = offsets_[o * blocks_per_row + first_block + b];
       }
     }
     prefetch_rows(a + count, std::min(n1, a + count + kBatch));
     for (int64_t m = 0; m < M_; m += kGemvRows) {
       const int64_t mb = std::min(kGemvRows, M_ - m);
       // The group's padded last chunk of x (at chunk index full / 128) is the one chunk here.
-      fused_kernel(m * kp_ + full * mb, mb, kGemvChunk, codes, plain, 0, count, 0, 1, y_ + m * N_ + a);
+      fused_kernel(m * kp_ + full * mb, mb, kGemvChunk, codes, plain, offsets, 0, count, 0, 1, y_ + m * N_ + a);
     }
   }
 }
