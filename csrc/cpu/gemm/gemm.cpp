@@ -43,12 +43,21 @@ std::unique_ptr<int32_t[]> packed_rows(const GemmKernels& k, decltype(GemmKernel
 
 }  // namespace cpu
 
-bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets,
-                  bool sparse24) {
+namespace cpu {
+
+bool gemm_applies_on(const GemmKernels& k, int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule,
+                     const float* offsets, bool sparse24) {
   const bool layout = sparse24 ? K % 256 == 0 && blocksize >= 32 && (K / 2) % blocksize == 0
                                : K % 32 == 0 && K % blocksize == 0;
-  return cpu::gemm_kernels().bf16_4bit != nullptr && x_dtype == kBFloat16 && cb.bits == 4 && rule == kAbsmax &&
-         offsets == nullptr && blocksize >= 16 && (blocksize & (blocksize - 1)) == 0 && layout;
+  return k.bf16_4bit != nullptr && x_dtype == kBFloat16 && cb.bits == 4 && rule == kAbsmax && offsets == nullptr &&
+         blocksize >= 16 && (blocksize & (blocksize - 1)) == 0 && layout;
+}
+
+}  // namespace cpu
+
+bool gemm_applies(int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule, const float* offsets,
+                  bool sparse24) {
+  return cpu::gemm_applies_on(cpu::gemm_kernels(), x_dtype, K, blocksize, cb, rule, offsets, sparse24);
 }
 
 int64_t gemm_min_rows(bool sparse24) {
@@ -57,9 +66,8 @@ int64_t gemm_min_rows(bool sparse24) {
 
 namespace {
 
-// Whether the active row takes M rows of x (its max_rows, or max_rows_sparse24 for the 2:4 layout).
-bool rows_apply(int64_t M, bool sparse24) {
-  const cpu::GemmKernels& k = cpu::gemm_kernels();
+// Whether row k takes M rows of x (its max_rows, or max_rows_sparse24 for the 2:4 layout).
+bool rows_apply(const cpu::GemmKernels& k, int64_t M, bool sparse24) {
   const int64_t most = sparse24 ? k.max_rows_sparse24 : k.max_rows;
   return most == 0 || M <= most;
 }
@@ -104,8 +112,10 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
       (lora.r > 0 && !valid_dtype(lora.dtype))) {
     return kInvalidArgument;
   }
-  if (!gemm_applies(x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) ||
-      !rows_apply(M, positions != nullptr)) {
+  // One ISA row for the whole call: set_isa from another thread must not switch it half way.
+  const cpu::GemmKernels& k = cpu::gemm_kernels();
+  if (!cpu::gemm_applies_on(k, x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) ||
+      !rows_apply(k, M, positions != nullptr)) {
     return kOk;
   }
   if (!valid_output_dtype(y_dtype)) return kInvalidArgument;
@@ -115,7 +125,6 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
     fill_zero(y, y_dtype, M * N);
     return kOk;
   }
-  const cpu::GemmKernels& k = cpu::gemm_kernels();
   const auto* xb = static_cast<const uint16_t*>(x);
   // The side path: t = scale * x @ A^T now (threads over rows of x), B^T as float32 for the epilogue.
   std::vector<float> t, bt;
@@ -153,8 +162,8 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   *done = false;
   if (M < 0 || K < 0 || N < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
   const cpu::GemmKernels& k = cpu::gemm_kernels();
-  if (!gemm_applies(g_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) || k.bf16_4bit_t == nullptr ||
-      N % 2 != 0 || !rows_apply(M, positions != nullptr)) {
+  if (!cpu::gemm_applies_on(k, g_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) ||
+      k.bf16_4bit_t == nullptr || N % 2 != 0 || !rows_apply(k, M, positions != nullptr)) {
     return kOk;
   }
   if (!valid_output_dtype(gx_dtype)) return kInvalidArgument;

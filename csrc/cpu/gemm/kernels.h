@@ -96,6 +96,10 @@ extern const GemmVectorKernels kGemmVectorAvx512Bf16;
 
 // The rows of the active ISA (isa.h).
 const GemmKernels& gemm_kernels();
+
+// gemm_applies (ops.h) for row k: a caller holding one row for a whole call asks it of that row.
+bool gemm_applies_on(const GemmKernels& k, int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule,
+                     const float* offsets, bool sparse24);
 const GemmVectorKernels& gemm_vector_kernels();
 
 // Rows [0, M) of x [M, K] (bfloat16, row stride ldx) packed by pack (k's pack_x or pack_g) into a

@@ -97,8 +97,7 @@ struct GemmExpert {
 };
 
 // The gemm experts' products, threads over (expert, group of output rows) tasks.
-void gemm_products(const ExpertMatrices& m, const std::vector<GemmExpert>& experts) {
-  const cpu::GemmKernels& k = cpu::gemm_kernels();
+void gemm_products(const cpu::GemmKernels& k, const ExpertMatrices& m, const std::vector<GemmExpert>& experts) {
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels, groups = (m.N + group - 1) / group;
   cpu::parallel_chunks(0, static_cast<int64_t>(experts.size()) * groups, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -114,8 +113,8 @@ int grouped_products(const ExpertMatrices& m, const std::vector<int64_t>& active
                      const char* x, int x_dtype, float* y) {
   const int64_t es = dtype_size(x_dtype);
   if (!cpu::valid_product(x_dtype, 1, m.K, m.K, m.N, m.blocksize, m.cb)) return kInvalidArgument;
-  const cpu::GemmKernels& k = cpu::gemm_kernels();
-  const bool gemm = gemm_applies(x_dtype, m.K, m.blocksize, m.cb, m.rule, m.offsets, false);
+  const cpu::GemmKernels& k = cpu::gemm_kernels();  // one row for the call (set_isa may run meanwhile)
+  const bool gemm = cpu::gemm_applies_on(k, x_dtype, m.K, m.blocksize, m.cb, m.rule, m.offsets, false);
   std::vector<std::vector<float>> scale_bufs(active.size());
   std::vector<cpu::RowProduct> products;
   std::vector<GemmExpert> gemm_experts;
@@ -124,14 +123,14 @@ int grouped_products(const ExpertMatrices& m, const std::vector<int64_t>& active
     const int64_t e = active[j], rows = start[e + 1] - start[e];
     const ExpertSlice s = slice(m, e, scale_bufs[j]);
     const char* xe = x + start[e] * m.K * es;
-    if (gemm && rows >= gemm_min_rows(false)) {
+    if (gemm && rows >= k.min_rows) {
       gemm_experts.push_back({cpu::packed_rows(k, k.pack_x, xe, rows, m.K, m.K), rows, s, y + start[e] * m.N});
       continue;
     }
     products.emplace_back(xe, x_dtype, rows, m.K, m.K, m.N, s.packed, m.blocksize, m.cb, m.rule, s.scales, s.offsets,
                           y + start[e] * m.N);
   }
-  if (!gemm_experts.empty()) gemm_products(m, gemm_experts);
+  if (!gemm_experts.empty()) gemm_products(k, m, gemm_experts);
   const int64_t total = static_cast<int64_t>(products.size()) * m.N;
   if (total > 0) {
     cpu::parallel_for(0, total, products.front().min_rows(), 1, [&](int64_t g0, int64_t g1) {
