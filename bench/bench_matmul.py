@@ -1,6 +1,6 @@
 # Dequantize-matmul of qengine (NF4) against dense F.linear, torch's int4 CPU kernel and bitsandbytes.
 """Usage: python bench/bench_matmul.py [--quick] [--json PATH] [--threads N] [--device cuda] [--microscaling]
-                                     [--odd-k]
+                                     [--odd-k] [--eight-bit]
 
 For each weight shape and batch: qengine.matmul on an NF4 weight (block 64, with and without
 double quant) with bfloat16 activations, against, in the same run: dense F.linear in bfloat16
@@ -18,6 +18,10 @@ With --odd-k: gpt-oss's projection shapes, whose K = 2880 is not a multiple of t
 128-code chunk, against a 3072-column weight (K % 128 == 0) of the same rows, NF4 + double quant
 and MXFP4, bfloat16 x at batch 1 and 8, interleaved rounds; 'G w/s' is weights per second, whose
 ratio to the 3072-column weight's is the cost of the last K % 128 codes of each row.
+
+With --eight-bit: 11008x4096 at batch 1 and 8 with 8-bit codes (int8, uint8, GGUF Q8_0) against
+NF4 + double quant and dense bfloat16, interleaved rounds; run once more with QENGINE_NO_VBMI=1
+for the decode-then-dot path they take on CPUs without AVX-512 VBMI.
 """
 from __future__ import annotations
 
@@ -43,6 +47,9 @@ def parse_args():
     p.add_argument("--microscaling", action="store_true",
                    help="only batch-1 11008x4096: mxfp4, nvfp4, uint4 and nf4 block 32 against nf4 + double quant, "
                         "bfloat16 and float32 x, interleaved (issue 26's Done-when: within 1.15x of nf4)")
+    p.add_argument("--eight-bit", action="store_true",
+                   help="only 11008x4096 at batch 1 and 8: the 8-bit codes (int8, uint8, GGUF Q8_0) against nf4 + "
+                        "double quant and dense bf16, interleaved (QENGINE_NO_VBMI=1 gives their decode-then-dot path)")
     p.add_argument("--odd-k", action="store_true",
                    help="only gpt-oss's shapes (K = 2880, not whole 128-code chunks) against K = 3072, batch 1 and 8")
     return p.parse_args()
@@ -79,6 +86,45 @@ def microscaling_main(args):
                        ("x_bf16", "/ nf4", ".2f"), ("f32", "f32 x ms", ".3f"), ("x_f32", "/ nf4", ".2f")],
                 title=f"batch-1 matmul 11008x4096, median of {args.rounds} interleaved rounds (ms; / nf4: time "
                       "over nf4+dq's)")
+    write_json(args.json, rows)
+
+
+def eight_bit_main(args):
+    """Batch 1 and 8, bfloat16 x, 11008x4096: int8 (block 64, with and without double quant), uint8
+    (the minmax rule; GGUF Q5_K loads to it) and GGUF Q8_0 (when the gguf package is installed; Q6_K
+    loads to the same kind of table) against nf4 + double quant and dense bfloat16 F.linear; each
+    round times every case for a short budget in turn, the figure is the median over rounds."""
+    torch.manual_seed(0)
+    n, k = 11008, 4096
+    w = torch.randn(n, k) * 0.02
+    qs = {"nf4+dq": qengine.quantize(w, "nf4", 64, double_quant=True), "int8/64": qengine.quantize(w, "int8", 64),
+          "int8/64+dq": qengine.quantize(w, "int8", 64, double_quant=True), "uint8/64": qengine.quantize(w, "uint8", 64)}
+    try:
+        import gguf
+
+        from qengine.hf.gguf import decode_blocks
+        raw = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        qs["gguf q8_0"] = decode_blocks(torch.from_numpy(raw.copy()).reshape(-1), "Q8_0", (n, k))
+    except ImportError:
+        print("gguf is not installed: no Q8_0 row")
+    runs = {name: (lambda x, q=q: qengine.matmul(x, q)) for name, q in qs.items()}
+    wb = w.to(torch.bfloat16)
+    runs["dense bf16"] = lambda x: F.linear(x, wb)
+    times: dict = {}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for m in (1, 8):
+                xs = [(torch.randn(m, k, dtype=torch.bfloat16),) for _ in range(3)]
+                for name, fn in runs.items():
+                    times.setdefault((m, name), []).append(measure(fn, xs, budget_s=0.3).median)
+    med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+    rows = [{"batch": m, "impl": name, "ms": t * 1e3, "x_nf4": t / med[(m, "nf4+dq")],
+             "x_dense": med[(m, "dense bf16")] / t} for (m, name), t in med.items()]
+    print(f"fused 8-bit GEMV (AVX-512 VBMI): {'on' if qengine._C.vbmi_scales() else 'off'}")
+    print_table(rows, [("batch", "M", "d"), ("impl", "impl", ""), ("ms", "ms", ".3f"), ("x_nf4", "/ nf4+dq", ".2f"),
+                       ("x_dense", "x dense bf16", ".2f")],
+                title=f"8-bit codes, 11008x4096, bfloat16 x, median of {args.rounds} interleaved rounds (ms; / nf4+dq: "
+                      "time over nf4+dq's; x dense bf16: > 1 = faster)")
     write_json(args.json, rows)
 
 
@@ -209,12 +255,13 @@ def cuda_main(args):
 
 def main():
     args = parse_args()
-    if args.microscaling or args.odd_k:
+    if args.microscaling or args.odd_k or args.eight_bit:
         args.rounds = 3 if args.quick else 7
         if args.threads:
             torch.set_num_threads(args.threads)
             qengine.set_num_threads(args.threads)
-        return microscaling_main(args) if args.microscaling else odd_k_main(args)
+        mode = microscaling_main if args.microscaling else odd_k_main if args.odd_k else eight_bit_main
+        return mode(args)
     if args.device == "cuda":
         return cuda_main(args)
     if args.threads:

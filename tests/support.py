@@ -122,6 +122,21 @@ def matmul_bound(x64, w64, dtype, extra=0.0):
     return 8 * math.sqrt(k) * 2.0**-24 * mag + eps_out * mag
 
 
+def check_matmul_every_isa(q, w64, x):
+    """qengine.matmul(x, q) on every CPU ISA within matmul_bound of the float64 product x @ w64.T."""
+    x64 = x.to(torch.float64)
+    ref = x64 @ w64.t()
+    bound = matmul_bound(x64, w64, x.dtype)
+    original = qengine.build_info()["cpu_isa"]
+    try:
+        for isa in qengine.build_info()["supported_cpu_isas"]:
+            qengine.set_cpu_isa(isa)
+            y = qengine.matmul(x, q).to(torch.float64)
+            assert ((y - ref).abs() <= bound).all(), (isa, float((y - ref).abs().max()))
+    finally:
+        qengine.set_cpu_isa(original)
+
+
 # ---------------------------------------------------------------------------- a tiny transformers Llama
 def tiny_llama(hidden=256, inter=384, layers=2, heads=4, kv=2, vocab=320, seed=0):
     """A float transformers LlamaForCausalLM with random weights (its own init, seeded), untied head;

@@ -18,6 +18,7 @@ from qengine.hf import export_gguf, load_model, save_quantized  # noqa: E402
 from qengine.hf.gguf import EXACT_TYPES, decode_blocks  # noqa: E402
 from qengine.hf.gguf.codec import MICROSCALING_TYPES  # noqa: E402
 from qengine.nn import QuantEmbedding, QuantLinear  # noqa: E402
+from support import check_matmul_every_isa  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 LAYER_TYPES = [dict(q=T.Q4_0, k=T.Q8_0, v=T.Q4_1, o=T.Q4_K, gate=T.Q5_K, up=T.Q4_K, down=T.Q6_K),
@@ -117,6 +118,18 @@ def test_decode_equals_gguf_dequantize(name, chunk, monkeypatch):
     ours = decode_blocks(torch.from_numpy(raw.copy()).reshape(-1), name, (rows, cols)).dequantize(torch.float32).numpy()
     ref = gguf.quants.dequantize(raw, qtype)
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))  # bit for bit, signed zeros included
+
+
+@pytest.mark.parametrize("name, cols", [("Q8_0", 2880), ("Q6_K", 512), ("Q5_K", 768), ("Q4_K", 512), ("Q4_1", 2880)])
+def test_matmul_every_isa(name, cols):
+    """The small-batch matmul of each 8-bit-coded type (Q8_0, Q6_K and Q5_K load to 8-bit tables,
+    the fused GEMV on a VBMI CPU) and the 4-bit minmax ones on every ISA, against the float64
+    product with gguf.quants.dequantize's weights; 2880 columns leave a last chunk of 64 codes."""
+    raw = weights(np.random.default_rng(4), 70, cols, T[name])
+    q = decode_blocks(torch.from_numpy(raw.copy()).reshape(-1), name, (70, cols))
+    w64 = torch.from_numpy(gguf.quants.dequantize(raw, T[name])).to(torch.float64)
+    for m in (1, 5):
+        check_matmul_every_isa(q, w64, torch.randn(m, cols, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("name, scale_bytes, bad", [

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import qengine
 from cases import TORCH_JIT_DEPRECATION
-from support import check_bias_lora_and_gradients, matmul_bound, random_quantized
+from support import check_bias_lora_and_gradients, check_matmul_every_isa, matmul_bound, random_quantized
 
 BATCHES = [1, 3, 16, 17, 64]
 # (out_features, in_features, blocksize): the fused kernel's shape (K % 128 == 0), a
@@ -136,22 +136,7 @@ def test_k_not_whole_chunks_every_isa(fmt, bs, dq, k, m, dtype):
     n = 130  # two full batches of the tail's 64 rows and a short one
     q = qengine.quantize(torch.randn(n, k), fmt, bs, double_quant=dq)
     w64 = q.dequantize(torch.float32).to(torch.float64)  # (dequantize: tested against the reference)
-    _check_every_isa(q, w64, torch.randn(m, k).to(dtype))
-
-
-def _check_every_isa(q, w64, x):
-    """qengine.matmul(x, q) on every CPU ISA within matmul_bound of the float64 product."""
-    x64 = x.to(torch.float64)
-    ref = x64 @ w64.t()
-    bound = matmul_bound(x64, w64, x.dtype)
-    original = qengine.build_info()["cpu_isa"]
-    try:
-        for isa in qengine.build_info()["supported_cpu_isas"]:
-            qengine.set_cpu_isa(isa)
-            y = qengine.matmul(x, q).to(torch.float64)
-            assert ((y - ref).abs() <= bound).all(), (isa, float((y - ref).abs().max()))
-    finally:
-        qengine.set_cpu_isa(original)
+    check_matmul_every_isa(q, w64, torch.randn(m, k).to(dtype))
 
 
 # 4-bit minmax weights (uint4; GGUF Q4_1 / Q4_K import to the same rule) on the fused GEMV: each
@@ -162,7 +147,21 @@ def _check_every_isa(q, w64, x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_minmax_4bit_every_isa(k, bs, dq, m, dtype):
     q, w64 = random_quantized(130, k, "uint4", bs, dq)
-    _check_every_isa(q, w64, torch.randn(m, k).to(dtype))
+    check_matmul_every_isa(q, w64, torch.randn(m, k).to(dtype))
+
+
+# 8-bit codes (int8, uint8, dynamic8; GGUF Q8_0 / Q6_K / Q5_K load to 8-bit tables too, see
+# test_gguf.py) on the fused GEMV where the CPU has AVX-512 VBMI: each code looked up in its
+# 256-entry table with byte permutes, in registers; elsewhere (the scalar and avx2 rows) decoded
+# a row at a time. K = 2880 and 96 leave a last chunk of K % 128 codes.
+@pytest.mark.parametrize("fmt,bs,k", [("int8", 64, 2880), ("int8", 32, 96), ("uint8", 32, 2880),
+                                      ("uint8", 64, 256), ("int8", 256, 512), ("dynamic8", 128, 384)])
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8bit_every_isa(fmt, bs, k, dq, m, dtype):
+    q, w64 = random_quantized(130, k, fmt, bs, dq)
+    check_matmul_every_isa(q, w64, torch.randn(m, k).to(dtype))
 
 
 def test_inputs_not_modified_and_weight_frozen():

@@ -34,7 +34,11 @@ struct PlaneRegs {
   }
   // The 64 float32 table values of 64 codes, as 4 vectors of 16 in code order.
   void lookup64(__m512i codes, const __m512i order, __m512i out[4]) const {
-    codes = _mm512_permutexvar_epi8(order, codes);
+    lookup64_unordered(_mm512_permutexvar_epi8(order, codes), out);
+  }
+  // The same without the reordering: lane 4l + e of out[k] holds the value of code position
+  // 16l + 4k + e (a caller that permutes its codes anyway folds unpack_order into its own).
+  void lookup64_unordered(__m512i codes, __m512i out[4]) const {
     const __mmask64 high = _mm512_movepi8_mask(codes);  // entries 128..255
     __m512i b[4];
     for (int p = 0; p < 4; ++p) {

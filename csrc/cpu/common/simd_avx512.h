@@ -256,7 +256,8 @@ struct TileGeometry {
   int64_t prefetch_ahead;   // bytes
 };
 
-inline TileGeometry tile_geometry(int64_t codes_per_row, int64_t blocksize, int64_t c0, int64_t c1) {
+inline TileGeometry tile_geometry(int64_t codes_per_row, int64_t blocksize, int64_t c0, int64_t c1,
+                                  int code_bits = 4) {
   TileGeometry g{};
   g.blocks_per_row = codes_per_row / blocksize;
   while ((int64_t{1} << g.log2_blocksize) < blocksize) ++g.log2_blocksize;
@@ -265,7 +266,7 @@ inline TileGeometry tile_geometry(int64_t codes_per_row, int64_t blocksize, int6
   // A tile covering whole rows (all their whole chunks: a tail of K % 128 codes is read apart)
   // streams through memory: prefetch ahead in the stream. A partial tile jumps to the next row
   // after c1: prefetch the next row's segment of this tile.
-  g.prefetch_ahead = (c0 == 0 && c1 == codes_per_row / 128) ? kPrefetchBytes : (codes_per_row >> 1);
+  g.prefetch_ahead = (c0 == 0 && c1 == codes_per_row / 128) ? kPrefetchBytes : codes_per_row * code_bits / 8;
   return g;
 }
 
@@ -300,6 +301,27 @@ inline void gemv_rows(const TileGeometry& g, const BlockScales& scales, int64_t 
       run([&](int64_t c) { return chunk_scales(rs, c, g.log2_blocksize); });
     }
     for (int m = 0; m < M; ++m) y[m * ldy + o] += _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
+// The loop of the minmax kernels: y[m * ldy + o] += the sums chunk(o, c, sv, ov, a0, a1) adds to
+// a0[m] and a1[m] (two chains per row of x) over chunks [c0, c1) of rows [o0, o1); sv and ov hold
+// chunk c's scales and offsets per lane (lane i covers codes 8i..8i+7), for the chunk to decode
+// each weight as decode_value's fma(table[q], scale, offset).
+template <int M, class Chunk>
+inline void gemv_affine_rows(const TileGeometry& g, const BlockScales& scales, const float* offsets, int64_t o0,
+                             int64_t o1, int64_t c0, int64_t c1, float* y, int64_t ldy, Chunk&& chunk) {
+  alignas(64) float scale_buf[kMaxTileBlocks];
+  for (int64_t o = o0; o < o1; ++o) {
+    // rs[b] and ro[b]: the scale and offset of the row's block b (b in the tile's range).
+    const float* rs = tile_scales(scales, o * g.blocks_per_row + g.rb_lo, g.rb_count, scale_buf) - g.rb_lo;
+    const float* ro = offsets + o * g.blocks_per_row;
+    __m512 a0[M], a1[M];
+    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int64_t c = c0; c < c1; ++c) {
+      chunk(o, c, chunk_scales(rs, c, g.log2_blocksize), chunk_scales(ro, c, g.log2_blocksize), a0, a1);
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + o] += _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
   }
 }
 

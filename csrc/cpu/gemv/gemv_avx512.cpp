@@ -57,28 +57,19 @@ void gemv4_affine_rows(const float* xr, int64_t K, const uint8_t* packed, int64_
                        int64_t c1, float* y, int64_t ldy) {
   const __m512 tbl = _mm512_loadu_ps(table);
   const TileGeometry g = tile_geometry(K, blocksize, c0, c1);
-  alignas(64) float scale_buf[kMaxTileBlocks];
-  for (int64_t o = o0; o < o1; ++o) {
-    // rs[b] and ro[b]: the scale and offset of the row's block b (b in the tile's range).
-    const float* rs = tile_scales(scales, o * g.blocks_per_row + g.rb_lo, g.rb_count, scale_buf) - g.rb_lo;
-    const float* ro = offsets + o * g.blocks_per_row;
-    __m512 a0[M], a1[M];
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
-    for (int64_t c = c0; c < c1; ++c) {
-      const __m512 sv = chunk_scales(rs, c, g.log2_blocksize), ov = chunk_scales(ro, c, g.log2_blocksize);
-      __m512i d = _mm512_loadu_si512(chunk_codes(packed, K, o, c, g.prefetch_ahead));
-      const float* xc = xr + c * 128 * M;
-      for (int j = 0; j < 8; j += 2) {
-        if (j > 0) d = _mm512_srli_epi32(d, 4);
-        __m512 w = _mm512_fmadd_ps(lookup16(d, tbl), sv, ov);
-        for (int m = 0; m < M; ++m) a0[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + (j * M + m) * 16), a0[m]);
-        d = _mm512_srli_epi32(d, 4);
-        w = _mm512_fmadd_ps(lookup16(d, tbl), sv, ov);
-        for (int m = 0; m < M; ++m) a1[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + ((j + 1) * M + m) * 16), a1[m]);
-      }
+  gemv_affine_rows<M>(g, scales, offsets, o0, o1, c0, c1, y, ldy,
+                      [&](int64_t o, int64_t c, __m512 sv, __m512 ov, __m512 (&a0)[M], __m512 (&a1)[M]) {
+    __m512i d = _mm512_loadu_si512(chunk_codes(packed, K, o, c, g.prefetch_ahead));
+    const float* xc = xr + c * 128 * M;
+    for (int j = 0; j < 8; j += 2) {
+      if (j > 0) d = _mm512_srli_epi32(d, 4);
+      __m512 w = _mm512_fmadd_ps(lookup16(d, tbl), sv, ov);
+      for (int m = 0; m < M; ++m) a0[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + (j * M + m) * 16), a0[m]);
+      d = _mm512_srli_epi32(d, 4);
+      w = _mm512_fmadd_ps(lookup16(d, tbl), sv, ov);
+      for (int m = 0; m < M; ++m) a1[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + ((j + 1) * M + m) * 16), a1[m]);
     }
-    for (int m = 0; m < M; ++m) y[m * ldy + o] += _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
-  }
+  });
 }
 
 void gemv4_affine(const float* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize, const float* table,
@@ -154,6 +145,7 @@ const GemvKernels kGemvAvx512 = {
     .axpy_rows = axpy_rows,
     .gemv4 = gemv4,
     .gemv4_affine = gemv4_affine,
+    .gemv8 = gemv8_avx512vbmi,
 };
 
 const GemvKernels kGemvAvx512Bf16 = {
@@ -162,6 +154,7 @@ const GemvKernels kGemvAvx512Bf16 = {
     .gemv4 = gemv4,
     .gemv4_affine = gemv4_affine,
     .gemv4_bf16 = gemv4_bf16_avx512bf16,
+    .gemv8 = gemv8_avx512vbmi,
 };
 
 }  // namespace qengine::cpu

@@ -40,6 +40,12 @@ struct GemvKernels {
   void (*gemv4_bf16)(const uint16_t* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize,
                      const float* table, const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
                      float* y, int64_t ldy) = nullptr;
+  // Optional fast path (null where absent; call only where vbmi_scales_available()): gemv4 and
+  // gemv4_affine for 8-bit codes (one a byte, K bytes a row), the table as byte planes; offsets
+  // null for absmax weights, else the minmax offsets as in gemv4_affine. xr in nibble order.
+  void (*gemv8)(const float* xr, int64_t M, int64_t K, const uint8_t* codes, int64_t blocksize,
+                const ScalePlanes& table, const BlockScales& scales, const float* offsets, int64_t o0, int64_t o1,
+                int64_t c0, int64_t c1, float* y, int64_t ldy) = nullptr;
 };
 
 extern const GemvKernels kGemvScalar;
@@ -47,6 +53,10 @@ extern const GemvKernels kGemvScalar;
 extern const GemvKernels kGemvAvx2;
 extern const GemvKernels kGemvAvx512;
 extern const GemvKernels kGemvAvx512Bf16;  // the avx512 row plus gemv4_bf16
+// gemv8_avx512vbmi.cpp: the gemv8 of the AVX-512 rows.
+void gemv8_avx512vbmi(const float* xr, int64_t M, int64_t K, const uint8_t* codes, int64_t blocksize,
+                      const ScalePlanes& table, const BlockScales& scales, const float* offsets, int64_t o0,
+                      int64_t o1, int64_t c0, int64_t c1, float* y, int64_t ldy);
 // gemv_avx512bf16.cpp: the gemv4_bf16 of the avx512_bf16 row.
 void gemv4_bf16_avx512bf16(const uint16_t* xr, int64_t M, int64_t K, const uint8_t* packed, int64_t blocksize,
                            const float* table, const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0,
@@ -80,7 +90,7 @@ class RowProduct {
   int64_t min_rows() const { return min_rows_; }
 
  private:
-  enum class Path { kFusedFloat, kFusedAffine, kFusedBf16, kDecodeRows };
+  enum class Path { kFusedFloat, kFusedAffine, kFusedBf16, kFused8, kDecodeRows };
   // The active fused kernel on rows [o0, o1) of `packed` (codes_per_row codes a row; offsets:
   // the affine path's, row o's blocks from offsets + o * (codes_per_row / blocksize)), chunks
   // [c0, c1), mb rows of x from xf_ / xb_ + x_offset, into y (row stride N).
@@ -89,6 +99,9 @@ class RowProduct {
                     float* y) const;
   // Adds the last K % 128 codes' share of rows [n0, n1) (fused paths, K not whole chunks).
   void run_tail(int64_t n0, int64_t n1) const;
+  // The ISA row chosen at construction: the path depends on its slots, and set_isa from another
+  // thread must not switch a product half way to a row without them.
+  const GemvKernels& k_;
   Path path_;
   const void* x_;
   int x_dtype_;
@@ -107,6 +120,8 @@ class RowProduct {
   // Fused kernels with double-quantized scales on a VBMI CPU: run() decodes a row range's scales
   // in bulk (no gathers) and hands the kernels plain ones.
   std::unique_ptr<ScalePlanes> planes_;
+  // The 8-bit path's codebook as byte planes.
+  std::unique_ptr<ScalePlanes> table_planes_;
 };
 
 // The checks matmul_cpu applies to its arguments.

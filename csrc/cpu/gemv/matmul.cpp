@@ -112,24 +112,28 @@ bool valid_product(int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N, in
 RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t N,
                        const uint8_t* packed, int64_t blocksize, const Codebook& cb, int rule,
                        const BlockScales& scales, const float* offsets, float* y)
-    : x_(x), x_dtype_(x_dtype), M_(M), K_(K), ldx_(ldx), N_(N), packed_(packed), blocksize_(blocksize), cb_(cb),
-      rule_(rule), scales_(scales), offsets_(offsets), y_(y) {
-  const GemvKernels& k = gemv_kernels();
+    : k_(gemv_kernels()), x_(x), x_dtype_(x_dtype), M_(M), K_(K), ldx_(ldx), N_(N), packed_(packed),
+      blocksize_(blocksize), cb_(cb), rule_(rule), scales_(scales), offsets_(offsets), y_(y) {
+  const GemvKernels& k = k_;
   // Enough rows per thread that the decode of a row dominates the bookkeeping.
   min_rows_ = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
   // K need not be whole chunks: a block size dividing K then divides the tail (K % 128) too,
   // which run_tail takes through the same kernel.
-  const bool blocks = cb.bits == 4 && K % blocksize == 0 && blocksize >= kMinFusedBlocksize &&
-                      power_of_two(blocksize);
+  const bool block_ok = K % blocksize == 0 && blocksize >= kMinFusedBlocksize && power_of_two(blocksize);
+  const bool rule_ok = rule == kAbsmax || (rule == kMinmax && offsets != nullptr);
+  const bool blocks = cb.bits == 4 && block_ok;
   const bool fused = blocks && rule == kAbsmax && k.gemv4 != nullptr;
   const bool affine = blocks && rule == kMinmax && offsets != nullptr && k.gemv4_affine != nullptr;
+  // 8-bit codes: a 256-entry table, looked up with VBMI byte permutes.
+  const bool bytes = cb.bits == 8 && block_ok && rule_ok && k.gemv8 != nullptr && vbmi_scales_available();
   kp_ = padded_k(K);
   if (fused && x_dtype == kBFloat16 && k.gemv4_bf16 != nullptr) {
     path_ = Path::kFusedBf16;
     xb_ = bf16_pair_order_x(static_cast<const uint16_t*>(x), M, K, ldx);
-  } else if (fused || affine) {
-    path_ = fused ? Path::kFusedFloat : Path::kFusedAffine;
+  } else if (fused || affine || bytes) {
+    path_ = fused ? Path::kFusedFloat : affine ? Path::kFusedAffine : Path::kFused8;
     xf_ = nibble_order_x(x, x_dtype, M, K, ldx);
+    if (bytes) table_planes_ = std::make_unique<ScalePlanes>(cb.table);
   } else {
     path_ = Path::kDecodeRows;
     if (x_dtype != kFloat32) {
@@ -152,7 +156,7 @@ RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t
 
 void RowProduct::run(int64_t n0, int64_t n1) const {
   for (int64_t m = 0; m < M_; ++m) std::fill(y_ + m * N_ + n0, y_ + m * N_ + n1, 0.0f);
-  const GemvKernels& k = gemv_kernels();
+  const GemvKernels& k = k_;
   if (path_ == Path::kDecodeRows) {
     const QuantizeKernels& q = quantize_kernels();
     const float* xf = xf_.empty() ? static_cast<const float*>(x_) : xf_.data();
@@ -194,7 +198,7 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
     for (int64_t a = n0; a < n1; a += step) {
       const int64_t b = std::min(n1, a + step);
       decode_nested_scales_vbmi(scales_, *planes_, a * per_row, (b - a) * per_row, plain.get());
-      rows(packed_ + a * K_ / 2, BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0},
+      rows(packed_ + a * K_ * cb_.bits / 8, BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0},
            offsets_ ? offsets_ + a * per_row : nullptr, 0, b - a, y_ + a);
     }
   }
@@ -205,13 +209,16 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
 void RowProduct::fused_kernel(int64_t x_offset, int64_t mb, int64_t codes_per_row, const uint8_t* packed,
                               const BlockScales& scales, const float* offsets, int64_t o0, int64_t o1, int64_t c0,
                               int64_t c1, float* y) const {
-  const GemvKernels& k = gemv_kernels();
+  const GemvKernels& k = k_;
   if (path_ == Path::kFusedBf16) {
     k.gemv4_bf16(xb_.data() + x_offset, mb, codes_per_row, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y,
                  N_);
   } else if (path_ == Path::kFusedAffine) {
     k.gemv4_affine(xf_.data() + x_offset, mb, codes_per_row, packed, blocksize_, cb_.table, scales, offsets, o0, o1,
                    c0, c1, y, N_);
+  } else if (path_ == Path::kFused8) {
+    k.gemv8(xf_.data() + x_offset, mb, codes_per_row, packed, blocksize_, *table_planes_, scales,
+            rule_ == kMinmax ? offsets : nullptr, o0, o1, c0, c1, y, N_);
   } else {
     k.gemv4(xf_.data() + x_offset, mb, codes_per_row, packed, blocksize_, cb_.table, scales, o0, o1, c0, c1, y, N_);
   }
@@ -221,7 +228,7 @@ void RowProduct::fused_kernel(int64_t x_offset, int64_t mb, int64_t codes_per_ro
 // blocks): copied a batch of rows at a time into zero-padded one-chunk rows (64 bytes each)
 // with their blocks' scales decoded beside them (0 for the padding's blocks), then multiplied
 // by the same fused kernel against x's padded last chunk (zeros past K), so the padding adds
-// exact zeros (the affine path's padding has offset 0 too). The copy is t/2 bytes a row; the
+// exact zeros (the affine path's padding has offset 0 too). The copy is t/2 bytes a row (t for 8-bit codes); the
 // kernel then reads it from L1.
 void RowProduct::run_tail(int64_t n0, int64_t n1) const {
   constexpr int64_t kBatch = 64;
@@ -229,17 +236,18 @@ void RowProduct::run_tail(int64_t n0, int64_t n1) const {
   const int64_t full = K_ / kGemvChunk * kGemvChunk, tail = K_ - full;
   const int64_t chunk_blocks = kGemvChunk / blocksize_, tail_blocks = tail / blocksize_;
   const int64_t blocks_per_row = K_ / blocksize_, first_block = full / blocksize_;
-  alignas(64) uint8_t codes[kBatch * kGemvChunk / 2];
+  const int64_t chunk_bytes = kGemvChunk * cb_.bits / 8, tail_bytes = tail * cb_.bits / 8;
+  alignas(64) uint8_t codes[kBatch * kGemvChunk];  // 8-bit codes at most
   alignas(64) float scales[kBatch * kMaxChunkBlocks];
   alignas(64) float offsets[kBatch * kMaxChunkBlocks];  // the affine path's (0 in the padding too)
   const BlockScales plain{scales, nullptr, nullptr, nullptr, 1, 0.0f, 0};
-  const bool affine = path_ == Path::kFusedAffine;
+  const bool affine = rule_ == kMinmax;
   // A row's tail codes and scale bytes, fetched a batch ahead: rows far apart in memory (and,
   // after a long run of rows, no longer in cache) would each wait for DRAM in the copy.
   const auto prefetch_rows = [&](int64_t r0, int64_t r1) {
     for (int64_t o = r0; o < r1; ++o) {
-      __builtin_prefetch(packed_ + (o * K_ + full) / 2);
-      __builtin_prefetch(packed_ + (o * K_ + K_) / 2 - 1);
+      __builtin_prefetch(packed_ + (o * K_ + full) * cb_.bits / 8);
+      __builtin_prefetch(packed_ + (o * K_ + K_) * cb_.bits / 8 - 1);
       const int64_t b = o * blocks_per_row + first_block;
       if (scales_.values != nullptr) __builtin_prefetch(scales_.values + b);
       else __builtin_prefetch(scales_.codes + b);
@@ -248,12 +256,12 @@ void RowProduct::run_tail(int64_t n0, int64_t n1) const {
   prefetch_rows(n0, std::min(n1, n0 + kBatch));
   for (int64_t a = n0; a < n1; a += kBatch) {
     const int64_t count = std::min(kBatch, n1 - a);
-    std::fill(codes, codes + count * kGemvChunk / 2, uint8_t{0});
+    std::fill(codes, codes + count * chunk_bytes, uint8_t{0});
     std::fill(scales, scales + count * chunk_blocks, 0.0f);
     if (affine) std::fill(offsets, offsets + count * chunk_blocks, 0.0f);
     for (int64_t r = 0; r < count; ++r) {
       const int64_t o = a + r;
-      std::memcpy(codes + r * kGemvChunk / 2, packed_ + (o * K_ + full) / 2, static_cast<size_t>(tail / 2));
+      std::memcpy(codes + r * chunk_bytes, packed_ + (o * K_ + full) * cb_.bits / 8, static_cast<size_t>(tail_bytes));
       for (int64_t b = 0; b < tail_blocks; ++b) {
         scales[r * chunk_blocks + b] = block_scale(scales_, o * blocks_per_row + first_block + b);
         if (affine) offsets[r * chunk_blocks + b] = offsets_[o * blocks_per_row + first_block + b];
