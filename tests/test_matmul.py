@@ -164,6 +164,15 @@ def test_8bit_every_isa(fmt, bs, k, dq, m, dtype):
     check_matmul_every_isa(q, w64, torch.randn(m, k).to(dtype))
 
 
+@pytest.mark.parametrize("m", [1, 5])
+def test_fp8_every_isa(m):
+    # fp8_e4m3's table has at most 4 significant bits a value: the 8-bit GEMV looks up only the
+    # upper two byte planes of such tables (GGUF's 8-bit ones are alike: test_gguf.py).
+    q = qengine.quantize(torch.randn(130, 2880), "fp8_e4m3", 64)
+    w64 = q.dequantize(torch.float32).to(torch.float64)  # (dequantize: tested against torch's float8 cast)
+    check_matmul_every_isa(q, w64, torch.randn(m, 2880).to(torch.bfloat16))
+
+
 def test_inputs_not_modified_and_weight_frozen():
     q = qengine.quantize(torch.randn(16, 128), "nf4", 64)
     packed = q.packed.clone()

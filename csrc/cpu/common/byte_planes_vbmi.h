@@ -38,16 +38,26 @@ struct PlaneRegs {
   }
   // The same without the reordering: lane 4l + e of out[k] holds the value of code position
   // 16l + 4k + e (a caller that permutes its codes anyway folds unpack_order into its own).
+  // kLowHalfZero: the table's low_half_zero holds, so planes 0 and 1 are zeros, not looked up.
+  template <bool kLowHalfZero = false>
   void lookup64_unordered(__m512i codes, __m512i out[4]) const {
     const __mmask64 high = _mm512_movepi8_mask(codes);  // entries 128..255
     __m512i b[4];
-    for (int p = 0; p < 4; ++p) {
+    for (int p = kLowHalfZero ? 2 : 0; p < 4; ++p) {
       const __m512i lo = _mm512_permutex2var_epi8(v[p][0], codes, v[p][1]);
       const __m512i hi = _mm512_permutex2var_epi8(v[p][2], codes, v[p][3]);
       b[p] = _mm512_mask_blend_epi8(high, lo, hi);
     }
-    const __m512i w01_lo = _mm512_unpacklo_epi8(b[0], b[1]), w01_hi = _mm512_unpackhi_epi8(b[0], b[1]);
     const __m512i w23_lo = _mm512_unpacklo_epi8(b[2], b[3]), w23_hi = _mm512_unpackhi_epi8(b[2], b[3]);
+    if constexpr (kLowHalfZero) {
+      const __m512i zero = _mm512_setzero_si512();
+      out[0] = _mm512_unpacklo_epi16(zero, w23_lo);
+      out[1] = _mm512_unpackhi_epi16(zero, w23_lo);
+      out[2] = _mm512_unpacklo_epi16(zero, w23_hi);
+      out[3] = _mm512_unpackhi_epi16(zero, w23_hi);
+      return;
+    }
+    const __m512i w01_lo = _mm512_unpacklo_epi8(b[0], b[1]), w01_hi = _mm512_unpackhi_epi8(b[0], b[1]);
     out[0] = _mm512_unpacklo_epi16(w01_lo, w23_lo);
     out[1] = _mm512_unpackhi_epi16(w01_lo, w23_lo);
     out[2] = _mm512_unpacklo_epi16(w01_hi, w23_hi);
