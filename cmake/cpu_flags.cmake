@@ -6,8 +6,9 @@ set(QENGINE_FLAGS_AVX2 -mavx2 -mfma -mf16c)
 set(QENGINE_FLAGS_AVX512 ${QENGINE_FLAGS_AVX2} -mavx512f -mavx512bw -mavx512vl -mavx512dq)
 # vdpbf16ps (the bfloat16 GEMVs).
 set(QENGINE_FLAGS_AVX512BF16 ${QENGINE_FLAGS_AVX512} -mavx512bf16)
-# AMX tiles (the gemm family's amx row; called only where Linux grants tile data, isa.cpp).
-set(QENGINE_FLAGS_AMX ${QENGINE_FLAGS_AVX512BF16} -mamx-tile -mamx-bf16)
+# AMX tiles (the gemm family's amx row; called only where Linux grants tile data, isa.cpp), with
+# VBMI's byte permutes for 8-bit codes (every AMX CPU has VBMI; isa.cpp requires it for the row).
+set(QENGINE_FLAGS_AMX ${QENGINE_FLAGS_AVX512BF16} -mavx512vbmi -mamx-tile -mamx-bf16)
 # Byte permutes: double-quantized scales and 8-bit optimizer states without gathers (called
 # only on CPUs with VBMI).
 set(QENGINE_FLAGS_AVX512VBMI ${QENGINE_FLAGS_AVX512} -mavx512vbmi)

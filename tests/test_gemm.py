@@ -151,7 +151,8 @@ def test_same_bits_at_any_thread_count(threads_restore, gemm_isa):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-@pytest.mark.parametrize("case", ["float32 x", "float16 x", "minmax codes", "8-bit codes", "K % 32", "row blocks"])
+@pytest.mark.parametrize("case", ["float32 x", "float16 x", "minmax codes", "8-bit minmax codes", "K % 32",
+                                  "row blocks"])
 def test_leaves_what_it_does_not_take_to_the_fallback(case):
     """Where the kernel does not apply it reports so and writes nothing; qengine.matmul then
     takes the tiled path, still within the float64 bound."""
@@ -162,8 +163,8 @@ def test_leaves_what_it_does_not_take_to_the_fallback(case):
         dtype = torch.float16
     elif case == "minmax codes":
         fmt = "uint4"
-    elif case == "8-bit codes":
-        fmt = "int8"
+    elif case == "8-bit minmax codes":  # (8-bit absmax codes: the amx row takes them, test_gemm_amx.py)
+        fmt = "uint8"
     elif case == "K % 32":
         k, bs = 200, 32  # blocks straddle rows
     elif case == "row blocks":

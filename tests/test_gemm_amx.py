@@ -75,6 +75,29 @@ def test_inputs_past_the_last_whole_chunk(k, m, fmt, blocksize, isa_restore):
     assert_model_bound(y, x, q)
 
 
+@pytest.mark.skipif(not _C.vbmi_scales(), reason="8-bit codes need VBMI's byte permutes (or QENGINE_NO_VBMI is set)")
+@pytest.mark.parametrize("k", [160, 544, 1024])  # K % 128: 32, 32, 0
+@pytest.mark.parametrize("m", [8, 17, 40])  # one row tile, two (the streaming path), the blocked path
+@pytest.mark.parametrize("fmt,blocksize,dq", [("int8", 32, False), ("int8", 64, True), ("int8", 1024, False),
+                                              ("dynamic8", 32, True), ("fp8_e4m3", 32, False)])
+def test_8bit_codes(k, m, fmt, blocksize, dq, isa_restore):
+    """8-bit absmax codes (one a byte) decoded with VBMI byte permutes on the table's byte planes
+    (two planes for fp8_e4m3's table, whose values have zero low 16 bits), each weight rounded once
+    to bfloat16 as for 4-bit codes; from min_rows_bytes rows on, K tails in input order. The
+    avx512_bf16 row leaves them to the fallback."""
+    if k % blocksize:
+        pytest.skip("the block size does not divide K")
+    q = weight(70, k, blocksize, dq=dq, fmt=fmt, seed=5)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    qengine.set_cpu_isa("amx")
+    done, y = large_product(x, q)
+    assert done
+    assert_model_bound(y, x, q)
+    assert not large_product(x[:7], q)[0]  # below min_rows_bytes (8): the 8-bit GEMV's
+    qengine.set_cpu_isa("avx512_bf16")
+    assert not large_product(x, q)[0]
+
+
 @pytest.mark.parametrize("fmt,blocksize", [("nf4", 32), ("fp4", 64), ("int4", 512), ("mxfp4", None),
                                            ("nvfp4", None)])
 @pytest.mark.parametrize("m", [4, 24, 70])

@@ -58,7 +58,8 @@ bool amx_permitted() {
 }
 
 bool cpu_has_amx() {
-  static const bool has = cpu_has_avx512_bf16() && amx_permitted();
+  // VBMI too: the amx row's files are compiled with it (cpu_flags.cmake); every AMX CPU has it.
+  static const bool has = cpu_has_avx512_bf16() && __builtin_cpu_supports("avx512vbmi") && amx_permitted();
   return has;
 }
 #else

@@ -46,11 +46,13 @@ std::unique_ptr<int32_t[]> packed_rows(const GemmKernels& k, decltype(GemmKernel
 namespace cpu {
 
 bool gemm_applies_on(const GemmKernels& k, int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule,
-                     const float* offsets, bool sparse24) {
+                     const float* offsets, bool sparse24, bool bytes) {
   const bool layout = sparse24 ? K % 256 == 0 && blocksize >= 32 && (K / 2) % blocksize == 0
                                : K % 32 == 0 && K % blocksize == 0;
-  return k.bf16_4bit != nullptr && x_dtype == kBFloat16 && cb.bits == 4 && rule == kAbsmax && offsets == nullptr &&
-         blocksize >= 16 && (blocksize & (blocksize - 1)) == 0 && layout;
+  const bool codes = cb.bits == 4 || (bytes && cb.bits == 8 && !sparse24 && k.min_rows_bytes > 0 &&
+                                      vbmi_scales_available());
+  return k.bf16_forward != nullptr && x_dtype == kBFloat16 && codes && rule == kAbsmax &&
+         offsets == nullptr && blocksize >= 16 && (blocksize & (blocksize - 1)) == 0 && layout;
 }
 
 }  // namespace cpu
@@ -114,8 +116,8 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   }
   // One ISA row for the whole call: set_isa from another thread must not switch it half way.
   const cpu::GemmKernels& k = cpu::gemm_kernels();
-  if (!cpu::gemm_applies_on(k, x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) ||
-      !rows_apply(k, M, positions != nullptr)) {
+  if (!cpu::gemm_applies_on(k, x_dtype, K, blocksize, cb, rule, offsets, positions != nullptr, true) ||
+      !rows_apply(k, M, positions != nullptr) || (cb.bits == 8 && M < k.min_rows_bytes)) {
     return kOk;
   }
   if (!valid_output_dtype(y_dtype)) return kInvalidArgument;
@@ -144,10 +146,12 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   const int64_t stored = positions != nullptr ? K / 2 : K;  // codes a row
   const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, N * (stored / blocksize));
   const std::unique_ptr<int32_t[]> xp = cpu::packed_rows(k, k.pack_x, x, M, K, ldx);
+  const std::unique_ptr<cpu::ScalePlanes> code_planes =
+      cb.bits == 8 ? std::make_unique<cpu::ScalePlanes>(cb.table) : nullptr;
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
-    k.bf16_4bit(xp.get(), M, K, N, packed, positions, blocksize, cb.table, scales, planes.get(),
-                lora.r > 0 ? &side : nullptr, n0, n1, y, y_dtype);
+    k.bf16_forward(xp.get(), M, K, N, packed, positions, blocksize, cb.table, code_planes.get(), scales,
+                   planes.get(), lora.r > 0 ? &side : nullptr, n0, n1, y, y_dtype);
   });
   return kOk;
 }
@@ -163,7 +167,7 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   if (M < 0 || K < 0 || N < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
   const cpu::GemmKernels& k = cpu::gemm_kernels();
   if (!cpu::gemm_applies_on(k, g_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) ||
-      k.bf16_4bit_t == nullptr || N % 2 != 0 || !rows_apply(k, M, positions != nullptr)) {
+      k.bf16_transposed == nullptr || N % 2 != 0 || !rows_apply(k, M, positions != nullptr)) {
     return kOk;
   }
   if (!valid_output_dtype(gx_dtype)) return kInvalidArgument;
@@ -180,7 +184,8 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   const std::unique_ptr<int32_t[]> gp = cpu::packed_rows(k, k.pack_g != nullptr ? k.pack_g : k.pack_x, g, M, N, N);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, K, group, [&](int64_t k0, int64_t k1) {
-    k.bf16_4bit_t(gp.get(), M, N, K, packed, positions, blocksize, cb.table, all_scales, k0, k1, gx, gx_dtype);
+    k.bf16_transposed(gp.get(), M, N, K, packed, positions, blocksize, cb.table, all_scales, k0, k1, gx,
+                      gx_dtype);
   });
   return kOk;
 }

@@ -17,6 +17,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu/common/byte_planes_vbmi.h"  // (this file is compiled with VBMI: cpu_flags.cmake)
 #include "cpu/common/ladder.h"  // IntC
 #include "cpu/common/simd_avx512.h"
 #include "cpu/gemm/kernels.h"
@@ -262,6 +263,63 @@ struct ChunkDecoder {
   }
 };
 
+// 8-bit absmax codes (one a byte, K bytes a row) decoded into the forward's steps, each weight
+// bfloat16(table[code] * scale) rounded once as ChunkDecoder rounds 4-bit ones: a chunk's two
+// halves of 64 codes put in step order with one byte permute each, then looked up in the table's
+// byte planes (byte_planes_vbmi.h), so output k of half h holds step k's words 16 h..16 h + 15.
+struct ByteChunks {
+  const ScalePlanes* planes;  // null: 4-bit codes (ChunkDecoder)
+  int log2_blocksize;
+  __m512i step_order;     // byte 16 l + 4 k + e: code 4 (4 l + e) + kStepOrder[k] of the half
+  __m512i lane_block[2];  // lane w of half h: the block of code 64 h + 4 w, from the chunk's first
+  __mmask16 chunk_blocks;  // the blocks a chunk spans (its scales' load)
+
+  ByteChunks(const ScalePlanes* planes_, int64_t blocksize) : planes(planes_), log2_blocksize(log2_of(blocksize)) {
+    alignas(64) uint8_t idx[64];
+    for (int l = 0; l < 4; ++l) {
+      for (int k = 0; k < 4; ++k) {
+        for (int e = 0; e < 4; ++e) idx[16 * l + 4 * k + e] = static_cast<uint8_t>(4 * (4 * l + e) + kStepOrder[k]);
+      }
+    }
+    step_order = _mm512_load_si512(idx);
+    for (int h = 0; h < 2; ++h) {
+      alignas(64) int32_t b[16];
+      for (int w = 0; w < 16; ++w) b[w] = (64 * h + 4 * w) >> std::min(log2_blocksize, 7);
+      lane_block[h] = _mm512_load_si512(b);
+    }
+    const int count = log2_blocksize >= 7 ? 1 : 128 >> log2_blocksize;
+    chunk_blocks = static_cast<__mmask16>((1u << count) - 1u);
+  }
+
+  void lookup(const PlaneRegs& regs, __m512i codes, __m512i out[4]) const {
+    if (planes->low_half_zero) regs.lookup64_unordered<true>(codes, out);
+    else regs.lookup64_unordered<false>(codes, out);
+  }
+
+  // The whole chunk at input k (k % 128 == 0) of the row whose codes start at row, scales rs.
+  void chunk(const uint8_t* row, const float* rs, int64_t k, __m512i steps[4]) const {
+    const PlaneRegs regs(*planes);  // from L1: 16 registers are too many to hold across the loop
+    __m512i f0[4], f1[4];
+    lookup(regs, _mm512_permutexvar_epi8(step_order, _mm512_loadu_si512(row + k)), f0);
+    lookup(regs, _mm512_permutexvar_epi8(step_order, _mm512_loadu_si512(row + k + 64)), f1);
+    const __m512 r = _mm512_maskz_loadu_ps(chunk_blocks, rs + (k >> log2_blocksize));
+    const __m512 s0 = _mm512_permutexvar_ps(lane_block[0], r), s1 = _mm512_permutexvar_ps(lane_block[1], r);
+    for (int j = 0; j < 4; ++j) {
+      steps[j] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_castsi512_ps(f1[j]), s1),
+                                              _mm512_mul_ps(_mm512_castsi512_ps(f0[j]), s0));
+    }
+  }
+
+  // Inputs [k, k + 32) in input order (k % 32 == 0): the tail past the last whole chunk.
+  __m512i segment(const uint8_t* row, const float* rs, int64_t k) const {
+    __m512i v[4];
+    PlaneRegs(*planes).lookup64(_mm512_maskz_loadu_epi8(0xFFFFFFFFull, row + k), unpack_order(), v);
+    const __m512 lo = _mm512_mul_ps(_mm512_castsi512_ps(v[0]), _mm512_set1_ps(rs[k >> log2_blocksize]));
+    const __m512 hi = _mm512_mul_ps(_mm512_castsi512_ps(v[1]), _mm512_set1_ps(rs[(k + 16) >> log2_blocksize]));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  }
+};
+
 // g as the backward's A tiles load it: bfloat16 rows [t0 * 16, t1 * 16) of a [tiles * 16,
 // round_up(N, 32)] row-major copy (zeros past M and past N), so every tile load reads whole
 // rows in bounds.
@@ -282,8 +340,8 @@ void pack_g(const uint16_t* g, int64_t M, int64_t N, int64_t ldg, int64_t t0, in
 // is 1 KiB of contiguous words, a step of one row a tile row. Blocksize >= 32 (every 2:4 weight)
 // goes through ChunkDecoder; dense blocksize 16 decodes in input order and is reordered.
 // decode_row writes row i of the panel; decode_rows all 32.
-void decode_row(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOrder& order, int64_t n0,
-                int64_t n_end, int64_t k0, int64_t kc, int64_t i, uint16_t* panel) {
+void decode_row(const PanelSource& w, const ChunkDecoder& chunks, const ByteChunks& bytes, const ChunkOrder& order,
+                int64_t n0, int64_t n_end, int64_t k0, int64_t kc, int64_t i, uint16_t* panel) {
   const int64_t steps = kc / kAmxK, whole = k0 + (kc / 128) * 128;
   const int64_t n = n0 + i;
   uint16_t* row = panel + ((i / 16) * steps * 16 + i % 16) * kAmxK;
@@ -292,8 +350,18 @@ void decode_row(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOrd
     for (int64_t s = 0; s < steps; ++s) put(s, _mm512_setzero_si512());
     return;
   }
-  const bool fast = chunks.log2_blocksize >= 5;
   const float* rs = w.scales + (n - w.first_row) * w.blocks_per_row();
+  if (bytes.planes != nullptr) {
+    const uint8_t* codes = w.packed + n * w.K;
+    for (int64_t k = k0; k < whole; k += 128) {
+      __m512i st[4];
+      bytes.chunk(codes, rs, k, st);
+      for (int j = 0; j < 4; ++j) put((k - k0) / kAmxK + j, st[j]);
+    }
+    for (int64_t k = whole; k < k0 + kc; k += kAmxK) put((k - k0) / kAmxK, bytes.segment(codes, rs, k));
+    return;
+  }
+  const bool fast = chunks.log2_blocksize >= 5;
   for (int64_t k = k0; k < whole;) {
     __m512i st[8];
     int count = 4;
@@ -313,9 +381,9 @@ void decode_row(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOrd
   for (int64_t k = whole; k < k0 + kc; k += kAmxK) put((k - k0) / kAmxK, w.segment(n, k));
 }
 
-void decode_rows(const PanelSource& w, const ChunkDecoder& chunks, const ChunkOrder& order, int64_t n0,
-                 int64_t n_end, int64_t k0, int64_t kc, uint16_t* panel) {
-  for (int64_t i = 0; i < kPanelRows; ++i) decode_row(w, chunks, order, n0, n_end, k0, kc, i, panel);
+void decode_rows(const PanelSource& w, const ChunkDecoder& chunks, const ByteChunks& bytes, const ChunkOrder& order,
+                 int64_t n0, int64_t n_end, int64_t k0, int64_t kc, uint16_t* panel) {
+  for (int64_t i = 0; i < kPanelRows; ++i) decode_row(w, chunks, bytes, order, n0, n_end, k0, kc, i, panel);
 }
 
 // The accumulator tiles of both products: tile a + 2 b holds the float32 sums of A tile 4 + a
@@ -575,11 +643,12 @@ constexpr int64_t kPrefetchChunks = 8;
 // before its products, so decode and TDPBF16PS overlap. Each row's codes (and positions) are
 // prefetched kPrefetchChunks 128-input chunks ahead, the stream running on into the same row of
 // the next panel (col + 32, below rows_end).
-void stream_panel(const PanelSource& w, const ChunkDecoder& chunks, int64_t col, int64_t n_end, int64_t rows_end,
-                  uint16_t* bufs, const int32_t* xt, bool two, int64_t tile_step) {
+void stream_panel(const PanelSource& w, const ChunkDecoder& chunks, const ByteChunks& bytes, int64_t col,
+                  int64_t n_end, int64_t rows_end, uint16_t* bufs, const int32_t* xt, bool two, int64_t tile_step) {
   const int64_t K = w.K, whole = K / 128 * 128;
-  const bool sparse = w.positions != nullptr;
-  const int code_shift = sparse ? 2 : 1;  // input index -> code byte (the 2:4 layout stores half)
+  const bool sparse = w.positions != nullptr, eight = bytes.planes != nullptr;
+  // input index -> code byte (the 2:4 layout stores half the inputs; 8-bit codes are a byte each)
+  const int code_shift = sparse ? 2 : eight ? 0 : 1;
   const int64_t rows = std::min<int64_t>(kPanelRows, n_end - col);
   const int64_t rows_next = std::clamp<int64_t>(rows_end - col - kPanelRows, 0, kPanelRows);
   const uint8_t* codes[kPanelRows];
@@ -612,6 +681,9 @@ void stream_panel(const PanelSource& w, const ChunkDecoder& chunks, int64_t col,
           for (int j = 0; j < 4 * kHalves; ++j) st[j] = _mm512_setzero_si512();
         } else if (sparse) {
           chunks.decode24<kLog2, kHalves>(codes[i], positions[i], rs[i], k, st);
+        } else if (eight) {
+          if (k < whole) bytes.chunk(codes[i], rs[i], k, st);
+          else for (int64_t j = 0; j < steps; ++j) st[j] = bytes.segment(codes[i], rs[i], k + j * kAmxK);
         } else if (k < whole) {
           chunks.decode<kLog2>(codes[i], rs[i], k, st);
         } else {  // the tail past the last whole chunk, in input order
@@ -624,7 +696,9 @@ void stream_panel(const PanelSource& w, const ChunkDecoder& chunks, int64_t col,
     }
   };
   const auto with_halves = [&](auto log2) { sparse ? run(log2, IntC<2>{}) : run(log2, IntC<1>{}); };
-  if (chunks.log2_blocksize >= 7) {
+  if (eight) {
+    run(IntC<7>{}, IntC<1>{});  // (ByteChunks takes any block size at run time)
+  } else if (chunks.log2_blocksize >= 7) {
     with_halves(IntC<7>{});
   } else if (chunks.log2_blocksize == 6) {
     with_halves(IntC<6>{});
@@ -645,11 +719,12 @@ void store_panel(const float* c, int64_t ldc, int64_t m0, bool two, int64_t M, i
   }
 }
 
-void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, const uint8_t* positions,
-               int64_t blocksize, const float* table, const BlockScales& scales, const ScalePlanes* planes,
-               const LoraSide* lora, int64_t n0, int64_t n1, void* y, int y_dtype) {
+void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, const uint8_t* positions,
+                  int64_t blocksize, const float* table, const ScalePlanes* code_planes, const BlockScales& scales,
+                  const ScalePlanes* planes, const LoraSide* lora, int64_t n0, int64_t n1, void* y, int y_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   const ChunkDecoder chunks{_mm512_loadu_ps(table), log2_of(blocksize)};
+  const ByteChunks bytes(code_planes, blocksize);
   const ChunkOrder order;
   const int64_t per_row = w.blocks_per_row();
   const int64_t Mp = round_up(M, kAmxRows), pairs = K / 2, tile_step = pairs * kAmxRows;
@@ -669,12 +744,12 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
       for (int64_t p = 0; p < count; ++p) {
         const int64_t col = g + p * kPanelRows;
         two ? sums_start<true, true>(sums, Mp, false) : sums_start<true, false>(sums, Mp, false);
-        if (chunks.log2_blocksize >= 5) {
-          stream_panel(w, chunks, col, g_end, n1, buf.panels.get(), xp, two, tile_step);
+        if (chunks.log2_blocksize >= 5 || code_planes != nullptr) {
+          stream_panel(w, chunks, bytes, col, g_end, n1, buf.panels.get(), xp, two, tile_step);
         } else {
           for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
             const int64_t kc = std::min(kPanelK, K - k0);
-            decode_rows(w, chunks, order, col, g_end, k0, kc, buf.panels.get());
+            decode_rows(w, chunks, bytes, order, col, g_end, k0, kc, buf.panels.get());
             const int32_t* xt = xp + (k0 / 2) * kAmxRows;
             two ? sums_add<true>(buf.panels.get(), kc / kAmxK, xt, tile_step)
                 : sums_add<false>(buf.panels.get(), kc / kAmxK, xt, tile_step);
@@ -695,7 +770,8 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
     const auto item_k0 = [&](int64_t t) { return (t / count) * kPanelK; };
     const auto decode_item_row = [&](int64_t t, int64_t i, uint16_t* panel) {
       const int64_t k0 = item_k0(t);
-      decode_row(w, chunks, order, g + (t % count) * kPanelRows, g_end, k0, std::min(kPanelK, K - k0), i, panel);
+      decode_row(w, chunks, bytes, order, g + (t % count) * kPanelRows, g_end, k0, std::min(kPanelK, K - k0), i,
+                 panel);
     };
     uint16_t* bufs[2] = {buf.panels.get(), buf.panels.get() + kPanelWords};
     for (int64_t i = 0; i < kPanelRows; ++i) decode_item_row(0, i, bufs[0]);
@@ -732,9 +808,9 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
   }
 }
 
-void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed, const uint8_t* positions,
-                 int64_t blocksize, const float* table, const float* scales, int64_t k0, int64_t k1, void* gx,
-                 int gx_dtype) {
+void bf16_transposed(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
+                     const uint8_t* positions, int64_t blocksize, const float* table, const float* scales, int64_t k0,
+                     int64_t k1, void* gx, int gx_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   w.scales = scales;
   const ChunkDecoder chunks{_mm512_loadu_ps(table), log2_of(blocksize)};
@@ -778,10 +854,13 @@ const GemmKernels kGemmAmx = {
     // None for 2:4: its fallback (a dense copy of W, then torch) took 142 ms at 512 rows of
     // 11008 x 4096 where these tiles took 41-90 ms in the same minutes.
     .max_rows_sparse24 = 0,
+    // 8-bit codes decode by byte-plane lookups, dearer than a 4-bit chunk's: the 8-bit GEMV won at
+    // 4 rows of 11008 x 4096, these tiles from 8 (level there, 2x at 16; bench/RESULTS.md).
+    .min_rows_bytes = 8,
     .pack_x = pack_x,
     .pack_g = pack_g,
-    .bf16_4bit = bf16_4bit,
-    .bf16_4bit_t = bf16_4bit_t,
+    .bf16_forward = bf16_forward,
+    .bf16_transposed = bf16_transposed,
 };
 
 }  // namespace qengine::cpu

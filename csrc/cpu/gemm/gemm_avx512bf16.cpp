@@ -1,4 +1,4 @@
-// AVX512-BF16 large-batch dequantize-matmul: the bf16_4bit of the gemm family's avx512_bf16
+// AVX512-BF16 large-batch dequantize-matmul: the bf16_forward of the gemm family's avx512_bf16
 // row. The weight is decoded from its packed codes straight into vdpbf16ps's operand layout
 // (kernels.h), 32 output columns by 512 inputs a panel, and a 12 x 32 register tile of y
 // accumulates over it: no dense weight tile is written to memory, and nothing is repacked.
@@ -150,9 +150,10 @@ GroupOut group_out(void* y, int dtype, int64_t ld, std::vector<float>& scratch) 
   return GroupOut{nullptr, static_cast<uint16_t*>(y), ld, &scratch};
 }
 
-void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, const uint8_t* positions,
-               int64_t blocksize, const float* table, const BlockScales& scales, const ScalePlanes* planes,
-               const LoraSide* lora, int64_t n0, int64_t n1, void* y, int y_dtype) {
+void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, const uint8_t* positions,
+                  int64_t blocksize, const float* table, const ScalePlanes* /*code_planes: 4-bit only here*/,
+                  const BlockScales& scales, const ScalePlanes* planes, const LoraSide* lora, int64_t n0, int64_t n1,
+                  void* y, int y_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   const int64_t per_row = w.blocks_per_row();
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
@@ -173,9 +174,9 @@ void bf16_4bit(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t
   }
 }
 
-void bf16_4bit_t(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed, const uint8_t* positions,
-                 int64_t blocksize, const float* table, const float* scales, int64_t k0, int64_t k1, void* gx,
-                 int gx_dtype) {
+void bf16_transposed(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
+                     const uint8_t* positions, int64_t blocksize, const float* table, const float* scales, int64_t k0,
+                     int64_t k1, void* gx, int gx_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   w.scales = scales;
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
@@ -308,8 +309,8 @@ const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int6
 
 const GemmKernels kGemmAvx512Bf16 = {
     .pack_x = pack_x,
-    .bf16_4bit = bf16_4bit,
-    .bf16_4bit_t = bf16_4bit_t,
+    .bf16_forward = bf16_forward,
+    .bf16_transposed = bf16_transposed,
 };
 
 const GemmVectorKernels kGemmVectorAvx512Bf16 = {

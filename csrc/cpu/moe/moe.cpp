@@ -103,8 +103,8 @@ void gemm_products(const cpu::GemmKernels& k, const ExpertMatrices& m, const std
     for (int64_t t = t0; t < t1; ++t) {
       const GemmExpert& g = experts[t / groups];
       const int64_t n0 = (t % groups) * group;
-      k.bf16_4bit(g.xp.get(), g.rows, m.K, m.N, g.s.packed, nullptr, m.blocksize, m.cb.table, g.s.scales, nullptr,
-                  nullptr, n0, std::min(m.N, n0 + group), g.y, kFloat32);
+      k.bf16_forward(g.xp.get(), g.rows, m.K, m.N, g.s.packed, nullptr, m.blocksize, m.cb.table, nullptr, g.s.scales,
+                  nullptr, nullptr, n0, std::min(m.N, n0 + group), g.y, kFloat32);
     }
   });
 }
