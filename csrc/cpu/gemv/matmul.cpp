@@ -123,7 +123,7 @@ RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t
   const bool rule_ok = rule == kAbsmax || (rule == kMinmax && offsets != nullptr);
   const bool blocks = cb.bits == 4 && block_ok;
   const bool fused = blocks && rule == kAbsmax && k.gemv4 != nullptr;
-  const bool affine = blocks && rule == kMinmax && offsets != nullptr && k.gemv4_affine != nullptr;
+  const bool affine = blocks && rule_ok && rule == kMinmax && k.gemv4_affine != nullptr;
   // 8-bit codes: a 256-entry table, looked up with VBMI byte permutes.
   const bool bytes = cb.bits == 8 && block_ok && rule_ok && k.gemv8 != nullptr && vbmi_scales_available();
   kp_ = padded_k(K);
@@ -225,7 +225,7 @@ void RowProduct::fused_kernel(int64_t x_offset, int64_t mb, int64_t codes_per_ro
 }
 
 // The last t = K % 128 codes of rows [n0, n1) (t a multiple of the block size, so whole
-// blocks): copied a batch of rows at a time into zero-padded one-chunk rows (64 bytes each)
+// blocks): copied a batch of rows at a time into zero-padded one-chunk rows (64 bytes each, 128 for 8-bit codes)
 // with their blocks' scales decoded beside them (0 for the padding's blocks), then multiplied
 // by the same fused kernel against x's padded last chunk (zeros past K), so the padding adds
 // exact zeros (the affine path's padding has offset 0 too). The copy is t/2 bytes a row (t for 8-bit codes); the
