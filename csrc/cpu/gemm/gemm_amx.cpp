@@ -70,12 +70,9 @@ class Tiles {
   Tiles& operator=(const Tiles&) = delete;
 };
 
-// The order in which the forward walks each whole 128-input chunk of K (a tail of K past the last
-// whole chunk stays in input order): step j of 4 holds the 32 inputs 4w + kStepOrder[j], w = 0..31,
-// the order vpermw yields them from the chunk's 64 bytes of codes read as 32 words of 4 nibbles and
-// shifted 4 bits a step (byte d holds input 2d in its high nibble, 2d + 1 in its low one). x^T is
-// packed in the same order, so every sum is still over the same products.
-constexpr int kStepOrder[4] = {1, 0, 3, 2};
+// The forward walks each whole 128-input chunk of K in ChunkDecoder's step order (kStepOrder in
+// panels_avx512bf16.h; a tail past the last whole chunk stays in input order), and x^T is packed
+// in the same order, so every sum is still over the same products.
 
 // A chunk's 4 steps from its 128 inputs in order (v[s]: inputs 32 s..32 s + 31).
 struct ChunkOrder {
@@ -133,135 +130,6 @@ void pack_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t t0, in
     }
   }
 }
-
-// One row's whole 128-input chunk of a 4-bit weight decoded into its 4 steps, each weight
-// bfloat16(table[code] * scale) rounded once (as SegmentDecoder), for blocksize >= 32: the block
-// scales are folded into vpermw's 32-word table, whose index bit 4 (the next nibble's low bit as
-// loaded) is set to the word's block where a chunk spans two blocks; blocksize 32 (four blocks)
-// looks up two tables and blends them. The dense layout's chunk is 64 bytes of codes (decode);
-// the 2:4 layout's 256-input chunk stores its 128 values in the same 64-byte order, and each
-// half of it is decoded from those values and the position bytes (decode24).
-struct ChunkDecoder {
-  __m512 table;
-  int log2_blocksize;
-  __m512i bit4 = _mm512_set1_epi16(0x10);
-  // Words 16-31 (inputs 64..127) index the table's upper half.
-  __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(0x10), 1);
-  // 2:4: word w of a half is group w's first (second) stored value: word 2 (w % 16) (+ 1) of the
-  // first (w < 16) or second of its two decoded steps, and the same position byte.
-  __m512i first = words([](int w) { return 2 * (w % 16) + (w >= 16 ? 32 : 0); });
-  __m512i second = words([](int w) { return 2 * (w % 16) + 1 + (w >= 16 ? 32 : 0); });
-  __m512i first_byte = words([](int w) { return 2 * (w % 16); });
-  __m512i second_byte = words([](int w) { return 2 * (w % 16) + 1; });
-  // A position byte holds step j's position in bits 2j..2j + 1: half h's words read step 2h + (w >= 16).
-  __m512i position_shift[2] = {words([](int w) { return w >= 16 ? 2 : 0; }),
-                               words([](int w) { return w >= 16 ? 6 : 4; })};
-
-  template <class F>
-  static __m512i words(F f) {
-    alignas(64) uint16_t v[32];
-    for (int w = 0; w < 32; ++w) v[w] = static_cast<uint16_t>(f(w));
-    return _mm512_load_si512(v);
-  }
-
-  __m512i scaled(const float* rs, int64_t b_lo, int64_t b_hi) const {
-    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(rs[b_hi])),
-                                        _mm512_mul_ps(table, _mm512_set1_ps(rs[b_lo])));
-  }
-
-  // The tables of the chunk whose first code is block b's; kLog2: the block size's log2 capped
-  // at 7 (one block a chunk), known at compile time in the hot loops.
-  template <int kLog2>
-  void tables(const float* rs, int64_t b, __m512i tbl[2]) const {
-    if constexpr (kLog2 >= 7) {  // one block: both halves of the table equal, bit 4 ignored
-      tbl[0] = scaled(rs, b, b);
-    } else if constexpr (kLog2 == 6) {
-      tbl[0] = scaled(rs, b, b + 1);
-    } else {  // blocksize 32: words 0-7, 8-15, 16-23, 24-31 in blocks b..b + 3
-      tbl[0] = scaled(rs, b, b + 2);
-      tbl[1] = scaled(rs, b + 1, b + 3);
-    }
-  }
-
-  // The 32 values whose codes are the low nibbles of d's words.
-  template <int kLog2>
-  __m512i step(__m512i d, const __m512i tbl[2]) const {
-    if constexpr (kLog2 >= 7) return _mm512_permutexvar_epi16(d, tbl[0]);
-    const __m512i idx = _mm512_ternarylogic_epi32(d, bit4, upper, 0xB8);
-    if constexpr (kLog2 == 6) return _mm512_permutexvar_epi16(idx, tbl[0]);
-    return _mm512_mask_blend_epi16(0xFF00FF00u, _mm512_permutexvar_epi16(idx, tbl[0]),
-                                   _mm512_permutexvar_epi16(idx, tbl[1]));
-  }
-
-  // The dense layout. codes: the row's packed codes; rs[b]: the scale of its block b; k % 128 == 0.
-  template <int kLog2>
-  void decode(const uint8_t* codes, const float* rs, int64_t k, __m512i steps[4]) const {
-    __m512i d = _mm512_loadu_si512(codes + (k >> 1)), tbl[2];
-    tables<kLog2>(rs, k >> log2_blocksize, tbl);
-    for (int j = 0; j < 4; ++j, d = _mm512_srli_epi16(d, 4)) steps[j] = step<kLog2>(d, tbl);
-  }
-
-  // The 2:4 layout (sparse/sparse24.h), kHalves 128-input halves of one row from input k (k %
-  // 128 == 0; k % 256 == 0 for both halves of a chunk): codes and positions its stored values'
-  // codes and position bytes, rs[b] the scale of its stored block b. Group w of half h (inputs
-  // 4w..4w + 3 of the half) keeps stored values 2w and 2w + 1 of the half, at word 2 (w % 16)
-  // (+ 1) of the chunk's decoded step 2h + (w >= 16); step j's word w is the kept value whose
-  // position is kStepOrder[j], else 0. A group's two positions increase (checked where a 2:4
-  // state is loaded), so position 0 can only be the first kept value and 3 only the second.
-  template <int kLog2, int kHalves>
-  void decode24(const uint8_t* codes, const uint8_t* positions, const float* rs, int64_t k,
-                __m512i steps[4 * kHalves]) const {
-    const int64_t c = k >> 8;
-    const __m512i d = _mm512_loadu_si512(codes + 64 * c);
-    __m512i tbl[2];
-    tables<kLog2>(rs, (128 * c) >> log2_blocksize, tbl);
-    const __m512i p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(positions + 32 * c)));
-    const __m512i p0 = _mm512_permutexvar_epi16(first_byte, p), p1 = _mm512_permutexvar_epi16(second_byte, p);
-    const __m512i three = _mm512_set1_epi16(3);
-    for (int half = 0; half < kHalves; ++half) {
-      const int h = kHalves == 2 ? half : static_cast<int>((k >> 7) & 1);
-      const __m512i dh = _mm512_srli_epi16(d, 8 * h);
-      const __m512i v0 = step<kLog2>(dh, tbl), v1 = step<kLog2>(_mm512_srli_epi16(dh, 4), tbl);
-      const __m512i kept0 = _mm512_permutex2var_epi16(v0, first, v1);
-      const __m512i kept1 = _mm512_permutex2var_epi16(v0, second, v1);
-      const __m512i pos0 = _mm512_and_si512(_mm512_srlv_epi16(p0, position_shift[h]), three);
-      const __m512i pos1 = _mm512_and_si512(_mm512_srlv_epi16(p1, position_shift[h]), three);
-      const auto at = [](__m512i pos, int q) {
-        return _mm512_cmpeq_epi16_mask(pos, _mm512_set1_epi16(static_cast<int16_t>(q)));
-      };
-      static_assert(kStepOrder[0] == 1 && kStepOrder[1] == 0 && kStepOrder[2] == 3 && kStepOrder[3] == 2);
-      __m512i* out = steps + 4 * half;
-      out[0] = _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(at(pos0, 1), kept0), at(pos1, 1), kept1);
-      out[1] = _mm512_maskz_mov_epi16(at(pos0, 0), kept0);
-      out[2] = _mm512_maskz_mov_epi16(at(pos1, 3), kept1);
-      out[3] = _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(at(pos0, 2), kept0), at(pos1, 2), kept1);
-    }
-  }
-
-  // Either layout: kHalves * 128 inputs of row n of w (its scales rs) from input k.
-  template <int kLog2, int kHalves = 1>
-  void row(const PanelSource& w, int64_t n, const float* rs, int64_t k, __m512i steps[4 * kHalves]) const {
-    const int64_t stored = w.stored_per_row();
-    if (w.positions != nullptr) {
-      decode24<kLog2, kHalves>(w.packed + ((n * stored) >> 1), w.positions + ((n * stored) >> 2), rs, k, steps);
-    } else {
-      for (int half = 0; half < kHalves; ++half) {
-        decode<kLog2>(w.packed + ((n * stored) >> 1), rs, k + 128 * half, steps + 4 * half);
-      }
-    }
-  }
-
-  template <int kHalves = 1>
-  void decode_row(const PanelSource& w, int64_t n, const float* rs, int64_t k, __m512i steps[4 * kHalves]) const {
-    if (log2_blocksize >= 7) {
-      row<7, kHalves>(w, n, rs, k, steps);
-    } else if (log2_blocksize == 6) {
-      row<6, kHalves>(w, n, rs, k, steps);
-    } else {
-      row<5, kHalves>(w, n, rs, k, steps);
-    }
-  }
-};
 
 // 8-bit absmax codes (one a byte, K bytes a row) decoded into the forward's steps, each weight
 // bfloat16(table[code] * scale) rounded once as ChunkDecoder rounds 4-bit ones: a chunk's two

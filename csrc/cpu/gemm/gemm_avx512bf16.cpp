@@ -155,6 +155,7 @@ void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint
                   const BlockScales& scales, const ScalePlanes* planes, const LoraSide* lora, int64_t n0, int64_t n1,
                   void* y, int y_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
+  const ChunkDecoder chunks{_mm512_loadu_ps(table), log2_of(blocksize)};
   const int64_t per_row = w.blocks_per_row();
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
   std::vector<float> scale_buf, scratch;
@@ -166,7 +167,9 @@ void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint
     w.first_row = g;
     for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
       const int64_t kc = std::min(kPanelK, K - k0);
-      for (int64_t p = 0; p < count; ++p) decode_panel(w, g + p * kPanelRows, g_end, k0, kc, panels.get() + p * kPanelWords);
+      for (int64_t p = 0; p < count; ++p) {
+        decode_panel(w, chunks, g + p * kPanelRows, g_end, k0, kc, panels.get() + p * kPanelWords);
+      }
       const bool last = k0 + kc == K;
       tiles_over_panels(xp, M, K / 2, panels.get(), count, kc / 2, k0 / 2, out.block(M, g, g_end - g, k0 == 0, last),
                         g, g_end - g, last ? lora : nullptr);
