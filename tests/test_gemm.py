@@ -151,6 +151,31 @@ def test_same_bits_at_any_thread_count(threads_restore, gemm_isa):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@needs_kernel
+@pytest.mark.skipif(not qengine._C.vbmi_scales(), reason="8-bit codes need VBMI's byte permutes (or QENGINE_NO_VBMI is set)")
+@pytest.mark.parametrize("k", [160, 544, 1024])  # K % 128: 32, 32, 0
+@pytest.mark.parametrize("n,m", [(70, 17), (129, 40)])
+@pytest.mark.parametrize("fmt,blocksize,dq", [("int8", 32, False), ("int8", 64, True),
+                                              ("int8", 1024, False), ("dynamic8", 32, True), ("fp8_e4m3", 32, False)])
+def test_8bit_codes(k, n, m, fmt, blocksize, dq, isa_restore):
+    """8-bit absmax codes on the avx512_bf16 row (a VBMI CPU's): 128-input chunks looked up in the
+    table's byte planes (two planes for fp8_e4m3's table) and paired into the panels, K tails in
+    input order, each weight rounded once to bfloat16 as for 4-bit codes; below min_rows_bytes
+    (17) they stay with the small-batch GEMV."""
+    if k % blocksize:
+        pytest.skip("the block size does not divide K")
+    q = quantized(n, k, fmt, blocksize, dq, seed=5)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    qengine.set_cpu_isa("avx512_bf16")
+    done, y = large_product(x, q)
+    assert done
+    x64 = x.to(torch.float64)
+    w_model = q.dequantize(torch.bfloat16).to(torch.float64)
+    bound = 8 * k ** 0.5 * 2.0**-24 * (x64.abs() @ w_model.abs().t())
+    assert ((y.to(torch.float64) - x64 @ w_model.t()).abs() <= bound).all()
+    assert not large_product(x[:16], q)[0]
+
+
 @pytest.mark.parametrize("case", ["float32 x", "float16 x", "minmax codes", "8-bit minmax codes", "K % 32",
                                   "row blocks"])
 def test_leaves_what_it_does_not_take_to_the_fallback(case):
@@ -163,7 +188,7 @@ def test_leaves_what_it_does_not_take_to_the_fallback(case):
         dtype = torch.float16
     elif case == "minmax codes":
         fmt = "uint4"
-    elif case == "8-bit minmax codes":  # (8-bit absmax codes: the amx row takes them, test_gemm_amx.py)
+    elif case == "8-bit minmax codes":  # (8-bit absmax codes: test_8bit_codes)
         fmt = "uint8"
     elif case == "K % 32":
         k, bs = 200, 32  # blocks straddle rows

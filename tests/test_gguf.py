@@ -122,14 +122,14 @@ def test_decode_equals_gguf_dequantize(name, chunk, monkeypatch):
 
 @pytest.mark.parametrize("name, cols", [("Q8_0", 2880), ("Q6_K", 512), ("Q5_K", 768), ("Q4_K", 512), ("Q4_1", 2880)])
 def test_matmul_every_isa(name, cols):
-    """The small-batch matmul of each 8-bit-coded type (Q8_0, Q6_K and Q5_K load to 8-bit tables,
-    the fused GEMV on a VBMI CPU; from 8 rows Q8_0 and Q6_K's block 16 on the amx row's tiles) and
-    the 4-bit minmax ones on every ISA, against the float64 product with gguf.quants.dequantize's
-    weights; 2880 columns leave a last chunk of 64 codes."""
+    """The matmul of each 8-bit-coded type (Q8_0, Q6_K and Q5_K load to 8-bit tables, the fused
+    GEMV on a VBMI CPU; from 8 rows Q8_0 and Q6_K's block 16 on the amx row's tiles, from 17 on
+    the avx512_bf16 row's panels) and the 4-bit minmax ones on every ISA, against the float64
+    product with gguf.quants.dequantize's weights; 2880 columns leave a last chunk of 64 codes."""
     raw = weights(np.random.default_rng(4), 70, cols, T[name])
     q = decode_blocks(torch.from_numpy(raw.copy()).reshape(-1), name, (70, cols))
     w64 = torch.from_numpy(gguf.quants.dequantize(raw, T[name])).to(torch.float64)
-    for m in (1, 5, 9):
+    for m in (1, 5, 9, 20):
         check_matmul_every_isa(q, w64, torch.randn(m, cols, dtype=torch.bfloat16))
 
 

@@ -151,7 +151,7 @@ GroupOut group_out(void* y, int dtype, int64_t ld, std::vector<float>& scratch) 
 }
 
 void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, const uint8_t* positions,
-                  int64_t blocksize, const float* table, const ScalePlanes* /*code_planes: 4-bit only here*/,
+                  int64_t blocksize, const float* table, const ScalePlanes* code_planes,
                   const BlockScales& scales, const ScalePlanes* planes, const LoraSide* lora, int64_t n0, int64_t n1,
                   void* y, int y_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
@@ -168,7 +168,12 @@ void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint
     for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
       const int64_t kc = std::min(kPanelK, K - k0);
       for (int64_t p = 0; p < count; ++p) {
-        decode_panel(w, chunks, g + p * kPanelRows, g_end, k0, kc, panels.get() + p * kPanelWords);
+        uint16_t* panel = panels.get() + p * kPanelWords;
+        if (code_planes != nullptr) {  // 8-bit codes (gemm_applies_on: on VBMI CPUs only)
+          decode_panel_bytes(packed, K, *code_planes, blocksize, w.scales, g, g + p * kPanelRows, g_end, k0, kc, panel);
+        } else {
+          decode_panel(w, chunks, g + p * kPanelRows, g_end, k0, kc, panel);
+        }
       }
       const bool last = k0 + kc == K;
       tiles_over_panels(xp, M, K / 2, panels.get(), count, kc / 2, k0 / 2, out.block(M, g, g_end - g, k0 == 0, last),
@@ -311,6 +316,10 @@ const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int6
 }  // namespace
 
 const GemmKernels kGemmAvx512Bf16 = {
+    // 8-bit absmax codes past the small-batch GEMV's rows, as 4-bit ones (min_rows): on Zen 4 the
+    // panels overtook the 8-bit GEMV at 12 rows of 11008 x 4096 (16 rows: 10.4 vs 12.4 ms), too
+    // few to route 8-bit codes apart from 4-bit ones below 17.
+    .min_rows_bytes = 17,
     .pack_x = pack_x,
     .bf16_forward = bf16_forward,
     .bf16_transposed = bf16_transposed,

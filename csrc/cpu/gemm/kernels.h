@@ -96,6 +96,15 @@ struct GemmVectorKernels {
 extern const GemmKernels kGemmAvx512Bf16;
 extern const GemmKernels kGemmAmx;
 extern const GemmVectorKernels kGemmVectorAvx512Bf16;
+
+// The avx512_bf16 row's panel of 8-bit absmax codes (panels_bytes_avx512bf16vbmi.cpp, VBMI byte
+// permutes: call only where vbmi_scales_available()): panel[(k - k0) / 2][n - n0][2] = W[n][k],
+// W[n][k + 1] as bfloat16(table[code] * scale) for rows [n0, n0 + 32) (zeros from n_end on) and
+// inputs [k0, k0 + kc) (kc % 32 == 0) of W [N, K], one code a byte; scales: the float32 block
+// scales from row first_row's first block on.
+void decode_panel_bytes(const uint8_t* codes, int64_t K, const ScalePlanes& code_planes, int64_t blocksize,
+                        const float* scales, int64_t first_row, int64_t n0, int64_t n_end, int64_t k0, int64_t kc,
+                        uint16_t* panel);
 #endif
 
 // The rows of the active ISA (isa.h).

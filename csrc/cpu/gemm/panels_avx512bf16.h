@@ -300,13 +300,10 @@ struct ChunkDecoder {
   }
 };
 
-// Row n's whole 128-input chunk at k (blocksize >= 32) as 4 vectors of input pairs (panel
-// words): steps 1 and 0 interleaved give the pairs (4w, 4w + 1), steps 3 and 2 the pairs (4w + 2,
-// 4w + 3), where word w lands in 128-bit lane w / 8 of the unpacks (chunk_pair says which pair
-// a dword holds).
-inline void chunk_pairs(const PanelSource& w, const ChunkDecoder& chunks, int64_t n, int64_t k, __m512i out[4]) {
-  __m512i st[4];
-  chunks.decode_row(w, n, w.scales + (n - w.first_row) * w.blocks_per_row(), k, st);
+// A chunk's 4 steps (ChunkDecoder's order) as 4 vectors of input pairs (panel words): steps 1
+// and 0 interleaved give the pairs (4w, 4w + 1), steps 3 and 2 the pairs (4w + 2, 4w + 3), word
+// w landing in 128-bit lane w / 8 of the unpacks (chunk_pair says which pair a dword holds).
+inline void step_pairs(const __m512i st[4], __m512i out[4]) {
   static_assert(kStepOrder[0] == 1 && kStepOrder[1] == 0 && kStepOrder[2] == 3 && kStepOrder[3] == 2);
   out[0] = _mm512_unpacklo_epi16(st[1], st[0]);
   out[1] = _mm512_unpackhi_epi16(st[1], st[0]);
@@ -314,17 +311,17 @@ inline void chunk_pairs(const PanelSource& w, const ChunkDecoder& chunks, int64_
   out[3] = _mm512_unpackhi_epi16(st[3], st[2]);
 }
 
-// The chunk's pair (of 64) that dword c of chunk_pairs' vector v holds.
+// The chunk's pair (of 64) that dword c of step_pairs' vector v holds.
 constexpr int64_t chunk_pair(int v, int c) { return 2 * (8 * (c / 4) + c % 4 + 4 * (v & 1)) + (v >> 1); }
 
 // For y = x @ W^T: panel[(k - k0) / 2][n - n0][2] = W[n][k], W[n][k + 1] (bfloat16) for rows n in
-// [n0, n0 + 32) (zeros from n_end on) and inputs [k0, k0 + kc), kc % 32 == 0. Whole 128-input
-// chunks of a blocksize >= 32 go through ChunkDecoder (one 64-byte load and table a chunk, the
-// 2:4 positions read once a chunk: 11008 x 4096 at 64 rows 3 % faster dense, 4.5 % 2:4 than by
-// segments), the rest a segment at a time.
-inline void decode_panel(const PanelSource& w, const ChunkDecoder& chunks, int64_t n0, int64_t n_end, int64_t k0,
-                         int64_t kc, uint16_t* panel) {
-  const int64_t whole = chunks.log2_blocksize >= 5 ? k0 + kc / 128 * 128 : k0;
+// [n0, n0 + 32) (zeros from n_end on) and inputs [k0, k0 + kc), kc % 32 == 0, from a decoder of
+// rows: chunk(n, k, steps) the 4 steps of row n's 128-input chunk at k (k % 128 == 0; used for
+// whole chunks where chunked), segment(n, k) its inputs [k, k + 32) in input order (the rest).
+template <class Chunk, class Segment>
+void decode_panel_by(const Chunk& chunk, const Segment& segment, bool chunked, int64_t n0, int64_t n_end, int64_t k0,
+                     int64_t kc, uint16_t* panel) {
+  const int64_t whole = chunked ? k0 + kc / 128 * 128 : k0;
   for (int64_t half = 0; half < 2; ++half) {
     const int64_t first = n0 + 16 * half;
     const int64_t rows = std::clamp<int64_t>(n_end - first, 0, 16);
@@ -332,8 +329,11 @@ inline void decode_panel(const PanelSource& w, const ChunkDecoder& chunks, int64
     for (int64_t k = k0; k < whole; k += 128) {
       alignas(64) __m512i pairs[4][16];  // the chunk's pair vectors of the 16 rows
       for (int64_t i = 0; i < 16; ++i) {
-        __m512i v[4] = {};
-        if (i < rows) chunk_pairs(w, chunks, first + i, k, v);
+        __m512i st[4], v[4] = {};
+        if (i < rows) {
+          chunk(first + i, k, st);
+          step_pairs(st, v);
+        }
         for (int j = 0; j < 4; ++j) pairs[j][i] = v[j];
       }
       uint16_t* dst = base + ((k - k0) / 2) * (2 * kPanelRows);
@@ -344,12 +344,25 @@ inline void decode_panel(const PanelSource& w, const ChunkDecoder& chunks, int64
     }
     for (int64_t k = whole; k < k0 + kc; k += 32) {
       __m512i r[16];
-      for (int64_t i = 0; i < 16; ++i) r[i] = i < rows ? w.segment(first + i, k) : _mm512_setzero_si512();
+      for (int64_t i = 0; i < 16; ++i) r[i] = i < rows ? segment(first + i, k) : _mm512_setzero_si512();
       transpose16(r);  // r[c]: input pair c of the segment, for the 16 rows
       uint16_t* dst = base + ((k - k0) / 2) * (2 * kPanelRows);
       for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * 2 * kPanelRows, r[c]);
     }
   }
+}
+
+// decode_panel_by for 4-bit codes (either layout): whole chunks of a blocksize >= 32 through
+// ChunkDecoder (one 64-byte load and table a chunk, the 2:4 positions read once a chunk:
+// 11008 x 4096 at 64 rows 3 % faster dense, 4.5 % 2:4 than by segments), the rest by segments.
+inline void decode_panel(const PanelSource& w, const ChunkDecoder& chunks, int64_t n0, int64_t n_end, int64_t k0,
+                         int64_t kc, uint16_t* panel) {
+  const int64_t per_row = w.blocks_per_row();
+  decode_panel_by(
+      [&](int64_t n, int64_t k, __m512i st[4]) {
+        chunks.decode_row(w, n, w.scales + (n - w.first_row) * per_row, k, st);
+      },
+      [&](int64_t n, int64_t k) { return w.segment(n, k); }, chunks.log2_blocksize >= 5, n0, n_end, k0, kc, panel);
 }
 
 // For gx = g @ W: panel[(n - n0) / 2][k - k0][2] = W[n][k], W[n + 1][k] (bfloat16) for the row
