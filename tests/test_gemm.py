@@ -176,8 +176,35 @@ def test_8bit_codes(k, n, m, fmt, blocksize, dq, isa_restore):
     assert not large_product(x[:16], q)[0]
 
 
-@pytest.mark.parametrize("case", ["float32 x", "float16 x", "minmax codes", "8-bit minmax codes", "K % 32",
-                                  "row blocks"])
+@needs_kernel
+@pytest.mark.parametrize("n,k,m", [(96, 512, 17), (33, 96, 12), (129, 544, 25), (300, 1056, 40)])
+@pytest.mark.parametrize("fmt,blocksize,dq", [("uint4", 64, True), ("uint4", 32, False), ("uint4", 1024, False),
+                                              ("uint8", 64, True), ("uint8", 32, False)])
+def test_minmax_codes(n, k, m, fmt, blocksize, dq, isa_restore):
+    """Minmax codes on the avx512_bf16 row's forward, each weight fma(table[q], scale, offset)
+    rounded once to bfloat16 (dequantize's value): folded into the chunk tables (4-bit) or the
+    byte-plane chunks (8-bit, VBMI CPUs, from 17 rows), K tails by segments. The transposed
+    product and the amx row leave them to the fallback."""
+    if k % blocksize:
+        pytest.skip("the block size does not divide K")
+    if fmt == "uint8" and not qengine._C.vbmi_scales():
+        pytest.skip("8-bit codes need VBMI's byte permutes (or QENGINE_NO_VBMI is set)")
+    q = quantized(n, k, fmt, blocksize, dq, seed=3)
+    x = torch.randn(max(m, 17) if fmt == "uint8" else m, k).to(torch.bfloat16)
+    qengine.set_cpu_isa("avx512_bf16")
+    done, y = large_product(x, q)
+    assert done
+    x64 = x.to(torch.float64)
+    w_model = q.dequantize(torch.bfloat16).to(torch.float64)
+    bound = 8 * k ** 0.5 * 2.0**-24 * (x64.abs() @ w_model.abs().t())
+    assert ((y.to(torch.float64) - x64 @ w_model.t()).abs() <= bound).all()
+    assert not large_product_t(torch.randn(m, n).to(torch.bfloat16), q)[0]
+    if "amx" in qengine.build_info()["supported_cpu_isas"]:
+        qengine.set_cpu_isa("amx")
+        assert not large_product(x, q)[0]
+
+
+@pytest.mark.parametrize("case", ["float32 x", "float16 x", "K % 32", "row blocks"])
 def test_leaves_what_it_does_not_take_to_the_fallback(case):
     """Where the kernel does not apply it reports so and writes nothing; qengine.matmul then
     takes the tiled path, still within the float64 bound."""
@@ -186,10 +213,6 @@ def test_leaves_what_it_does_not_take_to_the_fallback(case):
         dtype = torch.float32
     elif case == "float16 x":
         dtype = torch.float16
-    elif case == "minmax codes":
-        fmt = "uint4"
-    elif case == "8-bit minmax codes":  # (8-bit absmax codes: test_8bit_codes)
-        fmt = "uint8"
     elif case == "K % 32":
         k, bs = 200, 32  # blocks straddle rows
     elif case == "row blocks":

@@ -49,14 +49,25 @@ struct ByteChunks {
     else regs.lookup64_unordered<false>(codes, out);
   }
 
-  // The whole chunk at input k (k % 128 == 0) of the row whose codes start at row, scales rs.
-  void chunk(const uint8_t* row, const float* rs, int64_t k, __m512i steps[4]) const {
+  // The whole chunk at input k (k % 128 == 0) of the row whose codes start at row, scales rs
+  // (and block offsets os for minmax codes, each weight fma(table, scale, offset) as
+  // decode_value; null for absmax).
+  void chunk(const uint8_t* row, const float* rs, int64_t k, __m512i steps[4], const float* os = nullptr) const {
     const PlaneRegs regs(*planes);  // from L1: 16 registers are too many to hold across the loop
     __m512i f0[4], f1[4];
     lookup(regs, _mm512_permutexvar_epi8(step_order, _mm512_loadu_si512(row + k)), f0);
     lookup(regs, _mm512_permutexvar_epi8(step_order, _mm512_loadu_si512(row + k + 64)), f1);
     const __m512 r = _mm512_maskz_loadu_ps(chunk_blocks, rs + (k >> log2_blocksize));
     const __m512 s0 = _mm512_permutexvar_ps(lane_block[0], r), s1 = _mm512_permutexvar_ps(lane_block[1], r);
+    if (os != nullptr) {
+      const __m512 o = _mm512_maskz_loadu_ps(chunk_blocks, os + (k >> log2_blocksize));
+      const __m512 o0 = _mm512_permutexvar_ps(lane_block[0], o), o1 = _mm512_permutexvar_ps(lane_block[1], o);
+      for (int j = 0; j < 4; ++j) {
+        steps[j] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(_mm512_castsi512_ps(f1[j]), s1, o1),
+                                                _mm512_fmadd_ps(_mm512_castsi512_ps(f0[j]), s0, o0));
+      }
+      return;
+    }
     for (int j = 0; j < 4; ++j) {
       steps[j] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_castsi512_ps(f1[j]), s1),
                                               _mm512_mul_ps(_mm512_castsi512_ps(f0[j]), s0));
@@ -64,11 +75,11 @@ struct ByteChunks {
   }
 
   // Inputs [k, k + 32) in input order (k % 32 == 0): the tail past the last whole chunk.
-  __m512i segment(const uint8_t* row, const float* rs, int64_t k) const {
+  __m512i segment(const uint8_t* row, const float* rs, int64_t k, const float* os = nullptr) const {
     __m512i v[4];
     PlaneRegs(*planes).lookup64(_mm512_maskz_loadu_epi8(0xFFFFFFFFull, row + k), unpack_order(), v);
-    const __m512 lo = _mm512_mul_ps(_mm512_castsi512_ps(v[0]), _mm512_set1_ps(rs[k >> log2_blocksize]));
-    const __m512 hi = _mm512_mul_ps(_mm512_castsi512_ps(v[1]), _mm512_set1_ps(rs[(k + 16) >> log2_blocksize]));
+    const __m512 lo = scaled_table(_mm512_castsi512_ps(v[0]), rs, os, k >> log2_blocksize);
+    const __m512 hi = scaled_table(_mm512_castsi512_ps(v[1]), rs, os, (k + 16) >> log2_blocksize);
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
   }
 };

@@ -46,13 +46,15 @@ std::unique_ptr<int32_t[]> packed_rows(const GemmKernels& k, decltype(GemmKernel
 namespace cpu {
 
 bool gemm_applies_on(const GemmKernels& k, int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule,
-                     const float* offsets, bool sparse24, bool bytes) {
+                     const float* offsets, bool sparse24, bool forward) {
   const bool layout = sparse24 ? K % 256 == 0 && blocksize >= 32 && (K / 2) % blocksize == 0
                                : K % 32 == 0 && K % blocksize == 0;
-  const bool codes = cb.bits == 4 || (bytes && cb.bits == 8 && !sparse24 && k.min_rows_bytes > 0 &&
+  const bool codes = cb.bits == 4 || (forward && cb.bits == 8 && !sparse24 && k.min_rows_bytes > 0 &&
                                       vbmi_scales_available());
-  return k.bf16_forward != nullptr && x_dtype == kBFloat16 && codes && rule == kAbsmax &&
-         offsets == nullptr && blocksize >= 16 && (blocksize & (blocksize - 1)) == 0 && layout;
+  const bool scale_rule = (rule == kAbsmax && offsets == nullptr) ||
+                          (rule == kMinmax && offsets != nullptr && forward && !sparse24 && k.minmax_forward);
+  return k.bf16_forward != nullptr && x_dtype == kBFloat16 && codes && scale_rule && blocksize >= 16 &&
+         (blocksize & (blocksize - 1)) == 0 && layout;
 }
 
 }  // namespace cpu
@@ -150,7 +152,7 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
       cb.bits == 8 ? std::make_unique<cpu::ScalePlanes>(cb.table) : nullptr;
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, N, group, [&](int64_t n0, int64_t n1) {
-    k.bf16_forward(xp.get(), M, K, N, packed, positions, blocksize, cb.table, code_planes.get(), scales,
+    k.bf16_forward(xp.get(), M, K, N, packed, positions, blocksize, cb.table, code_planes.get(), scales, offsets,
                    planes.get(), lora.r > 0 ? &side : nullptr, n0, n1, y, y_dtype);
   });
   return kOk;

@@ -532,7 +532,8 @@ void store_panel(const float* c, int64_t ldc, int64_t m0, bool two, int64_t M, i
 
 void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, const uint8_t* positions,
                   int64_t blocksize, const float* table, const ScalePlanes* code_planes, const BlockScales& scales,
-                  const ScalePlanes* planes, const LoraSide* lora, int64_t n0, int64_t n1, void* y, int y_dtype) {
+                  const float* /*offsets: absmax only here (minmax_forward false)*/, const ScalePlanes* planes,
+                  const LoraSide* lora, int64_t n0, int64_t n1, void* y, int y_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   const ChunkDecoder chunks{_mm512_loadu_ps(table), log2_of(blocksize)};
   const ByteChunks bytes(code_planes, blocksize);

@@ -152,9 +152,10 @@ GroupOut group_out(void* y, int dtype, int64_t ld, std::vector<float>& scratch) 
 
 void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed, const uint8_t* positions,
                   int64_t blocksize, const float* table, const ScalePlanes* code_planes,
-                  const BlockScales& scales, const ScalePlanes* planes, const LoraSide* lora, int64_t n0, int64_t n1,
-                  void* y, int y_dtype) {
+                  const BlockScales& scales, const float* offsets, const ScalePlanes* planes, const LoraSide* lora,
+                  int64_t n0, int64_t n1, void* y, int y_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
+  w.offsets = offsets;
   const ChunkDecoder chunks{_mm512_loadu_ps(table), log2_of(blocksize)};
   const int64_t per_row = w.blocks_per_row();
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
@@ -170,7 +171,8 @@ void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint
       for (int64_t p = 0; p < count; ++p) {
         uint16_t* panel = panels.get() + p * kPanelWords;
         if (code_planes != nullptr) {  // 8-bit codes (gemm_applies_on: on VBMI CPUs only)
-          decode_panel_bytes(packed, K, *code_planes, blocksize, w.scales, g, g + p * kPanelRows, g_end, k0, kc, panel);
+          decode_panel_bytes(packed, K, *code_planes, blocksize, w.scales, offsets, g, g + p * kPanelRows, g_end, k0,
+                             kc, panel);
         } else {
           decode_panel(w, chunks, g + p * kPanelRows, g_end, k0, kc, panel);
         }
@@ -320,6 +322,7 @@ const GemmKernels kGemmAvx512Bf16 = {
     // panels overtook the 8-bit GEMV at 12 rows of 11008 x 4096 (16 rows: 10.4 vs 12.4 ms), too
     // few to route 8-bit codes apart from 4-bit ones below 17.
     .min_rows_bytes = 17,
+    .minmax_forward = true,
     .pack_x = pack_x,
     .bf16_forward = bf16_forward,
     .bf16_transposed = bf16_transposed,

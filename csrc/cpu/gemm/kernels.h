@@ -41,14 +41,11 @@ struct GemmKernels {
   int64_t max_rows = 0;
   // The same for the 2:4 layout, whose fallback builds a dense copy of W.
   int64_t max_rows_sparse24 = 0;
-  // The fewest rows of x from which the forward takes 8-bit absmax codes (dense layout, on a VBMI
-  // CPU; 0: never), the small-batch GEMV's own byte-plane lookup being faster below.
+  // The fewest rows of x from which the forward takes 8-bit codes (dense layout, on a VBMI CPU; 0:
+  // never), the small-batch GEMV's own byte-plane lookup being faster below.
   int64_t min_rows_bytes = 0;
-  // y[M, N] (row stride N; y_dtype float32, or bfloat16: the float32 sum rounded once as
-  // float_to_bf16) = x[M, K] (bfloat16) @ W^T for output rows
-  // [n0, n1) of W [N, K]: 4-bit absmax codes, or 8-bit ones where min_rows_bytes allows (code_planes:
-  // their table's byte planes; null for 4-bit), blocksize a power of two >= 16 dividing K, K % 32
-  // == 0 (gemm_applies). Null where the ISA has no such kernel.
+  // Whether the forward takes minmax codes (dense layout: fma(table[q], scale, offset) a weight).
+  bool minmax_forward = false;
   // x (bfloat16 [M, K], row stride ldx) as bf16_forward reads it: tiles [t0, t1) of tile_rows rows
   // (of ceil(M / tile_rows)), K / 2 input pairs a row, into xp.
   void (*pack_x)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t t0, int64_t t1,
@@ -56,14 +53,20 @@ struct GemmKernels {
   // g (bfloat16 [M, N]) as bf16_transposed reads it, as pack_x (null: pack_x's layout).
   void (*pack_g)(const uint16_t* g, int64_t M, int64_t N, int64_t ldg, int64_t t0, int64_t t1,
                  int32_t* gp) = nullptr;
+  // y[M, N] (row stride N; y_dtype float32, or bfloat16: the float32 sum rounded once as
+  // float_to_bf16) = x[M, K] (bfloat16) @ W^T for output rows [n0, n1) of W [N, K]: 4-bit absmax
+  // codes, 8-bit ones where min_rows_bytes allows (code_planes: their table's byte planes; null
+  // for 4-bit), minmax ones where minmax_forward (offsets: float32 per block; else null),
+  // blocksize a power of two >= 16 dividing K, K % 32 == 0 (gemm_applies). Null where the ISA has
+  // no such kernel.
   // xp: x packed by pack_x; planes: the nested scale table's byte planes where the CPU has VBMI
   // (else null).
   // lora: the side path added before the single store of y (null: none).
   // positions: the 2:4 layout's (sparse/sparse24.h; K % 256 == 0, blocksize >= 32), or null.
   void (*bf16_forward)(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint8_t* packed,
                     const uint8_t* positions, int64_t blocksize, const float* table, const ScalePlanes* code_planes,
-                    const BlockScales& scales, const ScalePlanes* planes, const LoraSide* lora, int64_t n0,
-                    int64_t n1, void* y, int y_dtype) = nullptr;
+                    const BlockScales& scales, const float* offsets, const ScalePlanes* planes,
+                    const LoraSide* lora, int64_t n0, int64_t n1, void* y, int y_dtype) = nullptr;
   // gx[M, K] (row stride K; gx_dtype float32 or bfloat16 as y above) = g[M, N] (bfloat16, packed by pack_g over N, N even) @ W
   // for the output columns [k0, k1) (multiples of 32), W as bf16_forward takes it; scales: W's
   // float32 block scales (GemmVectorKernels::decode_scales).
@@ -97,23 +100,25 @@ extern const GemmKernels kGemmAvx512Bf16;
 extern const GemmKernels kGemmAmx;
 extern const GemmVectorKernels kGemmVectorAvx512Bf16;
 
-// The avx512_bf16 row's panel of 8-bit absmax codes (panels_bytes_avx512bf16vbmi.cpp, VBMI byte
+// The avx512_bf16 row's panel of 8-bit codes (panels_bytes_avx512bf16vbmi.cpp, VBMI byte
 // permutes: call only where vbmi_scales_available()): panel[(k - k0) / 2][n - n0][2] = W[n][k],
-// W[n][k + 1] as bfloat16(table[code] * scale) for rows [n0, n0 + 32) (zeros from n_end on) and
-// inputs [k0, k0 + kc) (kc % 32 == 0) of W [N, K], one code a byte; scales: the float32 block
-// scales from row first_row's first block on.
+// W[n][k + 1] as bfloat16(table[code] * scale), or bfloat16(fma(table[code], scale, offset)) with
+// offsets (minmax; null for absmax), for rows [n0, n0 + 32) (zeros from n_end on) and inputs
+// [k0, k0 + kc) (kc % 32 == 0) of W [N, K], one code a byte; scales: the float32 block scales from
+// row first_row's first block on; offsets: the float32 block offsets from row 0's.
 void decode_panel_bytes(const uint8_t* codes, int64_t K, const ScalePlanes& code_planes, int64_t blocksize,
-                        const float* scales, int64_t first_row, int64_t n0, int64_t n_end, int64_t k0, int64_t kc,
-                        uint16_t* panel);
+                        const float* scales, const float* offsets, int64_t first_row, int64_t n0, int64_t n_end,
+                        int64_t k0, int64_t kc, uint16_t* panel);
 #endif
 
 // The rows of the active ISA (isa.h).
 const GemmKernels& gemm_kernels();
 
 // gemm_applies (ops.h) for row k: a caller holding one row for a whole call asks it of that row
-// (4-bit codes; bytes: 8-bit ones too, where the row takes them).
+// (4-bit absmax codes; forward: the forward product, which also takes 8-bit and minmax codes where
+// the row does).
 bool gemm_applies_on(const GemmKernels& k, int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule,
-                     const float* offsets, bool sparse24, bool bytes = false);
+                     const float* offsets, bool sparse24, bool forward = false);
 const GemmVectorKernels& gemm_vector_kernels();
 
 // Rows [0, M) of x [M, K] (bfloat16, row stride ldx) packed by pack (k's pack_x or pack_g) into a

@@ -54,6 +54,12 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+// table * rs[b] (absmax), or fma(table, rs[b], os[b]) (minmax: os not null), as decode_value.
+inline __m512 scaled_table(__m512 table, const float* rs, const float* os, int64_t b) {
+  const __m512 s = _mm512_set1_ps(rs[b]);
+  return os == nullptr ? _mm512_mul_ps(table, s) : _mm512_fmadd_ps(table, s, _mm512_set1_ps(os[b]));
+}
+
 // Inputs [k, k + 32) of one row of W as 32 bfloat16 words in input order, each
 // bfloat16(table[code] * scale) rounded once from its float32 value: the bytes dequantize()
 // writes for bfloat16, but for subnormals, which the conversion flushes to zero as vdpbf16ps
@@ -66,11 +72,12 @@ struct SegmentDecoder {
   // inputs 16..31 (another block only at blocksize 16).
   __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1);
 
-  // codes: the row's packed codes; rs[b]: the scale of the row's block b.
-  __m512i operator()(const uint8_t* codes, const float* rs, int64_t k) const {
+  // codes: the row's packed codes; rs[b]: the scale of the row's block b; os[b] its offset
+  // (minmax codes: fma(table, scale, offset), one rounding as decode_value), or os null.
+  __m512i operator()(const uint8_t* codes, const float* rs, const float* os, int64_t k) const {
     const int64_t b = k >> log2_blocksize;
-    const __m512 lo = _mm512_mul_ps(table, _mm512_set1_ps(rs[b]));
-    const __m512 hi = log2_blocksize == 4 ? _mm512_mul_ps(table, _mm512_set1_ps(rs[b + 1])) : lo;
+    const __m512 lo = scaled_table(table, rs, os, b);
+    const __m512 hi = log2_blocksize == 4 ? scaled_table(table, rs, os, b + 1) : lo;
     const __m512i tbl = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
     // Byte d of the segment holds inputs 2d (high nibble) and 2d + 1 (low): dword d's words.
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (k >> 1))));
@@ -141,6 +148,7 @@ struct PanelSource {
   Sparse24Segment sparse;
   const float* scales;  // float32 block scales, row first_row's first block at index 0
   int64_t first_row;
+  const float* offsets = nullptr;  // minmax codes (dense layout): float32 block offsets, row 0's first at 0
 
   PanelSource(const uint8_t* packed_, const uint8_t* positions_, int64_t K_, const float* table, int64_t blocksize)
       : packed(packed_),
@@ -155,11 +163,14 @@ struct PanelSource {
   int64_t stored_per_row() const { return positions == nullptr ? K : K / 2; }
   int64_t blocks_per_row() const { return stored_per_row() >> dense.log2_blocksize; }
 
+  // Row n's block offsets (minmax codes), or null.
+  const float* row_offsets(int64_t n) const { return offsets == nullptr ? nullptr : offsets + n * blocks_per_row(); }
+
   // Inputs [k, k + 32) of row n as 32 bfloat16 words.
   __m512i segment(int64_t n, int64_t k) const {
     const int64_t stored = stored_per_row();
     const float* rs = scales + (n - first_row) * blocks_per_row();
-    if (positions == nullptr) return dense(packed + ((n * stored) >> 1), rs, k);
+    if (positions == nullptr) return dense(packed + ((n * stored) >> 1), rs, row_offsets(n), k);
     return sparse(packed + ((n * stored) >> 1), positions + ((n * stored) >> 2), rs, k);
   }
 };
@@ -201,22 +212,21 @@ struct ChunkDecoder {
     return _mm512_load_si512(v);
   }
 
-  __m512i scaled(const float* rs, int64_t b_lo, int64_t b_hi) const {
-    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(rs[b_hi])),
-                                        _mm512_mul_ps(table, _mm512_set1_ps(rs[b_lo])));
+  __m512i scaled(const float* rs, const float* os, int64_t b_lo, int64_t b_hi) const {
+    return (__m512i)_mm512_cvtne2ps_pbh(scaled_table(table, rs, os, b_hi), scaled_table(table, rs, os, b_lo));
   }
 
   // The tables of the chunk whose first code is block b's; kLog2: the block size's log2 capped
   // at 7 (one block a chunk), known at compile time in the hot loops.
   template <int kLog2>
-  void tables(const float* rs, int64_t b, __m512i tbl[2]) const {
+  void tables(const float* rs, const float* os, int64_t b, __m512i tbl[2]) const {
     if constexpr (kLog2 >= 7) {  // one block: both halves of the table equal, bit 4 ignored
-      tbl[0] = scaled(rs, b, b);
+      tbl[0] = scaled(rs, os, b, b);
     } else if constexpr (kLog2 == 6) {
-      tbl[0] = scaled(rs, b, b + 1);
+      tbl[0] = scaled(rs, os, b, b + 1);
     } else {  // blocksize 32: words 0-7, 8-15, 16-23, 24-31 in blocks b..b + 3
-      tbl[0] = scaled(rs, b, b + 2);
-      tbl[1] = scaled(rs, b + 1, b + 3);
+      tbl[0] = scaled(rs, os, b, b + 2);
+      tbl[1] = scaled(rs, os, b + 1, b + 3);
     }
   }
 
@@ -232,9 +242,10 @@ struct ChunkDecoder {
 
   // The dense layout. codes: the row's packed codes; rs[b]: the scale of its block b; k % 128 == 0.
   template <int kLog2>
-  void decode(const uint8_t* codes, const float* rs, int64_t k, __m512i steps[4]) const {
+  // os: the row's block offsets (minmax codes), or null.
+  void decode(const uint8_t* codes, const float* rs, int64_t k, __m512i steps[4], const float* os = nullptr) const {
     __m512i d = _mm512_loadu_si512(codes + (k >> 1)), tbl[2];
-    tables<kLog2>(rs, k >> log2_blocksize, tbl);
+    tables<kLog2>(rs, os, k >> log2_blocksize, tbl);
     for (int j = 0; j < 4; ++j, d = _mm512_srli_epi16(d, 4)) steps[j] = step<kLog2>(d, tbl);
   }
 
@@ -251,7 +262,7 @@ struct ChunkDecoder {
     const int64_t c = k >> 8;
     const __m512i d = _mm512_loadu_si512(codes + 64 * c);
     __m512i tbl[2];
-    tables<kLog2>(rs, (128 * c) >> log2_blocksize, tbl);
+    tables<kLog2>(rs, nullptr, (128 * c) >> log2_blocksize, tbl);
     const __m512i p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(positions + 32 * c)));
     const __m512i p0 = _mm512_permutexvar_epi16(first_byte, p), p1 = _mm512_permutexvar_epi16(second_byte, p);
     const __m512i three = _mm512_set1_epi16(3);
@@ -283,7 +294,7 @@ struct ChunkDecoder {
       decode24<kLog2, kHalves>(w.packed + ((n * stored) >> 1), w.positions + ((n * stored) >> 2), rs, k, steps);
     } else {
       for (int half = 0; half < kHalves; ++half) {
-        decode<kLog2>(w.packed + ((n * stored) >> 1), rs, k + 128 * half, steps + 4 * half);
+        decode<kLog2>(w.packed + ((n * stored) >> 1), rs, k + 128 * half, steps + 4 * half, w.row_offsets(n));
       }
     }
   }

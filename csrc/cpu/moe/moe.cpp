@@ -104,7 +104,7 @@ void gemm_products(const cpu::GemmKernels& k, const ExpertMatrices& m, const std
       const GemmExpert& g = experts[t / groups];
       const int64_t n0 = (t % groups) * group;
       k.bf16_forward(g.xp.get(), g.rows, m.K, m.N, g.s.packed, nullptr, m.blocksize, m.cb.table, nullptr, g.s.scales,
-                  nullptr, nullptr, n0, std::min(m.N, n0 + group), g.y, kFloat32);
+                     nullptr, nullptr, nullptr, n0, std::min(m.N, n0 + group), g.y, kFloat32);
     }
   });
 }
