@@ -99,12 +99,14 @@ struct GemmExpert {
 // The gemm experts' products, threads over (expert, group of output rows) tasks.
 void gemm_products(const cpu::GemmKernels& k, const ExpertMatrices& m, const std::vector<GemmExpert>& experts) {
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels, groups = (m.N + group - 1) / group;
+  const std::unique_ptr<cpu::ScalePlanes> code_planes =
+      m.cb.bits == 8 ? std::make_unique<cpu::ScalePlanes>(m.cb.table) : nullptr;
   cpu::parallel_chunks(0, static_cast<int64_t>(experts.size()) * groups, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const GemmExpert& g = experts[t / groups];
       const int64_t n0 = (t % groups) * group;
-      k.bf16_forward(g.xp.get(), g.rows, m.K, m.N, g.s.packed, nullptr, m.blocksize, m.cb.table, nullptr, g.s.scales,
-                     nullptr, nullptr, nullptr, n0, std::min(m.N, n0 + group), g.y, kFloat32);
+      k.bf16_forward(g.xp.get(), g.rows, m.K, m.N, g.s.packed, nullptr, m.blocksize, m.cb.table, code_planes.get(),
+                     g.s.scales, g.s.offsets, nullptr, nullptr, n0, std::min(m.N, n0 + group), g.y, kFloat32);
     }
   });
 }
@@ -114,7 +116,8 @@ int grouped_products(const ExpertMatrices& m, const std::vector<int64_t>& active
   const int64_t es = dtype_size(x_dtype);
   if (!cpu::valid_product(x_dtype, 1, m.K, m.K, m.N, m.blocksize, m.cb)) return kInvalidArgument;
   const cpu::GemmKernels& k = cpu::gemm_kernels();  // one row for the call (set_isa may run meanwhile)
-  const bool gemm = cpu::gemm_applies_on(k, x_dtype, m.K, m.blocksize, m.cb, m.rule, m.offsets, false);
+  const bool gemm = cpu::gemm_applies_on(k, x_dtype, m.K, m.blocksize, m.cb, m.rule, m.offsets, false, true);
+  const int64_t gemm_rows = m.cb.bits == 8 ? std::max(k.min_rows, k.min_rows_bytes) : k.min_rows;
   std::vector<std::vector<float>> scale_bufs(active.size());
   std::vector<cpu::RowProduct> products;
   std::vector<GemmExpert> gemm_experts;
@@ -123,7 +126,7 @@ int grouped_products(const ExpertMatrices& m, const std::vector<int64_t>& active
     const int64_t e = active[j], rows = start[e + 1] - start[e];
     const ExpertSlice s = slice(m, e, scale_bufs[j]);
     const char* xe = x + start[e] * m.K * es;
-    if (gemm && rows >= k.min_rows) {
+    if (gemm && rows >= gemm_rows) {
       gemm_experts.push_back({cpu::packed_rows(k, k.pack_x, xe, rows, m.K, m.K), rows, s, y + start[e] * m.N});
       continue;
     }
