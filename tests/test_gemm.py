@@ -181,10 +181,11 @@ def test_8bit_codes(k, n, m, fmt, blocksize, dq, isa_restore):
 @pytest.mark.parametrize("fmt,blocksize,dq", [("uint4", 64, True), ("uint4", 32, False), ("uint4", 1024, False),
                                               ("uint8", 64, True), ("uint8", 32, False)])
 def test_minmax_codes(n, k, m, fmt, blocksize, dq, isa_restore):
-    """Minmax codes on the avx512_bf16 row's forward, each weight fma(table[q], scale, offset)
-    rounded once to bfloat16 (dequantize's value): folded into the chunk tables (4-bit) or the
-    byte-plane chunks (8-bit, VBMI CPUs, from 17 rows), K tails by segments. The transposed
-    product and the amx row leave them to the fallback."""
+    """Minmax codes on the avx512_bf16 row, each weight fma(table[q], scale, offset) rounded once
+    to bfloat16 (dequantize's value): in the forward folded into the chunk tables (4-bit) or the
+    byte-plane chunks (8-bit, VBMI CPUs, from 17 rows), K tails by segments; in the transposed
+    product (4-bit; W's rows in pairs: n even) by segments. The amx row leaves them to the
+    fallback."""
     if k % blocksize:
         pytest.skip("the block size does not divide K")
     if fmt == "uint8" and not qengine._C.vbmi_scales():
@@ -198,7 +199,13 @@ def test_minmax_codes(n, k, m, fmt, blocksize, dq, isa_restore):
     w_model = q.dequantize(torch.bfloat16).to(torch.float64)
     bound = 8 * k ** 0.5 * 2.0**-24 * (x64.abs() @ w_model.abs().t())
     assert ((y.to(torch.float64) - x64 @ w_model.t()).abs() <= bound).all()
-    assert not large_product_t(torch.randn(m, n).to(torch.bfloat16), q)[0]
+    g = torch.randn(m, n).to(torch.bfloat16)
+    done, gx = large_product_t(g, q)
+    assert done == (fmt == "uint4" and n % 2 == 0)
+    if done:
+        g64 = g.to(torch.float64)
+        bound = 8 * n ** 0.5 * 2.0**-24 * (g64.abs() @ w_model.abs())
+        assert ((gx.to(torch.float64) - g64 @ w_model).abs() <= bound).all()
     if "amx" in qengine.build_info()["supported_cpu_isas"]:
         qengine.set_cpu_isa("amx")
         assert not large_product(x, q)[0]

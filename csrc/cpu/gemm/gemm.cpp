@@ -52,7 +52,7 @@ bool gemm_applies_on(const GemmKernels& k, int x_dtype, int64_t K, int64_t block
   const bool codes = cb.bits == 4 || (forward && cb.bits == 8 && !sparse24 && k.min_rows_bytes > 0 &&
                                       vbmi_scales_available());
   const bool scale_rule = (rule == kAbsmax && offsets == nullptr) ||
-                          (rule == kMinmax && offsets != nullptr && forward && !sparse24 && k.minmax_forward);
+                          (rule == kMinmax && offsets != nullptr && !sparse24 && k.minmax);
   return k.bf16_forward != nullptr && x_dtype == kBFloat16 && codes && scale_rule && blocksize >= 16 &&
          (blocksize & (blocksize - 1)) == 0 && layout;
 }
@@ -186,7 +186,7 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   const std::unique_ptr<int32_t[]> gp = cpu::packed_rows(k, k.pack_g != nullptr ? k.pack_g : k.pack_x, g, M, N, N);
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, K, group, [&](int64_t k0, int64_t k1) {
-    k.bf16_transposed(gp.get(), M, N, K, packed, positions, blocksize, cb.table, all_scales, k0, k1, gx,
+    k.bf16_transposed(gp.get(), M, N, K, packed, positions, blocksize, cb.table, all_scales, offsets, k0, k1, gx,
                       gx_dtype);
   });
   return kOk;

@@ -185,10 +185,11 @@ void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint
 }
 
 void bf16_transposed(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                     const uint8_t* positions, int64_t blocksize, const float* table, const float* scales, int64_t k0,
-                     int64_t k1, void* gx, int gx_dtype) {
+                     const uint8_t* positions, int64_t blocksize, const float* table, const float* scales,
+                     const float* offsets, int64_t k0, int64_t k1, void* gx, int gx_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   w.scales = scales;
+  w.offsets = offsets;
   std::unique_ptr<uint16_t[]> panels(new uint16_t[static_cast<size_t>(kGroupPanels * kPanelWords)]);
   std::vector<float> scratch;
   const GroupOut out = group_out(gx, gx_dtype, K, scratch);
@@ -322,7 +323,7 @@ const GemmKernels kGemmAvx512Bf16 = {
     // panels overtook the 8-bit GEMV at 12 rows of 11008 x 4096 (16 rows: 10.4 vs 12.4 ms), too
     // few to route 8-bit codes apart from 4-bit ones below 17.
     .min_rows_bytes = 17,
-    .minmax_forward = true,
+    .minmax = true,
     .pack_x = pack_x,
     .bf16_forward = bf16_forward,
     .bf16_transposed = bf16_transposed,

@@ -44,8 +44,9 @@ struct GemmKernels {
   // The fewest rows of x from which the forward takes 8-bit codes (dense layout, on a VBMI CPU; 0:
   // never), the small-batch GEMV's own byte-plane lookup being faster below.
   int64_t min_rows_bytes = 0;
-  // Whether the forward takes minmax codes (dense layout: fma(table[q], scale, offset) a weight).
-  bool minmax_forward = false;
+  // Whether the products take minmax codes (dense layout: fma(table[q], scale, offset) a weight):
+  // the forward, and the transposed product for 4-bit codes.
+  bool minmax = false;
   // x (bfloat16 [M, K], row stride ldx) as bf16_forward reads it: tiles [t0, t1) of tile_rows rows
   // (of ceil(M / tile_rows)), K / 2 input pairs a row, into xp.
   void (*pack_x)(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int64_t t0, int64_t t1,
@@ -56,7 +57,7 @@ struct GemmKernels {
   // y[M, N] (row stride N; y_dtype float32, or bfloat16: the float32 sum rounded once as
   // float_to_bf16) = x[M, K] (bfloat16) @ W^T for output rows [n0, n1) of W [N, K]: 4-bit absmax
   // codes, 8-bit ones where min_rows_bytes allows (code_planes: their table's byte planes; null
-  // for 4-bit), minmax ones where minmax_forward (offsets: float32 per block; else null),
+  // for 4-bit), minmax ones where minmax (offsets: float32 per block; else null),
   // blocksize a power of two >= 16 dividing K, K % 32 == 0 (gemm_applies). Null where the ISA has
   // no such kernel.
   // xp: x packed by pack_x; planes: the nested scale table's byte planes where the CPU has VBMI
@@ -68,11 +69,11 @@ struct GemmKernels {
                     const BlockScales& scales, const float* offsets, const ScalePlanes* planes,
                     const LoraSide* lora, int64_t n0, int64_t n1, void* y, int y_dtype) = nullptr;
   // gx[M, K] (row stride K; gx_dtype float32 or bfloat16 as y above) = g[M, N] (bfloat16, packed by pack_g over N, N even) @ W
-  // for the output columns [k0, k1) (multiples of 32), W as bf16_forward takes it; scales: W's
-  // float32 block scales (GemmVectorKernels::decode_scales).
+  // for the output columns [k0, k1) (multiples of 32), W as bf16_forward takes it (4-bit codes);
+  // scales: W's float32 block scales (GemmVectorKernels::decode_scales); offsets as bf16_forward's.
   void (*bf16_transposed)(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                      const uint8_t* positions, int64_t blocksize, const float* table, const float* scales, int64_t k0,
-                      int64_t k1, void* gx, int gx_dtype) = nullptr;
+                      const uint8_t* positions, int64_t blocksize, const float* table, const float* scales,
+                      const float* offsets, int64_t k0, int64_t k1, void* gx, int gx_dtype) = nullptr;
 };
 
 // The vector kernels around the products: the scale decode before the transposed product and
@@ -115,8 +116,8 @@ void decode_panel_bytes(const uint8_t* codes, int64_t K, const ScalePlanes& code
 const GemmKernels& gemm_kernels();
 
 // gemm_applies (ops.h) for row k: a caller holding one row for a whole call asks it of that row
-// (4-bit absmax codes; forward: the forward product, which also takes 8-bit and minmax codes where
-// the row does).
+// (4-bit absmax codes, and 4-bit minmax ones where the row takes them; forward: the forward
+// product, which also takes 8-bit codes where the row does).
 bool gemm_applies_on(const GemmKernels& k, int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule,
                      const float* offsets, bool sparse24, bool forward = false);
 const GemmVectorKernels& gemm_vector_kernels();
