@@ -186,3 +186,14 @@ def large_product_t(g, q, out_dtype=torch.float32):
     done = _C.matmul_t_large_cpu(g.data_ptr(), DTYPE_CODES[g.dtype], m, n, k, weight, gx.data_ptr(),
                                  DTYPE_CODES[gx.dtype])
     return done, gx
+
+
+def assert_model_bound(y, x, q, transposed=False, rounded=False, weight_dtype=torch.bfloat16):
+    """Within float32 accumulation error of x @ W^T (or x @ W), W the weight dequantize() writes
+    for weight_dtype (the tiles': bfloat16); plus half a bfloat16 unit where y was rounded to it."""
+    x64 = x.to(torch.float64)
+    w = q.dequantize(weight_dtype).to(torch.float64)
+    w = w if transposed else w.t()
+    ref, mag = x64 @ w, x64.abs() @ w.abs()
+    bound = 8 * x.shape[1] ** 0.5 * 2.0**-24 * mag + (2.0**-8 * ref.abs() if rounded else 0)
+    assert ((y.to(torch.float64) - ref).abs() <= bound).all()

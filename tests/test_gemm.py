@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qengine
-from support import large_product, large_product_t, matmul_bound
+from support import assert_model_bound, large_product, large_product_t, matmul_bound
 
 HAS_KERNEL = "avx512_bf16" in qengine.build_info()["supported_cpu_isas"]
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="this CPU has no AVX512-BF16 (the gemm kernel's ISA)")
@@ -169,10 +169,7 @@ def test_8bit_codes(k, n, m, fmt, blocksize, dq, isa_restore):
     qengine.set_cpu_isa("avx512_bf16")
     done, y = large_product(x, q)
     assert done
-    x64 = x.to(torch.float64)
-    w_model = q.dequantize(torch.bfloat16).to(torch.float64)
-    bound = 8 * k ** 0.5 * 2.0**-24 * (x64.abs() @ w_model.abs().t())
-    assert ((y.to(torch.float64) - x64 @ w_model.t()).abs() <= bound).all()
+    assert_model_bound(y, x, q)
     assert not large_product(x[:16], q)[0]
 
 
@@ -195,17 +192,12 @@ def test_minmax_codes(n, k, m, fmt, blocksize, dq, isa_restore):
     qengine.set_cpu_isa("avx512_bf16")
     done, y = large_product(x, q)
     assert done
-    x64 = x.to(torch.float64)
-    w_model = q.dequantize(torch.bfloat16).to(torch.float64)
-    bound = 8 * k ** 0.5 * 2.0**-24 * (x64.abs() @ w_model.abs().t())
-    assert ((y.to(torch.float64) - x64 @ w_model.t()).abs() <= bound).all()
+    assert_model_bound(y, x, q)
     g = torch.randn(m, n).to(torch.bfloat16)
     done, gx = large_product_t(g, q)
     assert done == (fmt == "uint4" and n % 2 == 0)
     if done:
-        g64 = g.to(torch.float64)
-        bound = 8 * n ** 0.5 * 2.0**-24 * (g64.abs() @ w_model.abs())
-        assert ((gx.to(torch.float64) - g64 @ w_model).abs() <= bound).all()
+        assert_model_bound(gx, g, q, transposed=True)
     if "amx" in qengine.build_info()["supported_cpu_isas"]:
         qengine.set_cpu_isa("amx")
         assert not large_product(x, q)[0]

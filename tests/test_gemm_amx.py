@@ -14,7 +14,7 @@ import torch
 import qengine
 from qengine import _C
 from qengine.nn import QuantExperts
-from support import large_product, large_product_t, matmul_bound
+from support import assert_model_bound, large_product, large_product_t, matmul_bound
 
 HAS_AMX = "amx" in qengine.build_info()["supported_cpu_isas"]
 pytestmark = pytest.mark.skipif(not HAS_AMX, reason="this CPU (or its OS) gives no AMX tiles")
@@ -25,17 +25,6 @@ def weight(n, k, blocksize, dq=True, sparse=False, fmt="nf4", seed=0):
     if fmt in ("mxfp4", "nvfp4"):
         return qengine.quantize(w, fmt)
     return qengine.quantize(w, fmt, blocksize, double_quant=dq, sparsity="2:4" if sparse else None)
-
-
-def assert_model_bound(y, x, q, transposed=False, rounded=False, weight_dtype=torch.bfloat16):
-    """Within float32 accumulation error of x @ W^T (or x @ W), W the weight dequantize() writes
-    for weight_dtype (the tiles': bfloat16); plus half a bfloat16 unit where y was rounded to it."""
-    x64 = x.to(torch.float64)
-    w = q.dequantize(weight_dtype).to(torch.float64)
-    w = w if transposed else w.t()
-    ref, mag = x64 @ w, x64.abs() @ w.abs()
-    bound = 8 * x.shape[1] ** 0.5 * 2.0**-24 * mag + (2.0**-8 * ref.abs() if rounded else 0)
-    assert ((y.to(torch.float64) - ref).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 15, 16, 17, 31, 32, 33, 48, 63, 100, 255, 256, 257, 600])
