@@ -183,7 +183,8 @@ struct PanelSource {
 constexpr int kStepOrder[4] = {1, 0, 3, 2};
 
 // One row's whole 128-input chunk of a 4-bit weight decoded into its 4 steps, each weight
-// bfloat16(table[code] * scale) rounded once (as SegmentDecoder), for blocksize >= 32: the block
+// bfloat16(table[code] * scale), or of fma(table[code], scale, offset) for minmax codes, rounded
+// once (as SegmentDecoder), for blocksize >= 32: the block
 // scales are folded into vpermw's 32-word table, whose index bit 4 (the next nibble's low bit as
 // loaded) is set to the word's block where a chunk spans two blocks; blocksize 32 (four blocks)
 // looks up two tables and blends them. The dense layout's chunk is 64 bytes of codes (decode);
@@ -240,9 +241,9 @@ struct ChunkDecoder {
                                    _mm512_permutexvar_epi16(idx, tbl[1]));
   }
 
-  // The dense layout. codes: the row's packed codes; rs[b]: the scale of its block b; k % 128 == 0.
-  template <int kLog2>
+  // The dense layout. codes: the row's packed codes; rs[b]: the scale of its block b; k % 128 == 0;
   // os: the row's block offsets (minmax codes), or null.
+  template <int kLog2>
   void decode(const uint8_t* codes, const float* rs, int64_t k, __m512i steps[4], const float* os = nullptr) const {
     __m512i d = _mm512_loadu_si512(codes + (k >> 1)), tbl[2];
     tables<kLog2>(rs, os, k >> log2_blocksize, tbl);
