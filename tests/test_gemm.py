@@ -160,8 +160,9 @@ def test_same_bits_at_any_thread_count(threads_restore, gemm_isa):
 def test_8bit_codes(k, n, m, fmt, blocksize, dq, isa_restore):
     """8-bit absmax codes on the avx512_bf16 row (a VBMI CPU's): 128-input chunks looked up in the
     table's byte planes (two planes for fp8_e4m3's table) and paired into the panels, K tails in
-    input order, each weight rounded once to bfloat16 as for 4-bit codes; below min_rows_bytes
-    (17) they stay with the small-batch GEMV."""
+    input order, each weight rounded once to bfloat16 as for 4-bit codes; the transposed product
+    by 32-column segments of two rows (n even); below min_rows_bytes (17) both stay with the
+    fallbacks."""
     if k % blocksize:
         pytest.skip("the block size does not divide K")
     q = quantized(n, k, fmt, blocksize, dq, seed=5)
@@ -171,6 +172,12 @@ def test_8bit_codes(k, n, m, fmt, blocksize, dq, isa_restore):
     assert done
     assert_model_bound(y, x, q)
     assert not large_product(x[:16], q)[0]
+    g = torch.randn(m, n).to(torch.bfloat16)
+    done, gx = large_product_t(g, q)
+    assert done == (n % 2 == 0)
+    if done:
+        assert_model_bound(gx, g, q, transposed=True)
+        assert not large_product_t(g[:16], q)[0]
 
 
 @needs_kernel
@@ -181,8 +188,7 @@ def test_minmax_codes(n, k, m, fmt, blocksize, dq, isa_restore):
     """Minmax codes on the avx512_bf16 row, each weight fma(table[q], scale, offset) rounded once
     to bfloat16 (dequantize's value): in the forward folded into the chunk tables (4-bit) or the
     byte-plane chunks (8-bit, VBMI CPUs, from 17 rows), K tails by segments; in the transposed
-    product (4-bit; W's rows in pairs: n even) by segments. The amx row leaves them to the
-    fallback."""
+    product (W's rows in pairs: n even) by segments. The amx row leaves them to the fallback."""
     if k % blocksize:
         pytest.skip("the block size does not divide K")
     if fmt == "uint8" and not qengine._C.vbmi_scales():
@@ -193,9 +199,9 @@ def test_minmax_codes(n, k, m, fmt, blocksize, dq, isa_restore):
     done, y = large_product(x, q)
     assert done
     assert_model_bound(y, x, q)
-    g = torch.randn(m, n).to(torch.bfloat16)
+    g = torch.randn(x.shape[0], n).to(torch.bfloat16)
     done, gx = large_product_t(g, q)
-    assert done == (fmt == "uint4" and n % 2 == 0)
+    assert done == (n % 2 == 0)
     if done:
         assert_model_bound(gx, g, q, transposed=True)
     if "amx" in qengine.build_info()["supported_cpu_isas"]:

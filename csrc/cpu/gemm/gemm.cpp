@@ -49,8 +49,8 @@ bool gemm_applies_on(const GemmKernels& k, int x_dtype, int64_t K, int64_t block
                      const float* offsets, bool sparse24, bool forward) {
   const bool layout = sparse24 ? K % 256 == 0 && blocksize >= 32 && (K / 2) % blocksize == 0
                                : K % 32 == 0 && K % blocksize == 0;
-  const bool codes = cb.bits == 4 || (forward && cb.bits == 8 && !sparse24 && k.min_rows_bytes > 0 &&
-                                      vbmi_scales_available());
+  const bool codes = cb.bits == 4 || ((forward || k.bytes_transposed) && cb.bits == 8 && !sparse24 &&
+                                      k.min_rows_bytes > 0 && vbmi_scales_available());
   const bool scale_rule = (rule == kAbsmax && offsets == nullptr) ||
                           (rule == kMinmax && offsets != nullptr && !sparse24 && k.minmax);
   return k.bf16_forward != nullptr && x_dtype == kBFloat16 && codes && scale_rule && blocksize >= 16 &&
@@ -169,7 +169,8 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   if (M < 0 || K < 0 || N < 0 || blocksize < 1 || (cb.bits != 4 && cb.bits != 8)) return kInvalidArgument;
   const cpu::GemmKernels& k = cpu::gemm_kernels();
   if (!cpu::gemm_applies_on(k, g_dtype, K, blocksize, cb, rule, offsets, positions != nullptr) ||
-      k.bf16_transposed == nullptr || N % 2 != 0 || !rows_apply(k, M, positions != nullptr)) {
+      k.bf16_transposed == nullptr || N % 2 != 0 || !rows_apply(k, M, positions != nullptr) ||
+      (cb.bits == 8 && M < k.min_rows_bytes)) {
     return kOk;
   }
   if (!valid_output_dtype(gx_dtype)) return kInvalidArgument;
@@ -184,10 +185,12 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, nblocks);
   const float* all_scales = cpu::gemm_vector_kernels().decode_scales(scales, planes.get(), nblocks, buf);
   const std::unique_ptr<int32_t[]> gp = cpu::packed_rows(k, k.pack_g != nullptr ? k.pack_g : k.pack_x, g, M, N, N);
+  const std::unique_ptr<cpu::ScalePlanes> code_planes =
+      cb.bits == 8 ? std::make_unique<cpu::ScalePlanes>(cb.table) : nullptr;
   const int64_t group = cpu::kPanelRows * cpu::kGroupPanels;
   cpu::parallel_chunks(0, K, group, [&](int64_t k0, int64_t k1) {
-    k.bf16_transposed(gp.get(), M, N, K, packed, positions, blocksize, cb.table, all_scales, offsets, k0, k1, gx,
-                      gx_dtype);
+    k.bf16_transposed(gp.get(), M, N, K, packed, positions, blocksize, cb.table, code_planes.get(), all_scales,
+                      offsets, k0, k1, gx, gx_dtype);
   });
   return kOk;
 }

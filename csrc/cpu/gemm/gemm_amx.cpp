@@ -621,9 +621,10 @@ void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint
 }
 
 void bf16_transposed(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                     const uint8_t* positions, int64_t blocksize, const float* table, const float* scales,
-                     const float* /*offsets: absmax only here (minmax false)*/, int64_t k0, int64_t k1, void* gx,
-                     int gx_dtype) {
+                     const uint8_t* positions, int64_t blocksize, const float* table,
+                     const ScalePlanes* /*code_planes: 4-bit only here (bytes_transposed false)*/,
+                     const float* scales, const float* /*offsets: absmax only here (minmax false)*/, int64_t k0,
+                     int64_t k1, void* gx, int gx_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   w.scales = scales;
   const ChunkDecoder chunks{_mm512_loadu_ps(table), log2_of(blocksize)};

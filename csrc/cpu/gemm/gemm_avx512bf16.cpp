@@ -185,8 +185,8 @@ void bf16_forward(const int32_t* xp, int64_t M, int64_t K, int64_t N, const uint
 }
 
 void bf16_transposed(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                     const uint8_t* positions, int64_t blocksize, const float* table, const float* scales,
-                     const float* offsets, int64_t k0, int64_t k1, void* gx, int gx_dtype) {
+                     const uint8_t* positions, int64_t blocksize, const float* table, const ScalePlanes* code_planes,
+                     const float* scales, const float* offsets, int64_t k0, int64_t k1, void* gx, int gx_dtype) {
   PanelSource w(packed, positions, K, table, blocksize);
   w.scales = scales;
   w.offsets = offsets;
@@ -198,7 +198,14 @@ void bf16_transposed(const int32_t* gp, int64_t M, int64_t N, int64_t K, const u
     const int64_t count = (g_end - g) / kPanelRows;  // K % 32 == 0: whole panels
     for (int64_t n0 = 0; n0 < N; n0 += kPanelK) {
       const int64_t nc = std::min(kPanelK, N - n0);
-      for (int64_t p = 0; p < count; ++p) decode_panel_t(w, n0, nc, g + p * kPanelRows, panels.get() + p * kPanelWords);
+      for (int64_t p = 0; p < count; ++p) {
+        uint16_t* panel = panels.get() + p * kPanelWords;
+        if (code_planes != nullptr) {  // 8-bit codes (bytes_transposed: on VBMI CPUs only)
+          decode_panel_t_bytes(packed, K, *code_planes, blocksize, scales, offsets, n0, nc, g + p * kPanelRows, panel);
+        } else {
+          decode_panel_t(w, n0, nc, g + p * kPanelRows, panel);
+        }
+      }
       tiles_over_panels(gp, M, N / 2, panels.get(), count, nc / 2, n0 / 2,
                         out.block(M, g, g_end - g, n0 == 0, n0 + nc == N), g, g_end - g, nullptr);
     }
@@ -319,10 +326,11 @@ const float* decode_scales(const BlockScales& s, const ScalePlanes* planes, int6
 }  // namespace
 
 const GemmKernels kGemmAvx512Bf16 = {
-    // 8-bit absmax codes past the small-batch GEMV's rows, as 4-bit ones (min_rows): on Zen 4 the
+    // 8-bit codes past the small-batch GEMV's rows, as 4-bit ones (min_rows): on Zen 4 the
     // panels overtook the 8-bit GEMV at 12 rows of 11008 x 4096 (16 rows: 10.4 vs 12.4 ms), too
     // few to route 8-bit codes apart from 4-bit ones below 17.
     .min_rows_bytes = 17,
+    .bytes_transposed = true,
     .minmax = true,
     .pack_x = pack_x,
     .bf16_forward = bf16_forward,

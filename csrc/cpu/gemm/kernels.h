@@ -44,6 +44,8 @@ struct GemmKernels {
   // The fewest rows of x from which the forward takes 8-bit codes (dense layout, on a VBMI CPU; 0:
   // never), the small-batch GEMV's own byte-plane lookup being faster below.
   int64_t min_rows_bytes = 0;
+  // Whether the transposed product takes them too (from min_rows_bytes rows of g).
+  bool bytes_transposed = false;
   // Whether the products take minmax codes (dense layout: fma(table[q], scale, offset) a weight):
   // the forward, and the transposed product for 4-bit codes.
   bool minmax = false;
@@ -69,11 +71,13 @@ struct GemmKernels {
                     const BlockScales& scales, const float* offsets, const ScalePlanes* planes,
                     const LoraSide* lora, int64_t n0, int64_t n1, void* y, int y_dtype) = nullptr;
   // gx[M, K] (row stride K; gx_dtype float32 or bfloat16 as y above) = g[M, N] (bfloat16, packed by pack_g over N, N even) @ W
-  // for the output columns [k0, k1) (multiples of 32), W as bf16_forward takes it (4-bit codes);
-  // scales: W's float32 block scales (GemmVectorKernels::decode_scales); offsets as bf16_forward's.
+  // for the output columns [k0, k1) (multiples of 32), W as bf16_forward takes it (8-bit codes
+  // where bytes_transposed); scales: W's float32 block scales (GemmVectorKernels::decode_scales);
+  // code_planes and offsets as bf16_forward's.
   void (*bf16_transposed)(const int32_t* gp, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                      const uint8_t* positions, int64_t blocksize, const float* table, const float* scales,
-                      const float* offsets, int64_t k0, int64_t k1, void* gx, int gx_dtype) = nullptr;
+                      const uint8_t* positions, int64_t blocksize, const float* table,
+                      const ScalePlanes* code_planes, const float* scales, const float* offsets, int64_t k0,
+                      int64_t k1, void* gx, int gx_dtype) = nullptr;
 };
 
 // The vector kernels around the products: the scale decode before the transposed product and
@@ -110,14 +114,20 @@ extern const GemmVectorKernels kGemmVectorAvx512Bf16;
 void decode_panel_bytes(const uint8_t* codes, int64_t K, const ScalePlanes& code_planes, int64_t blocksize,
                         const float* scales, const float* offsets, int64_t first_row, int64_t n0, int64_t n_end,
                         int64_t k0, int64_t kc, uint16_t* panel);
+// Its transposed product's panel (as decode_panel_t): panel[(n - n0) / 2][k - k0][2] = W[n][k],
+// W[n + 1][k] for the row pairs of [n0, n0 + nc) and columns [k0, k0 + 32); scales and offsets
+// from row 0's first block.
+void decode_panel_t_bytes(const uint8_t* codes, int64_t K, const ScalePlanes& code_planes, int64_t blocksize,
+                          const float* scales, const float* offsets, int64_t n0, int64_t nc, int64_t k0,
+                          uint16_t* panel);
 #endif
 
 // The rows of the active ISA (isa.h).
 const GemmKernels& gemm_kernels();
 
 // gemm_applies (ops.h) for row k: a caller holding one row for a whole call asks it of that row
-// (4-bit absmax codes, and 4-bit minmax ones where the row takes them; forward: the forward
-// product, which also takes 8-bit codes where the row does).
+// (4-bit absmax codes, minmax ones where the row takes them, 8-bit ones in the forward where the
+// row takes them, and in the transposed product where bytes_transposed; forward: the forward).
 bool gemm_applies_on(const GemmKernels& k, int x_dtype, int64_t K, int64_t blocksize, const Codebook& cb, int rule,
                      const float* offsets, bool sparse24, bool forward = false);
 const GemmVectorKernels& gemm_vector_kernels();
