@@ -74,6 +74,23 @@ struct ByteChunks {
     }
   }
 
+  // Inputs [k, k + 32) of two rows (codes at row_a and row_b, scales and offsets as segment's) in
+  // input order, both rows' 64 codes in one lookup (regs: the table's planes, held by the caller
+  // across its loop).
+  void segment_pair(const PlaneRegs& regs, const uint8_t* row_a, const uint8_t* row_b, const float* rs_a,
+                    const float* rs_b, const float* os_a, const float* os_b, int64_t k, __m512i& a,
+                    __m512i& b) const {
+    const __m256i ca = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row_a + k));
+    const __m256i cb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row_b + k));
+    __m512i v[4];  // v[0], v[1]: row a's values 0-15, 16-31; v[2], v[3]: row b's
+    regs.lookup64(_mm512_inserti64x4(_mm512_castsi256_si512(ca), cb, 1), unpack_order(), v);
+    const int64_t b0 = k >> log2_blocksize, b1 = (k + 16) >> log2_blocksize;
+    a = (__m512i)_mm512_cvtne2ps_pbh(scaled_table(_mm512_castsi512_ps(v[1]), rs_a, os_a, b1),
+                                     scaled_table(_mm512_castsi512_ps(v[0]), rs_a, os_a, b0));
+    b = (__m512i)_mm512_cvtne2ps_pbh(scaled_table(_mm512_castsi512_ps(v[3]), rs_b, os_b, b1),
+                                     scaled_table(_mm512_castsi512_ps(v[2]), rs_b, os_b, b0));
+  }
+
   // Inputs [k, k + 32) in input order (k % 32 == 0): the tail past the last whole chunk.
   __m512i segment(const uint8_t* row, const float* rs, int64_t k, const float* os = nullptr) const {
     __m512i v[4];

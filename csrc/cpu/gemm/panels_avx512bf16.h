@@ -378,10 +378,10 @@ inline void decode_panel(const PanelSource& w, const ChunkDecoder& chunks, int64
 }
 
 // For gx = g @ W: panel[(n - n0) / 2][k - k0][2] = W[n][k], W[n + 1][k] (bfloat16) for the row
-// pairs of [n0, n0 + nc) (nc even) and columns [k0, k0 + 32), from segment(n, k): inputs
-// [k, k + 32) of row n in input order.
-template <class Segment>
-void decode_panel_t_by(const Segment& segment, int64_t n0, int64_t nc, int64_t k0, uint16_t* panel) {
+// pairs of [n0, n0 + nc) (nc even) and columns [k0, k0 + 32), from rows(n, k, a, b): inputs
+// [k, k + 32) of rows n (a) and n + 1 (b) in input order.
+template <class Rows>
+void decode_panel_t_by(const Rows& rows, int64_t n0, int64_t nc, int64_t k0, uint16_t* panel) {
   // Word j of a pair's low / high vector: word j / 2 (+ 16) of row n (j even) or of row n + 1.
   alignas(64) uint16_t lo_idx[32], hi_idx[32];
   for (int j = 0; j < 32; ++j) {
@@ -390,7 +390,8 @@ void decode_panel_t_by(const Segment& segment, int64_t n0, int64_t nc, int64_t k
   }
   const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
   for (int64_t n = n0; n < n0 + nc; n += 2) {
-    const __m512i a = segment(n, k0), b = segment(n + 1, k0);
+    __m512i a, b;
+    rows(n, k0, a, b);
     uint16_t* dst = panel + ((n - n0) / 2) * (2 * kPanelRows);
     _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
     _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
@@ -399,7 +400,12 @@ void decode_panel_t_by(const Segment& segment, int64_t n0, int64_t nc, int64_t k
 
 // decode_panel_t_by for 4-bit codes (either layout).
 inline void decode_panel_t(const PanelSource& w, int64_t n0, int64_t nc, int64_t k0, uint16_t* panel) {
-  decode_panel_t_by([&](int64_t n, int64_t k) { return w.segment(n, k); }, n0, nc, k0, panel);
+  decode_panel_t_by(
+      [&](int64_t n, int64_t k, __m512i& a, __m512i& b) {
+        a = w.segment(n, k);
+        b = w.segment(n + 1, k);
+      },
+      n0, nc, k0, panel);
 }
 
 // The float32 scales of blocks [b_lo, b_lo + count): the plain ones in place, or the double-

@@ -2,7 +2,8 @@
 // Q8_0 / Q6_K; minmax: uint8, GGUF Q5_K) decoded a 128-input chunk at a time by ByteChunks (VBMI byte permutes on the
 // table's byte planes, as the amx row decodes them) into the panels of gemm_avx512bf16.cpp. Its
 // own file because it needs VBMI, which not every AVX512-BF16 CPU has (gemm_applies_on asks). The
-// transposed product's panels decode 32 columns of two rows at a time (decode_panel_t_bytes).
+// transposed product's panels decode 32 columns of two rows at a time, one byte-plane lookup for
+// both (decode_panel_t_bytes).
 #if defined(__x86_64__) || defined(_M_X64)
 #include "cpu/gemm/byte_chunks_vbmi.h"
 #include "cpu/gemm/kernels.h"
@@ -26,10 +27,13 @@ void decode_panel_t_bytes(const uint8_t* codes, int64_t K, const ScalePlanes& co
                           const float* scales, const float* offsets, int64_t n0, int64_t nc, int64_t k0,
                           uint16_t* panel) {
   const ByteChunks bytes(&code_planes, blocksize);
+  const PlaneRegs regs(code_planes);
   const int64_t per_row = K >> bytes.log2_blocksize;
+  const auto os = [&](int64_t n) { return offsets == nullptr ? nullptr : offsets + n * per_row; };
   decode_panel_t_by(
-      [&](int64_t n, int64_t k) {
-        return bytes.segment(codes + n * K, scales + n * per_row, k, offsets == nullptr ? nullptr : offsets + n * per_row);
+      [&](int64_t n, int64_t k, __m512i& a, __m512i& b) {
+        bytes.segment_pair(regs, codes + n * K, codes + (n + 1) * K, scales + n * per_row, scales + (n + 1) * per_row,
+                           os(n), os(n + 1), k, a, b);
       },
       n0, nc, k0, panel);
 }
