@@ -1,4 +1,5 @@
-// 8-bit absmax codes decoded into ChunkDecoder's step order (panels_avx512bf16.h) with VBMI
+// 8-bit codes (absmax, or minmax with block offsets) decoded into ChunkDecoder's step order
+// (panels_avx512bf16.h), or in input order for segments, with VBMI
 // byte permutes: the gemm family's 8-bit panels, for the amx row's tiles and the avx512_bf16
 // row's panels (decode_panel_bytes). Include only from files compiled with AVX512-BF16 and VBMI
 // flags (*_amx.cpp, *_avx512bf16vbmi.cpp); the anonymous namespace gives each includer its own
@@ -16,8 +17,9 @@
 namespace qengine::cpu {
 namespace {  // NOLINT(build/namespaces): see above
 
-// 8-bit absmax codes (one a byte, K bytes a row) decoded into the forward's steps, each weight
-// bfloat16(table[code] * scale) rounded once as ChunkDecoder rounds 4-bit ones: a chunk's two
+// 8-bit codes (one a byte, K bytes a row) decoded into the forward's steps, each weight
+// bfloat16(table[code] * scale), or of fma(table[code], scale, offset) for minmax codes, rounded
+// once as ChunkDecoder rounds 4-bit ones: a chunk's two
 // halves of 64 codes put in step order with one byte permute each, then looked up in the table's
 // byte planes (byte_planes_vbmi.h), so output k of half h holds step k's words 16 h..16 h + 15.
 struct ByteChunks {

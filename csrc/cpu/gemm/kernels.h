@@ -46,8 +46,8 @@ struct GemmKernels {
   int64_t min_rows_bytes = 0;
   // Whether the transposed product takes them too (from min_rows_bytes rows of g).
   bool bytes_transposed = false;
-  // Whether the products take minmax codes (dense layout: fma(table[q], scale, offset) a weight):
-  // the forward, and the transposed product for 4-bit codes.
+  // Whether the products take minmax codes (dense layout: fma(table[q], scale, offset) a weight),
+  // 8-bit ones as far as min_rows_bytes and bytes_transposed allow.
   bool minmax = false;
   // x (bfloat16 [M, K], row stride ldx) as bf16_forward reads it: tiles [t0, t1) of tile_rows rows
   // (of ceil(M / tile_rows)), K / 2 input pairs a row, into xp.
