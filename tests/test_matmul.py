@@ -311,8 +311,8 @@ def test_inference_mode_then_training_with_double_quant():
 def test_vbmi_scale_decode_equals_the_gather_path():
     """Double-quantized scales decoded in bulk with VBMI byte permutes give the kernels the same
     float32 scales as the per-row gathers: outputs equal bit for bit to a process run with
-    QENGINE_NO_VBMI=1, over shapes whose nested groups straddle rows and output chunks, and
-    NVFP4 rows longer than one K tile."""
+    QENGINE_NO_VBMI=1, over shapes whose nested groups straddle rows and output chunks, NVFP4
+    rows longer than one K tile, and the 2:4 layout (its rows decoded 128 at a time at K 4096)."""
     import os
     import subprocess
     import sys
@@ -324,12 +324,15 @@ out = []
 # nf4 + double quant, and nvfp4 (block 16, E4M3 scale codes; 8448 = 66 chunks: three K tiles)
 for fmt, n, k, bs in [("nf4", 67, 384, 64), ("nf4", 130, 256, 128), ("nf4", 9, 640, 64), ("nf4", 200, 128, 32),
                       ("nf4", 300, 4096, 64), ("nvfp4", 24, 8448, None), ("nvfp4", 40, 512, None),
-                      ("nvfp4", 64, 1024, "wide")]:
+                      ("nvfp4", 64, 1024, "wide"), ("2:4", 300, 4096, 64), ("2:4", 67, 768, 32)]:
     # "wide": rows spanning 10**-7..10 under one tensor scale, so E4M3 block scales reach the
     # subnormal codes 1..7 and 0 (up to 16 rows of x NVFP4 computes its scales in the GEMV
     # instead, test_microscaling; 40 rows take the GEMM's bulk decode)
     w = torch.randn(n, k) * torch.logspace(-7 if bs == "wide" else -3, 1, n).unsqueeze(1)
-    q = qengine.quantize(w, fmt, bs, double_quant=True) if isinstance(bs, int) else qengine.quantize(w, fmt)
+    if fmt == "2:4":
+        q = qengine.quantize(w, "nf4", bs, double_quant=True, sparsity="2:4")
+    else:
+        q = qengine.quantize(w, fmt, bs, double_quant=True) if isinstance(bs, int) else qengine.quantize(w, fmt)
     for m in (1, 3, 8, 16, 40):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(m, k).to(dtype)
@@ -344,7 +347,7 @@ torch.save(out, sys.argv[1])
         for path, env in zip(paths, [{}, {"QENGINE_NO_VBMI": "1"}]):
             subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=300)
         a, b = (torch.load(p) for p in paths)
-    assert len(a) == len(b) == 80
+    assert len(a) == len(b) == 100
     for ya, yb in zip(a, b):
         assert torch.equal(ya, yb)
 

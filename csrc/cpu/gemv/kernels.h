@@ -73,6 +73,21 @@ const GemvKernels& gemv_kernels();
 void decode_nested_scales_vbmi(const BlockScales& s, const ScalePlanes& planes, int64_t b_lo, int64_t count,
                                float* out);
 
+// Runs rows(a, b, plain) over consecutive ranges [a, b) of weight rows [n0, n1), plain holding
+// rows a..b-1's scales (per_row blocks a row) decoded in bulk by decode_nested_scales_vbmi, as
+// rows [0, b - a): a few rows at a time (16 KiB, in L1 while the kernel reads them).
+template <class Rows>
+void with_bulk_scales(const BlockScales& s, const ScalePlanes& planes, int64_t per_row, int64_t n0, int64_t n1,
+                      Rows&& rows) {
+  const int64_t step = per_row >= 4096 ? 1 : 4096 / per_row;
+  std::unique_ptr<float[]> plain(new float[static_cast<size_t>(step * per_row)]);  // written before read
+  for (int64_t a = n0; a < n1; a += step) {
+    const int64_t b = n1 - a < step ? n1 : a + step;
+    decode_nested_scales_vbmi(s, planes, a * per_row, (b - a) * per_row, plain.get());
+    rows(a, b, BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0});
+  }
+}
+
 // A small-batch dequantize-matmul prepared once and computed by output-row ranges, so that a
 // caller can spread the rows of several products (the experts of a MoE layer) over one
 // parallel region. matmul_cpu is one RowProduct run over all its rows.

@@ -190,17 +190,10 @@ void RowProduct::run(int64_t n0, int64_t n1) const {
   if (!planes_) {
     rows(packed_, scales_, offsets_, n0, n1, y_);
   } else {
-    // The scales decoded here a few rows at a time (16 KiB: they stay in L1 while the kernel
-    // reads them; NVFP4 has 256 a row), the kernels seeing those rows as rows [0, count).
     const int64_t per_row = K_ / blocksize_;
-    const int64_t step = std::max<int64_t>(1, 4096 / per_row);
-    std::unique_ptr<float[]> plain(new float[static_cast<size_t>(step * per_row)]);  // written before read
-    for (int64_t a = n0; a < n1; a += step) {
-      const int64_t b = std::min(n1, a + step);
-      decode_nested_scales_vbmi(scales_, *planes_, a * per_row, (b - a) * per_row, plain.get());
-      rows(packed_ + a * K_ * cb_.bits / 8, BlockScales{plain.get(), nullptr, nullptr, nullptr, 1, 0.0f, 0},
-           offsets_ ? offsets_ + a * per_row : nullptr, 0, b - a, y_ + a);
-    }
+    with_bulk_scales(scales_, *planes_, per_row, n0, n1, [&](int64_t a, int64_t b, const BlockScales& plain) {
+      rows(packed_ + a * K_ * cb_.bits / 8, plain, offsets_ ? offsets_ + a * per_row : nullptr, 0, b - a, y_ + a);
+    });
   }
   // After the whole chunks, whose stream brought the tails into cache.
   if (K_ % kGemvChunk != 0) run_tail(n0, n1);

@@ -14,30 +14,62 @@ namespace {
 // the dense bfloat16 GEMV, the codes are 32 words of 4 nibbles and vpermw decodes one nibble
 // of every word per step (the 16-entry table stored twice: vpermw reads 5 index bits). The
 // layout puts, at step j, the kept values of groups 16j..16j+15 in the words: word i is kept
-// value i % 2 of group 16j + i / 2, at weight 64j + 4 * (i / 2) + position. So the matching
-// x values come from one 64-weight window (two registers) with one vpermt2w whose index is
-// base(i) = 4 * (i / 2) plus the 2-bit position: ((P >> 2j) & 3) | base, one ternary-logic op,
-// with P the 32 position bytes widened to words. vdpbf16ps lane l sums words 2l and 2l + 1 =
-// storage elements 8l..8l+7 of the chunk, the dense kernel's lanes-to-blocks map, so the
-// block scales are applied per chunk exactly as there. Half the codes, a quarter fewer bytes
-// than the dense layout, and the extra x selection is 3 cheap ops per 32 kept values.
+// value i % 2 of group 16j + i / 2, at weight 64j + 4 * (i / 2) + position. So the matching x
+// values come from one 64-weight window (two registers) with one vpermt2w, whose index has 6
+// bits: the 2-bit position and g = (i / 2), 4 bits. vpermt2w ignores the bits above them. With
+// P the 32 position bytes widened to words (step j's position at bits 2j..2j+1), the index of
+// step 0 is (P & 3) | 4g and that of step 1 (P & 12) | (g's bits 0-1 and 2-3 at bits 0-1 and
+// 4-5): one ternary-logic op each, the position left where it lies. Steps 2 and 3 do the same
+// on P >> 4. So the even steps read x's window as it is (index 4g + position) and the odd steps
+// a copy of it in "order B" (index = g's low bits | position << 2 | g's high bits << 4), made
+// once per call: 5 ops per chunk for the positions instead of 7 shifting each step's to bits 0-1.
+// vdpbf16ps lane l sums words 2l and 2l + 1 = storage elements 8l..8l+7 of the chunk, the dense
+// kernel's lanes-to-blocks map, so the block scales are applied per chunk exactly as there.
+
+// Where order B puts weight 4g + p of a window.
+constexpr int order_b(int g, int p) { return (g & 3) | (p << 2) | ((g >> 2) << 4); }
+
+// Order-B copies of the odd 64-weight windows of chunks [c0, c1) of M rows of x: row m's
+// window of step 2h + 1 in chunk c at xb[(m * (c1 - c0) + c - c0) * 128 + 64h].
+void order_b_windows(const uint16_t* x, int64_t M, int64_t ldx, int64_t c0, int64_t c1, uint16_t* xb) {
+  alignas(64) uint16_t from[64];
+  for (int g = 0; g < 16; ++g) {
+    for (int p = 0; p < 4; ++p) from[order_b(g, p)] = static_cast<uint16_t>(4 * g + p);
+  }
+  const __m512i from_lo = _mm512_load_si512(from), from_hi = _mm512_load_si512(from + 32);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int h = 0; h < 2; ++h) {
+        const uint16_t* w = x + m * ldx + c * 256 + 64 * (2 * h + 1);
+        const __m512i lo = _mm512_loadu_si512(w), hi = _mm512_loadu_si512(w + 32);
+        uint16_t* out = xb + (m * (c1 - c0) + c - c0) * 128 + 64 * h;
+        _mm512_storeu_si512(out, _mm512_permutex2var_epi16(lo, from_lo, hi));
+        _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(lo, from_hi, hi));
+      }
+    }
+  }
+}
+
 template <int M>
-void gemv_rows_bf16(const uint16_t* x, int64_t ldx, int64_t K, const uint8_t* packed, const uint8_t* positions,
-                    int64_t blocksize, const float* table, const BlockScales& scales, int64_t o0, int64_t o1,
-                    int64_t c0, int64_t c1, float* y, int64_t ldy) {
+void gemv_rows_bf16(const uint16_t* x, int64_t ldx, const uint16_t* xb, int64_t K, const uint8_t* packed,
+                    const uint8_t* positions, int64_t blocksize, const float* table, const BlockScales& scales,
+                    int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y, int64_t ldy) {
   constexpr bool kTwoChains = M < 4;
   const __m512i tbl = bf16_table32(table);
-  alignas(64) uint16_t base16[32];
-  for (int i = 0; i < 32; ++i) base16[i] = static_cast<uint16_t>((i >> 1) << 2);
-  const __m512i base = _mm512_load_si512(base16);
-  const __m512i three = _mm512_set1_epi16(3);
+  alignas(64) uint16_t even[32], odd[32];
+  for (int i = 0; i < 32; ++i) {
+    even[i] = static_cast<uint16_t>(4 * (i >> 1));
+    odd[i] = static_cast<uint16_t>(order_b(i >> 1, 0));
+  }
+  const __m512i group_a = _mm512_load_si512(even), group_b = _mm512_load_si512(odd);
+  const __m512i bits01 = _mm512_set1_epi16(3), bits23 = _mm512_set1_epi16(12);
   const int64_t ks = K / 2;  // stored values per row
   const TileGeometry g = tile_geometry(ks, blocksize, c0, c1);
   gemv_rows<M>(g, scales, o0, o1, c0, c1, y, ldy, [&](int64_t o, int64_t c, __m512 (&t)[M]) {
     __m512i d = _mm512_loadu_si512(chunk_codes(packed, ks, o, c, g.prefetch_ahead));
     const uint8_t* pos = chunk_positions24(positions, ks, o, c, g.prefetch_ahead);
-    __m512i p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos)));
-    const uint16_t* xc = x + c * 256;
+    const __m512i p01 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos)));
+    const __m512i p23 = _mm512_srli_epi16(p01, 4);
     __m512 t1[M];
     for (int m = 0; m < M; ++m) {
       t[m] = _mm512_setzero_ps();
@@ -45,11 +77,13 @@ void gemv_rows_bf16(const uint16_t* x, int64_t ldx, int64_t K, const uint8_t* pa
     }
     for (int j = 0; j < 4; ++j) {
       const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(d, tbl);
-      const __m512i idx = _mm512_ternarylogic_epi32(p, three, base, 0xEA);  // (p & 3) | base
-      d = _mm512_srli_epi16(d, 4);
-      p = _mm512_srli_epi16(p, 2);
+      if (j < 3) d = _mm512_srli_epi16(d, 4);
+      const __m512i pj = j < 2 ? p01 : p23;
+      const __m512i idx = (j & 1) ? _mm512_ternarylogic_epi32(pj, bits23, group_b, 0xEA)   // (p & 12) | group
+                                  : _mm512_ternarylogic_epi32(pj, bits01, group_a, 0xEA);  // (p & 3) | group
       for (int m = 0; m < M; ++m) {
-        const uint16_t* xw = xc + m * ldx + 64 * j;
+        const uint16_t* xw = (j & 1) ? xb + (m * (c1 - c0) + c - c0) * 128 + 64 * (j >> 1)
+                                     : x + m * ldx + c * 256 + 64 * j;
         const __m512i lo = _mm512_loadu_si512(xw);
         const __m512i hi = _mm512_loadu_si512(xw + 32);
         const __m512bh xs = (__m512bh)_mm512_permutex2var_epi16(lo, idx, hi);
@@ -69,9 +103,18 @@ void sparse24_gemv_avx512bf16(const uint16_t* x, int64_t M, int64_t ldx, int64_t
                               const uint8_t* positions, int64_t blocksize, const float* table,
                               const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y,
                               int64_t ldy) {
-  with_rows<8>(M, [&](auto rows) {
-    gemv_rows_bf16<rows>(x, ldx, K, packed, positions, blocksize, table, scales, o0, o1, c0, c1, y, ldy);
-  });
+  // The order-B windows of at most 48 chunk-rows at a time (12 KiB on the stack; the driver's
+  // K tiles are that size, so one pass).
+  constexpr int64_t kChunkRows = 48;
+  alignas(64) uint16_t xb[kChunkRows * 128];
+  const int64_t span = M >= kChunkRows ? 1 : kChunkRows / M;
+  for (int64_t cs = c0; cs < c1; cs += span) {
+    const int64_t ce = c1 - cs < span ? c1 : cs + span;
+    with_rows<8>(M, [&](auto rows) {
+      order_b_windows(x, rows, ldx, cs, ce, xb);
+      gemv_rows_bf16<rows>(x, ldx, xb, K, packed, positions, blocksize, table, scales, o0, o1, cs, ce, y, ldy);
+    });
+  }
 }
 
 }  // namespace qengine::cpu
