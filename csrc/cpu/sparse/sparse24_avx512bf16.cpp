@@ -75,6 +75,7 @@ void gemv_rows_bf16(const uint16_t* x, int64_t ldx, const uint16_t* xb, int64_t 
       t[m] = _mm512_setzero_ps();
       t1[m] = _mm512_setzero_ps();
     }
+#pragma GCC unroll 4  // the step's operands (shift, positions, window copy) then fold to constants
     for (int j = 0; j < 4; ++j) {
       const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(d, tbl);
       if (j < 3) d = _mm512_srli_epi16(d, 4);
