@@ -21,39 +21,43 @@ namespace {
 // step 0 is (P & 3) | 4g and that of step 1 (P & 12) | (g's bits 0-1 and 2-3 at bits 0-1 and
 // 4-5): one ternary-logic op each, the position left where it lies. Steps 2 and 3 do the same
 // on P >> 4. So the even steps read x's window as it is (index 4g + position) and the odd steps
-// a copy of it in "order B" (index = g's low bits | position << 2 | g's high bits << 4), made
-// once per call: 5 ops per chunk for the positions instead of 7 shifting each step's to bits 0-1.
+// in "order B" (index = g's low bits | position << 2 | g's high bits << 4), from a copy of x
+// made once per call: 5 ops per chunk for the positions instead of 7 shifting each step's
+// position to bits 0-1.
 // vdpbf16ps lane l sums words 2l and 2l + 1 = storage elements 8l..8l+7 of the chunk, the dense
 // kernel's lanes-to-blocks map, so the block scales are applied per chunk exactly as there.
 
 // Where order B puts weight 4g + p of a window.
 constexpr int order_b(int g, int p) { return (g & 3) | (p << 2) | ((g >> 2) << 4); }
 
-// Order-B copies of the odd 64-weight windows of chunks [c0, c1) of M rows of x: row m's
-// window of step 2h + 1 in chunk c at xb[(m * (c1 - c0) + c - c0) * 128 + 64h].
-void order_b_windows(const uint16_t* x, int64_t M, int64_t ldx, int64_t c0, int64_t c1, uint16_t* xb) {
+// Chunks [c0, c1) of M rows of x copied chunk by chunk, the rows of a chunk side by side (so
+// the kernel addresses row m of chunk c at a fixed offset): row m's 256 weights of chunk c at
+// xw[((c - c0) * M + m) * 256], the windows of steps 0 and 2 as they are, those of steps 1 and
+// 3 in order B.
+void window_order_x(const uint16_t* x, int64_t M, int64_t ldx, int64_t c0, int64_t c1, uint16_t* xw) {
   alignas(64) uint16_t from[64];
   for (int g = 0; g < 16; ++g) {
     for (int p = 0; p < 4; ++p) from[order_b(g, p)] = static_cast<uint16_t>(4 * g + p);
   }
   const __m512i from_lo = _mm512_load_si512(from), from_hi = _mm512_load_si512(from + 32);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int h = 0; h < 2; ++h) {
-        const uint16_t* w = x + m * ldx + c * 256 + 64 * (2 * h + 1);
-        const __m512i lo = _mm512_loadu_si512(w), hi = _mm512_loadu_si512(w + 32);
-        uint16_t* out = xb + (m * (c1 - c0) + c - c0) * 128 + 64 * h;
-        _mm512_storeu_si512(out, _mm512_permutex2var_epi16(lo, from_lo, hi));
-        _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(lo, from_hi, hi));
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* in = x + m * ldx + c * 256;
+      uint16_t* out = xw + ((c - c0) * M + m) * 256;
+      for (int j = 0; j < 4; ++j) {
+        const __m512i lo = _mm512_loadu_si512(in + 64 * j), hi = _mm512_loadu_si512(in + 64 * j + 32);
+        _mm512_storeu_si512(out + 64 * j, (j & 1) ? _mm512_permutex2var_epi16(lo, from_lo, hi) : lo);
+        _mm512_storeu_si512(out + 64 * j + 32, (j & 1) ? _mm512_permutex2var_epi16(lo, from_hi, hi) : hi);
       }
     }
   }
 }
 
+// xw: window_order_x's copy of chunks [c0, c1).
 template <int M>
-void gemv_rows_bf16(const uint16_t* x, int64_t ldx, const uint16_t* xb, int64_t K, const uint8_t* packed,
-                    const uint8_t* positions, int64_t blocksize, const float* table, const BlockScales& scales,
-                    int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y, int64_t ldy) {
+void gemv_rows_bf16(const uint16_t* xw, int64_t K, const uint8_t* packed, const uint8_t* positions,
+                    int64_t blocksize, const float* table, const BlockScales& scales, int64_t o0, int64_t o1,
+                    int64_t c0, int64_t c1, float* y, int64_t ldy) {
   constexpr bool kTwoChains = M < 4;
   const __m512i tbl = bf16_table32(table);
   alignas(64) uint16_t even[32], odd[32];
@@ -70,12 +74,13 @@ void gemv_rows_bf16(const uint16_t* x, int64_t ldx, const uint16_t* xb, int64_t 
     const uint8_t* pos = chunk_positions24(positions, ks, o, c, g.prefetch_ahead);
     const __m512i p01 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos)));
     const __m512i p23 = _mm512_srli_epi16(p01, 4);
+    const uint16_t* xc = xw + (c - c0) * M * 256;
     __m512 t1[M];
     for (int m = 0; m < M; ++m) {
       t[m] = _mm512_setzero_ps();
       t1[m] = _mm512_setzero_ps();
     }
-#pragma GCC unroll 4  // the step's operands (shift, positions, window copy) then fold to constants
+#pragma GCC unroll 4  // the step's operands (shift, positions, masks) then fold to constants
     for (int j = 0; j < 4; ++j) {
       const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(d, tbl);
       if (j < 3) d = _mm512_srli_epi16(d, 4);
@@ -83,11 +88,9 @@ void gemv_rows_bf16(const uint16_t* x, int64_t ldx, const uint16_t* xb, int64_t 
       const __m512i idx = (j & 1) ? _mm512_ternarylogic_epi32(pj, bits23, group_b, 0xEA)   // (p & 12) | group
                                   : _mm512_ternarylogic_epi32(pj, bits01, group_a, 0xEA);  // (p & 3) | group
       for (int m = 0; m < M; ++m) {
-        const uint16_t* xw = (j & 1) ? xb + (m * (c1 - c0) + c - c0) * 128 + 64 * (j >> 1)
-                                     : x + m * ldx + c * 256 + 64 * j;
-        const __m512i lo = _mm512_loadu_si512(xw);
-        const __m512i hi = _mm512_loadu_si512(xw + 32);
-        const __m512bh xs = (__m512bh)_mm512_permutex2var_epi16(lo, idx, hi);
+        const uint16_t* xs_at = xc + m * 256 + 64 * j;
+        const __m512bh xs = (__m512bh)_mm512_permutex2var_epi16(_mm512_loadu_si512(xs_at), idx,
+                                                                 _mm512_loadu_si512(xs_at + 32));
         if (kTwoChains && (j & 1)) t1[m] = _mm512_dpbf16_ps(t1[m], w, xs);
         else t[m] = _mm512_dpbf16_ps(t[m], w, xs);
       }
@@ -104,16 +107,16 @@ void sparse24_gemv_avx512bf16(const uint16_t* x, int64_t M, int64_t ldx, int64_t
                               const uint8_t* positions, int64_t blocksize, const float* table,
                               const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y,
                               int64_t ldy) {
-  // The order-B windows of at most 48 chunk-rows at a time (12 KiB on the stack; the driver's
-  // K tiles are that size, so one pass).
+  // x in window order, at most 48 chunk-rows at a time (24 KiB on the stack; the driver's K
+  // tiles are that size, so one pass).
   constexpr int64_t kChunkRows = 48;
-  alignas(64) uint16_t xb[kChunkRows * 128];
+  alignas(64) uint16_t xw[kChunkRows * 256];
   const int64_t span = M >= kChunkRows ? 1 : kChunkRows / M;
   for (int64_t cs = c0; cs < c1; cs += span) {
     const int64_t ce = c1 - cs < span ? c1 : cs + span;
     with_rows<8>(M, [&](auto rows) {
-      order_b_windows(x, rows, ldx, cs, ce, xb);
-      gemv_rows_bf16<rows>(x, ldx, xb, K, packed, positions, blocksize, table, scales, o0, o1, cs, ce, y, ldy);
+      window_order_x(x, rows, ldx, cs, ce, xw);
+      gemv_rows_bf16<rows>(xw, K, packed, positions, blocksize, table, scales, o0, o1, cs, ce, y, ldy);
     });
   }
 }
