@@ -1,6 +1,7 @@
 """Module boundaries: tools/check_imports.py finds no import cycle (imports inside functions
 counted) and no private name used across modules in python/qengine beyond its allowlist; its
-cycle finder and rules on small synthetic packages; and no test module imports another."""
+cycle finder and rules on small synthetic packages; no test module imports another; and no module
+of the package is over 400 lines."""
 
 from __future__ import annotations
 
@@ -166,3 +167,11 @@ def test_no_test_module_imports_another():
             if any(n.split(".")[-1].startswith("test_") for n in names):
                 offenders.append(f"{path.relative_to(TESTS)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_no_package_module_over_400_lines():
+    # Small files with one job: a module that grows past this splits by what it holds (as
+    # ops/cpu_moe.py left ops/cpu.py).
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "python" / "qengine").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

@@ -1,7 +1,7 @@
-"""The CPU kernels of every qengine op, registered with `register_kernel("cpu")` (the two
-small-batch products: straight into the CPU dispatch key, see direct_cpu_kernel): checks
-(qengine/_checks.py), then one qengine._C call with addresses, sizes, dtype codes and the weight as one
-WeightRef tuple (weight.native_weight)."""
+"""The CPU kernels of every qengine op but moe_experts (cpu_moe.py), registered with
+`register_kernel("cpu")` (the two small-batch products: straight into the CPU dispatch key, see
+direct_cpu_kernel): checks (qengine/_checks.py), then one qengine._C call with addresses, sizes,
+dtype codes and the weight as one WeightRef tuple (weight.native_weight)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from .._checks import (DTYPE_CODES, check_contiguous, check_dequantize_args, che
                        check_float_dtype, check_matmul_args, check_matmul_t_args, check_quantize_args,
                        check_sparse_weight, check_tables)
 from . import matmul as mm
-from . import moe, optim, quantize, sparse
-from .moe_torch import torch_experts
+from . import optim, quantize, sparse
 from .weight import native_weight
 
 # The large-batch product dequantizes this many bytes of W at a time into one buffer, which
@@ -379,60 +378,6 @@ def _(g, packed, positions, table, scales, scales_nested, offsets, bits, blocksi
         gx = g2 @ w
         del w
     return gx.reshape(*g.shape[:-1], k)
-
-
-# --------------------------------------------------------------------------- Mixture of Experts
-def _expert_matrix(state, offsets, bits, blocksize, N, K, bias, lora_a, lora_b, lora_scale) -> tuple:
-    """One stacked expert matrix as moe_experts_cpu takes it: (WeightRef, N, K, bias, bias dtype,
-    lora_a, lora_b, lora dtype, rank, scale)."""
-    packed, table, scales, nested = moe.split_matrix(state)
-    weight = native_weight(packed, table, scales, nested, offsets, bits, blocksize)
-    bias_args = (bias.data_ptr(), DTYPE_CODES[bias.dtype]) if bias is not None else (0, 0)
-    if lora_a is None:
-        lora_args = (0, 0, 0, 0, 0.0)
-    else:
-        lora_args = (lora_a.data_ptr(), lora_b.data_ptr(), DTYPE_CODES[lora_a.dtype], lora_a.shape[1],
-                     float(lora_scale))
-    return (weight, N, K, *bias_args, *lora_args)
-
-
-def _same_dtype(a, b):
-    """One dtype for a matrix's two adapters (the kernel reads both with one code), contiguous."""
-    if a is None:
-        return None, None
-    a = a.contiguous()
-    return a, b.to(a.dtype).contiguous()
-
-
-@moe.moe_experts.register_kernel("cpu")
-def _(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias, up_lora_a, up_lora_b,
-      down_lora_a, down_lora_b, lora_scale, meta):
-    E, inter, up_bits, up_bs, down_bits, down_bs, gate_layout, act, n_up = moe.check_moe_args(
-        x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias, up_lora_a, up_lora_b,
-        down_lora_a, down_lora_b, meta)
-    T, H = x.shape
-    if act == moe.SWIGLU_OAI:  # gpt-oss's gate: no native kernel; per-expert small-batch products
-        moe.check_index_range(top_k_index, E)
-        return torch_experts(x, top_k_index, top_k_weights, up, down, up_offsets, down_offsets, up_bias, down_bias,
-                             up_lora_a, up_lora_b, down_lora_a, down_lora_b, lora_scale, meta).to(x.dtype)
-    xc = x.contiguous()
-    idx = top_k_index.to(torch.int64).contiguous()
-    w = top_k_weights.to(torch.float32).contiguous()
-    ua, ub = _same_dtype(up_lora_a, up_lora_b)
-    da, db = _same_dtype(down_lora_a, down_lora_b)
-    ubias = None if up_bias is None else up_bias.contiguous()
-    dbias = None if down_bias is None else down_bias.contiguous()
-    y = torch.empty(T, H, dtype=torch.float32)
-    if T:
-        try:
-            _C.moe_experts_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], T, H, idx.data_ptr(), w.data_ptr(), idx.shape[1],
-                               E, _expert_matrix(up, up_offsets, up_bits, up_bs, n_up, H, ubias, ua, ub, lora_scale),
-                               _expert_matrix(down, down_offsets, down_bits, down_bs, H, inter, dbias, da, db,
-                                              lora_scale), gate_layout, act, y.data_ptr())
-        except ValueError:
-            moe.check_index_range(idx, E)  # the usual cause, named; anything else re-raised as is
-            raise
-    return rounded_to(y, xc.dtype)
 
 
 # --------------------------------------------------------------------------- AdamW
