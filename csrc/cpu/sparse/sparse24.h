@@ -64,6 +64,16 @@ void sparse24_gemv_avx512bf16(const uint16_t* x, int64_t M, int64_t ldx, int64_t
                               int64_t ldy);
 #endif
 
+// The ISA rows copy x into their own order a K span at a time, into a stack buffer of
+// `chunk_rows` 256-weight chunk-rows: f(cs, ce) over consecutive spans [cs, ce) of chunks
+// [c0, c1), each at most chunk_rows / M chunks (M <= 8 < chunk_rows). The drivers' K tiles are
+// that size, so this is one span.
+template <class F>
+inline void for_buffered_spans(int64_t M, int64_t chunk_rows, int64_t c0, int64_t c1, F&& f) {
+  const int64_t span = chunk_rows / M;
+  for (int64_t cs = c0; cs < c1; cs += span) f(cs, c1 - cs < span ? c1 : cs + span);
+}
+
 // The row of the active ISA (isa.h).
 const Sparse24Kernels& sparse24_kernels();
 

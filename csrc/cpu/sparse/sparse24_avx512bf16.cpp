@@ -107,18 +107,14 @@ void sparse24_gemv_avx512bf16(const uint16_t* x, int64_t M, int64_t ldx, int64_t
                               const uint8_t* positions, int64_t blocksize, const float* table,
                               const BlockScales& scales, int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* y,
                               int64_t ldy) {
-  // x in window order, at most 48 chunk-rows at a time (24 KiB on the stack; the driver's K
-  // tiles are that size, so one pass).
-  constexpr int64_t kChunkRows = 48;
+  constexpr int64_t kChunkRows = 48;  // x in window order: 24 KiB on the stack
   alignas(64) uint16_t xw[kChunkRows * 256];
-  const int64_t span = M >= kChunkRows ? 1 : kChunkRows / M;
-  for (int64_t cs = c0; cs < c1; cs += span) {
-    const int64_t ce = c1 - cs < span ? c1 : cs + span;
-    with_rows<8>(M, [&](auto rows) {
+  with_rows<8>(M, [&](auto rows) {
+    for_buffered_spans(rows, kChunkRows, c0, c1, [&](int64_t cs, int64_t ce) {
       window_order_x(x, rows, ldx, cs, ce, xw);
       gemv_rows_bf16<rows>(xw, K, packed, positions, blocksize, table, scales, o0, o1, cs, ce, y, ldy);
     });
-  }
+  });
 }
 
 }  // namespace qengine::cpu
