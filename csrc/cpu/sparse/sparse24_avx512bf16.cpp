@@ -21,9 +21,9 @@ namespace {
 // step 0 is (P & 3) | 4g and that of step 1 (P & 12) | (g's bits 0-1 and 2-3 at bits 0-1 and
 // 4-5): one ternary-logic op each, the position left where it lies. Steps 2 and 3 do the same
 // on P >> 4. So the even steps read x's window as it is (index 4g + position) and the odd steps
-// in "order B" (index = g's low bits | position << 2 | g's high bits << 4), from a copy of x
-// made once per call: 5 ops per chunk for the positions instead of 7 shifting each step's
-// position to bits 0-1.
+// in "order B" (index = g's low bits | position << 2 | g's high bits << 4), from window_order_x's
+// copy of x: 6 instructions a chunk for the positions (a widen, one shift, four ternary-logic
+// ops) instead of 8 with each step's position shifted to bits 0-1.
 // vdpbf16ps lane l sums words 2l and 2l + 1 = storage elements 8l..8l+7 of the chunk, the dense
 // kernel's lanes-to-blocks map, so the block scales are applied per chunk exactly as there.
 
