@@ -214,16 +214,15 @@ int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_
         cpu::vbmi_scales_available()) {
       planes = std::make_unique<cpu::ScalePlanes>(scales.table);
     }
-    // Threads over output rows; in each, the groups of rows of x and the K tiles. kernel(m, mb,
-    // packed, positions, s, o0, o1, c0, c1, y) takes weight rows [o0, o1) from `packed` and
-    // `positions`, scales s, into y.
-    const auto run_fused = [&](auto tile, auto kernel) {
+    // Threads over output rows; in each, the groups of rows of x and the K tiles (tile(mb)
+    // chunks long), the ISA row's gemv (gemv or gemv_bf16) on rows xr of stride ld.
+    const auto run_fused = [&](auto tile, auto gemv, const auto* xr, int64_t ld) {
       cpu::parallel_for(0, N, min_rows, 1, [&](int64_t n0, int64_t n1) {
         // Weight rows base + [o0, o1), s the scales of the rows from `base` on.
         const auto rows = [&](int64_t base, const BlockScales& s, int64_t o0, int64_t o1) {
           cpu::for_row_groups_and_tiles(M, chunks, tile, [&](int64_t m, int64_t mb, int64_t c0, int64_t c1) {
-            kernel(m, mb, packed + (base * ks >> 1), positions + (base * ks >> 2), s, o0, o1, c0, c1,
-                   y + m * N + base);
+            gemv(xr + m * ld, mb, ld, K, packed + (base * ks >> 1), positions + (base * ks >> 2), blocksize,
+                 cb.table, s, o0, o1, c0, c1, y + m * N + base, N);
           });
         };
         if (planes) {
@@ -239,22 +238,14 @@ int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_
       // K tiles whose mb rows of x (512 bytes per chunk and row) stay in L1 (~24 KiB), and at
       // most 48 chunks (the kernel's 256-block scale buffer allows 64 at block 32).
       const auto tile = [](int64_t mb) { return std::min<int64_t>(48, std::max<int64_t>(1, 48 / mb)); };
-      const uint16_t* xb = static_cast<const uint16_t*>(x);
-      run_fused(tile, [&](int64_t m, int64_t mb, const uint8_t* p, const uint8_t* pos, const BlockScales& s,
-                          int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* ym) {
-        sk.gemv_bf16(xb + m * ldx, mb, ldx, K, p, pos, blocksize, cb.table, s, o0, o1, c0, c1, ym, N);
-      });
+      run_fused(tile, sk.gemv_bf16, static_cast<const uint16_t*>(x), ldx);
       return kOk;
     }
     // float32 kernel: x widened to float32 rows once (exact), weights exact in float32. K tiles
     // whose mb rows of x (1 KiB per chunk and row) stay in L1 (~24 KiB).
     const float* xf = cpu::float_rows(x, x_dtype, M, K, ldx, xbuf);
-    const int64_t ldxf = x_dtype == kFloat32 ? ldx : K;
     const auto tile = [](int64_t mb) { return std::max<int64_t>(1, 24 / mb); };
-    run_fused(tile, [&](int64_t m, int64_t mb, const uint8_t* p, const uint8_t* pos, const BlockScales& s,
-                        int64_t o0, int64_t o1, int64_t c0, int64_t c1, float* ym) {
-      sk.gemv(xf + m * ldxf, mb, ldxf, K, p, pos, blocksize, cb.table, s, o0, o1, c0, c1, ym, N);
-    });
+    run_fused(tile, sk.gemv, xf, x_dtype == kFloat32 ? ldx : K);
     return kOk;
   }
   // Portable path: x as float32 rows, each weight row decoded once for all rows of x.
