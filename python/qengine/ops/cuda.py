@@ -16,7 +16,7 @@ from .weight import KernelWeight, native_weight
 
 
 def _register(op, nograd_twin: str | None = None):
-    """Registers the decorated function as op's CUDA kernel (and its twin's, nograd.py) when the
+    """Registers the decorated function as op's CUDA kernel (and its twin's, matmul.define_nograd_twin) when the
     CUDA kernels were compiled."""
     def deco(fn):
         if _C.cuda_compiled:

@@ -3,7 +3,7 @@ in cpu.py and cuda.py):
 
   qengine::matmul(x, packed, table, scales, scales_nested, offsets?, bits, blocksize, out_features,
                   lora_a?, lora_b?, lora_scale) -> [..., out_features]
-      (and qengine::matmul_nograd: the same without autograd, for grad mode off; nograd.py)
+      (and qengine::matmul_nograd: the same without autograd, for grad mode off; define_nograd_twin)
   qengine::matmul_t(g, packed, table, scales, scales_nested, offsets?, bits, blocksize, in_features)
       -> [..., in_features]    (the backward of matmul for x; its double backward: functional.py)
   qengine::lora_backward(grad, x, lora_a, lora_b, lora_scale, gx?, need_a, need_b) -> (gx, ga, gb)
@@ -12,17 +12,40 @@ in cpu.py and cuda.py):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .._checks import reject_device
-from .nograd import define_nograd_twin
 
 # Up to this many rows of x use the fused small-batch kernel (decode in registers, each packed
 # byte read once); more rows dequantize the layer (a tile at a time on the CPU) into x's dtype
 # and use a dense GEMM.
 SMALL_BATCH_ROWS = 16
+
+
+# Twins of the product ops without an autograd formula, for calls made where grad mode is off
+# (what `generate` and evaluation loops run under). A custom op's autograd formula
+# (register_autograd) is a Python function the dispatcher runs on every call, also under
+# torch.no_grad, where it records nothing: ~11 us of a ~50 us batch-1 call of a small layer
+# (bench/bench_call.py). An op defined by Library.define with no autograd kernel passes that
+# dispatch key in C++. So each product op (matmul here, sparse24_matmul in sparse.py) has a twin,
+# qengine::<name>_nograd, with the same schema (inferred from the same prototype), fake and
+# kernels and no autograd formula, which KernelWeight.matmul calls where torch.is_grad_enabled()
+# is False: nothing would be recorded there anyway. A program traced or exported under no_grad
+# calls the twin.
+_LIB = torch.library.Library("qengine", "FRAGMENT")
+
+
+def define_nograd_twin(name: str, prototype: Callable, fake: Callable) -> str:
+    """Defines qengine::<name>_nograd from the op's prototype (its annotated signature; its body,
+    which rejects the device, serves every device without a kernel) and fake; returns the twin's
+    name. The device kernels register on it beside the op's (cpu.py, cuda.py)."""
+    twin = f"{name}_nograd"
+    _LIB.define(twin + torch.library.infer_schema(prototype, mutates_args=()))
+    _LIB.impl(twin, prototype, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"qengine::{twin}", fake, lib=_LIB)
+    return twin
 
 
 def _matmul(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
@@ -45,7 +68,7 @@ def _matmul_fake(x, packed, table, scales, scales_nested, offsets, bits, blocksi
 
 matmul = torch.library.custom_op("qengine::matmul", _matmul, mutates_args=())
 matmul.register_fake(_matmul_fake)
-MATMUL_NOGRAD = define_nograd_twin("matmul", _matmul, _matmul_fake)  # the same op without autograd (nograd.py)
+MATMUL_NOGRAD = define_nograd_twin("matmul", _matmul, _matmul_fake)  # the same op without autograd
 
 
 @torch.library.custom_op("qengine::matmul_t", mutates_args=())

@@ -4,7 +4,7 @@ csrc/cpu/sparse/sparse24.h; kernels per device in cpu.py and cuda.py):
   qengine::sparse24_dequantize(packed, positions, table, scales, offsets?, bits, blocksize, numel, dtype) -> [numel]
   qengine::sparse24_matmul(x, packed, positions, table, scales, scales_nested, offsets?, bits, blocksize,
                            out_features, lora_a?, lora_b?, lora_scale) -> [..., out_features]
-      (and qengine::sparse24_matmul_nograd, its twin without autograd; nograd.py)
+      (and qengine::sparse24_matmul_nograd, its twin without autograd; matmul.define_nograd_twin)
   qengine::sparse24_matmul_t(g, packed, positions, table, scales, scales_nested, offsets?, bits, blocksize,
                              in_features) -> [..., in_features]
 The stored values (numel / 2 of them) are quantized blockwise over their storage order, so
@@ -18,8 +18,7 @@ from typing import Optional
 import torch
 
 from .._checks import reject_device
-from .matmul import lora_backward
-from .nograd import define_nograd_twin
+from .matmul import define_nograd_twin, lora_backward
 from .weight import KernelWeight
 
 # Weights per group and kept per group of the layout.

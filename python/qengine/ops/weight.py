@@ -94,7 +94,7 @@ class KernelWeight(NamedTuple):
         """x [..., K] @ W^T (+ lora_scale * (x @ A^T) @ B^T) through the layout's op."""
         n = self.shape[0]
         ops = torch.ops.qengine
-        grad = torch.is_grad_enabled()  # off: the ops' twins without autograd (ops/nograd.py)
+        grad = torch.is_grad_enabled()  # off: the ops' twins without autograd (matmul.define_nograd_twin)
         if self.layout == "2:4":
             op = ops.sparse24_matmul if grad else ops.sparse24_matmul_nograd
             return op(x, self.packed, self.positions, self.table, self.scales, self.nested, self.offsets, self.bits,
