@@ -76,15 +76,6 @@ bool rows_apply(const cpu::GemmKernels& k, int64_t M, bool sparse24) {
   return most == 0 || M <= most;
 }
 
-// The byte planes of a nested scale table where the CPU decodes it with VBMI (else null).
-std::unique_ptr<cpu::ScalePlanes> scale_planes(const BlockScales& scales, int64_t nblocks) {
-  if (scales.values == nullptr && scales.nested_shift >= 0 && nblocks < (int64_t{1} << 30) &&
-      cpu::vbmi_scales_available()) {
-    return std::make_unique<cpu::ScalePlanes>(scales.table);
-  }
-  return nullptr;
-}
-
 // The large-batch products write float32 sums or bfloat16 (x's dtype: each sum rounded once).
 bool valid_output_dtype(int dtype) { return dtype == kFloat32 || dtype == kBFloat16; }
 
@@ -146,7 +137,7 @@ int matmul_large_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
     side.bt = bt.data();
   }
   const int64_t stored = positions != nullptr ? K / 2 : K;  // codes a row
-  const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, N * (stored / blocksize));
+  const std::unique_ptr<cpu::ScalePlanes> planes = cpu::scale_planes(scales, N * (stored / blocksize));
   const std::unique_ptr<int32_t[]> xp = cpu::packed_rows(k, k.pack_x, x, M, K, ldx);
   const std::unique_ptr<cpu::ScalePlanes> code_planes =
       cb.bits == 8 ? std::make_unique<cpu::ScalePlanes>(cb.table) : nullptr;
@@ -182,7 +173,7 @@ int matmul_t_large_cpu(const void* g, int g_dtype, int64_t M, int64_t N, int64_t
   }
   const int64_t nblocks = N * ((positions != nullptr ? K / 2 : K) / blocksize);
   std::vector<float> buf;
-  const std::unique_ptr<cpu::ScalePlanes> planes = scale_planes(scales, nblocks);
+  const std::unique_ptr<cpu::ScalePlanes> planes = cpu::scale_planes(scales, nblocks);
   const float* all_scales = cpu::gemm_vector_kernels().decode_scales(scales, planes.get(), nblocks, buf);
   const std::unique_ptr<int32_t[]> gp = cpu::packed_rows(k, k.pack_g != nullptr ? k.pack_g : k.pack_x, g, M, N, N);
   const std::unique_ptr<cpu::ScalePlanes> code_planes =

@@ -73,6 +73,16 @@ const GemvKernels& gemv_kernels();
 void decode_nested_scales_vbmi(const BlockScales& s, const ScalePlanes& planes, int64_t b_lo, int64_t count,
                                float* out);
 
+// The byte planes decode_nested_scales_vbmi reads for a nested scale table of nblocks scales,
+// where this CPU decodes them with VBMI (else null: the kernels gather per row).
+inline std::unique_ptr<ScalePlanes> scale_planes(const BlockScales& scales, int64_t nblocks) {
+  if (scales.values == nullptr && scales.nested_shift >= 0 && nblocks < (int64_t{1} << 30) &&
+      vbmi_scales_available()) {
+    return std::make_unique<ScalePlanes>(scales.table);
+  }
+  return nullptr;
+}
+
 // Runs rows(a, b, plain) over consecutive ranges [a, b) of weight rows [n0, n1), plain holding
 // rows a..b-1's scales (per_row blocks a row) decoded in bulk by decode_nested_scales_vbmi, as
 // rows [0, b - a): a few rows at a time (16 KiB, in L1 while the kernel reads them).

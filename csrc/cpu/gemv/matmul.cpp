@@ -148,10 +148,7 @@ RowProduct::RowProduct(const void* x, int x_dtype, int64_t M, int64_t K, int64_t
   scales_.table_kind = nested ? scale_table_kind(scales.table) : kTableRead;
   const bool computed_scales = (scales_.table_kind == kTableE4m3 && blocksize == 16) ||
                                (scales_.table_kind == kTableE8m0 && blocksize == 32);
-  if (path_ != Path::kDecodeRows && nested && !computed_scales && N * (K / blocksize) < (int64_t{1} << 30) &&
-      vbmi_scales_available()) {
-    planes_ = std::make_unique<ScalePlanes>(scales.table);
-  }
+  if (path_ != Path::kDecodeRows && !computed_scales) planes_ = scale_planes(scales, N * (K / blocksize));
 }
 
 void RowProduct::run(int64_t n0, int64_t n1) const {

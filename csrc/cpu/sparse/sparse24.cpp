@@ -209,11 +209,7 @@ int sparse24_matmul_cpu(const void* x, int x_dtype, int64_t M, int64_t K, int64_
     // Double-quantized scales on a VBMI CPU: decoded in bulk a few rows at a time, the kernel
     // then reading plain ones (per-row gathers, ~27 cycles each on Zen 4 for 16 blocks, were
     // ~15 % of a one-row 2:4 GEMV at K = 4096).
-    std::unique_ptr<cpu::ScalePlanes> planes;
-    if (scales.values == nullptr && scales.nested_shift >= 0 && chunks > 0 && N * per_row < (int64_t{1} << 30) &&
-        cpu::vbmi_scales_available()) {
-      planes = std::make_unique<cpu::ScalePlanes>(scales.table);
-    }
+    const std::unique_ptr<cpu::ScalePlanes> planes = chunks > 0 ? cpu::scale_planes(scales, N * per_row) : nullptr;
     // Threads over output rows; in each, the groups of rows of x and the K tiles (tile(mb)
     // chunks long), the ISA row's gemv (gemv or gemv_bf16) on rows xr of stride ld.
     const auto run_fused = [&](auto tile, auto gemv, const auto* xr, int64_t ld) {
